@@ -1,0 +1,80 @@
+"""The Python API: the same operations as the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .dtypes import short_name
+from .errors import ModelReadError, ModelWriteError
+from .pipeline import Options, encode
+from .recipe import Recipe
+from .report import InspectReport, InspectRow, Report, TensorRow
+from .store import Progress, WriteResult
+
+
+def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
+             options: Options = Options(), progress: Progress | None = None) -> Report:
+    """Compress the model at `src` with `recipe` and write it to `dst`.
+
+    The output has the input's format; `src` is never modified and `dst`
+    appears only when complete.
+    """
+    from formats import check_output_path, open_model
+
+    src, dst = Path(src), Path(dst)
+    store = open_model(src)
+    check_output_path(store, dst)
+    if store.encodings:
+        raise ModelReadError(f"{src}: already compressed by modelpress ({len(store.encodings)} "
+                             "tensors); run `modelpress decompress` on it first")
+    encoding = encode(store, recipe, options, progress)
+    result = store.write(dst, encoding.tensors, progress)
+    rows = []
+    for name, encoded in encoding.tensors.items():
+        info = store.tensors[name]
+        if name not in result.tensor_bytes:
+            raise ModelWriteError(f"{dst}: writer did not report tensor {name!r}")
+        rows.append(TensorRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
+                              encoding=encoded.describe(), bytes_before=info.nbytes,
+                              bytes_after=result.tensor_bytes[name],
+                              error=encoding.errors[name]))
+    return Report(input_path=str(src), output_path=str(dst), format=store.format,
+                  recipe=recipe.get_config(), rows=rows, file_bytes_before=store.file_bytes,
+                  file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes)
+
+
+def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:
+    """Write `src` with every compressed tensor restored to its original dense dtype."""
+    from formats import check_output_path, open_model, write_decompressed
+
+    src, dst = Path(src), Path(dst)
+    store = open_model(src)
+    check_output_path(store, dst)
+    result = write_decompressed(store, dst)
+    if not store.encodings:
+        result.notes.append(f"{src}: no modelpress-compressed tensors; wrote an unchanged copy")
+    return result
+
+
+def inspect(path: str | os.PathLike) -> InspectReport:
+    """Every tensor of a model: shape, dtype, bytes stored, encoding and sparsity."""
+    from formats import open_model
+
+    store = open_model(path)
+    rows = []
+    for name, info, encoded, stored in store.logical_tensors():
+        if encoded is None:
+            values = store.read(name) if info.is_float or info.dtype.kind in "iub" else None
+            encoding = short_name(info.dtype)
+        else:
+            values, encoding = encoded.decode(), encoded.describe()
+        zeros = None if values is None or values.size == 0 else float(
+            np.count_nonzero(values == 0) / values.size)
+        rows.append(InspectRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
+                               stored_bytes=stored, encoding=encoding, zero_fraction=zeros,
+                               weight_like=info.weight_like))
+    return InspectReport(path=str(path), format=store.format, file_bytes=store.file_bytes,
+                         rows=rows)

@@ -1,0 +1,23 @@
+"""Exceptions the library raises; the CLI turns each into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class ModelpressError(Exception):
+    """A problem the user can fix; the message is one line naming file, tensor and fix."""
+
+
+class RecipeError(ModelpressError):
+    """A recipe, stage or option is invalid."""
+
+
+class ModelReadError(ModelpressError):
+    """A model file cannot be read: missing, empty, corrupt or of an unknown format."""
+
+
+class ModelWriteError(ModelpressError):
+    """A compressed model cannot be written in the requested form."""
+
+
+class UnsupportedTensorError(ModelpressError):
+    """A stage cannot be applied to a tensor it was asked to change."""

@@ -1,0 +1,86 @@
+"""Bit packing of small integer codes (vectorised; no loop over elements)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_unsigned(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Shift signed codes in [-2^(b-1), 2^(b-1)) to unsigned [0, 2^b)."""
+    return (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+
+
+def to_signed(values: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `to_unsigned`."""
+    return (values.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned values (< 2^bits) LSB-first into a flat uint8 array.
+
+    Element j occupies bits [j*bits, (j+1)*bits) of the stream, so the result
+    has ceil(n * bits / 8) bytes; for bits=4 this is ONNX's INT4 layout
+    (element 0 in the low nibble).
+    """
+    flat = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
+    if bits == 8:
+        return flat.copy()
+    if bits == 4:
+        padded = np.zeros(flat.size + (flat.size & 1), dtype=np.uint8)
+        padded[: flat.size] = flat
+        return (padded[0::2] & 0x0F) | (padded[1::2] << 4)
+    # General widths: expand each value to its bits, then pack the bit stream.
+    expanded = np.unpackbits(flat[:, None], axis=1, count=bits, bitorder="little")
+    return np.packbits(expanded.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of `pack_bits`: `count` unsigned values as uint8."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size * 8 < count * bits:
+        raise ValueError(f"{packed.size} bytes cannot hold {count} values of {bits} bits")
+    if bits == 8:
+        return packed[:count].copy()
+    if bits == 4:
+        out = np.empty(packed.size * 2, dtype=np.uint8)
+        out[0::2] = packed & 0x0F
+        out[1::2] = packed >> 4
+        return out[:count]
+    stream = np.unpackbits(packed, count=count * bits, bitorder="little")
+    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
+    return (stream.reshape(count, bits).astype(np.uint16) @ weights).astype(np.uint8)
+
+
+def pack_int32(values: np.ndarray, bits: int, axis: int = 1) -> np.ndarray:
+    """compressed-tensors packing: 32 // bits unsigned values per int32 along `axis`.
+
+    Values never straddle a word (for 3 bits, 10 per word and 2 bits unused);
+    each row is zero-padded to whole words; value i of a word starts at bit i*bits.
+    """
+    values = np.asarray(values, dtype=np.uint32)
+    if values.ndim != 2:
+        raise ValueError("pack_int32 expects a 2-D array")
+    moved = values if axis == 1 else values.T
+    per_word = 32 // bits
+    rows, cols = moved.shape
+    words = -(-cols // per_word)
+    padded = np.zeros((rows, words * per_word), dtype=np.uint32)
+    padded[:, :cols] = moved
+    shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :]
+    packed = np.bitwise_or.reduce(padded.reshape(rows, words, per_word) << shifts, axis=2)
+    packed = packed.astype(np.uint32).view(np.int32)
+    return np.ascontiguousarray(packed if axis == 1 else packed.T)
+
+
+def unpack_int32(packed: np.ndarray, bits: int, length: int, axis: int = 1) -> np.ndarray:
+    """Inverse of `pack_int32`: unsigned values as uint8, `length` along `axis`."""
+    words = np.asarray(packed, dtype=np.int32).view(np.uint32)
+    moved = words if axis == 1 else words.T
+    per_word = 32 // bits
+    if moved.shape[1] * per_word < length:
+        raise ValueError(f"packed rows hold {moved.shape[1] * per_word} values, need {length}")
+    shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :]
+    mask = np.uint32((1 << bits) - 1)
+    values = ((moved[:, :, None] >> shifts) & mask).reshape(moved.shape[0], -1)[:, :length]
+    values = values.astype(np.uint8)
+    return np.ascontiguousarray(values if axis == 1 else values.T)

@@ -1,0 +1,92 @@
+"""Apply a recipe to every tensor of a store and measure the weight error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dtypes import short_name
+from .encoded import Dense, Encoded
+from .errors import ModelpressError, UnsupportedTensorError
+from .metrics import ErrorStats, compare
+from .recipe import Recipe
+from .stage import Stage
+from .store import Progress, TensorStore
+from .tensorinfo import TensorInfo
+
+DEFAULT_MIN_ELEMENTS = 4096
+
+
+@dataclass(frozen=True)
+class Options:
+    """Run-wide settings that are not part of the recipe."""
+
+    min_elements: int = DEFAULT_MIN_ELEMENTS
+    allow_nonfinite: bool = False
+
+
+@dataclass
+class Encoding:
+    """The outcome of applying a recipe: new encodings and their errors, by tensor name."""
+
+    tensors: dict[str, Encoded] = field(default_factory=dict)
+    errors: dict[str, ErrorStats] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list[Stage]]:
+    """For each tensor some stage selects, the stages that apply to it, in order."""
+    selected: dict[str, list[Stage]] = {}
+    for name, info in store.tensors.items():
+        stages = [s for s in recipe.stages if s.selects(info, options.min_elements)]
+        if stages:
+            selected[name] = stages
+    return selected
+
+
+def encode(store: TensorStore, recipe: Recipe, options: Options = Options(),
+           progress: Progress | None = None) -> Encoding:
+    """Read each selected tensor once, apply its stages, and measure the error."""
+    work = plan(store, recipe, options)
+    result = Encoding()
+    for done, (name, stages) in enumerate(work.items()):
+        if progress:
+            progress(done, len(work), name)
+        info = store.tensors[name]
+        try:
+            encoded, error = _encode_one(store, info, stages, options, result.notes)
+        except ModelpressError as exc:
+            raise type(exc)(f"{store.path}: {exc}") from None
+        if encoded is not None:
+            result.tensors[name] = encoded
+            result.errors[name] = error
+    if progress:
+        progress(len(work), len(work), "")
+    return result
+
+
+def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], options: Options,
+                notes: list[str]) -> tuple[Encoded | None, ErrorStats | None]:
+    if not info.is_float:
+        raise UnsupportedTensorError(
+            f"tensor {info.name!r} is {short_name(info.dtype)}; {stages[0].id} only applies to "
+            f"floating-point tensors (use --exclude '{info.name}')")
+    if info.size == 0:
+        notes.append(f"{info.name}: left as is (it has no elements)")
+        return None, None
+    array = store.read(info.name)
+    bad = int(np.count_nonzero(~np.isfinite(array.astype(np.float32))))
+    if bad:
+        if options.allow_nonfinite:
+            notes.append(f"{info.name}: left as is ({bad} NaN/Inf values, --allow-nonfinite)")
+            return None, None
+        raise UnsupportedTensorError(
+            f"tensor {info.name!r} has {bad} NaN/Inf values; fix the model, exclude it "
+            f"(--exclude '{info.name}'), or pass --allow-nonfinite to leave such tensors as they are")
+    encoded: Encoded = Dense(array)
+    for stage in stages:
+        encoded = stage.apply(encoded, info)
+    if isinstance(encoded, Dense) and encoded.array is array:
+        return None, None
+    return encoded, compare(array, encoded.decode())

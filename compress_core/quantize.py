@@ -1,0 +1,248 @@
+"""Integer quantization of weights: the `quantize` stage and its kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .dtypes import scale_dtype_for
+from .encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
+from .stage import Stage, option, register
+from .tensorinfo import TensorInfo
+
+# Clipping ratios tried by --method mse before the least-squares refit; a
+# short grid keeps mse within a few times rtn's cost.
+_MSE_RATIOS = (1.0, 0.92, 0.85, 0.78)
+_REFIT_STEPS = 2
+# Groups are processed in row blocks of about this many elements, which bounds
+# the temporaries of a large tensor.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+@register
+@dataclass(frozen=True)
+class Quantize(Stage):
+    """Integer quantization: w ~ (code - zero_point) * scale on a 2..8-bit grid."""
+
+    id = "quantize"
+    summary = "integer quantization (2-8 bits; per tensor, channel or group)"
+
+    bits: int = option(8, "bits per weight (2-8)", min=2, max=8)
+    scheme: str = option("sym", "sym: zero point 0; asym: a zero point per scale",
+                         choices=("sym", "asym"))
+    granularity: str | None = option(
+        None, "one scale per tensor, per output channel, or per group of inputs "
+        "[default: channel at 8 bits, group below, group when --group-size is given]",
+        choices=GRANULARITIES)
+    group_size: int | None = option(
+        None, "inputs per scale with granularity group [default: 128]", min=2)
+    method: str | None = option(
+        None, "rtn: round to nearest from the min/max range; mse: search each "
+        "scale's clipping range for the least squared error [default: mse below 8 bits, rtn at 8]",
+        choices=("rtn", "mse"))
+
+    def validate(self) -> None:
+        granularity = self.granularity
+        if granularity is None:
+            granularity = "group" if (self.group_size or self.bits < 8) else "channel"
+        if granularity == "group":
+            object.__setattr__(self, "group_size", self.group_size or 128)
+        elif self.group_size is not None:
+            self.fail(f"--group-size applies only to --granularity group, not {granularity}")
+        object.__setattr__(self, "granularity", granularity)
+        if self.method is None:
+            object.__setattr__(self, "method", "mse" if self.bits < 8 else "rtn")
+
+    def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
+        if isinstance(encoded, Sparse):
+            quantized = self.apply(encoded.values, info)
+            return Sparse(encoded.mask, quantized, encoded.pattern)
+        if not isinstance(encoded, Dense):
+            from .compose import order_error
+            raise order_error(self, encoded, info)
+        channel_axis, block_axis = axes_for(info)
+        return quantize_array(
+            encoded.decode(), bits=self.bits, symmetric=self.scheme == "sym",
+            granularity=self.granularity, channel_axis=channel_axis,
+            block_axis=block_axis, group_size=self.group_size, method=self.method,
+            scale_dtype=scale_dtype_for(info.dtype))
+
+
+def axes_for(info: TensorInfo) -> tuple[int | None, int]:
+    """Channel and block axes for a tensor, with defaults for tensors of no known role."""
+    ndim = len(info.shape)
+    if info.block_axis is not None:
+        return info.channel_axis, info.block_axis
+    if ndim >= 2:
+        return 0, ndim - 1
+    return None, 0
+
+
+def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: str,
+                   channel_axis: int | None, block_axis: int, group_size: int | None,
+                   method: str, scale_dtype: np.dtype) -> Quantized:
+    """Quantize a float array; codes are computed against the stored (rounded) scales."""
+    w = np.asarray(w, dtype=np.float32)
+    if granularity == "channel" and channel_axis is None:
+        granularity = "tensor"
+    view = _GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
+    rows = view.rows(w)
+    scale = np.empty(rows.shape[0], dtype=np.float32)
+    zero = None if symmetric else np.empty(rows.shape[0], dtype=np.int8)
+    codes = np.empty(rows.shape, dtype=np.int8)
+    step = max(1, _CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        s, z = _fit(block, bits, symmetric, method)
+        s = _stored(s, scale_dtype)
+        if z is not None:
+            zero[start:start + step] = z[:, 0]
+        codes[start:start + step] = _codes(block, s, z, bits)
+        scale[start:start + step] = s[:, 0]
+    return Quantized(
+        codes=view.restore(codes),
+        scale=view.per_group(scale).astype(scale_dtype),
+        zero_point=None if zero is None else view.per_group(zero),
+        bits=bits, granularity=granularity,
+        channel_axis=channel_axis if granularity == "channel" else None,
+        block_axis=block_axis if granularity == "group" else None,
+        group_size=group_size if granularity == "group" else None)
+
+
+class _GroupView:
+    """Reshapes a tensor so each row of a 2-D array shares one scale, and back."""
+
+    def __init__(self, shape: tuple[int, ...], granularity: str, channel_axis: int | None,
+                 block_axis: int, group_size: int | None) -> None:
+        self.shape, self.granularity = shape, granularity
+        self.channel_axis, self.block_axis, self.group_size = channel_axis, block_axis, group_size
+
+    def rows(self, w: np.ndarray) -> np.ndarray:
+        if self.granularity == "tensor":
+            return w.reshape(1, -1)
+        if self.granularity == "channel":
+            return np.moveaxis(w, self.channel_axis, 0).reshape(self.shape[self.channel_axis], -1)
+        moved = np.moveaxis(w, self.block_axis, -1)
+        k, gs = moved.shape[-1], self.group_size
+        groups = -(-k // gs)
+        # Zero padding is neutral: zero is exactly representable on every grid.
+        padded = np.zeros(moved.shape[:-1] + (groups * gs,), dtype=np.float32)
+        padded[..., :k] = moved
+        return padded.reshape(-1, gs)
+
+    def restore(self, rows: np.ndarray) -> np.ndarray:
+        if self.granularity == "tensor":
+            return rows.reshape(self.shape)
+        if self.granularity == "channel":
+            moved_shape = (self.shape[self.channel_axis],) + tuple(
+                d for i, d in enumerate(self.shape) if i != self.channel_axis)
+            return np.moveaxis(rows.reshape(moved_shape), 0, self.channel_axis)
+        lead = tuple(d for i, d in enumerate(self.shape) if i != self.block_axis)
+        k = self.shape[self.block_axis]
+        flat = rows.reshape(lead + (-1,))[..., :k]
+        return np.ascontiguousarray(np.moveaxis(flat, -1, self.block_axis))
+
+    def per_group(self, values: np.ndarray) -> np.ndarray:
+        """One value per row, laid out with the tensor's rank (see Quantized)."""
+        ndim = len(self.shape)
+        if self.granularity == "tensor":
+            return values.reshape((1,) * ndim)
+        if self.granularity == "channel":
+            shape = [1] * ndim
+            shape[self.channel_axis] = self.shape[self.channel_axis]
+            return values.reshape(shape)
+        lead = tuple(d for i, d in enumerate(self.shape) if i != self.block_axis)
+        return np.ascontiguousarray(np.moveaxis(values.reshape(lead + (-1,)), -1, self.block_axis))
+
+
+def _qrange(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _stored(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The scale as it will be stored, back in float32; never zero or non-finite."""
+    stored = scale.astype(dtype).astype(np.float32)
+    bad = ~np.isfinite(stored) | (stored <= 0)
+    if bad.any():
+        stored = np.where(bad, np.float32(1.0), stored)
+    return stored
+
+
+def _codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
+    qmin, qmax = _qrange(bits)
+    q = np.rint(rows / scale)
+    if zero is not None:
+        q += zero
+    return np.clip(q, qmin, qmax).astype(np.int8)
+
+
+def _fit(rows: np.ndarray, bits: int, symmetric: bool,
+         method: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and for asym a provisional zero point) per row."""
+    if symmetric:
+        return _fit_symmetric(rows, bits, method), None
+    return _fit_asymmetric(rows, bits, method)
+
+
+def _sq_error(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
+              bits: int) -> np.ndarray:
+    q = _codes(rows, scale, zero, bits).astype(np.float32)
+    if zero is not None:
+        q -= zero
+    return np.square(q * scale - rows).sum(axis=1, keepdims=True)
+
+
+def _search(rows: np.ndarray, candidates: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
+            bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pick, per row, the candidate (scale, zero) with the least squared error."""
+    best_s, best_z = candidates(_MSE_RATIOS[0])
+    best_err = _sq_error(rows, best_s, best_z, bits)
+    for ratio in _MSE_RATIOS[1:]:
+        s, z = candidates(ratio)
+        err = _sq_error(rows, s, z, bits)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        if z is not None:
+            best_z = np.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _fit_symmetric(rows: np.ndarray, bits: int, method: str) -> np.ndarray:
+    _, qmax = _qrange(bits)
+    amax = np.abs(rows).max(axis=1, keepdims=True)
+    amax = np.where(amax > 0, amax, np.float32(qmax))
+    if method == "rtn":
+        return amax / qmax
+    scale, _ = _search(rows, lambda r: (amax * np.float32(r / qmax), None), bits)
+    err = _sq_error(rows, scale, None, bits)
+    for _ in range(_REFIT_STEPS):
+        # Least-squares refit of the scale for the current codes.
+        q = _codes(rows, scale, None, bits).astype(np.float32)
+        den = np.square(q).sum(axis=1, keepdims=True)
+        refit = np.where(den > 0, (q * rows).sum(axis=1, keepdims=True) / np.maximum(den, 1e-30),
+                         scale)
+        refit = np.where(refit > 0, refit, scale)
+        new_err = _sq_error(rows, refit, None, bits)
+        better = new_err < err
+        scale = np.where(better, refit, scale)
+        err = np.where(better, new_err, err)
+    return scale
+
+
+def _fit_asymmetric(rows: np.ndarray, bits: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    qmin, qmax = _qrange(bits)
+    lo = np.minimum(rows.min(axis=1, keepdims=True), 0)
+    hi = np.maximum(rows.max(axis=1, keepdims=True), 0)
+
+    def candidate(ratio: float) -> tuple[np.ndarray, np.ndarray]:
+        span = (hi - lo) * np.float32(ratio)
+        scale = np.where(span > 0, span / (qmax - qmin), np.float32(1.0))
+        zero = np.clip(np.rint(qmin - lo * np.float32(ratio) / scale), qmin, qmax)
+        return scale, zero
+
+    if method == "rtn":
+        return candidate(1.0)
+    return _search(rows, candidate, bits)

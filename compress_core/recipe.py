@@ -1,0 +1,78 @@
+"""A recipe: the ordered list of stages, as Python objects, YAML or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import RecipeError
+from .stage import Stage
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Stages applied in order to each tensor they select."""
+
+    stages: tuple[Stage, ...]
+
+    def __init__(self, stages: Iterable[Stage]) -> None:
+        object.__setattr__(self, "stages", tuple(stages))
+
+    def get_config(self) -> dict[str, Any]:
+        """The recipe as a JSON/YAML-safe mapping."""
+        return {"version": RECIPE_VERSION, "stages": [s.get_config() for s in self.stages]}
+
+    @classmethod
+    def from_config(cls, config: Any, source: str = "recipe") -> Recipe:
+        """Build a recipe from a mapping {version, stages: [{id, ...options}]}."""
+        if not isinstance(config, dict):
+            raise RecipeError(f"{source}: expected a mapping with 'version' and 'stages'")
+        unknown = set(config) - {"version", "stages"}
+        if unknown:
+            raise RecipeError(f"{source}: unknown key {sorted(unknown)[0]!r}; "
+                              "allowed: version, stages")
+        version = config.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise RecipeError(f"{source}: version {version!r} is not supported "
+                              f"(this modelpress reads version {RECIPE_VERSION})")
+        stages = config.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError(f"{source}: 'stages' must be a non-empty list of {{id: ..., options}}")
+        built = []
+        for i, entry in enumerate(stages, 1):
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise RecipeError(f"{source}: stage {i} must be a mapping with an 'id'")
+            try:
+                built.append(Stage.from_config(entry))
+            except RecipeError as exc:
+                raise RecipeError(f"{source}: stage {i}: {exc}") from None
+        return cls(built)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe from a .yaml/.yml or .json file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+                data = yaml.safe_load(text)
+        except ValueError as exc:
+            raise RecipeError(f"{path}: not valid JSON ({exc})") from None
+        except Exception as exc:  # yaml.YAMLError and its subclasses
+            raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        return cls.from_config(data, source=str(path))
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML text, in the schema `load` reads."""
+        import yaml
+        return yaml.safe_dump(self.get_config(), sort_keys=False)

@@ -1,0 +1,105 @@
+"""The result of a compress run: one row per changed tensor and the totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .metrics import EMPTY, ErrorStats
+
+
+@dataclass
+class TensorRow:
+    """One changed tensor: its encoding, bytes before and after, and weight error."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str
+    bytes_before: int
+    bytes_after: int
+    error: ErrorStats
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "encoding": self.encoding, "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "ratio": self.ratio, **self.error.as_dict()}
+
+
+@dataclass
+class Report:
+    """Everything a compress run measured; sizes are bytes on disk."""
+
+    input_path: str
+    output_path: str
+    format: str
+    recipe: dict[str, Any]
+    rows: list[TensorRow] = field(default_factory=list)
+    file_bytes_before: int = 0
+    file_bytes_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Output file size over input file size."""
+        return self.file_bytes_after / self.file_bytes_before if self.file_bytes_before else 1.0
+
+    @property
+    def weight_error(self) -> ErrorStats:
+        """Error over all changed tensors together (weighted by their energy)."""
+        total = EMPTY
+        for row in self.rows:
+            total = total + row.error
+        return total
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every number of the table, JSON-safe."""
+        from . import __version__
+        return {
+            "tool": {"name": "modelpress", "version": __version__},
+            "input": self.input_path, "output": self.output_path, "format": self.format,
+            "recipe": self.recipe,
+            "tensors": [row.as_dict() for row in self.rows],
+            "totals": {"file_bytes_before": self.file_bytes_before,
+                       "file_bytes_after": self.file_bytes_after, "ratio": self.ratio,
+                       "tensor_bytes_before": sum(r.bytes_before for r in self.rows),
+                       "tensor_bytes_after": sum(r.bytes_after for r in self.rows),
+                       **self.weight_error.as_dict()},
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class InspectRow:
+    """One tensor of a model as `inspect` shows it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    stored_bytes: int
+    encoding: str
+    zero_fraction: float | None
+    weight_like: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "stored_bytes": self.stored_bytes, "encoding": self.encoding,
+                "zero_fraction": self.zero_fraction, "weight_like": self.weight_like}
+
+
+@dataclass
+class InspectReport:
+    """All tensors of a model file."""
+
+    path: str
+    format: str
+    file_bytes: int
+    rows: list[InspectRow] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "file_bytes": self.file_bytes,
+                "tensors": [r.as_dict() for r in self.rows]}

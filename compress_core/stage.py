@@ -1,0 +1,166 @@
+"""The contract every stage follows, and the registry of stages by id.
+
+A stage is a frozen dataclass: its fields are its options, with the same names
+in the CLI (`group_size` is `--group-size`), in recipe files and in Python.
+Field metadata (help, choices, bounds) is the one definition the CLI options
+and the constructor's validation are both derived from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import typing
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .encoded import Encoded
+from .errors import RecipeError
+from .tensorinfo import TensorInfo
+
+REGISTRY: dict[str, type[Stage]] = {}
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+           min: float | None = None, max: float | None = None,
+           min_open: bool = False, max_open: bool = False,
+           metavar: str | None = None) -> Any:
+    """Declare a stage option: its default, help text and allowed values."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max,
+            "min_open": min_open, "max_open": max_open, "metavar": metavar}
+    if isinstance(default, tuple):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage available by its id."""
+    REGISTRY[cls.id] = cls
+    return cls
+
+
+def stage_class(stage_id: str) -> type[Stage]:
+    """The stage class for an id; an unknown id lists the known ones."""
+    try:
+        return REGISTRY[stage_id]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise RecipeError(f"unknown stage {stage_id!r}; known stages: {known}") from None
+
+
+def cli_name(field_name: str) -> str:
+    """The command-line spelling of an option: group_size -> --group-size."""
+    return "--" + field_name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A compression stage: maps an encoded tensor to a new one."""
+
+    id: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    include: tuple[str, ...] = option((), "only tensors whose name matches this glob (repeatable)",
+                                      metavar="GLOB")
+    exclude: tuple[str, ...] = option((), "skip tensors whose name matches this glob (repeatable)",
+                                      metavar="GLOB")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            value = _coerce(type(self), f, value)
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-option checks; raise RecipeError naming the options."""
+
+    def fail(self, message: str) -> None:
+        raise RecipeError(f"{self.id}: {message}")
+
+    # -- configuration -------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-safe options with the stage id, stage options first."""
+        config: dict[str, Any] = {"id": self.id}
+        names = [f.name for f in dataclasses.fields(self)]
+        for name in names[2:] + names[:2]:
+            value = getattr(self, name)
+            if name in ("include", "exclude") and not value:
+                continue
+            config[name] = list(value) if isinstance(value, tuple) else value
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Stage:
+        """Build a stage from a config mapping (with or without its id)."""
+        config = dict(config)
+        stage_id = config.pop("id", cls.id)
+        klass = stage_class(stage_id) if cls is Stage else cls
+        known = {f.name for f in dataclasses.fields(klass)}
+        for key in config:
+            if key not in known:
+                allowed = ", ".join(sorted(known))
+                raise RecipeError(f"{klass.id}: unknown option {key!r}; allowed: {allowed}")
+        return klass(**config)
+
+    # -- work ----------------------------------------------------------------
+
+    def selects(self, info: TensorInfo, min_elements: int) -> bool:
+        """Whether this stage changes the tensor described by `info`."""
+        if any(fnmatch.fnmatchcase(info.name, pat) for pat in self.exclude):
+            return False
+        if self.include:
+            return any(fnmatch.fnmatchcase(info.name, pat) for pat in self.include)
+        return info.default_target(min_elements)
+
+    @abstractmethod
+    def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
+        """Return the new encoding of one tensor; never modify the input."""
+
+
+def _coerce(klass: type[Stage], f: dataclasses.Field, value: Any) -> Any:
+    """Check one option's value against its declaration; return it normalised."""
+    meta = f.metadata
+    label = f"{klass.id}: {cli_name(f.name)}"
+    kind = option_type(klass, f.name)
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    base = args[0] if args and typing.get_origin(kind) is not tuple else kind
+    if value is None:
+        if type(None) in typing.get_args(kind):
+            return None
+        raise RecipeError(f"{label} needs a value")
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{label} takes a list of strings, got {value!r}")
+        return tuple(value)
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{label} takes an integer, got {value!r}")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecipeError(f"{label} takes a number, got {value!r}")
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{label} takes a string, got {value!r}")
+    elif base is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{label} takes true or false, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise RecipeError(f"{label} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta["min_open"] and value == lo)):
+        raise RecipeError(f"{label} must be {'>' if meta['min_open'] else '>='} {lo}, got {value}")
+    if hi is not None and (value > hi or (meta["max_open"] and value == hi)):
+        raise RecipeError(f"{label} must be {'<' if meta['max_open'] else '<='} {hi}, got {value}")
+    return value
+
+
+def option_type(klass: type[Stage], name: str) -> Any:
+    """The declared type of a stage option (e.g. int | None)."""
+    return typing.get_type_hints(klass)[name]

@@ -1,0 +1,49 @@
+"""What the pipeline knows about a tensor before reading it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import is_float
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype from the file's header, plus the tensor's role.
+
+    `channel_axis` is the output-channel axis (one scale per channel) and
+    `block_axis` the reduction axis that groups run along; both come from how
+    the model uses the tensor (an ONNX MatMul weight [K, N] has channel axis 1
+    and block axis 0, a torch Linear weight [out, in] the reverse).
+    `weight_like` marks a default target: a weight input of MatMul, Gemm,
+    Conv, ConvTranspose or Gather in ONNX; any tensor of 2 or more dims in
+    safetensors. Size and dtype rules are applied by the pipeline.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    weight_like: bool = False
+    channel_axis: int | None = None
+    block_axis: int | None = None
+    role: str | None = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return is_float(self.dtype)
+
+    def default_target(self, min_elements: int) -> bool:
+        """True when stages change this tensor without being told its name."""
+        return (self.weight_like and self.is_float and len(self.shape) >= 2
+                and self.size >= min_elements)
