@@ -1,0 +1,74 @@
+"""Model formats: open ONNX or safetensors models as stores of named tensors, and write them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+from compress_core.errors import ModelReadError, ModelWriteError
+from compress_core.store import WriteResult
+
+from .onnx_io import OnnxStore
+from .safetensors_io import SafetensorsStore
+
+Store = Union[OnnxStore, SafetensorsStore]
+SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors"}
+
+
+def format_of(path: Path) -> str | None:
+    """'onnx' or 'safetensors' from the file name, or None."""
+    return SUFFIXES.get(Path(path).suffix.lower())
+
+
+def open_model(path: str | os.PathLike) -> Store:
+    """Open a model file for reading; raise ModelReadError with the fix if it cannot be."""
+    path = Path(path)
+    fmt = format_of(path)
+    if not path.exists():
+        raise ModelReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelReadError(f"{path}: is a folder; give a .onnx or .safetensors file")
+    if fmt is None:
+        raise ModelReadError(f"{path}: unknown model format; modelpress reads .onnx and "
+                             ".safetensors files")
+    if path.stat().st_size == 0:
+        raise ModelReadError(f"{path}: file is empty")
+    try:
+        return OnnxStore(path) if fmt == "onnx" else SafetensorsStore(path)
+    except OSError as exc:
+        raise ModelReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def check_output_path(store: Store, dst: Path, *, require_same_format: bool = True) -> None:
+    """Refuse outputs that would overwrite the input or change the format."""
+    dst = Path(dst)
+    if dst.exists() and dst.is_dir():
+        raise ModelWriteError(f"{dst}: is a folder; give an output file name")
+    try:
+        same = dst.exists() and os.path.samefile(dst, store.path)
+    except OSError:
+        same = False
+    if same or dst.resolve() == store.path.resolve():
+        raise ModelWriteError(f"{dst}: output is the input file; choose another output path "
+                              "(modelpress never modifies its input)")
+    fmt = format_of(dst)
+    if require_same_format and fmt != store.format:
+        suffix = ".onnx" if store.format == "onnx" else ".safetensors"
+        raise ModelWriteError(f"{dst}: output must be a {suffix} file like the input "
+                              f"(modelpress does not convert between formats)")
+    if not dst.parent.is_dir():
+        raise ModelWriteError(f"{dst}: folder {dst.parent} does not exist")
+
+
+def write_decompressed(store: Store, dst: Path) -> WriteResult:
+    """Write the model with every compressed tensor restored to dense floats."""
+    if isinstance(store, OnnxStore):
+        from .onnx_io import write_decompressed as onnx_write
+        return onnx_write(store, dst)
+    from .safetensors_io import write_decompressed as st_write
+    return st_write(store, dst)
+
+
+__all__ = ["OnnxStore", "SafetensorsStore", "Store", "check_output_path", "format_of",
+           "open_model", "write_decompressed"]

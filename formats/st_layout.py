@@ -1,0 +1,257 @@
+"""How encoded tensors are laid out as safetensors tensors, and read back.
+
+Three layouts, each recorded per tensor in the header's `__metadata__`
+(key "modelpress", see docs/FORMAT.md):
+
+- "pack-quantized": compressed-tensors' layout, which vLLM and transformers
+  read: `M.weight_packed` (int32, 32 // bits codes per word along the input
+  dim), `M.weight_scale`, `M.weight_zero_point` (asymmetric only),
+  `M.weight_shape`. Used for 2-D `*.weight` tensors at 4 or 8 bits.
+- "sparse-bitmask": compressed-tensors' pruned layout (`M.shape`,
+  `M.compressed`, `M.bitmask`, `M.row_offsets`) for pruned-only 2-D tensors.
+- "modelpress": any other tree, stored as parts named `<tensor>.mp_<part>`
+  and described by a nested spec (bit-packed codes, bitmasks, values).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from compress_core.encoded import Dense, Encoded, Quantized, Sparse
+from compress_core.errors import ModelReadError, ModelWriteError
+from compress_core.packing import pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits, \
+    unpack_int32
+
+Parts = list[tuple[str, np.ndarray]]
+Getter = Callable[[str], np.ndarray]
+
+
+def encode_tensor(name: str, encoded: Encoded, taken: set[str]) -> tuple[dict[str, Any], Parts]:
+    """The spec and stored tensors for one encoded tensor, in the most compact layout.
+
+    `taken` holds the names of the model's other tensors; a part may not reuse one.
+    """
+    spec, parts = _layout(name, encoded)
+    for key, _ in parts:
+        if key in taken:
+            raise ModelWriteError(f"tensor {name!r}: cannot store its part {key!r}: a tensor of "
+                                  "that name already exists in the model")
+    return spec, parts
+
+
+def _layout(name: str, encoded: Encoded) -> tuple[dict[str, Any], Parts]:
+    if isinstance(encoded, Sparse) and encoded.values.nbytes <= encoded.compact_nbytes:
+        # Zeros stored densely are smaller than bitmask + kept values at this sparsity.
+        return _layout(name, encoded.values)
+    if _pack_quantized_fits(name, encoded):
+        return _pack_quantized(name, encoded)
+    if (isinstance(encoded, Sparse) and isinstance(encoded.values, Dense)
+            and len(encoded.shape) == 2 and name.endswith(".weight")):
+        return _sparse_bitmask(name, encoded)
+    if isinstance(encoded, Dense):
+        return ({"layout": "dense", "tensors": {"values": name}},
+                [(name, np.ascontiguousarray(encoded.array))])
+    parts: Parts = []
+    node = _node_spec(name, encoded, None, parts)
+    return {"layout": "modelpress", "node": node}, parts
+
+
+def decode_tensor(spec: dict[str, Any], get: Getter) -> Encoded:
+    """Rebuild the encoded tree from a spec and a getter of stored tensors."""
+    layout = spec.get("layout")
+    if layout == "pack-quantized":
+        return _read_pack_quantized(spec, get)
+    if layout == "sparse-bitmask":
+        return _read_sparse_bitmask(spec, get)
+    if layout == "dense":
+        return Dense(get(spec["tensors"]["values"]))
+    if layout == "modelpress":
+        return _read_node(spec["node"], get, None)
+    raise ModelReadError(f"unknown modelpress layout {layout!r}; upgrade modelpress")
+
+
+def part_names(spec: dict[str, Any]) -> list[str]:
+    """Every stored tensor name a spec refers to."""
+    names: list[str] = []
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, k)
+        elif isinstance(value, str) and key in _NAME_KEYS:
+            names.append(value)
+    walk(spec)
+    return names
+
+
+_NAME_KEYS = {"packed", "scale", "zero_point", "shape", "compressed", "bitmask", "row_offsets",
+              "codes", "mask", "values"}
+
+
+# -- compressed-tensors pack-quantized -----------------------------------------
+
+
+def _pack_quantized_fits(name: str, encoded: Encoded) -> bool:
+    q = encoded
+    return (isinstance(q, Quantized) and len(q.shape) == 2 and name.endswith("weight")
+            and q.bits in (4, 8) and q.channel_axis in (None, 0) and q.block_axis in (None, 1))
+
+
+def _pack_quantized(name: str, q: Quantized) -> tuple[dict[str, Any], Parts]:
+    prefix = name  # "M.weight" -> "M.weight_packed", as compressed-tensors names them
+    rows, cols = q.shape
+    if q.granularity == "tensor":
+        scale = q.scale.reshape(1)
+    else:
+        scale = q.scale.reshape(rows, -1)
+    parts: Parts = [
+        (f"{prefix}_packed", pack_int32(to_unsigned(q.codes, q.bits), q.bits, axis=1)),
+        (f"{prefix}_scale", np.ascontiguousarray(scale)),
+    ]
+    tensors = {"packed": f"{prefix}_packed", "scale": f"{prefix}_scale"}
+    if q.zero_point is not None:
+        if q.granularity == "tensor":
+            zp = q.zero_point.reshape(1).astype(np.int8)
+        else:
+            zp = pack_int32(to_unsigned(q.zero_point.reshape(rows, -1), q.bits), q.bits, axis=0)
+        parts.append((f"{prefix}_zero_point", zp))
+        tensors["zero_point"] = f"{prefix}_zero_point"
+    parts.append((f"{prefix}_shape", np.array([rows, cols], dtype=np.int64)))
+    tensors["shape"] = f"{prefix}_shape"
+    spec = {"layout": "pack-quantized", "bits": q.bits, "symmetric": q.symmetric,
+            "granularity": q.granularity, "group_size": q.group_size, "tensors": tensors}
+    return spec, parts
+
+
+def _read_pack_quantized(spec: dict[str, Any], get: Getter) -> Quantized:
+    t, bits, granularity = spec["tensors"], spec["bits"], spec["granularity"]
+    rows, cols = (int(v) for v in get(t["shape"]))
+    codes = to_signed(unpack_int32(get(t["packed"]), bits, cols, axis=1), bits)
+    scale = get(t["scale"])
+    zp = None
+    if "zero_point" in t:
+        raw = get(t["zero_point"])
+        if granularity == "tensor":
+            zp = raw.astype(np.int8)
+        else:
+            zp = to_signed(unpack_int32(raw, bits, rows, axis=0), bits)
+    if granularity == "tensor":
+        scale, zp = scale.reshape(1, 1), None if zp is None else zp.reshape(1, 1)
+    else:
+        scale = scale.reshape(rows, -1)
+        zp = None if zp is None else zp.reshape(rows, -1)
+    return Quantized(codes=codes.reshape(rows, cols), scale=scale, zero_point=zp, bits=bits,
+                     granularity=granularity,
+                     channel_axis=0 if granularity == "channel" else None,
+                     block_axis=1 if granularity == "group" else None,
+                     group_size=spec.get("group_size"))
+
+
+# -- compressed-tensors sparse-bitmask -----------------------------------------
+
+
+def _sparse_bitmask(name: str, sparse: Sparse) -> tuple[dict[str, Any], Parts]:
+    prefix = name[: -len(".weight")]
+    mask, dense = sparse.mask, sparse.values.array
+    per_row = mask.sum(axis=1)
+    parts: Parts = [
+        (f"{prefix}.shape", np.array(mask.shape, dtype=np.int64)),
+        (f"{prefix}.compressed", np.ascontiguousarray(dense[mask])),
+        (f"{prefix}.bitmask", np.packbits(mask, axis=-1, bitorder="little")),
+        (f"{prefix}.row_offsets", (np.cumsum(per_row) - per_row).astype(np.int64)),
+    ]
+    tensors = {"shape": parts[0][0], "compressed": parts[1][0], "bitmask": parts[2][0],
+               "row_offsets": parts[3][0]}
+    return {"layout": "sparse-bitmask", "pattern": sparse.pattern, "tensors": tensors}, parts
+
+
+def _read_sparse_bitmask(spec: dict[str, Any], get: Getter) -> Sparse:
+    t = spec["tensors"]
+    shape = tuple(int(v) for v in get(t["shape"]))
+    mask = np.unpackbits(get(t["bitmask"]), axis=-1, count=shape[-1],
+                         bitorder="little").astype(bool).reshape(shape)
+    kept = get(t["compressed"])
+    dense = np.zeros(shape, dtype=kept.dtype)
+    dense[mask] = kept
+    return Sparse(mask, Dense(dense), spec.get("pattern", "unstructured"))
+
+
+# -- modelpress generic tree ---------------------------------------------------
+
+
+def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Parts) -> dict:
+    """Spec of one node; with `keep`, only the elements where keep is True are stored."""
+    if isinstance(encoded, Sparse):
+        compact = encoded.compact_nbytes < encoded.values.nbytes
+        spec = {"type": "sparse", "pattern": encoded.pattern, "shape": list(encoded.shape),
+                "compact": compact}
+        if compact:
+            spec["mask"] = _add(parts, name, "mask",
+                                np.packbits(encoded.mask.reshape(-1), bitorder="little"))
+        inner_keep = encoded.mask if compact else keep
+        spec["values"] = _node_spec(name, encoded.values, inner_keep, parts)
+        return spec
+    if isinstance(encoded, Quantized):
+        codes = encoded.codes if keep is None else encoded.codes[keep]
+        spec = {"type": "quantized", "bits": encoded.bits, "granularity": encoded.granularity,
+                "channel_axis": encoded.channel_axis, "block_axis": encoded.block_axis,
+                "group_size": encoded.group_size, "shape": list(encoded.shape),
+                "count": int(codes.size),
+                "codes": _add(parts, name, "codes", pack_bits(to_unsigned(codes, encoded.bits),
+                                                              encoded.bits)),
+                "scale": _add(parts, name, "scale", np.ascontiguousarray(encoded.scale))}
+        if encoded.zero_point is not None:
+            spec["zero_point"] = _add(parts, name, "zero_point",
+                                      np.ascontiguousarray(encoded.zero_point))
+        return spec
+    if isinstance(encoded, Dense):
+        values = encoded.array if keep is None else encoded.array[keep]
+        return {"type": "dense", "shape": list(encoded.shape),
+                "values": _add(parts, name, "values", np.ascontiguousarray(values))}
+    raise ValueError(f"no safetensors layout for {type(encoded).__name__}")
+
+
+def _read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> Encoded:
+    kind, shape = spec.get("type"), tuple(spec.get("shape", ()))
+    if kind == "sparse":
+        mask = None
+        if spec["compact"]:
+            mask = np.unpackbits(get(spec["mask"]), count=math.prod(shape),
+                                 bitorder="little").astype(bool).reshape(shape)
+        values = _read_node(spec["values"], get, mask if mask is not None else keep)
+        if mask is None:
+            mask = values.decode() != 0
+        return Sparse(mask, values, spec.get("pattern", "unstructured"))
+    if kind == "quantized":
+        bits = spec["bits"]
+        stored = to_signed(unpack_bits(get(spec["codes"]), bits, spec["count"]), bits)
+        scale = get(spec["scale"])
+        zp = get(spec["zero_point"]) if "zero_point" in spec else None
+        q = Quantized(np.zeros(shape, np.int8), scale, zp, bits, spec["granularity"],
+                      spec["channel_axis"], spec["block_axis"], spec["group_size"])
+        if keep is None:
+            return q.with_codes(stored.reshape(shape))
+        codes = q.zero_codes().copy()
+        codes[keep] = stored
+        return q.with_codes(codes)
+    if kind == "dense":
+        values = get(spec["values"])
+        if keep is None:
+            return Dense(values.reshape(shape))
+        dense = np.zeros(shape, dtype=values.dtype)
+        dense[keep] = values
+        return Dense(dense)
+    raise ModelReadError(f"unknown modelpress node type {kind!r}; upgrade modelpress")
+
+
+def _add(parts: Parts, name: str, part: str, array: np.ndarray) -> str:
+    key = f"{name}.mp_{part}"
+    suffix = 2
+    while any(key == existing for existing, _ in parts):
+        key = f"{name}.mp_{part}{suffix}"
+        suffix += 1
+    parts.append((key, array))
+    return key
