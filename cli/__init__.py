@@ -1,0 +1,1 @@
+"""modelpress command line: parses arguments, renders reports, maps errors to exit codes."""

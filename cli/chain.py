@@ -1,0 +1,96 @@
+"""The `compress` group: its own arguments first, then a chain of stage commands.
+
+click's chained groups stop reading the group's options at its first
+positional argument, so `compress MODEL -o OUT quantize ...` would treat
+`-o` as a stage. This group splits the arguments at the first stage name
+(skipping option values) and parses the part before it with options and
+arguments interspersed. Group options written after the stages
+(`... quantize --bits 4 --report r.json`) are moved before them; stage and
+group option names are kept disjoint so this is unambiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import click
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def split_at_stage(args: Sequence[str], stage_names: set[str], value_options: set[str]) -> int:
+    """Index of the first argument that names a stage (len(args) if none)."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return len(args)
+        if arg in value_options:
+            i += 2
+            continue
+        if arg in stage_names:
+            return i
+        i += 1
+    return len(args)
+
+
+def hoist_options(tail: Sequence[str], value_options: set[str], flag_options: set[str],
+                  stage_value_options: set[str]) -> tuple[list[str], list[str]]:
+    """Separate group options found among the stages: (group args, stage args)."""
+    group: list[str] = []
+    stages: list[str] = []
+    i = 0
+    while i < len(tail):
+        arg = tail[i]
+        key = arg.split("=", 1)[0]
+        if arg in value_options:
+            group += tail[i:i + 2]
+            i += 2
+        elif key in value_options or arg in flag_options:
+            group.append(arg)
+            i += 1
+        elif arg in stage_value_options:
+            stages += tail[i:i + 2]
+            i += 2
+        else:
+            stages.append(arg)
+            i += 1
+    return group, stages
+
+
+def option_names(params: Sequence[click.Parameter]) -> tuple[set[str], set[str]]:
+    """(options that take a value, flags) among click parameters."""
+    values, flags = set(), set()
+    for p in params:
+        if isinstance(p, click.Option):
+            (flags if p.is_flag or p.count else values).update(p.opts + p.secondary_opts)
+    return values, flags
+
+
+class StageChain(click.Group):
+    """A chained group whose options may come before, between or after its arguments."""
+
+    allow_interspersed_args = True
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        value_options, flag_options = option_names(self.get_params(ctx))
+        split = split_at_stage(args, set(self.commands), value_options)
+        stage_values = set()
+        for command in self.commands.values():
+            stage_values |= option_names(command.params)[0]
+        hoisted, tail = hoist_options(args[split:], value_options, flag_options, stage_values)
+        head = list(args[:split]) + hoisted
+        if tail and any(flag in tail for flag in HELP_FLAGS) and not any(
+                flag in head for flag in HELP_FLAGS):
+            self._stage_help(ctx, tail[0])
+        click.Command.parse_args(self, ctx, head)
+        # click stores the pending subcommand arguments here (private since 8.2).
+        ctx._protected_args = tail
+        ctx.args = []
+        return ctx.args
+
+    def _stage_help(self, ctx: click.Context, name: str) -> None:
+        command = self.commands[name]
+        with click.Context(command, info_name=name, parent=ctx) as sub:
+            click.echo(command.get_help(sub), color=ctx.color)
+        ctx.exit(0)

@@ -1,0 +1,227 @@
+"""`modelpress`: compress, inspect and decompress model files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from compress_core import __version__
+from compress_core.errors import ModelpressError, RecipeError
+from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
+from compress_core.recipe import Recipe
+
+from .chain import StageChain
+from .stages import stage_commands
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Failure(click.ClickException):
+    """A model that cannot be read or written, or a stage that cannot apply (exit 1)."""
+
+    exit_code = EXIT_FAILURE
+
+
+class RecipeUsageError(click.ClickException):
+    """A recipe file that is not valid (exit 2, like any other usage error)."""
+
+    exit_code = EXIT_USAGE
+
+
+def _consoles(quiet: bool) -> tuple[Any, Any]:
+    from rich.console import Console
+    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True, quiet=quiet)
+    return out, err
+
+
+def _progress(err_console: Any, quiet: bool) -> tuple[Any, Callable[[int, int, str], None] | None]:
+    """A rich progress bar on stderr when a person is watching, else nothing."""
+    if quiet or not err_console.is_terminal:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   console=err_console, transient=True)
+    task = bar.add_task("compressing", total=None)
+
+    def update(done: int, total: int, what: str) -> None:
+        bar.update(task, completed=done, total=total, description=what[:60] or "done")
+    return bar, update
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="modelpress")
+def cli() -> None:
+    """Compress ONNX models and safetensors weights with an ordered recipe of stages.
+
+    \b
+    Examples:
+      modelpress compress model.onnx -o small.onnx quantize --bits 8
+      modelpress compress model.safetensors -o small.safetensors quantize --bits 4 --group-size 32
+      modelpress compress model.onnx -o small.onnx prune --sparsity 0.5 quantize --bits 8
+      modelpress compress model.onnx -o small.onnx --recipe recipe.yaml
+      modelpress inspect small.onnx
+      modelpress decompress small.safetensors -o dense.safetensors
+
+    Exit codes: 0 success, 1 a model could not be read, compressed or written,
+    2 usage error (bad option or recipe).
+    """
+
+
+@cli.group(cls=StageChain, chain=True, invoke_without_command=True,
+           subcommand_metavar="STAGE [STAGE OPTIONS]... [STAGE ...]", context_settings=CONTEXT)
+@click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+              help="Output file, in the input's format (.onnx or .safetensors).")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Read the stages from a YAML or JSON recipe instead of the command line.")
+@click.option("--print-recipe", is_flag=True,
+              help="Print the recipe (YAML) this command line means, and exit.")
+@click.option("--min-elements", type=click.IntRange(1), default=DEFAULT_MIN_ELEMENTS,
+              show_default=True,
+              help="Smallest tensor stages change unless it is named with --include.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Leave tensors holding NaN/Inf as they are instead of stopping.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="FILE.json",
+              help="Also write every number of the table to this JSON file.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]),
+              default="table", show_default=True, help="What to print on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+def compress(**_: Any) -> None:
+    """Compress MODEL into OUT with the stages that follow, applied in order.
+
+    Each stage changes only weight-like tensors (floating point, 2-D or more,
+    --min-elements or more; in ONNX, weight inputs of MatMul, Gemm, Conv,
+    ConvTranspose and Gather) unless --include names others. Run
+    `modelpress compress STAGE --help` for a stage's options.
+
+    \b
+    Examples:
+      modelpress compress mlp.onnx -o mlp-int8.onnx quantize --bits 8
+      modelpress compress mlp.onnx -o out.onnx quantize --bits 4 --group-size 32
+      modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.5 quantize --bits 8
+      modelpress compress w.safetensors -o w4.safetensors quantize --bits 4 --scheme asym
+      modelpress compress mlp.onnx -o out.onnx --recipe recipe.yaml --report report.json
+      modelpress compress mlp.onnx -o out.onnx --print-recipe quantize --bits 4
+
+    \b
+    Recipe file (YAML or JSON, same names as the options):
+      version: 1
+      stages:
+        - {id: prune, sparsity: 0.5}
+        - {id: quantize, bits: 8, granularity: channel}
+    """
+
+
+for _command in stage_commands().values():
+    compress.add_command(_command)
+
+
+@compress.result_callback()
+def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | None,
+                  recipe_file: Path | None, print_recipe: bool, min_elements: int,
+                  allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool) -> None:
+    recipe = _recipe(stages, recipe_file)
+    if print_recipe:
+        click.echo(recipe.to_yaml(), nl=False)
+        return
+    if len(model) != 1:
+        raise click.UsageError("give one MODEL file")
+    if output is None:
+        raise click.UsageError("missing option '-o' / '--output'")
+    from compress_core.api import compress as run
+
+    out, err = _consoles(quiet)
+    bar, update = _progress(err, quiet)
+    try:
+        if bar is not None:
+            bar.start()
+        report = run(model[0], output, recipe,
+                     Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite), update)
+    except ModelpressError as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        if bar is not None:
+            bar.stop()
+    if report_path is not None:
+        from .render import dump_json
+        dump_json(report_path, report.as_dict())
+    if not quiet or fmt != "table":
+        from .render import print_report
+        print_report(out, report, fmt)
+
+
+def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
+    if recipe_file is not None and stages:
+        raise click.UsageError("give stages on the command line or --recipe FILE, not both")
+    if recipe_file is not None:
+        try:
+            return Recipe.load(recipe_file)
+        except RecipeError as exc:
+            raise RecipeUsageError(str(exc)) from None
+    if not stages:
+        raise click.UsageError("no stages given; add one, e.g. `quantize --bits 8`, "
+                               "or use --recipe FILE")
+    return Recipe(stages)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="What to print on stdout.")
+def inspect(model: Path, fmt: str) -> None:
+    """Show every tensor of MODEL: shape, dtype, encoding, bytes stored, zeros.
+
+    \b
+    Examples:
+      modelpress inspect sample_models/mlp.onnx
+      modelpress inspect small.safetensors --format json
+    """
+    from compress_core.api import inspect as run
+    from .render import print_inspect
+    try:
+        report = run(model)
+    except ModelpressError as exc:
+        raise Failure(str(exc)) from None
+    out, _ = _consoles(quiet=False)
+    print_inspect(out, report, fmt)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
+              help="Output file, in the input's format.")
+def decompress(model: Path, output: Path) -> None:
+    """Restore every compressed tensor of MODEL to dense floats of its original dtype.
+
+    \b
+    Examples:
+      modelpress decompress small.safetensors -o dense.safetensors
+      modelpress decompress small.onnx -o dense.onnx
+    """
+    from compress_core.api import decompress as run
+    try:
+        result = run(model, output)
+    except ModelpressError as exc:
+        raise Failure(str(exc)) from None
+    click.echo(f"{output}: {result.file_bytes} bytes, {len(result.tensor_bytes)} tensors restored")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+def main() -> None:
+    """Console entry point; an unexpected error is one line unless MODELPRESS_DEBUG is set."""
+    try:
+        cli.main(prog_name="modelpress")
+    except Exception as exc:  # a bug, not a user error: keep it to one line
+        if os.environ.get("MODELPRESS_DEBUG"):
+            raise
+        click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
+                   "(rerun with MODELPRESS_DEBUG=1 for details and please report it)", err=True)
+        sys.exit(EXIT_FAILURE)

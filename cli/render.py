@@ -1,0 +1,113 @@
+"""Rendering reports for people (rich tables) and for machines (JSON, Markdown)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from compress_core.report import InspectReport, Report
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in decimal units with three significant digits: 65.5 kB."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000.0
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if n >= 100 else f"{n:.3g} {unit}"
+    return f"{n} B"
+
+
+def _num(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isinf(value)):
+        return "exact" if value is None or value > 0 else "-"
+    return format(value, spec)
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.3f}x" if before else "-"
+
+
+def report_table(report: Report) -> Table:
+    """The size and error table printed after every compress."""
+    table = Table(title=f"{report.input_path} -> {report.output_path}", title_justify="left")
+    for header, justify in (("tensor", "left"), ("shape", "left"), ("encoding", "left"),
+                            ("before", "right"), ("after", "right"), ("ratio", "right"),
+                            ("rel. error", "right"), ("SQNR dB", "right")):
+        table.add_column(header, justify=justify, no_wrap=header != "tensor")
+    for row in report.rows:
+        table.add_row(row.name, "x".join(map(str, row.shape)), row.encoding,
+                      human_bytes(row.bytes_before), human_bytes(row.bytes_after),
+                      _ratio(row.bytes_after, row.bytes_before),
+                      _num(row.error.rel_l2, ".4f"), _num(row.error.sqnr_db, ".1f"))
+    total = report.weight_error
+    table.add_section()
+    table.add_row(f"total: file on disk ({len(report.rows)} tensors changed)", "", "",
+                  human_bytes(report.file_bytes_before), human_bytes(report.file_bytes_after),
+                  _ratio(report.file_bytes_after, report.file_bytes_before),
+                  _num(total.rel_l2, ".4f") if report.rows else "-",
+                  _num(total.sqnr_db, ".1f") if report.rows else "-", style="bold")
+    return table
+
+
+def print_report(console: Console, report: Report, fmt: str) -> None:
+    """Print a compress report in the chosen format."""
+    if fmt == "json":
+        console.print_json(json.dumps(report.as_dict()))
+        return
+    if fmt == "markdown":
+        console.print(markdown_report(report), markup=False, highlight=False, soft_wrap=True)
+        return
+    console.print(report_table(report))
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+
+
+def markdown_report(report: Report) -> str:
+    """The report as a GitHub-flavoured Markdown table (fits a CI job summary)."""
+    lines = [f"**modelpress** `{report.input_path}` -> `{report.output_path}`", "",
+             "| tensor | shape | encoding | before | after | ratio | rel. error | SQNR dB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in report.rows:
+        lines.append(f"| `{row.name}` | {'x'.join(map(str, row.shape))} | {row.encoding} | "
+                     f"{row.bytes_before} | {row.bytes_after} | "
+                     f"{_ratio(row.bytes_after, row.bytes_before)} | "
+                     f"{_num(row.error.rel_l2, '.4f')} | {_num(row.error.sqnr_db, '.1f')} |")
+    total = report.weight_error
+    lines.append(f"| **total (file on disk)** | | | {report.file_bytes_before} | "
+                 f"{report.file_bytes_after} | "
+                 f"{_ratio(report.file_bytes_after, report.file_bytes_before)} | "
+                 f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
+                 f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
+    lines += [""] + [f"- {note}" for note in report.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def print_inspect(console: Console, report: InspectReport, fmt: str) -> None:
+    """Print the tensors of a model."""
+    if fmt == "json":
+        console.print_json(json.dumps(report.as_dict()))
+        return
+    table = Table(title=f"{report.path} ({report.format}, {human_bytes(report.file_bytes)} on disk)",
+                  title_justify="left")
+    for header, justify in (("tensor", "left"), ("shape", "left"), ("dtype", "left"),
+                            ("encoding", "left"), ("stored", "right"), ("zeros", "right"),
+                            ("weight", "center")):
+        table.add_column(header, justify=justify)
+    for row in report.rows:
+        zeros = "-" if row.zero_fraction is None else f"{100 * row.zero_fraction:.1f}%"
+        table.add_row(row.name, "x".join(map(str, row.shape)) or "scalar", row.dtype, row.encoding,
+                      human_bytes(row.stored_bytes), zeros, "yes" if row.weight_like else "")
+    console.print(table)
+
+
+def dump_json(path: Any, data: dict[str, Any]) -> None:
+    """Write a JSON document (used for --report)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
