@@ -1,0 +1,200 @@
+"""The command line: the README's commands, exact exit codes and error lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from compress_core import compare
+from formats import open_model
+
+from conftest import ort_run, run_cli, sha256
+
+
+def accuracy(model: Path, samples: Path) -> float:
+    x = np.load(samples / "mlp_test_inputs.npz")["input"]
+    labels = np.load(samples / "mlp_test_labels.npy")
+    return float((ort_run(model, {"input": x})[0].argmax(axis=1) == labels).mean())
+
+
+def test_mlp_int8_readme_command(tmp_path: Path, samples: Path) -> None:
+    out = tmp_path / "m8.onnx"
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", out, "quantize", "--bits", "8",
+                      "--report", tmp_path / "r.json"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size <= 0.30 * (samples / "mlp.onnx").stat().st_size
+    onnx.checker.check_model(str(out), full_check=True)
+    before, after = accuracy(samples / "mlp.onnx", samples), accuracy(out, samples)
+    assert before - after <= 0.005
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["file_bytes_after"] == out.stat().st_size
+    assert report["totals"]["file_bytes_before"] == (samples / "mlp.onnx").stat().st_size
+    assert {t["name"] for t in report["tensors"]} == {"fc1.weight", "fc2.weight"}
+    assert "fc1.weight" in result.stdout and "int8 ch sym" in result.stdout
+
+
+def test_transformer_int4_g32(tmp_path: Path, samples: Path) -> None:
+    out = tmp_path / "t4.onnx"
+    result = run_cli(["compress", samples / "transformer.onnx", "-o", out, "quantize", "--bits",
+                      "4", "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size <= 0.20 * (samples / "transformer.onnx").stat().st_size
+    onnx.checker.check_model(str(out), full_check=True)
+    ids = np.load(samples / "transformer_test_inputs.npz")["input_ids"] if (
+        samples / "transformer_test_inputs.npz").exists() else np.arange(32).reshape(2, 16)
+    ref = ort_run(samples / "transformer.onnx", {"input_ids": ids})[0]
+    got = ort_run(out, {"input_ids": ids})[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.10
+    assert "opset raised from 17 to 21" in result.stdout
+
+
+@pytest.mark.parametrize("stages", [["quantize", "--bits", "8", "prune", "--sparsity", "0.5"],
+                                    ["prune", "--sparsity", "0.5", "quantize", "--bits", "8"]])
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_prune_and_quantize_both_orders_match_written_file(tmp_path: Path, samples: Path,
+                                                           stages: list[str], fmt: str) -> None:
+    src, out, dense = samples / f"mlp.{fmt}", tmp_path / f"o.{fmt}", tmp_path / f"d.{fmt}"
+    result = run_cli(["compress", src, "-o", out, *stages, "--report", tmp_path / "r.json"])
+    assert result.exit_code == 0, result.output
+    assert run_cli(["decompress", out, "-o", dense]).exit_code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    original, restored = open_model(src), open_model(dense)
+    for row in report["tensors"]:
+        array = restored.read(row["name"])
+        assert np.count_nonzero(array == 0) >= array.size // 2
+        stats = compare(original.read(row["name"]), array)
+        assert stats.rel_l2 == pytest.approx(row["rel_error"], rel=1e-6)
+        assert stats.sqnr_db == pytest.approx(row["sqnr_db"], rel=1e-6)
+        assert row["encoding"] == "50% sparse + int8 ch sym"
+
+
+def test_json_format_on_stdout(tmp_path: Path, samples: Path) -> None:
+    result = run_cli(["compress", samples / "cnn.safetensors", "-o", tmp_path / "c.safetensors",
+                      "--format", "json", "quantize"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["totals"]["file_bytes_after"] == (tmp_path / "c.safetensors").stat().st_size
+    assert data["recipe"]["stages"][0]["id"] == "quantize"
+
+
+def test_options_after_stages_are_group_options(tmp_path: Path, samples: Path) -> None:
+    result = run_cli(["compress", samples / "mlp.onnx", "quantize", "--bits", "8", "-o",
+                      tmp_path / "a.onnx", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a.onnx").exists() and result.stdout == ""
+
+
+def _bad(result, message: str, code: int) -> None:
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit)  # no traceback, just an exit
+    assert "Traceback" not in result.output
+    assert message in result.output
+
+
+@pytest.fixture
+def bad_inputs(tmp_path: Path, samples: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes((samples / "mlp.safetensors").read_bytes()[:5000])
+    return {"missing": tmp_path / "missing.onnx", "empty": empty, "text": text,
+            "truncated": truncated}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "missing.onnx: no such file"),
+    ("empty", "empty.onnx: file is empty"),
+    ("text", "notes.onnx: not a valid ONNX model"),
+    ("truncated", "cut.safetensors: truncated safetensors file: tensor"),
+])
+def test_bad_model_files_fail_with_one_line(tmp_path: Path, bad_inputs, case: str,
+                                            message: str) -> None:
+    src = bad_inputs[case]
+    before = sha256(src) if src.exists() else None
+    out = tmp_path / ("o" + src.suffix)
+    result = run_cli(["compress", src, "-o", out, "quantize", "--bits", "8"])
+    _bad(result, message, 1)
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+    assert list(tmp_path.glob(".*modelpress-tmp")) == []
+    if before:
+        assert sha256(src) == before
+
+
+@pytest.mark.parametrize("stages, message", [
+    (["quantize", "--bits", "1"], "Invalid value for '--bits': 1 is not in the range 2<=x<=8."),
+    (["prune", "--sparsity", "1.5"], "Invalid value for '--sparsity': 1.5 is not in the range"),
+    (["quantize", "--granularity", "channel", "--group-size", "32"],
+     "quantize: --group-size applies only to --granularity group, not channel"),
+    (["quantize", "--bogus"], "No such option '--bogus'"),
+    ([], "no stages given"),
+])
+def test_bad_options_exit_2_before_reading(tmp_path: Path, stages: list[str], message: str) -> None:
+    result = run_cli(["compress", tmp_path / "absent.onnx", "-o", tmp_path / "o.onnx", *stages])
+    _bad(result, message, 2)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_equal_to_input_is_refused(tmp_path: Path, samples: Path) -> None:
+    src = tmp_path / "m.onnx"
+    src.write_bytes((samples / "mlp.onnx").read_bytes())
+    before = sha256(src)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(src)
+    for out in (src, link):
+        result = run_cli(["compress", src, "-o", out, "quantize"])
+        _bad(result, "output is the input file", 1)
+    assert sha256(src) == before
+
+
+def test_format_mismatch_refused(tmp_path: Path, samples: Path) -> None:
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "x.safetensors",
+                      "quantize"])
+    _bad(result, "output must be a .onnx file like the input", 1)
+
+
+def test_already_compressed_input_refused(tmp_path: Path, samples: Path) -> None:
+    assert run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "a.onnx",
+                    "quantize"]).exit_code == 0
+    result = run_cli(["compress", tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "quantize"])
+    _bad(result, "already compressed by modelpress", 1)
+
+
+def test_every_command_is_documented_with_examples() -> None:
+    runner = CliRunner()
+    for args in (["--help"], ["compress", "--help"], ["inspect", "--help"],
+                 ["decompress", "--help"], ["compress", "quantize", "--help"],
+                 ["compress", "prune", "--help"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, args
+        assert "Usage:" in result.output
+        if args[-2:] != ["quantize", "--help"] and args[-2:] != ["prune", "--help"]:
+            assert "Examples:" in result.output, args
+    assert "--group-size" in runner.invoke(cli, ["compress", "quantize", "--help"]).output
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("modelpress, version ")
+
+
+def test_inspect_shows_encodings(tmp_path: Path, samples: Path) -> None:
+    out = tmp_path / "t.safetensors"
+    assert run_cli(["compress", samples / "transformer.safetensors", "-o", out,
+                    "prune", "--sparsity", "0.5"]).exit_code == 0
+    result = run_cli(["inspect", out, "--format", "json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.stdout)["tensors"]}
+    assert rows["lm_head.weight"]["encoding"] == "50% sparse"
+    assert rows["lm_head.weight"]["zero_fraction"] == 0.5
+    assert rows["ln_f.weight"]["encoding"] == "fp32"
+    table = run_cli(["inspect", samples / "cnn.onnx"])
+    assert table.exit_code == 0 and "conv2.weight" in table.stdout
