@@ -1,0 +1,218 @@
+"""The committed sample models: valid, runnable, documented layout, reproducible."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_models"
+GENERATOR = SAMPLE_DIR / "generate.py"
+GENERATED = [
+    "cnn.onnx",
+    "cnn.safetensors",
+    "mlp.onnx",
+    "mlp.safetensors",
+    "mlp_test_inputs.npz",
+    "mlp_test_labels.npy",
+    "transformer.onnx",
+    "transformer.safetensors",
+]
+MLP_SHAPES = {
+    "fc1.weight": (256, 64),
+    "fc1.bias": (256,),
+    "fc2.weight": (128, 256),
+    "fc2.bias": (128,),
+    "fc3.weight": (10, 128),
+    "fc3.bias": (10,),
+}
+CNN_SHAPES = {
+    "conv1.weight": (16, 3, 3, 3),
+    "conv1.bias": (16,),
+    "conv2.weight": (32, 16, 3, 3),
+    "conv2.bias": (32,),
+    "conv3.weight": (64, 32, 3, 3),
+    "conv3.bias": (64,),
+    "fc.weight": (10, 64),
+    "fc.bias": (10,),
+}
+TRANSFORMER_SHAPES = {
+    "embed_tokens.weight": (512, 64),
+    "embed_positions.weight": (64, 64),
+    "layers.0.ln1.weight": (64,),
+    "layers.0.ln1.bias": (64,),
+    **{f"layers.0.attn.{p}.weight": (64, 64) for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{f"layers.0.attn.{p}.bias": (64,) for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "layers.0.ln2.weight": (64,),
+    "layers.0.ln2.bias": (64,),
+    "layers.0.mlp.fc1.weight": (256, 64),
+    "layers.0.mlp.fc1.bias": (256,),
+    "layers.0.mlp.fc2.weight": (64, 256),
+    "layers.0.mlp.fc2.bias": (64,),
+    "ln_f.weight": (64,),
+    "ln_f.bias": (64,),
+    "lm_head.weight": (512, 64),
+}
+LAYOUTS = {"mlp": MLP_SHAPES, "cnn": CNN_SHAPES, "transformer": TRANSFORMER_SHAPES}
+# Initializers that ONNX stores as MatMul [in, out], i.e. transposed from safetensors.
+TRANSPOSED_IN_ONNX = {
+    "layers.0.attn.q_proj.weight",
+    "layers.0.attn.k_proj.weight",
+    "layers.0.attn.v_proj.weight",
+    "layers.0.mlp.fc1.weight",
+    "layers.0.mlp.fc2.weight",
+    "lm_head.weight",
+}
+SIGNATURES = {
+    "mlp": ({"input": ["batch", 64]}, {"logits": ["batch", 10]}),
+    "cnn": ({"image": ["batch", 3, 16, 16]}, {"logits": ["batch", 10]}),
+    "transformer": ({"input_ids": ["batch", "sequence"]}, {"logits": ["batch", "sequence", 512]}),
+}
+
+
+def load_generator() -> ModuleType:
+    """Import sample_models/generate.py by path without leaving a __pycache__ behind."""
+    spec = importlib.util.spec_from_file_location("modelpress_sample_models_generate", GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = saved
+    return module
+
+
+gen = load_generator()
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def dims(value_info: onnx.ValueInfoProto) -> list[str | int]:
+    shape = value_info.type.tensor_type.shape.dim
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in shape]
+
+
+def test_quick_regeneration_is_byte_identical(tmp_path: Path) -> None:
+    gen.generate(tmp_path / "a", mlp_epochs=1)
+    gen.generate(tmp_path / "b", mlp_epochs=1)
+    first = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert first == GENERATED
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == GENERATED
+    for name in GENERATED:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_full_regeneration_matches_committed_files(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(GENERATOR), "--out", str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert "matches numpy" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == GENERATED
+    for model in LAYOUTS:
+        fresh = load_file(str(tmp_path / f"{model}.safetensors"))
+        committed = load_file(str(SAMPLE_DIR / f"{model}.safetensors"))
+        for name, array in committed.items():
+            # Training runs through BLAS, which may round differently on other machines.
+            np.testing.assert_allclose(fresh[name], array, rtol=0, atol=1e-4, err_msg=name)
+    with np.load(tmp_path / "mlp_test_inputs.npz") as fresh:
+        with np.load(SAMPLE_DIR / "mlp_test_inputs.npz") as committed:
+            np.testing.assert_allclose(fresh["input"], committed["input"], rtol=0, atol=1e-4)
+    labels = [np.load(folder / "mlp_test_labels.npy") for folder in (tmp_path, SAMPLE_DIR)]
+    np.testing.assert_array_equal(*labels)
+
+
+@pytest.mark.parametrize("model", sorted(SIGNATURES))
+def test_onnx_model_is_valid_and_documented(model: str) -> None:
+    proto = onnx.load(str(SAMPLE_DIR / f"{model}.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.ir_version == 8
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
+    assert proto.producer_name == "modelpress-sample-models"
+    inputs, outputs = SIGNATURES[model]
+    assert {i.name: dims(i) for i in proto.graph.input} == inputs
+    assert {o.name: dims(o) for o in proto.graph.output} == outputs
+
+
+@pytest.mark.parametrize(
+    ("model", "feeds", "shape"),
+    [
+        ("mlp", {"input": np.zeros((3, 64), np.float32)}, (3, 10)),
+        ("cnn", {"image": np.ones((2, 3, 16, 16), np.float32)}, (2, 10)),
+        ("transformer", {"input_ids": np.arange(7, dtype=np.int64).reshape(1, 7)}, (1, 7, 512)),
+        ("transformer", {"input_ids": np.zeros((3, 64), np.int64)}, (3, 64, 512)),
+    ],
+)
+def test_onnx_model_runs_with_documented_shapes(model: str, feeds: dict, shape: tuple) -> None:
+    out = run_onnx(SAMPLE_DIR / f"{model}.onnx", feeds)
+    assert out.shape == shape
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+
+
+def test_mlp_accuracy_on_held_out_set() -> None:
+    with np.load(SAMPLE_DIR / "mlp_test_inputs.npz", allow_pickle=False) as data:
+        assert list(data.keys()) == ["input"]
+        x = data["input"]
+    y = np.load(SAMPLE_DIR / "mlp_test_labels.npy", allow_pickle=False)
+    assert (x.dtype, x.shape) == (np.float32, (1000, 64))
+    assert (y.dtype, y.shape) == (np.int64, (1000,))
+    assert set(np.unique(y)) == set(range(10))
+
+    onnx_accuracy = np.mean(run_onnx(SAMPLE_DIR / "mlp.onnx", {"input": x}).argmax(axis=1) == y)
+    w = load_file(str(SAMPLE_DIR / "mlp.safetensors"))
+    h = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)
+    h = np.maximum(h @ w["fc2.weight"].T + w["fc2.bias"], 0)
+    numpy_accuracy = np.mean((h @ w["fc3.weight"].T + w["fc3.bias"]).argmax(axis=1) == y)
+    assert 0.80 <= onnx_accuracy <= 0.99
+    assert onnx_accuracy == numpy_accuracy
+
+
+@pytest.mark.parametrize("model", sorted(LAYOUTS))
+def test_safetensors_layout_is_documented(model: str) -> None:
+    with safe_open(str(SAMPLE_DIR / f"{model}.safetensors"), framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        found = {name: (f.get_tensor(name).shape, f.get_tensor(name).dtype) for name in f.keys()}
+    assert found == {name: (shape, np.dtype(np.float32)) for name, shape in LAYOUTS[model].items()}
+
+
+@pytest.mark.parametrize("model", sorted(LAYOUTS))
+def test_safetensors_values_equal_onnx_initializers(model: str) -> None:
+    tensors = load_file(str(SAMPLE_DIR / f"{model}.safetensors"))
+    graph = onnx.load(str(SAMPLE_DIR / f"{model}.onnx")).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert sorted(initializers) == sorted(tensors)
+    for name, array in tensors.items():
+        expected = array.T if name in TRANSPOSED_IN_ONNX else array
+        assert initializers[name].dtype == np.float32
+        np.testing.assert_array_equal(initializers[name], expected, err_msg=name)
+
+
+def test_transformer_matches_numpy_reference_and_is_causal() -> None:
+    ids = np.random.default_rng(0).integers(0, 512, (2, 16), dtype=np.int64)
+    got = run_onnx(SAMPLE_DIR / "transformer.onnx", {"input_ids": ids})
+    want = gen.transformer_forward(load_file(str(SAMPLE_DIR / "transformer.safetensors")), ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+    changed = ids.copy()
+    changed[:, 10] = (changed[:, 10] + 1) % 512
+    after = run_onnx(SAMPLE_DIR / "transformer.onnx", {"input_ids": changed})
+    np.testing.assert_allclose(after[:, :10], got[:, :10], rtol=0, atol=1e-6)
+    assert not np.allclose(after[:, 10:], got[:, 10:])
+
+
+def test_sample_models_total_size_is_under_2_mb() -> None:
+    files = [p for p in SAMPLE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert sum(p.stat().st_size for p in files) < 2_000_000
