@@ -85,8 +85,8 @@ def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: st
                    method: str, scale_dtype: np.dtype) -> Quantized:
     """Quantize a float array; codes are computed against the stored (rounded) scales."""
     w = np.asarray(w, dtype=np.float32)
-    if granularity == "channel" and channel_axis is None:
-        granularity = "tensor"
+    if (granularity == "channel" and channel_axis is None) or w.ndim == 0:
+        granularity = "tensor"  # a scalar has no channels or groups
     view = _GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
     rows = view.rows(w)
     scale = np.empty(rows.shape[0], dtype=np.float32)

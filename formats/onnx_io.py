@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -17,8 +18,10 @@ from compress_core.tensorinfo import TensorInfo
 
 from .atomic import atomic_path
 from .onnx_emit import decode_spec, emit, required_opset
-from .onnx_graph import (Location, external_data_file, graphs, is_external, locate, opset_version,
-                         tensor_info, used_names, weight_roles)
+from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
+                         is_external, locate, opset_version, tensor_info, used_names,
+                         weight_roles)
+from .tree_check import check_tree
 
 METADATA_KEY = "modelpress"
 FORMAT_VERSION = 1
@@ -33,10 +36,12 @@ class OnnxStore:
         self.path = Path(path)
         self.model = _load(self.path)
         self._locations = locate(self.model)
+        for name, loc in self._locations.items():
+            check_tensor(self.path, loc.tensor, name)
         roles = weight_roles(self.model)
         self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name))
                          for name, loc in self._locations.items()}
-        self.encodings = _read_encodings(self.path, self.model)
+        self.encodings = _read_encodings(self.path, self.model, set(self._locations))
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -74,14 +79,17 @@ class OnnxStore:
     def decode(self, name: str) -> Encoded:
         """The encoded tree of a tensor this model stores in a modelpress encoding."""
         spec = self.encodings[name]
-        if spec["layout"] != "dequantize-linear":
-            return Dense(self.read(name))
-        inits = {n: self._locations[n].tensor for n in spec["initializers"].values()}
         try:
-            return decode_spec(spec, inits, tuple(spec["shape"]))
-        except (KeyError, ValueError) as exc:
+            if spec["layout"] != "dequantize-linear":
+                tree: Encoded = Dense(self.read(name))
+            else:
+                inits = {n: self._locations[n].tensor for n in spec["initializers"].values()}
+                tree = decode_spec(spec, inits, tuple(spec["shape"]))
+            check_tree(tree, tuple(spec["shape"]))
+            return tree
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             raise ModelReadError(f"{self.path}: tensor {name!r}: corrupt modelpress encoding "
-                                 f"({exc})") from None
+                                 f"({type(exc).__name__}: {exc})") from None
 
     # -- writing -------------------------------------------------------------
 
@@ -119,7 +127,7 @@ class OnnxStore:
             specs[name] = out.spec
             tensor_bytes[name] = out.nbytes
         _set_metadata(model, specs)
-        size = save_checked(model, dst)
+        size = save_checked(model, dst, self.path)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size, notes=notes)
 
 
@@ -141,7 +149,9 @@ def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
             count = -1 if length is None else length
             raw = np.fromfile(file, dtype=np.uint8, count=count, offset=offset)
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-            expected = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+            expected = data_nbytes(tensor)
+            if expected is None or expected != math.prod(tensor.dims) * dtype.itemsize:
+                raise ValueError(f"external data of type {dtype} is not supported")
             if raw.size < expected:
                 raise ValueError(f"external data has {raw.size} bytes, dims need {expected}")
             return raw[:expected].view(dtype).reshape(tuple(tensor.dims))
@@ -170,6 +180,7 @@ def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
     try:
         converted = version_converter.convert_version(model, need)
     except Exception as exc:
+        _refuse_invalid_source(path)
         raise ModelWriteError(
             f"{path}: this encoding needs ONNX opset {need} (the model has {current}) and "
             f"converting the model failed ({str(exc).splitlines()[0]}); use --bits 8 "
@@ -214,8 +225,12 @@ def _set_metadata(model: onnx.ModelProto, specs: dict[str, dict[str, Any]]) -> N
                                  separators=(",", ":"))
 
 
-def save_checked(model: onnx.ModelProto, dst: Path) -> int:
-    """Save atomically after onnx.checker (full check) accepts the file."""
+def save_checked(model: onnx.ModelProto, dst: Path, source: Path | None = None) -> int:
+    """Save atomically after onnx.checker (full check) accepts the file.
+
+    When the check fails and the `source` model fails it too, the error names
+    the source: the input is broken, not what modelpress made of it.
+    """
     if model.ByteSize() > (2**31 - 1):
         raise ModelWriteError(f"{dst}: the compressed model is over 2 GB, protobuf's limit; "
                               "external data output is not supported yet")
@@ -224,13 +239,31 @@ def save_checked(model: onnx.ModelProto, dst: Path) -> int:
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
+            if source is not None:
+                _refuse_invalid_source(source)
             raise ModelWriteError(f"{dst}: the compressed model fails onnx.checker "
-                                  f"({str(exc).splitlines()[0]}); nothing was written") from None
+                                  f"({_one_line(exc)}); nothing was written") from None
         size = tmp.stat().st_size
     return size
 
 
-def _read_encodings(path: Path, model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+def _refuse_invalid_source(path: Path) -> None:
+    """Raise ModelReadError if the input model itself fails onnx.checker (full check)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ModelReadError(f"{path}: the model fails onnx.checker ({_one_line(exc)}); "
+                             "modelpress writes only valid models, so fix the input first") from None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message with its line breaks folded (checker messages span lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_encodings(path: Path, model: onnx.ModelProto,
+                    tensors: set[str]) -> dict[str, dict[str, Any]]:
     raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
     if raw is None:
         return {}
@@ -238,11 +271,28 @@ def _read_encodings(path: Path, model: onnx.ModelProto) -> dict[str, dict[str, A
         doc = json.loads(raw)
         if doc.get("format_version", 0) > FORMAT_VERSION:
             raise ModelReadError(f"{path}: written by a newer modelpress; upgrade modelpress")
-        return dict(doc["tensors"])
+        specs = dict(doc["tensors"])
+        for name, spec in specs.items():
+            _check_spec(name, spec, tensors)
+        return specs
     except ModelReadError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelReadError(f"{path}: corrupt modelpress metadata ({exc})") from None
+
+
+def _check_spec(name: str, spec: Any, tensors: set[str]) -> None:
+    """Raise ValueError unless a tensor's spec has the fields readers rely on."""
+    if not isinstance(spec, dict) or spec.get("layout") not in ("dequantize-linear", "dense"):
+        raise ValueError(f"tensor {name!r} has no known layout")
+    onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"])
+    shape = spec["shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+    parts = spec.get("initializers", {}) if spec["layout"] == "dequantize-linear" else {"": name}
+    missing = [p for p in parts.values() if p not in tensors]
+    if missing or not isinstance(spec.get("nodes", []), list):
+        raise ValueError(f"tensor {name!r} lacks {missing or 'its node list'}")
 
 
 def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
@@ -258,7 +308,7 @@ def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
         graph.initializer.append(numpy_helper.from_array(array, name))
         restored[name] = array.nbytes
     _set_metadata(model, {})
-    return WriteResult(tensor_bytes=restored, file_bytes=save_checked(model, dst))
+    return WriteResult(tensor_bytes=restored, file_bytes=save_checked(model, dst, store.path))
 
 
 def _remove_encoding(model: onnx.ModelProto, name: str, spec: dict[str, Any]) -> onnx.GraphProto:

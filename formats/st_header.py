@@ -84,12 +84,20 @@ def read_header(path: Path) -> Header:
     data_start = 8 + length
     entries = [_entry(path, name, spec, data_start, size) for name, spec in header.items()]
     entries.sort(key=lambda e: (e.begin, e.end))
-    previous = None
+    # Like safetensors itself, require the tensors to tile the data exactly: a gap or
+    # trailing bytes would be data no tensor accounts for (and safe_open rejects them).
+    previous, position = None, data_start
     for entry in entries:
-        if previous is not None and entry.begin < previous.end:
+        if entry.begin < position:
             raise ModelReadError(f"{path}: corrupt safetensors header (tensors {previous.name!r} "
                                  f"and {entry.name!r} overlap)")
-        previous = entry
+        if entry.begin > position:
+            raise ModelReadError(f"{path}: corrupt safetensors header ({entry.begin - position} "
+                                 f"bytes before tensor {entry.name!r} belong to no tensor)")
+        previous, position = entry, entry.end
+    if position != size:
+        raise ModelReadError(f"{path}: corrupt safetensors file ({size - position} bytes after "
+                             "the last tensor belong to no tensor)")
     return Header({e.name: e for e in entries}, dict(metadata), data_start)
 
 

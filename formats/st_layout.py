@@ -53,7 +53,7 @@ def _layout(name: str, encoded: Encoded) -> tuple[dict[str, Any], Parts]:
         return _sparse_bitmask(name, encoded)
     if isinstance(encoded, Dense):
         return ({"layout": "dense", "tensors": {"values": name}},
-                [(name, np.ascontiguousarray(encoded.array))])
+                [(name, _contiguous(encoded.array))])
     parts: Parts = []
     node = _node_spec(name, encoded, None, parts)
     return {"layout": "modelpress", "node": node}, parts
@@ -202,15 +202,15 @@ def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Part
                 "count": int(codes.size),
                 "codes": _add(parts, name, "codes", pack_bits(to_unsigned(codes, encoded.bits),
                                                               encoded.bits)),
-                "scale": _add(parts, name, "scale", np.ascontiguousarray(encoded.scale))}
+                "scale": _add(parts, name, "scale", _contiguous(encoded.scale))}
         if encoded.zero_point is not None:
             spec["zero_point"] = _add(parts, name, "zero_point",
-                                      np.ascontiguousarray(encoded.zero_point))
+                                      _contiguous(encoded.zero_point))
         return spec
     if isinstance(encoded, Dense):
         values = encoded.array if keep is None else encoded.array[keep]
         return {"type": "dense", "shape": list(encoded.shape),
-                "values": _add(parts, name, "values", np.ascontiguousarray(values))}
+                "values": _add(parts, name, "values", _contiguous(values))}
     raise ValueError(f"no safetensors layout for {type(encoded).__name__}")
 
 
@@ -245,6 +245,11 @@ def _read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> En
         dense[keep] = values
         return Dense(dense)
     raise ModelReadError(f"unknown modelpress node type {kind!r}; upgrade modelpress")
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-ordered array of the same shape (np.ascontiguousarray turns a scalar into 1-D)."""
+    return np.require(array, requirements="C")
 
 
 def _add(parts: Parts, name: str, part: str, array: np.ndarray) -> str:

@@ -1,0 +1,197 @@
+"""Regression tests for the reader/writer bugs the bad-input corpus and the fuzzer found."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compress_core import ModelReadError, Options, Prune, Quantize, Recipe, compress, decompress
+from compress_core.quantize import quantize_array
+from formats import open_model
+
+from conftest import run_cli, sha256, write_safetensors
+from corpus import good_onnx, onnx_model, save_onnx, st_raw, weights
+
+F32_4x4 = {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}
+
+
+# -- safetensors: the data must be tiled exactly by the tensors -----------------
+
+
+def test_safetensors_gap_between_tensors_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gap.safetensors"
+    path.write_bytes(st_raw({"a": F32_4x4, "b": {"dtype": "F32", "shape": [4, 4],
+                                                 "data_offsets": [96, 160]}}, bytes(160)))
+    with pytest.raises(ModelReadError, match=r"32 bytes before tensor 'b' belong to no tensor"):
+        open_model(path)
+
+
+def test_safetensors_trailing_bytes_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tail.safetensors"
+    path.write_bytes(st_raw({"w": F32_4x4}, bytes(64 + 8)))
+    with pytest.raises(ModelReadError, match=r"8 bytes after the last tensor"):
+        open_model(path)
+
+
+def test_safetensors_first_tensor_must_start_at_zero(tmp_path: Path) -> None:
+    path = tmp_path / "offset.safetensors"
+    path.write_bytes(st_raw({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [8, 72]}},
+                            bytes(72)))
+    with pytest.raises(ModelReadError, match=r"8 bytes before tensor 'w'"):
+        open_model(path)
+
+
+def test_safetensors_zero_size_tensors_share_an_offset(tmp_path: Path) -> None:
+    header = {"e": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]},
+              "w": F32_4x4, "z": {"dtype": "I64", "shape": [10**8, 0], "data_offsets": [64, 64]}}
+    path = tmp_path / "zero.safetensors"
+    path.write_bytes(st_raw(header, bytes(64)))
+    store = open_model(path)
+    assert store.read("z").shape == (10**8, 0)
+
+
+# -- scalars keep their shape --------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity, group", [("group", 16), ("channel", None), ("tensor", None)])
+def test_quantize_a_scalar_is_per_tensor(granularity: str, group: int | None) -> None:
+    q = quantize_array(np.array(-2.5, np.float32), bits=4, symmetric=True, granularity=granularity,
+                       channel_axis=None, block_axis=0, group_size=group, method="rtn",
+                       scale_dtype=np.dtype(np.float32))
+    assert q.granularity == "tensor" and q.shape == ()
+    assert float(q.decode()) == pytest.approx(-2.5, abs=float(q.scale.reshape(())) / 2)
+
+
+@pytest.mark.parametrize("stage", [Quantize(bits=8, include=("*",)),
+                                   Quantize(bits=4, group_size=16, include=("*",)),
+                                   Prune(sparsity=0.5, include=("*",))])
+def test_scalar_and_vector_keep_their_shape_in_safetensors(tmp_path: Path, stage) -> None:
+    src = write_safetensors(tmp_path / "s.safetensors",
+                            {"scale": np.array(0.5, np.float32), "bias": weights(64)})
+    compress(src, tmp_path / "o.safetensors", Recipe([stage]), Options(min_elements=1))
+    decompress(tmp_path / "o.safetensors", tmp_path / "d.safetensors")
+    dense = open_model(tmp_path / "d.safetensors")
+    assert dense.tensors["scale"].shape == () and dense.tensors["bias"].shape == (64,)
+    assert dense.read("scale").shape == ()
+
+
+@pytest.mark.parametrize("stage", [Quantize(bits=8, include=("s",)),
+                                   Prune(sparsity=0.5, include=("s",))])
+def test_scalar_initializer_keeps_its_shape_in_onnx(tmp_path: Path, stage) -> None:
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])]
+    model = onnx_model([numpy_helper.from_array(weights(64, 64), "w1"),
+                        numpy_helper.from_array(np.array(2.0, np.float32), "s")], nodes)
+    src = save_onnx(tmp_path / "m.onnx", model)
+    compress(src, tmp_path / "o.onnx", Recipe([stage]), Options(min_elements=1))
+    decompress(tmp_path / "o.onnx", tmp_path / "d.onnx")
+    assert open_model(tmp_path / "d.onnx").read("s").shape == ()
+
+
+# -- ONNX tensors are checked when the model is opened -------------------------
+
+
+def _with_w1(tmp_path: Path, tensor: TensorProto) -> Path:
+    model = onnx_model([tensor, numpy_helper.from_array(weights(64, 64), "w2")])
+    return save_onnx(tmp_path / "m.onnx", model)
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (TensorProto(name="w1", data_type=TensorProto.FLOAT, dims=[64, 64], raw_data=bytes(100)),
+     r"tensor 'w1': raw_data holds 100 bytes but its dims \[64, 64\] need 16384"),
+    (TensorProto(name="w1", data_type=TensorProto.FLOAT, dims=[-1, 4], raw_data=bytes(16)),
+     r"tensor 'w1' has negative dims"),
+    (TensorProto(name="w1", data_type=TensorProto.FLOAT, dims=[2**62, 8], raw_data=bytes(16)),
+     r"tensor 'w1' has dims .* too large"),
+    (TensorProto(name="w1", data_type=99, dims=[4], raw_data=bytes(16)),
+     r"tensor 'w1' has an invalid data type \(99\)"),
+    (TensorProto(name="w1", data_type=TensorProto.FLOAT, dims=[4, 4], float_data=[1.0, 2.0]),
+     r"tensor 'w1' is corrupt"),
+])
+def test_corrupt_onnx_tensor_is_refused_at_open(tmp_path: Path, tensor, message) -> None:
+    path = _with_w1(tmp_path, tensor)
+    with pytest.raises(ModelReadError, match=message):
+        open_model(path)
+
+
+def test_onnx_int4_raw_data_is_two_per_byte(tmp_path: Path) -> None:
+    codes = helper.make_tensor("w1", TensorProto.INT4, [3, 3], bytes(5), raw=True)
+    assert open_model(_with_w1(tmp_path, codes)).tensors["w1"].shape == (3, 3)
+
+
+def test_invalid_input_model_is_named_not_the_output(tmp_path: Path) -> None:
+    model = good_onnx()
+    del model.graph.initializer[0]  # MatMul now reads an undefined 'w1'
+    src = save_onnx(tmp_path / "m.onnx", model)
+    for stages in (["quantize", "--bits", "8"], ["quantize", "--bits", "4"]):
+        result = run_cli(["compress", src, "-o", tmp_path / "o.onnx", *stages])
+        assert result.exit_code == 1
+        line = result.stderr.strip()
+        assert line.startswith(f"Error: {src}: the model fails onnx.checker")
+        assert "'w1'" in line and "\n" not in line
+    result = run_cli(["decompress", src, "-o", tmp_path / "o.onnx"])
+    assert result.exit_code == 1 and f"{src}: the model fails onnx.checker" in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_negative_external_offset_is_named(tmp_path: Path) -> None:
+    (tmp_path / "w.bin").write_bytes(bytes(64 * 64 * 4))
+    tensor = TensorProto(name="w1", data_type=TensorProto.FLOAT, dims=[64, 64],
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "w.bin"), ("offset", "-8")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    with pytest.raises(ModelReadError, match=r"tensor 'w1': external data offset -8 .* negative"):
+        open_model(_with_w1(tmp_path, tensor))
+
+
+# -- damaged modelpress metadata ----------------------------------------------
+
+
+def _compressed_onnx(tmp_path: Path, samples: Path, edit) -> Path:
+    out = tmp_path / "c.onnx"
+    compress(samples / "mlp.onnx", out, Recipe([Quantize(bits=4)]))
+    model = onnx.load(str(out))
+    meta = json.loads(model.metadata_props[0].value)
+    edit(meta["tensors"]["fc1.weight"])
+    model.metadata_props[0].value = json.dumps(meta)
+    return save_onnx(out, model)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["initializers"].update(codes="nope"), r"tensor 'fc1.weight' lacks \['nope'\]"),
+    (lambda s: s.update(dtype=12345), r"corrupt modelpress metadata"),
+    (lambda s: s.update(shape=[-1, 3]), r"invalid shape"),
+    (lambda s: s.update(layout="mystery"), r"no known layout"),
+])
+def test_onnx_metadata_naming_missing_parts_is_refused(tmp_path: Path, samples: Path, edit,
+                                                        message) -> None:
+    with pytest.raises(ModelReadError, match=message):
+        open_model(_compressed_onnx(tmp_path, samples, edit))
+
+
+@pytest.mark.parametrize("edit", [lambda s: s.update(shape=[1000, 1000]),
+                                  lambda s: s.update(granularity=7),
+                                  lambda s: s.update(bits="four")])
+def test_onnx_metadata_that_does_not_decode_is_one_line(tmp_path: Path, samples: Path,
+                                                        edit) -> None:
+    path = _compressed_onnx(tmp_path, samples, edit)
+    before = sha256(path)
+    for args in (["inspect", path], ["decompress", path, "-o", tmp_path / "d.onnx"]):
+        result = run_cli(args)
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit)
+        assert "tensor 'fc1.weight': corrupt modelpress encoding" in result.stderr
+    assert sha256(path) == before and not (tmp_path / "d.onnx").exists()
+
+
+def test_safetensors_header_length_field_is_little_endian_u64(tmp_path: Path) -> None:
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**63 + 5) + b"{}")
+    with pytest.raises(ModelReadError, match="header length"):
+        open_model(path)
