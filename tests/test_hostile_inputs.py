@@ -195,3 +195,24 @@ def test_safetensors_header_length_field_is_little_endian_u64(tmp_path: Path) ->
     path.write_bytes(struct.pack("<Q", 2**63 + 5) + b"{}")
     with pytest.raises(ModelReadError, match="header length"):
         open_model(path)
+
+
+# -- names from files are shown as text, never interpreted -----------------------
+
+
+@pytest.mark.parametrize("command", ["inspect", "compress", "compress-markdown"])
+def test_tensor_names_with_rich_markup_are_printed_verbatim(tmp_path: Path, command: str) -> None:
+    names = ["[/bad]", "[bold red]loud", "a|b`c.weight", "esc\x1b[2Jape"]
+    src = write_safetensors(tmp_path / "m.safetensors", {n: weights(64, 64, seed=i)
+                                                         for i, n in enumerate(names)})
+    if command == "inspect":
+        result = run_cli(["inspect", src])
+    else:
+        fmt = ["--format", "markdown"] if command.endswith("markdown") else []
+        result = run_cli(["compress", src, "-o", tmp_path / "o.safetensors", *fmt, "quantize"])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "[/bad]" in result.stdout and "[bold red]loud" in result.stdout
+    assert "\x1b" not in result.stdout  # control characters are not passed to the terminal
+    assert "esc\\x1b[2Jape" in result.stdout
+    if command.endswith("markdown"):
+        assert "`a\\|b'c.weight`" in result.stdout
