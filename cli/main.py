@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -135,6 +136,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         raise click.UsageError("give one MODEL file")
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
+    if report_path is not None:
+        _check_report_path(report_path, model[0], output)
     from compress_core.api import compress as run
 
     out, err = _consoles(quiet)
@@ -155,6 +158,14 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     if not quiet or fmt != "table":
         from .render import print_report
         print_report(out, report, fmt)
+
+
+def _check_report_path(report: Path, model: Path, output: Path) -> None:
+    """Refuse a --report path that would overwrite the input model or the output."""
+    from formats import same_file
+    for other, what in ((model, "the input model"), (output, "the output model")):
+        if same_file(report, other):
+            raise click.UsageError(f"--report {report} is {what}; give another file name")
 
 
 def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
@@ -215,8 +226,14 @@ def decompress(model: Path, output: Path) -> None:
         click.echo(f"note: {note}")
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    # Unwind like Ctrl-C does, so temporary output files are removed on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console entry point; an unexpected error is one line unless MODELPRESS_DEBUG is set."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(prog_name="modelpress")
     except Exception as exc:  # a bug, not a user error: keep it to one line

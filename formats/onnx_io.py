@@ -48,10 +48,14 @@ class OnnxStore:
         return self._tensors
 
     @property
+    def data_files(self) -> set[Path]:
+        """The external data files the model's tensors live in."""
+        return {external_data_file(self.path, loc.tensor)[0]
+                for loc in self._locations.values() if is_external(loc.tensor)}
+
+    @property
     def file_bytes(self) -> int:
-        files = {external_data_file(self.path, loc.tensor)[0]
-                 for loc in self._locations.values() if is_external(loc.tensor)}
-        return self.path.stat().st_size + sum(f.stat().st_size for f in files)
+        return self.path.stat().st_size + sum(f.stat().st_size for f in self.data_files)
 
     def read(self, name: str) -> np.ndarray:
         return _read_tensor(self.path, self._locations[name].tensor)
