@@ -95,7 +95,10 @@ def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: st
     step = max(1, _CHUNK_ELEMENTS // max(rows.shape[1], 1))
     for start in range(0, rows.shape[0], step):
         block = rows[start:start + step]
-        s, z = _fit(block, bits, symmetric, method)
+        # Weights near float32's limit overflow squared errors to inf: a valid "worst"
+        # candidate, not a warning for the user.
+        with np.errstate(over="ignore", invalid="ignore"):
+            s, z = _fit(block, bits, symmetric, method)
         s = _stored(s, scale_dtype)
         if z is not None:
             zero[start:start + step] = z[:, 0]

@@ -87,7 +87,8 @@ class OnnxStore:
             if spec["layout"] != "dequantize-linear":
                 tree: Encoded = Dense(self.read(name))
             else:
-                inits = {n: self._locations[n].tensor for n in spec["initializers"].values()}
+                inits = {n: _inline(self.path, self._locations[n].tensor)
+                     for n in spec["initializers"].values()}
                 tree = decode_spec(spec, inits, tuple(spec["shape"]))
             check_tree(tree, tuple(spec["shape"]))
             return tree
@@ -168,11 +169,30 @@ def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
 
 def _load_external(path: Path, model: onnx.ModelProto) -> None:
     """Bring external tensor data into the proto (models under protobuf's 2 GB limit)."""
-    for graph in graphs(model.graph):
-        for tensor in graph.initializer:
-            if is_external(tensor):
-                array = _read_tensor(path, tensor)
-                tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    for location in locate(model).values():
+        if is_external(location.tensor):
+            location.tensor.CopyFrom(_inline(path, location.tensor))
+
+
+def _inline(model_path: Path, tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of a tensor with its external data read (through our location checks) into
+    raw_data. onnx's own helpers would resolve the location against the current folder."""
+    if not is_external(tensor):
+        return tensor
+    file, offset, length = external_data_file(model_path, tensor)
+    need = data_nbytes(tensor)
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(need if need is not None else (length if length is not None else -1))
+    if need is not None and len(raw) < need:
+        raise ModelReadError(f"{model_path}: tensor {tensor.name!r}: external data has {len(raw)} "
+                             f"bytes, its dims need {need}")
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = raw
+    return inline
 
 
 def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,

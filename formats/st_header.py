@@ -108,7 +108,7 @@ def _entry(path: Path, name: str, spec: object, data_start: int, size: int) -> E
     if not isinstance(spec, dict):
         raise bad("has no dtype/shape/data_offsets entry")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"has unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

@@ -216,3 +216,63 @@ def test_tensor_names_with_rich_markup_are_printed_verbatim(tmp_path: Path, comm
     assert "esc\\x1b[2Jape" in result.stdout
     if command.endswith("markdown"):
         assert "`a\\|b'c.weight`" in result.stdout
+
+
+# -- found by the fuzzer (tests/fuzz/fuzz_readers.py) ---------------------------
+
+
+def test_safetensors_dtype_that_is_not_a_string_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(st_raw({"w": {"dtype": ["F32"], "shape": [4, 4], "data_offsets": [0, 64]}},
+                            bytes(64)))
+    with pytest.raises(ModelReadError, match=r"tensor 'w' has unsupported dtype \['F32'\]"):
+        open_model(path)
+
+
+def _external_codes(tmp_path: Path, samples: Path, location: str) -> Path:
+    """A modelpress int4 ONNX whose codes initializer was moved to external data."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    out = folder / "c.onnx"
+    compress(samples / "mlp.onnx", out, Recipe([Quantize(bits=4, group_size=32)]))
+    model = onnx.load(str(out))
+    codes = next(t for t in model.graph.initializer if t.name == "fc1.weight_quantized")
+    (folder / "codes.bin").write_bytes(codes.raw_data)
+    codes.ClearField("raw_data")
+    codes.data_location = TensorProto.EXTERNAL
+    entry = codes.external_data.add()
+    entry.key, entry.value = "location", location
+    return save_onnx(out, model)
+
+
+def test_external_modelpress_parts_are_read_through_the_location_checks(
+        tmp_path: Path, samples: Path, monkeypatch) -> None:
+    reference = tmp_path / "ref.onnx"
+    compress(samples / "mlp.onnx", reference, Recipe([Quantize(bits=4, group_size=32)]))
+    path = _external_codes(tmp_path, samples, "codes.bin")
+    monkeypatch.chdir(tmp_path)  # onnx's own helpers would look for codes.bin here
+    got = open_model(path).decode("fc1.weight").decode()
+    assert np.array_equal(got, open_model(reference).decode("fc1.weight").decode())
+    decompress(path, tmp_path / "d.onnx")
+
+
+def test_external_modelpress_part_outside_the_model_folder_is_refused(
+        tmp_path: Path, samples: Path, monkeypatch) -> None:
+    path = _external_codes(tmp_path, samples, "stolen.bin")
+    (path.parent / "codes.bin").rename(tmp_path / "stolen.bin")
+    monkeypatch.chdir(tmp_path)  # the file exists in the current folder, not beside the model
+    result = run_cli(["decompress", path, "-o", tmp_path / "d.onnx"])
+    assert result.exit_code == 1
+    assert "tensor 'fc1.weight_quantized': external data file 'stolen.bin' is missing" in result.stderr
+    assert not (tmp_path / "d.onnx").exists()
+
+
+@pytest.mark.filterwarnings("error")  # pytest would otherwise swallow the warning
+def test_quantizing_weights_near_the_float32_limit_prints_no_warning(tmp_path: Path) -> None:
+    w = np.full((64, 64), 3e38, np.float32)
+    w[::2] = -3.3e38
+    src = write_safetensors(tmp_path / "m.safetensors", {"fc.weight": w})
+    for scheme in ("sym", "asym"):
+        result = run_cli(["compress", src, "-o", tmp_path / f"{scheme}.safetensors", "quantize",
+                          "--bits", "4", "--scheme", scheme])
+        assert result.exit_code == 0 and result.stderr == "", result.stderr
