@@ -144,6 +144,14 @@ def _load(path: Path) -> onnx.ModelProto:
                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
     if not model.graph.node and not model.graph.initializer:
         raise ModelReadError(f"{path}: not a valid ONNX model (no graph); is it an ONNX file?")
+    # protobuf hands back bytes for string fields that are not UTF-8; names must be text.
+    texts = set(used_names(model))
+    for graph in graphs(model.graph):
+        texts.update(t for n in graph.node for t in (n.op_type, n.domain))
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ModelReadError(f"{path}: not a valid ONNX model (the name {bad!r} is not UTF-8 "
+                             "text)")
     return model
 
 

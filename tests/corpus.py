@@ -439,6 +439,13 @@ def _(d):
     return {"path": save_onnx(d / "model.onnx", model), "write_error": "w1"}
 
 
+@entry("onnx-name-not-utf8")
+def _(d):
+    raw = good_onnx().SerializeToString().replace(b"w1", b"\xf71")
+    (d / "model.onnx").write_bytes(raw)
+    return {"path": d / "model.onnx", "read_error": "is not UTF-8 text"}
+
+
 @entry("onnx-no-graph")
 def _(d):
     model = onnx.ModelProto(ir_version=8)

@@ -267,6 +267,19 @@ def test_external_modelpress_part_outside_the_model_folder_is_refused(
     assert not (tmp_path / "d.onnx").exists()
 
 
+@pytest.mark.parametrize("args", [["inspect"], ["compress", "--min-elements", "1", "quantize"],
+                                  ["compress", "quantize", "--exclude", "x*"], ["decompress"]])
+def test_onnx_names_that_are_not_utf8_are_refused(tmp_path: Path, args: list[str]) -> None:
+    # protobuf returns such names as bytes; they crashed fnmatch and the writer.
+    src = tmp_path / "m.onnx"
+    src.write_bytes(good_onnx().SerializeToString().replace(b"w1", b"\xf71"))
+    out = ["-o", tmp_path / "o.onnx"] if args[0] != "inspect" else []
+    result = run_cli([args[0], src, *out, *args[1:]])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr.strip() == (f"Error: {src}: not a valid ONNX model (the name b'\\xf71' "
+                                     "is not UTF-8 text)")
+
+
 @pytest.mark.filterwarnings("error")  # pytest would otherwise swallow the warning
 def test_quantizing_weights_near_the_float32_limit_prints_no_warning(tmp_path: Path) -> None:
     w = np.full((64, 64), 3e38, np.float32)
@@ -276,3 +289,93 @@ def test_quantizing_weights_near_the_float32_limit_prints_no_warning(tmp_path: P
         result = run_cli(["compress", src, "-o", tmp_path / f"{scheme}.safetensors", "quantize",
                           "--bits", "4", "--scheme", scheme])
         assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
+# -- path traversal ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("location, reason", [
+    ("../../etc/passwd", "points outside the model's folder"),
+    ("/etc/passwd", "is not a relative path inside the model's folder"),
+    ("sub/../../outside.bin", "points outside the model's folder"),
+])
+def test_onnx_external_data_traversal_is_refused_by_every_command(tmp_path: Path, location: str,
+                                                                   reason: str) -> None:
+    from corpus import external_model
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(bytes(64 * 64 * 4))
+    path = external_model(folder, location, data=None)
+    expected = (f"Error: {path}: tensor 'w1': external data location {location!r} {reason}; "
+                "refusing to read it")
+    for args in (["inspect", path], ["decompress", path, "-o", tmp_path / "d.onnx"],
+                 ["compress", path, "-o", tmp_path / "c.onnx", "quantize"]):
+        result = run_cli(args)
+        assert result.exit_code == 1 and result.stderr.strip() == expected, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "outside.bin"]
+
+
+def test_batch_shard_index_traversal_is_refused(tmp_path: Path, samples: Path) -> None:
+    """Issue 5's sharded checkpoints and batch mode: an index may not name a file outside."""
+    pytest.importorskip("formats.sharded", reason="no sharded checkpoints yet (issue 5)")
+    models = tmp_path / "models"
+    models.mkdir()
+    (tmp_path / "secret.safetensors").write_bytes((samples / "mlp.safetensors").read_bytes())
+    (models / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"fc1.weight": "../secret.safetensors"}}))
+    out = tmp_path / "out"
+    result = run_cli(["compress", models, "-o", out, "quantize", "--bits", "4"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "../secret.safetensors" in result.output and "Traceback" not in result.output
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
+    assert sorted(p.name for p in written) == ["model.safetensors.index.json", "secret.safetensors"]
+    assert not any(p.suffix == ".safetensors" for p in out.rglob("*"))
+
+
+def test_pickled_inputs_and_labels_are_never_unpickled(tmp_path: Path) -> None:
+    """Issue 4's --inputs/--labels files: np.load must run with allow_pickle=False."""
+    onnx_run = pytest.importorskip("formats.onnx_run", reason="no evaluation inputs yet (issue 4)")
+    from compress_core import ModelpressError
+    from corpus import Hostile
+    marker = tmp_path / "PICKLE-WAS-LOADED"
+    payload = np.array([Hostile(marker)], dtype=object)
+    np.save(tmp_path / "labels.npy", payload, allow_pickle=True)
+    np.savez(tmp_path / "inputs.npz", input=payload)
+    model = onnx.load_from_string(good_onnx().SerializeToString())
+    with pytest.raises(ModelpressError):
+        onnx_run.load_labels(tmp_path / "labels.npy")
+    with pytest.raises(ModelpressError):
+        onnx_run.load_inputs(model, tmp_path / "inputs.npz")
+    assert not marker.exists()
+
+
+# -- very large dims, for real ---------------------------------------------------------
+
+
+def test_a_real_1_by_10_to_the_8_tensor(tmp_path: Path) -> None:
+    """A genuine [1, 10^8] tensor (int8, 100 MB; a sparse file, so creating it costs no disk
+    writes) through inspect, compress (copied: not a float) and decompress. The corpus covers
+    the same shape claimed by headers over short bodies; float [1, 10^8] quantization is in
+    benchmarks/kill_during_write.py's size range rather than here, to keep the suite fast."""
+    from formats.st_header import encode_header
+    big = 10**8
+    src = tmp_path / "big.safetensors"
+    head = encode_header([("table", "I8", (1, big), big), ("fc.weight", "F32", (64, 64), 16384)],
+                         {})
+    with open(src, "wb") as fh:
+        fh.write(head)
+        fh.truncate(len(head) + big)  # a hole of zeros
+        fh.seek(len(head) + big)
+        fh.write(weights(64, 64).tobytes())
+    result = run_cli(["inspect", src, "--format", "json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.stdout)["tensors"]}
+    assert rows["table"]["shape"] == [1, big] and rows["table"]["zero_fraction"] == 1.0
+    out = tmp_path / "out.safetensors"
+    assert run_cli(["compress", src, "-o", out, "quantize"]).exit_code == 0
+    store = open_model(out)
+    assert store.tensors["table"].shape == (1, big) and "fc.weight" in store.encodings
+    assert run_cli(["decompress", out, "-o", tmp_path / "d.safetensors"]).exit_code == 0
+    dense = open_model(tmp_path / "d.safetensors")
+    assert dense.tensors["table"].shape == (1, big) and not dense.read("table").any()
+    assert np.abs(dense.read("fc.weight") - weights(64, 64)).max() < 0.05

@@ -398,10 +398,11 @@ def mutate(data: bytes, rng: random.Random, others: list[bytes] = ()) -> bytes:
     """One mutation of a packed input: structure-aware for its format, or raw bytes."""
     suffix, body = unpack(data)
     if rng.random() < 0.55:
-        body = (mutate_onnx if suffix == ".onnx" else mutate_safetensors)(body, rng)
-    else:
-        body = mutate_bytes(body, rng, [unpack(o)[1] for o in others])
-    return pack(suffix, body)
+        try:
+            return pack(suffix, (mutate_onnx if suffix == ".onnx" else mutate_safetensors)(body, rng))
+        except Exception:  # e.g. protobuf refusing to set a non-UTF-8 name: mutate bytes instead
+            pass
+    return pack(suffix, mutate_bytes(body, rng, [unpack(o)[1] for o in others]))
 
 
 def digest(data: bytes) -> str:
