@@ -215,3 +215,14 @@ def test_write_refusal_leaves_the_output_folder_empty(tmp_path: Path, samples: P
     with pytest.raises(ModelWriteError):
         compress(samples / "mlp.onnx", out_dir / "o.safetensors", Recipe([Quantize()]))
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_symbolic_link_at_the_output_name_is_replaced_not_written_through(
+        tmp_path: Path, samples: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.onnx"
+    elsewhere.write_bytes(b"not to be touched")
+    out = tmp_path / "out.onnx"
+    out.symlink_to(elsewhere)
+    assert run_cli(["compress", samples / "mlp.onnx", "-o", out, "quantize"]).exit_code == 0
+    assert not out.is_symlink() and open_model(out).encodings
+    assert elsewhere.read_bytes() == b"not to be touched"
