@@ -315,16 +315,29 @@ def _read_encodings(path: Path, model: onnx.ModelProto,
 
 def _check_spec(name: str, spec: Any, tensors: set[str]) -> None:
     """Raise ValueError unless a tensor's spec has the fields readers rely on."""
-    if not isinstance(spec, dict) or spec.get("layout") not in ("dequantize-linear", "dense"):
-        raise ValueError(f"tensor {name!r} has no known layout")
+    if not isinstance(spec, dict) or not isinstance(spec.get("layout"), str):
+        raise ValueError(f"tensor {name!r} has no layout")
     onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"])
     shape = spec["shape"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
-    parts = spec.get("initializers", {}) if spec["layout"] == "dequantize-linear" else {"": name}
-    missing = [p for p in parts.values() if p not in tensors]
+    parts = _spec_parts(spec) or [name]  # no parts: stored densely under its own name
+    missing = [p for p in parts if not isinstance(p, str) or p not in tensors]
     if missing or not isinstance(spec.get("nodes", []), list):
         raise ValueError(f"tensor {name!r} lacks {missing or 'its node list'}")
+
+
+def _spec_parts(spec: Any) -> list[Any]:
+    """Initializer names a spec refers to, in nested specs too."""
+    if not isinstance(spec, dict):
+        return []
+    inits = spec.get("initializers", {})
+    found = list(inits.values()) if isinstance(inits, dict) else [inits]
+    for key, value in spec.items():
+        if key != "initializers" and isinstance(value, dict):
+            found += _spec_parts(value)
+    return found
 
 
 def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:

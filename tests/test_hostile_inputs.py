@@ -167,7 +167,8 @@ def _compressed_onnx(tmp_path: Path, samples: Path, edit) -> Path:
     (lambda s: s["initializers"].update(codes="nope"), r"tensor 'fc1.weight' lacks \['nope'\]"),
     (lambda s: s.update(dtype=12345), r"corrupt modelpress metadata"),
     (lambda s: s.update(shape=[-1, 3]), r"invalid shape"),
-    (lambda s: s.update(layout="mystery"), r"no known layout"),
+    (lambda s: s.update(layout=7), r"no layout"),
+    (lambda s: s.update(initializers=["a", "b"]), r"lacks"),
 ])
 def test_onnx_metadata_naming_missing_parts_is_refused(tmp_path: Path, samples: Path, edit,
                                                         message) -> None:
@@ -177,7 +178,8 @@ def test_onnx_metadata_naming_missing_parts_is_refused(tmp_path: Path, samples: 
 
 @pytest.mark.parametrize("edit", [lambda s: s.update(shape=[1000, 1000]),
                                   lambda s: s.update(granularity=7),
-                                  lambda s: s.update(bits="four")])
+                                  lambda s: s.update(bits="four"),
+                                  lambda s: s.update(layout="mystery")])
 def test_onnx_metadata_that_does_not_decode_is_one_line(tmp_path: Path, samples: Path,
                                                         edit) -> None:
     path = _compressed_onnx(tmp_path, samples, edit)
