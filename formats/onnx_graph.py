@@ -118,10 +118,17 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     location = info.get("location", "")
     base = model_path.parent.resolve()
     where = f"{model_path}: tensor {tensor.name!r}"
+    if not isinstance(location, str) or "\0" in location:  # protobuf gives bytes for non-UTF-8
+        raise ModelReadError(f"{where}: external data location {location!r} is not a valid "
+                             "path; the model is damaged")
     if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
         raise ModelReadError(f"{where}: external data location {location!r} is not a relative "
                              "path inside the model's folder; refusing to read it")
-    target = (base / location).resolve()
+    try:
+        target = (base / location).resolve()
+    except RuntimeError:  # a loop of symbolic links
+        raise ModelReadError(f"{where}: external data location {location!r} is a loop of "
+                             "symbolic links; refusing to read it") from None
     if base != target and base not in target.parents:
         raise ModelReadError(f"{where}: external data location {location!r} points outside the "
                              "model's folder; refusing to read it")
@@ -131,7 +138,7 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     try:
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else None
-    except ValueError:
+    except (ValueError, TypeError):
         raise ModelReadError(f"{where}: external data offset/length are not integers") from None
     if offset < 0 or (length is not None and length < 0):
         raise ModelReadError(f"{where}: external data offset {offset} or length {length} is "

@@ -507,6 +507,25 @@ def _(d):
     return {"path": external_model(d, "w1.bin", data=bytes(4096), dims=(1, BIG)), "read_error": "'w1'"}
 
 
+@entry("onnx-external-location-nul")
+def _(d):
+    return {"path": external_model(d, "w1.bin\0.txt", data=None), "read_error": "not a valid path"}
+
+
+@entry("onnx-external-location-not-utf8")
+def _(d):
+    path = external_model(d, "w1--bin", data=None)  # same length: protobuf lengths stay right
+    path.write_bytes(path.read_bytes().replace(b"w1--bin", b"w1\xff\xfebin"))
+    return {"path": path, "read_error": "not a valid path"}
+
+
+@entry("onnx-external-symlink-loop")
+def _(d):
+    (d / "a.bin").symlink_to(d / "b.bin")
+    (d / "b.bin").symlink_to(d / "a.bin")
+    return {"path": external_model(d, "a.bin", data=None), "read_error": "loop of symbolic links"}
+
+
 @entry("onnx-external-good")
 def _(d):
     return {"path": external_model(d, "w1.bin", data=weights(64, 64, seed=3).tobytes())}

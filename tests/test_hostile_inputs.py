@@ -293,6 +293,23 @@ def test_quantizing_weights_near_the_float32_limit_prints_no_warning(tmp_path: P
         assert result.exit_code == 0 and result.stderr == "", result.stderr
 
 
+@pytest.mark.parametrize("location, message", [
+    ("w\0.bin", r"external data location 'w\\x00.bin' is not a valid path"),
+    (b"w\xff.bin", r"external data location b'w\\xff.bin' is not a valid path"),
+    ("loop.bin", r"'loop.bin' is a loop of symbolic links"),
+])
+def test_external_locations_that_are_not_paths_are_refused(tmp_path: Path, location,
+                                                           message: str) -> None:
+    # Found by the fuzzer: a NUL byte (ValueError), non-UTF-8 bytes (TypeError).
+    from corpus import external_model
+    (tmp_path / "loop.bin").symlink_to(tmp_path / "loop.bin")
+    raw = location if isinstance(location, bytes) else location.encode()
+    path = external_model(tmp_path, "X" * len(raw), data=None)  # same length, so the
+    path.write_bytes(path.read_bytes().replace(b"X" * len(raw), raw))  # protobuf stays valid
+    with pytest.raises(ModelReadError, match=message):
+        open_model(path)
+
+
 # -- path traversal ------------------------------------------------------------------
 
 
