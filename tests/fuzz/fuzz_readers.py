@@ -29,6 +29,7 @@ Exit status: 0 if nothing was found, 1 if a finding was saved.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import resource
@@ -150,11 +151,7 @@ def main() -> int:
         parser.error(f"--seconds must be in (0, {MAX_SECONDS}]")
     engine = args.engine
     if engine == "auto":
-        try:
-            import atheris  # noqa: F401
-            engine = "atheris"
-        except ImportError:
-            engine = "mutate"
+        engine = "atheris" if importlib.util.find_spec("atheris") else "mutate"
     sys.path[:0] = [str(HERE), str(REPO)]
     # An input that makes modelpress allocate without bound becomes a MemoryError finding.
     resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.RLIM_INFINITY))
