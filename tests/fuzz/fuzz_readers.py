@@ -33,6 +33,7 @@ import importlib.util
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ class Fuzz:
         self.start = time.monotonic()
         self.executions, self.findings, self.seen = 0, 0, set()
         self.last_status = self.start
+        self.cleanup: list[Path] = []
 
     def one(self, data: bytes) -> bool:
         """Run one input; True if it was a finding."""
@@ -85,6 +87,9 @@ class Fuzz:
               f"({self.executions / max(elapsed, 1e-9):.1f}/s), {self.findings} findings", flush=True)
 
     def summary(self, engine: str) -> int:
+        """Print the counts, remove the work folders; the exit status."""
+        for folder in self.cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
         elapsed = time.monotonic() - self.start
         print(f"\nfuzz summary: engine {engine}, {elapsed:.0f} s, {self.executions} executions, "
               f"{self.findings} distinct findings" + (f" (saved in {self.crashes})"
@@ -93,7 +98,8 @@ class Fuzz:
 
 
 def run_mutate(fuzz: Fuzz, corpus: list[bytes], seed: int) -> None:
-    from harness import mutate, unpack
+    from harness import unpack
+    from mutations import mutate
     rng = random.Random(seed)
     pool: list[bytes] = []
     for data in corpus:  # every seed once, as is
@@ -112,7 +118,7 @@ def run_mutate(fuzz: Fuzz, corpus: list[bytes], seed: int) -> None:
 
 def run_atheris(fuzz: Fuzz, corpus: list[bytes], seed: int, engine_args: list[str]) -> None:
     import atheris
-    from harness import mutate
+    from mutations import mutate
 
     def test_one_input(data: bytes) -> None:
         if fuzz.done():
@@ -126,6 +132,7 @@ def run_atheris(fuzz: Fuzz, corpus: list[bytes], seed: int, engine_args: list[st
         return mutate(data, rng, corpus)[:max_size]
 
     seed_dir = Path(tempfile.mkdtemp(prefix="modelpress-fuzz-corpus-"))
+    fuzz.cleanup.append(seed_dir)
     for i, data in enumerate(corpus):
         (seed_dir / f"seed-{i:03d}").write_bytes(data)
     max_len = max(len(d) for d in corpus) + 4096
@@ -159,6 +166,7 @@ def main() -> int:
         import atheris
         with atheris.instrument_imports(include=["formats", "compress_core", "cli"]):
             import harness
+            import mutations  # noqa: F401
     else:
         import harness
     work = Path(tempfile.mkdtemp(prefix="modelpress-fuzz-"))
@@ -166,6 +174,7 @@ def main() -> int:
     print(f"fuzzing with {engine} for {args.seconds:.0f} s from {len(corpus)} seed inputs "
           f"(seed {args.seed})", flush=True)
     fuzz = Fuzz(harness.run_one, work / "run", args.crashes, args.seconds)
+    fuzz.cleanup.append(work)
     if engine == "atheris":
         run_atheris(fuzz, corpus, args.seed, engine_args)
     else:
