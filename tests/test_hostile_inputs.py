@@ -398,3 +398,26 @@ def test_a_real_1_by_10_to_the_8_tensor(tmp_path: Path) -> None:
     dense = open_model(tmp_path / "d.safetensors")
     assert dense.tensors["table"].shape == (1, big) and not dense.read("table").any()
     assert np.abs(dense.read("fc.weight") - weights(64, 64)).max() < 0.05
+
+
+# -- NaN / Inf: refused by default, untouched with --allow-nonfinite ----------------
+
+
+def test_nonfinite_weights_are_refused_or_left_exactly_as_they_are(tmp_path: Path) -> None:
+    bad = weights(64, 64)
+    bad[0, :3] = [np.nan, np.inf, -np.inf]
+    src = write_safetensors(tmp_path / "m.safetensors", {"bad.weight": bad,
+                                                         "good.weight": weights(64, 64, seed=1)})
+    out, report = tmp_path / "o.safetensors", tmp_path / "r.json"
+    result = run_cli(["compress", src, "-o", out, "quantize"])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.stderr.strip() == (
+        f"Error: {src}: tensor 'bad.weight' has 3 NaN/Inf values; fix the model, exclude it "
+        "(--exclude 'bad.weight'), or pass --allow-nonfinite to leave such tensors as they are")
+    result = run_cli(["compress", src, "-o", out, "--allow-nonfinite", "--report", report,
+                      "quantize"])
+    assert result.exit_code == 0
+    doc = json.loads(report.read_text())
+    assert [t["name"] for t in doc["tensors"]] == ["good.weight"]
+    assert "bad.weight: left as is (3 NaN/Inf values, --allow-nonfinite)" in doc["notes"]
+    assert open_model(out).read("bad.weight").tobytes() == bad.tobytes()
