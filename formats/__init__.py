@@ -44,8 +44,11 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True when two paths name one file: equal once resolved (symbolic links
     followed) or, for existing files, the same inode (hard links)."""
     a, b = Path(a), Path(b)
-    if a.resolve() == b.resolve():
-        return True
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except RuntimeError:  # a loop of symbolic links: it names no file
+        return False
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:

@@ -226,3 +226,13 @@ def test_a_symbolic_link_at_the_output_name_is_replaced_not_written_through(
     assert run_cli(["compress", samples / "mlp.onnx", "-o", out, "quantize"]).exit_code == 0
     assert not out.is_symlink() and open_model(out).encodings
     assert elsewhere.read_bytes() == b"not to be touched"
+
+
+def test_an_output_that_is_a_loop_of_symbolic_links_is_replaced(tmp_path: Path,
+                                                                samples: Path) -> None:
+    out = tmp_path / "loop.onnx"
+    out.symlink_to(out)
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", out, "quantize", "--report",
+                      tmp_path / "r.json"])
+    assert result.exit_code == 0, repr(result.exception)
+    assert not out.is_symlink() and open_model(out).encodings
