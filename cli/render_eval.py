@@ -63,7 +63,7 @@ def print_evaluation(console: Console, report: Any) -> None:
     if evaluation is not None:
         if evaluation.outputs:
             console.print(f"evaluation: {evaluation.runtime}; inputs {inputs_label(evaluation)}",
-                          markup=False, highlight=False)
+                          markup=False, highlight=False, soft_wrap=True)
             table = Table(title="output error, compressed vs original", title_justify="left")
             for header in HEADERS:
                 table.add_column(header, justify="left" if header in ("output", "shape")
@@ -72,10 +72,11 @@ def print_evaluation(console: Console, report: Any) -> None:
                 table.add_row(*row)
             console.print(table)
         for line in summary_lines(evaluation):
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     for check in report.checks:
         status = "ok" if check.passed else "FAILED"
-        console.print(f"threshold {status}: {check.message}", markup=False, highlight=False)
+        console.print(f"threshold {status}: {check.message}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def markdown_evaluation(report: Any) -> list[str]:

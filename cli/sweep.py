@@ -163,9 +163,10 @@ def footnotes(report: SweepReport) -> list[str]:
     lines = [BITS_DEFINITION, f"{FRONT_DEFINITION} (by {report.front_metric})"]
     if report.format == "onnx" and report.baseline is not None and report.baseline.status == "ok":
         from .render_eval import inputs_label
-        lines.append(f"output error: worst output's relative L2 error vs the original "
-                     f"({report.baseline.runtime}; inputs {inputs_label(report.baseline)}); "
-                     "latency: median run time / the original's, on this machine")
+        lines.append(f"output error: the worst output's relative L2 error against the "
+                     f"original's ({report.baseline.runtime}; inputs "
+                     f"{inputs_label(report.baseline)})")
+        lines.append("latency: median run time over the original's, measured on this machine")
     if report.accuracy_before is not None:
         lines.append(f"accuracy of the original: {100 * report.accuracy_before:.2f}%")
     lines += report.notes
@@ -192,7 +193,7 @@ def print_sweep(console: Console, report: SweepReport, fmt: str) -> None:
         table.add_row(*cells(report, row, "*"), style=None if row.status == "ok" else "dim")
     console.print(table)
     for line in footnotes(report):
-        console.print(f"note: {line}", markup=False, highlight=False)
+        console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def markdown_sweep(report: SweepReport) -> str:
