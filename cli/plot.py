@@ -18,7 +18,7 @@ def plot_sweep(report: SweepReport, path: Path) -> None:
 
     from formats.atomic import atomic_path
 
-    rows = report.ran
+    rows = [r for r in report.ran if r.tensors]  # a setting that changed nothing is no point
     use_output = report.front_metric == "output error"
     points = [(r.file_bytes, r.output_error if use_output else r.weight_error.rel_l2)
               for r in rows]
@@ -37,8 +37,10 @@ def plot_sweep(report: SweepReport, path: Path) -> None:
     if front:
         ax.plot(*zip(*front), color="tab:red", marker="o", linewidth=1.5, drawstyle="steps-post",
                 label="Pareto front", zorder=3)
-    for (size, error), row in zip(points, rows):
-        ax.annotate(row.name, (size, error), textcoords="offset points", xytext=(5, 4),
+    for i, ((size, error), row) in enumerate(zip(points, rows)):
+        # Alternate label sides so settings of nearly equal size stay readable.
+        ax.annotate(row.name, (size, error), textcoords="offset points",
+                    xytext=(5, 4) if i % 2 == 0 else (5, -11),
                     fontsize=8, color="tab:red" if row.on_front else "0.3")
     ax.axvline(report.file_bytes, color="0.4", linestyle="--", linewidth=1,
                label=f"original ({report.file_bytes:,} bytes)")

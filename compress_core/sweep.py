@@ -244,6 +244,8 @@ def _run_one(store: Any, setting: Setting, options: Options, baseline: Baseline 
     row.elements = sum(store.tensors[name].size for name in encoding.tensors)
     row.tensors = len(encoding.tensors)
     row.weight_error = sum(encoding.errors.values(), EMPTY)
+    if not encoding.tensors:
+        row.note = "changed no tensor" + (f" ({encoding.notes[0]})" if encoding.notes else "")
     if baseline is not None:
         row.evaluation = baseline.evaluate(path)
         if row.evaluation.status not in ("ok", "not-applicable") and row.evaluation.notes:
@@ -254,9 +256,11 @@ def _run_one(store: Any, setting: Setting, options: Options, baseline: Baseline 
 def mark_front(rows: Iterable[SweepRow]) -> str:
     """Mark the size/error Pareto front; return which error it uses.
 
-    Output error when every row has one (ONNX, evaluated), else weight error.
+    Only settings that changed some tensor take part. The error is output
+    error when every such row has one (ONNX, evaluated), else weight error.
     """
-    rows = list(rows)
+    # A setting that changed nothing is the original model: it is no trade-off.
+    rows = [r for r in rows if r.tensors]
     use_output = bool(rows) and all(r.output_error is not None for r in rows)
     metric = "output error" if use_output else "weight error"
     points = [(r.file_bytes, _nan_last(r.output_error if use_output else r.weight_error.rel_l2))
