@@ -12,7 +12,7 @@ import pytest
 from compress_core import REGISTRY
 from compress_core.sweep import DEFAULT_SETTINGS, Setting, sweep
 
-from conftest import run_cli
+from conftest import run_cli, sha256
 from mdtables import tables
 
 REQUIRED = {"int8 channel", "int4 g128", "int4 g32 mse", "fp16", "fp8 e4m3", "prune 50%",
@@ -58,6 +58,8 @@ def test_sweep_sample_models(tmp_path: Path, samples: Path, model: str) -> None:
             assert row["note"].startswith("skipped: ")
             assert any(i not in REGISTRY or i in row["note"] for i in stage_ids), row["note"]
     assert data["front_metric"] == "output error"
+    assert data["input_sha256"] == sha256(samples / f"{model}.onnx")
+    assert data["versions"]["onnxruntime"] is not None
     source = (samples / f"{model}.onnx").stat().st_size
     for row in ran:
         assert row["file_bytes"] > 0 and row["ratio"] == pytest.approx(row["file_bytes"] / source)
@@ -182,3 +184,11 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path, samples: Pa
     assert "--plot needs matplotlib, which is not installed: pip install 'modelpress[plot]'" in \
         result.output
     assert not (tmp_path / "p.png").exists()
+
+
+def test_sweep_help_has_examples_and_definitions() -> None:
+    result = run_cli(["sweep", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Examples:" in text and "modelpress sweep sample_models/mlp.onnx" in text
+    assert "bytes written for the changed tensors x 8 / their element count" in text
