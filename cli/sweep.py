@@ -7,11 +7,9 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from compress_core.errors import ModelpressError, RecipeError
 from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
@@ -19,6 +17,9 @@ from compress_core.sweep import (BITS_DEFINITION, DEFAULT_SETTINGS, FRONT_DEFINI
                                  SweepReport, SweepRow)
 
 from . import evaluation
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 PLOT_HINT = "pip install 'modelpress[plot]'"
 # Fewer timed runs than compress: a sweep runs a dozen models.
@@ -182,6 +183,8 @@ def print_sweep(console: Console, report: SweepReport, fmt: str) -> None:
     if fmt == "markdown":
         console.print(markdown_sweep(report), markup=False, highlight=False, soft_wrap=True)
         return
+    from rich.table import Table
+
     from .render import human_bytes
     table = Table(title=f"{report.model} ({report.format}, {human_bytes(report.file_bytes)}): "
                         f"{len(report.ran)} of {len(report.rows)} settings ran",
