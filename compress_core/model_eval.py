@@ -72,13 +72,16 @@ class Baseline:
         if settings.labels is not None:
             labels = onnx_run.load_labels(settings.labels)
             _check_label_count(labels, feeds, settings)
+        if not onnx_run.onnxruntime_available():
+            return cls("unavailable", ["output error not measured: onnxruntime is not installed "
+                                       f"({onnx_run.INSTALL_HINT})"], feeds, labels,
+                       inputs=described, settings=settings)
         try:
             session = onnx_run.Session(src)
             outputs = session.run(feeds)
             times = session.time(feeds, settings.max_runs, settings.time_budget_s)
         except ModelRunError as exc:
-            status = "unavailable" if "not installed" in str(exc) else "failed"
-            return cls(status, [f"output error not measured: {exc}"], feeds, labels,
+            return cls("failed", [f"output error not measured: {exc}"], feeds, labels,
                        inputs=described, settings=settings)
         label_name = None
         if labels is not None:

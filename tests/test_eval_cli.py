@@ -192,10 +192,14 @@ def test_model_onnxruntime_cannot_run_is_a_note(tmp_path: Path) -> None:
 def test_missing_onnxruntime_is_a_note(tmp_path: Path, samples: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
-    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "m.onnx", "quantize"])
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "m.onnx", "--report",
+                      tmp_path / "r.json", "quantize"])
     assert result.exit_code == 0, result.output
     assert ("output error not measured: onnxruntime is not installed "
             "(pip install 'modelpress[run]')") in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["evaluation"]["status"] == "unavailable"
+    assert report["versions"]["onnxruntime"] is not None  # installed, just not importable here
 
 
 def test_no_eval_skips_running(tmp_path: Path, samples: Path) -> None:
