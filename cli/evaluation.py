@@ -118,7 +118,7 @@ def threshold_options(command: Callable) -> Callable:
                      help="Fail (exit 3) if the model-level relative weight error exceeds X."),
         click.option("--max-output-error", type=click.FloatRange(0), metavar="X",
                      help="Fail (exit 3) if the worst output's relative L2 error exceeds X "
-                          "(ONNX; runs both models)."),
+                          "or cannot be measured (ONNX; runs both models)."),
         click.option("--min-accuracy", type=AccuracyValue(), metavar="X",
                      help="Fail (exit 3) if accuracy after compression is below X, a fraction "
                           "(0.9) or a percentage (90%); needs --inputs and --labels."),

@@ -92,7 +92,8 @@ def cli() -> None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Leave tensors holding NaN/Inf as they are instead of stopping.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="FILE.json",
-              help="Also write every number of the table to this JSON file.")
+              help="Also write every number, the recipe, threshold outcomes, tool and "
+                   "library versions and input/output sha256 to this JSON file.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]),
               default="table", show_default=True, help="What to print on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
