@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import scale_dtype_for
-from .encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
+from .encoded import GRANULARITIES, Dense, Encoded, LowRank, Quantized, Sparse
 from .stage import Stage, option, register
 from .tensorinfo import TensorInfo
 
@@ -59,6 +59,11 @@ class Quantize(Stage):
         if isinstance(encoded, Sparse):
             quantized = self.apply(encoded.values, info)
             return Sparse(encoded.mask, quantized, encoded.pattern)
+        if isinstance(encoded, LowRank):
+            from .lowrank import factor_info
+            return LowRank(self.apply(encoded.left, factor_info(info, encoded.left.shape, "left")),
+                           self.apply(encoded.right,
+                                      factor_info(info, encoded.right.shape, "right")))
         if not isinstance(encoded, Dense):
             from .compose import order_error
             raise order_error(self, encoded, info)

@@ -47,7 +47,7 @@ def test_stage_config_round_trip() -> None:
 
 @pytest.mark.parametrize("config, message", [
     ({"version": 1, "stages": [{"id": "quantise"}]},
-     "stage 1: unknown stage 'quantise'; known stages: prune, quantize"),
+     "stage 1: unknown stage 'quantise'; known stages: cast, cluster, lowrank, prune, quantize"),
     ({"version": 1, "stages": [{"id": "quantize", "bitz": 4}]},
      "stage 1: quantize: unknown option 'bitz'"),
     ({"version": 2, "stages": [{"id": "prune"}]}, "version 2 is not supported"),
