@@ -57,7 +57,7 @@ def emit_lowrank(model: onnx.ModelProto, name: str, enc: LowRank, fresh: FreshNa
     out = Emitted(initializers=left.initializers + right.initializers,
                   nodes=left.nodes + right.nodes, opset=max(left.opset, right.opset))
     spec: dict[str, Any] = {"layout": "lowrank", "rank": enc.rank, "left": left.spec,
-                            "right": right.spec}
+                            "right": right.spec, "outputs": [u, v]}
     uses = consumers(model, name)
     rewrite = _rewrite_nodes(uses[0][1], name, u, v, fresh) if (
         len(uses) == 1 and not _is_output(model, name)) else None
