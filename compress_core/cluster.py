@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .dtypes import BFLOAT16
 from .encoded import Dense, Encoded, LowRank, Palettized, Sparse
 from .kmeans import kmeans_rows
 from .stage import Stage, option, register
 from .tensorinfo import TensorInfo
 
-_LUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# The model's own float types (so ONNX consumers get the type they expect); fp8 -> fp32.
+_LUT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
 
 @register

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .dtypes import BFLOAT16
 from .encoded import Dense, Encoded, LowRank
 from .stage import Skip, Stage, option, register
 from .svd import rank_for_energy, singular_values, truncated_svd
 from .tensorinfo import TensorInfo
 
-_FACTOR_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# The model's own float types (so ONNX consumers get the type they expect); fp8 -> fp32.
+_FACTOR_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
 
 @register

@@ -163,3 +163,31 @@ def test_safetensors_native_dtypes_under_the_original_name(tmp_path: Path, stage
         from safetensors import safe_open
         with safe_open(str(tmp_path / "o.safetensors"), framework="np") as fh:
             assert fh.get_tensor("fc.weight").shape == (48, 200)  # loads with safetensors itself
+
+
+@pytest.mark.parametrize("model_dtype", [np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("recipe", ["cast", "fp8", "cluster", "lowrank", "lowrank+cluster"])
+def test_half_precision_onnx_models_keep_their_type(tmp_path: Path, model_dtype,
+                                                    recipe: str) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+    from compress_core import Cluster, Factorize
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(model_dtype))
+    w = rng_weights(64, 96).astype(model_dtype)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", elem, [2, 64])],
+        [helper.make_tensor_value_info("y", elem, [2, 96])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    stages = {"cast": [Cast(dtype="bf16" if model_dtype == np.float16 else "fp16")],
+              "fp8": [Cast(dtype="fp8-e4m3")], "cluster": [Cluster(bits=4)],
+              "lowrank": [Factorize(rank=8)],
+              "lowrank+cluster": [Factorize(rank=8), Cluster(bits=4)]}[recipe]
+    report = compress(tmp_path / "m.onnx", tmp_path / "o.onnx", Recipe(stages))
+    assert report.rows
+    onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+    x = rng_weights(2, 64, seed=3).astype(model_dtype)
+    if model_dtype == np.float16:  # onnxruntime's CPU MatMul has no bf16 kernel
+        out = ort_run(tmp_path / "o.onnx", {"x": x})[0]
+        assert out.dtype == np.float16 and np.isfinite(out.astype(np.float32)).all()

@@ -171,6 +171,10 @@ def test_weight_with_two_consumers_is_made_by_a_matmul_node(tmp_path: Path) -> N
     x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
     np.testing.assert_allclose(ort_run(tmp_path / "o.onnx", {"x": x})[0], x @ approx @ approx,
                                rtol=1e-4, atol=1e-4)
+    decompress(tmp_path / "o.onnx", tmp_path / "d.onnx")
+    assert _ops(tmp_path / "d.onnx") == _ops(tmp_path / "m.onnx")
+    np.testing.assert_allclose(ort_run(tmp_path / "d.onnx", {"x": x})[0], x @ approx @ approx,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_lowrank_then_quantize_dequantizes_each_factor(tmp_path: Path) -> None:
