@@ -15,6 +15,7 @@ from compress_core.errors import ModelpressError, RecipeError
 from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from compress_core.recipe import Recipe
 
+from . import evaluation
 from .chain import StageChain
 from .stages import stage_commands
 
@@ -66,12 +67,17 @@ def cli() -> None:
       modelpress compress model.onnx -o small.onnx quantize --bits 8
       modelpress compress model.safetensors -o small.safetensors quantize --bits 4 --group-size 32
       modelpress compress model.onnx -o small.onnx prune --sparsity 0.5 quantize --bits 8
+      modelpress compress model.onnx -o small.onnx cast --dtype fp16
+      modelpress compress model.onnx -o small.onnx lowrank --rank-ratio 0.25 quantize --bits 4
+      modelpress compress model.onnx -o small.onnx prune --sparsity 0.5 cluster --bits 4
       modelpress compress model.onnx -o small.onnx --recipe recipe.yaml
       modelpress inspect small.onnx
       modelpress decompress small.safetensors -o dense.safetensors
+      modelpress sweep model.onnx --plot sweep.png
 
     Exit codes: 0 success, 1 a model could not be read, compressed or written,
-    2 usage error (bad option or recipe).
+    2 usage error (bad option or recipe), 3 a --max-error, --max-output-error,
+    --min-accuracy or --min-ratio threshold failed (output and report are still written).
     """
 
 
@@ -90,10 +96,13 @@ def cli() -> None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Leave tensors holding NaN/Inf as they are instead of stopping.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="FILE.json",
-              help="Also write every number of the table to this JSON file.")
+              help="Also write every number, the recipe, threshold outcomes, tool and "
+                   "library versions and input/output sha256 to this JSON file.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]),
               default="table", show_default=True, help="What to print on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@evaluation.input_options
+@evaluation.threshold_options
 def compress(**_: Any) -> None:
     """Compress MODEL into OUT with the stages that follow, applied in order.
 
@@ -103,13 +112,33 @@ def compress(**_: Any) -> None:
     `modelpress compress STAGE --help` for a stage's options.
 
     \b
+    Stages: quantize, cast, prune, lowrank, cluster. An order that cannot
+    work on a tensor (such as cluster then prune) stops with a message that
+    says what works instead (here: prune then cluster).
+
+    \b
     Examples:
       modelpress compress mlp.onnx -o mlp-int8.onnx quantize --bits 8
       modelpress compress mlp.onnx -o out.onnx quantize --bits 4 --group-size 32
       modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.5 quantize --bits 8
       modelpress compress w.safetensors -o w4.safetensors quantize --bits 4 --scheme asym
+      modelpress compress mlp.onnx -o half.onnx cast --dtype fp16
+      modelpress compress w.safetensors -o w8.safetensors cast --dtype fp8-e4m3 --scale channel
+      modelpress compress mlp.onnx -o out.onnx prune --pattern 2:4 quantize --bits 4
+      modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.7 --scope global
+      modelpress compress mlp.onnx -o out.onnx lowrank --rank-ratio 0.25 quantize --bits 8
+      modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.5 cluster --bits 4
       modelpress compress mlp.onnx -o out.onnx --recipe recipe.yaml --report report.json
       modelpress compress mlp.onnx -o out.onnx --print-recipe quantize --bits 4
+      modelpress compress mlp.onnx -o out.onnx --inputs x.npz --labels y.npy quantize --bits 4
+      modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
+
+    \b
+    ONNX models are run before and after in onnxruntime (CPU) on the same inputs:
+    per-output relative error, cosine, max abs error, top-1 agreement, accuracy
+    with --labels, and median latency on this machine. --no-eval skips this.
+    Exit codes: 0 success, 1 failure, 2 usage error, 3 a threshold failed
+    (the output and --report are still written; the failed threshold is named).
 
     \b
     Recipe file (YAML or JSON, same names as the options):
@@ -127,7 +156,10 @@ for _command in stage_commands().values():
 @compress.result_callback()
 def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | None,
                   recipe_file: Path | None, print_recipe: bool, min_elements: int,
-                  allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool) -> None:
+                  allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
+                  **extra: Any) -> None:
+    limits = evaluation.thresholds_from(evaluation.pop(extra, evaluation.THRESHOLD_PARAMS))
+    eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
     recipe = _recipe(stages, recipe_file)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
@@ -140,9 +172,11 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         _check_report_path(report_path, model[0], output)
     from compress_core.api import compress as run
 
+    settings = evaluation.settings_from(eval_values, model[0], limits)
     out, err = _consoles(quiet)
     bar, update = _progress(err, quiet)
     try:
+        baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
             bar.start()
         report = run(model[0], output, recipe,
@@ -152,12 +186,14 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     finally:
         if bar is not None:
             bar.stop()
+    evaluation.finish(report, baseline, limits)
     if report_path is not None:
         from .render import dump_json
         dump_json(report_path, report.as_dict())
     if not quiet or fmt != "table":
         from .render import print_report
         print_report(out, report, fmt)
+    evaluation.raise_on_breach(report)
 
 
 def _check_report_path(report: Path, model: Path, output: Path) -> None:
@@ -224,6 +260,11 @@ def decompress(model: Path, output: Path) -> None:
     click.echo(f"{output}: {result.file_bytes} bytes, {len(result.tensor_bytes)} tensors restored")
     for note in result.notes:
         click.echo(f"note: {note}")
+
+
+from .sweep import sweep as _sweep  # noqa: E402  (registered after the other commands)
+
+cli.add_command(_sweep)
 
 
 def _terminated(signum: int, frame: Any) -> None:

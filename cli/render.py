@@ -82,6 +82,8 @@ def print_report(console: Console, report: Report, fmt: str) -> None:
     console.print(report_table(report))
     for note in report.notes:
         console.print(f"note: {printable(note)}", markup=False, highlight=False)
+    from .render_eval import print_evaluation
+    print_evaluation(console, report)
 
 
 def markdown_report(report: Report) -> str:
@@ -101,6 +103,8 @@ def markdown_report(report: Report) -> str:
                  f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
     lines += [""] + [f"- {printable(note)}" for note in report.notes]
+    from .render_eval import markdown_evaluation
+    lines += markdown_evaluation(report)
     return "\n".join(lines).rstrip() + "\n"
 
 
