@@ -176,19 +176,22 @@ def test_onnx_metadata_naming_missing_parts_is_refused(tmp_path: Path, samples: 
         open_model(_compressed_onnx(tmp_path, samples, edit))
 
 
-@pytest.mark.parametrize("edit", [lambda s: s.update(shape=[1000, 1000]),
-                                  lambda s: s.update(granularity=7),
-                                  lambda s: s.update(bits="four"),
-                                  lambda s: s.update(layout="mystery")])
+BROKEN = "corrupt modelpress encoding"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(shape=[1000, 1000]), BROKEN), (lambda s: s.update(granularity=7), BROKEN),
+    (lambda s: s.update(bits="four"), BROKEN),
+    (lambda s: s.update(layout="mystery"), "unknown modelpress ONNX layout 'mystery'")])
 def test_onnx_metadata_that_does_not_decode_is_one_line(tmp_path: Path, samples: Path,
-                                                        edit) -> None:
+                                                        edit, message: str) -> None:
     path = _compressed_onnx(tmp_path, samples, edit)
     before = sha256(path)
     for args in (["inspect", path], ["decompress", path, "-o", tmp_path / "d.onnx"]):
         result = run_cli(args)
         assert result.exit_code == 1, result.output
         assert isinstance(result.exception, SystemExit)
-        assert "tensor 'fc1.weight': corrupt modelpress encoding" in result.stderr
+        assert f"{path}: tensor 'fc1.weight': {message}" in result.stderr
     assert sha256(path) == before and not (tmp_path / "d.onnx").exists()
 
 
@@ -421,3 +424,41 @@ def test_nonfinite_weights_are_refused_or_left_exactly_as_they_are(tmp_path: Pat
     assert [t["name"] for t in doc["tensors"]] == ["good.weight"]
     assert "bad.weight: left as is (3 NaN/Inf values, --allow-nonfinite)" in doc["notes"]
     assert open_model(out).read("bad.weight").tobytes() == bad.tobytes()
+
+
+# -- found by the corpus once issues 3 and 4 were merged --------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
+def test_a_clustered_scalar_keeps_its_shape(tmp_path: Path, suffix: str) -> None:
+    from compress_core import REGISTRY
+    cluster = REGISTRY["cluster"](include=("s",))
+    if suffix == ".onnx":
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+                 helper.make_node("Mul", ["h", "s"], ["y"])]
+        src = save_onnx(tmp_path / "m.onnx", onnx_model(
+            [numpy_helper.from_array(weights(64, 64), "w1"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "s")], nodes))
+    else:
+        src = write_safetensors(tmp_path / "m.safetensors", {"s": np.array(2.0, np.float32)})
+    out = tmp_path / f"o{suffix}"
+    compress(src, out, Recipe([cluster]), Options(min_elements=1))
+    assert open_model(out).decode("s").decode().shape == ()
+    decompress(out, tmp_path / f"d{suffix}")
+    assert open_model(tmp_path / f"d{suffix}").read("s").shape == ()
+
+
+def test_a_model_random_inputs_cannot_feed_still_compresses(tmp_path: Path) -> None:
+    """A bf16 ONNX input: output error is not measured (a note), compress succeeds."""
+    import ml_dtypes
+    src = save_onnx(tmp_path / "m.onnx", good_onnx(ml_dtypes.bfloat16))
+    result = run_cli(["compress", src, "-o", tmp_path / "o.onnx", "quantize", "--bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert "output error not measured: input 'x' has dtype bfloat16" in result.stdout
+
+
+@pytest.mark.filterwarnings("error")
+def test_error_metrics_of_non_finite_values_warn_nothing() -> None:
+    from compress_core import compare
+    stats = compare(np.array([1.0, np.inf]), np.array([1.0, np.inf]))
+    assert stats.as_dict()["rel_error"] is None
