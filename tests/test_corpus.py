@@ -29,8 +29,10 @@ RECIPES: dict[str, list[str]] = {
     "int4": ["quantize", "--bits", "4", "--group-size", "16"],
     "prune": ["prune", "--sparsity", "0.5"],
 }
-if "cluster" in REGISTRY:  # the clustering stage (issue 3), with its default options
-    RECIPES["cluster"] = ["cluster"]
+# Issue 3's stages (default options; lowrank needs a target rank).
+for _stage, _args in (("cluster", []), ("cast", []), ("lowrank", ["--rank-ratio", "0.25"])):
+    if _stage in REGISTRY:
+        RECIPES[_stage] = [_stage, *_args]
 
 
 @pytest.fixture(scope="module")

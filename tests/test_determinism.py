@@ -24,8 +24,9 @@ RECIPES = {
     "int4-prune": ["quantize", "--bits", "4", "prune", "--sparsity", "0.3"],
     "prune": ["prune", "--sparsity", "0.6"],
 }
-if "cluster" in REGISTRY:
-    RECIPES["cluster"] = ["cluster"]
+for _stage, _args in (("cluster", []), ("cast", []), ("lowrank", ["--rank-ratio", "0.25"])):
+    if _stage in REGISTRY:  # issue 3's stages
+        RECIPES[_stage] = [_stage, *_args]
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))

@@ -41,8 +41,9 @@ def recipes() -> list[Recipe]:
     chosen = [Recipe([Quantize(bits=8)]), Recipe([Quantize(bits=4, group_size=16)]),
               Recipe([Prune(sparsity=0.5), Quantize(bits=8)]),
               Recipe([Quantize(bits=3, scheme="asym", group_size=8)]), Recipe([Prune(sparsity=0.7)])]
-    if "cluster" in REGISTRY:
-        chosen.append(Recipe([REGISTRY["cluster"]()]))
+    for stage, options in (("cluster", {}), ("cast", {}), ("lowrank", {"rank_ratio": 0.25})):
+        if stage in REGISTRY:  # issue 3's stages
+            chosen.append(Recipe([REGISTRY[stage](**options)]))
     return chosen
 
 
