@@ -168,8 +168,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         raise click.UsageError("give one MODEL file")
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
-    if report_path is not None:
-        _check_report_path(report_path, model[0], output)
+    check_extra_outputs([("--report", report_path)],
+                        [(model[0], "the input model"), (output, "the output model")])
     from compress_core.api import compress as run
 
     settings = evaluation.settings_from(eval_values, model[0], limits)
@@ -196,12 +196,14 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     evaluation.raise_on_breach(report)
 
 
-def _check_report_path(report: Path, model: Path, output: Path) -> None:
-    """Refuse a --report path that would overwrite the input model or the output."""
+def check_extra_outputs(paths: list[tuple[str, Path | None]],
+                        protected: list[tuple[Path, str]]) -> None:
+    """Refuse a --report (or --plot) path that would overwrite the input model or the output."""
     from formats import same_file
-    for other, what in ((model, "the input model"), (output, "the output model")):
-        if same_file(report, other):
-            raise click.UsageError(f"--report {report} is {what}; give another file name")
+    for option, path in paths:
+        for other, what in protected:
+            if path is not None and same_file(path, other):
+                raise click.UsageError(f"{option} {path} is {what}; give another file name")
 
 
 def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:

@@ -236,3 +236,15 @@ def test_an_output_that_is_a_loop_of_symbolic_links_is_replaced(tmp_path: Path,
                       tmp_path / "r.json"])
     assert result.exit_code == 0, repr(result.exception)
     assert not out.is_symlink() and open_model(out).encodings
+
+
+@pytest.mark.parametrize("option", ["--report", "--plot"])
+def test_sweep_report_and_plot_may_not_be_the_input(tmp_path: Path, samples: Path,
+                                                    option: str) -> None:
+    src = tmp_path / "m.onnx"
+    src.write_bytes((samples / "mlp.onnx").read_bytes())
+    before = sha256(src)
+    result = run_cli(["sweep", src, option, src])
+    assert result.exit_code == 2
+    assert f"{option} {src} is the input model" in result.stderr
+    assert sha256(src) == before
