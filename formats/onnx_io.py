@@ -108,6 +108,7 @@ class OnnxStore:
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         _load_external(self.path, model)
+        _check_source(self.path, model)
         notes: list[str] = []
         need = max((required_opset(e, self._tensors[n].dtype) for n, e in encoded.items()),
                    default=1)
@@ -300,6 +301,20 @@ def save_checked(model: onnx.ModelProto, dst: Path, source: Path | None = None) 
     return size
 
 
+def _check_source(path: Path, model: onnx.ModelProto) -> None:
+    """Refuse an input that fails onnx.checker's structural check before any work on it.
+
+    Writing it would fail the output check anyway, unless a rewrite happened to
+    drop the invalid node: then modelpress would make an output that cannot be
+    decompressed back into a valid model.
+    """
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelReadError(f"{path}: the model fails onnx.checker ({_one_line(exc)}); "
+                             "modelpress writes only valid models, so fix the input first") from None
+
+
 def _refuse_invalid_source(path: Path) -> None:
     """Raise ModelReadError if the input model itself fails onnx.checker (full check)."""
     try:
@@ -366,6 +381,7 @@ def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
     model = onnx.ModelProto()
     model.CopyFrom(store.model)
     _load_external(store.path, model)
+    _check_source(store.path, model)
     restored: dict[str, int] = {}
     for name, spec in store.encodings.items():
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))

@@ -72,6 +72,13 @@ def _(d):
     return {"path": save_onnx(d / "model.onnx", model), "write_error": "w1"}
 
 
+@entry("onnx-invalid-attribute")
+def _(d):
+    model = good_onnx()
+    model.graph.node[1].attribute.append(helper.make_attribute("axis", 1))  # MatMul has none
+    return {"path": save_onnx(d / "model.onnx", model), "write_error": "Unrecognized attribute"}
+
+
 @entry("onnx-name-not-utf8")
 def _(d):
     raw = good_onnx().SerializeToString().replace(b"w1", b"\xf71")

@@ -462,3 +462,44 @@ def test_error_metrics_of_non_finite_values_warn_nothing() -> None:
     from compress_core import compare
     stats = compare(np.array([1.0, np.inf]), np.array([1.0, np.inf]))
     assert stats.as_dict()["rel_error"] is None
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("dtype, pattern", [(np.float64, 0x7FF4000000000000),
+                                            (np.float32, 0x7FA00000)])
+def test_signalling_nans_are_refused_quietly(tmp_path: Path, dtype, pattern: int) -> None:
+    w = weights(64, 64).astype(dtype)
+    w.reshape(-1)[:5] = np.array([pattern] * 5, dtype=w.dtype.str.replace("f", "u")).view(dtype)
+    src = write_safetensors(tmp_path / "m.safetensors", {"w.weight": w})
+    assert run_cli(["inspect", src]).exit_code == 0
+    result = run_cli(["compress", src, "-o", tmp_path / "o.safetensors", "quantize"])
+    assert result.exit_code == 1 and "tensor 'w.weight' has 5 NaN/Inf values" in result.stderr
+
+
+@pytest.mark.filterwarnings("error")
+def test_float64_beyond_float32_range_is_refused_not_called_infinite(tmp_path: Path) -> None:
+    w = weights(64, 64).astype(np.float64)
+    w[0, 0] = -1e300
+    src = write_safetensors(tmp_path / "m.safetensors", {"w.weight": w})
+    result = run_cli(["compress", src, "-o", tmp_path / "o.safetensors", "quantize"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr.strip() == (
+        f"Error: {src}: tensor 'w.weight' holds values beyond float32's range (up to 1e+300); "
+        "stages compute in float32, so exclude it (--exclude 'w.weight')")
+
+
+@pytest.mark.parametrize("stages", [["lowrank", "--rank-ratio", "0.25"], ["quantize"]])
+def test_an_invalid_input_is_refused_even_when_a_rewrite_would_drop_the_bad_node(
+        tmp_path: Path, stages: list[str]) -> None:
+    """Found by the fuzzer: a Gemm with an unknown attribute compressed fine through lowrank
+    (which replaces the Gemm) into an output that could not be decompressed."""
+    model = onnx_model([numpy_helper.from_array(weights(64, 64), "w1"),
+                        numpy_helper.from_array(weights(64, 64, seed=2), "w2")],
+                       [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+                        helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1, axis=1)])
+    src = save_onnx(tmp_path / "m.onnx", model)
+    result = run_cli(["compress", src, "-o", tmp_path / "o.onnx", "--min-elements", "1", *stages])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"Error: {src}: the model fails onnx.checker (Unrecognized "
+                                    "attribute: axis for operator Gemm")
+    assert not (tmp_path / "o.onnx").exists()
