@@ -152,9 +152,10 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int:
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
     if is_external(tensor):
+        # From the header: numpy_helper.to_array would read the data, resolving its
+        # location against the current folder rather than the model's.
         info = {entry.key: entry.value for entry in tensor.external_data}
-        if "length" in info:
-            return int(info["length"])
+        return int(info["length"]) if "length" in info else data_nbytes(tensor) or 0
     return numpy_helper.to_array(tensor).nbytes
 
 

@@ -259,6 +259,10 @@ def test_external_modelpress_parts_are_read_through_the_location_checks(
     got = open_model(path).decode("fc1.weight").decode()
     assert np.array_equal(got, open_model(reference).decode("fc1.weight").decode())
     decompress(path, tmp_path / "d.onnx")
+    from compress_core import inspect  # counts stored bytes from the header, reads nothing
+    rows = {r.name: r for r in inspect(path).rows}
+    assert rows["fc1.weight"].stored_bytes == {r.name: r for r in inspect(reference).rows}[
+        "fc1.weight"].stored_bytes
 
 
 def test_external_modelpress_part_outside_the_model_folder_is_refused(
