@@ -14,6 +14,7 @@ from compress_core.errors import ModelpressError, RecipeError
 from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from compress_core.recipe import Recipe
 
+from .batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
 from .chain import StageChain
 from .stages import stage_commands
 
@@ -69,8 +70,9 @@ def cli() -> None:
       modelpress inspect small.onnx
       modelpress decompress small.safetensors -o dense.safetensors
 
-    Exit codes: 0 success, 1 a model could not be read, compressed or written,
-    2 usage error (bad option or recipe).
+    Exit codes: 0 success, 1 a model could not be read, compressed or written
+    (in batch mode: any model failed, the others are still written), 2 usage
+    error (bad option or recipe).
     """
 
 
@@ -78,7 +80,9 @@ def cli() -> None:
            subcommand_metavar="STAGE [STAGE OPTIONS]... [STAGE ...]", context_settings=CONTEXT)
 @click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
-              help="Output file, in the input's format (.onnx or .safetensors).")
+              help="Output file, in the input's format (.onnx, .safetensors, or "
+                   "*.safetensors.index.json for a sharded checkpoint); in batch mode the "
+                   "output folder.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), metavar="FILE",
               help="Read the stages from a YAML or JSON recipe instead of the command line.")
 @click.option("--print-recipe", is_flag=True,
@@ -93,6 +97,22 @@ def cli() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]),
               default="table", show_default=True, help="What to print on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@click.option("--max-shard-size", type=str, callback=size_option, metavar="SIZE",
+              help="Sharded safetensors: cut output shards of at most SIZE (5GB, 500MB, 2GiB) "
+                   "instead of keeping the input's shards.")
+@click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
+              help="Batch: models compressed in parallel processes [default: CPU count, "
+                   "bounded by available memory].")
+@click.option("--skip-existing", is_flag=True,
+              help="Batch: skip models whose output exists and was made by the same recipe "
+                   "from the same input (recorded in the output).")
+@click.option("--fail-fast", is_flag=True,
+              help="Batch: stop at the first failure (pending models are not started).")
+@click.option("--shard", type=str, callback=shard_option, metavar="K/N",
+              help="Batch: process only the K-th of N slices of the models (for N parallel "
+                   "CI jobs).")
+@click.option("--dry-run", is_flag=True,
+              help="Batch: list what would be done, with estimated sizes; write nothing.")
 def compress(**_: Any) -> None:
     """Compress MODEL into OUT with the stages that follow, applied in order.
 
@@ -111,6 +131,14 @@ def compress(**_: Any) -> None:
       modelpress compress mlp.onnx -o out.onnx --print-recipe quantize --bits 4
 
     \b
+    Batch (a folder, several MODELs, or an existing folder as OUT): every
+    .onnx, .safetensors and sharded checkpoint (*.safetensors.index.json) is
+    compressed into the same place under OUT; other files are copied.
+      modelpress compress models/ -o out/ --jobs 4 quantize --bits 4
+      modelpress compress models/ -o out/ --skip-existing --shard 2/4 quantize
+      modelpress compress a.onnx b.onnx -o out/ --dry-run quantize --bits 4
+
+    \b
     Recipe file (YAML or JSON, same names as the options):
       version: 1
       stages:
@@ -126,15 +154,26 @@ for _command in stage_commands().values():
 @compress.result_callback()
 def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | None,
                   recipe_file: Path | None, print_recipe: bool, min_elements: int,
-                  allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool) -> None:
+                  allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
+                  max_shard_size: int | None, **batch_flags: Any) -> None:
     recipe = _recipe(stages, recipe_file)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
         return
-    if len(model) != 1:
-        raise click.UsageError("give one MODEL file")
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
+    if is_batch(model, output):
+        options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
+                          max_shard_size=max_shard_size)
+        failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
+                                    fmt, quiet)
+        if failure:
+            raise Failure(failure)
+        return
+    given = [f"--{k.replace('_', '-')}" for k in BATCH_ONLY if batch_flags.get(k)]
+    if given:
+        raise click.UsageError(f"{given[0]} applies to batch mode: give a folder or several "
+                               "MODELs with -o OUTDIR")
     from compress_core.api import compress as run
 
     out, err = _consoles(quiet)
@@ -143,7 +182,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         if bar is not None:
             bar.start()
         report = run(model[0], output, recipe,
-                     Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite), update)
+                     Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
+                             max_shard_size=max_shard_size), update)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:

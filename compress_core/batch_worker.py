@@ -1,0 +1,156 @@
+"""One model of a batch, as a worker process (or the main process with one job) runs it.
+
+Everything here is plain data in and out, so it crosses process boundaries:
+a `Task` names the files, a `JobSpec` carries the recipe and what to do, and
+the result is a `ModelResult`. Progress goes to an event sink (a
+multiprocessing queue in a worker); a shared cancel flag stops a model at its
+next tensor, and the atomic writers then remove their temporary files.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .batch_report import FAILED, OK, SKIPPED, ModelResult
+from .errors import ModelpressError
+from .pipeline import Options
+from .recipe import Recipe
+
+Emit = Callable[[tuple[Any, ...]], None]
+CANCELLED = "not finished: the run was stopped (--fail-fast after a failure, or interrupted)"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One model to compress: input files and output paths (absolute)."""
+
+    rel: str
+    kind: str
+    src: Path
+    dst: Path
+    outdir: Path
+    parts: tuple[Path, ...] = ()
+    config_src: Path | None = None
+    config_dst: Path | None = None
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every task of a run does: the recipe, options and run flags."""
+
+    recipe: Recipe
+    options: Options
+    recipe_sha256: str
+    skip_existing: bool = False
+
+
+class Cancelled(Exception):
+    """The run was stopped while this model was in progress."""
+
+
+@dataclass
+class _State:
+    emit: Emit | None = None
+    cancel: Any = None              # threading.Event or multiprocessing Event
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_STATE = _State()
+
+
+def init_worker(queue: Any, cancel: Any) -> None:
+    """Set up a worker process: its event queue, cancel flag, and exit with its parent.
+
+    Workers ignore Ctrl-C (the parent turns it into a cancel) and end as soon
+    as the parent process is gone, even if it was killed (SIGKILL), so no
+    orphan keeps writing.
+    """
+    import multiprocessing
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _STATE.emit = queue.put
+    _STATE.cancel = cancel
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    from multiprocessing.connection import wait
+    wait([sentinel])
+    os._exit(1)
+
+
+def use_in_process(emit: Emit | None, cancel: Any) -> None:
+    """Run tasks in this process (one job), sending events to `emit`."""
+    _STATE.emit = emit
+    _STATE.cancel = cancel
+
+
+def _send(event: tuple[Any, ...]) -> None:
+    if _STATE.emit is not None:
+        _STATE.emit(event)
+
+
+def _check_cancel() -> None:
+    if _STATE.cancel is not None and _STATE.cancel.is_set():
+        raise Cancelled()
+
+
+def run_task(task: Task, job: JobSpec) -> ModelResult:
+    """Compress one model (or skip it if up to date); never raises for a bad model."""
+    _send(("start", task.rel, task.nbytes))
+    row = ModelResult(path=task.rel, output=str(task.dst), kind=task.kind, status=FAILED,
+                      bytes_before=task.nbytes)
+    try:
+        _check_cancel()
+        _compress(task, job, row)
+    except Cancelled:
+        row.status, row.reason = SKIPPED, CANCELLED
+    except ModelpressError as exc:
+        row.status, row.reason = FAILED, str(exc)
+    except MemoryError:
+        row.status, row.reason = FAILED, "out of memory; run with fewer --jobs"
+    except Exception as exc:  # a bug must not stop the other models
+        row.status, row.reason = FAILED, f"internal error: {type(exc).__name__}: {exc}"
+    _send(("done", task.rel, row.status))
+    return row
+
+
+def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
+    from formats.ct_config import write_config
+    from formats.outputs import (SOURCE_KEY, check_inside, input_key, output_bytes,
+                                 source_value, up_to_date)
+
+    from .api import compress
+
+    extra = list(task.parts) + ([task.config_src] if task.config_src else [])
+    key = input_key(task.src, extra)
+    if job.skip_existing and up_to_date(task.dst, job.recipe_sha256, key, task.config_src,
+                                        task.config_dst):
+        row.status, row.reason = SKIPPED, "up to date (same recipe and input)"
+        row.bytes_after = output_bytes(task.dst)
+        return
+    check_inside(task.dst, task.outdir)
+    task.dst.parent.mkdir(parents=True, exist_ok=True)
+
+    def progress(done: int, total: int, what: str) -> None:
+        _check_cancel()
+        _send(("progress", task.rel, done, total, what))
+
+    report = compress(task.src, task.dst, job.recipe, job.options, progress,
+                      metadata={SOURCE_KEY: source_value(job.recipe_sha256, key)})
+    if task.config_src is not None and task.config_dst is not None:
+        check_inside(task.config_dst, task.outdir)
+        write_config(task.config_src, task.config_dst, task.dst)
+    row.status = OK
+    row.bytes_after = output_bytes(task.dst)
+    row.tensors_changed = len(report.rows)
+    errors = [r.error.rel_l2 for r in report.rows]
+    row.worst_error = max(errors) if errors else None
+    row.report = report.as_dict()
