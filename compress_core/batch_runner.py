@@ -1,9 +1,11 @@
 """Running a batch plan: models in worker processes (or in this one), copies in this one.
 
-Worker processes are started with the "spawn" method: a fresh interpreter
-per worker is safe with libraries that hold threads or locks (onnxruntime,
-BLAS), unlike fork. Largest models are submitted first so the slowest model
-does not start last. Events from workers arrive through a queue and are passed
+Worker processes come from a "forkserver" (where the platform has one, else
+"spawn"): a fresh, single-threaded server process imports modelpress once and
+forks each worker from it, which is safe with libraries that hold threads or
+locks (onnxruntime, BLAS), unlike forking this process, and starts workers
+without importing everything again. Largest models are submitted first so the
+slowest model does not start last. Events from workers arrive through a queue and are passed
 on from this process only.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import queue as queue_module
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections import deque
+from concurrent.futures import (FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor,
+                                wait)
 from typing import Any, Callable
 
 from .batch_report import FAILED, OK, SKIPPED, CopyResult, ModelResult
@@ -53,55 +57,93 @@ def _sequential(plan: Any, tasks: list[Task], job: JobSpec, batch: Any,
 
 def _parallel(plan: Any, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
               emit: Emit) -> tuple[list[ModelResult], list[CopyResult]]:
-    import multiprocessing
-    context = multiprocessing.get_context("spawn")
+    """`jobs` models at a time: one in this process (a thread), the rest in worker processes.
+
+    This process is already warm (modelpress imported), so it starts on the
+    largest model at once while the workers start; each worker holds one model
+    at a time and takes the next one when free, so the load stays balanced.
+    """
+    context = _context()
     events = context.Queue()
     cancel = context.Event()
+    local_events: queue_module.Queue = queue_module.Queue()
+    waiting = deque(tasks)
+    running: dict[Future, tuple[Task, bool]] = {}   # future -> (task, runs in this process)
     models: list[ModelResult] = []
 
     def drain() -> None:
-        while True:
-            try:
-                emit(events.get_nowait())
-            except queue_module.Empty:
-                return
-
-    def collect(done: set[Future], futures: dict[Future, Task]) -> None:
-        for future in done:
-            task = futures[future]
-            if future.cancelled():
-                row = _not_run(task)
-            else:
+        for source in (local_events, events):
+            while True:
                 try:
-                    row = future.result()
-                except Exception as exc:  # the worker process died (killed, out of memory)
-                    row = ModelResult(task.rel, str(task.dst), task.kind, FAILED,
-                                      f"worker process ended unexpectedly ({type(exc).__name__}"
-                                      "); out of memory? run with fewer --jobs", task.nbytes)
-            models.append(row)
-            emit(("model", row))
-            if row.status == FAILED and batch.fail_fast and not cancel.is_set():
-                cancel.set()
-                for other in futures:
-                    other.cancel()
+                    emit(source.get_nowait())
+                except queue_module.Empty:
+                    break
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=init_worker,
-                             initargs=(events, cancel)) as pool:
-        futures = {pool.submit(run_task, task, job): task for task in tasks}
-        pending = set(futures)
+    def finish(future: Future, task: Task) -> None:
         try:
-            copies = _copy_all(plan.copies, batch, cancel, emit, between=drain)
-            while pending:
-                done, pending = wait(pending, timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
-                drain()
-                collect(done, futures)
-        except BaseException:
-            cancel.set()  # Ctrl-C: workers stop at their next tensor and clean up
-            for future in futures:
-                future.cancel()
-            raise
+            row = future.result()
+        except Exception as exc:  # the worker process died (killed, out of memory)
+            row = ModelResult(task.rel, str(task.dst), task.kind, FAILED,
+                              f"worker process ended unexpectedly ({type(exc).__name__}); "
+                              "out of memory? run with fewer --jobs", task.nbytes)
+        models.append(row)
+        emit(("model", row))
+        if row.status == FAILED and batch.fail_fast:
+            cancel.set()
+
+    def refill(pool: ProcessPoolExecutor, local: ThreadPoolExecutor) -> None:
+        if cancel.is_set():
+            return
+        if waiting and not any(here for _, here in running.values()):
+            task = waiting.popleft()
+            running[local.submit(run_task, task, job)] = (task, True)
+        while waiting and sum(not here for _, here in running.values()) < jobs - 1:
+            task = waiting.popleft()
+            running[pool.submit(run_task, task, job)] = (task, False)
+
+    def step(pool: ProcessPoolExecutor, local: ThreadPoolExecutor, timeout: float) -> None:
+        done = wait(list(running), timeout=timeout, return_when=FIRST_COMPLETED)[0] \
+            if running else set()
         drain()
+        for future in done:
+            finish(future, running.pop(future)[0])
+        refill(pool, local)
+
+    use_in_process(local_events.put, cancel)
+    try:
+        with ProcessPoolExecutor(max_workers=jobs - 1, mp_context=context,
+                                 initializer=init_worker, initargs=(events, cancel)) as pool, \
+                ThreadPoolExecutor(max_workers=1) as local:
+            try:
+                refill(pool, local)
+                copies = _copy_all(plan.copies, batch, cancel, emit,
+                                   between=lambda: step(pool, local, 0))
+                while running:
+                    step(pool, local, _POLL_SECONDS)
+            except BaseException:
+                cancel.set()  # Ctrl-C: running models stop at their next tensor and clean up
+                raise
+    finally:
+        use_in_process(None, None)
+    drain()
+    for task in waiting:  # never started: --fail-fast stopped the run
+        row = _not_run(task)
+        models.append(row)
+        emit(("model", row))
     return models, copies
+
+
+_PRELOAD = ["compress_core.batch_worker", "compress_core.api", "formats", "formats.outputs",
+            "formats.ct_config"]
+
+
+def _context() -> Any:
+    import multiprocessing
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def _not_run(task: Task) -> ModelResult:
