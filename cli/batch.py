@@ -161,6 +161,13 @@ class BatchProgress:
         return f"models (files copied {self.copied}/{self.copies})"
 
 
+def _shown(path: str) -> str:
+    """A path as the user would write it: relative to the working folder when inside it."""
+    import os
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def _short(text: str, width: int = 40) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
@@ -183,13 +190,13 @@ def batch_table(report: BatchReport) -> Table:
     from rich.table import Table
 
     from .render import human_bytes
-    title = f"{report.base} -> {report.outdir}" + (f" (shard {report.shard})" if report.shard
-                                                    else "")
+    title = f"{_shown(report.base)} -> {_shown(report.outdir)}" + (
+        f" (shard {report.shard})" if report.shard else "")
     table = Table(title=title, title_justify="left")
     for header, justify in (("model", "left"), ("status", "left"), ("before", "right"),
                             ("after", "right"), ("ratio", "right"), ("worst rel. error", "right"),
                             ("note", "left")):
-        table.add_column(header, justify=justify, no_wrap=header not in ("model", "note"))
+        table.add_column(header, justify=justify, no_wrap=header != "note")
     for row in report.models:
         table.add_row(row.path, row.status, human_bytes(row.bytes_before), _after(row.bytes_after),
                       _ratio(row.ratio), _error(row.worst_error), _note(row.reason))
@@ -198,8 +205,8 @@ def batch_table(report: BatchReport) -> Table:
     table.add_section()
     before, after = report.bytes_before, report.bytes_after
     table.add_row(_totals_text(report), "", human_bytes(before), human_bytes(after),
-                  _ratio(after / before if before else None), _error(report.worst_error), "",
-                  style="bold")
+                  _ratio(after / before if before else None), _error(report.worst_error),
+                  _counts_text(report), style="bold")
     return table
 
 
@@ -209,14 +216,19 @@ def _note(reason: str) -> str:
 
 def _totals_text(report: BatchReport) -> str:
     copied = sum(1 for c in report.copies if c.status == "ok")
-    return (f"total: {len(report.models)} models ({report.count('ok')} ok, "
-            f"{report.count('failed')} failed, {report.count('skipped')} skipped), "
-            f"{copied} files copied")
+    same = sum(1 for c in report.copies if c.status == "skipped")
+    text = f"total: {len(report.models)} models, {copied} files copied"
+    return text + (f" ({same} already there)" if same else "")
+
+
+def _counts_text(report: BatchReport) -> str:
+    return (f"{report.count('ok')} ok, {report.count('failed')} failed, "
+            f"{report.count('skipped')} skipped")
 
 
 def markdown_batch(report: BatchReport) -> str:
     """The summary as a GitHub-flavoured Markdown table (fits a CI job summary)."""
-    lines = [f"**modelpress** `{report.base}` -> `{report.outdir}`"
+    lines = [f"**modelpress** `{_shown(report.base)}` -> `{_shown(report.outdir)}`"
              + (f" (shard {report.shard})" if report.shard else ""), "",
              "| model | status | before | after | ratio | worst rel. error | note |",
              "|---|---|---:|---:|---:|---:|---|"]
@@ -231,7 +243,7 @@ def markdown_batch(report: BatchReport) -> str:
     before, after = report.bytes_before, report.bytes_after
     lines.append(f"| **{_totals_text(report)}** | | {before} | {after} | "
                  f"{_ratio(after / before if before else None)} | "
-                 f"{_error(report.worst_error)} | |")
+                 f"{_error(report.worst_error)} | {_counts_text(report)} |")
     lines += [""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -241,7 +253,7 @@ def dry_run_table(plan: Any, rows: list[DryRow]) -> Table:
     from rich.table import Table
 
     from .render import human_bytes
-    table = Table(title=f"dry run: {plan.base} -> {plan.outdir}"
+    table = Table(title=f"dry run: {_shown(str(plan.base))} -> {_shown(str(plan.outdir))}"
                   + (f" (shard {plan.shard})" if plan.shard else "") + "; nothing written",
                   title_justify="left",
                   caption="est. = estimate: the recipe's bits per element (codes, kept values "

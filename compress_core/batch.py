@@ -239,7 +239,8 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
             rows.append(DryRow(task.rel, task.kind, "compress", guess.bytes_before,
                                guess.bytes_after, note))
         except ModelpressError as exc:
-            rows.append(DryRow(task.rel, task.kind, "fail", task.nbytes, None, str(exc)))
+            rows.append(DryRow(task.rel, task.kind, "fail", task.nbytes, None,
+                               str(exc).removeprefix(f"{task.src}: ")))
     for copy in plan.copies:
         size = copy.src.stat().st_size
         same = skip_existing and same_file_content(copy.src, copy.dst)

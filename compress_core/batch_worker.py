@@ -113,7 +113,9 @@ def run_task(task: Task, job: JobSpec) -> ModelResult:
     except Cancelled:
         row.status, row.reason = SKIPPED, CANCELLED
     except ModelpressError as exc:
-        row.status, row.reason = FAILED, str(exc)
+        # The row names the model already; keep the message's file name only if it is another.
+        reason = str(exc)
+        row.status, row.reason = FAILED, reason.removeprefix(f"{task.src}: ")
     except MemoryError:
         row.status, row.reason = FAILED, "out of memory; run with fewer --jobs"
     except Exception as exc:  # a bug must not stop the other models

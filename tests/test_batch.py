@@ -269,3 +269,46 @@ def test_batch_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_default_jobs_follow_cpus_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from compress_core import batch
+    from compress_core.batch_worker import Task
+
+    def tasks(kind: str, nbytes: int, count: int = 10) -> list[Task]:
+        return [Task(f"m{i}", kind, Path("in"), Path("out"), Path("."), nbytes=nbytes)
+                for i in range(count)]
+    monkeypatch.setattr(batch, "cpu_count", lambda: 8)
+    monkeypatch.setattr(batch, "available_memory", lambda: 4 * 2**30)
+    # ONNX: 256 MiB + 10 x 200 MB = 2.27 GB per job -> one job fits in 4 GiB.
+    assert batch.default_jobs(tasks("onnx", 200_000_000)) == 1
+    # safetensors: 256 MiB + 2 x 200 MB = 0.67 GB per job -> six jobs fit.
+    assert batch.default_jobs(tasks("safetensors", 200_000_000)) == 6
+    assert batch.default_jobs(tasks("safetensors", 1000, count=3)) == 3   # one job per model
+    monkeypatch.setattr(batch, "available_memory", lambda: None)
+    assert batch.default_jobs(tasks("onnx", 10**12)) == 8                 # no memory figure
+    monkeypatch.setattr(batch, "available_memory", lambda: 0)
+    assert batch.default_jobs(tasks("onnx", 10**9)) == 1                  # never below one
+
+
+def test_progress_display_tracks_running_jobs() -> None:
+    import io
+
+    from rich.console import Console
+
+    from cli.batch import BatchProgress
+    display = BatchProgress(Console(file=io.StringIO(), force_terminal=True, width=100))
+    display(("plan", 2, 3))
+    display(("start", "a.onnx", 10))
+    display(("start", "b/c.safetensors", 10))
+    display(("progress", "a.onnx", 1, 4, "fc1.weight"))
+    assert set(display.running) == {"a.onnx", "b/c.safetensors"}
+    job = display.bar.tasks[1]
+    assert (job.completed, job.total) == (1, 4) and "fc1.weight" in job.description
+    display(("done", "a.onnx", "ok"))
+    display(("model", None))
+    display(("copy", None))
+    assert set(display.running) == {"b/c.safetensors"}
+    overall = display.bar.tasks[0]
+    assert (overall.completed, overall.total) == (1, 2)
+    assert overall.description == "models (files copied 1/3)"
