@@ -70,6 +70,9 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
         return str(exc)
     if flags["dry_run"]:
         rows = dry_run(plan, recipe, options, flags["skip_existing"])
+        if report_path is not None:
+            dump_json(report_path, {"dry_run": True, "recipe": recipe.get_config(),
+                                    "rows": [r.__dict__ for r in rows]})
         if fmt == "json":
             out.print_json(json.dumps([r.__dict__ for r in rows]))
         else:

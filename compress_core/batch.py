@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .batch_report import FAILED, OK, SKIPPED, BatchReport, CopyResult, ModelResult, Refusal
 from .batch_worker import CANCELLED, JobSpec, Task
-from .errors import ModelpressError, ModelWriteError
+from .errors import ModelpressError, ModelReadError, ModelWriteError
 from .pipeline import Options
 from .recipe import Recipe
 
@@ -110,6 +110,8 @@ def plan_batch(inputs: list[Path], outdir: Path,
                     parts=model.parts, config_src=model.config, config_dst=config_dst,
                     nbytes=model.nbytes)
         try:
+            if model.problem:
+                raise ModelReadError(model.problem)
             for path in [dst] + ([config_dst] if config_dst else []):
                 check_inside(path, outdir)
                 if os.path.realpath(path) in inputs_real:
@@ -173,13 +175,22 @@ def default_jobs(tasks: list[Task]) -> int:
 
     Memory per job is `memory_need` of the largest model (any job may get it).
     """
+    return jobs_explained(tasks)[0]
+
+
+def jobs_explained(tasks: list[Task]) -> tuple[int, str]:
+    """The default number of jobs and the figures it came from."""
     if not tasks:
-        return 1
-    jobs = min(cpu_count(), len(tasks))
+        return 1, "no models"
+    cpus = cpu_count()
+    jobs = min(cpus, len(tasks))
+    why = f"{cpus} CPUs, {len(tasks)} models"
     free = available_memory()
     if free is not None:
-        jobs = min(jobs, free // max(memory_need(t) for t in tasks))
-    return max(1, jobs)
+        need = max(memory_need(t) for t in tasks)
+        jobs = min(jobs, free // need)
+        why += f", {free / 1e9:.1f} GB available / {need / 1e9:.2f} GB per job"
+    return max(1, jobs), why
 
 
 def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
@@ -187,10 +198,12 @@ def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
               on_event: OnEvent | None = None) -> BatchReport:
     """Compress every model of the plan and copy its other files; never raises for a model."""
     from .batch_runner import run_copies_and_models
-    jobs = batch.jobs or default_jobs(plan.tasks)
+    jobs, why = (batch.jobs, "") if batch.jobs else jobs_explained(plan.tasks)
     job = JobSpec(recipe, options, recipe_sha256(recipe, options), batch.skip_existing)
     report = BatchReport(base=str(plan.base), outdir=str(plan.outdir), recipe=recipe.get_config(),
                          jobs=jobs, shard=plan.shard, refused=list(plan.refused))
+    if why:
+        report.notes.append(f"{jobs} parallel jobs by default ({why}); set with --jobs")
     if plan.shard:
         report.notes.append(f"shard {plan.shard}: {len(plan.tasks) + len(plan.blocked)} of "
                             f"{plan.models_in_tree} models")
@@ -251,5 +264,5 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
 
 
 __all__ = ["BatchOptions", "BatchPlan", "CANCELLED", "DryRow", "OK", "SKIPPED", "available_memory",
-           "default_jobs", "dry_run", "memory_need", "parse_shard", "plan_batch",
+           "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard", "plan_batch",
            "recipe_sha256", "run_batch", "shard_slice"]

@@ -15,7 +15,7 @@ the input tree.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from compress_core.errors import ModelReadError
@@ -34,6 +34,7 @@ class ModelEntry:
     src: Path
     parts: tuple[Path, ...] = ()   # external-data files or shards
     config: Path | None = None     # the config.json this model owns
+    problem: str = ""              # why it must not be processed (a part is a link)
 
     @property
     def files(self) -> list[Path]:
@@ -90,6 +91,7 @@ def discover(inputs: list[Path], exclude: Path | None = None) -> Discovery:
     base = base_of(inputs)
     found = Discovery(base)
     files: dict[PurePosixPath, Path] = {}
+    explicit: set[PurePosixPath] = set()
     skip = os.path.realpath(exclude) if exclude is not None else None
     for given in inputs:
         path = Path(os.path.abspath(given))
@@ -102,7 +104,8 @@ def discover(inputs: list[Path], exclude: Path | None = None) -> Discovery:
             found.refused.append(Refused(rel, "hidden file; name it without a leading '.'"))
         else:
             files[rel] = path
-    _classify(files, found)
+            explicit.add(rel)
+    _classify(files, explicit, found)
     return found
 
 
@@ -140,21 +143,23 @@ def _walk(top: Path, base: Path, skip: str | None, files: dict[PurePosixPath, Pa
                 refused.append(Refused(_rel(path, base), "not a regular file"))
 
 
-def _classify(files: dict[PurePosixPath, Path], found: Discovery) -> None:
+def _classify(files: dict[PurePosixPath, Path], explicit: set[PurePosixPath],
+              found: Discovery) -> None:
     claimed: set[PurePosixPath] = set()
     models: list[ModelEntry] = []
     for rel in sorted(files):
         if is_index(rel):
-            shards = _index_shards(files, rel)
-            claimed.update(shards)
-            models.append(ModelEntry(rel, "sharded", files[rel],
-                                     tuple(files[s] for s in shards)))
+            names = _index_shards(files, rel)
+            parts, problem = _parts(files[rel], names, "shard")
+            claimed.update(_rel(p, found.base) for p in parts)
+            models.append(ModelEntry(rel, "sharded", files[rel], parts, problem=problem))
     others = {r for r in files if not r.name.endswith(MODEL_SUFFIXES) and not is_index(r)}
     for rel in sorted(files):
         if rel.suffix.lower() == ".onnx":
-            data = _external_files(files, rel, others)
-            claimed.update(data)
-            models.append(ModelEntry(rel, "onnx", files[rel], tuple(files[d] for d in data)))
+            names = _external_files(files, rel, others, rel in explicit)
+            parts, problem = _parts(files[rel], names, "external-data file")
+            claimed.update(_rel(p, found.base) for p in parts)
+            models.append(ModelEntry(rel, "onnx", files[rel], parts, problem=problem))
     for rel in sorted(files):
         if rel.suffix.lower() == ".safetensors" and rel not in claimed:
             models.append(ModelEntry(rel, "safetensors", files[rel]))
@@ -165,31 +170,42 @@ def _classify(files: dict[PurePosixPath, Path], found: Discovery) -> None:
                     and not is_index(r)]
 
 
-def _index_shards(files: dict[PurePosixPath, Path], index: PurePosixPath) -> list[PurePosixPath]:
-    """The shards an index names; for an unreadable index, the files named like its shards.
+def _parts(main: Path, names: list[str], what: str) -> tuple[tuple[Path, ...], str]:
+    """The existing files `names` (relative to the main file's folder), and a problem if one
+    of them is a symbolic link (links are never followed inside a tree)."""
+    folder = main.parent
+    paths = [Path(os.path.normpath(folder / n)) for n in names]
+    links = [p for p in paths if p.is_symlink()]
+    problem = (f"{what} {links[0].name} is a symbolic link; modelpress does not follow links "
+               "inside a tree (copy the target in)") if links else ""
+    return tuple(p for p in paths if p.is_file() and not p.is_symlink()), problem
+
+
+def _index_shards(files: dict[PurePosixPath, Path], index: PurePosixPath) -> list[str]:
+    """The shard names an index lists; for an unreadable index, the files named like shards.
 
     An unreadable index is still one model (it fails with the read error),
     and its shards must not be compressed one by one as separate models.
     """
     try:
-        names = shard_files(files[index])
+        return shard_files(files[index])
     except ModelReadError:
         prefix = index.name[: -len(INDEX_SUFFIX)] + "-"
-        return sorted(r for r in files if r.parent == index.parent and r.name.startswith(prefix)
-                      and r.suffix == ".safetensors")
-    return [index.parent / n for n in names if index.parent / n in files]
+        return sorted(r.name for r in files if r.parent == index.parent
+                      and r.name.startswith(prefix) and r.suffix == ".safetensors")
 
 
 def _external_files(files: dict[PurePosixPath, Path], model: PurePosixPath,
-                    others: set[PurePosixPath]) -> list[PurePosixPath]:
-    """Files of the tree that hold an ONNX model's external data.
+                    others: set[PurePosixPath], explicit: bool) -> list[str]:
+    """External-data locations of an ONNX model that stay inside its folder.
 
-    The model is parsed without its data only when a file that could hold
-    external data lies in its folder or below; a model that cannot be parsed
-    claims nothing (it fails later with the read error).
+    A model found in a tree is parsed (without its data) only when a file
+    that could hold external data lies in its folder or below; a model named
+    on the command line always is. A model that cannot be parsed claims
+    nothing (it fails later with the read error).
     """
     folder = model.parent
-    if not any(_inside(o, folder) for o in others):
+    if not explicit and not any(_inside(o, folder) for o in others):
         return []
     import onnx
     from .onnx_graph import graphs, is_external
@@ -197,15 +213,15 @@ def _external_files(files: dict[PurePosixPath, Path], model: PurePosixPath,
         proto = onnx.load(str(files[model]), load_external_data=False)
     except Exception:  # protobuf's DecodeError and friends: reported when compressed
         return []
-    claimed = set()
+    locations = set()
     for graph in graphs(proto.graph):
         for tensor in graph.initializer:
             if is_external(tensor):
                 location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-                rel = PurePosixPath(os.path.normpath((folder / location).as_posix()))
-                if rel in files:
-                    claimed.add(rel)
-    return sorted(claimed)
+                inside = PurePosixPath(os.path.normpath(location)) if location else None
+                if inside and not inside.is_absolute() and ".." not in inside.parts:
+                    locations.add(str(inside))
+    return sorted(locations)
 
 
 def _inside(path: PurePosixPath, folder: PurePosixPath) -> bool:
@@ -228,8 +244,7 @@ def _assign_configs(models: list[ModelEntry], files: dict[PurePosixPath, Path],
         standard = [m for m in local if m.rel.name in ("model" + INDEX_SUFFIX, "model.safetensors")]
         owner = standard[0] if standard else (local[0] if len(local) == 1 else None)
         if owner is not None:
-            result[result.index(owner)] = ModelEntry(owner.rel, owner.kind, owner.src,
-                                                     owner.parts, files[rel])
+            result[result.index(owner)] = replace(owner, config=files[rel])
             claimed.add(rel)
     return result
 

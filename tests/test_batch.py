@@ -168,16 +168,18 @@ def test_jobs_1_and_2_write_identical_bytes(tmp_path: Path) -> None:
     assert len(one) == 10 and one == two
 
 
-def test_fail_fast_stops_at_the_first_failure(tree: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_fail_fast_stops_at_the_first_failure(tree: Path, tmp_path: Path, jobs: str) -> None:
     # The largest model runs first: make the corrupt one the largest.
     (tree / "vision" / "broken.onnx").write_bytes(os.urandom(2_000_000))
     out = tmp_path / "out"
-    result, report = batch(tree, out, "--jobs", "1", "--fail-fast")
+    result, report = batch(tree, out, "--jobs", jobs, "--fail-fast")
     assert result.exit_code == 1
     assert statuses(report) == {**{p: "skipped" for p in GOOD}, "vision/broken.onnx": "failed"}
     assert all(m["reason"].startswith("not finished: the run was stopped")
                for m in report["models"] if m["status"] == "skipped")
     assert not any(p.suffix in (".onnx", ".safetensors") for p in out.rglob("*"))
+    assert list(out.rglob(".*")) == []
 
 
 def test_dry_run_writes_nothing_and_estimates_sizes(tree: Path, tmp_path: Path) -> None:
@@ -312,3 +314,44 @@ def test_progress_display_tracks_running_jobs() -> None:
     overall = display.bar.tasks[0]
     assert (overall.completed, overall.total) == (1, 2)
     assert overall.description == "models (files copied 1/3)"
+
+
+def test_named_checkpoint_and_onnx_files_bring_their_parts(tree: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+    out = tmp_path / "out"
+    args = [tree / "text" / "transformer.onnx", tree / "llm" / "model.safetensors.index.json",
+            "-o", out, "--jobs", "1", "--report", tmp_path / "r.json", "quantize"]
+    assert run_cli(["compress", *args]).exit_code == 0
+    assert sorted(tree_files(out)) == ["llm/model-00001-of-00003.safetensors",
+                                       "llm/model-00002-of-00003.safetensors",
+                                       "llm/model-00003-of-00003.safetensors",
+                                       "llm/model.safetensors.index.json",
+                                       "text/transformer.onnx"]
+    # The shards and the external data are part of each model's input key.
+    shard = tree / "llm" / "model-00002-of-00003.safetensors"
+    with safe_open(str(shard), framework="np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    data = tree / "text" / "transformer.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    assert run_cli(["compress", *args[:-1], "--skip-existing", "quantize"]).exit_code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert statuses(report) == {"llm/model.safetensors.index.json": "ok",
+                                "text/transformer.onnx": "ok"}
+
+
+def test_a_linked_shard_blocks_its_checkpoint(tree: Path, tmp_path: Path) -> None:
+    shard = tree / "llm" / "model-00003-of-00003.safetensors"
+    moved = tmp_path / "elsewhere.safetensors"
+    shard.rename(moved)
+    shard.symlink_to(moved)
+    out = tmp_path / "out"
+    result, report = batch(tree, out, "--jobs", "1")
+    row = next(m for m in report["models"] if m["path"] == GOOD[0])
+    assert row["status"] == "failed"
+    assert row["reason"] == ("shard model-00003-of-00003.safetensors is a symbolic link; "
+                             "modelpress does not follow links inside a tree (copy the target in)")
+    assert not (out / "llm" / "model.safetensors.index.json").exists()
+    assert statuses(report)["vision/mlp.onnx"] == "ok"
