@@ -41,6 +41,9 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     extra: dict[str, Any] = {"metadata": dict(metadata)} if metadata else {}
     if options.max_shard_size is not None and getattr(store, "sharded", False):
         extra["max_shard_size"] = options.max_shard_size
+    elif options.max_shard_size is not None:
+        encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
+                              "this model is written as one file")
     result = store.write(dst, encoding.tensors, progress, **extra)
     rows = []
     for name, encoded in encoding.tensors.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .batch_report import FAILED, OK, SKIPPED, BatchReport, CopyResult, ModelResult, Refusal
+from .batch_report import FAILED, OK, SKIPPED, BatchReport, ModelResult, Refusal
 from .batch_worker import CANCELLED, JobSpec, Task
 from .errors import ModelpressError, ModelReadError, ModelWriteError
 from .pipeline import Options
