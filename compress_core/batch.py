@@ -24,8 +24,9 @@ from .pipeline import Options
 from .recipe import Recipe
 
 OnEvent = Callable[[tuple[Any, ...]], None]
-"""on_event(event): ("plan", models, copies), ("start", path, bytes), ("progress", path,
-done, total, what), ("done", path, status), ("model", ModelResult), ("copy", CopyResult)."""
+"""on_event(event): ("plan", models, copies), ("taken", path, pid), ("start", path, bytes),
+("progress", path, done, total, what), ("done", path, status), ("model", ModelResult),
+("copy", CopyResult)."""
 
 # Memory one job needs, estimated from the model's bytes on disk (see README):
 # measured peaks were 0.22 GB for a 0.1 GB safetensors model and 0.97 GB for a
@@ -41,6 +42,11 @@ class BatchOptions:
     jobs: int | None = None          # None: CPU count bounded by memory
     skip_existing: bool = False
     fail_fast: bool = False
+    # With several jobs, worker processes start only if the batch is still
+    # running after this many seconds: a worker costs about 0.4 s of CPU to
+    # start (a Python interpreter importing numpy and onnx), more than a batch
+    # of sample-size models takes in one process.
+    start_delay: float = 0.2
 
 
 @dataclass
@@ -196,7 +202,12 @@ def jobs_explained(tasks: list[Task]) -> tuple[int, str]:
 def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
               batch: BatchOptions = BatchOptions(),
               on_event: OnEvent | None = None) -> BatchReport:
-    """Compress every model of the plan and copy its other files; never raises for a model."""
+    """Compress every model of the plan and copy its other files; never raises for a model.
+
+    With more than one job, worker processes are started with multiprocessing's
+    forkserver (or spawn), which imports the main module again: a script that
+    calls this must do so under `if __name__ == "__main__":`.
+    """
     from .batch_runner import run_copies_and_models
     jobs, why = (batch.jobs, "") if batch.jobs else jobs_explained(plan.tasks)
     job = JobSpec(recipe, options, recipe_sha256(recipe, options), batch.skip_existing)

@@ -4,25 +4,26 @@ Worker processes come from a "forkserver" (where the platform has one, else
 "spawn"): a fresh, single-threaded server process imports modelpress once and
 forks each worker from it, which is safe with libraries that hold threads or
 locks (onnxruntime, BLAS), unlike forking this process, and starts workers
-without importing everything again. Largest models are submitted first so the
-slowest model does not start last. Events from workers arrive through a queue and are passed
-on from this process only.
+without importing everything again. Largest models are queued first so the
+slowest model does not start last. Events from every consumer arrive through
+one queue and are passed on from this process's main thread only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue as queue_module
 import threading
-from collections import deque
-from concurrent.futures import (FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor,
-                                wait)
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 from .batch_report import FAILED, OK, SKIPPED, CopyResult, ModelResult
-from .batch_worker import CANCELLED, JobSpec, Task, init_worker, run_task, use_in_process
+from .batch_worker import (CANCELLED, JobSpec, Task, consume, run_task, use_in_process,
+                           worker_main)
 
 Emit = Callable[[tuple[Any, ...]], None]
-_POLL_SECONDS = 0.1
+_POLL_SECONDS = 0.05
 
 
 def run_copies_and_models(plan: Any, job: JobSpec, jobs: int, batch: Any,
@@ -57,80 +58,141 @@ def _sequential(plan: Any, tasks: list[Task], job: JobSpec, batch: Any,
 
 def _parallel(plan: Any, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
               emit: Emit) -> tuple[list[ModelResult], list[CopyResult]]:
-    """`jobs` models at a time: one in this process (a thread), the rest in worker processes.
+    """`jobs` consumers of one shared queue of models: a thread here and `jobs - 1` processes.
 
-    This process is already warm (modelpress imported), so it starts on the
-    largest model at once while the workers start; each worker holds one model
-    at a time and takes the next one when free, so the load stays balanced.
+    This process is already warm (modelpress imported), so its thread starts on
+    the largest model at once. Worker processes are started only once the run
+    has lasted `batch.start_delay` seconds: starting one costs more than a
+    whole batch of small models takes. Each consumer takes the next model when it is
+    free, so no model waits for a worker that is still starting.
     """
     context = _context()
-    events = context.Queue()
-    cancel = context.Event()
-    local_events: queue_module.Queue = queue_module.Queue()
-    waiting = deque(tasks)
-    running: dict[Future, tuple[Task, bool]] = {}   # future -> (task, runs in this process)
-    models: list[ModelResult] = []
+    todo, events, cancel = context.Queue(), context.Queue(), context.Event()
+    for task in tasks:
+        todo.put(task)
+    for _ in range(jobs):           # one end marker per consumer
+        todo.put(None)
+    results: dict[str, ModelResult] = {}
+    holders: dict[str, int] = {}    # model -> pid of the process working on it
+    launcher = _Launcher(context, jobs, (todo, events, cancel, job))
+    began = time.monotonic()
 
-    def drain() -> None:
-        for source in (local_events, events):
-            while True:
-                try:
-                    emit(source.get_nowait())
-                except queue_module.Empty:
-                    break
+    def handle(event: tuple[Any, ...]) -> None:
+        if event[0] == "taken":
+            holders[event[1]] = event[2]
+            emit(event)
+        elif event[0] == "result":
+            record(event[1])
+        else:
+            emit(event)
 
-    def finish(future: Future, task: Task) -> None:
-        try:
-            row = future.result()
-        except Exception as exc:  # the worker process died (killed, out of memory)
-            row = ModelResult(task.rel, str(task.dst), task.kind, FAILED,
-                              f"worker process ended unexpectedly ({type(exc).__name__}); "
-                              "out of memory? run with fewer --jobs", task.nbytes)
-        models.append(row)
+    def record(row: ModelResult) -> None:
+        holders.pop(row.path, None)
+        results[row.path] = row
         emit(("model", row))
         if row.status == FAILED and batch.fail_fast:
             cancel.set()
 
-    def refill(pool: ProcessPoolExecutor, local: ThreadPoolExecutor) -> None:
-        if cancel.is_set():
-            return
-        if waiting and not any(here for _, here in running.values()):
-            task = waiting.popleft()
-            running[local.submit(run_task, task, job)] = (task, True)
-        while waiting and sum(not here for _, here in running.values()) < jobs - 1:
-            task = waiting.popleft()
-            running[pool.submit(run_task, task, job)] = (task, False)
+    def pump(timeout: float) -> None:
+        try:
+            handle(events.get(timeout=timeout) if timeout else events.get_nowait())
+            while True:
+                handle(events.get_nowait())
+        except queue_module.Empty:
+            pass
+        for worker in launcher.started():
+            if worker.exitcode is not None:   # its last events were flushed before it ended
+                for rel in [r for r, pid in holders.items() if pid == worker.pid]:
+                    task = next(t for t in tasks if t.rel == rel)
+                    record(ModelResult(rel, str(task.dst), task.kind, FAILED,
+                                       f"worker process ended unexpectedly (exit code "
+                                       f"{worker.exitcode}); out of memory? run with fewer "
+                                       "--jobs", task.nbytes))
+        if time.monotonic() - began >= batch.start_delay and len(results) < len(tasks):
+            launcher.begin()
 
-    def step(pool: ProcessPoolExecutor, local: ThreadPoolExecutor, timeout: float) -> None:
-        done = wait(list(running), timeout=timeout, return_when=FIRST_COMPLETED)[0] \
-            if running else set()
-        drain()
-        for future in done:
-            finish(future, running.pop(future)[0])
-        refill(pool, local)
-
-    use_in_process(local_events.put, cancel)
+    use_in_process(events.put, cancel)
+    local = threading.Thread(target=consume, args=(todo, events, job), daemon=True)
+    local.start()
     try:
-        with ProcessPoolExecutor(max_workers=jobs - 1, mp_context=context,
-                                 initializer=init_worker, initargs=(events, cancel)) as pool, \
-                ThreadPoolExecutor(max_workers=1) as local:
-            try:
-                refill(pool, local)
-                copies = _copy_all(plan.copies, batch, cancel, emit,
-                                   between=lambda: step(pool, local, 0))
-                while running:
-                    step(pool, local, _POLL_SECONDS)
-            except BaseException:
-                cancel.set()  # Ctrl-C: running models stop at their next tensor and clean up
-                raise
+        copies = _copy_all(plan.copies, batch, cancel, emit, between=lambda: pump(0))
+        while len(results) < len(tasks):
+            pump(_POLL_SECONDS)
+    except BaseException:
+        cancel.set()  # Ctrl-C: running models stop at their next tensor and clean up
+        launcher.stop()
+        while local.is_alive() or any(w.is_alive() for w in launcher.started()):
+            pump(_POLL_SECONDS)
+        raise
     finally:
+        launcher.stop()
         use_in_process(None, None)
-    drain()
-    for task in waiting:  # never started: --fail-fast stopped the run
-        row = _not_run(task)
-        models.append(row)
-        emit(("model", row))
-    return models, copies
+    # Workers still starting, or idle, end by themselves at their end marker.
+    local.join()
+    return [results[t.rel] for t in tasks], copies
+
+
+class _Launcher:
+    """Starts the worker processes from a thread: a start waits for the forkserver to be up."""
+
+    def __init__(self, context: Any, jobs: int, args: tuple[Any, ...]) -> None:
+        self.context, self.jobs, self.args = context, jobs, args
+        self._workers: list[Any] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self) -> None:
+        """Start the workers (once)."""
+        if self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Start no more workers."""
+        self._stop.set()
+
+    def started(self) -> list[Any]:
+        with self._lock:
+            return list(self._workers)
+
+    def _run(self) -> None:
+        with _worker_threads(self.jobs):
+            for _ in range(self.jobs - 1):
+                if self._stop.is_set():
+                    return
+                worker = self.context.Process(target=worker_main, args=self.args, daemon=True)
+                worker.start()
+                with self._lock:
+                    self._workers.append(worker)
+
+
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _worker_threads(jobs: int) -> Iterator[None]:
+    """Give worker processes an equal share of the CPUs for their math libraries' threads.
+
+    BLAS libraries start one thread per CPU in every process; with several
+    processes those threads compete and spin (measured: twice the CPU time on
+    the sample models). The variables are read when a process loads the
+    library, so they are set while the workers (and their server) start. A
+    value the user set is kept.
+    """
+    from .batch import cpu_count
+    share = str(max(1, cpu_count() // jobs))
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    for name in _THREAD_VARIABLES:
+        os.environ.setdefault(name, share)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 _PRELOAD = ["compress_core.batch_worker", "compress_core.api", "formats", "formats.outputs",

@@ -80,6 +80,22 @@ def init_worker(queue: Any, cancel: Any) -> None:
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
 
 
+def worker_main(todo: Any, events: Any, cancel: Any, job: JobSpec) -> None:
+    """A worker process: compress models from the shared queue until its end marker."""
+    init_worker(events, cancel)
+    consume(todo, events, job)
+
+
+def consume(todo: Any, events: Any, job: JobSpec) -> None:
+    """Take tasks from `todo` until None; announce each, run it, send its result."""
+    while True:
+        task = todo.get()
+        if task is None:
+            return
+        events.put(("taken", task.rel, os.getpid()))
+        events.put(("result", run_task(task, job)))
+
+
 def _exit_with_parent(sentinel: int) -> None:
     from multiprocessing.connection import wait
     wait([sentinel])

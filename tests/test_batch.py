@@ -164,8 +164,19 @@ def test_jobs_1_and_2_write_identical_bytes(tmp_path: Path) -> None:
     second, report = batch(tree, tmp_path / "two", "--jobs", "2")
     assert first.exit_code == 0 and second.exit_code == 0, second.output
     assert report["jobs"] == 2
-    one, two = tree_files(tmp_path / "one"), tree_files(tmp_path / "two")
-    assert len(one) == 10 and one == two
+    one = tree_files(tmp_path / "one")
+    assert len(one) == 10 and one == tree_files(tmp_path / "two")
+    # The same through worker processes started at once (the CLI starts them only when a
+    # batch lasts long enough to repay their start-up).
+    from compress_core import Quantize, Recipe
+    from compress_core.batch import BatchOptions, plan_batch, run_batch
+    events: list[tuple] = []
+    result = run_batch(plan_batch([tree], tmp_path / "three"), Recipe([Quantize(bits=4)]),
+                       batch=BatchOptions(jobs=2, start_delay=0), on_event=events.append)
+    assert {m.status for m in result.models} == {"ok"}
+    pids = {e[2] for e in events if e[0] == "taken"}
+    assert os.getpid() in pids and len(pids) == 2        # this process and one worker
+    assert tree_files(tmp_path / "three") == one
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])

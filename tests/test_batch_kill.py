@@ -1,8 +1,8 @@
 """A batch run killed with SIGKILL leaves no partial file at any output name; a re-run completes.
 
-What this proves: the run (one job, or two worker processes) is killed while
-it is writing an output (a temporary file exists) after at least one output
-is complete; every file then present at an output name is byte-identical to
+What this proves: the run (one job, or two jobs once a worker process is
+running) is killed while it is writing an output (a temporary file exists)
+after at least one output is complete; every file then present at an output name is byte-identical to
 the one a clean run writes, worker processes end with their parent, and
 `--skip-existing` then completes the tree to exactly the clean run's files.
 The kill lands somewhere in a write (the test polls the folder), not at a
@@ -35,14 +35,29 @@ def _writing(out: Path) -> bool:
         n.endswith((".onnx", ".safetensors")) and not n.startswith(".") for n in names)
 
 
-def _children(pid: int) -> set[int]:
+def _descendants(pid: int) -> set[int]:
+    """Children, grandchildren ... (workers are children of the forkserver)."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            found |= {int(c) for c in (task / "children").read_text().split()}
+            children = {int(c) for c in (task / "children").read_text().split()}
         except OSError:
-            pass
+            continue
+        for child in children - found:
+            found |= {child} | _descendants(child)
     return found
+
+
+def _forked_workers(pid: int) -> int:
+    """Worker processes below `pid` (forked by the forkserver, which shares their command)."""
+    return max(0, sum("forkserver" in _cmdline(p) for p in _descendants(pid)) - 1)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -58,7 +73,7 @@ def _alive(pid: int) -> bool:
 def test_sigkill_half_way_then_rerun_completes(tmp_path: Path, jobs: str) -> None:
     tree = acceptance_tree(tmp_path / "in", corrupt=False)
     (tree / "many").mkdir()
-    for i in range(12):  # enough work that the run is still going after its first output
+    for i in range(32):  # enough work that the run is still going when a worker is up
         shutil.copy(SAMPLES / "transformer.onnx", tree / "many" / f"t{i:02d}.onnx")
     stages = ["quantize", "--bits", "4"]
     reference = tmp_path / "reference"
@@ -72,11 +87,11 @@ def test_sigkill_half_way_then_rerun_completes(tmp_path: Path, jobs: str) -> Non
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not _writing(out):
+        while not _writing(out) or (jobs == "2" and _forked_workers(proc.pid) < 1):
             assert proc.poll() is None, "the run ended before it was caught writing"
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        workers = _children(proc.pid)
+        workers = _descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 10
