@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +57,6 @@ class Cancelled(Exception):
 class _State:
     emit: Emit | None = None
     cancel: Any = None              # threading.Event or multiprocessing Event
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _STATE = _State()
