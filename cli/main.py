@@ -14,6 +14,7 @@ from compress_core.errors import ModelpressError, RecipeError
 from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from compress_core.recipe import Recipe
 
+from . import evaluation
 from .batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
 from .chain import StageChain
 from .stages import stage_commands
@@ -69,10 +70,12 @@ def cli() -> None:
       modelpress compress model.onnx -o small.onnx --recipe recipe.yaml
       modelpress inspect small.onnx
       modelpress decompress small.safetensors -o dense.safetensors
+      modelpress sweep model.onnx --plot sweep.png
 
     Exit codes: 0 success, 1 a model could not be read, compressed or written
     (in batch mode: any model failed, the others are still written), 2 usage
-    error (bad option or recipe).
+    error (bad option or recipe), 3 a --max-error, --max-output-error,
+    --min-accuracy or --min-ratio threshold failed (output and report are still written).
     """
 
 
@@ -93,7 +96,8 @@ def cli() -> None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Leave tensors holding NaN/Inf as they are instead of stopping.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="FILE.json",
-              help="Also write every number of the table to this JSON file.")
+              help="Also write every number, the recipe, threshold outcomes, tool and "
+                   "library versions and input/output sha256 to this JSON file.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]),
               default="table", show_default=True, help="What to print on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
@@ -113,6 +117,8 @@ def cli() -> None:
                    "CI jobs).")
 @click.option("--dry-run", is_flag=True,
               help="Batch: list what would be done, with estimated sizes; write nothing.")
+@evaluation.input_options
+@evaluation.threshold_options
 def compress(**_: Any) -> None:
     """Compress MODEL into OUT with the stages that follow, applied in order.
 
@@ -129,11 +135,22 @@ def compress(**_: Any) -> None:
       modelpress compress w.safetensors -o w4.safetensors quantize --bits 4 --scheme asym
       modelpress compress mlp.onnx -o out.onnx --recipe recipe.yaml --report report.json
       modelpress compress mlp.onnx -o out.onnx --print-recipe quantize --bits 4
+      modelpress compress mlp.onnx -o out.onnx --inputs x.npz --labels y.npy quantize --bits 4
+      modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
+
+    \b
+    ONNX models are run before and after in onnxruntime (CPU) on the same inputs:
+    per-output relative error, cosine, max abs error, top-1 agreement, accuracy
+    with --labels, and median latency on this machine. --no-eval skips this.
+    Exit codes: 0 success, 1 failure, 2 usage error, 3 a threshold failed
+    (the output and --report are still written; the failed threshold is named).
 
     \b
     Batch (a folder, several MODELs, or an existing folder as OUT): every
     .onnx, .safetensors and sharded checkpoint (*.safetensors.index.json) is
-    compressed into the same place under OUT; other files are copied.
+    compressed into the same place under OUT; other files are copied. Batch
+    runs report weight errors (the models are not run); exit 1 if any model
+    failed (the others are still written).
       modelpress compress models/ -o out/ --jobs 4 quantize --bits 4
       modelpress compress models/ -o out/ --skip-existing --shard 2/4 quantize
       modelpress compress a.onnx b.onnx -o out/ --dry-run quantize --bits 4
@@ -155,7 +172,11 @@ for _command in stage_commands().values():
 def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | None,
                   recipe_file: Path | None, print_recipe: bool, min_elements: int,
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
-                  max_shard_size: int | None, **batch_flags: Any) -> None:
+                  max_shard_size: int | None, **extra: Any) -> None:
+    threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
+    limits = evaluation.thresholds_from(threshold_values)
+    eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
+    batch_flags = extra
     recipe = _recipe(stages, recipe_file)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
@@ -163,6 +184,12 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
     if is_batch(model, output):
+        single = [_SINGLE_ONLY.get(k, "--" + k.replace("_", "-"))
+                  for k, v in {**threshold_values, **eval_values}.items()
+                  if v not in (None, False, ()) and k != "no_eval"]
+        if single:
+            raise click.UsageError(f"{single[0]} applies to one model at a time; batch mode "
+                                   "reports weight errors and does not run the models")
         options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                           max_shard_size=max_shard_size)
         failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
@@ -176,9 +203,11 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                                "MODELs with -o OUTDIR")
     from compress_core.api import compress as run
 
+    settings = evaluation.settings_from(eval_values, model[0], limits)
     out, err = _consoles(quiet)
     bar, update = _progress(err, quiet)
     try:
+        baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
             bar.start()
         report = run(model[0], output, recipe,
@@ -189,12 +218,19 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     finally:
         if bar is not None:
             bar.stop()
+    evaluation.finish(report, baseline, limits)
     if report_path is not None:
         from .render import dump_json
         dump_json(report_path, report.as_dict())
     if not quiet or fmt != "table":
         from .render import print_report
         print_report(out, report, fmt)
+    evaluation.raise_on_breach(report)
+
+
+# Options of a single-model run that batch mode does not take (it does not run the models).
+_SINGLE_ONLY = {"inputs_path": "--inputs", "labels_path": "--labels", "dims": "--dim",
+                "input_ranges": "--input-range"}
 
 
 def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
@@ -253,6 +289,11 @@ def decompress(model: Path, output: Path) -> None:
     click.echo(f"{output}: {result.file_bytes} bytes, {len(result.tensor_bytes)} tensors restored")
     for note in result.notes:
         click.echo(f"note: {note}")
+
+
+from .sweep import sweep as _sweep  # noqa: E402  (registered after the other commands)
+
+cli.add_command(_sweep)
 
 
 def main() -> None:

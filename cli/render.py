@@ -66,6 +66,8 @@ def print_report(console: Console, report: Report, fmt: str) -> None:
     console.print(report_table(report))
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
+    from .render_eval import print_evaluation
+    print_evaluation(console, report)
 
 
 def markdown_report(report: Report) -> str:
@@ -85,6 +87,8 @@ def markdown_report(report: Report) -> str:
                  f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
     lines += [""] + [f"- {note}" for note in report.notes]
+    from .render_eval import markdown_evaluation
+    lines += markdown_evaluation(report)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -5,6 +5,14 @@ Python API::
     from compress_core import Recipe, Quantize, Prune, compress
     report = compress("model.onnx", "small.onnx", Recipe([Quantize(bits=8), Prune(sparsity=0.5)]))
     print(report.ratio, report.weight_error.rel_l2)
+
+Output error of ONNX models (onnxruntime) and a side-by-side sweep::
+
+    from compress_core import EvalSettings, evaluate, sweep
+    evaluation = evaluate("model.onnx", "small.onnx", EvalSettings(inputs="x.npz"))
+    print(evaluation.output_error, evaluation.latency.ratio)
+    for row in sweep("model.onnx").rows:
+        print(row.name, row.ratio, row.output_error, row.on_front)
 """
 
 from __future__ import annotations
@@ -31,3 +39,12 @@ __all__ = [
     "UnsupportedTensorError", "__version__", "compare", "compress", "decompress", "encode",
     "inspect", "stage_class",
 ]
+
+# Output evaluation, CI thresholds and sweeps (kept apart so stage exports merge cleanly).
+from .evaluate import Evaluation  # noqa: E402
+from .model_eval import EvalSettings, evaluate  # noqa: E402
+from .sweep import DEFAULT_SETTINGS, Setting, SweepReport, sweep  # noqa: E402
+from .thresholds import Thresholds  # noqa: E402
+
+__all__ += ["DEFAULT_SETTINGS", "EvalSettings", "Evaluation", "Setting", "SweepReport",
+            "Thresholds", "evaluate", "sweep"]

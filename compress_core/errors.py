@@ -21,3 +21,11 @@ class ModelWriteError(ModelpressError):
 
 class UnsupportedTensorError(ModelpressError):
     """A stage cannot be applied to a tensor it was asked to change."""
+
+
+class InputDataError(ModelpressError):
+    """Evaluation inputs or labels that do not fit the model (file, array and fix named)."""
+
+
+class ModelRunError(ModelpressError):
+    """onnxruntime is missing or cannot run a model; evaluation reports it as a note."""

@@ -55,24 +55,27 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe from a .yaml/.yml or .json file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-                data = yaml.safe_load(text)
-        except ValueError as exc:
-            raise RecipeError(f"{path}: not valid JSON ({exc})") from None
-        except Exception as exc:  # yaml.YAMLError and its subclasses
-            raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_config(data, source=str(path))
+        return cls.from_config(read_document(path), source=str(path))
 
     def to_yaml(self) -> str:
         """The recipe as YAML text, in the schema `load` reads."""
         import yaml
         return yaml.safe_dump(self.get_config(), sort_keys=False)
+
+
+def read_document(path: str | Path) -> Any:
+    """The parsed content of a .json file, or of a YAML file for any other suffix."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        import yaml
+        return yaml.safe_load(text)
+    except ValueError as exc:
+        raise RecipeError(f"{path}: not valid JSON ({exc})") from None
+    except Exception as exc:  # yaml.YAMLError and its subclasses
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .evaluate import Evaluation
 from .metrics import EMPTY, ErrorStats
+from .thresholds import ThresholdResult, Thresholds
 
 
 @dataclass
@@ -42,6 +44,17 @@ class Report:
     file_bytes_before: int = 0
     file_bytes_after: int = 0
     notes: list[str] = field(default_factory=list)
+    evaluation: Evaluation | None = None
+    limits: Thresholds | None = None
+    checks: list[ThresholdResult] = field(default_factory=list)
+    versions: dict[str, str | None] = field(default_factory=dict)
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+
+    @property
+    def failed_checks(self) -> list[ThresholdResult]:
+        """The thresholds that did not hold."""
+        return [c for c in self.checks if not c.passed]
 
     @property
     def ratio(self) -> float:
@@ -70,6 +83,12 @@ class Report:
                        "tensor_bytes_after": sum(r.bytes_after for r in self.rows),
                        **self.weight_error.as_dict()},
             "notes": list(self.notes),
+            "evaluation": None if self.evaluation is None else self.evaluation.as_dict(),
+            "thresholds": {"limits": None if self.limits is None else self.limits.as_dict(),
+                           "checks": [c.as_dict() for c in self.checks],
+                           "passed": not self.failed_checks},
+            "versions": dict(self.versions),
+            "input_sha256": self.input_sha256, "output_sha256": self.output_sha256,
         }
 
 

@@ -1,8 +1,9 @@
 """Write the small, deterministic sample models that modelpress tests and docs use.
 
 Run ``python sample_models/generate.py [--out DIR]``; DIR defaults to this folder.
-Writes an MLP trained with numpy (plus a held-out set), a tiny CNN and a tiny
-transformer block, each as ``.onnx`` and ``.safetensors`` holding the same tensors.
+Writes an MLP trained with numpy (plus a held-out set), a tiny CNN with random weights
+and a one-block transformer LM trained with numpy on a synthetic next-token task (plus
+held-out sequences), each as ``.onnx`` and ``.safetensors`` holding the same tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ VOCAB, D_MODEL, HEADS, FFN, MAX_POS = 512, 64, 4, 256, 64
 HEAD_DIM = D_MODEL // HEADS
 LN_EPS = 1e-5
 MASK_VALUE = -1e9
+# Transformer training task and schedule (see make_lm_process / sample_lm_sequences).
+LM_SUCCESSORS, LM_SEQ, LM_PERIOD, LM_REPEAT = 4, 32, 8, 0.5
+LM_STEPS, LM_BATCH, LM_LR, LM_WARMUP, LM_WEIGHT_DECAY = 1000, 32, 3e-3, 50, 0.1
+LM_TEST = 64
 
 Params = dict[str, np.ndarray]
 
@@ -222,34 +227,210 @@ def build_cnn_onnx(params: Params) -> onnx.ModelProto:
 # --- transformer ---------------------------------------------------------------
 
 
+def make_lm_process(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed sparse Markov chain over the vocabulary: each token has LM_SUCCESSORS
+    distinct successors with Dirichlet(1) probabilities. Returns (successors, probs), [VOCAB, K]."""
+    successors = np.stack([rng.choice(VOCAB, LM_SUCCESSORS, replace=False) for _ in range(VOCAB)])
+    probs = rng.dirichlet(np.ones(LM_SUCCESSORS), VOCAB)
+    return successors.astype(np.int64), probs
+
+
+def sample_lm_sequences(
+    rng: np.random.Generator, process: tuple[np.ndarray, np.ndarray], n: int
+) -> np.ndarray:
+    """``n`` int64 sequences of LM_SEQ tokens: a walk on the Markov chain from a uniform start;
+    with probability LM_REPEAT the sequence instead repeats its first LM_PERIOD tokens."""
+    successors, probs = process
+    cumulative = np.cumsum(probs, axis=1)
+    seqs = np.empty((n, LM_SEQ), np.int64)
+    seqs[:, 0] = rng.integers(0, VOCAB, n)
+    for t in range(1, LM_SEQ):
+        prev = seqs[:, t - 1]
+        choice = (rng.random(n)[:, None] > cumulative[prev]).sum(axis=1)
+        seqs[:, t] = successors[prev, np.minimum(choice, LM_SUCCESSORS - 1)]
+    repeat = rng.random(n) < LM_REPEAT
+    for t in range(LM_PERIOD, LM_SEQ):
+        seqs[repeat, t] = seqs[repeat, t - LM_PERIOD]
+    return seqs
+
+
+def lm_oracle_predictions(process: tuple[np.ndarray, np.ndarray], seqs: np.ndarray) -> np.ndarray:
+    """Bayes-optimal next-token guesses [n, LM_SEQ - 1] given each prefix and the true process."""
+    successors, probs = process
+    table = np.zeros((VOCAB, VOCAB))
+    np.add.at(table, (np.repeat(np.arange(VOCAB), LM_SUCCESSORS), successors.ravel()), probs.ravel())
+    guesses = np.empty((len(seqs), LM_SEQ - 1), np.int64)
+    for i, s in enumerate(seqs):
+        walk_likelihood, consistent = 1.0, True
+        for t in range(LM_SEQ - 1):
+            dist = table[s[t]].copy()
+            if t >= LM_PERIOD:
+                walk_likelihood *= table[s[t - 1], s[t]]
+                consistent = consistent and s[t] == s[t - LM_PERIOD]
+            if t + 1 >= LM_PERIOD and consistent:
+                repeat = LM_REPEAT / (LM_REPEAT + (1 - LM_REPEAT) * walk_likelihood)
+                dist *= 1.0 - repeat
+                dist[s[t + 1 - LM_PERIOD]] += repeat
+            guesses[i, t] = dist.argmax()
+    return guesses
+
+
 def init_transformer(rng: np.random.Generator) -> Params:
-    """GPT-style init, torch layout: linear weights [out, in], embeddings [rows, D]."""
-
-    def linear(name: str, n_in: int, n_out: int, std: float | None = None) -> None:
-        std = np.sqrt(2.0 / (n_in + n_out)) if std is None else std
-        params[f"{name}.weight"] = rng.normal(0.0, std, (n_out, n_in))
-
-    def norm(name: str) -> None:
-        params[f"{name}.weight"] = 1.0 + rng.normal(0.0, 0.05, D_MODEL)
-        params[f"{name}.bias"] = rng.normal(0.0, 0.02, D_MODEL)
-
+    """GPT-2 style float64 init, torch layout: weights N(0, 0.02), residual outputs scaled
+    by 1/sqrt(2), zero biases, LayerNorms at identity."""
     params: Params = {
         "embed_tokens.weight": rng.normal(0.0, 0.02, (VOCAB, D_MODEL)),
         "embed_positions.weight": rng.normal(0.0, 0.02, (MAX_POS, D_MODEL)),
     }
-    norm("layers.0.ln1")
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        linear(f"layers.0.attn.{proj}", D_MODEL, D_MODEL)
-        params[f"layers.0.attn.{proj}.bias"] = rng.normal(0.0, 0.02, D_MODEL)
-    norm("layers.0.ln2")
-    linear("layers.0.mlp.fc1", D_MODEL, FFN)
-    params["layers.0.mlp.fc1.bias"] = rng.normal(0.0, 0.02, FFN)
-    linear("layers.0.mlp.fc2", FFN, D_MODEL)
-    params["layers.0.mlp.fc2.bias"] = rng.normal(0.0, 0.02, D_MODEL)
-    norm("ln_f")
-    # Xavier on a 64->512 head gives near-uniform softmax; 2/sqrt(D) gives logits with std ~2.
-    linear("lm_head", D_MODEL, VOCAB, std=2.0 / np.sqrt(D_MODEL))
-    return {k: v.astype(np.float32) for k, v in params.items()}
+    shapes = {
+        "layers.0.attn.q_proj": (D_MODEL, D_MODEL),
+        "layers.0.attn.k_proj": (D_MODEL, D_MODEL),
+        "layers.0.attn.v_proj": (D_MODEL, D_MODEL),
+        "layers.0.attn.o_proj": (D_MODEL, D_MODEL),
+        "layers.0.mlp.fc1": (FFN, D_MODEL),
+        "layers.0.mlp.fc2": (D_MODEL, FFN),
+    }
+    for name in ("layers.0.ln1", "layers.0.ln2", "ln_f"):
+        params[f"{name}.weight"] = np.ones(D_MODEL)
+        params[f"{name}.bias"] = np.zeros(D_MODEL)
+    for name, shape in shapes.items():
+        std = 0.02 / np.sqrt(2.0) if name.endswith(("o_proj", "fc2")) else 0.02
+        params[f"{name}.weight"] = rng.normal(0.0, std, shape)
+        params[f"{name}.bias"] = np.zeros(shape[0])
+    params["lm_head.weight"] = rng.normal(0.0, 0.02, (VOCAB, D_MODEL))
+    return params
+
+
+def _layer_norm_cached(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    centered = x - x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + LN_EPS)
+    normed = centered * rstd
+    return normed * weight + bias, (normed, rstd, weight)
+
+
+def _layer_norm_backward(
+    grad: np.ndarray, cache: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients (input, weight, bias) of a LayerNorm over rows of a 2-D array."""
+    normed, rstd, weight = cache
+    g = grad * weight
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - normed * (g * normed).mean(axis=-1, keepdims=True))
+    return dx, (grad * normed).sum(axis=0), grad.sum(axis=0)
+
+
+def transformer_loss_and_gradients(
+    params: Params, input_ids: np.ndarray, targets: np.ndarray
+) -> tuple[float, Params]:
+    """Mean next-token cross-entropy over all positions and its gradient for every parameter.
+
+    Same computation as ``transformer_forward`` (float64, torch layout), written on
+    [batch*sequence, features] rows with a hand-written backward pass.
+    """
+    batch, seq = input_ids.shape
+    rows = batch * seq
+    p = params
+    attn = "layers.0.attn"
+    qkv_weight = np.concatenate([p[f"{attn}.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")])
+    qkv_bias = np.concatenate([p[f"{attn}.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
+    scale = 1.0 / np.sqrt(HEAD_DIM)
+
+    x0 = p["embed_tokens.weight"][input_ids.ravel()] + np.tile(p["embed_positions.weight"][:seq], (batch, 1))
+    h1, ln1 = _layer_norm_cached(x0, p["layers.0.ln1.weight"], p["layers.0.ln1.bias"])
+    qkv = (h1 @ qkv_weight.T + qkv_bias).reshape(batch, seq, 3, HEADS, HEAD_DIM).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scores = q @ k.transpose(0, 1, 3, 2) * scale
+    scores[..., np.triu(np.ones((seq, seq), bool), 1)] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    context = (probs @ v).transpose(0, 2, 1, 3).reshape(rows, D_MODEL)
+    x1 = x0 + context @ p[f"{attn}.o_proj.weight"].T + p[f"{attn}.o_proj.bias"]
+    h2, ln2 = _layer_norm_cached(x1, p["layers.0.ln2.weight"], p["layers.0.ln2.bias"])
+    pre_act = h2 @ p["layers.0.mlp.fc1.weight"].T + p["layers.0.mlp.fc1.bias"]
+    gate = 1.0 / (1.0 + np.exp(-1.702 * pre_act))
+    act = pre_act * gate
+    x2 = x1 + act @ p["layers.0.mlp.fc2.weight"].T + p["layers.0.mlp.fc2.bias"]
+    hf, lnf = _layer_norm_cached(x2, p["ln_f.weight"], p["ln_f.bias"])
+    logits = hf @ p["lm_head.weight"].T
+    logits -= logits.max(axis=-1, keepdims=True)
+    softmax = np.exp(logits)
+    total = softmax.sum(axis=-1, keepdims=True)
+    row_ids, target_ids = np.arange(rows), targets.ravel()
+    loss = float(np.mean(np.log(total[:, 0]) - logits[row_ids, target_ids]))
+
+    grads: Params = {}
+    d_logits = softmax / total
+    d_logits[row_ids, target_ids] -= 1.0
+    d_logits /= rows
+    grads["lm_head.weight"] = d_logits.T @ hf
+    d_x2, grads["ln_f.weight"], grads["ln_f.bias"] = _layer_norm_backward(d_logits @ p["lm_head.weight"], lnf)
+    grads["layers.0.mlp.fc2.weight"] = d_x2.T @ act
+    grads["layers.0.mlp.fc2.bias"] = d_x2.sum(axis=0)
+    d_pre = (d_x2 @ p["layers.0.mlp.fc2.weight"]) * (gate * (1.0 + 1.702 * pre_act * (1.0 - gate)))
+    grads["layers.0.mlp.fc1.weight"] = d_pre.T @ h2
+    grads["layers.0.mlp.fc1.bias"] = d_pre.sum(axis=0)
+    d_x1, grads["layers.0.ln2.weight"], grads["layers.0.ln2.bias"] = _layer_norm_backward(
+        d_pre @ p["layers.0.mlp.fc1.weight"], ln2
+    )
+    d_x1 += d_x2
+    grads[f"{attn}.o_proj.weight"] = d_x1.T @ context
+    grads[f"{attn}.o_proj.bias"] = d_x1.sum(axis=0)
+    d_context = (d_x1 @ p[f"{attn}.o_proj.weight"]).reshape(batch, seq, HEADS, HEAD_DIM).transpose(0, 2, 1, 3)
+    d_probs = d_context @ v.transpose(0, 1, 3, 2)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True)) * scale
+    d_qkv = np.stack([d_scores @ k, d_scores.transpose(0, 1, 3, 2) @ q, probs.transpose(0, 1, 3, 2) @ d_context])
+    d_qkv = d_qkv.transpose(1, 3, 0, 2, 4).reshape(rows, 3 * D_MODEL)
+    d_weight, d_bias = d_qkv.T @ h1, d_qkv.sum(axis=0)
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        grads[f"{attn}.{name}.weight"] = d_weight[i * D_MODEL : (i + 1) * D_MODEL]
+        grads[f"{attn}.{name}.bias"] = d_bias[i * D_MODEL : (i + 1) * D_MODEL]
+    d_x0, grads["layers.0.ln1.weight"], grads["layers.0.ln1.bias"] = _layer_norm_backward(d_qkv @ qkv_weight, ln1)
+    d_x0 += d_x1
+    grads["embed_tokens.weight"] = np.zeros_like(p["embed_tokens.weight"])
+    np.add.at(grads["embed_tokens.weight"], input_ids.ravel(), d_x0)
+    grads["embed_positions.weight"] = np.zeros_like(p["embed_positions.weight"])
+    grads["embed_positions.weight"][:seq] = d_x0.reshape(batch, seq, D_MODEL).sum(axis=0)
+    return loss, grads
+
+
+def train_transformer(
+    rng: np.random.Generator, sequences: np.ndarray, steps: int, batch: int = LM_BATCH
+) -> tuple[Params, float]:
+    """Causal-LM training with AdamW (warmup, cosine decay, weight decay on 2-D tensors) in float64.
+
+    Uses ``sequences[i*batch:(i+1)*batch]`` at step i, so each sequence is seen once.
+    Returns float32 torch-layout weights and the mean train loss of the last 10% of steps.
+    """
+    params = init_transformer(rng)
+    first = {k: np.zeros_like(v) for k, v in params.items()}
+    second = {k: np.zeros_like(v) for k, v in params.items()}
+    b1, b2, losses = 0.9, 0.99, []
+    for step in range(1, steps + 1):
+        ids = sequences[(step - 1) * batch : step * batch]
+        loss, grads = transformer_loss_and_gradients(params, ids[:, :-1], ids[:, 1:])
+        losses.append(loss)
+        lr = LM_LR * min(1.0, step / LM_WARMUP) * (0.1 + 0.45 * (1.0 + np.cos(np.pi * step / steps)))
+        for name, g in grads.items():
+            first[name] = b1 * first[name] + (1 - b1) * g
+            second[name] = b2 * second[name] + (1 - b2) * g * g
+            if params[name].ndim == 2:
+                params[name] *= 1.0 - lr * LM_WEIGHT_DECAY
+            m_hat = first[name] / (1 - b1**step)
+            v_hat = second[name] / (1 - b2**step)
+            params[name] -= lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+    tail = losses[-max(1, steps // 10) :]
+    return {k: v.astype(np.float32) for k, v in params.items()}, float(np.mean(tail))
+
+
+def lm_metrics(logits: np.ndarray, sequences: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) of logits [n, seq-1, VOCAB] for the next tokens."""
+    targets = sequences[:, 1:]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    loss = -np.take_along_axis(log_probs, targets[..., None], axis=-1).mean()
+    return float(loss), float(np.mean(logits.argmax(axis=-1) == targets))
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -363,11 +544,25 @@ def build_transformer_onnx(params: Params) -> onnx.ModelProto:
 # --- driver --------------------------------------------------------------------
 
 
-def generate(out_dir: Path, mlp_epochs: int = MLP_EPOCHS) -> dict[str, float]:
-    """Write every sample file into ``out_dir``; returns the MLP's train and test accuracy.
+def lm_held_out(
+    rng: np.random.Generator, process: tuple[np.ndarray, np.ndarray], train: np.ndarray, n: int
+) -> np.ndarray:
+    """``n`` fresh sequences from ``process``, none equal to a training sequence."""
+    seen = {row.tobytes() for row in train}
+    candidates = sample_lm_sequences(rng, process, 2 * n)
+    fresh = [row for row in candidates if row.tobytes() not in seen]
+    if len(fresh) < n:
+        raise RuntimeError("held-out sampling kept repeating training sequences")
+    return np.stack(fresh[:n])
 
-    Only the default ``mlp_epochs`` produces the shipped files; fewer epochs give a
-    faster, equally deterministic run for tests.
+
+def generate(
+    out_dir: Path, mlp_epochs: int = MLP_EPOCHS, transformer_steps: int = LM_STEPS
+) -> dict[str, float]:
+    """Write every sample file into ``out_dir``; returns training and held-out metrics.
+
+    Only the defaults ``mlp_epochs`` and ``transformer_steps`` produce the shipped files;
+    fewer give a faster, equally deterministic run for tests.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     (x_train, y_train), (x_test, y_test) = make_mlp_data(np.random.default_rng(1), MLP_TRAIN, MLP_TEST)
@@ -381,12 +576,22 @@ def generate(out_dir: Path, mlp_epochs: int = MLP_EPOCHS) -> dict[str, float]:
     save_onnx(build_cnn_onnx(cnn), out_dir / "cnn.onnx")
     save_safetensors(cnn, out_dir / "cnn.safetensors")
 
-    transformer = init_transformer(np.random.default_rng(4))
+    process = make_lm_process(np.random.default_rng(4))
+    lm_train = sample_lm_sequences(np.random.default_rng(6), process, transformer_steps * LM_BATCH)
+    lm_test = lm_held_out(np.random.default_rng(7), process, lm_train, LM_TEST)
+    transformer, train_loss = train_transformer(np.random.default_rng(8), lm_train, transformer_steps)
     save_onnx(build_transformer_onnx(transformer), out_dir / "transformer.onnx")
     save_safetensors(transformer, out_dir / "transformer.safetensors")
+    np.savez(out_dir / "transformer_test_inputs.npz", input_ids=lm_test)
+    test_loss, test_accuracy = lm_metrics(transformer_forward(transformer, lm_test[:, :-1]), lm_test)
+    oracle = lm_oracle_predictions(process, lm_test)
     return {
         "train_accuracy": accuracy(mlp_forward(mlp, x_train), y_train),
         "test_accuracy": accuracy(mlp_forward(mlp, x_test), y_test),
+        "transformer_train_loss": train_loss,
+        "transformer_test_loss": test_loss,
+        "transformer_test_accuracy": test_accuracy,
+        "transformer_oracle_accuracy": float(np.mean(oracle == lm_test[:, 1:])),
     }
 
 
@@ -406,13 +611,18 @@ def verify_with_onnxruntime(out_dir: Path) -> dict[str, float]:
     if onnx_acc != numpy_acc:
         raise AssertionError(f"mlp.onnx accuracy {onnx_acc} != numpy accuracy {numpy_acc}")
 
-    ids = np.random.default_rng(5).integers(0, VOCAB, (2, 16), dtype=np.int64)
-    got = run("transformer.onnx", {"input_ids": ids})
-    want = transformer_forward(load_file(str(out_dir / "transformer.safetensors")), ids)
-    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    weights = load_file(str(out_dir / "transformer.safetensors"))
+    lm_test = np.load(out_dir / "transformer_test_inputs.npz")["input_ids"]
+    random_ids = np.random.default_rng(5).integers(0, VOCAB, (2, MAX_POS), dtype=np.int64)
+    rel, outputs = 0.0, []
+    for ids in (lm_test[:, :-1], random_ids):
+        outputs.append(run("transformer.onnx", {"input_ids": ids}))
+        want = transformer_forward(weights, ids)
+        rel = max(rel, float(np.abs(outputs[-1] - want).max() / np.abs(want).max()))
+    lm_acc = lm_metrics(outputs[0], lm_test)[1]
     if rel > 1e-4:
         raise AssertionError(f"transformer.onnx differs from the numpy reference: rel error {rel:.2e}")
-    return {"onnx_test_accuracy": onnx_acc, "transformer_rel_error": rel}
+    return {"onnx_test_accuracy": onnx_acc, "transformer_rel_error": rel, "transformer_onnx_accuracy": lm_acc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     stats = generate(args.out)
     elapsed = time.perf_counter() - started
     print(f"mlp train accuracy {stats['train_accuracy']:.4f}, test accuracy {stats['test_accuracy']:.4f}")
+    print(f"transformer train loss {stats['transformer_train_loss']:.4f} (last 10% of steps), "
+          f"held-out loss {stats['transformer_test_loss']:.4f}, "
+          f"held-out next-token accuracy {stats['transformer_test_accuracy']:.4f} "
+          f"(Bayes-optimal {stats['transformer_oracle_accuracy']:.4f})")
     print(f"generated in {elapsed:.1f} s into {args.out}")
     try:
         checks = verify_with_onnxruntime(args.out)
@@ -431,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         print("onnxruntime not installed: skipped the runtime checks")
         return 0
     print(f"onnxruntime: mlp test accuracy {checks['onnx_test_accuracy']:.4f} (matches numpy), "
-          f"transformer max rel error {checks['transformer_rel_error']:.1e}")
+          f"transformer max rel error {checks['transformer_rel_error']:.1e}, "
+          f"held-out accuracy {checks['transformer_onnx_accuracy']:.4f}")
     return 0
 
 

@@ -1,0 +1,117 @@
+"""Rendering output evaluation and threshold outcomes (rich and Markdown)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from compress_core.evaluate import Evaluation
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def inputs_label(evaluation: Evaluation) -> str:
+    """Where the inputs came from and their shapes: 'random: input_ids int64 [1, 16]'."""
+    arrays = evaluation.inputs.get("arrays", {})
+    shapes = ", ".join(f"{name} {a['dtype']} {a['shape']}" for name, a in arrays.items())
+    source = evaluation.inputs.get("source", "random")
+    return f"{source}: {shapes}" if shapes else source
+
+
+def output_rows(evaluation: Evaluation) -> list[list[str]]:
+    """One row per output: name, shape, rel. error, cosine, max abs error, top-1 agreement."""
+    return [[o.name, "x".join(map(str, o.shape)), _fmt(o.error.rel_l2, ".4f"),
+             _fmt(o.error.cosine, ".5f"), _fmt(o.error.max_abs, ".4g"), _pct(o.top1_agreement)]
+            for o in evaluation.outputs]
+
+
+HEADERS = ("output", "shape", "rel. error", "cosine", "max abs error", "top-1 agreement")
+
+
+def summary_lines(evaluation: Evaluation) -> list[str]:
+    """Accuracy and latency in one line each, then the evaluation's notes."""
+    lines = []
+    if evaluation.accuracy is not None:
+        a = evaluation.accuracy
+        lines.append(f"accuracy ({a.count} labels, output {a.output!r}): "
+                     f"{100 * a.before:.2f}% -> {100 * a.after:.2f}% "
+                     f"({a.change_points:+.2f} points)")
+    if evaluation.latency is not None:
+        t = evaluation.latency
+        lines.append(f"latency (median of {t.runs_before}/{t.runs_after} onnxruntime CPU runs on "
+                     f"this machine): {t.before_ms:.3g} ms -> {t.after_ms:.3g} ms "
+                     f"({_fmt(t.ratio, '.2f')}x)")
+    return lines + list(evaluation.notes)
+
+
+def print_evaluation(console: Console, report: Any) -> None:
+    """The output-error table, accuracy, latency and threshold outcomes after the size table."""
+    evaluation = report.evaluation
+    if evaluation is not None:
+        if evaluation.outputs:
+            console.print(f"evaluation: {evaluation.runtime}; inputs {inputs_label(evaluation)}",
+                          markup=False, highlight=False, soft_wrap=True)
+            table = Table(title="output error, compressed vs original", title_justify="left")
+            for header in HEADERS:
+                table.add_column(header, justify="left" if header in ("output", "shape")
+                                 else "right", no_wrap=True)
+            for row in output_rows(evaluation):
+                table.add_row(*row)
+            console.print(table)
+        for line in summary_lines(evaluation):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for check in report.checks:
+        status = "ok" if check.passed else "FAILED"
+        console.print(f"threshold {status}: {check.message}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+def markdown_evaluation(report: Any) -> list[str]:
+    """Markdown tables for output error and thresholds, and lines for accuracy and latency."""
+    lines: list[str] = []
+    evaluation = report.evaluation
+    if evaluation is not None:
+        if evaluation.outputs:
+            lines += ["", f"Output error ({evaluation.runtime}; inputs "
+                          f"{_md(inputs_label(evaluation))}):", "",
+                      "| " + " | ".join(HEADERS) + " |",
+                      "|---|---|---:|---:|---:|---:|"]
+            lines += ["| " + " | ".join(_md(c) for c in row) + " |"
+                      for row in output_rows(evaluation)]
+        if evaluation.accuracy is not None or evaluation.latency is not None:
+            lines += ["", "| measure | before | after | change |", "|---|---:|---:|---:|"]
+            if evaluation.accuracy is not None:
+                a = evaluation.accuracy
+                lines.append(f"| accuracy ({a.count} labels) | {100 * a.before:.2f}% | "
+                             f"{100 * a.after:.2f}% | {a.change_points:+.2f} points |")
+            if evaluation.latency is not None:
+                t = evaluation.latency
+                lines.append(f"| latency, median ms (this machine) | {t.before_ms:.3g} | "
+                             f"{t.after_ms:.3g} | {_fmt(t.ratio, '.2f')}x |")
+        if evaluation.notes:
+            lines += [""] + [f"- {_md(note)}" for note in evaluation.notes]
+    if report.checks:
+        lines += ["", "| threshold | limit | measured | result |", "|---|---:|---:|---|"]
+        for check in report.checks:
+            lines.append(f"| `{check.option}` | {check.limit:g} | "
+                         f"{_fmt(check.measured, '.4g')} | "
+                         f"{'pass' if check.passed else '**FAIL**'} |")
+    return lines
+
+
+def _md(text: str) -> str:
+    """Escape the characters that would break a Markdown table cell."""
+    return str(text).replace("|", "\\|")
