@@ -20,19 +20,10 @@ from typing import Any
 from compress_core.errors import ModelWriteError
 
 from .atomic import atomic_path
+from .digest import file_sha256
 from .sharded import is_index, read_index
 
 SOURCE_KEY = "modelpress.source"
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def input_key(main: Path, others: list[Path]) -> str:

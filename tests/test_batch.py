@@ -366,3 +366,18 @@ def test_a_linked_shard_blocks_its_checkpoint(tree: Path, tmp_path: Path) -> Non
                              "modelpress does not follow links inside a tree (copy the target in)")
     assert not (out / "llm" / "model.safetensors.index.json").exists()
     assert statuses(report)["vision/mlp.onnx"] == "ok"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-error", "0.1"], "--max-error applies to one model at a time; batch mode reports "
+                             "weight errors and does not run the models"),
+    (["--labels", "y.npy"], "--labels applies to one model at a time"),
+])
+def test_model_runs_and_thresholds_are_refused_in_batch_mode(tmp_path: Path, args: list[str],
+                                                            message: str) -> None:
+    result = run_cli(["compress", SAMPLES / "mlp.onnx", "-o", tmp_path, *args, "quantize"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert list(tmp_path.iterdir()) == []
+    ok = run_cli(["compress", SAMPLES / "mlp.onnx", "-o", tmp_path, "--no-eval", "quantize"])
+    assert ok.exit_code == 0 and (tmp_path / "mlp.onnx").exists()
