@@ -47,6 +47,9 @@ class BatchOptions:
     # start (a Python interpreter importing numpy and onnx), more than a batch
     # of sample-size models takes in one process.
     start_delay: float = 0.2
+    # With several jobs, this process compresses models too (it is already
+    # warm); False leaves all models to worker processes.
+    run_here: bool = True
 
 
 @dataclass

@@ -74,7 +74,8 @@ def _parallel(plan: Any, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
         todo.put(None)
     results: dict[str, ModelResult] = {}
     holders: dict[str, int] = {}    # model -> pid of the process working on it
-    launcher = _Launcher(context, jobs, (todo, events, cancel, job))
+    launcher = _Launcher(context, jobs - 1 if batch.run_here else jobs, jobs,
+                         (todo, events, cancel, job))
     began = time.monotonic()
 
     def handle(event: tuple[Any, ...]) -> None:
@@ -113,7 +114,10 @@ def _parallel(plan: Any, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
 
     use_in_process(events.put, cancel)
     local = threading.Thread(target=consume, args=(todo, events, job), daemon=True)
-    local.start()
+    if batch.run_here:
+        local.start()
+    else:
+        launcher.begin()
     try:
         copies = _copy_all(plan.copies, batch, cancel, emit, between=lambda: pump(0))
         while len(results) < len(tasks):
@@ -128,15 +132,16 @@ def _parallel(plan: Any, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
         launcher.stop()
         use_in_process(None, None)
     # Workers still starting, or idle, end by themselves at their end marker.
-    local.join()
+    if batch.run_here:
+        local.join()
     return [results[t.rel] for t in tasks], copies
 
 
 class _Launcher:
     """Starts the worker processes from a thread: a start waits for the forkserver to be up."""
 
-    def __init__(self, context: Any, jobs: int, args: tuple[Any, ...]) -> None:
-        self.context, self.jobs, self.args = context, jobs, args
+    def __init__(self, context: Any, count: int, jobs: int, args: tuple[Any, ...]) -> None:
+        self.context, self.count, self.jobs, self.args = context, count, jobs, args
         self._workers: list[Any] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -158,7 +163,7 @@ class _Launcher:
 
     def _run(self) -> None:
         with _worker_threads(self.jobs):
-            for _ in range(self.jobs - 1):
+            for _ in range(self.count):
                 if self._stop.is_set():
                     return
                 worker = self.context.Process(target=worker_main, args=self.args, daemon=True)
