@@ -125,15 +125,22 @@ def _parallel(plan: Any, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
     except BaseException:
         cancel.set()  # Ctrl-C: running models stop at their next tensor and clean up
         launcher.stop()
+        launcher.join()
         while local.is_alive() or any(w.is_alive() for w in launcher.started()):
             pump(_POLL_SECONDS)
         raise
     finally:
         launcher.stop()
         use_in_process(None, None)
-    # Workers still starting, or idle, end by themselves at their end marker.
     if batch.run_here:
         local.join()
+    # Every model is done: workers still starting or idle hold none, and must be gone
+    # before this process removes the queues' semaphores at exit.
+    launcher.join()
+    for worker in launcher.started():
+        if worker.is_alive():
+            worker.terminate()
+        worker.join()
     return [results[t.rel] for t in tasks], copies
 
 
@@ -156,6 +163,11 @@ class _Launcher:
     def stop(self) -> None:
         """Start no more workers."""
         self._stop.set()
+
+    def join(self) -> None:
+        """Wait until no worker is being started."""
+        if self._thread is not None:
+            self._thread.join()
 
     def started(self) -> list[Any]:
         with self._lock:
