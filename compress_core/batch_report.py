@@ -53,6 +53,7 @@ class CopyResult:
     reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-safe row."""
         return {"path": self.path, "output": self.output, "status": self.status,
                 "bytes": self.bytes, "reason": self.reason}
 
@@ -65,6 +66,7 @@ class Refusal:
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-safe row."""
         return {"path": self.path, "status": FAILED, "reason": self.reason}
 
 
@@ -98,10 +100,12 @@ class BatchReport:
 
     @property
     def bytes_after(self) -> int:
+        """Output bytes of those models."""
         return sum(m.bytes_after for m in self.models if m.bytes_after is not None)
 
     @property
     def worst_error(self) -> float | None:
+        """The largest per-tensor relative error of any model compressed in this run."""
         errors = [m.worst_error for m in self.models if m.worst_error is not None]
         return max(errors) if errors else None
 

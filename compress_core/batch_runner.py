@@ -170,6 +170,7 @@ class _Launcher:
             self._thread.join()
 
     def started(self) -> list[Any]:
+        """The worker processes started so far."""
         with self._lock:
             return list(self._workers)
 

@@ -102,7 +102,7 @@ def _exit_with_parent(sentinel: int) -> None:
 
 
 def use_in_process(emit: Emit | None, cancel: Any) -> None:
-    """Run tasks in this process (one job), sending events to `emit`."""
+    """Run tasks in this process (alone, or in a thread beside workers); events go to `emit`."""
     _STATE.emit = emit
     _STATE.cancel = cancel
 
