@@ -165,6 +165,10 @@ def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
     if task.config_src is not None and task.config_dst is not None:
         check_inside(task.config_dst, task.outdir)
         write_config(task.config_src, task.config_dst, task.dst)
+    if not extra:  # one file in, one file out: the plain sha256 of each, as single runs report
+        from formats.digest import file_sha256
+        report.input_sha256 = key
+        report.output_sha256 = None if task.kind == "sharded" else file_sha256(task.dst)
     row.status = OK
     row.bytes_after = output_bytes(task.dst)
     row.tensors_changed = len(report.rows)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from compress_core import decompress
 from formats import open_model
 
-from conftest import ort_run, run_cli
+from conftest import ort_run, run_cli, sha256
 from tree_helpers import SAMPLES, acceptance_tree, sample_tensors, tree_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +67,9 @@ def test_one_command_compresses_copies_and_reports_the_corrupt_file(tree: Path,
         if row["status"] == "ok":
             assert row["report"]["totals"]["file_bytes_after"] == row["bytes_after"]
             assert row["ratio"] < 0.3 and row["worst_rel_error"] < 0.2
+    mlp = next(m["report"] for m in report["models"] if m["path"] == "vision/mlp.onnx")
+    assert mlp["input_sha256"] == sha256(tree / "vision" / "mlp.onnx")
+    assert mlp["output_sha256"] == sha256(out / "vision" / "mlp.onnx")
     assert report["totals"]["ok"] == 4 and report["totals"]["failed"] == 1
     assert report["totals"]["bytes_after"] == sum(
         p.stat().st_size for p in out.rglob("*") if p.is_file() and p.suffix in
