@@ -30,7 +30,8 @@ def run_copies_and_models(plan: Any, job: JobSpec, jobs: int, batch: Any,
                           emit: Emit) -> tuple[list[ModelResult], list[CopyResult]]:
     """Run every task of `plan`; returns the model rows and the copy rows."""
     tasks = sorted(plan.tasks, key=lambda t: (-t.nbytes, t.rel))
-    if jobs <= 1 or len(tasks) <= 1:
+    jobs = min(jobs, len(tasks))    # never more consumers than models
+    if jobs <= 1:
         return _sequential(plan, tasks, job, batch, emit)
     return _parallel(plan, tasks, job, jobs, batch, emit)
 
