@@ -12,9 +12,9 @@ their ratio, then checks that both runs wrote byte-identical files. The
 machine's load average is printed too: other processes competing for the
 CPUs make parallel runs look worse than they are.
 
-    python benchmarks/batch_jobs.py [--repeat 5] [--jobs 2] [--scale 1]
+    python benchmarks/batch_jobs.py [--repeat 5] [--jobs 2] [--scale 1,4]
 
---scale K (K > 1) makes larger models: every safetensors tensor is tiled K
+--scale K,... prints one table per scale; K > 1 makes larger models: every safetensors tensor is tiled K
 times along its first axis, and each ONNX model becomes a chain of MatMul
 layers of width 128*K (K=1, the default, uses the sample models as they are).
 """
@@ -117,37 +117,43 @@ def files(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--scale", type=int, default=1)
-    args = parser.parse_args()
+def measure(scale: int, repeat: int, jobs_n: int) -> bool:
+    """Print one table for one model size; True if the outputs were byte-identical."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
-        total = build_tree(tree, args.scale)
+        total = build_tree(tree, scale)
         load_before = os.getloadavg()
-        times: dict[int, list[float]] = {1: [], args.jobs: []}
-        for r in range(args.repeat):
-            for jobs in (1, args.jobs) if r % 2 == 0 else (args.jobs, 1):
+        times: dict[int, list[float]] = {1: [], jobs_n: []}
+        for r in range(repeat):
+            for jobs in (1, jobs_n) if r % 2 == 0 else (jobs_n, 1):
                 out = Path(tmp) / f"out-{jobs}"
                 shutil.rmtree(out, ignore_errors=True)
                 times[jobs].append(run(tree, out, jobs))
         load_after = os.getloadavg()
-        one, many = files(Path(tmp) / "out-1"), files(Path(tmp) / f"out-{args.jobs}")
-        identical = one == many
+        one, many = files(Path(tmp) / "out-1"), files(Path(tmp) / f"out-{jobs_n}")
     base = statistics.median(times[1])
-    print(f"8 models, {total / 1e6:.2f} MB in total (scale {args.scale}), quantize --bits 4, "
-          f"{args.repeat} runs each, {os.cpu_count()} CPUs, load average "
-          f"{load_before[0]:.2f} before / {load_after[0]:.2f} after\n")
+    print(f"8 models, {total / 1e6:.2f} MB in total (scale {scale}), quantize --bits 4, "
+          f"{repeat} runs each, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} "
+          f"before / {load_after[0]:.2f} after\n")
     print("| --jobs | median wall time (s) | fastest (s) | time vs --jobs 1 |")
     print("|---:|---:|---:|---:|")
     for jobs, values in times.items():
         median = statistics.median(values)
         print(f"| {jobs} | {median:.2f} | {min(values):.2f} | {median / base:.2f}x |")
-    print(f"\noutputs byte-identical between --jobs 1 and --jobs {args.jobs}: "
-          f"{'yes' if identical else 'NO'} ({len(one)} files)")
-    if not identical:
+    print(f"\noutputs byte-identical between --jobs 1 and --jobs {jobs_n}: "
+          f"{'yes' if one == many else 'NO'} ({len(one)} files)\n")
+    return one == many
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--scale", default="1,4",
+                        help="comma-separated model scales, one table each [default: 1,4]")
+    args = parser.parse_args()
+    identical = [measure(int(k), args.repeat, args.jobs) for k in args.scale.split(",")]
+    if not all(identical):
         sys.exit(1)
 
 

@@ -208,7 +208,7 @@ def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     """Compress every model of the plan and copy its other files; never raises for a model.
 
     With more than one job, worker processes are started with multiprocessing's
-    forkserver (or spawn), which imports the main module again: a script that
+    "spawn" start method, which imports the main module again: a script that
     calls this must do so under `if __name__ == "__main__":`.
     """
     from .batch_runner import run_copies_and_models

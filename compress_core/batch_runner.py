@@ -1,11 +1,11 @@
 """Running a batch plan: models in worker processes (or in this one), copies in this one.
 
-Worker processes come from a "forkserver" (where the platform has one, else
-"spawn"): a fresh, single-threaded server process imports modelpress once and
-forks each worker from it, which is safe with libraries that hold threads or
-locks (onnxruntime, BLAS), unlike forking this process, and starts workers
-without importing everything again. Largest models are queued first so the
-slowest model does not start last. Events from every consumer arrive through
+Worker processes are started with "spawn": each is a fresh interpreter, which
+is safe with libraries that hold threads or locks (onnxruntime, BLAS), unlike
+forking this process. Starting one returns at once (it imports modelpress on
+its own), so this process never waits for a worker to come up, and a worker
+still starting when the last model is done is simply ended. Largest models
+are queued first so the slowest model does not start last. Events from every consumer arrive through
 one queue and are passed on from this process's main thread only.
 """
 
@@ -146,7 +146,7 @@ def _parallel(plan: Any, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
 
 
 class _Launcher:
-    """Starts the worker processes from a thread: a start waits for the forkserver to be up."""
+    """Starts the worker processes (once) from a thread, so this one keeps handling events."""
 
     def __init__(self, context: Any, count: int, jobs: int, args: tuple[Any, ...]) -> None:
         self.context, self.count, self.jobs, self.args = context, count, jobs, args
@@ -214,16 +214,8 @@ def _worker_threads(jobs: int) -> Iterator[None]:
                 os.environ[name] = value
 
 
-_PRELOAD = ["compress_core.batch_worker", "compress_core.api", "formats", "formats.outputs",
-            "formats.ct_config"]
-
-
 def _context() -> Any:
     import multiprocessing
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(_PRELOAD)
-        return context
     return multiprocessing.get_context("spawn")
 
 

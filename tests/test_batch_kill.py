@@ -36,7 +36,7 @@ def _writing(out: Path) -> bool:
 
 
 def _descendants(pid: int) -> set[int]:
-    """Children, grandchildren ... (workers are children of the forkserver)."""
+    """Children, grandchildren ..."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -48,9 +48,19 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _forked_workers(pid: int) -> int:
-    """Worker processes below `pid` (forked by the forkserver, which shares their command)."""
-    return max(0, sum("forkserver" in _cmdline(p) for p in _descendants(pid)) - 1)
+def _workers(pid: int) -> int:
+    """Worker processes below `pid` that are up: started by multiprocessing's spawn and
+    running their watchdog thread (started once the worker has imported modelpress)."""
+    return sum("spawn_main" in _cmdline(p) and _threads(p) >= 2 for p in _descendants(pid))
+
+
+def _threads(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(next((line.split()[1] for line in status.splitlines()
+                     if line.startswith("Threads:")), 0))
 
 
 def _cmdline(pid: int) -> str:
@@ -87,7 +97,7 @@ def test_sigkill_half_way_then_rerun_completes(tmp_path: Path, jobs: str) -> Non
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not _writing(out) or (jobs == "2" and _forked_workers(proc.pid) < 1):
+        while not _writing(out) or (jobs == "2" and _workers(proc.pid) < 1):
             assert proc.poll() is None, "the run ended before it was caught writing"
             assert time.monotonic() < deadline
             time.sleep(0.001)
