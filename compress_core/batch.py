@@ -43,10 +43,12 @@ class BatchOptions:
     skip_existing: bool = False
     fail_fast: bool = False
     # With several jobs, worker processes start only if the batch is still
-    # running after this many seconds: a worker costs about 0.4 s of CPU to
-    # start (a Python interpreter importing numpy and onnx), more than a batch
-    # of sample-size models takes in one process.
-    start_delay: float = 0.2
+    # running after this many seconds. A worker costs about 0.3-0.4 s of CPU
+    # to start (a Python interpreter importing numpy and onnx), more than a
+    # batch of sample-size models takes in one process; waiting about as long
+    # as a start costs bounds the loss on short batches and delays long ones
+    # by as little.
+    start_delay: float = 0.4
     # With several jobs, this process compresses models too (it is already
     # warm); False leaves all models to worker processes.
     run_here: bool = True
