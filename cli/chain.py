@@ -78,11 +78,14 @@ class StageChain(click.Group):
         stage_values = set()
         for command in self.commands.values():
             stage_values |= option_names(command.params)[0]
-        hoisted, tail = hoist_options(args[split:], value_options, flag_options, stage_values)
+        # A help flag among the stages asks for that stage's help, so it is not hoisted.
+        hoisted, tail = hoist_options(args[split:], value_options,
+                                      flag_options - set(HELP_FLAGS), stage_values)
         head = list(args[:split]) + hoisted
         if tail and any(flag in tail for flag in HELP_FLAGS) and not any(
                 flag in head for flag in HELP_FLAGS):
-            self._stage_help(ctx, tail[0])
+            at = min(tail.index(flag) for flag in HELP_FLAGS if flag in tail)
+            self._stage_help(ctx, [a for a in tail[:at] if a in self.commands][-1])
         click.Command.parse_args(self, ctx, head)
         # click stores the pending subcommand arguments here (private since 8.2).
         ctx._protected_args = tail

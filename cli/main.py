@@ -67,6 +67,9 @@ def cli() -> None:
       modelpress compress model.onnx -o small.onnx quantize --bits 8
       modelpress compress model.safetensors -o small.safetensors quantize --bits 4 --group-size 32
       modelpress compress model.onnx -o small.onnx prune --sparsity 0.5 quantize --bits 8
+      modelpress compress model.onnx -o small.onnx cast --dtype fp16
+      modelpress compress model.onnx -o small.onnx lowrank --rank-ratio 0.25 quantize --bits 4
+      modelpress compress model.onnx -o small.onnx prune --sparsity 0.5 cluster --bits 4
       modelpress compress model.onnx -o small.onnx --recipe recipe.yaml
       modelpress inspect small.onnx
       modelpress decompress small.safetensors -o dense.safetensors
@@ -128,11 +131,22 @@ def compress(**_: Any) -> None:
     `modelpress compress STAGE --help` for a stage's options.
 
     \b
+    Stages: quantize, cast, prune, lowrank, cluster. An order that cannot
+    work on a tensor (such as cluster then prune) stops with a message that
+    says what works instead (here: prune then cluster).
+
+    \b
     Examples:
       modelpress compress mlp.onnx -o mlp-int8.onnx quantize --bits 8
       modelpress compress mlp.onnx -o out.onnx quantize --bits 4 --group-size 32
       modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.5 quantize --bits 8
       modelpress compress w.safetensors -o w4.safetensors quantize --bits 4 --scheme asym
+      modelpress compress mlp.onnx -o half.onnx cast --dtype fp16
+      modelpress compress w.safetensors -o w8.safetensors cast --dtype fp8-e4m3 --scale channel
+      modelpress compress mlp.onnx -o out.onnx prune --pattern 2:4 quantize --bits 4
+      modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.7 --scope global
+      modelpress compress mlp.onnx -o out.onnx lowrank --rank-ratio 0.25 quantize --bits 8
+      modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.5 cluster --bits 4
       modelpress compress mlp.onnx -o out.onnx --recipe recipe.yaml --report report.json
       modelpress compress mlp.onnx -o out.onnx --print-recipe quantize --bits 4
       modelpress compress mlp.onnx -o out.onnx --inputs x.npz --labels y.npy quantize --bits 4

@@ -52,7 +52,7 @@ def _option(klass: type[Stage], f: dataclasses.Field) -> click.Option:
     help_text = meta.get("help", "")
     if default not in (None, ()) and "[default" not in help_text:
         help_text += f" [default: {default}]"
-    return click.Option([cli_name(f.name)], f.name, default=None, help=help_text,
+    return click.Option([cli_name(f.name), f.name], default=None, help=help_text,
                         metavar=meta.get("metavar"), **extra)
 
 

@@ -3,8 +3,11 @@
 Python API::
 
     from compress_core import Recipe, Quantize, Prune, compress
-    report = compress("model.onnx", "small.onnx", Recipe([Quantize(bits=8), Prune(sparsity=0.5)]))
+    report = compress("model.onnx", "small.onnx", Recipe([Prune(sparsity=0.5), Quantize(bits=8)]))
     print(report.ratio, report.weight_error.rel_l2)
+
+Stages: Quantize ("quantize"), Cast ("cast"), Prune ("prune"), Factorize
+("lowrank") and Cluster ("cluster").
 
 Output error of ONNX models (onnxruntime) and a side-by-side sweep::
 
@@ -20,22 +23,26 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import compress, decompress, inspect
-from .encoded import Dense, Encoded, Quantized, Sparse
+from .cast import Cast
+from .cluster import Cluster
+from .encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
 from .errors import (ModelpressError, ModelReadError, ModelWriteError, RecipeError,
                      UnsupportedTensorError)
 from .metrics import ErrorStats, compare
 from .pipeline import DEFAULT_MIN_ELEMENTS, Options, encode
+from .lowrank import Factorize
 from .prune import Prune
 from .quantize import Quantize
 from .recipe import Recipe
 from .report import Report, TensorRow
-from .stage import REGISTRY, Stage, stage_class
+from .stage import REGISTRY, Skip, Stage, stage_class
 from .tensorinfo import TensorInfo
 
 __all__ = [
-    "DEFAULT_MIN_ELEMENTS", "Dense", "Encoded", "ErrorStats", "ModelReadError", "ModelWriteError",
-    "ModelpressError", "Options", "Prune", "Quantize", "Quantized", "REGISTRY", "Recipe",
-    "RecipeError", "Report", "Sparse", "Stage", "TensorInfo", "TensorRow",
+    "Cast", "Cluster", "DEFAULT_MIN_ELEMENTS", "Dense", "Encoded", "ErrorStats", "Factorize",
+    "LowRank", "ModelReadError", "ModelWriteError", "ModelpressError", "Options", "Palettized",
+    "Prune", "Quantize", "Quantized", "REGISTRY", "Recipe", "RecipeError", "Report", "Scaled",
+    "Skip", "Sparse", "Stage", "TensorInfo", "TensorRow",
     "UnsupportedTensorError", "__version__", "compare", "compress", "decompress", "encode",
     "inspect", "stage_class",
 ]

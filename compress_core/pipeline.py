@@ -11,7 +11,7 @@ from .encoded import Dense, Encoded
 from .errors import ModelpressError, UnsupportedTensorError
 from .metrics import ErrorStats, compare
 from .recipe import Recipe
-from .stage import Stage
+from .stage import Skip, Stage
 from .store import Progress, TensorStore
 from .tensorinfo import TensorInfo
 
@@ -53,6 +53,7 @@ def encode(store: TensorStore, recipe: Recipe, options: Options = Options(),
     """Read each selected tensor once, apply its stages, and measure the error."""
     work = plan(store, recipe, options)
     result = Encoding()
+    work = _prepare(store, recipe, work, options)
     for done, (name, stages) in enumerate(work.items()):
         if progress:
             progress(done, len(work), name)
@@ -87,9 +88,50 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
         raise UnsupportedTensorError(
             f"tensor {info.name!r} has {bad} NaN/Inf values; fix the model, exclude it "
             f"(--exclude '{info.name}'), or pass --allow-nonfinite to leave such tensors as they are")
-    encoded: Encoded = Dense(array)
-    for stage in stages:
-        encoded = stage.apply(encoded, info)
+    encoded = _apply_stages(Dense(array), info, stages, notes)
     if isinstance(encoded, Dense) and encoded.array is array:
         return None, None
     return encoded, compare(array, encoded.decode())
+
+
+def _apply_stages(encoded: Encoded, info: TensorInfo, stages: list[Stage],
+                  notes: list[str] | None) -> Encoded:
+    for stage in stages:
+        try:
+            encoded = stage.apply(encoded, info)
+        except Skip as reason:
+            if notes is not None:
+                notes.append(f"{info.name}: {stage.id} left it as is ({reason})")
+    return encoded
+
+
+def _prepare(store: TensorStore, recipe: Recipe, work: dict[str, list[Stage]],
+             options: Options) -> dict[str, list[Stage]]:
+    """Let stages that need a look at all their tensors first (global pruning) take it.
+
+    Each such stage sees its tensors as the stages before it leave them, and
+    is replaced in the work list by the prepared stage that `prepare` returns.
+    """
+    for stage in recipe.stages:
+        if not stage.needs_prepare:
+            continue
+        names = [n for n, stages in work.items() if any(s is stage for s in stages)]
+
+        def tensors(names: list[str] = names, stage: Stage = stage):
+            for name in names:
+                info = store.tensors[name]
+                if not info.is_float or info.size == 0:
+                    continue  # the main pass reports these
+                array = store.read(name)
+                if not np.isfinite(array.astype(np.float32)).all():
+                    continue
+                stages = work[name]
+                before = stages[:next(i for i, s in enumerate(stages) if s is stage)]
+                yield info, _apply_stages(Dense(array), info, before, None).decode()
+
+        try:
+            ready = stage.prepare(tensors)
+        except ModelpressError as exc:
+            raise type(exc)(f"{store.path}: {exc}") from None
+        work = {n: [ready if s is stage else s for s in stages] for n, stages in work.items()}
+    return work

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import scale_dtype_for
-from .encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
+from .encoded import GRANULARITIES, Dense, Encoded, LowRank, Quantized, Sparse
 from .stage import Stage, option, register
 from .tensorinfo import TensorInfo
 
@@ -59,6 +59,11 @@ class Quantize(Stage):
         if isinstance(encoded, Sparse):
             quantized = self.apply(encoded.values, info)
             return Sparse(encoded.mask, quantized, encoded.pattern)
+        if isinstance(encoded, LowRank):
+            from .lowrank import factor_info
+            return LowRank(self.apply(encoded.left, factor_info(info, encoded.left.shape, "left")),
+                           self.apply(encoded.right,
+                                      factor_info(info, encoded.right.shape, "right")))
         if not isinstance(encoded, Dense):
             from .compose import order_error
             raise order_error(self, encoded, info)
@@ -171,11 +176,17 @@ def _stored(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
+    return _grid(rows, scale, zero, bits).astype(np.int8)
+
+
+def _grid(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
+    """The codes as floats (exact small integers): the mse search stays in float32."""
     qmin, qmax = _qrange(bits)
-    q = np.rint(rows / scale)
+    q = rows / scale
+    np.rint(q, out=q)
     if zero is not None:
         q += zero
-    return np.clip(q, qmin, qmax).astype(np.int8)
+    return np.clip(q, qmin, qmax, out=q)
 
 
 def _fit(rows: np.ndarray, bits: int, symmetric: bool,
@@ -188,15 +199,18 @@ def _fit(rows: np.ndarray, bits: int, symmetric: bool,
 
 def _sq_error(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
               bits: int) -> np.ndarray:
-    q = _codes(rows, scale, zero, bits).astype(np.float32)
+    # In place on one temporary: this runs several times per block in --method mse.
+    q = _grid(rows, scale, zero, bits)
     if zero is not None:
         q -= zero
-    return np.square(q * scale - rows).sum(axis=1, keepdims=True)
+    q *= scale
+    q -= rows
+    return np.square(q, out=q).sum(axis=1, keepdims=True)
 
 
 def _search(rows: np.ndarray, candidates: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
-            bits: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pick, per row, the candidate (scale, zero) with the least squared error."""
+            bits: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Pick, per row, the candidate (scale, zero) with the least squared error (and that error)."""
     best_s, best_z = candidates(_MSE_RATIOS[0])
     best_err = _sq_error(rows, best_s, best_z, bits)
     for ratio in _MSE_RATIOS[1:]:
@@ -207,7 +221,7 @@ def _search(rows: np.ndarray, candidates: Callable[[float], tuple[np.ndarray, np
         best_s = np.where(better, s, best_s)
         if z is not None:
             best_z = np.where(better, z, best_z)
-    return best_s, best_z
+    return best_s, best_z, best_err
 
 
 def _fit_symmetric(rows: np.ndarray, bits: int, method: str) -> np.ndarray:
@@ -216,11 +230,10 @@ def _fit_symmetric(rows: np.ndarray, bits: int, method: str) -> np.ndarray:
     amax = np.where(amax > 0, amax, np.float32(qmax))
     if method == "rtn":
         return amax / qmax
-    scale, _ = _search(rows, lambda r: (amax * np.float32(r / qmax), None), bits)
-    err = _sq_error(rows, scale, None, bits)
+    scale, _, err = _search(rows, lambda r: (amax * np.float32(r / qmax), None), bits)
     for _ in range(_REFIT_STEPS):
         # Least-squares refit of the scale for the current codes.
-        q = _codes(rows, scale, None, bits).astype(np.float32)
+        q = _grid(rows, scale, None, bits)
         den = np.square(q).sum(axis=1, keepdims=True)
         refit = np.where(den > 0, (q * rows).sum(axis=1, keepdims=True) / np.maximum(den, 1e-30),
                          scale)
@@ -245,4 +258,4 @@ def _fit_asymmetric(rows: np.ndarray, bits: int, method: str) -> tuple[np.ndarra
 
     if method == "rtn":
         return candidate(1.0)
-    return _search(rows, candidate, bits)
+    return _search(rows, candidate, bits)[:2]

@@ -14,13 +14,27 @@ import math
 import typing
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
+
+import numpy as np
 
 from .encoded import Encoded
 from .errors import RecipeError
 from .tensorinfo import TensorInfo
 
 REGISTRY: dict[str, type[Stage]] = {}
+
+TensorValues = Callable[[], Iterable[tuple[TensorInfo, np.ndarray]]]
+"""A re-iterable source of (info, float32 values) for every tensor a stage selects."""
+
+
+class Skip(Exception):
+    """Raised by `Stage.apply` to leave a tensor as it is; the message is the reason.
+
+    The pipeline records the reason as a note of the report and goes on with
+    the next stage, so `lowrank ... quantize` still quantizes a tensor that
+    low-rank factors would not make smaller.
+    """
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -115,6 +129,21 @@ class Stage:
         if self.include:
             return any(fnmatch.fnmatchcase(info.name, pat) for pat in self.include)
         return info.default_target(min_elements)
+
+    @property
+    def needs_prepare(self) -> bool:
+        """True when this stage must see every tensor it selects before changing any."""
+        return False
+
+    def prepare(self, tensors: TensorValues) -> Stage:
+        """The stage ready for one run, given all its tensors (see `needs_prepare`).
+
+        `tensors()` may be iterated more than once; each pass reads the tensors
+        again, so only one is held in memory at a time. The returned stage
+        carries what the pass found (e.g. a global threshold); this one is not
+        changed.
+        """
+        return self
 
     @abstractmethod
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:

@@ -13,6 +13,11 @@ without being rewritten:
 - Sparse over a float tensor: dense zeros. (A `sparse_initializer` feeding
   MatMul/Conv fails onnx.checker's full check, which types it as a sparse
   tensor, so it is not used.)
+- Scaled (fp16/bf16/fp8) and Palettized: see `onnx_cast` and `onnx_palette`.
+- LowRank rewrites its consumer instead; see `onnx_lowrank`.
+
+Every spec lists the initializers (`initializers`, role -> name) and nodes
+(`nodes`) that hold the tensor, so readers can find, size and remove them.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compress_core.encoded import Dense, Encoded, Quantized, Sparse
-from compress_core.errors import ModelWriteError
+from compress_core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
+from compress_core.errors import ModelReadError, ModelWriteError
 from compress_core.packing import pack_bits, to_signed, unpack_bits
 
 FreshName = Callable[[str], str]
@@ -47,6 +52,15 @@ class Emitted:
 
 def required_opset(encoded: Encoded, dtype: np.dtype) -> int:
     """The lowest default-domain opset that can hold this encoding."""
+    if isinstance(encoded, LowRank):
+        return max(required_opset(encoded.left, dtype), required_opset(encoded.right, dtype))
+    inner = encoded.values if isinstance(encoded, Sparse) else encoded
+    if isinstance(inner, Scaled):
+        from .onnx_cast import scaled_opset
+        return scaled_opset(inner)
+    if isinstance(inner, Palettized):
+        from .onnx_palette import PALETTE_OPSET
+        return PALETTE_OPSET
     q = _quantized(encoded)
     if q is None:
         return 1
@@ -57,14 +71,36 @@ def required_opset(encoded: Encoded, dtype: np.dtype) -> int:
     return 13
 
 
-def emit(name: str, encoded: Encoded, fresh: FreshName) -> Emitted:
-    """The ONNX form of one encoded tensor."""
+def emit(name: str, encoded: Encoded, fresh: FreshName,
+         dtype: np.dtype = np.dtype(np.float32)) -> Emitted:
+    """The ONNX form of one encoded tensor: nodes whose last output is `name`.
+
+    `dtype` is the float type the consumers expect (the original tensor's).
+    """
     q = _quantized(encoded)
     if q is not None:
         return _dequantize_linear(name, q, fresh, encoded)
-    if isinstance(encoded, Sparse) and isinstance(encoded.values, Dense):
-        return _pruned(name, encoded)
-    raise ModelWriteError(f"tensor {name!r}: no ONNX form for {encoded.describe()}")
+    inner = encoded.values if isinstance(encoded, Sparse) else encoded
+    if isinstance(inner, Dense):
+        out = _pruned(name, encoded) if isinstance(encoded, Sparse) else _dense(name, inner)
+    elif isinstance(inner, Scaled):
+        from .onnx_cast import emit_scaled
+        out = emit_scaled(name, inner, fresh, dtype)
+    elif isinstance(inner, Palettized):
+        from .onnx_palette import emit_palettized
+        out = emit_palettized(name, inner, fresh)
+    else:
+        raise ModelWriteError(f"tensor {name!r}: no ONNX form for {encoded.describe()}")
+    if isinstance(encoded, Sparse):
+        out.spec["pattern"] = encoded.pattern
+    return out
+
+
+def _dense(name: str, dense: Dense) -> Emitted:
+    """A plain initializer (a low-rank factor that no later stage changed)."""
+    spec = {"layout": "dense", "initializers": {"values": name}, "nodes": []}
+    return Emitted(initializers=[numpy_helper.from_array(np.ascontiguousarray(dense.array), name)],
+                   spec=spec)
 
 
 def _quantized(encoded: Encoded) -> Quantized | None:
@@ -134,8 +170,46 @@ def _data_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def decode_spec(spec: dict[str, Any], initializers: dict[str, onnx.TensorProto],
-                shape: tuple[int, ...]) -> Quantized:
-    """Rebuild the Quantized tree of a tensor written by `_dequantize_linear`."""
+                shape: tuple[int, ...]) -> Encoded:
+    """Rebuild the encoded tree of a tensor from its spec and its initializers (by name)."""
+    layout = spec["layout"]
+    if layout == "dequantize-linear":
+        return _decode_dequantize_linear(spec, initializers, shape)
+    if layout == "dense":
+        return Dense(numpy_helper.to_array(initializers[spec["initializers"]["values"]]))
+    if layout == "cast":
+        from .onnx_cast import decode_scaled
+        return decode_scaled(spec, initializers, shape)
+    if layout == "palettized":
+        from .onnx_palette import decode_palettized
+        return decode_palettized(spec, initializers, shape)
+    if layout == "lowrank":
+        left = decode_spec(spec["left"], initializers, tuple(spec["left"]["shape"]))
+        right = decode_spec(spec["right"], initializers, tuple(spec["right"]["shape"]))
+        return LowRank(left, right)
+    raise ModelReadError(f"unknown modelpress ONNX layout {layout!r}; upgrade modelpress")
+
+
+def spec_initializers(spec: dict[str, Any]) -> list[str]:
+    """Every initializer name a spec (and its nested specs) owns."""
+    names = list(spec.get("initializers", {}).values())
+    for part in ("left", "right"):
+        if part in spec:
+            names += spec_initializers(spec[part])
+    return names
+
+
+def spec_nodes(spec: dict[str, Any]) -> list[str]:
+    """Every node name a spec (and its nested specs) owns."""
+    names = list(spec.get("nodes", []))
+    for part in ("left", "right"):
+        if part in spec:
+            names += spec_nodes(spec[part])
+    return names
+
+
+def _decode_dequantize_linear(spec: dict[str, Any], initializers: dict[str, onnx.TensorProto],
+                              shape: tuple[int, ...]) -> Quantized:
     t = spec["initializers"]
     bits, four = spec["bits"], spec["bits"] <= 4
     codes = _read_int(initializers[t["codes"]], four).reshape(shape)

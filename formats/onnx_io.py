@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compress_core.encoded import Dense, Encoded
+from compress_core.encoded import Dense, Encoded, LowRank
 from compress_core.errors import ModelReadError, ModelWriteError
 from compress_core.store import Progress, WriteResult
 from compress_core.tensorinfo import TensorInfo
 
 from .atomic import atomic_path
-from .onnx_emit import decode_spec, emit, required_opset
+from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spec_nodes
 from .onnx_graph import (Location, external_data_file, graphs, is_external, locate, opset_version,
                          tensor_info, used_names, weight_roles)
 
@@ -58,25 +58,29 @@ class OnnxStore:
 
         Yields (name, info, encoding or None if stored plainly, bytes stored).
         """
-        parts = {n for spec in self.encodings.values() for n in spec.get("initializers", {}).values()}
+        parts = {n for spec in self.encodings.values() for n in spec_initializers(spec)}
         for name, info in self._tensors.items():
             if name not in parts and name not in self.encodings:
                 yield name, info, None, info.nbytes
         for name, spec in self.encodings.items():
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))
             info = TensorInfo(name=name, shape=tuple(spec["shape"]), dtype=dtype)
-            stored = sum(self._tensors[p].nbytes for p in spec.get("initializers", {}).values()
-                         if p in self._tensors)
-            if spec["layout"] == "dense":
+            stored = sum(_stored_bytes(self._locations[p].tensor) for p in spec_initializers(spec)
+                         if p in self._locations)
+            if spec["layout"] == "dense" and "initializers" not in spec:
                 stored = info.nbytes
             yield name, info, self.decode(name), stored
 
     def decode(self, name: str) -> Encoded:
         """The encoded tree of a tensor this model stores in a modelpress encoding."""
         spec = self.encodings[name]
-        if spec["layout"] != "dequantize-linear":
-            return Dense(self.read(name))
-        inits = {n: self._locations[n].tensor for n in spec["initializers"].values()}
+        if spec["layout"] == "dense" and "initializers" not in spec:
+            return Dense(self.read(name))  # pruned: zeros stored densely under W's own name
+        try:
+            inits = {n: self._locations[n].tensor for n in spec_initializers(spec)}
+        except KeyError as exc:
+            raise ModelReadError(f"{self.path}: tensor {name!r}: its modelpress encoding names "
+                                 f"a missing initializer {exc}") from None
         try:
             return decode_spec(spec, inits, tuple(spec["shape"]))
         except (KeyError, ValueError) as exc:
@@ -115,9 +119,15 @@ class OnnxStore:
         for i, (name, enc) in enumerate(encoded.items()):
             if progress:
                 progress(i, len(encoded), f"writing {name}")
-            out = emit(name, enc, fresh)
-            _replace(locations[name], name, out)
             info = self._tensors[name]
+            if isinstance(enc, LowRank):
+                from .onnx_lowrank import emit_lowrank, product_note
+                out, form = emit_lowrank(model, name, enc, fresh, info.dtype)
+                if form == "product":
+                    notes.append(product_note(name, enc))
+            else:
+                out = emit(name, enc, fresh, info.dtype)
+            _replace(locations[name], name, out)
             out.spec.update(dtype=int(locations[name].tensor.data_type), shape=list(info.shape),
                             encoding=enc.describe(), origin=locations[name].kind)
             specs[name] = out.spec
@@ -125,6 +135,17 @@ class OnnxStore:
         _set_metadata(model, specs, metadata)
         size = save_checked(model, dst)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size, notes=notes)
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data as stored (INT4 packs two per byte)."""
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    if is_external(tensor):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        if "length" in info:
+            return int(info["length"])
+    return numpy_helper.to_array(tensor).nbytes
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -263,6 +284,13 @@ def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
     for name, spec in store.encodings.items():
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))
         array = store.decode(name).decode().astype(dtype)
+        if spec["layout"] == "lowrank":
+            from .onnx_lowrank import restore_consumer
+            try:
+                restore_consumer(model, spec)
+            except (KeyError, ValueError) as exc:
+                raise ModelReadError(f"{store.path}: tensor {name!r}: corrupt modelpress "
+                                     f"encoding ({exc})") from None
         graph = _remove_encoding(model, name, spec)
         graph.initializer.append(numpy_helper.from_array(array, name))
         restored[name] = array.nbytes
@@ -272,13 +300,13 @@ def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
 
 def _remove_encoding(model: onnx.ModelProto, name: str, spec: dict[str, Any]) -> onnx.GraphProto:
     """Delete the nodes and initializers that encode `name`; return the graph that held them."""
-    owned_nodes = set(spec.get("nodes", []))
-    owned_inits = set(spec.get("initializers", {}).values()) | {name}
+    owned_nodes = set(spec_nodes(spec))
+    owned_inits = set(spec_initializers(spec)) | {name}
     home = None
-    for graph in graphs(model.graph):
+    for graph in graphs(model.graph):  # outer graphs first: W's home is the outermost
         keep = [n for n in graph.node if n.name not in owned_nodes]
         if len(keep) != len(graph.node):
-            home = graph
+            home = home or graph
             del graph.node[:]
             graph.node.extend(keep)
         inits = [t for t in graph.initializer if t.name not in owned_inits]

@@ -9,8 +9,13 @@ Three layouts, each recorded per tensor in the header's `__metadata__`
   `M.weight_shape`. Used for 2-D `*.weight` tensors at 4 or 8 bits.
 - "sparse-bitmask": compressed-tensors' pruned layout (`M.shape`,
   `M.compressed`, `M.bitmask`, `M.row_offsets`) for pruned-only 2-D tensors.
-- "modelpress": any other tree, stored as parts named `<tensor>.mp_<part>`
-  and described by a nested spec (bit-packed codes, bitmasks, values).
+- "float-quantized": compressed-tensors' fp8 layout, `M.weight` stored as
+  F8_E4M3 `[out, in]` with `M.weight_scale` (`[out, 1]` per channel, `[1]`
+  per tensor) in the model's float type; "scaled" is the same naming for
+  every other low-precision float (F16, BF16, F8_E5M2, N-D, scales optional).
+- "modelpress": any other tree (low-rank factors, codebooks, 2/3-bit codes,
+  pruned + compressed), stored as parts named `<tensor>.mp_<part>` and
+  described by a nested spec (bit-packed codes, bitmasks, values).
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from compress_core.encoded import Dense, Encoded, Quantized, Sparse
+from compress_core.dtypes import FLOAT8_E4M3
+from compress_core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
 from compress_core.errors import ModelReadError, ModelWriteError
 from compress_core.packing import pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits, \
     unpack_int32
+
+from .st_header import DTYPES, dtype_code
 
 Parts = list[tuple[str, np.ndarray]]
 Getter = Callable[[str], np.ndarray]
@@ -54,6 +62,8 @@ def _layout(name: str, encoded: Encoded) -> tuple[dict[str, Any], Parts]:
     if isinstance(encoded, Dense):
         return ({"layout": "dense", "tensors": {"values": name}},
                 [(name, np.ascontiguousarray(encoded.array))])
+    if isinstance(encoded, Scaled):
+        return _scaled(name, encoded)
     parts: Parts = []
     node = _node_spec(name, encoded, None, parts)
     return {"layout": "modelpress", "node": node}, parts
@@ -68,6 +78,8 @@ def decode_tensor(spec: dict[str, Any], get: Getter) -> Encoded:
         return _read_sparse_bitmask(spec, get)
     if layout == "dense":
         return Dense(get(spec["tensors"]["values"]))
+    if layout in ("float-quantized", "scaled"):
+        return _read_scaled(spec, get)
     if layout == "modelpress":
         return _read_node(spec["node"], get, None)
     raise ModelReadError(f"unknown modelpress layout {layout!r}; upgrade modelpress")
@@ -88,7 +100,7 @@ def part_names(spec: dict[str, Any]) -> list[str]:
 
 
 _NAME_KEYS = {"packed", "scale", "zero_point", "shape", "compressed", "bitmask", "row_offsets",
-              "codes", "mask", "values"}
+              "codes", "mask", "values", "lut", "indices"}
 
 
 # -- compressed-tensors pack-quantized -----------------------------------------
@@ -179,20 +191,79 @@ def _read_sparse_bitmask(spec: dict[str, Any], get: Getter) -> Sparse:
     return Sparse(mask, Dense(dense), spec.get("pattern", "unstructured"))
 
 
+# -- low-precision floats (compressed-tensors float-quantized) ----------------
+
+
+def _scaled(name: str, scaled: Scaled) -> tuple[dict[str, Any], Parts]:
+    """Values in their native dtype under the tensor's own name, `<name>_scale` beside."""
+    parts: Parts = [(name, np.ascontiguousarray(scaled.values))]
+    tensors = {"values": name}
+    conventional = (scaled.dtype == FLOAT8_E4M3 and scaled.values.ndim == 2
+                    and name.endswith("weight") and scaled.channel_axis in (None, 0))
+    if scaled.scale is not None:
+        scale = scaled.scale.reshape(1) if scaled.channel_axis is None else scaled.scale
+        parts.append((f"{name}_scale", np.ascontiguousarray(scale)))
+        tensors["scale"] = f"{name}_scale"
+    spec = {"layout": "float-quantized" if conventional and scaled.scale is not None else "scaled",
+            "granularity": scaled.granularity, "channel_axis": scaled.channel_axis,
+            "tensors": tensors}
+    return spec, parts
+
+
+def _read_scaled(spec: dict[str, Any], get: Getter) -> Scaled:
+    values = get(spec["tensors"]["values"])
+    if "scale" not in spec["tensors"]:
+        return Scaled(values)
+    return Scaled(values, _scale_shape(get(spec["tensors"]["scale"]), values.shape,
+                                       spec["channel_axis"]), spec["channel_axis"])
+
+
+def _scale_shape(scale: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    full = [1] * len(shape)
+    if axis is not None:
+        full[axis] = shape[axis]
+    return scale.reshape(full)
+
+
 # -- modelpress generic tree ---------------------------------------------------
 
 
-def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Parts) -> dict:
-    """Spec of one node; with `keep`, only the elements where keep is True are stored."""
+def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Parts,
+               prefix: str = "") -> dict:
+    """Spec of one node; with `keep`, only the elements where keep is True are stored.
+
+    Parts are named `<name>.mp_<prefix><part>` (the prefix tells factors apart).
+    """
+    def add(part: str, array: np.ndarray) -> str:
+        return _add(parts, name, prefix + part, array)
+
+    if isinstance(encoded, LowRank):
+        return {"type": "lowrank", "shape": list(encoded.shape),
+                "left": _node_spec(name, encoded.left, None, parts, prefix + "left_"),
+                "right": _node_spec(name, encoded.right, None, parts, prefix + "right_")}
+    if isinstance(encoded, Scaled):
+        values = encoded.values if keep is None else encoded.values[keep]
+        spec = {"type": "scaled", "dtype": dtype_code(encoded.dtype), "shape": list(encoded.shape),
+                "channel_axis": encoded.channel_axis,
+                "values": add("values", np.ascontiguousarray(values))}
+        if encoded.scale is not None:
+            spec["scale"] = add("scale", np.ascontiguousarray(encoded.scale))
+        return spec
+    if isinstance(encoded, Palettized):
+        indices = encoded.indices if keep is None else encoded.indices[keep]
+        return {"type": "palettized", "shape": list(encoded.shape), "bits": encoded.bits,
+                "count": int(indices.size), "channel_axis": encoded.channel_axis,
+                "zero_index": encoded.zero_index,
+                "lut": add("lut", np.ascontiguousarray(encoded.lut)),
+                "indices": add("indices", pack_bits(indices, encoded.bits))}
     if isinstance(encoded, Sparse):
         compact = encoded.compact_nbytes < encoded.values.nbytes
         spec = {"type": "sparse", "pattern": encoded.pattern, "shape": list(encoded.shape),
                 "compact": compact}
         if compact:
-            spec["mask"] = _add(parts, name, "mask",
-                                np.packbits(encoded.mask.reshape(-1), bitorder="little"))
+            spec["mask"] = add("mask", np.packbits(encoded.mask.reshape(-1), bitorder="little"))
         inner_keep = encoded.mask if compact else keep
-        spec["values"] = _node_spec(name, encoded.values, inner_keep, parts)
+        spec["values"] = _node_spec(name, encoded.values, inner_keep, parts, prefix)
         return spec
     if isinstance(encoded, Quantized):
         codes = encoded.codes if keep is None else encoded.codes[keep]
@@ -200,17 +271,15 @@ def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Part
                 "channel_axis": encoded.channel_axis, "block_axis": encoded.block_axis,
                 "group_size": encoded.group_size, "shape": list(encoded.shape),
                 "count": int(codes.size),
-                "codes": _add(parts, name, "codes", pack_bits(to_unsigned(codes, encoded.bits),
-                                                              encoded.bits)),
-                "scale": _add(parts, name, "scale", np.ascontiguousarray(encoded.scale))}
+                "codes": add("codes", pack_bits(to_unsigned(codes, encoded.bits), encoded.bits)),
+                "scale": add("scale", np.ascontiguousarray(encoded.scale))}
         if encoded.zero_point is not None:
-            spec["zero_point"] = _add(parts, name, "zero_point",
-                                      np.ascontiguousarray(encoded.zero_point))
+            spec["zero_point"] = add("zero_point", np.ascontiguousarray(encoded.zero_point))
         return spec
     if isinstance(encoded, Dense):
         values = encoded.array if keep is None else encoded.array[keep]
         return {"type": "dense", "shape": list(encoded.shape),
-                "values": _add(parts, name, "values", np.ascontiguousarray(values))}
+                "values": add("values", np.ascontiguousarray(values))}
     raise ValueError(f"no safetensors layout for {type(encoded).__name__}")
 
 
@@ -238,13 +307,30 @@ def _read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> En
         codes[keep] = stored
         return q.with_codes(codes)
     if kind == "dense":
-        values = get(spec["values"])
-        if keep is None:
-            return Dense(values.reshape(shape))
-        dense = np.zeros(shape, dtype=values.dtype)
-        dense[keep] = values
-        return Dense(dense)
+        return Dense(_scatter(get(spec["values"]), shape, keep))
+    if kind == "scaled":
+        values = _scatter(get(spec["values"]).view(DTYPES[spec["dtype"]]), shape, keep)
+        if "scale" not in spec:
+            return Scaled(values)
+        return Scaled(values, get(spec["scale"]), spec["channel_axis"])
+    if kind == "palettized":
+        stored = unpack_bits(get(spec["indices"]), spec["bits"], spec["count"])
+        zero = spec.get("zero_index") or 0
+        return Palettized(get(spec["lut"]), _scatter(stored, shape, keep, fill=zero),
+                          spec["channel_axis"], spec.get("zero_index"))
+    if kind == "lowrank":
+        return LowRank(_read_node(spec["left"], get, None), _read_node(spec["right"], get, None))
     raise ModelReadError(f"unknown modelpress node type {kind!r}; upgrade modelpress")
+
+
+def _scatter(values: np.ndarray, shape: tuple[int, ...], keep: np.ndarray | None,
+             fill: int = 0) -> np.ndarray:
+    """Stored values back at their positions: all of them, or only where `keep` is True."""
+    if keep is None:
+        return values.reshape(shape)
+    full = np.full(shape, fill, dtype=values.dtype)
+    full[keep] = values
+    return full
 
 
 def _add(parts: Parts, name: str, part: str, array: np.ndarray) -> str:

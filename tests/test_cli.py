@@ -139,6 +139,20 @@ def test_bad_model_files_fail_with_one_line(tmp_path: Path, bad_inputs, case: st
     (["quantize", "--granularity", "channel", "--group-size", "32"],
      "quantize: --group-size applies only to --granularity group, not channel"),
     (["quantize", "--bogus"], "No such option '--bogus'"),
+    (["prune", "--pattern", "3:2"],
+     "prune: --pattern 3:2 keeps N of every M weights, so it needs 0 < N < M (e.g. 2:4)"),
+    (["prune", "--pattern", "2-4"], "prune: --pattern must be 'unstructured' or N:M such as 2:4"),
+    (["prune", "--pattern", "2:4", "--sparsity", "0.3"], "prune: --sparsity 0.3 contradicts"),
+    (["lowrank", "--rank-ratio", "0"],
+     "Invalid value for '--rank-ratio': 0.0 is not in the range 0.0<x<=1.0."),
+    (["lowrank"], "lowrank: give exactly one of --rank, --rank-ratio or --energy"),
+    (["lowrank", "--rank", "4", "--energy", "0.9"], "(got --rank, --energy)"),
+    (["cluster", "--clusters", "1"],
+     "Invalid value for '--clusters': 1 is not in the range 2<=x<=256."),
+    (["cluster", "--bits", "4", "--clusters", "10"], "cluster: --clusters 10 contradicts --bits 4"),
+    (["cast", "--dtype", "int8"], "Invalid value for '--dtype': 'int8' is not one of 'fp16', "
+                                  "'bf16', 'fp8-e4m3', 'fp8-e5m2'."),
+    (["cast", "--dtype", "fp8-e4m3", "--scale", "none"], "cast: --dtype fp8-e4m3 needs --scale"),
     ([], "no stages given"),
 ])
 def test_bad_options_exit_2_before_reading(tmp_path: Path, stages: list[str], message: str) -> None:
@@ -175,14 +189,22 @@ def test_already_compressed_input_refused(tmp_path: Path, samples: Path) -> None
 def test_every_command_is_documented_with_examples() -> None:
     runner = CliRunner()
     for args in (["--help"], ["compress", "--help"], ["inspect", "--help"],
-                 ["decompress", "--help"], ["compress", "quantize", "--help"],
-                 ["compress", "prune", "--help"]):
+                 ["decompress", "--help"]):
         result = runner.invoke(cli, args)
         assert result.exit_code == 0, args
         assert "Usage:" in result.output
-        if args[-2:] != ["quantize", "--help"] and args[-2:] != ["prune", "--help"]:
-            assert "Examples:" in result.output, args
-    assert "--group-size" in runner.invoke(cli, ["compress", "quantize", "--help"]).output
+        assert "Examples:" in result.output, args
+    stage_options = {"quantize": "--group-size", "prune": "--pattern", "cast": "--dtype",
+                     "lowrank": "--rank-ratio", "cluster": "--per-channel"}
+    for stage, option in stage_options.items():
+        # Stage help comes after other stages too, and shows that stage's own options.
+        for args in (["compress", stage, "--help"], ["compress", "m.onnx", "prune", stage, "-h"]):
+            result = runner.invoke(cli, args)
+            assert result.exit_code == 0, args
+            assert result.output.startswith("Usage: ") and f" compress MODEL... {stage} [OPTIONS]" \
+                in result.output.splitlines()[0], args
+            assert option in result.output and "[default: (" not in result.output, args
+        assert f"{stage} " in runner.invoke(cli, ["compress", "--help"]).output
 
 
 def test_version() -> None:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import Prune, Quantize, Recipe, compare, compress
+from compress_core import Cast, Cluster, Factorize, Prune, Quantize, Recipe, compare, compress
 from compress_core.errors import ModelWriteError
 from formats import open_model
 
@@ -58,6 +58,7 @@ def test_cnn_conv_weights_are_candidates(samples: Path) -> None:
     ([Quantize(bits=4, group_size=16)], TensorProto.INT4, {"axis": 0, "block_size": 16}),
     ([Quantize(bits=3, group_size=32, scheme="asym")], TensorProto.INT4,
      {"axis": 0, "block_size": 32}),
+    ([Quantize(bits=2, group_size=16)], TensorProto.INT4, {"axis": 0, "block_size": 16}),
 ])
 def test_matmul_weights_become_dequantize_linear(tmp_path: Path, recipe, dq_dtype, axis) -> None:
     w1, w2 = rng_weights(64, 96, seed=1), rng_weights(96, 80, seed=2)
@@ -84,7 +85,7 @@ def test_matmul_weights_become_dequantize_linear(tmp_path: Path, recipe, dq_dtyp
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     ref = x @ w1 @ w2
     out = ort_run(dst, {"x": x})[0]
-    limit = {8: 0.02, 4: 0.2, 3: 0.4}[recipe[0].bits]
+    limit = {8: 0.02, 4: 0.2, 3: 0.4, 2: 0.8}[recipe[0].bits]
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < limit
 
 
@@ -156,20 +157,40 @@ def _if_model(path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return path, {"w_outer": w_outer, "w_branch": w_branch, "w_const": w_const}
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_subgraph_and_constant_weights_are_found_and_compressed(tmp_path: Path, bits: int) -> None:
+SUBGRAPH_RECIPES = {
+    "int8": [Quantize(bits=8)], "int4": [Quantize(bits=4)], "fp16": [Cast(dtype="fp16")],
+    "fp8": [Cast(dtype="fp8-e4m3")], "2:4+int4": [Prune(pattern="2:4"), Quantize(bits=4)],
+    "cluster": [Cluster(bits=4, per_channel=True)], "prune+cluster": [Prune(), Cluster(bits=3)],
+    "lowrank": [Factorize(rank=16)], "lowrank+int8": [Factorize(rank=16), Quantize(bits=8)],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(SUBGRAPH_RECIPES))
+def test_subgraph_and_constant_weights_are_found_and_compressed(tmp_path: Path,
+                                                                recipe: str) -> None:
     src, weights = _if_model(tmp_path / "if.onnx")
     store = open_model(src)
     assert {n for n, i in store.tensors.items() if i.weight_like} == set(weights)
-    report = compress(src, tmp_path / "o.onnx", Recipe([Quantize(bits=bits)]))
+    report = compress(src, tmp_path / "o.onnx", Recipe(SUBGRAPH_RECIPES[recipe]))
     assert {r.name for r in report.rows} == set(weights)
     onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+    out_store = open_model(tmp_path / "o.onnx")
+    approx = {name: out_store.decode(name).decode() for name in weights}
+    for row in report.rows:
+        assert compare(weights[row.name], approx[row.name]).rel_l2 == pytest.approx(
+            row.error.rel_l2, rel=1e-6)
     x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
     for cond, first in ((True, "w_branch"), (False, "w_outer")):
-        ref = x @ weights[first] @ weights["w_const"]
-        out = ort_run(tmp_path / "o.onnx", {"x": x, "cond": np.array(cond)})[0]
-        limit = 0.02 if bits == 8 else 0.25
-        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < limit
+        expected = x @ approx[first] @ approx["w_const"]
+        out = ort_run(tmp_path / "o.onnx", {"x": x, "cond": np.array(cond)}, exact=True)[0]
+        np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-3)
+    # decompress restores every weight where it was, and the model runs as the decoded one
+    from compress_core import decompress
+    decompress(tmp_path / "o.onnx", tmp_path / "d.onnx")
+    onnx.checker.check_model(str(tmp_path / "d.onnx"), full_check=True)
+    out = ort_run(tmp_path / "d.onnx", {"x": x, "cond": np.array(True)})[0]
+    np.testing.assert_allclose(out, x @ approx["w_branch"] @ approx["w_const"], rtol=1e-3,
+                               atol=1e-3)
 
 
 def test_pruned_onnx_keeps_dense_zeros(tmp_path: Path) -> None:

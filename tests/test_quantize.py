@@ -111,3 +111,37 @@ def test_quantize_keeps_sparsity_exact() -> None:
         decoded = out.decode()
         assert np.all(decoded[~mask] == 0.0)
         np.testing.assert_array_equal(out.mask, mask)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_mse_beats_rtn_on_the_sample_transformer(tmp_path, fmt: str, group_size: int) -> None:
+    from compress_core import Recipe, compress
+    from conftest import SAMPLES
+    errors = {}
+    for method in ("rtn", "mse"):
+        report = compress(SAMPLES / f"transformer.{fmt}", tmp_path / f"{method}.{fmt}",
+                          Recipe([Quantize(bits=4, group_size=group_size, method=method)]))
+        errors[method] = report.weight_error
+        sizes = sum(r.bytes_after for r in report.rows)
+    assert errors["mse"].rel_l2 < errors["rtn"].rel_l2
+    assert errors["mse"].sqnr_db > errors["rtn"].sqnr_db + 0.3
+    assert sizes > 0
+
+
+def test_two_bit_codes_stay_in_range_and_pack_densely(tmp_path) -> None:
+    from compress_core import Recipe, compress, decompress
+    from formats import open_model
+    from conftest import write_safetensors
+    w = rng_weights(48, 200, seed=6)
+    src = write_safetensors(tmp_path / "w.safetensors", {"fc.weight": w})
+    report = compress(src, tmp_path / "o.safetensors",
+                      Recipe([Quantize(bits=2, scheme="asym", group_size=32)]))
+    store = open_model(tmp_path / "o.safetensors")
+    tree = store.decode("fc.weight")
+    assert tree.codes.min() >= -2 and tree.codes.max() <= 1
+    assert store.tensors["fc.weight.mp_codes"].shape == (48 * 200 * 2 // 8,)
+    assert report.rows[0].bytes_after == 48 * 200 // 4 + tree.scale.nbytes + tree.zero_point.nbytes
+    decompress(tmp_path / "o.safetensors", tmp_path / "d.safetensors")
+    assert compare(w, open_model(tmp_path / "d.safetensors").read("fc.weight")).rel_l2 == \
+        pytest.approx(report.rows[0].error.rel_l2, rel=1e-6)

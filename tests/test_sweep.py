@@ -52,6 +52,7 @@ def test_sweep_sample_models(tmp_path: Path, samples: Path, model: str) -> None:
     available = [s.name for s in DEFAULT_SETTINGS if s.unavailable() is None]
     assert [r["name"] for r in ran] == available  # every available setting ran, none failed
     assert set(ALWAYS) <= set(available) and len(ran) >= len(ALWAYS)
+    assert len(ran) == len(DEFAULT_SETTINGS) >= 11  # every technique is built in
     for row in rows.values():
         if row["status"] == "skipped":
             stage_ids = [s["id"] for s in row["recipe"]["stages"]]

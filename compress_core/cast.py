@@ -1,0 +1,100 @@
+"""Low-precision floats: the `cast` stage (fp16, bf16, fp8 with scales)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import BFLOAT16, FLOAT8_E4M3, FLOAT8_E5M2, scale_dtype_for, short_name
+from .encoded import Dense, Encoded, LowRank, Scaled, Sparse
+from .errors import UnsupportedTensorError
+from .stage import Skip, Stage, option, register
+from .tensorinfo import TensorInfo
+
+CAST_DTYPES: dict[str, np.dtype] = {
+    "fp16": np.dtype(np.float16),
+    "bf16": BFLOAT16,
+    "fp8-e4m3": FLOAT8_E4M3,
+    "fp8-e5m2": FLOAT8_E5M2,
+}
+
+
+def largest(dtype: np.dtype) -> float:
+    """The largest finite value of a float dtype."""
+    import ml_dtypes
+    return float(ml_dtypes.finfo(dtype).max)
+
+
+@register
+@dataclass(frozen=True)
+class Cast(Stage):
+    """Store weights as lower-precision floats: fp16, bf16, fp8-e4m3 or fp8-e5m2.
+
+    fp8 weights are divided by a scale (one per tensor or per output channel)
+    so that the largest weight lands on the format's largest value; the scale
+    is stored beside them, in the model's float type.
+    """
+
+    id = "cast"
+    summary = "low-precision floats (fp16, bf16, fp8 with per-tensor or per-channel scales)"
+
+    dtype: str = option("fp16", "storage type of the weights", choices=tuple(CAST_DTYPES))
+    scale: str | None = option(
+        None, "none: a plain cast; tensor: one scale per tensor; channel: one per output "
+        "channel [default: channel for fp8, none for fp16/bf16]",
+        choices=("none", "tensor", "channel"))
+
+    def validate(self) -> None:
+        fp8 = self.dtype.startswith("fp8")
+        if self.scale is None:
+            object.__setattr__(self, "scale", "channel" if fp8 else "none")
+        elif fp8 and self.scale == "none":
+            self.fail(f"--dtype {self.dtype} needs --scale tensor or channel: without a scale "
+                      "weights use only a sliver of fp8's range")
+
+    def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
+        if isinstance(encoded, Sparse) and isinstance(encoded.values, Dense):
+            # Zero stays exactly zero in every float format.
+            return Sparse(encoded.mask, self.apply(encoded.values, info), encoded.pattern)
+        if isinstance(encoded, LowRank) and isinstance(encoded.left, Dense):
+            from .lowrank import factor_info
+            return LowRank(self.apply(encoded.left, factor_info(info, encoded.left.shape, "left")),
+                           self.apply(encoded.right,
+                                      factor_info(info, encoded.right.shape, "right")))
+        if not isinstance(encoded, Dense):
+            from .compose import order_error
+            raise order_error(self, encoded, info)
+        target = CAST_DTYPES[self.dtype]
+        if encoded.array.dtype == target and self.scale == "none":
+            raise Skip(f"it is already {short_name(target)}")
+        from .quantize import axes_for
+        channel_axis = axes_for(info)[0] if self.scale == "channel" else None
+        return cast_array(encoded.decode(), target, self.scale, channel_axis,
+                          scale_dtype_for(info.dtype), info.name)
+
+
+def cast_array(w: np.ndarray, target: np.dtype, scale: str, channel_axis: int | None,
+               scale_dtype: np.dtype, name: str = "tensor") -> Scaled:
+    """Cast a float32 array to `target`, with a scale per tensor or channel unless scale is none."""
+    w = np.asarray(w, dtype=np.float32)
+    if scale == "none":
+        top = largest(target)
+        amax = float(np.abs(w).max()) if w.size else 0.0
+        if amax > top:
+            raise UnsupportedTensorError(
+                f"tensor {name!r} holds {amax:.4g}, beyond {short_name(target)}'s largest value "
+                f"({top:.4g}); use --scale tensor or --scale channel")
+        return Scaled(w.astype(target))
+    if scale == "channel" and channel_axis is not None and w.ndim >= 2:
+        axes = tuple(i for i in range(w.ndim) if i != channel_axis)
+        amax = np.abs(w).max(axis=axes, keepdims=True)
+    else:
+        channel_axis = None
+        amax = np.abs(w).max(keepdims=True) if w.size else np.ones((1,) * w.ndim, np.float32)
+    top = np.float32(largest(target))
+    stored = (amax / top).astype(scale_dtype).astype(np.float32)
+    stored = np.where((stored > 0) & np.isfinite(stored), stored, np.float32(1.0))
+    # The stored (rounded) scale may put a weight just past the top: clip, never overflow.
+    values = np.clip(w / stored, -top, top).astype(target)
+    return Scaled(values, stored.astype(scale_dtype), channel_axis)

@@ -1,0 +1,82 @@
+"""Low-rank factorization: the `lowrank` stage (truncated SVD into two factors)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import BFLOAT16
+from .encoded import Dense, Encoded, LowRank
+from .stage import Skip, Stage, option, register
+from .svd import rank_for_energy, singular_values, truncated_svd
+from .tensorinfo import TensorInfo
+
+# The model's own float types (so ONNX consumers get the type they expect); fp8 -> fp32.
+_FACTOR_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+
+
+@register
+@dataclass(frozen=True)
+class Factorize(Stage):
+    """Low-rank factorization: a matrix W [m, n] becomes U [m, r] @ V [r, n].
+
+    The rank comes from exactly one of --rank, --rank-ratio (of min(m, n)) or
+    --energy (the smallest rank keeping that fraction of the squared singular
+    values). A tensor whose factors would not be smaller than it is left as it
+    is, with a note; so are tensors that are not 2-D (convolution kernels).
+    Later stages (quantize, cast, cluster) compress both factors.
+    """
+
+    id = "lowrank"
+    summary = "low-rank factorization by truncated SVD (skipped where it would not save bytes)"
+
+    rank: int | None = option(None, "number of singular values kept", min=1)
+    rank_ratio: float | None = option(
+        None, "rank as a fraction of min(rows, cols), in (0, 1]", min=0.0, max=1.0,
+        min_open=True)
+    energy: float | None = option(
+        None, "keep the smallest rank holding this fraction of the squared singular values, "
+        "in (0, 1]", min=0.0, max=1.0, min_open=True)
+
+    def validate(self) -> None:
+        given = [name for name in ("rank", "rank_ratio", "energy") if getattr(self, name) is not None]
+        if len(given) != 1:
+            self.fail("give exactly one of --rank, --rank-ratio or --energy"
+                      + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})"
+                         if given else ""))
+
+    def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
+        if not isinstance(encoded, Dense):
+            from .compose import order_error
+            raise order_error(self, encoded, info)
+        if encoded.array.ndim != 2:
+            raise Skip(f"it is {encoded.array.ndim}-D; lowrank factors 2-D matrices")
+        m, n = encoded.shape
+        w = encoded.array.astype(np.float64 if encoded.array.dtype == np.float64 else np.float32)
+        if self.energy is not None:
+            rank = rank_for_energy(singular_values(w), self.energy)
+        elif self.rank is not None:
+            rank = min(self.rank, m, n)
+        else:
+            rank = max(1, int(round(self.rank_ratio * min(m, n))))
+        if rank * (m + n) >= m * n:
+            raise Skip(f"rank {rank} factors ({rank * (m + n):,} values) would not be smaller "
+                       f"than the {m}x{n} matrix ({m * n:,} values)")
+        u, s, vt = truncated_svd(w, rank)
+        # Split the singular values evenly so both factors have the same range,
+        # which keeps them equally easy to quantize.
+        root = np.sqrt(s)
+        dtype = encoded.array.dtype if encoded.array.dtype in _FACTOR_DTYPES else np.float32
+        return LowRank(Dense((u * root).astype(dtype)), Dense((root[:, None] * vt).astype(dtype)))
+
+
+def factor_info(info: TensorInfo, shape: tuple[int, ...], which: str) -> TensorInfo:
+    """TensorInfo for one factor of a low-rank tensor.
+
+    Both factors keep the matrix's channel and block axes: the left factor's
+    rows are the matrix's rows and the right factor's columns its columns,
+    and each is used the way the matrix was (same reduction side).
+    """
+    return dataclasses.replace(info, name=f"{info.name}.{which}", shape=tuple(shape))
