@@ -393,3 +393,18 @@ def test_model_runs_and_thresholds_are_refused_in_batch_mode(tmp_path: Path, arg
     assert list(tmp_path.iterdir()) == []
     ok = run_cli(["compress", SAMPLES / "mlp.onnx", "-o", tmp_path, "--no-eval", "quantize"])
     assert ok.exit_code == 0 and (tmp_path / "mlp.onnx").exists()
+
+
+@pytest.mark.parametrize("stages", [["cast", "--dtype", "fp8-e4m3"], ["cluster", "--bits", "4"],
+                                    ["lowrank", "--rank-ratio", "0.25"]])
+def test_dry_run_estimates_other_stages(tree: Path, tmp_path: Path, stages: list[str]) -> None:
+    (tree / "vision" / "broken.onnx").unlink()
+    out = tmp_path / "out"
+    dry = run_cli(["compress", tree, "-o", out, "--dry-run", "--format", "json", *stages])
+    estimates = {r["path"]: r for r in json.loads(dry.stdout)}
+    _, report = batch(tree, out, "--jobs", "1", stages=stages)
+    for row in report["models"]:
+        assert row["status"] == "ok"
+        assert estimates[row["path"]]["bytes_after"] == pytest.approx(row["bytes_after"],
+                                                                      rel=0.25)
+        assert "no size rule" not in estimates[row["path"]]["note"]
