@@ -183,4 +183,13 @@ def test_quantization_config_groups_and_ignore() -> None:
     assert block["format"] == "pack-quantized" and block["quant_method"] == "compressed-tensors"
     mixed = {"a.weight": spec(4, "group", 32), "b.weight": {"layout": "modelpress"}}
     assert quantization_config(shapes, mixed) is None
+    fp8 = {"layout": "float-quantized", "granularity": "channel", "channel_axis": 0}
+    assert quantization_config(shapes, {"a.weight": spec(8, "channel"), "b.weight": fp8}) is None
+    block = quantization_config(shapes, {"a.weight": fp8, "b.weight": fp8})
+    assert block["format"] == "float-quantized"
+    assert block["config_groups"]["group_0"]["targets"] == ["a", "b"]
+    assert block["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
+        "group_size": None, "dynamic": False}
+    assert block["ignore"] == ["c", "lm_head"]
     assert quantization_config(shapes, {}) is None
