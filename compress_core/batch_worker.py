@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from .pipeline import Options
 from .recipe import Recipe
 
 Emit = Callable[[tuple[Any, ...]], None]
+_PROGRESS_SECONDS = 0.1
 CANCELLED = "not finished: the run was stopped (--fail-fast after a failure, or interrupted)"
 
 
@@ -62,8 +64,8 @@ class _State:
 _STATE = _State()
 
 
-def init_worker(queue: Any, cancel: Any) -> None:
-    """Set up a worker process: its event queue, cancel flag, and exit with its parent.
+def init_worker(conn: Any) -> None:
+    """Set up a worker process: events and cancel through its pipe, and exit with its parent.
 
     Workers ignore Ctrl-C (the parent turns it into a cancel) and end as soon
     as the parent process is gone, even if it was killed (SIGKILL), so no
@@ -72,27 +74,42 @@ def init_worker(queue: Any, cancel: Any) -> None:
     import multiprocessing
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _STATE.emit = queue.put
-    _STATE.cancel = cancel
+    _STATE.emit = conn.send
+    _STATE.cancel = _PipeCancel(conn)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
 
 
-def worker_main(todo: Any, events: Any, cancel: Any, job: JobSpec) -> None:
-    """A worker process: compress models from the shared queue until its end marker."""
-    init_worker(events, cancel)
-    consume(todo, events, job)
+class _PipeCancel:
+    """The cancel flag of a worker: a "cancel" message from the parent while a model runs."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.flag = False
+
+    def is_set(self) -> bool:
+        # While a model runs the parent sends nothing but "cancel".
+        if not self.flag and self.conn.poll():
+            self.flag = self.conn.recv() == "cancel"
+        return self.flag
 
 
-def consume(todo: Any, events: Any, job: JobSpec) -> None:
-    """Take tasks from `todo` until None; announce each, run it, send its result."""
+def worker_main(conn: Any, job: JobSpec) -> None:
+    """A worker process: say it is ready, then compress each model the parent sends."""
+    init_worker(conn)
+    conn.send(("ready", os.getpid()))
     while True:
-        task = todo.get()
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
         if task is None:
             return
-        events.put(("taken", task.rel, os.getpid()))
-        events.put(("result", run_task(task, job)))
+        if task == "cancel":       # arrived after its model had finished
+            continue
+        conn.send(("taken", task.rel, os.getpid()))
+        conn.send(("result", run_task(task, job)))
 
 
 def _exit_with_parent(sentinel: int) -> None:
@@ -156,9 +173,14 @@ def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
     check_inside(task.dst, task.outdir)
     task.dst.parent.mkdir(parents=True, exist_ok=True)
 
+    last = [0.0]
+
     def progress(done: int, total: int, what: str) -> None:
         _check_cancel()
-        _send(("progress", task.rel, done, total, what))
+        now = time.monotonic()
+        if now - last[0] >= _PROGRESS_SECONDS or done >= total:  # a display needs no more
+            last[0] = now
+            _send(("progress", task.rel, done, total, what))
 
     report = compress(task.src, task.dst, job.recipe, job.options, progress,
                       metadata={SOURCE_KEY: source_value(job.recipe_sha256, key)})

@@ -408,3 +408,28 @@ def test_dry_run_estimates_other_stages(tree: Path, tmp_path: Path, stages: list
         assert estimates[row["path"]]["bytes_after"] == pytest.approx(row["bytes_after"],
                                                                       rel=0.25)
         assert "no size rule" not in estimates[row["path"]]["note"]
+
+
+def test_a_killed_worker_fails_its_model_and_the_run_still_ends(tmp_path: Path) -> None:
+    import signal
+
+    from compress_core import Quantize, Recipe
+    from compress_core.batch import BatchOptions, plan_batch, run_batch
+    tree = acceptance_tree(tmp_path / "in", corrupt=False)
+    killed: set[int] = set()
+
+    def kill_workers(event: tuple) -> None:  # as an out-of-memory kill would
+        if event[0] == "taken" and event[2] != os.getpid() and event[2] not in killed:
+            killed.add(event[2])
+            os.kill(event[2], signal.SIGKILL)
+    result = run_batch(plan_batch([tree], tmp_path / "out"), Recipe([Quantize(bits=4)]),
+                       batch=BatchOptions(jobs=2, start_delay=0, run_here=False),
+                       on_event=kill_workers)
+    # A worker killed just after sending its result still has its model done.
+    failed = [m for m in result.models if m.status == "failed"]
+    assert killed and failed and {m.status for m in result.models} <= {"ok", "failed"}
+    reasons = {m.reason.split(" (")[0] for m in failed}
+    assert reasons <= {"worker process ended unexpectedly",
+                       "not compressed: every worker process ended unexpectedly"}
+    for row in result.models:   # nothing at the output name of a model that failed
+        assert Path(row.output).exists() == (row.status == "ok")
