@@ -193,3 +193,17 @@ def test_quantization_config_groups_and_ignore() -> None:
         "group_size": None, "dynamic": False}
     assert block["ignore"] == ["c", "lm_head"]
     assert quantization_config(shapes, {}) is None
+
+
+def test_sweep_reads_a_sharded_folder(tmp_path: Path) -> None:
+    from formats.outputs import input_key
+    index = sharded_checkpoint(tmp_path / "ck")
+    (tmp_path / "r.yaml").write_text("- {name: int8, stages: [{id: quantize, bits: 8}]}\n"
+                                     "- {name: int4, stages: [{id: quantize, bits: 4}]}\n")
+    result = run_cli(["sweep", tmp_path / "ck", "--recipes", tmp_path / "r.yaml", "--report",
+                      tmp_path / "s.json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [r["status"] for r in report["settings"]] == ["ok", "ok"]
+    shards = sorted(p for p in (tmp_path / "ck").iterdir() if p.suffix == ".safetensors")
+    assert report["input_sha256"] == input_key(index, shards)
