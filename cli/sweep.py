@@ -116,14 +116,9 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
 
 def _provenance(report: SweepReport) -> None:
     from compress_core.environment import versions
-    from formats.digest import file_sha256
-    from formats.outputs import input_key
-    from formats.sharded import is_index, shard_files
+    from formats.outputs import model_sha256
     report.versions = versions()
-    model = Path(report.model)
-    # A sharded checkpoint's content is its index and shards (formats.outputs.input_key).
-    report.input_sha256 = input_key(model, [model.parent / s for s in shard_files(model)]) \
-        if is_index(model) else file_sha256(model)
+    report.input_sha256 = model_sha256(report.model)
 
 
 def _num(value: float | None, spec: str) -> str:

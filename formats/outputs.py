@@ -42,6 +42,16 @@ def input_key(main: Path, others: list[Path]) -> str:
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
+def model_sha256(path: Path) -> str:
+    """The content key of a model file: its sha256, or for a sharded checkpoint's index
+    the `input_key` of the index and its shards."""
+    path = Path(path)
+    if is_index(path):
+        weight_map, _ = read_index(path)
+        return input_key(path, [path.parent / s for s in sorted(set(weight_map.values()))])
+    return file_sha256(path)
+
+
 def source_value(recipe_sha256: str, input_sha256: str) -> str:
     """The `modelpress.source` metadata value."""
     return json.dumps({"recipe_sha256": recipe_sha256, "input_sha256": input_sha256},

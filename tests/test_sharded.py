@@ -105,8 +105,13 @@ def test_cli_inspect_and_decompress_a_sharded_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     result = run_cli(["compress", tmp_path / "ck" / "model.safetensors.index.json", "-o",
-                      out / "model.safetensors.index.json", "quantize", "--bits", "4"])
+                      out / "model.safetensors.index.json", "--report", tmp_path / "r.json",
+                      "quantize", "--bits", "4"])
     assert result.exit_code == 0, result.output
+    from formats.outputs import input_key
+    report = json.loads((tmp_path / "r.json").read_text())
+    shards = sorted(p for p in out.iterdir() if p.suffix == ".safetensors")
+    assert report["output_sha256"] == input_key(out / "model.safetensors.index.json", shards)
     shown = run_cli(["inspect", out, "--format", "json"])
     assert shown.exit_code == 0
     rows = {r["name"]: r for r in json.loads(shown.stdout)["tensors"]}
