@@ -2,9 +2,10 @@
 
 Everything here is plain data in and out, so it crosses process boundaries:
 a `Task` names the files, a `JobSpec` carries the recipe and what to do, and
-the result is a `ModelResult`. Progress goes to an event sink (a
-multiprocessing queue in a worker); a shared cancel flag stops a model at its
-next tensor, and the atomic writers then remove their temporary files.
+the result is a `ModelResult`. Progress goes to an event sink (a worker's
+pipe to the parent); a cancel flag (in a worker, a "cancel" message on that
+pipe) stops a model at its next tensor, and the atomic writers then remove
+their temporary files.
 """
 
 from __future__ import annotations
