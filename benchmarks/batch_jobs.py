@@ -9,8 +9,9 @@ checkpoint, and as ONNX with external data), then runs
 for J = 1 and J = N, alternating, several times, and prints a Markdown table
 of median wall times (the whole command, interpreter start included) and
 their ratio, then checks that both runs wrote byte-identical files. The
-machine's load average is printed too: other processes competing for the
-CPUs make parallel runs look worse than they are.
+machine's load average and the CPU capacity N busy processes get right now
+(a pure-Python busy loop run alone and N times in parallel) are printed too:
+when other processes hold the CPUs, no parallel run can be faster.
 
     python benchmarks/batch_jobs.py [--repeat 5] [--jobs 2] [--scale 1,4]
 
@@ -145,6 +146,28 @@ def measure(scale: int, repeat: int, jobs_n: int) -> bool:
     return one == many
 
 
+def _spin(n: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i
+    return time.perf_counter() - start
+
+
+def capacity(jobs: int) -> float:
+    """How many CPUs `jobs` busy processes get right now: `jobs` x the time of one busy
+    loop alone over the wall time of `jobs` such loops in parallel (`jobs` at best)."""
+    import multiprocessing
+    n = 10_000_000
+    alone = _spin(n)
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_spin, [10] * jobs)
+        start = time.perf_counter()
+        pool.map(_spin, [n] * jobs)
+        together = time.perf_counter() - start
+    return jobs * alone / together
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -152,7 +175,11 @@ def main() -> None:
     parser.add_argument("--scale", default="1,4",
                         help="comma-separated model scales, one table each [default: 1,4]")
     args = parser.parse_args()
+    # Other processes on the machine decide how much parallel work can gain; say so first.
+    print(f"CPU capacity now: {args.jobs} busy processes get {capacity(args.jobs):.2f} CPUs "
+          f"({args.jobs} on an idle machine)\n")
     identical = [measure(int(k), args.repeat, args.jobs) for k in args.scale.split(",")]
+    print(f"CPU capacity after: {capacity(args.jobs):.2f} CPUs for {args.jobs} busy processes")
     if not all(identical):
         sys.exit(1)
 

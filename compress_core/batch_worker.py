@@ -99,6 +99,7 @@ class _PipeCancel:
 def worker_main(conn: Any, job: JobSpec) -> None:
     """A worker process: say it is ready, then compress each model the parent sends."""
     init_worker(conn)
+    _warm_up()
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -111,6 +112,19 @@ def worker_main(conn: Any, job: JobSpec) -> None:
             continue
         conn.send(("taken", task.rel, os.getpid()))
         conn.send(("result", run_task(task, job)))
+
+
+def _warm_up() -> None:
+    """Import what compressing a model needs before saying ready.
+
+    Otherwise a fresh worker's first model pays these imports (0.1-0.5 s),
+    and a worker that takes a model while still slow can finish after this
+    process would have finished everything alone.
+    """
+    import importlib
+    for module in ("onnx.checker", "onnx.version_converter", "formats.ct_config",
+                   "formats.outputs", "compress_core.api"):
+        importlib.import_module(module)
 
 
 def _exit_with_parent(sentinel: int) -> None:
