@@ -196,10 +196,13 @@ def batch_table(report: BatchReport) -> Table:
     title = f"{_shown(report.base)} -> {_shown(report.outdir)}" + (
         f" (shard {report.shard})" if report.shard else "")
     table = Table(title=title, title_justify="left")
-    for header, justify in (("model", "left"), ("status", "left"), ("before", "right"),
-                            ("after", "right"), ("ratio", "right"), ("worst rel. error", "right"),
-                            ("note", "left")):
-        table.add_column(header, justify=justify, no_wrap=header != "note")
+    # Numbers never shrink; in a narrow terminal the model and note columns wrap instead.
+    for header, justify, width in (("model", "left", None), ("status", "left", 7),
+                                   ("before", "right", 7), ("after", "right", 7),
+                                   ("ratio", "right", 6), ("worst error", "right", 6),
+                                   ("note", "left", None)):
+        table.add_column(header, justify=justify, no_wrap=header not in ("model", "note"),
+                         min_width=width, overflow="fold" if header == "model" else "ellipsis")
     for row in report.models:
         table.add_row(row.path, row.status, human_bytes(row.bytes_before), _after(row.bytes_after),
                       _ratio(row.ratio), _error(row.worst_error), _note(row.reason))
@@ -233,7 +236,7 @@ def markdown_batch(report: BatchReport) -> str:
     """The summary as a GitHub-flavoured Markdown table (fits a CI job summary)."""
     lines = [f"**modelpress** `{_shown(report.base)}` -> `{_shown(report.outdir)}`"
              + (f" (shard {report.shard})" if report.shard else ""), "",
-             "| model | status | before | after | ratio | worst rel. error | note |",
+             "| model | status | before | after | ratio | worst error | note |",
              "|---|---|---:|---:|---:|---:|---|"]
     for row in report.models:
         lines.append(f"| `{row.path}` | {row.status} | {row.bytes_before} | "
