@@ -2,4 +2,6 @@
 
 from cli.main import main
 
-main()
+# Guarded: batch workers are started with "spawn", which imports the main module again.
+if __name__ == "__main__":
+    main()

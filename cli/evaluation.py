@@ -176,15 +176,15 @@ def finish(report: Any, baseline: Baseline | None, limits: Thresholds) -> None:
     from compress_core.environment import versions
     from compress_core.evaluate import Evaluation
     from compress_core.thresholds import check
-    from formats.digest import file_sha256
+    from formats.outputs import model_sha256
 
     if baseline is None:
         report.evaluation = Evaluation("skipped", notes=["output evaluation skipped (--no-eval)"])
     else:
         report.evaluation = baseline.evaluate(report.output_path)
     report.versions = versions()
-    report.input_sha256 = file_sha256(report.input_path)
-    report.output_sha256 = file_sha256(report.output_path)
+    report.input_sha256 = model_sha256(report.input_path)
+    report.output_sha256 = model_sha256(report.output_path)
     report.limits = limits
     report.checks = check(limits, report)
 

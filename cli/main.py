@@ -16,6 +16,7 @@ from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from compress_core.recipe import Recipe
 
 from . import evaluation
+from .batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
 from .chain import StageChain
 from .stages import stage_commands
 
@@ -75,8 +76,9 @@ def cli() -> None:
       modelpress decompress small.safetensors -o dense.safetensors
       modelpress sweep model.onnx --plot sweep.png
 
-    Exit codes: 0 success, 1 a model could not be read, compressed or written,
-    2 usage error (bad option or recipe), 3 a --max-error, --max-output-error,
+    Exit codes: 0 success, 1 a model could not be read, compressed or written
+    (in batch mode: any model failed, the others are still written), 2 usage
+    error (bad option or recipe), 3 a --max-error, --max-output-error,
     --min-accuracy or --min-ratio threshold failed (output and report are still written).
     """
 
@@ -85,7 +87,9 @@ def cli() -> None:
            subcommand_metavar="STAGE [STAGE OPTIONS]... [STAGE ...]", context_settings=CONTEXT)
 @click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
-              help="Output file, in the input's format (.onnx or .safetensors).")
+              help="Output file, in the input's format (.onnx, .safetensors, or "
+                   "*.safetensors.index.json for a sharded checkpoint); in batch mode the "
+                   "output folder.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), metavar="FILE",
               help="Read the stages from a YAML or JSON recipe instead of the command line.")
 @click.option("--print-recipe", is_flag=True,
@@ -101,6 +105,22 @@ def cli() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]),
               default="table", show_default=True, help="What to print on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@click.option("--max-shard-size", type=str, callback=size_option, metavar="SIZE",
+              help="Sharded safetensors: cut output shards of at most SIZE (5GB, 500MB, 2GiB) "
+                   "instead of keeping the input's shards.")
+@click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
+              help="Batch: models compressed in parallel processes [default: CPU count, "
+                   "bounded by available memory].")
+@click.option("--skip-existing", is_flag=True,
+              help="Batch: skip models whose output exists and was made by the same recipe "
+                   "from the same input (recorded in the output).")
+@click.option("--fail-fast", is_flag=True,
+              help="Batch: stop at the first failure (pending models are not started).")
+@click.option("--shard", type=str, callback=shard_option, metavar="K/N",
+              help="Batch: process only the K-th of N slices of the models (for N parallel "
+                   "CI jobs).")
+@click.option("--dry-run", is_flag=True,
+              help="Batch: list what would be done, with estimated sizes; write nothing.")
 @evaluation.input_options
 @evaluation.threshold_options
 def compress(**_: Any) -> None:
@@ -141,6 +161,16 @@ def compress(**_: Any) -> None:
     (the output and --report are still written; the failed threshold is named).
 
     \b
+    Batch (a folder, several MODELs, or an existing folder as OUT): every
+    .onnx, .safetensors and sharded checkpoint (*.safetensors.index.json) is
+    compressed into the same place under OUT; other files are copied. Batch
+    runs report weight errors (the models are not run); exit 1 if any model
+    failed (the others are still written).
+      modelpress compress models/ -o out/ --jobs 4 quantize --bits 4
+      modelpress compress models/ -o out/ --skip-existing --shard 2/4 quantize
+      modelpress compress a.onnx b.onnx -o out/ --dry-run quantize --bits 4
+
+    \b
     Recipe file (YAML or JSON, same names as the options):
       version: 1
       stages:
@@ -157,17 +187,35 @@ for _command in stage_commands().values():
 def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | None,
                   recipe_file: Path | None, print_recipe: bool, min_elements: int,
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
-                  **extra: Any) -> None:
-    limits = evaluation.thresholds_from(evaluation.pop(extra, evaluation.THRESHOLD_PARAMS))
+                  max_shard_size: int | None, **extra: Any) -> None:
+    threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
+    limits = evaluation.thresholds_from(threshold_values)
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
+    batch_flags = extra
     recipe = _recipe(stages, recipe_file)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
         return
-    if len(model) != 1:
-        raise click.UsageError("give one MODEL file")
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
+    if is_batch(model, output):
+        single = [_SINGLE_ONLY.get(k, "--" + k.replace("_", "-"))
+                  for k, v in {**threshold_values, **eval_values}.items()
+                  if v not in (None, False, ()) and k != "no_eval"]
+        if single:
+            raise click.UsageError(f"{single[0]} applies to one model at a time; batch mode "
+                                   "reports weight errors and does not run the models")
+        options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
+                          max_shard_size=max_shard_size)
+        failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
+                                    fmt, quiet)
+        if failure:
+            raise Failure(failure)
+        return
+    given = [f"--{k.replace('_', '-')}" for k in BATCH_ONLY if batch_flags.get(k)]
+    if given:
+        raise click.UsageError(f"{given[0]} applies to batch mode: give a folder or several "
+                               "MODELs with -o OUTDIR")
     check_extra_outputs([("--report", report_path)],
                         [(model[0], "the input model"), (output, "the output model")])
     from compress_core.api import compress as run
@@ -180,7 +228,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         if bar is not None:
             bar.start()
         report = run(model[0], output, recipe,
-                     Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite), update)
+                     Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
+                             max_shard_size=max_shard_size), update)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:
@@ -204,6 +253,11 @@ def check_extra_outputs(paths: list[tuple[str, Path | None]],
         for other, what in protected:
             if path is not None and same_file(path, other):
                 raise click.UsageError(f"{option} {path} is {what}; give another file name")
+
+
+# Options of a single-model run that batch mode does not take (it does not run the models).
+_SINGLE_ONLY = {"inputs_path": "--inputs", "labels_path": "--labels", "dims": "--dim",
+                "input_ranges": "--input-range"}
 
 
 def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:

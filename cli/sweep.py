@@ -118,9 +118,9 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
 
 def _provenance(report: SweepReport) -> None:
     from compress_core.environment import versions
-    from formats.digest import file_sha256
+    from formats.outputs import model_sha256
     report.versions = versions()
-    report.input_sha256 = file_sha256(report.model)
+    report.input_sha256 = model_sha256(report.model)
 
 
 def _num(value: float | None, spec: str) -> str:

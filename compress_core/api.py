@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -16,22 +17,34 @@ from .store import Progress, WriteResult
 
 
 def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
-             options: Options = Options(), progress: Progress | None = None) -> Report:
+             options: Options = Options(), progress: Progress | None = None, *,
+             metadata: Mapping[str, str] | None = None) -> Report:
     """Compress the model at `src` with `recipe` and write it to `dst`.
 
     The output has the input's format; `src` is never modified and `dst`
-    appears only when complete.
+    appears only when complete. A sharded safetensors checkpoint is given by
+    its `*.safetensors.index.json` (or its folder) and written as shards plus
+    an index at `dst`. `metadata` adds string entries to the output's
+    metadata (ONNX metadata_props, safetensors `__metadata__`, or the index's
+    metadata).
     """
     from formats import check_output_path, open_model
 
     src, dst = Path(src), Path(dst)
     store = open_model(src)
+    dst = _sharded_destination(store, dst)
     check_output_path(store, dst)
     if store.encodings:
         raise ModelReadError(f"{src}: already compressed by modelpress ({len(store.encodings)} "
                              "tensors); run `modelpress decompress` on it first")
     encoding = encode(store, recipe, options, progress)
-    result = store.write(dst, encoding.tensors, progress)
+    extra: dict[str, Any] = {"metadata": dict(metadata)} if metadata else {}
+    if options.max_shard_size is not None and getattr(store, "sharded", False):
+        extra["max_shard_size"] = options.max_shard_size
+    elif options.max_shard_size is not None:
+        encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
+                              "this model is written as one file")
+    result = store.write(dst, encoding.tensors, progress, **extra)
     rows = []
     for name, encoded in encoding.tensors.items():
         info = store.tensors[name]
@@ -52,11 +65,19 @@ def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:
 
     src, dst = Path(src), Path(dst)
     store = open_model(src)
+    dst = _sharded_destination(store, dst)
     check_output_path(store, dst)
     result = write_decompressed(store, dst)
     if not store.encodings:
         result.notes.append(f"{src}: no modelpress-compressed tensors; wrote an unchanged copy")
     return result
+
+
+def _sharded_destination(store: Any, dst: Path) -> Path:
+    """A sharded checkpoint written to a folder keeps its index's name there."""
+    if getattr(store, "sharded", False) and dst.is_dir():
+        return dst / store.path.name
+    return dst
 
 
 def inspect(path: str | os.PathLike) -> InspectReport:

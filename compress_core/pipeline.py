@@ -24,6 +24,9 @@ class Options:
 
     min_elements: int = DEFAULT_MIN_ELEMENTS
     allow_nonfinite: bool = False
+    # Sharded safetensors checkpoints only: cut output shards of at most this
+    # many bytes instead of keeping the input's shards.
+    max_shard_size: int | None = None
 
 
 @dataclass

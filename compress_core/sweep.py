@@ -209,7 +209,7 @@ def sweep(src: str | os.PathLike, settings: Sequence[Setting] = DEFAULT_SETTINGS
         raise ModelpressError(f"{src}: already compressed by modelpress; run "
                               "`modelpress decompress` on it first")
     baseline = Baseline.prepare(src, evaluation) if evaluation is not None else None
-    report = SweepReport(str(src), store.format, store.file_bytes)
+    report = SweepReport(str(store.path), store.format, store.file_bytes)  # a folder's index
     if baseline is not None:
         report.baseline, report.accuracy_before = baseline.describe(), baseline.accuracy
         report.notes += baseline.notes
@@ -217,7 +217,8 @@ def sweep(src: str | os.PathLike, settings: Sequence[Setting] = DEFAULT_SETTINGS
         for i, setting in enumerate(settings):
             if progress:
                 progress(i, len(settings), setting.name)
-            path = Path(tmp) / f"setting-{i}{src.suffix}"
+            suffix = ".safetensors.index.json" if getattr(store, "sharded", False) else src.suffix
+            path = Path(tmp) / f"setting-{i}{suffix}"
             report.rows.append(_run_one(store, setting, options, baseline, path))
             path.unlink(missing_ok=True)
     if progress:

@@ -11,30 +11,52 @@ from compress_core.store import WriteResult
 
 from .onnx_io import OnnxStore
 from .safetensors_io import SafetensorsStore
+from .sharded import INDEX_SUFFIX, ShardedStore, is_index
 
-Store = Union[OnnxStore, SafetensorsStore]
+Store = Union[OnnxStore, SafetensorsStore, ShardedStore]
 SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors"}
 
 
 def format_of(path: Path) -> str | None:
-    """'onnx' or 'safetensors' from the file name, or None."""
+    """'onnx' or 'safetensors' from the file name (a sharded index is safetensors), or None."""
+    if is_index(path):
+        return "safetensors"
     return SUFFIXES.get(Path(path).suffix.lower())
+
+
+def find_index(folder: Path) -> Path | None:
+    """A folder's sharded-checkpoint index, or None.
+
+    `model.safetensors.index.json` if present, else the only `*.safetensors.index.json`.
+    """
+    preferred = folder / f"model{INDEX_SUFFIX}"
+    if preferred.is_file():
+        return preferred
+    found = sorted(p for p in folder.glob(f"*{INDEX_SUFFIX}") if p.is_file())
+    return found[0] if len(found) == 1 else None
 
 
 def open_model(path: str | os.PathLike) -> Store:
     """Open a model file for reading; raise ModelReadError with the fix if it cannot be."""
     path = Path(path)
-    fmt = format_of(path)
     try:
         if not path.exists():
             raise ModelReadError(f"{path}: no such file")
         if path.is_dir():
-            raise ModelReadError(f"{path}: is a folder; give a .onnx or .safetensors file")
+            index = find_index(path)
+            if index is None:
+                raise ModelReadError(f"{path}: is a folder without a sharded checkpoint index "
+                                     f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors file, or "
+                                     "use `modelpress compress DIR -o OUTDIR` for a whole folder")
+            path = index
+        fmt = format_of(path)
         if fmt is None:
             raise ModelReadError(f"{path}: unknown model format; modelpress reads .onnx and "
                                  ".safetensors files")
         if path.stat().st_size == 0:
             raise ModelReadError(f"{path}: file is empty")
+        if is_index(path):
+            return ShardedStore(path)
         return OnnxStore(path) if fmt == "onnx" else SafetensorsStore(path)
     except OSError as exc:  # unreadable, a name too long, an I/O error
         raise ModelReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -76,6 +98,11 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
                                   "input; choose another output path (modelpress never modifies "
                                   "its input)")
     fmt = format_of(dst)
+    if getattr(store, "sharded", False) != is_index(dst) and fmt == store.format:
+        what = ("a sharded checkpoint is written as shards plus an index: name the output "
+                f"*{INDEX_SUFFIX}" if is_index(store.path) else
+                f"a single safetensors file is written as one file, not as *{INDEX_SUFFIX}")
+        raise ModelWriteError(f"{dst}: {what}")
     if require_same_format and fmt != store.format:
         suffix = ".onnx" if store.format == "onnx" else ".safetensors"
         raise ModelWriteError(f"{dst}: output must be a {suffix} file like the input "
@@ -86,6 +113,9 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
 
 def write_decompressed(store: Store, dst: Path) -> WriteResult:
     """Write the model with every compressed tensor restored to dense floats."""
+    if isinstance(store, ShardedStore):
+        from .sharded import write_decompressed as sharded_write
+        return sharded_write(store, dst)
     if isinstance(store, OnnxStore):
         from .onnx_io import write_decompressed as onnx_write
         return onnx_write(store, dst)
@@ -93,5 +123,5 @@ def write_decompressed(store: Store, dst: Path) -> WriteResult:
     return st_write(store, dst)
 
 
-__all__ = ["OnnxStore", "SafetensorsStore", "Store", "check_output_path", "format_of",
-           "open_model", "same_file", "write_decompressed"]
+__all__ = ["OnnxStore", "SafetensorsStore", "ShardedStore", "Store", "check_output_path",
+           "find_index", "format_of", "open_model", "same_file", "write_decompressed"]

@@ -50,3 +50,40 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_paths(dsts: list[Path]) -> Iterator[list[Path]]:
+    """Yield one temporary path per destination; on success all are renamed into place.
+
+    For outputs made of several files (a sharded checkpoint and its index).
+    The last destination is the completion marker: an old file at that name is
+    removed before any rename and the new one is renamed last, so an
+    interrupted run never pairs a new set of files with an old marker, and no
+    output name ever holds a partly written file. On any exception every
+    temporary file is removed.
+    """
+    dsts = [Path(d) for d in dsts]
+    tmps: list[Path] = []
+    try:
+        for dst in dsts:
+            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".modelpress-tmp",
+                                       dir=dst.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
+        for tmp in tmps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+        if dsts[-1].exists() or dsts[-1].is_symlink():
+            dsts[-1].unlink()
+        for tmp, dst in zip(tmps, dsts):
+            os.replace(tmp, dst)
+        for folder in {dst.parent for dst in dsts}:
+            _fsync_dir(folder)
+    except BaseException:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise

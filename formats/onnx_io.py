@@ -103,8 +103,12 @@ class OnnxStore:
     # -- writing -------------------------------------------------------------
 
     def write(self, dst: Path, encoded: Mapping[str, Encoded],
-              progress: Progress | None = None) -> WriteResult:
-        """Write the model with each encoded tensor replaced by its decoding nodes."""
+              progress: Progress | None = None, *,
+              metadata: Mapping[str, str] | None = None) -> WriteResult:
+        """Write the model with each encoded tensor replaced by its decoding nodes.
+
+        `metadata` entries are added to the model's metadata_props.
+        """
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         _load_external(self.path, model)
@@ -142,7 +146,7 @@ class OnnxStore:
                             encoding=enc.describe(), origin=locations[name].kind)
             specs[name] = out.spec
             tensor_bytes[name] = out.nbytes
-        _set_metadata(model, specs)
+        _set_metadata(model, specs, metadata)
         size = save_checked(model, dst, self.path)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size, notes=notes)
 
@@ -268,16 +272,21 @@ def _replace(location: Location, name: str, out: Any) -> None:
     graph.initializer.extend(out.initializers)
 
 
-def _set_metadata(model: onnx.ModelProto, specs: dict[str, dict[str, Any]]) -> None:
-    for i, entry in enumerate(model.metadata_props):
-        if entry.key == METADATA_KEY:
-            del model.metadata_props[i]
-            break
+def _set_metadata(model: onnx.ModelProto, specs: dict[str, dict[str, Any]],
+                  extra: Mapping[str, str] | None = None) -> None:
+    # Every modelpress-owned key ("modelpress", "modelpress.source") is rewritten,
+    # never inherited from the input.
+    kept = [(e.key, e.value) for e in model.metadata_props if not e.key.startswith(METADATA_KEY)]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
     if specs:
         entry = model.metadata_props.add()
         entry.key = METADATA_KEY
         entry.value = json.dumps({"format_version": FORMAT_VERSION, "tensors": specs},
                                  separators=(",", ":"))
+    for key, value in (extra or {}).items():
+        model.metadata_props.add(key=key, value=value)
 
 
 def save_checked(model: onnx.ModelProto, dst: Path, source: Path | None = None) -> int:

@@ -98,8 +98,12 @@ class SafetensorsStore:
     # -- writing -------------------------------------------------------------
 
     def write(self, dst: Path, encoded: Mapping[str, Encoded],
-              progress: Progress | None = None) -> WriteResult:
-        """Write this model with `encoded` tensors in their compressed layouts."""
+              progress: Progress | None = None, *,
+              metadata: Mapping[str, str] | None = None) -> WriteResult:
+        """Write this model with `encoded` tensors in their compressed layouts.
+
+        `metadata` entries are added to the header's `__metadata__`.
+        """
         taken = set(self._tensors) - set(encoded)
         entries: list[tuple[str, Any]] = []  # (stored name, array or None = copy from input)
         specs: dict[str, dict[str, Any]] = {}
@@ -115,11 +119,14 @@ class SafetensorsStore:
             specs[name] = spec
             tensor_bytes[name] = sum(a.nbytes for _, a in parts)
             entries.extend(parts)
-        metadata = dict(self.header.metadata)
-        metadata.pop(METADATA_KEY, None)
+        extra = dict(metadata or {})
+        # Every modelpress-owned key ("modelpress", "modelpress.source") is rewritten.
+        metadata = {k: v for k, v in self.header.metadata.items()
+                    if not k.startswith(METADATA_KEY)}
         if specs:
             metadata[METADATA_KEY] = json.dumps(
                 {"format_version": FORMAT_VERSION, "tensors": specs}, separators=(",", ":"))
+        metadata.update(extra)
         size = write_safetensors(dst, entries, metadata, self, progress)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size)
 
@@ -216,6 +223,6 @@ def write_decompressed(store: SafetensorsStore, dst: Path) -> WriteResult:
             array = encoded.decode().astype(info.dtype)
             entries.append((name, array))
             restored[name] = array.nbytes
-    metadata = {k: v for k, v in store.header.metadata.items() if k != METADATA_KEY}
+    metadata = {k: v for k, v in store.header.metadata.items() if not k.startswith(METADATA_KEY)}
     size = write_safetensors(dst, entries, metadata, store)
     return WriteResult(tensor_bytes=restored, file_bytes=size)

@@ -1,0 +1,140 @@
+"""Batch outputs: where they go, what made them, and copies of the other files.
+
+Every compressed output records what made it under the metadata key
+`modelpress.source` (ONNX metadata_props, safetensors `__metadata__`, or the
+sharded index's `metadata`): a JSON object with `recipe_sha256` (the recipe
+and the run options that change output bytes) and `input_sha256` (the input's
+content, see `input_key`). `--skip-existing` compares both with the present run.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from compress_core.errors import ModelWriteError
+
+from .atomic import atomic_path
+from .digest import file_sha256
+from .sharded import is_index, read_index
+
+SOURCE_KEY = "modelpress.source"
+
+
+def input_key(main: Path, others: list[Path]) -> str:
+    """The content key of a model's input files.
+
+    One file: its sha256 (what `sha256sum` prints). Several (a sharded
+    checkpoint, an ONNX model with external data, a model and its
+    config.json): the sha256 of the lines "<path relative to the main file's
+    folder>\\t<sha256>\\n", sorted by path.
+    """
+    if not others:
+        return file_sha256(main)
+    folder = main.parent
+    lines = sorted(f"{Path(os.path.relpath(p, folder)).as_posix()}\t{file_sha256(p)}\n"
+                   for p in [main, *others])
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def model_sha256(path: Path) -> str:
+    """The content key of a model file: its sha256, or for a sharded checkpoint's index
+    the `input_key` of the index and its shards."""
+    path = Path(path)
+    if is_index(path):
+        weight_map, _ = read_index(path)
+        return input_key(path, [path.parent / s for s in sorted(set(weight_map.values()))])
+    return file_sha256(path)
+
+
+def source_value(recipe_sha256: str, input_sha256: str) -> str:
+    """The `modelpress.source` metadata value."""
+    return json.dumps({"recipe_sha256": recipe_sha256, "input_sha256": input_sha256},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def read_source(path: Path) -> dict[str, Any] | None:
+    """The `modelpress.source` record of an output, or None if absent or unreadable."""
+    try:
+        if is_index(path):
+            _, metadata = read_index(path)
+            raw = metadata.get(SOURCE_KEY)
+        elif path.suffix.lower() == ".onnx":
+            import onnx
+            model = onnx.load(str(path), load_external_data=False)
+            raw = next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), None)
+        else:
+            from .st_header import read_header
+            raw = read_header(path).metadata.get(SOURCE_KEY)
+        record = json.loads(raw) if isinstance(raw, str) else None
+        return record if isinstance(record, dict) else None
+    except Exception:  # any unreadable output is simply not up to date
+        return None
+
+
+def output_files(path: Path) -> list[Path]:
+    """The files of a written output: the file itself, or an index and its shards."""
+    if is_index(path):
+        try:
+            weight_map, _ = read_index(path)
+        except Exception:
+            return [path]
+        return [path] + [path.parent / s for s in sorted(set(weight_map.values()))]
+    return [path]
+
+
+def output_bytes(path: Path) -> int:
+    """Bytes on disk of a written output (index and shards together)."""
+    return sum(p.stat().st_size for p in output_files(path) if p.exists())
+
+
+def up_to_date(dst: Path, recipe_sha256: str, input_sha256: str,
+               config_src: Path | None = None, config_dst: Path | None = None) -> bool:
+    """True if `dst` is complete and was made from this input with this recipe.
+
+    For a sharded output every shard must be present; for a model owning a
+    config.json, the output's config.json must be exactly the one this output
+    implies.
+    """
+    record = read_source(dst)
+    if record != {"recipe_sha256": recipe_sha256, "input_sha256": input_sha256}:
+        return False
+    if not all(p.is_file() for p in output_files(dst)):
+        return False
+    if config_src is not None and config_dst is not None:
+        from .ct_config import config_for
+        try:
+            return config_dst.is_file() and config_dst.read_bytes() == config_for(config_src, dst)
+        except Exception:
+            return False
+    return True
+
+
+def same_file_content(src: Path, dst: Path) -> bool:
+    """True if `dst` exists and holds exactly the bytes of `src`."""
+    return dst.is_file() and not dst.is_symlink() and filecmp.cmp(src, dst, shallow=False)
+
+
+def copy_file(src: Path, dst: Path) -> int:
+    """Copy a file atomically; return its size."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        size = tmp.stat().st_size
+    return size
+
+
+def check_inside(dst: Path, outdir: Path) -> None:
+    """Refuse an output path that would land outside `outdir` (through links) or on a link."""
+    root = Path(os.path.realpath(outdir))
+    where = Path(os.path.realpath(dst.parent))
+    if where != root and root not in where.parents:
+        raise ModelWriteError(f"{dst}: would be written outside the output folder {outdir} "
+                              f"(through a link to {where}); refusing")
+    if dst.is_symlink():
+        raise ModelWriteError(f"{dst}: is a symbolic link; refusing to write through it "
+                              "(remove it)")
