@@ -1,7 +1,7 @@
 """A corpus of bad, odd and hostile model files, built on the fly (nothing binary is committed).
 
 The entries live in corpus_safetensors.py (damaged files of either format,
-safetensors headers, odd values) and corpus_onnx.py. `build_corpus(root)`
+safetensors headers, odd values), corpus_onnx.py and corpus_sharded.py. `build_corpus(root)`
 writes every entry into its own folder under `root` (so
 external data files sit beside their model) and returns the entries. Each
 entry says what must happen when the CLI meets it:
@@ -176,6 +176,7 @@ def _load_entries() -> None:
     """Register the entries (the modules add themselves to _BUILDERS when imported)."""
     import corpus_safetensors  # noqa: F401
     import corpus_onnx  # noqa: F401
+    import corpus_sharded  # noqa: F401
 
 
 def build_corpus(root: Path) -> list[Entry]:

@@ -24,6 +24,7 @@ from formats import open_model
 from conftest import run_cli
 from corpus import Entry, build_corpus, marker_path, names
 
+INDEX_SUFFIX = ".safetensors.index.json"
 RECIPES: dict[str, list[str]] = {
     "int8": ["quantize", "--bits", "8"],
     "int4": ["quantize", "--bits", "4", "--group-size", "16"],
@@ -68,13 +69,20 @@ def with_stage_args(stages: list[str], extra: tuple[str, ...]) -> list[str]:
     return stages + list(extra)
 
 
+def names_input(line: str, entry: Entry) -> bool:
+    """The line names the input file (for a sharded checkpoint: its index or a shard)."""
+    if entry.path.name.endswith(INDEX_SUFFIX):
+        return f"{entry.path.parent}/" in line
+    return str(entry.path) in line
+
+
 def assert_failed(result: Result, entry: Entry, expected: str, out_dir: Path) -> None:
     assert result.exit_code == 1, (entry.name, result.output)
     assert isinstance(result.exception, SystemExit), (entry.name, repr(result.exception))
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, (entry.name, result.stderr)
     assert lines[0].startswith("Error: "), lines
-    assert str(entry.path) in lines[0], lines[0]
+    assert names_input(lines[0], entry), lines[0]
     assert expected in lines[0], (entry.name, expected, lines[0])
     assert "Traceback" not in result.output
     assert list(out_dir.iterdir()) == [], (entry.name, list(out_dir.iterdir()))
@@ -91,6 +99,18 @@ def tensors_of(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             for name, info, _, _ in open_model(path).logical_tensors()}
 
 
+def output_suffix(path: Path) -> str:
+    """'.onnx', '.safetensors' or, for a sharded checkpoint, '.safetensors.index.json'."""
+    return INDEX_SUFFIX if path.name.endswith(INDEX_SUFFIX) else path.suffix
+
+
+def written(out: Path) -> list[str]:
+    """The file names a model output consists of: the file, or an index and its shards."""
+    if not out.name.endswith(INDEX_SUFFIX):
+        return [out.name]
+    return [out.name] + sorted(set(json.loads(out.read_text())["weight_map"].values()))
+
+
 def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
@@ -101,10 +121,12 @@ def check_compressed(entry: Entry, out: Path, report_path: Path, work: Path) -> 
         onnx.checker.check_model(str(out), full_check=True)
     assert tensors_of(out) == tensors_of(entry.path)
     report = json.loads(report_path.read_text())
-    assert report["totals"]["file_bytes_after"] == out.stat().st_size
+    assert report["totals"]["file_bytes_after"] == sum(
+        (out.parent / name).stat().st_size for name in written(out))
     changed = {row["name"] for row in report["tensors"]}
     assert not changed & set(entry.untouched), (entry.name, changed)
-    dense = work / f"dense{out.suffix}"
+    (work / "dense").mkdir(exist_ok=True)
+    dense = work / "dense" / f"dense{output_suffix(out)}"
     decompress(out, dense)
     src, back = open_model(entry.path), open_model(dense)
     for name in src.tensors:
@@ -118,7 +140,8 @@ def check_compressed(entry: Entry, out: Path, report_path: Path, work: Path) -> 
         norm = float(np.linalg.norm(original32))
         error = float(np.linalg.norm(restored32 - original32))
         assert error <= norm * 1.0 + 1e-6, (entry.name, name, error, norm)
-    dense.unlink()
+    for name in written(dense):
+        (dense.parent / name).unlink()
 
 
 @pytest.mark.parametrize("name", names())
@@ -126,7 +149,7 @@ def test_corpus_entry(corpus, name: str, tmp_path: Path) -> None:
     root, entries = corpus
     entry = entries[name]
     before = snapshot(root, entry)
-    suffix = entry.path.suffix
+    suffix = output_suffix(entry.path)
 
     for recipe, stages in RECIPES.items():
         out_dir = tmp_path / recipe
@@ -137,7 +160,7 @@ def test_corpus_entry(corpus, name: str, tmp_path: Path) -> None:
         expected = entry.expected_error("compress", recipe)
         if expected is None:
             assert_ok(result, entry)
-            assert sorted(p.name for p in out_dir.iterdir()) == sorted([out.name, report.name])
+            assert sorted(p.name for p in out_dir.iterdir()) == sorted(written(out) + [report.name])
             check_compressed(entry, out, report, tmp_path)
         else:
             assert_failed(result, entry, expected, out_dir)
@@ -161,7 +184,7 @@ def test_corpus_entry(corpus, name: str, tmp_path: Path) -> None:
         assert_failed(result, entry, expected, out_dir)
     else:
         assert_ok(result, entry)
-        assert [p.name for p in out_dir.iterdir()] == [out.name]
+        assert sorted(p.name for p in out_dir.iterdir()) == sorted(written(out))
         assert tensors_of(out) == tensors_of(entry.path)
         src, dense = open_model(entry.path), open_model(out)
         for name in src.tensors:
