@@ -175,6 +175,7 @@ def _load(path: Path) -> onnx.ModelProto:
     texts = set(used_names(model))
     for graph in graphs(model.graph):
         texts.update(t for n in graph.node for t in (n.op_type, n.domain))
+    texts.update(t for p in model.metadata_props for t in (p.key, p.value))  # rewritten on save
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:
         raise ModelReadError(f"{path}: not a valid ONNX model (the name {bad!r} is not UTF-8 "
@@ -370,7 +371,8 @@ def _check_spec(name: str, spec: Any, tensors: set[str]) -> None:
         raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
     parts = _spec_parts(spec) or [name]  # no parts: stored densely under its own name
     missing = [p for p in parts if not isinstance(p, str) or p not in tensors]
-    if missing or not isinstance(spec.get("nodes", []), list):
+    nodes = spec_nodes(spec) if isinstance(spec.get("nodes", []), list) else [None]
+    if missing or not all(isinstance(n, str) for n in nodes):
         raise ValueError(f"tensor {name!r} lacks {missing or 'its node list'}")
 
 

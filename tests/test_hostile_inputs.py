@@ -507,3 +507,21 @@ def test_an_invalid_input_is_refused_even_when_a_rewrite_would_drop_the_bad_node
     assert result.stderr.startswith(f"Error: {src}: the model fails onnx.checker (Unrecognized "
                                     "attribute: axis for operator Gemm")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_metadata_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """Fuzzer finding: such a value crashed the rewrite of metadata_props on save."""
+    model = good_onnx()
+    helper.set_model_props(model, {"note": "XXXX"})
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString().replace(b"XXXX", b"\xff\xfe\xfd\xfc"))
+    for args in (["inspect", src], ["decompress", src, "-o", tmp_path / "d.onnx"]):
+        result = run_cli(args)
+        assert result.exit_code == 1 and "is not UTF-8 text" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("nodes", [[["x"]], "abc", [3]])
+def test_metadata_node_lists_must_hold_names(tmp_path: Path, samples: Path, nodes) -> None:
+    """Fuzzer finding: a nested list crashed decompress with TypeError (unhashable)."""
+    with pytest.raises(ModelReadError, match=r"tensor 'fc1.weight' lacks its node list"):
+        open_model(_compressed_onnx(tmp_path, samples, lambda s: s.update(nodes=nodes)))
