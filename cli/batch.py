@@ -27,8 +27,17 @@ BATCH_ONLY = ("jobs", "skip_existing", "fail_fast", "shard", "dry_run")
 
 def is_batch(models: tuple[Path, ...], output: Path | None) -> bool:
     """Batch mode: several inputs, a folder input, or an existing folder as output."""
-    return len(models) > 1 or any(m.is_dir() for m in models) or (
-        output is not None and output.is_dir())
+    return len(models) > 1 or any(_is_dir(m) for m in models) or (
+        output is not None and _is_dir(output))
+
+
+def _is_dir(path: Path) -> bool:
+    # A path that cannot be looked at (a name too long...) is not a folder; the single-model
+    # run then reports it in one line.
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def shard_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:

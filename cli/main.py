@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -215,6 +216,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     if given:
         raise click.UsageError(f"{given[0]} applies to batch mode: give a folder or several "
                                "MODELs with -o OUTDIR")
+    check_extra_outputs([("--report", report_path)],
+                        [(model[0], "the input model"), (output, "the output model")])
     from compress_core.api import compress as run
 
     settings = evaluation.settings_from(eval_values, model[0], limits)
@@ -240,6 +243,16 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         from .render import print_report
         print_report(out, report, fmt)
     evaluation.raise_on_breach(report)
+
+
+def check_extra_outputs(paths: list[tuple[str, Path | None]],
+                        protected: list[tuple[Path, str]]) -> None:
+    """Refuse a --report (or --plot) path that would overwrite the input model or the output."""
+    from formats import same_file
+    for option, path in paths:
+        for other, what in protected:
+            if path is not None and same_file(path, other):
+                raise click.UsageError(f"{option} {path} is {what}; give another file name")
 
 
 # Options of a single-model run that batch mode does not take (it does not run the models).
@@ -310,8 +323,14 @@ from .sweep import sweep as _sweep  # noqa: E402  (registered after the other co
 cli.add_command(_sweep)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    # Unwind like Ctrl-C does, so temporary output files are removed on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console entry point; an unexpected error is one line unless MODELPRESS_DEBUG is set."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(prog_name="modelpress")
     except Exception as exc:  # a bug, not a user error: keep it to one line

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from compress_core.report import InspectReport, Report
 
@@ -29,19 +30,34 @@ def _num(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escapes) written as escapes: \\x1b."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def plain(value: object) -> Text:
+    """Text shown as is: tensor names and paths come from files and may hold '[...]'
+    (rich markup) or control characters."""
+    return Text(printable(str(value)))
+
+
 def _ratio(after: int, before: int) -> str:
     return f"{after / before:.3f}x" if before else "-"
 
 
 def report_table(report: Report) -> Table:
     """The size and error table printed after every compress."""
-    table = Table(title=f"{report.input_path} -> {report.output_path}", title_justify="left")
+    table = Table(title=plain(f"{report.input_path} -> {report.output_path}"),
+                  title_justify="left")
     for header, justify in (("tensor", "left"), ("shape", "left"), ("encoding", "left"),
                             ("before", "right"), ("after", "right"), ("ratio", "right"),
                             ("rel. error", "right"), ("SQNR dB", "right")):
         table.add_column(header, justify=justify, no_wrap=header != "tensor")
     for row in report.rows:
-        table.add_row(row.name, "x".join(map(str, row.shape)), row.encoding,
+        table.add_row(plain(row.name), "x".join(map(str, row.shape)), plain(row.encoding),
                       human_bytes(row.bytes_before), human_bytes(row.bytes_after),
                       _ratio(row.bytes_after, row.bytes_before),
                       _num(row.error.rel_l2, ".4f"), _num(row.error.sqnr_db, ".1f"))
@@ -65,7 +81,7 @@ def print_report(console: Console, report: Report, fmt: str) -> None:
         return
     console.print(report_table(report))
     for note in report.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        console.print(f"note: {printable(note)}", markup=False, highlight=False)
     from .render_eval import print_evaluation
     print_evaluation(console, report)
 
@@ -76,7 +92,7 @@ def markdown_report(report: Report) -> str:
              "| tensor | shape | encoding | before | after | ratio | rel. error | SQNR dB |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in report.rows:
-        lines.append(f"| `{row.name}` | {'x'.join(map(str, row.shape))} | {row.encoding} | "
+        lines.append(f"| `{_md_cell(row.name)}` | {'x'.join(map(str, row.shape))} | {row.encoding} | "
                      f"{row.bytes_before} | {row.bytes_after} | "
                      f"{_ratio(row.bytes_after, row.bytes_before)} | "
                      f"{_num(row.error.rel_l2, '.4f')} | {_num(row.error.sqnr_db, '.1f')} |")
@@ -86,10 +102,15 @@ def markdown_report(report: Report) -> str:
                  f"{_ratio(report.file_bytes_after, report.file_bytes_before)} | "
                  f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
-    lines += [""] + [f"- {note}" for note in report.notes]
+    lines += [""] + [f"- {printable(note)}" for note in report.notes]
     from .render_eval import markdown_evaluation
     lines += markdown_evaluation(report)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """A tensor name safe inside a Markdown table cell's code span."""
+    return printable(text).replace("|", "\\|").replace("`", "'")
 
 
 def print_inspect(console: Console, report: InspectReport, fmt: str) -> None:
@@ -97,21 +118,24 @@ def print_inspect(console: Console, report: InspectReport, fmt: str) -> None:
     if fmt == "json":
         console.print_json(json.dumps(report.as_dict()))
         return
-    table = Table(title=f"{report.path} ({report.format}, {human_bytes(report.file_bytes)} on disk)",
-                  title_justify="left")
+    table = Table(title=plain(f"{report.path} ({report.format}, "
+                              f"{human_bytes(report.file_bytes)} on disk)"), title_justify="left")
     for header, justify in (("tensor", "left"), ("shape", "left"), ("dtype", "left"),
                             ("encoding", "left"), ("stored", "right"), ("zeros", "right"),
                             ("weight", "center")):
         table.add_column(header, justify=justify)
     for row in report.rows:
         zeros = "-" if row.zero_fraction is None else f"{100 * row.zero_fraction:.1f}%"
-        table.add_row(row.name, "x".join(map(str, row.shape)) or "scalar", row.dtype, row.encoding,
+        table.add_row(plain(row.name), "x".join(map(str, row.shape)) or "scalar", plain(row.dtype),
+                      plain(row.encoding),
                       human_bytes(row.stored_bytes), zeros, "yes" if row.weight_like else "")
     console.print(table)
 
 
 def dump_json(path: Any, data: dict[str, Any]) -> None:
-    """Write a JSON document (used for --report)."""
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
+    """Write a JSON document atomically (used for --report)."""
+    from formats.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")

@@ -75,8 +75,10 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
     """
     from compress_core.sweep import load_settings, sweep as run
 
-    from .main import Failure, RecipeUsageError, _consoles, _progress
+    from .main import Failure, RecipeUsageError, _consoles, _progress, check_extra_outputs
 
+    check_extra_outputs([("--report", report_path), ("--plot", plot_path)],
+                        [(model, "the input model")])
     settings_values = evaluation.pop(values, evaluation.INPUT_PARAMS)
     eval_settings = evaluation.settings_from(settings_values, model)
     if eval_settings is not None:

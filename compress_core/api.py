@@ -92,8 +92,9 @@ def inspect(path: str | os.PathLike) -> InspectReport:
             encoding = short_name(info.dtype)
         else:
             values, encoding = encoded.decode(), encoded.describe()
-        zeros = None if values is None or values.size == 0 else float(
-            np.count_nonzero(values == 0) / values.size)
+        with np.errstate(invalid="ignore"):  # signalling NaNs in hostile data
+            zeros = None if values is None or values.size == 0 else float(
+                np.count_nonzero(values == 0) / values.size)
         rows.append(InspectRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
                                stored_bytes=stored, encoding=encoding, zero_fraction=zeros,
                                weight_like=info.weight_like))

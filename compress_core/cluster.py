@@ -91,5 +91,5 @@ def palettize(w: np.ndarray, clusters: int, channel_axis: int | None,
         index[keep] = kept_index + 1
     lut = centroids.astype(lut_dtype)
     indices = shell.unrows(index.astype(np.uint8).reshape(n_rows, width))
-    return Palettized(lut, np.ascontiguousarray(indices), channel_axis,
+    return Palettized(lut, np.require(indices, requirements="C"), channel_axis,  # keeps 0-d
                       0 if keep is not None else None)

@@ -327,7 +327,7 @@ class Palettized(Encoded):
     def decode(self) -> np.ndarray:
         lut = self.lut.astype(np.float32)
         picked = np.take_along_axis(lut, self.rows(self.indices).astype(np.intp), axis=1)
-        return np.ascontiguousarray(self.unrows(picked))
+        return np.require(self.unrows(picked), requirements="C")  # keeps a scalar 0-d
 
     @property
     def element_bits(self) -> int:

@@ -63,11 +63,14 @@ def compare(reference: np.ndarray, approx: np.ndarray) -> ErrorStats:
     app = np.asarray(approx, dtype=np.float64).reshape(-1)
     if ref.shape != app.shape:
         raise ValueError(f"shape mismatch: {ref.shape} vs {app.shape}")
-    diff = app - ref
-    return ErrorStats(
-        sum_sq_ref=float(ref @ ref), sum_sq_err=float(diff @ diff), sum_sq_approx=float(app @ app),
-        dot=float(ref @ app), max_abs=float(np.abs(diff).max()) if diff.size else 0.0,
-        count=int(ref.size))
+    # Non-finite values (model outputs under --allow-nonfinite weights) give NaN sums,
+    # which the report shows as unmeasured; they are not a warning for the user.
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = app - ref
+        return ErrorStats(
+            sum_sq_ref=float(ref @ ref), sum_sq_err=float(diff @ diff),
+            sum_sq_approx=float(app @ app), dot=float(ref @ app),
+            max_abs=float(np.abs(diff).max()) if diff.size else 0.0, count=int(ref.size))
 
 
 def _finite(value: float) -> float | None:

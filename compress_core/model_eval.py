@@ -65,7 +65,10 @@ class Baseline:
             feeds = onnx_run.load_inputs(graph, settings.inputs)
             described = {"source": str(settings.inputs)}
         else:
-            feeds = onnx_run.random_inputs(graph, settings.dims, settings.ranges, settings.seed)
+            try:
+                feeds = onnx_run.random_inputs(graph, settings.dims, settings.ranges, settings.seed)
+            except ModelRunError as exc:  # e.g. a bf16 input: measure nothing, compress anyway
+                return cls("failed", [f"output error not measured: {exc}"], settings=settings)
             described = {"source": "random", "seed": settings.seed}
         described["arrays"] = onnx_run.describe_feeds(feeds)
         labels = None

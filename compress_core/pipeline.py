@@ -80,7 +80,9 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
         notes.append(f"{info.name}: left as is (it has no elements)")
         return None, None
     array = store.read(info.name)
-    bad = int(np.count_nonzero(~np.isfinite(array.astype(np.float32))))
+    # On the stored dtype: a cast would warn on signalling NaNs (hostile data) and turn
+    # finite float64 values beyond float32's range into Inf.
+    bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:
         if options.allow_nonfinite:
             notes.append(f"{info.name}: left as is ({bad} NaN/Inf values, --allow-nonfinite)")
@@ -88,6 +90,11 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
         raise UnsupportedTensorError(
             f"tensor {info.name!r} has {bad} NaN/Inf values; fix the model, exclude it "
             f"(--exclude '{info.name}'), or pass --allow-nonfinite to leave such tensors as they are")
+    if array.dtype.itemsize > 4 and array.size and np.abs(array).max() > np.finfo(np.float32).max:
+        raise UnsupportedTensorError(
+            f"tensor {info.name!r} holds values beyond float32's range (up to "
+            f"{float(np.abs(array).max()):.3g}); stages compute in float32, so exclude it "
+            f"(--exclude '{info.name}')")
     encoded = _apply_stages(Dense(array), info, stages, notes)
     if isinstance(encoded, Dense) and encoded.array is array:
         return None, None
@@ -123,7 +130,7 @@ def _prepare(store: TensorStore, recipe: Recipe, work: dict[str, list[Stage]],
                 if not info.is_float or info.size == 0:
                     continue  # the main pass reports these
                 array = store.read(name)
-                if not np.isfinite(array.astype(np.float32)).all():
+                if not np.isfinite(array).all():
                     continue
                 stages = work[name]
                 before = stages[:next(i for i, s in enumerate(stages) if s is stage)]

@@ -88,10 +88,11 @@ def axes_for(info: TensorInfo) -> tuple[int | None, int]:
 def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: str,
                    channel_axis: int | None, block_axis: int, group_size: int | None,
                    method: str, scale_dtype: np.dtype) -> Quantized:
-    """Quantize a float array; codes are computed against the stored (rounded) scales."""
+    """Quantize a float array; codes are computed against the stored scales (rounded up to
+    the scale dtype, so the grid still spans the values: |error| <= scale / 2 for rtn)."""
     w = np.asarray(w, dtype=np.float32)
-    if granularity == "channel" and channel_axis is None:
-        granularity = "tensor"
+    if (granularity == "channel" and channel_axis is None) or w.ndim == 0:
+        granularity = "tensor"  # a scalar has no channels or groups
     view = _GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
     rows = view.rows(w)
     scale = np.empty(rows.shape[0], dtype=np.float32)
@@ -100,8 +101,11 @@ def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: st
     step = max(1, _CHUNK_ELEMENTS // max(rows.shape[1], 1))
     for start in range(0, rows.shape[0], step):
         block = rows[start:start + step]
-        s, z = _fit(block, bits, symmetric, method)
-        s = _stored(s, scale_dtype)
+        # Weights near float32's limit overflow squared errors to inf: a valid "worst"
+        # candidate, not a warning for the user.
+        with np.errstate(over="ignore", invalid="ignore"):
+            s, z = _fit(block, bits, symmetric, method, scale_dtype)
+        s = _stored_up(s, scale_dtype)
         if z is not None:
             zero[start:start + step] = z[:, 0]
         codes[start:start + step] = _codes(block, s, z, bits)
@@ -175,6 +179,18 @@ def _stored(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return stored
 
 
+def _stored_up(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The smallest scale of `dtype` not below `scale`, back in float32 (see `_stored`)."""
+    stored = _stored(scale, dtype)
+    low = stored < scale
+    if np.dtype(dtype).itemsize == 2 and low.any():
+        # For positive values the next bit pattern is the next larger value.
+        bits = stored.astype(dtype).view(np.uint16)
+        bits[low] += 1
+        stored = _stored(bits.view(dtype).astype(np.float32), dtype)
+    return stored
+
+
 def _codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
     return _grid(rows, scale, zero, bits).astype(np.int8)
 
@@ -189,12 +205,12 @@ def _grid(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: in
     return np.clip(q, qmin, qmax, out=q)
 
 
-def _fit(rows: np.ndarray, bits: int, symmetric: bool,
-         method: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _fit(rows: np.ndarray, bits: int, symmetric: bool, method: str,
+         scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales (and for asym a provisional zero point) per row."""
     if symmetric:
         return _fit_symmetric(rows, bits, method), None
-    return _fit_asymmetric(rows, bits, method)
+    return _fit_asymmetric(rows, bits, method, scale_dtype)
 
 
 def _sq_error(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
@@ -245,14 +261,17 @@ def _fit_symmetric(rows: np.ndarray, bits: int, method: str) -> np.ndarray:
     return scale
 
 
-def _fit_asymmetric(rows: np.ndarray, bits: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+def _fit_asymmetric(rows: np.ndarray, bits: int, method: str,
+                    scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     qmin, qmax = _qrange(bits)
     lo = np.minimum(rows.min(axis=1, keepdims=True), 0)
     hi = np.maximum(rows.max(axis=1, keepdims=True), 0)
 
     def candidate(ratio: float) -> tuple[np.ndarray, np.ndarray]:
         span = (hi - lo) * np.float32(ratio)
-        scale = np.where(span > 0, span / (qmax - qmin), np.float32(1.0))
+        # The zero point is fitted to the scale as stored, rounded up so the grid still
+        # spans [lo, hi]: a bf16 scale rounded down would leave up to half a step uncovered.
+        scale = _stored_up(np.where(span > 0, span / (qmax - qmin), np.float32(1.0)), scale_dtype)
         zero = np.clip(np.rint(qmin - lo * np.float32(ratio) / scale), qmin, qmax)
         return scale, zero
 

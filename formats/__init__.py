@@ -39,41 +39,64 @@ def find_index(folder: Path) -> Path | None:
 def open_model(path: str | os.PathLike) -> Store:
     """Open a model file for reading; raise ModelReadError with the fix if it cannot be."""
     path = Path(path)
-    if not path.exists():
-        raise ModelReadError(f"{path}: no such file")
-    if path.is_dir():
-        index = find_index(path)
-        if index is None:
-            raise ModelReadError(f"{path}: is a folder without a sharded checkpoint index "
-                                 f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors file, or "
-                                 "use `modelpress compress DIR -o OUTDIR` for a whole folder")
-        path = index
-    fmt = format_of(path)
-    if fmt is None:
-        raise ModelReadError(f"{path}: unknown model format; modelpress reads .onnx and "
-                             ".safetensors files")
-    if path.stat().st_size == 0:
-        raise ModelReadError(f"{path}: file is empty")
     try:
+        if not path.exists():
+            raise ModelReadError(f"{path}: no such file")
+        if path.is_dir():
+            index = find_index(path)
+            if index is None:
+                raise ModelReadError(f"{path}: is a folder without a sharded checkpoint index "
+                                     f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors file, or "
+                                     "use `modelpress compress DIR -o OUTDIR` for a whole folder")
+            path = index
+        fmt = format_of(path)
+        if fmt is None:
+            raise ModelReadError(f"{path}: unknown model format; modelpress reads .onnx and "
+                                 ".safetensors files")
+        if path.stat().st_size == 0:
+            raise ModelReadError(f"{path}: file is empty")
         if is_index(path):
             return ShardedStore(path)
         return OnnxStore(path) if fmt == "onnx" else SafetensorsStore(path)
-    except OSError as exc:
+    except OSError as exc:  # unreadable, a name too long, an I/O error
         raise ModelReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two paths name one file: equal once resolved (symbolic links
+    followed) or, for existing files, the same inode (hard links)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except RuntimeError:  # a loop of symbolic links: it names no file
+        return False
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_output_path(store: Store, dst: Path, *, require_same_format: bool = True) -> None:
-    """Refuse outputs that would overwrite the input or change the format."""
+    """Refuse outputs that would overwrite the input (or its data files) or change the format."""
     dst = Path(dst)
+    try:
+        _check_output_path(store, dst, require_same_format)
+    except OSError as exc:  # a name too long, a folder we may not look into
+        raise ModelWriteError(f"{dst}: cannot write here ({exc.strerror or exc})") from None
+
+
+def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> None:
     if dst.exists() and dst.is_dir():
         raise ModelWriteError(f"{dst}: is a folder; give an output file name")
-    try:
-        same = dst.exists() and os.path.samefile(dst, store.path)
-    except OSError:
-        same = False
-    if same or dst.resolve() == store.path.resolve():
+    if same_file(dst, store.path):
         raise ModelWriteError(f"{dst}: output is the input file; choose another output path "
                               "(modelpress never modifies its input)")
+    for data in getattr(store, "data_files", ()):
+        if same_file(dst, data):
+            raise ModelWriteError(f"{dst}: output is {data.name}, an external data file of the "
+                                  "input; choose another output path (modelpress never modifies "
+                                  "its input)")
     fmt = format_of(dst)
     if getattr(store, "sharded", False) != is_index(dst) and fmt == store.format:
         what = ("a sharded checkpoint is written as shards plus an index: name the output "
@@ -101,4 +124,4 @@ def write_decompressed(store: Store, dst: Path) -> WriteResult:
 
 
 __all__ = ["OnnxStore", "SafetensorsStore", "ShardedStore", "Store", "check_output_path",
-           "find_index", "format_of", "open_model", "write_decompressed"]
+           "find_index", "format_of", "open_model", "same_file", "write_decompressed"]

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from compress_core.errors import ModelWriteError
+
 
 @contextlib.contextmanager
 def atomic_path(dst: Path) -> Iterator[Path]:
@@ -17,7 +19,12 @@ def atomic_path(dst: Path) -> Iterator[Path]:
     an interrupted run leaves either the old file or nothing at the output name.
     """
     dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".modelpress-tmp", dir=dst.parent)
+    try:
+        # The name is cut so that any legal output name gives a legal temporary name.
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:100]}.", suffix=".modelpress-tmp",
+                                   dir=dst.parent)
+    except OSError as exc:
+        raise ModelWriteError(f"{dst}: cannot create the output ({exc.strerror or exc})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -27,9 +34,12 @@ def atomic_path(dst: Path) -> Iterator[Path]:
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, dst)
         _fsync_dir(dst.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError):  # disk full, quota, I/O error: the user's to fix
+            raise ModelWriteError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
+                                  "nothing was written") from None
         raise
 
 

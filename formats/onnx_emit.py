@@ -158,7 +158,7 @@ def _int_tensor(name: str, codes: np.ndarray, four: bool) -> onnx.TensorProto:
 
 
 def _pruned(name: str, sparse: Sparse) -> Emitted:
-    dense = np.ascontiguousarray(sparse.values.array)
+    dense = np.require(sparse.values.array, requirements="C")  # keeps a scalar 0-d
     spec = {"layout": "dense", "pattern": sparse.pattern}
     return Emitted(initializers=[numpy_helper.from_array(dense, name)], spec=spec)
 

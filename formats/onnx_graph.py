@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from compress_core.errors import ModelReadError
 from compress_core.tensorinfo import TensorInfo
@@ -117,10 +118,17 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     location = info.get("location", "")
     base = model_path.parent.resolve()
     where = f"{model_path}: tensor {tensor.name!r}"
+    if not isinstance(location, str) or "\0" in location:  # protobuf gives bytes for non-UTF-8
+        raise ModelReadError(f"{where}: external data location {location!r} is not a valid "
+                             "path; the model is damaged")
     if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
         raise ModelReadError(f"{where}: external data location {location!r} is not a relative "
                              "path inside the model's folder; refusing to read it")
-    target = (base / location).resolve()
+    try:
+        target = (base / location).resolve()
+    except RuntimeError:  # a loop of symbolic links
+        raise ModelReadError(f"{where}: external data location {location!r} is a loop of "
+                             "symbolic links; refusing to read it") from None
     if base != target and base not in target.parents:
         raise ModelReadError(f"{where}: external data location {location!r} points outside the "
                              "model's folder; refusing to read it")
@@ -130,13 +138,65 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     try:
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else None
-    except ValueError:
+    except (ValueError, TypeError):
         raise ModelReadError(f"{where}: external data offset/length are not integers") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelReadError(f"{where}: external data offset {offset} or length {length} is "
+                             "negative; the model is damaged")
     size = target.stat().st_size
-    if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+    if offset > size or (length is not None and offset + length > size):
         raise ModelReadError(f"{where}: external data file {location!r} is too short "
                              f"({size} bytes) for offset {offset} and length {length}")
     return target, offset, length
+
+
+# Types stored two elements per byte in raw_data.
+_PACKED_4BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
+_MAX_BYTES = 1 << 62
+
+
+def data_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's data takes as raw_data or external data (None for strings)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str) -> None:
+    """Refuse a tensor whose header fields cannot describe real data (no data is loaded)."""
+    where = f"{model_path}: tensor {name!r}"
+    try:
+        helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        raise ModelReadError(f"{where} has an invalid data type ({tensor.data_type}); the model "
+                             "is damaged") from None
+    if any(d < 0 for d in tensor.dims):
+        raise ModelReadError(f"{where} has negative dims {list(tensor.dims)}; the model is damaged")
+    need = data_nbytes(tensor)
+    if need is not None and need > _MAX_BYTES:
+        raise ModelReadError(f"{where} has dims {list(tensor.dims)} too large for any file; "
+                             "the model is damaged")
+    if is_external(tensor):
+        file, offset, length = external_data_file(model_path, tensor)
+        have = length if length is not None else file.stat().st_size - offset
+        if need is not None and have < need:
+            raise ModelReadError(f"{where}: external data holds {have} bytes but its dims "
+                                 f"{list(tensor.dims)} need {need}; the model is damaged")
+    elif tensor.HasField("raw_data"):
+        if need is not None and len(tensor.raw_data) != need:
+            raise ModelReadError(f"{where}: raw_data holds {len(tensor.raw_data)} bytes but its "
+                                 f"dims {list(tensor.dims)} need {need}; the model is damaged")
+    else:
+        # Typed fields (float_data, int32_data...) hold small tensors; decoding checks their count.
+        try:
+            numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise ModelReadError(f"{where} is corrupt ({' '.join(str(exc).split())[:200]}); "
+                                 "the model is damaged") from None
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:

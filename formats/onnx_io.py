@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -17,8 +18,10 @@ from compress_core.tensorinfo import TensorInfo
 
 from .atomic import atomic_path
 from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spec_nodes
-from .onnx_graph import (Location, external_data_file, graphs, is_external, locate, opset_version,
-                         tensor_info, used_names, weight_roles)
+from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
+                         is_external, locate, opset_version, tensor_info, used_names,
+                         weight_roles)
+from .tree_check import check_tree
 
 METADATA_KEY = "modelpress"
 FORMAT_VERSION = 1
@@ -33,20 +36,26 @@ class OnnxStore:
         self.path = Path(path)
         self.model = _load(self.path)
         self._locations = locate(self.model)
+        for name, loc in self._locations.items():
+            check_tensor(self.path, loc.tensor, name)
         roles = weight_roles(self.model)
         self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name))
                          for name, loc in self._locations.items()}
-        self.encodings = _read_encodings(self.path, self.model)
+        self.encodings = _read_encodings(self.path, self.model, set(self._locations))
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._tensors
 
     @property
+    def data_files(self) -> set[Path]:
+        """The external data files the model's tensors live in."""
+        return {external_data_file(self.path, loc.tensor)[0]
+                for loc in self._locations.values() if is_external(loc.tensor)}
+
+    @property
     def file_bytes(self) -> int:
-        files = {external_data_file(self.path, loc.tensor)[0]
-                 for loc in self._locations.values() if is_external(loc.tensor)}
-        return self.path.stat().st_size + sum(f.stat().st_size for f in files)
+        return self.path.stat().st_size + sum(f.stat().st_size for f in self.data_files)
 
     def read(self, name: str) -> np.ndarray:
         return _read_tensor(self.path, self._locations[name].tensor)
@@ -74,18 +83,22 @@ class OnnxStore:
     def decode(self, name: str) -> Encoded:
         """The encoded tree of a tensor this model stores in a modelpress encoding."""
         spec = self.encodings[name]
-        if spec["layout"] == "dense" and "initializers" not in spec:
-            return Dense(self.read(name))  # pruned: zeros stored densely under W's own name
         try:
-            inits = {n: self._locations[n].tensor for n in spec_initializers(spec)}
-        except KeyError as exc:
-            raise ModelReadError(f"{self.path}: tensor {name!r}: its modelpress encoding names "
-                                 f"a missing initializer {exc}") from None
-        try:
-            return decode_spec(spec, inits, tuple(spec["shape"]))
-        except (KeyError, ValueError) as exc:
+            if spec["layout"] == "dense" and "initializers" not in spec:
+                tree: Encoded = Dense(self.read(name))  # pruned: zeros stored under W's own name
+            else:
+                inits = {n: _inline(self.path, self._locations[n].tensor)
+                         for n in spec_initializers(spec)}
+                tree = decode_spec(spec, inits, tuple(spec["shape"]))
+            check_tree(tree, tuple(spec["shape"]))
+            return tree
+        except ModelReadError as exc:  # e.g. an unknown layout: name the file and tensor
+            if str(exc).startswith(str(self.path)):
+                raise
+            raise ModelReadError(f"{self.path}: tensor {name!r}: {exc}") from None
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             raise ModelReadError(f"{self.path}: tensor {name!r}: corrupt modelpress encoding "
-                                 f"({exc})") from None
+                                 f"({type(exc).__name__}: {exc})") from None
 
     # -- writing -------------------------------------------------------------
 
@@ -99,6 +112,7 @@ class OnnxStore:
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         _load_external(self.path, model)
+        _check_source(self.path, model)
         notes: list[str] = []
         need = max((required_opset(e, self._tensors[n].dtype) for n, e in encoded.items()),
                    default=1)
@@ -133,7 +147,7 @@ class OnnxStore:
             specs[name] = out.spec
             tensor_bytes[name] = out.nbytes
         _set_metadata(model, specs, metadata)
-        size = save_checked(model, dst)
+        size = save_checked(model, dst, self.path)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size, notes=notes)
 
 
@@ -142,9 +156,10 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int:
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
     if is_external(tensor):
+        # From the header: numpy_helper.to_array would read the data, resolving its
+        # location against the current folder rather than the model's.
         info = {entry.key: entry.value for entry in tensor.external_data}
-        if "length" in info:
-            return int(info["length"])
+        return int(info["length"]) if "length" in info else data_nbytes(tensor) or 0
     return numpy_helper.to_array(tensor).nbytes
 
 
@@ -156,6 +171,15 @@ def _load(path: Path) -> onnx.ModelProto:
                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
     if not model.graph.node and not model.graph.initializer:
         raise ModelReadError(f"{path}: not a valid ONNX model (no graph); is it an ONNX file?")
+    # protobuf hands back bytes for string fields that are not UTF-8; names must be text.
+    texts = set(used_names(model))
+    for graph in graphs(model.graph):
+        texts.update(t for n in graph.node for t in (n.op_type, n.domain))
+    texts.update(t for p in model.metadata_props for t in (p.key, p.value))  # rewritten on save
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ModelReadError(f"{path}: not a valid ONNX model (the name {bad!r} is not UTF-8 "
+                             "text)")
     return model
 
 
@@ -166,7 +190,9 @@ def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
             count = -1 if length is None else length
             raw = np.fromfile(file, dtype=np.uint8, count=count, offset=offset)
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-            expected = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+            expected = data_nbytes(tensor)
+            if expected is None or expected != math.prod(tensor.dims) * dtype.itemsize:
+                raise ValueError(f"external data of type {dtype} is not supported")
             if raw.size < expected:
                 raise ValueError(f"external data has {raw.size} bytes, dims need {expected}")
             return raw[:expected].view(dtype).reshape(tuple(tensor.dims))
@@ -179,11 +205,30 @@ def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
 
 def _load_external(path: Path, model: onnx.ModelProto) -> None:
     """Bring external tensor data into the proto (models under protobuf's 2 GB limit)."""
-    for graph in graphs(model.graph):
-        for tensor in graph.initializer:
-            if is_external(tensor):
-                array = _read_tensor(path, tensor)
-                tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    for location in locate(model).values():
+        if is_external(location.tensor):
+            location.tensor.CopyFrom(_inline(path, location.tensor))
+
+
+def _inline(model_path: Path, tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of a tensor with its external data read (through our location checks) into
+    raw_data. onnx's own helpers would resolve the location against the current folder."""
+    if not is_external(tensor):
+        return tensor
+    file, offset, length = external_data_file(model_path, tensor)
+    need = data_nbytes(tensor)
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(need if need is not None else (length if length is not None else -1))
+    if need is not None and len(raw) < need:
+        raise ModelReadError(f"{model_path}: tensor {tensor.name!r}: external data has {len(raw)} "
+                             f"bytes, its dims need {need}")
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = raw
+    return inline
 
 
 def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
@@ -195,6 +240,7 @@ def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
     try:
         converted = version_converter.convert_version(model, need)
     except Exception as exc:
+        _refuse_invalid_source(path)
         raise ModelWriteError(
             f"{path}: this encoding needs ONNX opset {need} (the model has {current}) and "
             f"converting the model failed ({str(exc).splitlines()[0]}); use --bits 8 "
@@ -244,8 +290,12 @@ def _set_metadata(model: onnx.ModelProto, specs: dict[str, dict[str, Any]],
         model.metadata_props.add(key=key, value=value)
 
 
-def save_checked(model: onnx.ModelProto, dst: Path) -> int:
-    """Save atomically after onnx.checker (full check) accepts the file."""
+def save_checked(model: onnx.ModelProto, dst: Path, source: Path | None = None) -> int:
+    """Save atomically after onnx.checker (full check) accepts the file.
+
+    When the check fails and the `source` model fails it too, the error names
+    the source: the input is broken, not what modelpress made of it.
+    """
     if model.ByteSize() > (2**31 - 1):
         raise ModelWriteError(f"{dst}: the compressed model is over 2 GB, protobuf's limit; "
                               "external data output is not supported yet")
@@ -254,13 +304,45 @@ def save_checked(model: onnx.ModelProto, dst: Path) -> int:
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
+            if source is not None:
+                _refuse_invalid_source(source)
             raise ModelWriteError(f"{dst}: the compressed model fails onnx.checker "
-                                  f"({str(exc).splitlines()[0]}); nothing was written") from None
+                                  f"({_one_line(exc)}); nothing was written") from None
         size = tmp.stat().st_size
     return size
 
 
-def _read_encodings(path: Path, model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+def _check_source(path: Path, model: onnx.ModelProto) -> None:
+    """Refuse an input that fails onnx.checker's structural check before any work on it.
+
+    Writing it would fail the output check anyway, unless a rewrite happened to
+    drop the invalid node: then modelpress would make an output that cannot be
+    decompressed back into a valid model.
+    """
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelReadError(f"{path}: the model fails onnx.checker ({_one_line(exc)}); "
+                             "modelpress writes only valid models, so fix the input first") from None
+
+
+def _refuse_invalid_source(path: Path) -> None:
+    """Raise ModelReadError if the input model itself fails onnx.checker (full check)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ModelReadError(f"{path}: the model fails onnx.checker ({_one_line(exc)}); "
+                             "modelpress writes only valid models, so fix the input first") from None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message with its line breaks folded (checker messages span lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_encodings(path: Path, model: onnx.ModelProto,
+                    tensors: set[str]) -> dict[str, dict[str, Any]]:
     raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
     if raw is None:
         return {}
@@ -268,11 +350,42 @@ def _read_encodings(path: Path, model: onnx.ModelProto) -> dict[str, dict[str, A
         doc = json.loads(raw)
         if doc.get("format_version", 0) > FORMAT_VERSION:
             raise ModelReadError(f"{path}: written by a newer modelpress; upgrade modelpress")
-        return dict(doc["tensors"])
+        specs = dict(doc["tensors"])
+        for name, spec in specs.items():
+            _check_spec(name, spec, tensors)
+        return specs
     except ModelReadError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelReadError(f"{path}: corrupt modelpress metadata ({exc})") from None
+
+
+def _check_spec(name: str, spec: Any, tensors: set[str]) -> None:
+    """Raise ValueError unless a tensor's spec has the fields readers rely on."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("layout"), str):
+        raise ValueError(f"tensor {name!r} has no layout")
+    onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"])
+    shape = spec["shape"]
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+    parts = _spec_parts(spec) or [name]  # no parts: stored densely under its own name
+    missing = [p for p in parts if not isinstance(p, str) or p not in tensors]
+    nodes = spec_nodes(spec) if isinstance(spec.get("nodes", []), list) else [None]
+    if missing or not all(isinstance(n, str) for n in nodes):
+        raise ValueError(f"tensor {name!r} lacks {missing or 'its node list'}")
+
+
+def _spec_parts(spec: Any) -> list[Any]:
+    """Initializer names a spec refers to, in nested specs too."""
+    if not isinstance(spec, dict):
+        return []
+    inits = spec.get("initializers", {})
+    found = list(inits.values()) if isinstance(inits, dict) else [inits]
+    for key, value in spec.items():
+        if key != "initializers" and isinstance(value, dict):
+            found += _spec_parts(value)
+    return found
 
 
 def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
@@ -280,6 +393,7 @@ def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
     model = onnx.ModelProto()
     model.CopyFrom(store.model)
     _load_external(store.path, model)
+    _check_source(store.path, model)
     restored: dict[str, int] = {}
     for name, spec in store.encodings.items():
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))
@@ -295,7 +409,7 @@ def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
         graph.initializer.append(numpy_helper.from_array(array, name))
         restored[name] = array.nbytes
     _set_metadata(model, {})
-    return WriteResult(tensor_bytes=restored, file_bytes=save_checked(model, dst))
+    return WriteResult(tensor_bytes=restored, file_bytes=save_checked(model, dst, store.path))
 
 
 def _remove_encoding(model: onnx.ModelProto, name: str, spec: dict[str, Any]) -> onnx.GraphProto:

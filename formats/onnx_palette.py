@@ -130,4 +130,4 @@ def decode_palettized(spec: dict[str, Any], initializers: dict[str, onnx.TensorP
     packed = numpy_helper.to_array(initializers[t["indices"]])
     shell = Palettized(lut, np.zeros(shape, np.uint8), spec["channel_axis"], spec["zero_index"])
     rows = unpack_bits(packed, spec["bits"], spec["count"]).reshape(lut.shape[0], -1)
-    return shell.with_indices(np.ascontiguousarray(shell.unrows(rows)))
+    return shell.with_indices(np.require(shell.unrows(rows), requirements="C"))  # keeps 0-d

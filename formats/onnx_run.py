@@ -157,8 +157,9 @@ def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
         elif dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
         else:
-            raise InputDataError(f"input {spec.name!r} has dtype {dtype}; random inputs cover "
-                                 "numbers and booleans only (give --inputs FILE.npz)")
+            # Not a bad file of the user's: the model cannot be run on made-up inputs.
+            raise ModelRunError(f"input {spec.name!r} has dtype {dtype}; random inputs cover "
+                                "numbers and booleans only (give --inputs FILE.npz)")
     return feeds
 
 

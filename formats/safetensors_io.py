@@ -17,6 +17,7 @@ from compress_core.tensorinfo import TensorInfo
 from .atomic import atomic_path
 from .st_header import DTYPES, Header, dtype_code, encode_header, read_header
 from .st_layout import decode_tensor, encode_tensor, part_names
+from .tree_check import check_tree
 
 METADATA_KEY = "modelpress"
 FORMAT_VERSION = 1
@@ -80,11 +81,14 @@ class SafetensorsStore:
 
     def decode(self, name: str) -> Encoded:
         """The encoded tree of a tensor this file stores in a compressed layout."""
+        spec = self.encodings[name]
         try:
-            return decode_tensor(self.encodings[name], self.read)
-        except (KeyError, ValueError, TypeError) as exc:
+            tree = decode_tensor(spec, self.read)
+            check_tree(tree, tuple(spec["shape"]))
+            return tree
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             raise ModelReadError(f"{self.path}: tensor {name!r}: corrupt modelpress layout "
-                                 f"({exc})") from None
+                                 f"({type(exc).__name__}: {exc})") from None
 
     def _owner(self, stored_name: str) -> str | None:
         if not hasattr(self, "_owners"):

@@ -101,6 +101,9 @@ class ShardedStore:
                 missing = next(t for t, s in weight_map.items() if s == name)
                 raise ModelReadError(f"{self.path}: shard {name!r} (holding {missing!r}) is "
                                      "missing; keep every shard beside the index")
+            if shard.resolve().parent != folder.resolve():  # a symbolic link that leads out
+                raise ModelReadError(f"{self.path}: shard {name!r} is a link to a file outside "
+                                     "the index's folder; refusing to read it")
             self.shards[name] = SafetensorsStore(shard)
         self._home: dict[str, str] = {}
         for name, store in self.shards.items():
@@ -128,6 +131,11 @@ class ShardedStore:
     def files(self) -> list[Path]:
         """The index and every shard."""
         return [self.path] + [s.path for s in self.shards.values()]
+
+    @property
+    def data_files(self) -> list[Path]:
+        """The shard files (an output may not be one of them)."""
+        return [s.path for s in self.shards.values()]
 
     @property
     def file_bytes(self) -> int:

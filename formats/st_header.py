@@ -84,12 +84,20 @@ def read_header(path: Path) -> Header:
     data_start = 8 + length
     entries = [_entry(path, name, spec, data_start, size) for name, spec in header.items()]
     entries.sort(key=lambda e: (e.begin, e.end))
-    previous = None
+    # Like safetensors itself, require the tensors to tile the data exactly: a gap or
+    # trailing bytes would be data no tensor accounts for (and safe_open rejects them).
+    previous, position = None, data_start
     for entry in entries:
-        if previous is not None and entry.begin < previous.end:
+        if entry.begin < position:
             raise ModelReadError(f"{path}: corrupt safetensors header (tensors {previous.name!r} "
                                  f"and {entry.name!r} overlap)")
-        previous = entry
+        if entry.begin > position:
+            raise ModelReadError(f"{path}: corrupt safetensors header ({entry.begin - position} "
+                                 f"bytes before tensor {entry.name!r} belong to no tensor)")
+        previous, position = entry, entry.end
+    if position != size:
+        raise ModelReadError(f"{path}: corrupt safetensors file ({size - position} bytes after "
+                             "the last tensor belong to no tensor)")
     return Header({e.name: e for e in entries}, dict(metadata), data_start)
 
 
@@ -100,7 +108,7 @@ def _entry(path: Path, name: str, spec: object, data_start: int, size: int) -> E
     if not isinstance(spec, dict):
         raise bad("has no dtype/shape/data_offsets entry")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"has unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

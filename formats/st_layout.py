@@ -61,7 +61,7 @@ def _layout(name: str, encoded: Encoded) -> tuple[dict[str, Any], Parts]:
         return _sparse_bitmask(name, encoded)
     if isinstance(encoded, Dense):
         return ({"layout": "dense", "tensors": {"values": name}},
-                [(name, np.ascontiguousarray(encoded.array))])
+                [(name, _contiguous(encoded.array))])
     if isinstance(encoded, Scaled):
         return _scaled(name, encoded)
     parts: Parts = []
@@ -121,7 +121,7 @@ def _pack_quantized(name: str, q: Quantized) -> tuple[dict[str, Any], Parts]:
         scale = q.scale.reshape(rows, -1)
     parts: Parts = [
         (f"{prefix}_packed", pack_int32(to_unsigned(q.codes, q.bits), q.bits, axis=1)),
-        (f"{prefix}_scale", np.ascontiguousarray(scale)),
+        (f"{prefix}_scale", _contiguous(scale)),
     ]
     tensors = {"packed": f"{prefix}_packed", "scale": f"{prefix}_scale"}
     if q.zero_point is not None:
@@ -171,7 +171,7 @@ def _sparse_bitmask(name: str, sparse: Sparse) -> tuple[dict[str, Any], Parts]:
     per_row = mask.sum(axis=1)
     parts: Parts = [
         (f"{prefix}.shape", np.array(mask.shape, dtype=np.int64)),
-        (f"{prefix}.compressed", np.ascontiguousarray(dense[mask])),
+        (f"{prefix}.compressed", _contiguous(dense[mask])),
         (f"{prefix}.bitmask", np.packbits(mask, axis=-1, bitorder="little")),
         (f"{prefix}.row_offsets", (np.cumsum(per_row) - per_row).astype(np.int64)),
     ]
@@ -196,13 +196,13 @@ def _read_sparse_bitmask(spec: dict[str, Any], get: Getter) -> Sparse:
 
 def _scaled(name: str, scaled: Scaled) -> tuple[dict[str, Any], Parts]:
     """Values in their native dtype under the tensor's own name, `<name>_scale` beside."""
-    parts: Parts = [(name, np.ascontiguousarray(scaled.values))]
+    parts: Parts = [(name, _contiguous(scaled.values))]
     tensors = {"values": name}
     conventional = (scaled.dtype == FLOAT8_E4M3 and scaled.values.ndim == 2
                     and name.endswith("weight") and scaled.channel_axis in (None, 0))
     if scaled.scale is not None:
         scale = scaled.scale.reshape(1) if scaled.channel_axis is None else scaled.scale
-        parts.append((f"{name}_scale", np.ascontiguousarray(scale)))
+        parts.append((f"{name}_scale", _contiguous(scale)))
         tensors["scale"] = f"{name}_scale"
     spec = {"layout": "float-quantized" if conventional and scaled.scale is not None else "scaled",
             "granularity": scaled.granularity, "channel_axis": scaled.channel_axis,
@@ -245,16 +245,16 @@ def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Part
         values = encoded.values if keep is None else encoded.values[keep]
         spec = {"type": "scaled", "dtype": dtype_code(encoded.dtype), "shape": list(encoded.shape),
                 "channel_axis": encoded.channel_axis,
-                "values": add("values", np.ascontiguousarray(values))}
+                "values": add("values", _contiguous(values))}
         if encoded.scale is not None:
-            spec["scale"] = add("scale", np.ascontiguousarray(encoded.scale))
+            spec["scale"] = add("scale", _contiguous(encoded.scale))
         return spec
     if isinstance(encoded, Palettized):
         indices = encoded.indices if keep is None else encoded.indices[keep]
         return {"type": "palettized", "shape": list(encoded.shape), "bits": encoded.bits,
                 "count": int(indices.size), "channel_axis": encoded.channel_axis,
                 "zero_index": encoded.zero_index,
-                "lut": add("lut", np.ascontiguousarray(encoded.lut)),
+                "lut": add("lut", _contiguous(encoded.lut)),
                 "indices": add("indices", pack_bits(indices, encoded.bits))}
     if isinstance(encoded, Sparse):
         compact = encoded.compact_nbytes < encoded.values.nbytes
@@ -272,14 +272,14 @@ def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Part
                 "group_size": encoded.group_size, "shape": list(encoded.shape),
                 "count": int(codes.size),
                 "codes": add("codes", pack_bits(to_unsigned(codes, encoded.bits), encoded.bits)),
-                "scale": add("scale", np.ascontiguousarray(encoded.scale))}
+                "scale": add("scale", _contiguous(encoded.scale))}
         if encoded.zero_point is not None:
-            spec["zero_point"] = add("zero_point", np.ascontiguousarray(encoded.zero_point))
+            spec["zero_point"] = add("zero_point", _contiguous(encoded.zero_point))
         return spec
     if isinstance(encoded, Dense):
         values = encoded.array if keep is None else encoded.array[keep]
         return {"type": "dense", "shape": list(encoded.shape),
-                "values": add("values", np.ascontiguousarray(values))}
+                "values": add("values", _contiguous(values))}
     raise ValueError(f"no safetensors layout for {type(encoded).__name__}")
 
 
@@ -321,6 +321,11 @@ def _read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> En
     if kind == "lowrank":
         return LowRank(_read_node(spec["left"], get, None), _read_node(spec["right"], get, None))
     raise ModelReadError(f"unknown modelpress node type {kind!r}; upgrade modelpress")
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-ordered array of the same shape (np.ascontiguousarray turns a scalar into 1-D)."""
+    return np.require(array, requirements="C")
 
 
 def _scatter(values: np.ndarray, shape: tuple[int, ...], keep: np.ndarray | None,

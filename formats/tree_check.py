@@ -1,0 +1,67 @@
+"""Consistency checks for encoded trees read back from a file (which may be damaged).
+
+A tree rebuilt from a file's metadata must decode without surprises: scales
+shaped for their granularity, masks shaped like their values. A failed check
+raises ValueError, which the stores turn into a one-line ModelReadError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from compress_core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
+
+
+def check_tree(encoded: Encoded, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless `encoded` is a well-formed tree of the dense `shape`."""
+    if tuple(encoded.shape) != tuple(shape):
+        raise ValueError(f"decodes to shape {list(encoded.shape)}, expected {list(shape)}")
+    if isinstance(encoded, Dense):
+        return
+    if isinstance(encoded, Sparse):
+        if np.asarray(encoded.mask).dtype != np.bool_:
+            raise ValueError("sparse mask is not boolean")
+        check_tree(encoded.values, shape)
+        return
+    if isinstance(encoded, Quantized):
+        _check_quantized(encoded, shape)
+        return
+    encoded.decode()  # a node type without a dedicated check: decoding is the check
+
+
+def _check_quantized(q: Quantized, shape: tuple[int, ...]) -> None:
+    if not isinstance(q.bits, int) or isinstance(q.bits, bool) or not 1 <= q.bits <= 8:
+        raise ValueError(f"unsupported bit width {q.bits!r}")
+    if q.granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {q.granularity!r}")
+    if np.asarray(q.codes).dtype != np.int8:
+        raise ValueError("codes are not int8")
+    expected = _scale_shape(q, shape)
+    if tuple(np.shape(q.scale)) != expected:
+        raise ValueError(f"scale has shape {list(np.shape(q.scale))}, expected {list(expected)}")
+    if q.zero_point is not None and tuple(np.shape(q.zero_point)) != expected:
+        raise ValueError(f"zero point has shape {list(np.shape(q.zero_point))}, "
+                         f"expected {list(expected)}")
+
+
+def _axis(value: object, rank: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < rank:
+        raise ValueError(f"{what} {value!r} is not an axis of a rank-{rank} tensor")
+    return value
+
+
+def _scale_shape(q: Quantized, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The scale shape a well-formed tree of this granularity has (see Quantized)."""
+    rank = len(shape)
+    if q.granularity == "tensor":
+        return (1,) * rank
+    if q.granularity == "channel":
+        axis = _axis(q.channel_axis, rank, "channel axis")
+        return tuple(d if i == axis else 1 for i, d in enumerate(shape))
+    axis = _axis(q.block_axis, rank, "block axis")
+    size = q.group_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"group size {size!r} is not a positive integer")
+    return tuple(math.ceil(d / size) if i == axis else d for i, d in enumerate(shape))
