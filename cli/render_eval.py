@@ -11,7 +11,8 @@ from rich.table import Table
 from compress_core.evaluate import Evaluation
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt_number(value: float | None, spec: str) -> str:
+    """A number for a table cell: '-' when unknown, 'nan' when not a number."""
     if value is None:
         return "-"
     if math.isnan(value):
@@ -19,7 +20,8 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
-def _pct(value: float | None) -> str:
+def fmt_percent(value: float | None) -> str:
+    """A fraction as a percentage with one decimal, '-' when unknown."""
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
@@ -33,8 +35,8 @@ def inputs_label(evaluation: Evaluation) -> str:
 
 def output_rows(evaluation: Evaluation) -> list[list[str]]:
     """One row per output: name, shape, rel. error, cosine, max abs error, top-1 agreement."""
-    return [[o.name, "x".join(map(str, o.shape)), _fmt(o.error.rel_l2, ".4f"),
-             _fmt(o.error.cosine, ".5f"), _fmt(o.error.max_abs, ".4g"), _pct(o.top1_agreement)]
+    return [[o.name, "x".join(map(str, o.shape)), fmt_number(o.error.rel_l2, ".4f"),
+             fmt_number(o.error.cosine, ".5f"), fmt_number(o.error.max_abs, ".4g"), fmt_percent(o.top1_agreement)]
             for o in evaluation.outputs]
 
 
@@ -53,7 +55,7 @@ def summary_lines(evaluation: Evaluation) -> list[str]:
         t = evaluation.latency
         lines.append(f"latency (median of {t.runs_before}/{t.runs_after} onnxruntime CPU runs on "
                      f"this machine): {t.before_ms:.3g} ms -> {t.after_ms:.3g} ms "
-                     f"({_fmt(t.ratio, '.2f')}x)")
+                     f"({fmt_number(t.ratio, '.2f')}x)")
     return lines + list(evaluation.notes)
 
 
@@ -100,14 +102,14 @@ def markdown_evaluation(report: Any) -> list[str]:
             if evaluation.latency is not None:
                 t = evaluation.latency
                 lines.append(f"| latency, median ms (this machine) | {t.before_ms:.3g} | "
-                             f"{t.after_ms:.3g} | {_fmt(t.ratio, '.2f')}x |")
+                             f"{t.after_ms:.3g} | {fmt_number(t.ratio, '.2f')}x |")
         if evaluation.notes:
             lines += [""] + [f"- {_md(note)}" for note in evaluation.notes]
     if report.checks:
         lines += ["", "| threshold | limit | measured | result |", "|---|---:|---:|---|"]
         for check in report.checks:
             lines.append(f"| `{check.option}` | {check.limit:g} | "
-                         f"{_fmt(check.measured, '.4g')} | "
+                         f"{fmt_number(check.measured, '.4g')} | "
                          f"{'pass' if check.passed else '**FAIL**'} |")
     return lines
 

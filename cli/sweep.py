@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from compress_core.sweep import (BITS_DEFINITION, DEFAULT_SETTINGS, FRONT_DEFINI
                                  SweepReport, SweepRow)
 
 from . import evaluation
+from .render_eval import fmt_number, fmt_percent
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -123,18 +123,6 @@ def _provenance(report: SweepReport) -> None:
     report.input_sha256 = model_sha256(report.model)
 
 
-def _num(value: float | None, spec: str) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    return format(value, spec)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def columns(report: SweepReport) -> list[str]:
     """Column headers; accuracy only when labels were given, model columns only for ONNX."""
     heads = ["setting", "size", "ratio", "bits/weight", "weight error"]
@@ -152,12 +140,12 @@ def cells(report: SweepReport, row: SweepRow, front_mark: str) -> list[str]:
     if row.status != "ok":
         return [row.name, row.status] + ["-"] * (len(columns(report)) - 3) + [""]
     values = [row.name, human_bytes(row.file_bytes), f"{row.ratio:.3f}x",
-              _num(row.bits_per_weight, ".2f"), _num(row.weight_error.rel_l2, ".4f")]
+              fmt_number(row.bits_per_weight, ".2f"), fmt_number(row.weight_error.rel_l2, ".4f")]
     if report.format == "onnx":
-        values += [_num(row.output_error, ".4f"), _pct(row.top1_agreement)]
+        values += [fmt_number(row.output_error, ".4f"), fmt_percent(row.top1_agreement)]
         if report.accuracy_before is not None:
             values.append("-" if row.accuracy is None else f"{100 * row.accuracy:.2f}%")
-        values.append(_num(row.latency_ratio, ".2f") + ("x" if row.latency_ratio else ""))
+        values.append(fmt_number(row.latency_ratio, ".2f") + ("x" if row.latency_ratio else ""))
     return values + [front_mark if row.on_front else ""]
 
 
