@@ -34,8 +34,9 @@ class Options:
     # Tensors processed at once (threads); None: one per CPU. Output bytes do not
     # depend on it.
     threads: int | None = None
-    # ONNX only: "auto" writes weights as external data when the input has
-    # external data or the model would pass protobuf's 2 GB limit; "always", "never".
+    # ONNX only: "auto" writes weights as external data when the input (with its
+    # data files) has 512 MiB or more or the output would pass protobuf's 2 GB
+    # limit; "always", "never" (see formats.onnx_write).
     external_data: str = "auto"
 
 
@@ -47,7 +48,7 @@ def default_threads() -> int:
     """CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:
+    except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
