@@ -108,6 +108,14 @@ def cli() -> None:
 @click.option("--max-shard-size", type=str, callback=size_option, metavar="SIZE",
               help="Sharded safetensors: cut output shards of at most SIZE (5GB, 500MB, 2GiB) "
                    "instead of keeping the input's shards.")
+@click.option("--threads", type=click.IntRange(1), metavar="N",
+              help="Tensors compressed at once (threads) [default: CPU count; in batch mode "
+                   "the CPUs are shared among jobs]. The output does not depend on it.")
+@click.option("--external-data", type=click.Choice(["auto", "always", "never"]),
+              default="auto", show_default=True,
+              help="ONNX: write weights to OUT.data beside OUT. auto: when the input (with its "
+                   "data files) is 512 MiB or more, or the output would pass protobuf's "
+                   "2 GB limit.")
 @click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
               help="Batch: models compressed in parallel processes [default: CPU count, "
                    "bounded by available memory].")
@@ -187,7 +195,8 @@ for _command in stage_commands().values():
 def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | None,
                   recipe_file: Path | None, print_recipe: bool, min_elements: int,
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
-                  max_shard_size: int | None, **extra: Any) -> None:
+                  max_shard_size: int | None, threads: int | None, external_data: str,
+                  **extra: Any) -> None:
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
@@ -206,7 +215,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
             raise click.UsageError(f"{single[0]} applies to one model at a time; batch mode "
                                    "reports weight errors and does not run the models")
         options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
-                          max_shard_size=max_shard_size)
+                          max_shard_size=max_shard_size, threads=threads,
+                          external_data=external_data)
         failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
                                     fmt, quiet)
         if failure:
@@ -229,7 +239,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
             bar.start()
         report = run(model[0], output, recipe,
                      Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
-                             max_shard_size=max_shard_size), update)
+                             max_shard_size=max_shard_size, threads=threads,
+                             external_data=external_data), update)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .dtypes import short_name
 from .errors import ModelReadError, ModelWriteError
-from .pipeline import Options, encode
+from .pipeline import Encoding, Options, encode_stream
 from .recipe import Recipe
 from .report import InspectReport, InspectRow, Report, TensorRow
 from .store import Progress, WriteResult
@@ -26,7 +26,8 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     its `*.safetensors.index.json` (or its folder) and written as shards plus
     an index at `dst`. `metadata` adds string entries to the output's
     metadata (ONNX metadata_props, safetensors `__metadata__`, or the index's
-    metadata).
+    metadata). Tensors stream from reader to writer, `options.threads` at a
+    time: memory follows the largest tensors, not the model.
     """
     from formats import check_output_path, open_model
 
@@ -37,21 +38,28 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     if store.encodings:
         raise ModelReadError(f"{src}: already compressed by modelpress ({len(store.encodings)} "
                              "tensors); run `modelpress decompress` on it first")
-    encoding = encode(store, recipe, options, progress)
     extra: dict[str, Any] = {"metadata": dict(metadata)} if metadata else {}
-    if options.max_shard_size is not None and getattr(store, "sharded", False):
+    sharded = getattr(store, "sharded", False)
+    if options.max_shard_size is not None and sharded:
         extra["max_shard_size"] = options.max_shard_size
-    elif options.max_shard_size is not None:
+    if store.format == "onnx":
+        extra["external_data"] = options.external_data
+    encoding = Encoding()
+    stream = encode_stream(store, recipe, options, progress, encoding)
+    try:
+        result = store.write(dst, stream, progress, **extra)
+    finally:
+        stream.close()
+    if options.max_shard_size is not None and not sharded:
         encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
                               "this model is written as one file")
-    result = store.write(dst, encoding.tensors, progress, **extra)
     rows = []
-    for name, encoded in encoding.tensors.items():
+    for name, label in encoding.described.items():
         info = store.tensors[name]
         if name not in result.tensor_bytes:
             raise ModelWriteError(f"{dst}: writer did not report tensor {name!r}")
         rows.append(TensorRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
-                              encoding=encoded.describe(), bytes_before=info.nbytes,
+                              encoding=label, bytes_before=info.nbytes,
                               bytes_after=result.tensor_bytes[name],
                               error=encoding.errors[name]))
     return Report(input_path=str(src), output_path=str(dst), format=store.format,

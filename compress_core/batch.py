@@ -140,7 +140,9 @@ def plan_batch(inputs: list[Path], outdir: Path,
 
 def recipe_sha256(recipe: Recipe, options: Options) -> str:
     """sha256 of the recipe and the run options that change output bytes (canonical JSON)."""
-    doc = {"recipe": recipe.get_config(), "options": dataclasses.asdict(options)}
+    from .pipeline import RUN_ONLY_OPTIONS
+    kept = {k: v for k, v in dataclasses.asdict(options).items() if k not in RUN_ONLY_OPTIONS}
+    doc = {"recipe": recipe.get_config(), "options": kept}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -215,6 +217,8 @@ def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     """
     from .batch_runner import run_copies_and_models
     jobs, why = (batch.jobs, "") if batch.jobs else jobs_explained(plan.tasks)
+    if options.threads is None:  # jobs share the CPUs: threads per model = CPUs / jobs
+        options = dataclasses.replace(options, threads=max(1, cpu_count() // jobs))
     job = JobSpec(recipe, options, recipe_sha256(recipe, options), batch.skip_existing)
     report = BatchReport(base=str(plan.base), outdir=str(plan.outdir), recipe=recipe.get_config(),
                          jobs=jobs, shard=plan.shard, refused=list(plan.refused))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -27,15 +31,39 @@ class Options:
     # Sharded safetensors checkpoints only: cut output shards of at most this
     # many bytes instead of keeping the input's shards.
     max_shard_size: int | None = None
+    # Tensors processed at once (threads); None: one per CPU. Output bytes do not
+    # depend on it.
+    threads: int | None = None
+    # ONNX only: "auto" writes weights as external data when the input (with its
+    # data files) has 512 MiB or more or the output would pass protobuf's 2 GB
+    # limit; "always", "never" (see formats.onnx_write).
+    external_data: str = "auto"
+
+
+# Options that do not change what is written (left out of recipe fingerprints).
+RUN_ONLY_OPTIONS = ("threads",)
+
+
+def default_threads() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
 class Encoding:
-    """The outcome of applying a recipe: new encodings and their errors, by tensor name."""
+    """The outcome of applying a recipe: new encodings and their errors, by tensor name.
+
+    `tensors` is filled by `encode` only; a streaming run (`encode_stream`)
+    records the label (`described`) and error of each tensor it yields.
+    """
 
     tensors: dict[str, Encoded] = field(default_factory=dict)
     errors: dict[str, ErrorStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    described: dict[str, str] = field(default_factory=dict)
 
 
 def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list[Stage]]:
@@ -50,24 +78,73 @@ def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list
 
 def encode(store: TensorStore, recipe: Recipe, options: Options = Options(),
            progress: Progress | None = None) -> Encoding:
-    """Read each selected tensor once, apply its stages, and measure the error."""
-    work = plan(store, recipe, options)
+    """Read each selected tensor once, apply its stages, and measure the error.
+
+    Keeps every encoded tensor in memory; writers take `encode_stream` instead.
+    """
     result = Encoding()
-    work = _prepare(store, recipe, work, options)
-    for done, (name, stages) in enumerate(work.items()):
+    for name, encoded in encode_stream(store, recipe, options, progress, result):
+        result.tensors[name] = encoded
+    return result
+
+
+def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options(),
+                  progress: Progress | None = None,
+                  into: Encoding | None = None) -> Iterator[tuple[str, Encoded]]:
+    """(name, encoded) for each tensor the recipe changes, in the store's order.
+
+    Tensors are encoded by `options.threads` threads (numpy releases the GIL
+    in its kernels), at most that many ahead of the consumer, so at most
+    threads + 1 tensors are in memory at once; what is yielded does not
+    depend on the thread count. Errors, labels and notes go into `into`.
+    """
+    into = into if into is not None else Encoding()
+    work = _prepare(store, recipe, plan(store, recipe, options), options)
+    threads = max(1, options.threads or default_threads())
+    for done, (name, encoded, error, notes) in enumerate(_results(store, work, options, threads)):
         if progress:
             progress(done, len(work), name)
-        info = store.tensors[name]
-        try:
-            encoded, error = _encode_one(store, info, stages, options, result.notes)
-        except ModelpressError as exc:
-            raise type(exc)(f"{store.path}: {exc}") from None
+        into.notes.extend(notes)
         if encoded is not None:
-            result.tensors[name] = encoded
-            result.errors[name] = error
+            into.errors[name] = error
+            into.described[name] = encoded.describe()
+            yield name, encoded
+        del encoded  # not held while the consumer asks for the next one
     if progress:
         progress(len(work), len(work), "")
-    return result
+
+
+Result = tuple[str, "Encoded | None", "ErrorStats | None", list[str]]
+
+
+def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
+             threads: int) -> Iterator[Result]:
+    """Each tensor's outcome in work order, computed up to `threads` tensors ahead."""
+    def job(name: str, stages: list[Stage]) -> Result:
+        notes: list[str] = []
+        try:
+            encoded, error = _encode_one(store, store.tensors[name], stages, options, notes)
+        except ModelpressError as exc:
+            raise type(exc)(f"{store.path}: {exc}") from None
+        return name, encoded, error, notes
+
+    if threads == 1 or len(work) <= 1:
+        for name, stages in work.items():
+            yield job(name, stages)
+        return
+    pool = ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="modelpress")
+    pending: deque[Future[Result]] = deque()
+    try:
+        for name, stages in work.items():
+            if len(pending) >= threads:
+                yield pending.popleft().result()
+            pending.append(pool.submit(job, name, stages))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # On an error (or a consumer that stops early) queued tensors are dropped
+        # and running ones finish before the pool is gone.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], options: Options,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +41,46 @@ class TensorStore(Protocol):
     def read(self, name: str) -> np.ndarray:
         """One tensor's data."""
 
-    def write(self, dst: Path, encoded: Mapping[str, Encoded],
+    def write(self, dst: Path, encoded: EncodedItems,
               progress: Progress | None = None) -> WriteResult:
-        """Write the model with `encoded` tensors replaced, atomically, in this format."""
+        """Write the model with `encoded` tensors replaced, atomically, in this format.
+
+        `encoded` may be a stream of (name, encoded) pairs in the store's
+        tensor order: writers take one at a time, so memory stays bounded.
+        """
+
+
+EncodedItems = Union[Mapping[str, Encoded], Iterable[Tuple[str, Encoded]]]
+"""Encoded tensors for a writer: a mapping, or (name, encoded) pairs in the store's order,
+which a writer consumes one at a time (see `in_store_order`)."""
+
+
+def in_store_order(names: Iterable[str],
+                   encoded: EncodedItems) -> Iterator[tuple[str, Encoded | None]]:
+    """(name, encoded or None) for every tensor of `names`, pulling `encoded` lazily.
+
+    Pairs must come in the order of `names`; a pair out of order or for an
+    unknown tensor raises ValueError (a bug in the caller, not a user error).
+    """
+    names = list(names)
+    if isinstance(encoded, Mapping):
+        pairs: Iterator[tuple[str, Encoded]] = iter([(n, encoded[n]) for n in names
+                                                     if n in encoded])
+        known = set(names)
+        unknown = [n for n in encoded if n not in known]
+        if unknown:
+            raise ValueError(f"encoded tensor {unknown[0]!r} is not in the model")
+    else:
+        pairs = iter(encoded)
+    pending = next(pairs, None)
+    for name in names:
+        if pending is not None and pending[0] == name:
+            item, pending = pending[1], None
+            yield name, item
+            # Let go of a written tensor before the next one is made.
+            item = None
+            pending = next(pairs, None)
+        else:
+            yield name, None
+    if pending is not None:
+        raise ValueError(f"encoded tensor {pending[0]!r} is not in the model or out of order")

@@ -117,7 +117,7 @@ def write_decompressed(store: Store, dst: Path) -> WriteResult:
         from .sharded import write_decompressed as sharded_write
         return sharded_write(store, dst)
     if isinstance(store, OnnxStore):
-        from .onnx_io import write_decompressed as onnx_write
+        from .onnx_restore import write_decompressed as onnx_write
         return onnx_write(store, dst)
     from .safetensors_io import write_decompressed as st_write
     return st_write(store, dst)

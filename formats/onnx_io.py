@@ -13,14 +13,14 @@ from onnx import numpy_helper
 
 from compress_core.encoded import Dense, Encoded, LowRank
 from compress_core.errors import ModelReadError, ModelWriteError
-from compress_core.store import Progress, WriteResult
+from compress_core.store import EncodedItems, Progress, WriteResult, in_store_order
 from compress_core.tensorinfo import TensorInfo
 
-from .atomic import atomic_path
 from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spec_nodes
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
                          weight_roles)
+from .onnx_write import place_remaining, save_model, staged, wants_external
 from .tree_check import check_tree
 
 METADATA_KEY = "modelpress"
@@ -87,7 +87,7 @@ class OnnxStore:
             if spec["layout"] == "dense" and "initializers" not in spec:
                 tree: Encoded = Dense(self.read(name))  # pruned: zeros stored under W's own name
             else:
-                inits = {n: _inline(self.path, self._locations[n].tensor)
+                inits = {n: inline_tensor(self.path, self._locations[n].tensor)
                          for n in spec_initializers(spec)}
                 tree = decode_spec(spec, inits, tuple(spec["shape"]))
             check_tree(tree, tuple(spec["shape"]))
@@ -102,53 +102,80 @@ class OnnxStore:
 
     # -- writing -------------------------------------------------------------
 
-    def write(self, dst: Path, encoded: Mapping[str, Encoded],
+    def write(self, dst: Path, encoded: EncodedItems,
               progress: Progress | None = None, *,
-              metadata: Mapping[str, str] | None = None) -> WriteResult:
+              metadata: Mapping[str, str] | None = None,
+              external_data: str = "auto") -> WriteResult:
         """Write the model with each encoded tensor replaced by its decoding nodes.
 
-        `metadata` entries are added to the model's metadata_props.
+        `encoded` may be a stream of (name, encoded) pairs in tensor order;
+        each tensor's initializers are made (and, with external data, written
+        out) as it arrives. `external_data` is "auto" (a data file beside the
+        output for a large input, or when the output would pass 2 GB),
+        "always" or "never" (see formats.onnx_write). `metadata` entries are
+        added to the model's metadata_props.
         """
+        dst = Path(dst)
         model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        _load_external(self.path, model)
+        model.CopyFrom(self.model)  # external tensors stay references: no weights are loaded
         _check_source(self.path, model)
         notes: list[str] = []
-        need = max((required_opset(e, self._tensors[n].dtype) for n, e in encoded.items()),
-                   default=1)
-        model = _ensure_opset(model, need, self.path, notes)
-        locations = locate(model)
-        taken = used_names(model)
         specs: dict[str, dict[str, Any]] = {}
         tensor_bytes: dict[str, int] = {}
+        with staged(dst) as stage:
+            data = stage.open_data() if wants_external(external_data,
+                                                        self.file_bytes) else None
+            locations = locate(model)
+            taken = used_names(model)
 
-        def fresh(base: str) -> str:
-            name, i = base, 1
-            while name in taken:
-                i += 1
-                name = f"{base}_{i}"
-            taken.add(name)
-            return name
+            def fresh(base: str) -> str:
+                name, i = base, 1
+                while name in taken:
+                    i += 1
+                    name = f"{base}_{i}"
+                taken.add(name)
+                return name
 
-        for i, (name, enc) in enumerate(encoded.items()):
-            if progress:
-                progress(i, len(encoded), f"writing {name}")
-            info = self._tensors[name]
-            if isinstance(enc, LowRank):
-                from .onnx_lowrank import emit_lowrank, product_note
-                out, form = emit_lowrank(model, name, enc, fresh, info.dtype)
-                if form == "product":
-                    notes.append(product_note(name, enc))
-            else:
-                out = emit(name, enc, fresh, info.dtype)
-            _replace(locations[name], name, out)
-            out.spec.update(dtype=int(locations[name].tensor.data_type), shape=list(info.shape),
-                            encoding=enc.describe(), origin=locations[name].kind)
-            specs[name] = out.spec
-            tensor_bytes[name] = out.nbytes
-        _set_metadata(model, specs, metadata)
-        size = save_checked(model, dst, self.path)
-        return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size, notes=notes)
+            raised: list[str] = []
+            for name, enc in in_store_order(self._tensors, encoded):
+                if enc is None:
+                    continue
+                info = self._tensors[name]
+                need = required_opset(enc, info.dtype)
+                if need > opset_version(model):
+                    # Raised before the first tensor that needs it is emitted: nodes
+                    # already emitted exist at the current opset, so the converter
+                    # can carry them along (it cannot convert a node from an opset
+                    # older than its operator).
+                    model = _ensure_opset(model, need, self.path, raised)
+                    locations = locate(model)
+                    taken |= used_names(model)
+                if isinstance(enc, LowRank):
+                    from .onnx_lowrank import emit_lowrank, product_note
+                    out, form = emit_lowrank(model, name, enc, fresh, info.dtype)
+                    if form == "product":
+                        notes.append(product_note(name, enc))
+                else:
+                    out = emit(name, enc, fresh, info.dtype)
+                out.spec.update(dtype=int(locations[name].tensor.data_type),
+                                shape=list(info.shape), encoding=enc.describe(),
+                                origin=locations[name].kind)
+                del enc
+                tensor_bytes[name] = out.nbytes
+                if data is not None:
+                    for tensor in out.initializers:
+                        data.move(tensor)
+                _replace(locations[name], name, out)
+                specs[name] = out.spec
+            place_remaining(model, self.path, data)
+            _set_metadata(model, specs, metadata)
+            size = save_model(model, dst, stage, self.path, external_data)
+        return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size, notes=raised + notes)
+
+    @property
+    def has_external_data(self) -> bool:
+        """Whether any tensor of the model is stored in an external data file."""
+        return any(is_external(loc.tensor) for loc in self._locations.values())
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> int:
@@ -203,14 +230,7 @@ def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
         raise ModelReadError(f"{model_path}: tensor {tensor.name!r} is corrupt ({exc})") from None
 
 
-def _load_external(path: Path, model: onnx.ModelProto) -> None:
-    """Bring external tensor data into the proto (models under protobuf's 2 GB limit)."""
-    for location in locate(model).values():
-        if is_external(location.tensor):
-            location.tensor.CopyFrom(_inline(path, location.tensor))
-
-
-def _inline(model_path: Path, tensor: onnx.TensorProto) -> onnx.TensorProto:
+def inline_tensor(model_path: Path, tensor: onnx.TensorProto) -> onnx.TensorProto:
     """A copy of a tensor with its external data read (through our location checks) into
     raw_data. onnx's own helpers would resolve the location against the current folder."""
     if not is_external(tensor):
@@ -290,26 +310,22 @@ def _set_metadata(model: onnx.ModelProto, specs: dict[str, dict[str, Any]],
         model.metadata_props.add(key=key, value=value)
 
 
-def save_checked(model: onnx.ModelProto, dst: Path, source: Path | None = None) -> int:
-    """Save atomically after onnx.checker (full check) accepts the file.
+def check_saved(path: Path, dst: Path, source: Path | None = None) -> None:
+    """Run onnx.checker's full check on a saved output (path form: external data is
+    checked where it lies); raise ModelWriteError naming `dst` if it fails.
 
     When the check fails and the `source` model fails it too, the error names
-    the source: the input is broken, not what modelpress made of it.
+    the source: the input is broken, not what modelpress made of it. With its
+    weights in external data the proto the checker loads is small, so the
+    check costs little memory whatever the model's size.
     """
-    if model.ByteSize() > (2**31 - 1):
-        raise ModelWriteError(f"{dst}: the compressed model is over 2 GB, protobuf's limit; "
-                              "external data output is not supported yet")
-    with atomic_path(dst) as tmp:
-        onnx.save_model(model, str(tmp))
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except Exception as exc:
-            if source is not None:
-                _refuse_invalid_source(source)
-            raise ModelWriteError(f"{dst}: the compressed model fails onnx.checker "
-                                  f"({_one_line(exc)}); nothing was written") from None
-        size = tmp.stat().st_size
-    return size
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        if source is not None:
+            _refuse_invalid_source(source)
+        raise ModelWriteError(f"{dst}: the compressed model fails onnx.checker "
+                              f"({_one_line(exc)}); nothing was written") from None
 
 
 def _check_source(path: Path, model: onnx.ModelProto) -> None:
@@ -317,10 +333,13 @@ def _check_source(path: Path, model: onnx.ModelProto) -> None:
 
     Writing it would fail the output check anyway, unless a rewrite happened to
     drop the invalid node: then modelpress would make an output that cannot be
-    decompressed back into a valid model.
+    decompressed back into a valid model. A model with external data is
+    checked through its path, so locations resolve against its folder (the
+    weights are not loaded).
     """
+    external = any(is_external(loc.tensor) for loc in locate(model).values())
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path) if external else model)
     except Exception as exc:
         raise ModelReadError(f"{path}: the model fails onnx.checker ({_one_line(exc)}); "
                              "modelpress writes only valid models, so fix the input first") from None
@@ -386,48 +405,3 @@ def _spec_parts(spec: Any) -> list[Any]:
         if key != "initializers" and isinstance(value, dict):
             found += _spec_parts(value)
     return found
-
-
-def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
-    """Write the model with each modelpress encoding replaced by a dense initializer."""
-    model = onnx.ModelProto()
-    model.CopyFrom(store.model)
-    _load_external(store.path, model)
-    _check_source(store.path, model)
-    restored: dict[str, int] = {}
-    for name, spec in store.encodings.items():
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))
-        array = store.decode(name).decode().astype(dtype)
-        if spec["layout"] == "lowrank":
-            from .onnx_lowrank import restore_consumer
-            try:
-                restore_consumer(model, spec)
-            except (KeyError, ValueError) as exc:
-                raise ModelReadError(f"{store.path}: tensor {name!r}: corrupt modelpress "
-                                     f"encoding ({exc})") from None
-        graph = _remove_encoding(model, name, spec)
-        graph.initializer.append(numpy_helper.from_array(array, name))
-        restored[name] = array.nbytes
-    _set_metadata(model, {})
-    return WriteResult(tensor_bytes=restored, file_bytes=save_checked(model, dst, store.path))
-
-
-def _remove_encoding(model: onnx.ModelProto, name: str, spec: dict[str, Any]) -> onnx.GraphProto:
-    """Delete the nodes and initializers that encode `name`; return the graph that held them."""
-    owned_nodes = set(spec_nodes(spec))
-    owned_inits = set(spec_initializers(spec)) | {name}
-    home = None
-    for graph in graphs(model.graph):  # outer graphs first: W's home is the outermost
-        keep = [n for n in graph.node if n.name not in owned_nodes]
-        if len(keep) != len(graph.node):
-            home = home or graph
-            del graph.node[:]
-            graph.node.extend(keep)
-        inits = [t for t in graph.initializer if t.name not in owned_inits]
-        if len(inits) != len(graph.initializer):
-            home = home or graph
-            del graph.initializer[:]
-            graph.initializer.extend(inits)
-    if home is None:
-        raise ModelReadError(f"tensor {name!r}: its modelpress encoding is missing from the graph")
-    return home

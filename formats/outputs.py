@@ -44,12 +44,13 @@ def input_key(main: Path, others: list[Path]) -> str:
 
 def model_sha256(path: Path) -> str:
     """The content key of a model file: its sha256, or for a sharded checkpoint's index
-    the `input_key` of the index and its shards."""
+    (or an ONNX model with external data) the `input_key` of all its files."""
     path = Path(path)
     if is_index(path):
         weight_map, _ = read_index(path)
         return input_key(path, [path.parent / s for s in sorted(set(weight_map.values()))])
-    return file_sha256(path)
+    files = output_files(path)
+    return input_key(path, files[1:]) if len(files) > 1 else file_sha256(path)
 
 
 def source_value(recipe_sha256: str, input_sha256: str) -> str:
@@ -78,14 +79,39 @@ def read_source(path: Path) -> dict[str, Any] | None:
 
 
 def output_files(path: Path) -> list[Path]:
-    """The files of a written output: the file itself, or an index and its shards."""
+    """The files of a written output: the file itself, an index and its shards, or an
+    ONNX model and the external data files it names."""
     if is_index(path):
         try:
             weight_map, _ = read_index(path)
         except Exception:
             return [path]
         return [path] + [path.parent / s for s in sorted(set(weight_map.values()))]
+    if path.suffix.lower() == ".onnx":
+        return [path] + onnx_data_files(path)
     return [path]
+
+
+def onnx_data_files(path: Path) -> list[Path]:
+    """The external data files an ONNX model names (inside its folder), sorted.
+
+    Without a `<model>.data` file beside it (what modelpress writes), a model
+    is taken to be self-contained and is not parsed, so this stays cheap for
+    large inline models.
+    """
+    from .onnx_write import data_name
+    if not (path.parent / data_name(path)).exists():
+        return []
+    try:
+        import onnx
+
+        from .onnx_graph import external_data_file, is_external, locate
+        model = onnx.load(str(path), load_external_data=False)
+        files = {external_data_file(path, loc.tensor)[0]
+                 for loc in locate(model).values() if is_external(loc.tensor)}
+    except Exception:  # unreadable: its own file is all we can name
+        return []
+    return sorted(path.parent / f.name for f in files)
 
 
 def output_bytes(path: Path) -> int:

@@ -7,22 +7,20 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from safetensors import safe_open
 
 from compress_core.encoded import Encoded
-from compress_core.errors import ModelReadError, ModelWriteError
-from compress_core.store import Progress, WriteResult
+from compress_core.errors import ModelReadError
+from compress_core.store import EncodedItems, Progress, WriteResult, in_store_order
 from compress_core.tensorinfo import TensorInfo
 
-from .atomic import atomic_path
-from .st_header import DTYPES, Header, dtype_code, encode_header, read_header
-from .st_layout import decode_tensor, encode_tensor, part_names
+from .filedata import map_range
+from .st_header import DTYPES, Header, dtype_code, read_header
+from .st_layout import check_part_names, decode_tensor, encode_tensor, part_names
+from .st_stream import Slot, Spill, write_file
 from .tree_check import check_tree
 
 METADATA_KEY = "modelpress"
 FORMAT_VERSION = 1
-# safe_open's numpy backend has no float8 dtypes; those are read from the map directly.
-_NUMPY_UNSUPPORTED = {"F8_E4M3", "F8_E5M2"}
 
 
 class SafetensorsStore:
@@ -36,7 +34,6 @@ class SafetensorsStore:
         self._tensors = {
             name: _info(name, e.shape, e.np_dtype) for name, e in self.header.entries.items()}
         self.encodings = _read_encodings(self.path, self.header)
-        self._handle = None
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -47,17 +44,16 @@ class SafetensorsStore:
         return self.path.stat().st_size
 
     def read(self, name: str) -> np.ndarray:
-        """One stored tensor, as numpy (bf16/fp8 through ml_dtypes)."""
+        """One stored tensor, as numpy (bf16/fp8 through ml_dtypes), read-only.
+
+        Only the tensor's own bytes are mapped (see formats.filedata), not the
+        whole file as `safe_open` does; the header was checked when the store
+        opened, so offsets, dtype and shape agree.
+        """
         entry = self.header.entries[name]
-        if entry.dtype in _NUMPY_UNSUPPORTED:
-            raw = np.fromfile(self.path, dtype=np.uint8, count=entry.end - entry.begin,
-                              offset=entry.begin)
-            return raw.view(entry.np_dtype).reshape(entry.shape)
         try:
-            if self._handle is None:
-                self._handle = safe_open(str(self.path), framework="np")
-            return self._handle.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types
+            return map_range(self.path, entry.begin, entry.np_dtype, entry.shape)
+        except (OSError, ValueError) as exc:
             raise ModelReadError(f"{self.path}: cannot read tensor {name!r}: {exc}") from None
 
     # -- compressed content --------------------------------------------------
@@ -97,38 +93,65 @@ class SafetensorsStore:
 
     # -- writing -------------------------------------------------------------
 
-    def write(self, dst: Path, encoded: Mapping[str, Encoded],
+    def write(self, dst: Path, encoded: EncodedItems,
               progress: Progress | None = None, *,
               metadata: Mapping[str, str] | None = None) -> WriteResult:
         """Write this model with `encoded` tensors in their compressed layouts.
 
-        `metadata` entries are added to the header's `__metadata__`.
+        `encoded` is a mapping or a stream of (name, encoded) pairs in tensor
+        order; each tensor's bytes go to disk as it arrives, so only the
+        tensors in flight are in memory. `metadata` entries are added to the
+        header's `__metadata__`.
         """
-        taken = set(self._tensors) - set(encoded)
-        entries: list[tuple[str, Any]] = []  # (stored name, array or None = copy from input)
+        dst = Path(dst)
+        with Spill(dst) as spill:
+            slots, specs, tensor_bytes = self.spill_tensors(spill, encoded)
+            metadata = self.output_metadata(specs, metadata)
+            size = write_file(dst, slots, metadata, spill, progress)
+        return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size)
+
+    def spill_tensors(self, spill: Spill, encoded: EncodedItems) -> tuple[list[Slot], dict[str, dict[str, Any]], dict[str, int]]:
+        """Every tensor of this file as output slots, encoded ones in their layouts.
+
+        Returns (slots in tensor order, spec per encoded tensor, bytes per encoded tensor).
+        """
+        slots: list[Slot] = []
         specs: dict[str, dict[str, Any]] = {}
         tensor_bytes: dict[str, int] = {}
-        for name, info in self._tensors.items():
-            if name not in encoded:
-                entries.append((name, None))
+        parts_of: dict[str, list[str]] = {}
+        for name, enc in in_store_order(self._tensors, encoded):
+            if enc is None:
+                slots.append(self.copy_slot(name))
                 continue
-            spec, parts = encode_tensor(name, encoded[name], taken)
-            taken.update(key for key, _ in parts)
+            info = self._tensors[name]
+            spec, parts = encode_tensor(name, enc, set())
             spec.update(dtype=dtype_code(info.dtype), shape=list(info.shape),
-                        encoding=encoded[name].describe())
+                        encoding=enc.describe())
             specs[name] = spec
+            parts_of[name] = [key for key, _ in parts]
             tensor_bytes[name] = sum(a.nbytes for _, a in parts)
-            entries.extend(parts)
-        extra = dict(metadata or {})
+            slots.extend(spill.add_array(key, array) for key, array in parts)
+            del parts, enc  # the bytes are on disk now
+        check_part_names(list(self._tensors), parts_of)
+        return slots, specs, tensor_bytes
+
+    def copy_slot(self, name: str) -> Slot:
+        """An output slot that copies a tensor of this file unchanged."""
+        e = self.header.entries[name]
+        return Spill.add_copy(name, self.path, e.begin, e.dtype, e.shape, e.end - e.begin,
+                              e.np_dtype.itemsize)
+
+    def output_metadata(self, specs: dict[str, dict[str, Any]],
+                        extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The output's `__metadata__`: this file's, with modelpress's entry rewritten."""
         # Every modelpress-owned key ("modelpress", "modelpress.source") is rewritten.
         metadata = {k: v for k, v in self.header.metadata.items()
                     if not k.startswith(METADATA_KEY)}
         if specs:
             metadata[METADATA_KEY] = json.dumps(
                 {"format_version": FORMAT_VERSION, "tensors": specs}, separators=(",", ":"))
-        metadata.update(extra)
-        size = write_safetensors(dst, entries, metadata, self, progress)
-        return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size)
+        metadata.update(extra or {})
+        return metadata
 
 
 def write_safetensors(dst: Path, entries: list[tuple[str, np.ndarray | None]],
@@ -139,47 +162,11 @@ def write_safetensors(dst: Path, entries: list[tuple[str, np.ndarray | None]],
     Tensors are ordered by alignment (widest dtype first, stable) so every
     tensor starts on a multiple of its element size, as safetensors itself does.
     """
-    def meta(name: str, array: np.ndarray | None) -> tuple[str, str, tuple[int, ...], int]:
-        if array is None:
-            e = source.header.entries[name]
-            return name, e.dtype, e.shape, e.end - e.begin
-        return name, dtype_code(array.dtype), tuple(array.shape), array.nbytes
-
-    ordered = sorted(entries, key=lambda item: -_itemsize(item, source))
-    head = encode_header([meta(n, a) for n, a in ordered], metadata)
-    with atomic_path(dst) as tmp:
-        with open(tmp, "wb") as out:
-            out.write(head)
-            for i, (name, array) in enumerate(ordered):
-                if progress:
-                    progress(i, len(ordered), f"writing {name}")
-                if array is None:
-                    _copy_range(source, name, out)
-                else:
-                    out.write(np.ascontiguousarray(array).tobytes())
-        size = tmp.stat().st_size
-    return size
-
-
-def _itemsize(item: tuple[str, np.ndarray | None], source: SafetensorsStore | None) -> int:
-    name, array = item
-    if array is None:
-        return source.header.entries[name].np_dtype.itemsize
-    return array.dtype.itemsize
-
-
-def _copy_range(source: SafetensorsStore, name: str, out: Any) -> None:
-    """Copy a tensor's bytes unchanged, in bounded chunks."""
-    entry = source.header.entries[name]
-    with open(source.path, "rb") as fh:
-        fh.seek(entry.begin)
-        remaining = entry.end - entry.begin
-        while remaining:
-            chunk = fh.read(min(remaining, 1 << 24))
-            if not chunk:
-                raise ModelWriteError(f"{source.path}: file shrank while reading {name!r}")
-            out.write(chunk)
-            remaining -= len(chunk)
+    dst = Path(dst)
+    with Spill(dst) as spill:
+        slots = [source.copy_slot(name) if array is None else spill.add_array(name, array)
+                 for name, array in entries]
+        return write_file(dst, slots, metadata, spill, progress)
 
 
 def _info(name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorInfo:
@@ -213,16 +200,23 @@ def _read_encodings(path: Path, header: Header) -> dict[str, dict[str, Any]]:
 
 
 def write_decompressed(store: SafetensorsStore, dst: Path) -> WriteResult:
-    """Write `store` with every compressed tensor restored to its original dense dtype."""
-    entries: list[tuple[str, np.ndarray | None]] = []
+    """Write `store` with every compressed tensor restored to its original dense dtype.
+
+    One tensor is decoded at a time and spilled, so memory follows the largest tensor.
+    """
+    dst = Path(dst)
     restored: dict[str, int] = {}
-    for name, info, encoded, _ in store.logical_tensors():
-        if encoded is None:
-            entries.append((name, None))
-        else:
-            array = encoded.decode().astype(info.dtype)
-            entries.append((name, array))
-            restored[name] = array.nbytes
-    metadata = {k: v for k, v in store.header.metadata.items() if not k.startswith(METADATA_KEY)}
-    size = write_safetensors(dst, entries, metadata, store)
+    with Spill(dst) as spill:
+        slots = []
+        for name, info, encoded, _ in store.logical_tensors():
+            if encoded is None:
+                slots.append(store.copy_slot(name))
+            else:
+                array = encoded.decode().astype(info.dtype)
+                slots.append(spill.add_array(name, array))
+                restored[name] = array.nbytes
+                del array, encoded
+        metadata = {k: v for k, v in store.header.metadata.items()
+                    if not k.startswith(METADATA_KEY)}
+        size = write_file(dst, slots, metadata, spill)
     return WriteResult(tensor_bytes=restored, file_bytes=size)

@@ -21,13 +21,14 @@ import numpy as np
 
 from compress_core.encoded import Encoded
 from compress_core.errors import ModelReadError, ModelWriteError
-from compress_core.store import Progress, WriteResult
+from compress_core.store import EncodedItems, Progress, WriteResult, in_store_order
 from compress_core.tensorinfo import TensorInfo
 
 from .atomic import atomic_paths
-from .safetensors_io import METADATA_KEY, FORMAT_VERSION, SafetensorsStore, _copy_range
-from .st_header import dtype_code, encode_header
-from .st_layout import encode_tensor
+from .safetensors_io import METADATA_KEY, FORMAT_VERSION, SafetensorsStore
+from .st_header import dtype_code
+from .st_layout import check_part_names, encode_tensor
+from .st_stream import Slot, Spill
 
 INDEX_SUFFIX = ".safetensors.index.json"
 # Index metadata keys modelpress recomputes or owns; others are kept as they are.
@@ -153,41 +154,50 @@ class ShardedStore:
         """The encoded tree of a tensor stored in a compressed layout."""
         return self._spec_home[name].decode(name)
 
-    def write(self, dst: Path, encoded: Mapping[str, Encoded], progress: Progress | None = None,
+    def write(self, dst: Path, encoded: EncodedItems, progress: Progress | None = None,
               *, metadata: Mapping[str, str] | None = None,
               max_shard_size: int | None = None) -> WriteResult:
-        """Write shards and an index at `dst`, with `encoded` tensors in compressed layouts."""
+        """Write shards and an index at `dst`, with `encoded` tensors in compressed layouts.
+
+        `encoded` may be a stream of (name, encoded) pairs in tensor order:
+        each tensor's bytes are spilled to disk as it arrives (see st_stream)
+        and the shards are assembled at the end.
+        """
         _check_destination(self, dst)
-        taken = set(self._tensors) - set(encoded)
         units: list[_Unit] = []
         tensor_bytes: dict[str, int] = {}
-        for shard_name, store in self.shards.items():
-            for name, info in store.tensors.items():
-                if name not in encoded:
-                    units.append(_Unit(shard_name, [(name, store)], {}))
+        parts_of: dict[str, list[str]] = {}
+        with Spill(dst) as spill:
+            for name, enc in in_store_order(self._tensors, encoded):
+                home = self._home[name]
+                if enc is None:
+                    units.append(_Unit(home, [self.shards[home].copy_slot(name)], {}))
                     continue
-                spec, parts = encode_tensor(name, encoded[name], taken)
-                taken.update(key for key, _ in parts)
+                info = self._tensors[name]
+                spec, parts = encode_tensor(name, enc, set())
                 spec.update(dtype=dtype_code(info.dtype), shape=list(info.shape),
-                            encoding=encoded[name].describe())
+                            encoding=enc.describe())
                 tensor_bytes[name] = sum(a.nbytes for _, a in parts)
-                units.append(_Unit(shard_name, list(parts), {name: spec}))
-        plan = _plan_shards(self, units, dst, max_shard_size)
-        size = _write_checkpoint(self, dst, plan, dict(metadata or {}), progress)
+                parts_of[name] = [key for key, _ in parts]
+                units.append(_Unit(home, [spill.add_array(k, a) for k, a in parts], {name: spec}))
+                del parts, enc  # the bytes are on disk now
+            check_part_names(list(self._tensors), parts_of)
+            plan = _plan_shards(self, units, dst, max_shard_size)
+            size = _write_checkpoint(self, dst, plan, dict(metadata or {}), spill, progress)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size)
 
 
 @dataclass
 class _Unit:
-    """A tensor as stored: its entries (array, or the input store to copy from) and spec."""
+    """A tensor as stored: its slots (spilled bytes, or input bytes to copy) and spec."""
 
     home: str
-    entries: list[tuple[str, Any]]
+    slots: list[Slot]
     specs: dict[str, dict[str, Any]]
 
     @property
     def nbytes(self) -> int:
-        return sum(_entry_bytes(name, value) for name, value in self.entries)
+        return sum(slot.nbytes for slot in self.slots)
 
 
 @dataclass
@@ -197,19 +207,6 @@ class _Shard:
     name: str
     units: list[_Unit] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-def _entry_bytes(name: str, value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    entry = value.header.entries[name]
-    return entry.end - entry.begin
-
-
-def _entry_itemsize(name: str, value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        return value.dtype.itemsize
-    return value.header.entries[name].np_dtype.itemsize
 
 
 def _check_destination(store: ShardedStore, dst: Path) -> None:
@@ -253,7 +250,7 @@ def _plan_shards(store: ShardedStore, units: list[_Unit], dst: Path,
 
 
 def _write_checkpoint(store: ShardedStore, dst: Path, shards: list[_Shard],
-                      extra: dict[str, str], progress: Progress | None) -> int:
+                      extra: dict[str, str], spill: Spill, progress: Progress | None) -> int:
     """Write every shard and then the index, all renamed into place at the end."""
     weight_map: dict[str, str] = {}
     total = 0
@@ -265,22 +262,22 @@ def _write_checkpoint(store: ShardedStore, dst: Path, shards: list[_Shard],
             shard.metadata[METADATA_KEY] = json.dumps(
                 {"format_version": FORMAT_VERSION, "tensors": specs}, separators=(",", ":"))
         for unit in shard.units:
-            for name, value in unit.entries:
-                weight_map[name] = shard.name
-                total += _entry_bytes(name, value)
+            for slot in unit.slots:
+                weight_map[slot.name] = shard.name
+                total += slot.nbytes
     index_meta = {k: v for k, v in store.index_metadata.items()
                   if k not in _OWN_INDEX_KEYS and not k.startswith(METADATA_KEY)}
     index_meta.update(total_size=total, **extra)
     index = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
     old_shards = _previous_shards(dst)
     targets = [dst.parent / s.name for s in shards] + [dst]
-    count = sum(len(u.entries) for s in shards for u in s.units)
-    written = 0
     with atomic_paths(targets) as tmps:
-        for shard, tmp in zip(shards, tmps):
-            entries = [e for unit in shard.units for e in unit.entries]
-            _write_shard(tmp, entries, shard.metadata, progress, written, count)
-            written += len(entries)
+        for i, (shard, tmp) in enumerate(zip(shards, tmps)):
+            if progress:
+                progress(i, len(shards), f"writing {shard.name}")
+            with open(tmp, "wb", buffering=0) as out:
+                spill.assemble(out, [s for unit in shard.units for s in unit.slots],
+                               shard.metadata)
         tmps[-1].write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         size = sum(t.stat().st_size for t in tmps)
     new = {s.name for s in shards}
@@ -301,46 +298,25 @@ def _previous_shards(dst: Path) -> set[str]:
         return set()
 
 
-def _write_shard(path: Path, entries: list[tuple[str, Any]], metadata: dict[str, str],
-                 progress: Progress | None, done: int, total: int) -> None:
-    """One safetensors file; arrays are written, input tensors are copied byte for byte.
-
-    Tensors are ordered widest dtype first (stable) so each starts aligned to
-    its element size, as in `write_safetensors`.
-    """
-    ordered = sorted(entries, key=lambda e: -_entry_itemsize(*e))
-    head = []
-    for name, value in ordered:
-        if isinstance(value, np.ndarray):
-            head.append((name, dtype_code(value.dtype), tuple(value.shape), value.nbytes))
-        else:
-            e = value.header.entries[name]
-            head.append((name, e.dtype, e.shape, e.end - e.begin))
-    with open(path, "wb") as out:
-        out.write(encode_header(head, metadata))
-        for i, (name, value) in enumerate(ordered):
-            if progress:
-                progress(done + i, total, f"writing {name}")
-            if isinstance(value, np.ndarray):
-                out.write(np.ascontiguousarray(value).tobytes())
-            else:
-                _copy_range(value, name, out)
-
-
 def write_decompressed(store: ShardedStore, dst: Path) -> WriteResult:
-    """Write the checkpoint with every compressed tensor restored, keeping its shards."""
+    """Write the checkpoint with every compressed tensor restored, keeping its shards.
+
+    One tensor is decoded at a time and spilled, so memory follows the largest tensor.
+    """
     _check_destination(store, dst)
     restored: dict[str, int] = {}
     shards = []
-    for shard_name, shard in store.shards.items():
-        units = []
-        for name, info, encoded, _ in shard.logical_tensors():
-            if encoded is None:
-                units.append(_Unit(shard_name, [(name, shard)], {}))
-            else:
-                array = encoded.decode().astype(info.dtype)
-                restored[name] = array.nbytes
-                units.append(_Unit(shard_name, [(name, array)], {}))
-        shards.append(_Shard(shard_name, units, _base_metadata(shard)))
-    size = _write_checkpoint(store, dst, shards, {}, None)
+    with Spill(dst) as spill:
+        for shard_name, shard in store.shards.items():
+            units = []
+            for name, info, encoded, _ in shard.logical_tensors():
+                if encoded is None:
+                    units.append(_Unit(shard_name, [shard.copy_slot(name)], {}))
+                else:
+                    array = encoded.decode().astype(info.dtype)
+                    restored[name] = array.nbytes
+                    units.append(_Unit(shard_name, [spill.add_array(name, array)], {}))
+                    del array, encoded
+            shards.append(_Shard(shard_name, units, _base_metadata(shard)))
+        size = _write_checkpoint(store, dst, shards, {}, spill, None)
     return WriteResult(tensor_bytes=restored, file_bytes=size)

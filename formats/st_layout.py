@@ -50,6 +50,25 @@ def encode_tensor(name: str, encoded: Encoded, taken: set[str]) -> tuple[dict[st
     return spec, parts
 
 
+def check_part_names(names: list[str], parts: dict[str, list[str]]) -> None:
+    """Refuse stored names that clash, as `encode_tensor` would have with all tensors known.
+
+    `names` are the model's tensors in order; `parts` maps each encoded tensor
+    to the names its layout stores. A part may not take the name of a tensor
+    that stays as it is, nor of an earlier tensor's part. (A streaming writer
+    learns which tensors are encoded only as they come, so it checks at the end.)
+    """
+    taken = {n for n in names if n not in parts}
+    for name in names:
+        if name not in parts:
+            continue
+        for key in parts[name]:
+            if key in taken:
+                raise ModelWriteError(f"tensor {name!r}: cannot store its part {key!r}: a tensor "
+                                      "of that name already exists in the model")
+        taken.update(parts[name])
+
+
 def _layout(name: str, encoded: Encoded) -> tuple[dict[str, Any], Parts]:
     if isinstance(encoded, Sparse) and encoded.values.nbytes <= encoded.compact_nbytes:
         # Zeros stored densely are smaller than bitmask + kept values at this sparsity.

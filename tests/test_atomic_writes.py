@@ -102,13 +102,14 @@ def test_sigkill_during_onnx_write_leaves_nothing(tmp_path: Path) -> None:
 # -- in-process: failures during a write ----------------------------------------
 
 
+@pytest.mark.parametrize("phase", ["copy_range", "write_array"])  # assembly / spill
 def test_disk_full_during_write_is_one_line_and_leaves_nothing(tmp_path: Path, samples: Path,
-                                                               monkeypatch) -> None:
-    import formats.safetensors_io as st_io
+                                                               monkeypatch, phase: str) -> None:
+    import formats.st_stream as st_stream
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(st_io, "_copy_range", full)
+    monkeypatch.setattr(st_stream, phase, full)
     out = tmp_path / "o.safetensors"
     result = run_cli(["compress", samples / "mlp.safetensors", "-o", out, "quantize"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
