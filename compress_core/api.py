@@ -39,6 +39,10 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
                              "tensors); run `modelpress decompress` on it first")
     encoding = encode(store, recipe, options, progress)
     extra: dict[str, Any] = {"metadata": dict(metadata)} if metadata else {}
+    if store.format == "onnx":
+        from formats.onnx_sites import OnnxTarget
+        extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
+                                     options.accuracy_level)
     if options.max_shard_size is not None and getattr(store, "sharded", False):
         extra["max_shard_size"] = options.max_shard_size
     elif options.max_shard_size is not None:

@@ -27,6 +27,10 @@ class Options:
     # Sharded safetensors checkpoints only: cut output shards of at most this
     # many bytes instead of keeping the input's shards.
     max_shard_size: int | None = None
+    # ONNX only: the form of quantized MatMul/Gemm weights (formats.onnx_sites.OnnxTarget).
+    onnx_target: str = "standard"
+    onnx_int4: str = "auto"
+    accuracy_level: int = 4
 
 
 @dataclass

@@ -18,6 +18,8 @@ from compress_core.tensorinfo import TensorInfo
 
 from .atomic import atomic_path
 from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spec_nodes
+from .onnx_chain import DOMAIN, add_function, drop_unused_functions
+from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
                          weight_roles)
@@ -39,7 +41,10 @@ class OnnxStore:
         for name, loc in self._locations.items():
             check_tensor(self.path, loc.tensor, name)
         roles = weight_roles(self.model)
-        self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name))
+        sizes = {name: int(np.prod(loc.tensor.dims, dtype=np.int64))
+                 for name, loc in self._locations.items()}
+        sensitive = sensitive_tensors(self.model, roles, sizes)
+        self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name), sensitive.get(name))
                          for name, loc in self._locations.items()}
         self.encodings = _read_encodings(self.path, self.model, set(self._locations))
 
@@ -104,20 +109,25 @@ class OnnxStore:
 
     def write(self, dst: Path, encoded: Mapping[str, Encoded],
               progress: Progress | None = None, *,
-              metadata: Mapping[str, str] | None = None) -> WriteResult:
+              metadata: Mapping[str, str] | None = None,
+              target: OnnxTarget | None = None) -> WriteResult:
         """Write the model with each encoded tensor replaced by its decoding nodes.
 
-        `metadata` entries are added to the model's metadata_props.
+        `metadata` entries are added to the model's metadata_props; `target`
+        chooses the form of quantized MatMul/Gemm weights (see OnnxTarget).
         """
+        target = target or OnnxTarget()
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         _load_external(self.path, model)
         _check_source(self.path, model)
         notes: list[str] = []
-        need = max((required_opset(e, self._tensors[n].dtype) for n, e in encoded.items()),
-                   default=1)
+        homes = locate(model)
+        need = max((self._opset(model, n, e, target, homes[n].graph)
+                    for n, e in encoded.items()), default=1)
         model = _ensure_opset(model, need, self.path, notes)
         locations = locate(model)
+        opset = opset_version(model)
         taken = used_names(model)
         specs: dict[str, dict[str, Any]] = {}
         tensor_bytes: dict[str, int] = {}
@@ -136,11 +146,22 @@ class OnnxStore:
             info = self._tensors[name]
             if isinstance(enc, LowRank):
                 from .onnx_lowrank import emit_lowrank, product_note
-                out, form = emit_lowrank(model, name, enc, fresh, info.dtype)
+                out, form = emit_lowrank(model, name, enc, fresh, info.dtype, opset)
                 if form == "product":
                     notes.append(product_note(name, enc))
             else:
-                out = emit(name, enc, fresh, info.dtype)
+                site = kernel_site(model, name, enc, info.dtype, target, locations[name].graph)
+                if site is None:
+                    out = emit(name, enc, fresh, info.dtype, opset)
+                else:
+                    from .onnx_quant import emit_kernel
+                    out = emit_kernel(name, enc, fresh, site, target, model, opset)
+                    if hasattr(enc, "pattern"):
+                        out.spec["pattern"] = enc.pattern
+            # Each decode chain is one call node and the function it calls, in order.
+            calls = [n for n in out.nodes if n.domain == DOMAIN]
+            for call, function in zip(calls, out.functions, strict=True):
+                add_function(model, function, call)
             _replace(locations[name], name, out)
             out.spec.update(dtype=int(locations[name].tensor.data_type), shape=list(info.shape),
                             encoding=enc.describe(), origin=locations[name].kind)
@@ -149,6 +170,15 @@ class OnnxStore:
         _set_metadata(model, specs, metadata)
         size = save_checked(model, dst, self.path)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size, notes=notes)
+
+    def _opset(self, model: onnx.ModelProto, name: str, enc: Encoded, target: OnnxTarget,
+               home: onnx.GraphProto) -> int:
+        """The opset the form chosen for one tensor needs (decided on the source graph)."""
+        info = self._tensors[name]
+        if (not isinstance(enc, LowRank) and target.target == "standard"
+                and kernel_site(model, name, enc, info.dtype, target, home) is not None):
+            return 21
+        return required_opset(enc, info.dtype)
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> int:
@@ -398,16 +428,18 @@ def write_decompressed(store: OnnxStore, dst: Path) -> WriteResult:
     for name, spec in store.encodings.items():
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))
         array = store.decode(name).decode().astype(dtype)
-        if spec["layout"] == "lowrank":
-            from .onnx_lowrank import restore_consumer
+        if spec["layout"] == "lowrank" or "consumer" in spec:
+            from .onnx_lowrank import restore_consumer as restore_lowrank
+            from .onnx_quant import restore_consumer as restore_kernel
             try:
-                restore_consumer(model, spec)
+                (restore_lowrank if spec["layout"] == "lowrank" else restore_kernel)(model, spec)
             except (KeyError, ValueError) as exc:
                 raise ModelReadError(f"{store.path}: tensor {name!r}: corrupt modelpress "
                                      f"encoding ({exc})") from None
         graph = _remove_encoding(model, name, spec)
         graph.initializer.append(numpy_helper.from_array(array, name))
         restored[name] = array.nbytes
+    drop_unused_functions(model)
     _set_metadata(model, {})
     return WriteResult(tensor_bytes=restored, file_bytes=save_checked(model, dst, store.path))
 
