@@ -116,6 +116,21 @@ def cli() -> None:
               help="ONNX: write weights to OUT.data beside OUT. auto: when the input (with its "
                    "data files) is 512 MiB or more, or the output would pass protobuf's "
                    "2 GB limit.")
+@click.option("--onnx-target", type=click.Choice(["standard", "ort"]), default="standard",
+              show_default=True,
+              help="ONNX: 4-bit MatMul/Gemm weights as standard DequantizeLinear (onnxruntime "
+                   "fuses it into its 4-bit kernel), or ort: com.microsoft.MatMulNBits "
+                   "written directly (onnxruntime only).")
+@click.option("--onnx-int4", type=click.Choice(["auto", "kernel", "fold"]), default="auto",
+              show_default=True,
+              help="ONNX: which 4-bit MatMul/Gemm weights use onnxruntime's 4-bit kernel: "
+                   "auto: matrices of 4M+ weights (faster there; smaller ones run faster as "
+                   "float32); kernel: all that can (least memory); fold: none (decoded once "
+                   "at load).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="With --onnx-target ort: MatMulNBits accuracy_level (0: float math, "
+                   "exact; 4: int8 activations, faster). The standard form follows the "
+                   "session option session.qdq_matmulnbits_accuracy_level (default 4).")
 @click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
               help="Batch: models compressed in parallel processes [default: CPU count, "
                    "bounded by available memory].")
@@ -148,6 +163,7 @@ def compress(**_: Any) -> None:
     Examples:
       modelpress compress mlp.onnx -o mlp-int8.onnx quantize --bits 8
       modelpress compress mlp.onnx -o out.onnx quantize --bits 4 --group-size 32
+      modelpress compress big.onnx -o out.onnx --onnx-target ort quantize --bits 4
       modelpress compress mlp.onnx -o out.onnx prune --sparsity 0.5 quantize --bits 8
       modelpress compress w.safetensors -o w4.safetensors quantize --bits 4 --scheme asym
       modelpress compress mlp.onnx -o half.onnx cast --dtype fp16
@@ -196,6 +212,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   recipe_file: Path | None, print_recipe: bool, min_elements: int,
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
                   max_shard_size: int | None, threads: int | None, external_data: str,
+                  onnx_target: str, onnx_int4: str, accuracy_level: int,
                   **extra: Any) -> None:
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
@@ -216,7 +233,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                                    "reports weight errors and does not run the models")
         options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                           max_shard_size=max_shard_size, threads=threads,
-                          external_data=external_data)
+                          external_data=external_data, onnx_target=onnx_target,
+                          onnx_int4=onnx_int4, accuracy_level=accuracy_level)
         failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
                                     fmt, quiet)
         if failure:
@@ -240,7 +258,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         report = run(model[0], output, recipe,
                      Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                              max_shard_size=max_shard_size, threads=threads,
-                             external_data=external_data), update)
+                             external_data=external_data, onnx_target=onnx_target,
+                             onnx_int4=onnx_int4, accuracy_level=accuracy_level), update)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:

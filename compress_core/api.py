@@ -43,7 +43,10 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     if options.max_shard_size is not None and sharded:
         extra["max_shard_size"] = options.max_shard_size
     if store.format == "onnx":
+        from formats.onnx_sites import OnnxTarget
         extra["external_data"] = options.external_data
+        extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
+                                     options.accuracy_level)
     encoding = Encoding()
     stream = encode_stream(store, recipe, options, progress, encoding)
     try:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .dtypes import short_name
+from .scalecode import ScaleCode
 
 
 class Encoded(ABC):
@@ -78,6 +79,16 @@ class Dense(Encoded):
 GRANULARITIES = ("tensor", "channel", "group")
 
 
+def scale_shape(shape: tuple[int, ...], granularity: str, channel_axis: int | None,
+                block_axis: int | None, group_size: int | None) -> tuple[int, ...]:
+    """The shape of a Quantized node's scales (see Quantized) for a dense `shape`."""
+    if granularity == "tensor":
+        return (1,) * len(shape)
+    if granularity == "channel":
+        return tuple(d if i == channel_axis else 1 for i, d in enumerate(shape))
+    return tuple(-(-d // group_size) if i == block_axis else d for i, d in enumerate(shape))
+
+
 @dataclass(frozen=True, eq=False)
 class Quantized(Encoded):
     """Integer codes on a uniform grid: w = (codes - zero_point) * scale.
@@ -86,6 +97,11 @@ class Quantized(Encoded):
     dense shape. `scale` (and `zero_point`, None when symmetric) has the same
     rank as the codes: every axis is 1 except the channel axis (per channel)
     or the block axis, which holds ceil(n / group_size) entries (per group).
+
+    `scale_code`, when set, is how the scales are stored: codes on a
+    per-tensor logarithmic grid (see `scalecode`), and `scale` is their exact
+    decoding. `zero_bits` is the width a zero point is stored in (None: `bits`);
+    zero points then lie in [-2^(zero_bits-1), 2^(zero_bits-1) - 1].
     """
 
     codes: np.ndarray
@@ -96,6 +112,8 @@ class Quantized(Encoded):
     channel_axis: int | None = None
     block_axis: int | None = None
     group_size: int | None = None
+    scale_code: ScaleCode | None = None
+    zero_bits: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -104,6 +122,18 @@ class Quantized(Encoded):
     @property
     def symmetric(self) -> bool:
         return self.zero_point is None
+
+    @property
+    def scale_bits(self) -> int | None:
+        """Bits per stored scale code, or None when scales are stored as floats."""
+        return None if self.scale_code is None else self.scale_code.bits
+
+    @property
+    def stored_zero_bits(self) -> int:
+        """Bits per stored zero point (0 when symmetric)."""
+        if self.zero_point is None:
+            return 0
+        return self.zero_bits or self.bits
 
     def expand(self, per_group: np.ndarray) -> np.ndarray:
         """Broadcast a scale-shaped array to the dense shape."""
@@ -125,18 +155,25 @@ class Quantized(Encoded):
 
     @property
     def side_nbytes(self) -> int:
-        zp = 0 if self.zero_point is None else math.ceil(self.zero_point.size * self.bits / 8)
+        zero_bits = self.stored_zero_bits
+        if self.scale_code is not None:
+            return self.scale_code.code_nbytes(zero_bits) + self.scale_code.table_nbytes
+        zp = math.ceil(self.scale.size * zero_bits / 8)
         return self.scale.nbytes + zp
 
     def describe(self) -> str:
         grain = {"tensor": "tensor", "channel": "ch", "group": f"g{self.group_size}"}
         scheme = "sym" if self.symmetric else "asym"
-        return f"int{self.bits} {grain[self.granularity]} {scheme}"
+        label = f"int{self.bits} {grain[self.granularity]} {scheme}"
+        if self.scale_code is not None:
+            label += f" s{self.scale_code.bits}"
+        if self.zero_point is not None and self.stored_zero_bits != self.bits:
+            label += f" z{self.stored_zero_bits}"
+        return label
 
     def with_codes(self, codes: np.ndarray) -> Quantized:
         """The same grid with other codes (used when pruning zeroes codes)."""
-        return Quantized(codes, self.scale, self.zero_point, self.bits, self.granularity,
-                         self.channel_axis, self.block_axis, self.group_size)
+        return replace(self, codes=codes)
 
     def zero_codes(self) -> np.ndarray:
         """The code that decodes to exactly 0.0 at every position."""

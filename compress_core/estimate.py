@@ -55,9 +55,10 @@ def element_bits(info: TensorInfo, stages: list[Stage], fmt: str, unknown: list[
     kept, side, stored = 1.0, 0.0, 1.0   # stored: elements kept per element (low-rank)
     for stage in stages:
         if stage.id == "quantize":
-            value_bits = _code_bits(stage.bits, fmt)
-            side = _per_scale_bits(stage, info, fmt) * _scales(stage.granularity, info,
-                                                               stage.group_size)
+            plan = stage.plan(info)
+            value_bits = float(plan.bits)
+            side = _per_scale_bits(plan, info, fmt) * _scales(plan.granularity, info,
+                                                              plan.group_size)
         elif stage.id == "prune":
             kept = 1.0 - stage.sparsity
         elif stage.id == "cast":
@@ -96,17 +97,11 @@ def _lowrank_fraction(stage: Any, info: TensorInfo) -> float:
     return 1.0 if rank * (m + n) >= m * n else rank * (m + n) / (m * n)
 
 
-def _code_bits(bits: int, fmt: str) -> float:
-    if fmt == "onnx":  # INT4 holds 2..4-bit codes, INT8 holds 5..8-bit codes
-        return 4.0 if bits <= 4 else 8.0
-    return float(bits)
-
-
-def _per_scale_bits(stage: Any, info: TensorInfo, fmt: str) -> float:
-    """Bits of one scale (and its zero point) of a quantized tensor."""
-    bits = scale_dtype_for(info.dtype).itemsize * 8
-    if stage.scheme == "asym":
-        bits += 8 if fmt == "onnx" else stage.bits
+def _per_scale_bits(plan: Any, info: TensorInfo, fmt: str) -> float:
+    """Bits of one scale (and its zero point) of a quantized tensor (codes are bit-packed)."""
+    bits = plan.scale_bits or scale_dtype_for(info.dtype).itemsize * 8
+    if not plan.symmetric:
+        bits += plan.zero_bits or plan.bits
     return float(bits)
 
 

@@ -38,6 +38,10 @@ class Options:
     # data files) has 512 MiB or more or the output would pass protobuf's 2 GB
     # limit; "always", "never" (see formats.onnx_write).
     external_data: str = "auto"
+    # ONNX only: the form of quantized MatMul/Gemm weights (formats.onnx_sites.OnnxTarget).
+    onnx_target: str = "standard"
+    onnx_int4: str = "auto"
+    accuracy_level: int = 4
 
 
 # Options that do not change what is written (left out of recipe fingerprints).

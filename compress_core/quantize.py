@@ -10,6 +10,7 @@ import numpy as np
 from .dtypes import scale_dtype_for
 from .encoded import GRANULARITIES, Dense, Encoded, LowRank, Quantized, Sparse
 from .stage import Stage, option, register
+from .quantize_plan import QuantPlan, plan_for
 from .tensorinfo import TensorInfo
 
 # Clipping ratios tried by --method mse before the least-squares refit; a
@@ -24,36 +25,68 @@ _CHUNK_ELEMENTS = 1 << 21
 @register
 @dataclass(frozen=True)
 class Quantize(Stage):
-    """Integer quantization: w ~ (code - zero_point) * scale on a 2..8-bit grid."""
+    """Integer quantization: w ~ (code - zero_point) * scale on a 2..8-bit grid.
+
+    Unset options follow the output format. ONNX: asymmetric groups of 16
+    with 5-bit scale codes and 2-bit zero points below 8 bits (4.44 bits per
+    weight at 4 bits); at 8 bits, symmetric groups sized per tensor with
+    8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
+    float scales; per channel at 8 bits, groups of 128 below).
+
+    In ONNX, embeddings and the output head are kept at --backup-bits (6)
+    when --bits is lower, unless --all-layers; in safetensors only when
+    --backup-bits is given.
+    """
 
     id = "quantize"
     summary = "integer quantization (2-8 bits; per tensor, channel or group)"
 
     bits: int = option(8, "bits per weight (2-8)", min=2, max=8)
-    scheme: str = option("sym", "sym: zero point 0; asym: a zero point per scale",
-                         choices=("sym", "asym"))
+    scheme: str | None = option(
+        None, "sym: zero point 0; asym: a zero point per scale [default: asym with scale "
+        "codes below 8 bits, else sym]", choices=("sym", "asym"))
     granularity: str | None = option(
         None, "one scale per tensor, per output channel, or per group of inputs "
-        "[default: channel at 8 bits, group below, group when --group-size is given]",
-        choices=GRANULARITIES)
+        "[default: group below 8 bits or when --group-size is given; at 8 bits group in "
+        "ONNX, channel otherwise]", choices=GRANULARITIES)
     group_size: int | None = option(
-        None, "inputs per scale with granularity group [default: 128]", min=2)
+        None, "inputs per scale with granularity group [default: 16 with scale codes of "
+        "6 bits or less, 128 with float scales; at 8 bits in ONNX a power of two per tensor]",
+        min=2)
     method: str | None = option(
         None, "rtn: round to nearest from the min/max range; mse: search each "
         "scale's clipping range for the least squared error [default: mse below 8 bits, rtn at 8]",
         choices=("rtn", "mse"))
+    scale_bits: int | None = option(
+        None, "store each scale as a code of this many bits (4-8) on a per-tensor log grid "
+        "(double quantization); 0 stores floats in the model's type [default: ONNX 5 with "
+        "groups of 16 or less below 8 bits, else 8; safetensors 0]", min=0, max=8)
+    zero_bits: int | None = option(
+        None, "bits per stored zero point with --scheme asym (2 holds -2..1 around the grid's "
+        "centre) [default: 2 with scale codes and groups of 16 or less, else --bits]",
+        min=1, max=8)
+    backup_bits: int | None = option(
+        None, "bits for embeddings and the output head when --bits is lower "
+        "[default: 6 in ONNX; safetensors: none unless given]", min=2, max=8)
+    all_layers: bool = option(
+        False, "quantize embeddings and the output head at --bits too (no backup precision)")
 
     def validate(self) -> None:
-        granularity = self.granularity
-        if granularity is None:
-            granularity = "group" if (self.group_size or self.bits < 8) else "channel"
-        if granularity == "group":
-            object.__setattr__(self, "group_size", self.group_size or 128)
-        elif self.group_size is not None:
-            self.fail(f"--group-size applies only to --granularity group, not {granularity}")
-        object.__setattr__(self, "granularity", granularity)
-        if self.method is None:
-            object.__setattr__(self, "method", "mse" if self.bits < 8 else "rtn")
+        if self.group_size is not None and self.granularity in ("tensor", "channel"):
+            self.fail(f"--group-size applies only to --granularity group, not {self.granularity}")
+        if self.scale_bits is not None and 0 < self.scale_bits < 4:
+            self.fail(f"--scale-bits must be 0 (float scales) or 4-8, got {self.scale_bits}")
+        if self.zero_bits is not None:
+            if self.scheme == "sym":
+                self.fail("--zero-bits applies only to --scheme asym")
+            if self.zero_bits > self.bits:
+                self.fail(f"--zero-bits {self.zero_bits} is wider than --bits {self.bits}")
+        if self.backup_bits is not None and self.all_layers:
+            self.fail("--backup-bits has no effect with --all-layers; give one of them")
+
+    def plan(self, info: TensorInfo) -> QuantPlan:
+        """Every option resolved for one tensor (its format, role and shape)."""
+        return plan_for(self, info)
 
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
         if isinstance(encoded, Sparse):
@@ -67,11 +100,19 @@ class Quantize(Stage):
         if not isinstance(encoded, Dense):
             from .compose import order_error
             raise order_error(self, encoded, info)
+        plan = self.plan(info)
         channel_axis, block_axis = axes_for(info)
+        if plan.scale_bits:
+            from .quantize_coded import quantize_coded
+            return quantize_coded(
+                encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
+                zero_bits=plan.zero_bits, scale_bits=plan.scale_bits,
+                granularity=plan.granularity, channel_axis=channel_axis, block_axis=block_axis,
+                group_size=plan.group_size, method=plan.method)
         return quantize_array(
-            encoded.decode(), bits=self.bits, symmetric=self.scheme == "sym",
-            granularity=self.granularity, channel_axis=channel_axis,
-            block_axis=block_axis, group_size=self.group_size, method=self.method,
+            encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
+            granularity=plan.granularity, channel_axis=channel_axis,
+            block_axis=block_axis, group_size=plan.group_size, method=plan.method,
             scale_dtype=scale_dtype_for(info.dtype))
 
 

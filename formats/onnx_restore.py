@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from compress_core.errors import ModelReadError
 from compress_core.store import WriteResult
 
+from .onnx_chain import drop_unused_functions
 from .onnx_emit import spec_initializers, spec_nodes
 from .onnx_graph import graphs
 from .onnx_io import OnnxStore, _check_source, _set_metadata
@@ -35,10 +36,12 @@ def write_decompressed(store: OnnxStore, dst: Path, external_data: str = "auto")
         for name, spec in store.encodings.items():
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))
             array = store.decode(name).decode().astype(dtype)
-            if spec["layout"] == "lowrank":
-                from .onnx_lowrank import restore_consumer
+            if spec["layout"] == "lowrank" or "consumer" in spec:
+                from .onnx_lowrank import restore_consumer as restore_lowrank
+                from .onnx_quant import restore_consumer as restore_kernel
+                restore = restore_lowrank if spec["layout"] == "lowrank" else restore_kernel
                 try:
-                    restore_consumer(model, spec)
+                    restore(model, spec)
                 except (KeyError, ValueError) as exc:
                     raise ModelReadError(f"{store.path}: tensor {name!r}: corrupt modelpress "
                                          f"encoding ({exc})") from None
@@ -49,6 +52,7 @@ def write_decompressed(store: OnnxStore, dst: Path, external_data: str = "auto")
             if data is not None:
                 data.move(tensor)
             graph.initializer.append(tensor)
+        drop_unused_functions(model)
         place_remaining(model, store.path, data)
         _set_metadata(model, {})
         size = save_model(model, dst, stage, store.path, external_data)

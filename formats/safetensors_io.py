@@ -175,7 +175,28 @@ def _info(name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorInfo:
     return TensorInfo(name=name, shape=shape, dtype=dtype, weight_like=weight_like,
                       channel_axis=0 if weight_like else None,
                       block_axis=1 if weight_like else None,
-                      role="linear" if weight_like else None)
+                      role="linear" if weight_like else None, format="safetensors",
+                      sensitive=sensitive_name(name) if weight_like else None)
+
+
+# Module names (the tensor name without ".weight") whose last part marks an output head.
+_HEADS = {"lm_head", "output", "embed_out"}
+
+
+def sensitive_name(name: str) -> str | None:
+    """"embedding" or "head" from a tensor's name (Hugging Face and llama conventions).
+
+    Embeddings: a module path part containing "embed" (embed_tokens,
+    word_embeddings, tok_embeddings, embed_positions), or named wte / wpe.
+    Heads: a part named lm_head, or a last part named output or embed_out.
+    """
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    parts = module.split(".")
+    if "lm_head" in parts or parts[-1] in _HEADS:
+        return "head"
+    if any("embed" in part for part in parts) or parts[-1] in ("wte", "wpe"):
+        return "embedding"
+    return None
 
 
 def _read_encodings(path: Path, header: Header) -> dict[str, dict[str, Any]]:

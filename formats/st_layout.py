@@ -26,8 +26,10 @@ from typing import Any, Callable
 import numpy as np
 
 from compress_core.dtypes import FLOAT8_E4M3
-from compress_core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
+from compress_core.encoded import (Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse,
+                                   scale_shape)
 from compress_core.errors import ModelReadError, ModelWriteError
+from compress_core.scalecode import ScaleCode
 from compress_core.packing import pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits, \
     unpack_int32
 
@@ -119,7 +121,8 @@ def part_names(spec: dict[str, Any]) -> list[str]:
 
 
 _NAME_KEYS = {"packed", "scale", "zero_point", "shape", "compressed", "bitmask", "row_offsets",
-              "codes", "mask", "values", "lut", "indices"}
+              "codes", "mask", "values", "lut", "indices", "scale_codes", "scale_high",
+              "scale_low", "zero_codes"}
 
 
 # -- compressed-tensors pack-quantized -----------------------------------------
@@ -128,7 +131,8 @@ _NAME_KEYS = {"packed", "scale", "zero_point", "shape", "compressed", "bitmask",
 def _pack_quantized_fits(name: str, encoded: Encoded) -> bool:
     q = encoded
     return (isinstance(q, Quantized) and len(q.shape) == 2 and name.endswith("weight")
-            and q.bits in (4, 8) and q.channel_axis in (None, 0) and q.block_axis in (None, 1))
+            and q.bits in (4, 8) and q.channel_axis in (None, 0) and q.block_axis in (None, 1)
+            and q.scale_code is None and q.zero_bits in (None, q.bits))
 
 
 def _pack_quantized(name: str, q: Quantized) -> tuple[dict[str, Any], Parts]:
@@ -290,9 +294,20 @@ def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Part
                 "channel_axis": encoded.channel_axis, "block_axis": encoded.block_axis,
                 "group_size": encoded.group_size, "shape": list(encoded.shape),
                 "count": int(codes.size),
-                "codes": add("codes", pack_bits(to_unsigned(codes, encoded.bits), encoded.bits)),
-                "scale": add("scale", _contiguous(encoded.scale))}
-        if encoded.zero_point is not None:
+                "codes": add("codes", pack_bits(to_unsigned(codes, encoded.bits), encoded.bits))}
+        code = encoded.scale_code
+        if code is None:
+            spec["scale"] = add("scale", _contiguous(encoded.scale))
+        else:
+            spec.update(scale_bits=code.bits,
+                        scale_codes=add("scale_codes", pack_bits(code.codes, code.bits)),
+                        scale_high=add("scale_high", _contiguous(code.high)),
+                        scale_low=add("scale_low", _contiguous(code.low)))
+        if encoded.zero_point is not None and encoded.zero_bits is not None:
+            width = encoded.zero_bits
+            stored = (encoded.zero_point.astype(np.int16) + (1 << (width - 1))).astype(np.uint8)
+            spec.update(zero_bits=width, zero_codes=add("zero_codes", pack_bits(stored, width)))
+        elif encoded.zero_point is not None:
             spec["zero_point"] = add("zero_point", _contiguous(encoded.zero_point))
         return spec
     if isinstance(encoded, Dense):
@@ -316,10 +331,23 @@ def _read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> En
     if kind == "quantized":
         bits = spec["bits"]
         stored = to_signed(unpack_bits(get(spec["codes"]), bits, spec["count"]), bits)
-        scale = get(spec["scale"])
+        grain = (spec["granularity"], spec["channel_axis"], spec["block_axis"], spec["group_size"])
+        per_group = scale_shape(shape, *grain)
+        groups = math.prod(per_group)
+        code, zero_bits = None, spec.get("zero_bits")
+        if "scale_codes" in spec:
+            sb = spec["scale_bits"]
+            code = ScaleCode(unpack_bits(get(spec["scale_codes"]), sb, groups).reshape(per_group),
+                             get(spec["scale_high"]), get(spec["scale_low"]), sb)
+            scale = code.decode()
+        else:
+            scale = get(spec["scale"])
         zp = get(spec["zero_point"]) if "zero_point" in spec else None
-        q = Quantized(np.zeros(shape, np.int8), scale, zp, bits, spec["granularity"],
-                      spec["channel_axis"], spec["block_axis"], spec["group_size"])
+        if "zero_codes" in spec:
+            zp = to_signed(unpack_bits(get(spec["zero_codes"]), zero_bits, groups),
+                           zero_bits).reshape(per_group)
+        q = Quantized(np.zeros(shape, np.int8), scale, zp, bits, *grain, scale_code=code,
+                      zero_bits=zero_bits)
         if keep is None:
             return q.with_codes(stored.reshape(shape))
         codes = q.zero_codes().copy()

@@ -44,6 +44,19 @@ def _check_quantized(q: Quantized, shape: tuple[int, ...]) -> None:
     if q.zero_point is not None and tuple(np.shape(q.zero_point)) != expected:
         raise ValueError(f"zero point has shape {list(np.shape(q.zero_point))}, "
                          f"expected {list(expected)}")
+    if q.zero_point is not None and q.zero_bits is not None:
+        half = 1 << (q.zero_bits - 1)
+        if q.zero_point.size and (q.zero_point.min() < -half or q.zero_point.max() >= half):
+            raise ValueError(f"zero points do not fit {q.zero_bits} bits")
+    code = q.scale_code
+    if code is not None:
+        if tuple(np.shape(code.codes)) != expected:
+            raise ValueError(f"scale codes have shape {list(np.shape(code.codes))}, "
+                             f"expected {list(expected)}")
+        low_bits = code.bits // 2
+        if (np.shape(code.high) != (1 << (code.bits - low_bits),)
+                or np.shape(code.low) != (1 << low_bits,)):
+            raise ValueError(f"scale tables do not fit {code.bits}-bit codes")
 
 
 def _axis(value: object, rank: int, what: str) -> int:

@@ -36,7 +36,7 @@ def test_mlp_int8_readme_command(tmp_path: Path, samples: Path) -> None:
     assert report["totals"]["file_bytes_after"] == out.stat().st_size
     assert report["totals"]["file_bytes_before"] == (samples / "mlp.onnx").stat().st_size
     assert {t["name"] for t in report["tensors"]} == {"fc1.weight", "fc2.weight"}
-    assert "fc1.weight" in result.stdout and "int8 ch sym" in result.stdout
+    assert "fc1.weight" in result.stdout and "int8 g16 sym s8" in result.stdout
 
 
 def test_transformer_int4_g32(tmp_path: Path, samples: Path) -> None:
@@ -49,13 +49,27 @@ def test_transformer_int4_g32(tmp_path: Path, samples: Path) -> None:
     ids = np.load(samples / "transformer_test_inputs.npz")["input_ids"]
     ref = ort_run(samples / "transformer.onnx", {"input_ids": ids})[0]
     got = ort_run(out, {"input_ids": ids})[0]
-    # Measured 0.121 (top-1 agreement 93.6%). Issue 2 asked for < 0.10; that is out of reach
-    # for this trained model at 4 bits in groups of 32: the embeddings and the LM head hold
-    # 54% of its weights and each passes its ~7-8% weight error straight to the logits
-    # (see sample_models/README.md). The bound below pins what modelpress achieves.
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.13
+    # Measured 0.1136 at 0.190x (top-1 agreement 93.1%). Issue 2 asked for < 0.10; with
+    # --group-size 32 given, the embeddings and the LM head (54% of the weights, each passing
+    # its weight error straight to the logits) stay at 4 bits: raising them (backup precision)
+    # would cost more than the 0.20x this command must reach. `quantize --bits 4` (groups of
+    # 16 with coded scales) reaches 0.097 at 0.192x (test below).
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.12
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.90
-    assert "opset raised from 17 to 21" in result.stdout
+    assert "opset raised from 17 to 18" in result.stdout
+
+
+def test_transformer_int4_default_groups(tmp_path: Path, samples: Path) -> None:
+    out = tmp_path / "t4.onnx"
+    result = run_cli(["compress", samples / "transformer.onnx", "-o", out, "--no-eval",
+                      "quantize", "--bits", "4"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size <= 0.20 * (samples / "transformer.onnx").stat().st_size
+    ids = np.load(samples / "transformer_test_inputs.npz")["input_ids"]
+    ref = ort_run(samples / "transformer.onnx", {"input_ids": ids})[0]
+    got = ort_run(out, {"input_ids": ids})[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.10   # measured 0.0971
+    assert "int4 g16 asym s5 z2" in result.stdout
 
 
 @pytest.mark.parametrize("stages", [["quantize", "--bits", "8", "prune", "--sparsity", "0.5"],
@@ -75,7 +89,10 @@ def test_prune_and_quantize_both_orders_match_written_file(tmp_path: Path, sampl
         stats = compare(original.read(row["name"]), array)
         assert stats.rel_l2 == pytest.approx(row["rel_error"], rel=1e-6)
         assert stats.sqnr_db == pytest.approx(row["sqnr_db"], rel=1e-6)
-        assert row["encoding"] == "50% sparse + int8 ch sym"
+        # ONNX: 8-bit groups sized per tensor (K=64 -> 16, K=256 -> 64) with 8-bit scale codes.
+        expected = {"fc1.weight": "int8 g16 sym s8", "fc2.weight": "int8 g64 sym s8"}
+        assert row["encoding"] == "50% sparse + " + (
+            expected[row["name"]] if fmt == "onnx" else "int8 ch sym")
 
 
 def test_json_format_on_stdout(tmp_path: Path, samples: Path) -> None:

@@ -72,7 +72,7 @@ def test_tensor_that_would_not_shrink_is_left_alone_with_a_note(tmp_path: Path) 
                                              "b": rng_weights(64, 256, seed=2)})
     report = compress(src, tmp_path / "o.onnx", Recipe([Factorize(rank=33), Quantize(bits=8)]))
     encodings = {r.name: r.encoding for r in report.rows}
-    assert encodings == {"a": "int8 ch sym", "b": "rank 33 + int8 ch sym"}
+    assert encodings == {"a": "int8 g16 sym s8", "b": "rank 33 + int8 g16 sym s8"}
     assert ("a: lowrank left it as is (rank 33 factors (4,224 values) would not be smaller than "
             "the 64x64 matrix (4,096 values))") in report.notes
 
@@ -181,13 +181,14 @@ def test_lowrank_then_quantize_dequantizes_each_factor(tmp_path: Path) -> None:
     report = compress(SAMPLES / "transformer.onnx", tmp_path / "o.onnx",
                       Recipe([Factorize(rank_ratio=0.25), Quantize(bits=4, group_size=16)]))
     model = onnx.load(str(tmp_path / "o.onnx"))
-    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    decoded = {n.output[0] for n in model.graph.node if n.domain == "modelpress"}
     assert {"layers.0.attn.q_proj.weight_lowrank_left",
-            "layers.0.attn.q_proj.weight_lowrank_right"} <= dq
+            "layers.0.attn.q_proj.weight_lowrank_right"} <= decoded
     row = next(r for r in report.rows if r.name == "layers.0.attn.q_proj.weight")
-    assert row.encoding == "rank 16 + int4 g16 sym"
-    # 4-bit codes of both factors plus their fp32 scales
-    assert row.bytes_after == (64 * 16 + 16 * 64) // 2 + (4 * 16 + 1 * 64) * 4
+    assert row.encoding == "rank 16 + int4 g16 asym s5 z2"
+    # 4-bit codes of both factors; per factor 64 groups of 7 bits (5-bit scale code, 2-bit
+    # zero point) and the scale grid's two tables (8 + 4 float32)
+    assert row.bytes_after == (64 * 16 + 16 * 64) // 2 + 2 * (64 * 7 // 8 + 12 * 4)
     ids = np.arange(16, dtype=np.int64).reshape(1, 16)
     assert np.isfinite(ort_run(tmp_path / "o.onnx", {"input_ids": ids})[0]).all()
 

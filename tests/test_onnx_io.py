@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compress_core import Cast, Cluster, Factorize, Prune, Quantize, Recipe, compare, compress
+from compress_core.pipeline import Options
 from compress_core.errors import ModelWriteError
 from formats import open_model
 
@@ -19,15 +20,31 @@ from conftest import matmul_model, ort_run, rng_weights
 def dequantized(model_path: Path, name: str) -> np.ndarray:
     """Run just the nodes that produce `name` in onnxruntime: an independent decode."""
     model = onnx.load(str(model_path))
-    node = next(n for n in model.graph.node if name in n.output)
-    inits = [t for t in model.graph.initializer if t.name in node.input]
-    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info(
-        name, TensorProto.FLOAT, None)], inits)
-    mini = helper.make_model(graph, opset_imports=model.opset_import)
+    producer = {out: n for n in model.graph.node for out in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, pending = [], [name]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is not None and node not in nodes:
+            nodes.insert(0, node)
+            pending += [i for i in node.input if i and i not in inits]
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(nodes, "dq", [], [helper.make_tensor_value_info(
+        name, TensorProto.FLOAT, None)], [t for n, t in inits.items() if n in used])
+    mini = helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
     mini.ir_version = model.ir_version
     path = model_path.with_suffix(".dq.onnx")
     onnx.save(mini, str(path))
     return ort_run(path, {})[0]
+
+
+def optimized_ops(path: Path, tmp_path: Path) -> list[str]:
+    """Op types left after onnxruntime's load-time optimizations (default session options)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
 
 
 def initializer(model_path: Path, name: str) -> np.ndarray:
@@ -52,55 +69,68 @@ def test_cnn_conv_weights_are_candidates(samples: Path) -> None:
     assert (conv.role, conv.channel_axis, conv.block_axis) == ("Conv", 0, 1)
 
 
-@pytest.mark.parametrize("recipe, dq_dtype, axis", [
-    ([Quantize(bits=8)], TensorProto.INT8, {"axis": 1}),
-    ([Quantize(bits=8, scheme="asym")], TensorProto.INT8, {"axis": 1}),
-    ([Quantize(bits=4, group_size=16)], TensorProto.INT4, {"axis": 0, "block_size": 16}),
-    ([Quantize(bits=3, group_size=32, scheme="asym")], TensorProto.INT4,
-     {"axis": 0, "block_size": 32}),
-    ([Quantize(bits=2, group_size=16)], TensorProto.INT4, {"axis": 0, "block_size": 16}),
+@pytest.mark.parametrize("recipe, kind, stored", [
+    ([Quantize(bits=8)], "Int8SymS8Group", TensorProto.INT8),
+    ([Quantize(bits=8, scheme="asym")], "Int8AsymZ8S8Group", TensorProto.INT8),
+    ([Quantize(bits=8, granularity="channel", scale_bits=0)], "Int8SymChannel",
+     TensorProto.INT8),
+    ([Quantize(bits=4, all_layers=True)], "Int4AsymZ2S5Group", TensorProto.UINT8),
+    ([Quantize(bits=4, group_size=16, scheme="sym", scale_bits=0, all_layers=True)], "Int4SymGroup",
+     TensorProto.UINT8),
+    ([Quantize(bits=3, group_size=32, scheme="asym", all_layers=True)], "Int3AsymZ3S8Group", TensorProto.UINT8),
+    ([Quantize(bits=2, group_size=16, all_layers=True)], "Int2AsymZ2S5Group", TensorProto.UINT8),
 ])
-def test_matmul_weights_become_dequantize_linear(tmp_path: Path, recipe, dq_dtype, axis) -> None:
+def test_small_matmul_weights_become_folded_chains(tmp_path: Path, recipe, kind: str,
+                                                   stored: int) -> None:
     w1, w2 = rng_weights(64, 96, seed=1), rng_weights(96, 80, seed=2)
     src = matmul_model(tmp_path / "m.onnx", {"w1": w1, "w2": w2})
     dst = tmp_path / "out.onnx"
     report = compress(src, dst, Recipe(recipe))
     model = onnx.load(str(dst))
     onnx.checker.check_model(model, full_check=True)
-    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert sorted(n.output[0] for n in dq) == ["w1", "w2"]
-    assert {a.name: a.i for a in dq[0].attribute} == axis
-    codes = {t.name: t for t in model.graph.initializer}[dq[0].input[0]]
-    assert codes.data_type == dq_dtype
-    assert {t.name for t in model.graph.initializer}.isdisjoint({"w1", "w2"})
-    # The table's error equals an independent decode by onnxruntime.
+    calls = {n.output[0]: n for n in model.graph.node if n.domain == "modelpress"}
+    assert sorted(calls) == ["w1", "w2"]
+    assert {n.op_type for n in calls.values()} == {kind}
+    assert [f.name for f in model.functions] == [kind]   # one shared decode function
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits[calls["w1"].input[0]].data_type == stored
+    assert set(inits).isdisjoint({"w1", "w2"})
+    store = open_model(dst)
     for row in report.rows:
         original = {"w1": w1, "w2": w2}[row.name]
+        # onnxruntime's decode is exactly what the stored tree decodes to ...
+        np.testing.assert_array_equal(dequantized(dst, row.name), store.decode(row.name).decode())
+        # ... and the table's error and bytes are those of the written file.
         independent = compare(original, dequantized(dst, row.name))
         assert independent.rel_l2 == pytest.approx(row.error.rel_l2, rel=1e-5)
-        assert row.bytes_after == sum(
-            len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
-            for t in model.graph.initializer if t.name in next(
-                n for n in dq if n.output[0] == row.name).input)
+        assert row.bytes_after == sum(len(inits[i].raw_data) for i in calls[row.name].input)
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     ref = x @ w1 @ w2
     out = ort_run(dst, {"x": x})[0]
     limit = {8: 0.02, 4: 0.2, 3: 0.4, 2: 0.8}[recipe[0].bits]
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < limit
+    # onnxruntime folds the chains when it loads the model: float32 MatMuls remain.
+    assert optimized_ops(dst, tmp_path) == ["MatMul", "MatMul"]
 
 
 def test_int4_raises_opset_and_says_so(tmp_path: Path) -> None:
     src = matmul_model(tmp_path / "m.onnx", {"w": rng_weights(64, 64)}, opset=17)
-    report = compress(src, tmp_path / "o.onnx", Recipe([Quantize(bits=4)]))
-    assert "ONNX opset raised from 17 to 21" in " ".join(report.notes)
+    report = compress(src, tmp_path / "o.onnx", Recipe([Quantize(bits=4, all_layers=True)]))
+    assert "ONNX opset raised from 17 to 18" in " ".join(report.notes)   # bitwise ops
     model = onnx.load(str(tmp_path / "o.onnx"))
+    assert [o.version for o in model.opset_import if o.domain == ""] == [18]
+    # The 4-bit kernel form (blocked DequantizeLinear) needs opset 21.
+    compress(src, tmp_path / "k.onnx", Recipe([Quantize(bits=4, all_layers=True)]),
+             Options(onnx_int4="kernel"))
+    model = onnx.load(str(tmp_path / "k.onnx"))
     assert [o.version for o in model.opset_import if o.domain == ""] == [21]
     assert model.ir_version == 10
 
 
 def test_int8_channel_keeps_opset_13(tmp_path: Path) -> None:
     src = matmul_model(tmp_path / "m.onnx", {"w": rng_weights(64, 64)}, opset=13)
-    report = compress(src, tmp_path / "o.onnx", Recipe([Quantize(bits=8)]))
+    report = compress(src, tmp_path / "o.onnx",
+                      Recipe([Quantize(bits=8, granularity="channel", scale_bits=0)]))
     assert report.notes == []
     model = onnx.load(str(tmp_path / "o.onnx"))
     assert [o.version for o in model.opset_import if o.domain == ""] == [13]

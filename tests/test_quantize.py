@@ -80,11 +80,30 @@ def test_all_zero_tensor_quantizes_to_zero() -> None:
     np.testing.assert_array_equal(q.decode(), w)
 
 
-def test_defaults_resolve() -> None:
-    assert Quantize().granularity == "channel" and Quantize().method == "rtn"
-    four = Quantize(bits=4)
-    assert (four.granularity, four.group_size, four.method) == ("group", 128, "mse")
-    assert Quantize(bits=8, group_size=32).granularity == "group"
+def _plan(stage: Quantize, fmt: str | None, shape=(256, 640), sensitive=None) -> tuple:
+    info = TensorInfo("w", shape, np.dtype(np.float32), True, 0, 1, "linear", fmt, sensitive)
+    p = stage.plan(info)
+    return (p.bits, p.symmetric, p.granularity, p.group_size, p.method, p.scale_bits,
+            p.zero_bits)
+
+
+def test_defaults_resolve_per_format_and_role() -> None:
+    # safetensors (and unknown formats): compressed-tensors' layout, float scales.
+    assert _plan(Quantize(), "safetensors") == (8, True, "channel", None, "rtn", 0, None)
+    assert _plan(Quantize(bits=4), None) == (4, True, "group", 128, "mse", 0, None)
+    assert _plan(Quantize(bits=8, group_size=32), "safetensors")[2:4] == ("group", 32)
+    # ONNX: A16 below 8 bits; 8 bits in groups sized per tensor (K=640 -> 128).
+    assert _plan(Quantize(bits=4), "onnx") == (4, False, "group", 16, "mse", 5, 2)
+    assert _plan(Quantize(), "onnx") == (8, True, "group", 128, "rtn", 8, None)
+    assert _plan(Quantize(), "onnx", shape=(256, 64)) == (8, True, "group", 16, "rtn", 8, None)
+    # An explicit group size is honoured, with 8-bit scale codes and full zero points.
+    assert _plan(Quantize(bits=4, group_size=32), "onnx") == (4, False, "group", 32, "mse", 8, 4)
+    # Backup precision for embeddings and heads: ONNX by default, safetensors when asked.
+    assert _plan(Quantize(bits=4), "onnx", sensitive="head")[0] == 6
+    assert _plan(Quantize(bits=4, all_layers=True), "onnx", sensitive="head")[0] == 4
+    assert _plan(Quantize(bits=4), "safetensors", sensitive="embedding")[0] == 4
+    assert _plan(Quantize(bits=4, backup_bits=8), "safetensors", sensitive="embedding")[0] == 8
+    assert _plan(Quantize(bits=8), "onnx", sensitive="head")[0] == 8
 
 
 @pytest.mark.parametrize("kwargs, message", [

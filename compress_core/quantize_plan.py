@@ -1,0 +1,104 @@
+"""How the `quantize` stage treats one tensor: every option resolved for its format and role.
+
+Options left unset take defaults that depend on where the tensor is written:
+
+- ONNX ("compact"): below 8 bits, asymmetric groups of 16 along the
+  reduction axis, each with a 5-bit scale code and a 2-bit zero point
+  (4.44 bits per weight at 4 bits); an explicit --group-size above 16 gets
+  8-bit scale codes and full-width zero points. At 8 bits, symmetric groups
+  whose size is chosen per tensor (the smallest power of two >= max(16, K/5),
+  so scales cost at most what a float scale and zero point per channel do)
+  with 8-bit scale codes.
+- safetensors and anything else ("interoperable"): the layout
+  compressed-tensors readers (vLLM, transformers) load: symmetric, float
+  scales in the model's type, per channel at 8 bits and groups of 128 below.
+
+Backup precision: embeddings and the output head (`TensorInfo.sensitive`)
+pass their quantization error straight to the outputs, so in ONNX, with
+--bits below --backup-bits, they are quantized at --backup-bits instead
+(default 6) unless --all-layers is given. In safetensors this applies only
+when --backup-bits is given: compressed-tensors readers expect every
+quantized module at the widths of its config group, and the layout's
+interoperable widths are 4 and 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .tensorinfo import TensorInfo
+
+DEFAULT_BACKUP_BITS = 6
+PLAIN_GROUP = 128
+CODED_GROUP = 16
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Every quantization choice for one tensor."""
+
+    bits: int
+    symmetric: bool
+    granularity: str
+    group_size: int | None
+    method: str
+    scale_bits: int            # 0: scales stored as floats of the scale dtype
+    zero_bits: int | None      # None when symmetric
+    backup: bool = False       # bits raised by the backup-precision policy
+
+
+def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
+    """Resolve a Quantize stage's unset options for one tensor."""
+    compact = info.format == "onnx"
+    bits, backup = stage.bits, False
+    if info.sensitive and not stage.all_layers and (compact or stage.backup_bits):
+        floor = stage.backup_bits or DEFAULT_BACKUP_BITS
+        if bits < floor:
+            bits, backup = floor, True
+    granularity = stage.granularity or (
+        "group" if stage.group_size or bits < 8 or compact else "channel")
+    scale_bits = stage.scale_bits
+    group_size = None
+    if granularity == "group":
+        group_size = stage.group_size or _default_group(bits, scale_bits, compact, info)
+    if scale_bits is None:
+        scale_bits = 0
+        if compact and granularity != "tensor":
+            scale_bits = 5 if granularity == "group" and group_size <= CODED_GROUP and bits < 8 \
+                else 8
+    symmetric = (stage.scheme or ("asym" if scale_bits and bits < 8 else "sym")) == "sym"
+    zero_bits = None
+    if not symmetric:
+        narrow = scale_bits and granularity == "group" and group_size <= CODED_GROUP and bits < 8
+        zero_bits = min(stage.zero_bits or (2 if narrow else bits), bits)
+    method = stage.method or ("mse" if bits < 8 else "rtn")
+    return QuantPlan(bits=bits, symmetric=symmetric, granularity=granularity,
+                     group_size=group_size, method=method, scale_bits=scale_bits,
+                     zero_bits=zero_bits, backup=backup)
+
+
+def _default_group(bits: int, scale_bits: int | None, compact: bool, info: TensorInfo) -> int:
+    if bits == 8 and compact and scale_bits in (None, 8):
+        return auto_group_8bit(_reduction_size(info))
+    if (scale_bits is None and compact) or (scale_bits and scale_bits <= 6):
+        return CODED_GROUP
+    return PLAIN_GROUP
+
+
+def auto_group_8bit(k: int) -> int:
+    """Smallest power of two >= max(16, k / 5): at most 5 groups per output channel.
+
+    Five 8-bit scale codes per channel cost 40 bits, what a float32 scale and
+    an 8-bit zero point per channel cost (NNCF's INT8_ASYM layout).
+    """
+    group = CODED_GROUP
+    while group < k and group * 5 < k:
+        group *= 2
+    return group
+
+
+def _reduction_size(info: TensorInfo) -> int:
+    from .quantize import axes_for
+    _, block_axis = axes_for(info)
+    return info.shape[block_axis] if info.shape else 1

@@ -1,0 +1,370 @@
+"""Integer-quantized weights (Quantized) in ONNX, in the form onnxruntime runs fastest.
+
+Three forms, chosen per tensor (see `onnx_sites` for when):
+
+- "quantized" (folded chain, any weight): codes bit-packed LSB-first in a
+  uint8 initializer (int8 as is at 8 bits) -> unpack -> Cast(float) ->
+  Sub(zero point) -> Mul(scale) -> W. Scales are floats or codes on a
+  log grid (`coded_scales`); zero points a packed stream. onnxruntime folds
+  it at load: float32 speed and exactly `Quantized.decode()`, small file.
+- "dequantize-linear" (4-bit MatMul/Gemm weights that take onnxruntime's
+  4-bit kernel): INT4 codes (UINT4 with a UINT4 zero point when asymmetric)
+  `[K, N]` -> DequantizeLinear(axis 0, block_size) -> MatMul. Scales and zero
+  points come from folded chains; onnxruntime fuses the rest into
+  MatMulNBits. A Gemm with transB=1 is rewritten to transB=0 on the
+  transposed weight (the original node is kept in the spec for decompress).
+- "matmul-nbits" (`--onnx-target ort`): the MatMul/Gemm is replaced by
+  com.microsoft.MatMulNBits (B uint8 `[N, k_blocks, block/2]`, scales
+  `[N, k_blocks]`, zero points packed two per byte per row) with the chosen
+  accuracy_level.
+
+Every spec holds what `decode_quantized` needs to rebuild the Quantized node.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compress_core.encoded import Encoded, Quantized
+from compress_core.encoded import scale_shape as quantized_scale_shape
+from compress_core.packing import pack_bits, to_signed, to_unsigned, unpack_bits
+from compress_core.scalecode import ScaleCode
+
+from .onnx_chain import CHAIN_OPSET, Chain, coded_scales, expand_groups, packed_stream, unpack
+from .onnx_emit import Emitted, FreshName
+from .onnx_sites import KernelSite, OnnxTarget, quantized_part
+
+FORMS = ("quantized", "dequantize-linear", "matmul-nbits")
+MS_DOMAIN = "com.microsoft"
+
+
+def form_opset(form: str, q: Quantized) -> int:
+    """Lowest default-domain opset a form needs."""
+    if form == "dequantize-linear":
+        return 21
+    if form == "quantized" and q.bits == 8 and q.scale_code is None:
+        return 13
+    return CHAIN_OPSET
+
+
+def kind_name(q: Quantized, what: str) -> str:
+    """The decode function's name: what it decodes, e.g. Int4AsymZ2S5Group."""
+    name = f"Int{q.bits}{'Sym' if q.symmetric else 'Asym'}"
+    if not q.symmetric:
+        name += f"Z{q.stored_zero_bits}"
+    if q.scale_code is not None:
+        name += f"S{q.scale_code.bits}"
+    return name + what
+
+
+def emit_folded(name: str, encoded: Encoded, fresh: FreshName, dtype: np.dtype,
+                opset: int) -> Emitted:
+    """The folded chain producing `name` (of `dtype`) from a Quantized tensor."""
+    q = quantized_part(encoded)
+    chain = Chain(name, fresh, kind_name(q, q.granularity.capitalize()))
+    offset = 0 if q.bits == 8 else 1 << (q.bits - 1)
+    if q.bits == 8:
+        codes = chain.data("codes", numpy_helper.from_array(q.codes.astype(np.int8),
+                                                            fresh(f"{name}_quantized")))
+    else:
+        packed = chain.data("codes", numpy_helper.from_array(
+            packed_stream(to_unsigned(q.codes, q.bits), q.bits), fresh(f"{name}_quantized")))
+        codes = chain.node("Reshape", [unpack(chain, packed, q.bits, "count", q.size),
+                                       chain.ints("shape", list(q.shape))])
+    x = chain.node("Cast", [codes], to=onnx.TensorProto.FLOAT)
+    if q.zero_point is not None:
+        zero = _zero_values(chain, q, offset, onnx.TensorProto.FLOAT)
+        x = chain.node("Sub", [x, _expanded(chain, q, zero, "zero")])
+    elif offset:
+        x = chain.node("Sub", [x, chain.const(np.array(offset, np.float32))])
+    scale = _scales(chain, q, q.scale.shape)
+    w = chain.node("Mul", [x, _expanded(chain, q, scale, "scale", shaped=True)])
+    if np.dtype(dtype) != np.dtype(np.float32):
+        w = chain.node("Cast", [w], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    call, function = chain.call({w: name}, opset)
+    spec = _spec("quantized", q, chain, [call.name], transposed=False)
+    return Emitted(initializers=chain.initializers, nodes=[call], spec=spec,
+                   opset=form_opset("quantized", q), functions=[function])
+
+
+def emit_kernel(name: str, encoded: Encoded, fresh: FreshName, site: KernelSite,
+                target: OnnxTarget, model: onnx.ModelProto, opset: int) -> Emitted:
+    """A 4-bit MatMul/Gemm weight in the kernel form of `target` (rewrites the consumer)."""
+    q = quantized_part(encoded)
+    if target.target == "ort":
+        return _matmul_nbits(name, q, fresh, site, target, model, opset)
+    return _dequantize_linear(name, q, fresh, site, opset)
+
+
+def _side_call(chain: Chain, outputs: dict[str, str], opset: int,
+               extra: list[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], list[Any]]:
+    """The side-information call (when the chain computes anything) before `extra` nodes."""
+    if not chain.body:
+        return extra, []
+    call, function = chain.call(outputs, opset)
+    return [call] + extra, [function]
+
+
+def _dequantize_linear(name: str, q: Quantized, fresh: FreshName, site: KernelSite,
+                       opset: int) -> Emitted:
+    kn = q if site.stored_kn else transpose(q)
+    chain = Chain(name, fresh, kind_name(kn, "Blocks"))
+    codes = kn.codes if kn.symmetric else to_unsigned(kn.codes, 4)
+    kind = onnx.TensorProto.INT4 if kn.symmetric else onnx.TensorProto.UINT4
+    raw = pack_bits((codes & 0x0F).astype(np.uint8), 4).tobytes()
+    codes_name = chain.outer("codes", helper.make_tensor(fresh(f"{name}_quantized"), kind,
+                                                         list(kn.shape), raw, raw=True))
+    outputs = {}
+    if kn.scale_code is not None:
+        outputs[_scales(chain, kn, kn.scale.shape)] = fresh(f"{name}_scale")
+        scale = outputs[next(iter(outputs))]
+    else:
+        scale = chain.outer("scale", numpy_helper.from_array(
+            np.ascontiguousarray(kn.scale.astype(np.float32)), fresh(f"{name}_scale")))
+    inputs = [codes_name, scale]
+    if not kn.symmetric:
+        zero = _zero_values(chain, kn, 8, onnx.TensorProto.UINT8)
+        zero = chain.node("Reshape", [zero, chain.ints("zero_shape", list(kn.scale.shape))])
+        zero_name = fresh(f"{name}_zero_point")
+        outputs[chain.node("Cast", [zero], to=onnx.TensorProto.UINT4)] = zero_name
+        inputs.append(zero_name)
+    output = name if site.stored_kn else fresh(f"{name}_transposed")
+    dq = helper.make_node("DequantizeLinear", inputs, [output],
+                          name=fresh(f"{name}_DequantizeLinear"), axis=0,
+                          block_size=kn.group_size)
+    nodes, functions = _side_call(chain, outputs, opset, [dq])
+    spec = _spec("dequantize-linear", kn, chain, [n.name for n in nodes],
+                 transposed=not site.stored_kn)
+    if not site.stored_kn:  # Gemm(A, W[N, K], transB=1) -> Gemm(A, W^T[K, N], transB=0)
+        gemm = onnx.NodeProto()
+        gemm.CopyFrom(site.node)
+        gemm.input[1] = output
+        for attr in gemm.attribute:
+            if attr.name == "transB":
+                attr.i = 0
+        gemm.name = fresh(f"{name}_Gemm")
+        _swap_consumer(site, gemm, spec)
+    return Emitted(initializers=chain.initializers, nodes=nodes, spec=spec,
+                   opset=form_opset("dequantize-linear", q), functions=functions)
+
+
+def _matmul_nbits(name: str, q: Quantized, fresh: FreshName, site: KernelSite,
+                  target: OnnxTarget, model: onnx.ModelProto, opset: int) -> Emitted:
+    nk = transpose(q) if site.stored_kn else q
+    chain = Chain(name, fresh, kind_name(nk, "NBits"))
+    n, k, block = nk.shape[0], nk.shape[1], nk.group_size
+    blocks = -(-k // block)
+    unsigned = np.zeros((n, blocks * block), np.uint8)
+    unsigned[:, :k] = to_unsigned(nk.codes, 4)
+    packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).reshape(n, blocks, block // 2)
+    codes = chain.outer("codes", numpy_helper.from_array(packed, fresh(f"{name}_quantized")))
+    outputs = {}
+    if nk.scale_code is not None:
+        scale = fresh(f"{name}_scale")
+        outputs[_scales(chain, nk, (n, blocks))] = scale
+    else:
+        scale = chain.outer("scale", numpy_helper.from_array(
+            np.ascontiguousarray(nk.scale.astype(np.float32)), fresh(f"{name}_scale")))
+    zero = ""
+    if not nk.symmetric:
+        zero = fresh(f"{name}_zero_point")
+        outputs[_packed_zero_points(chain, nk, n, blocks)] = zero
+    inputs = [site.node.input[0], codes, scale]
+    if site.bias:  # inputs: A, B, scales, zero_points, g_idx, bias
+        inputs += [zero, "", site.bias]
+    elif zero:
+        inputs.append(zero)
+    node = helper.make_node("MatMulNBits", inputs, list(site.node.output),
+                            name=fresh(f"{name}_MatMulNBits"), domain=MS_DOMAIN, K=k, N=n,
+                            bits=4, block_size=block, accuracy_level=target.accuracy_level)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    nodes, functions = _side_call(chain, outputs, opset, [])
+    spec = _spec("matmul-nbits", nk, chain, [n.name for n in nodes], transposed=site.stored_kn)
+    spec["accuracy_level"] = target.accuracy_level
+    _swap_consumer(site, node, spec)
+    return Emitted(initializers=chain.initializers, nodes=nodes, spec=spec,
+                   opset=form_opset("matmul-nbits", q), functions=functions)
+
+
+def _packed_zero_points(chain: Chain, q: Quantized, n: int, blocks: int) -> str:
+    """uint8 [N, ceil(blocks / 2)]: each row's 4-bit zero points (+8), two per byte, low first."""
+    zero = _zero_values(chain, q, 8, onnx.TensorProto.UINT8)
+    zero = chain.node("Reshape", [zero, chain.ints("zero_shape", [n, blocks])])
+    if blocks % 2:
+        zero = chain.node("Pad", [zero, chain.const(np.array([0, 0, 0, 1], np.int64))])
+    pairs = chain.node("Reshape", [zero, chain.ints("zero_pairs", [n, -(-blocks // 2), 2])])
+    low = chain.node("Gather", [pairs, chain.const(np.array(0, np.int64))], axis=2)
+    high = chain.node("Gather", [pairs, chain.const(np.array(1, np.int64))], axis=2)
+    high = chain.node("BitShift", [high, chain.const(np.array(4, np.uint8))], direction="LEFT")
+    return chain.node("BitwiseOr", [low, high])
+
+
+def _swap_consumer(site: KernelSite, node: onnx.NodeProto, spec: dict[str, Any]) -> None:
+    """Put `node` where the consumer was; the spec keeps the original for decompress."""
+    index = list(site.graph.node).index(site.node)
+    original = site.node.SerializeToString()
+    del site.graph.node[index]
+    site.graph.node.insert(index, node)
+    spec["consumer"] = base64.b64encode(original).decode("ascii")
+    spec["replacement"] = node.name
+    spec["nodes"].append(node.name)
+
+
+def restore_consumer(model: onnx.ModelProto, spec: dict[str, Any]) -> None:
+    """Put back the node a kernel form replaced (before its replacement is removed)."""
+    from .onnx_graph import graphs
+    if "consumer" not in spec:
+        return
+    original = onnx.NodeProto()
+    original.ParseFromString(base64.b64decode(spec["consumer"]))
+    for graph in graphs(model.graph):
+        names = [n.name for n in graph.node]
+        if spec["replacement"] in names:
+            graph.node.insert(names.index(spec["replacement"]), original)
+            return
+    raise ValueError(f"node {spec['replacement']!r} that replaced a weight's consumer is missing")
+
+
+# -- shared pieces -------------------------------------------------------------
+
+
+def _zero_values(chain: Chain, q: Quantized, offset: int, to: int) -> str:
+    """Zero points + `offset` as a flat tensor of type `to` (FLOAT or UINT8), from a packed stream."""
+    width = q.stored_zero_bits
+    stored = q.zero_point.astype(np.int16) + (1 << (width - 1))
+    packed = chain.array("zero_codes", packed_stream(stored.astype(np.uint8), width))
+    values = unpack(chain, packed, width, "zero_count", int(q.zero_point.size))
+    shift = offset - (1 << (width - 1))
+    if to == onnx.TensorProto.FLOAT:
+        values = chain.node("Cast", [values], to=to)
+        return chain.node("Add", [values, chain.const(np.array(shift, np.float32))]) \
+            if shift else values
+    return chain.node("Add", [values, chain.const(np.array(shift, np.uint8))]) \
+        if shift else values
+
+
+def _scales(chain: Chain, q: Quantized, shape: tuple[int, ...]) -> str:
+    """float32 scales of `shape` (the scale array's elements in row-major order)."""
+    if q.scale_code is not None:
+        code = q.scale_code
+        return coded_scales(chain, code.codes.reshape(-1), code.high, code.low, code.bits, shape)
+    scale = chain.array("scale", np.ascontiguousarray(q.scale.reshape(shape)))
+    if q.scale.dtype != np.float32:
+        scale = chain.node("Cast", [scale], to=onnx.TensorProto.FLOAT)
+    return scale
+
+
+def _expanded(chain: Chain, q: Quantized, values: str, attr: str, *,
+              shaped: bool = False) -> str:
+    """Per-group values (flat, or scale-shaped if `shaped`) broadcastable against the weight."""
+    if not shaped:
+        values = chain.node("Reshape", [values, chain.ints(f"{attr}_shape",
+                                                           list(q.scale.shape))])
+    if q.granularity != "group":
+        return values
+    return expand_groups(chain, values, tuple(q.scale.shape), q.block_axis, q.group_size,
+                         q.shape[q.block_axis], attr)
+
+
+def _spec(layout: str, q: Quantized, chain: Chain, nodes: list[str], *,
+          transposed: bool) -> dict[str, Any]:
+    return {"layout": layout, "bits": q.bits, "granularity": q.granularity,
+            "channel_axis": q.channel_axis, "block_axis": q.block_axis,
+            "group_size": q.group_size, "symmetric": q.symmetric,
+            "scale_bits": q.scale_bits, "zero_bits": q.stored_zero_bits or None,
+            "transposed": transposed, "initializers": dict(chain.roles), "nodes": list(nodes)}
+
+
+def transpose(q: Quantized) -> Quantized:
+    """A 2-D Quantized node of the transposed matrix."""
+    flip = {0: 1, 1: 0, None: None}
+    code = None if q.scale_code is None else q.scale_code.with_codes(
+        np.ascontiguousarray(q.scale_code.codes.T))
+    return replace(q, codes=np.ascontiguousarray(q.codes.T), scale=np.ascontiguousarray(q.scale.T),
+                   zero_point=None if q.zero_point is None else np.ascontiguousarray(
+                       q.zero_point.T),
+                   channel_axis=flip[q.channel_axis], block_axis=flip[q.block_axis],
+                   scale_code=code)
+
+
+# -- reading back ----------------------------------------------------------------
+
+
+def decode_quantized(spec: dict[str, Any], initializers: dict[str, onnx.TensorProto],
+                     shape: tuple[int, ...]) -> Quantized:
+    """Rebuild the Quantized node written by one of the three forms."""
+    if "symmetric" not in spec:
+        return _decode_legacy(spec, initializers, shape)
+    t, bits = spec["initializers"], spec["bits"]
+    stored = tuple(reversed(shape)) if spec.get("transposed") else tuple(shape)
+    scale_shape = quantized_scale_shape(stored, spec["granularity"], spec["channel_axis"],
+                                        spec["block_axis"], spec["group_size"])
+    count = int(np.prod(stored, dtype=np.int64))
+    codes = _read_codes(spec["layout"], initializers[t["codes"]], bits, stored, count,
+                        spec.get("group_size"))
+    code = None
+    if spec.get("scale_bits"):
+        sb = spec["scale_bits"]
+        n = int(np.prod(scale_shape, dtype=np.int64))
+        raw = unpack_bits(numpy_helper.to_array(initializers[t["scale_codes"]]), sb, n)
+        code = ScaleCode(raw.reshape(scale_shape), numpy_helper.to_array(
+            initializers[t["scale_high"]]), numpy_helper.to_array(initializers[t["scale_low"]]), sb)
+        scale = code.decode()
+    else:
+        scale = numpy_helper.to_array(initializers[t["scale"]]).reshape(scale_shape)
+    zero = None
+    if not spec["symmetric"]:
+        width = spec["zero_bits"]
+        n = int(np.prod(scale_shape, dtype=np.int64))
+        raw = unpack_bits(numpy_helper.to_array(initializers[t["zero_codes"]]), width, n)
+        zero = to_signed(raw, width).reshape(scale_shape)
+    q = Quantized(codes=codes, scale=scale, zero_point=zero, bits=bits,
+                  granularity=spec["granularity"], channel_axis=spec["channel_axis"],
+                  block_axis=spec["block_axis"], group_size=spec["group_size"],
+                  scale_code=code, zero_bits=None if zero is None else spec["zero_bits"])
+    return transpose(q) if spec.get("transposed") else q
+
+
+def _read_codes(layout: str, tensor: onnx.TensorProto, bits: int, shape: tuple[int, ...],
+                count: int, group: int | None) -> np.ndarray:
+    if layout == "quantized":
+        if bits == 8:
+            return numpy_helper.to_array(tensor).astype(np.int8).reshape(shape)
+        raw = unpack_bits(numpy_helper.to_array(tensor), bits, count)
+        return to_signed(raw, bits).reshape(shape)
+    if layout == "dequantize-linear":
+        raw = unpack_bits(np.frombuffer(tensor.raw_data, np.uint8), 4, count)
+        if tensor.data_type == onnx.TensorProto.INT4:
+            return to_signed(raw ^ 0x08, 4).reshape(shape)
+        return to_signed(raw, 4).reshape(shape)
+    if layout == "matmul-nbits":
+        packed = numpy_helper.to_array(tensor).reshape(shape[0], -1)
+        nibbles = np.empty((shape[0], packed.shape[1] * 2), np.uint8)
+        nibbles[:, 0::2], nibbles[:, 1::2] = packed & 0x0F, packed >> 4
+        return to_signed(nibbles[:, :shape[1]], 4)
+    raise ValueError(f"unknown quantized layout {layout!r}")
+
+
+def _decode_legacy(spec: dict[str, Any], initializers: dict[str, onnx.TensorProto],
+                   shape: tuple[int, ...]) -> Quantized:
+    """A `dequantize-linear` spec of modelpress <= 0.1: INT8/INT4 codes, plain scales."""
+    t = spec["initializers"]
+    scale_shape = quantized_scale_shape(tuple(shape), spec["granularity"], spec["channel_axis"],
+                                        spec["block_axis"], spec["group_size"])
+    zero = None
+    if "zero_point" in t:
+        zero = numpy_helper.to_array(initializers[t["zero_point"]]).astype(np.int8).reshape(
+            scale_shape)
+    return Quantized(
+        codes=numpy_helper.to_array(initializers[t["codes"]]).astype(np.int8).reshape(shape),
+        scale=numpy_helper.to_array(initializers[t["scale"]]).reshape(scale_shape),
+        zero_point=zero, bits=spec["bits"], granularity=spec["granularity"],
+        channel_axis=spec["channel_axis"], block_axis=spec["block_axis"],
+        group_size=spec["group_size"])

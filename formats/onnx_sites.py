@@ -1,0 +1,208 @@
+"""Where a weight is used in an ONNX graph, and which tensors are sensitive to quantization.
+
+onnxruntime runs 4-bit weights of a MatMul (or Gemm) in its own kernel
+(MatMulNBits) only under conditions found by measurement (onnxruntime 1.32,
+CPU): the weight is 2-D with blocks along K of a power of two >= 16, the
+graph's float type is float32, the dequantized weight has exactly one use,
+and (for the standard `DequantizeLinear -> MatMul` form) that MatMul's only
+consumer is not a Relu/Clip inside the graph: its QDQ selector then expects a
+QuantizeLinear after the activation and leaves DequantizeLinear running at
+every call (10x slower). The kernel is also slower than a float32 MatMul on
+small matrices with more than one input row (measured with
+benchmarks/onnx_speed.py: 16 rows, 1024x1024 took 1.15x, 2048x2048 0.8-1.0x),
+so by default only weights of at least `KERNEL_MIN_WEIGHTS` elements use it;
+the others are decoded by a chain that onnxruntime folds at load (float32
+speed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from compress_core.encoded import Encoded, Quantized, Sparse
+
+from .onnx_graph import graphs
+
+KERNEL_MIN_WEIGHTS = 1 << 22
+"""Default smallest K*N for which a 4-bit weight runs in onnxruntime's 4-bit kernel."""
+
+TARGETS = ("standard", "ort")
+INT4_MODES = ("auto", "kernel", "fold")
+
+
+@dataclass(frozen=True)
+class OnnxTarget:
+    """How quantized MatMul/Gemm weights are written to ONNX.
+
+    `target`: "standard" writes only standard ONNX operators (4-bit weights
+    as a blocked DequantizeLinear that onnxruntime fuses into MatMulNBits);
+    "ort" writes onnxruntime's com.microsoft.MatMulNBits directly, with
+    `accuracy_level` (0 exact float math; 4 int8 activations, faster).
+    `int4`: "auto" uses the 4-bit kernel for weights of at least
+    KERNEL_MIN_WEIGHTS elements, "kernel" for every eligible weight (least
+    memory, fastest for single-row inputs), "fold" for none.
+    """
+
+    target: str = "standard"
+    int4: str = "auto"
+    accuracy_level: int = 4
+
+
+@dataclass
+class KernelSite:
+    """A weight's single use by a MatMul/Gemm that the 4-bit kernel can take."""
+
+    graph: onnx.GraphProto
+    node: onnx.NodeProto
+    k: int
+    n: int
+    stored_kn: bool          # the weight is [K, N] (MatMul, Gemm transB=0); else [N, K]
+    bias: str | None         # Gemm's C
+
+
+def quantized_part(encoded: Encoded) -> Quantized | None:
+    """The Quantized node of a tensor (also under a prune mask), or None."""
+    if isinstance(encoded, Quantized):
+        return encoded
+    if isinstance(encoded, Sparse) and isinstance(encoded.values, Quantized):
+        return encoded.values
+    return None
+
+
+def consumers(model: onnx.ModelProto, name: str) -> list[tuple[onnx.GraphProto, onnx.NodeProto]]:
+    """Every node (in any graph) that reads `name`, once per use."""
+    found = []
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            found += [(graph, node)] * list(node.input).count(name)
+    return found
+
+
+def is_output(model: onnx.ModelProto, name: str) -> bool:
+    """Whether `name` is an output of the model's graph or of a subgraph."""
+    return any(name in [o.name for o in graph.output] for graph in graphs(model.graph))
+
+
+def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.dtype,
+                target: OnnxTarget, home: onnx.GraphProto) -> KernelSite | None:
+    """The MatMul/Gemm use of `name` that runs in the 4-bit kernel, or None (fold instead)."""
+    q = quantized_part(encoded)
+    if q is None or target.int4 == "fold" or np.dtype(dtype) != np.dtype(np.float32):
+        return None
+    if (q.bits > 4 or q.granularity != "group" or len(q.shape) != 2 or q.group_size < 16
+            or q.group_size & (q.group_size - 1)):
+        return None
+    uses = consumers(model, name)
+    if len(uses) != 1 or is_output(model, name) or uses[0][0] is not home:
+        return None
+    graph, node = uses[0]
+    site = _matmul_site(node, name, q, model)
+    if site is None:
+        return None
+    if target.int4 == "auto" and site[0] * site[1] < KERNEL_MIN_WEIGHTS:
+        return None
+    if target.target == "standard" and _relu_blocks_fusion(model, graph, node):
+        return None
+    k, n, stored_kn, bias = site
+    return KernelSite(graph, node, k, n, stored_kn, bias)
+
+
+def _matmul_site(node: onnx.NodeProto, name: str, q: Quantized,
+                 model: onnx.ModelProto) -> tuple[int, int, bool, str | None] | None:
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] != name:
+        return None
+    rows, cols = q.shape
+    if node.op_type == "MatMul":
+        return (rows, cols, True, None) if q.block_axis == 0 else None
+    if node.op_type != "Gemm":
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+        return None
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and (attrs.get("beta", 1.0) != 1.0 or not _is_vector(model, bias)):
+        return None
+    trans_b = attrs.get("transB", 0)
+    if trans_b:
+        return (cols, rows, False, bias) if q.block_axis == 1 else None
+    return (rows, cols, True, bias) if q.block_axis == 0 else None
+
+
+def _is_vector(model: onnx.ModelProto, name: str) -> bool:
+    """A 1-D initializer (a per-output bias both rewrites can take)."""
+    for graph in graphs(model.graph):
+        for tensor in graph.initializer:
+            if tensor.name == name:
+                return len(tensor.dims) == 1
+    return False
+
+
+def _relu_blocks_fusion(model: onnx.ModelProto, graph: onnx.GraphProto,
+                        node: onnx.NodeProto) -> bool:
+    """onnxruntime's QDQ selector skips a MatMul whose only consumer is an inner Relu/Clip."""
+    out = node.output[0]
+    readers = [n for n in graph.node if out in n.input]
+    if len(readers) != 1 or is_output(model, out):
+        return False
+    return readers[0].op_type in ("Relu", "Clip") and not is_output(model, readers[0].output[0])
+
+
+# -- tensors sensitive to quantization -----------------------------------------
+
+# Ops a graph output may pass through after the output layer: shape changes and
+# elementwise ops with one non-constant input (bias, scale, activation, softmax).
+_PASS_THROUGH = {"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                 "Flatten", "Identity", "Cast", "Softmax", "LogSoftmax", "Sigmoid", "Tanh",
+                 "Relu", "Clip", "Dropout"}
+
+
+# Sensitive tensors get backup precision only while they hold at most this share of
+# the weight elements: in language models embeddings and heads hold 3-15% (6 bits
+# instead of 4 then cost at most 0.5 bits per weight overall); in a tiny model they
+# can hold half of it, and raising them would cost the size the user asked for.
+SENSITIVE_SHARE = 0.25
+
+
+def sensitive_tensors(model: onnx.ModelProto, roles: dict[str, tuple[str, int, int]],
+                      sizes: dict[str, int] | None = None) -> dict[str, str]:
+    """Tensor name -> "embedding" (Gather tables) or "head" (the output layer's weight).
+
+    The head is the weight of each last MatMul/Gemm on a path to a graph output
+    that passes only through shape and single-input elementwise ops. With
+    `sizes` (elements per weight), none is returned when together they hold
+    more than SENSITIVE_SHARE of the weights' elements.
+    """
+    found = _sensitive(model, roles)
+    if sizes:
+        total = sum(sizes.get(name, 0) for name in roles)
+        if sum(sizes.get(name, 0) for name in found) > SENSITIVE_SHARE * total:
+            return {}
+    return found
+
+
+def _sensitive(model: onnx.ModelProto, roles: dict[str, tuple[str, int, int]]) -> dict[str, str]:
+    found = {name: "embedding" for name, role in roles.items() if role[0] == "Gather"}
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {
+        n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    pending, seen = [o.name for o in graph.output], set()
+    while pending:
+        value = pending.pop()
+        node = producer.get(value)
+        if node is None or value in seen or node.domain not in ("", "ai.onnx"):
+            continue
+        seen.add(value)
+        if node.op_type in ("MatMul", "Gemm"):
+            weight = node.input[1] if len(node.input) > 1 else ""
+            if weight in constants and weight in roles:
+                found.setdefault(weight, "head")
+            continue
+        dynamic = [i for i in node.input if i and i not in constants]
+        if node.op_type in _PASS_THROUGH and len(dynamic) == 1:
+            pending.append(dynamic[0])
+    return found
