@@ -96,8 +96,9 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
 
     Tensors are encoded by `options.threads` threads (numpy releases the GIL
     in its kernels), at most that many ahead of the consumer, and together at
-    most as many input bytes as the largest tensor (one tensor always runs):
-    memory follows the largest tensor, whatever the thread count. What is
+    most as many input bytes as the largest tensor or IN_FLIGHT_FLOOR (one
+    tensor always runs): memory follows the largest tensor, whatever the
+    thread count. What is
     yielded does not depend on the thread count. Errors, labels and notes go
     into `into`.
     """
@@ -136,7 +137,7 @@ def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
             yield job(name, stages)
         return
     sizes = {name: store.tensors[name].nbytes for name in work}
-    budget = _IN_FLIGHT_LARGEST * max(sizes.values())
+    budget = max(max(sizes.values()), IN_FLIGHT_FLOOR)
     pool = ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="modelpress")
     pending: deque[tuple[int, Future[Result]]] = deque()
     in_flight = 0
@@ -187,8 +188,10 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
     return encoded, measure_error(array, encoded)
 
 
-# Input bytes in flight at once, in units of the largest tensor (see encode_stream).
-_IN_FLIGHT_LARGEST = 1
+# Input bytes of the tensors in flight at once (see encode_stream): those of the
+# largest tensor, or IN_FLIGHT_FLOOR if that is more, so models of many equal
+# tensors of moderate size still use every thread.
+IN_FLIGHT_FLOOR = 128 * 2**20
 
 # Elements decoded at a time when a quantized tensor's error is measured.
 _DECODE_CHUNK = 1 << 20

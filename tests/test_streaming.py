@@ -51,8 +51,11 @@ def _ahead(store: _CountingStore, threads: int) -> tuple[list[str], list[int]]:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_encode_stream_reads_at_most_threads_tensors_ahead(tmp_path: Path, threads: int) -> None:
+def test_encode_stream_reads_at_most_threads_tensors_ahead(tmp_path: Path, threads: int,
+                                                           monkeypatch) -> None:
     # One large tensor first, then small ones: several small ones fit the byte budget.
+    import compress_core.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "IN_FLIGHT_FLOOR", 0)
     tensors = {"a_big": rng_weights(256, 128, seed=99)}
     tensors.update({f"w{i:02d}": rng_weights(64, 64, seed=i) for i in range(12)})
     store = _CountingStore(open_model(write_safetensors(tmp_path / "m.safetensors", tensors)))
@@ -63,7 +66,9 @@ def test_encode_stream_reads_at_most_threads_tensors_ahead(tmp_path: Path, threa
         assert max(ahead) >= 1  # the pool really works ahead of the consumer
 
 
-def test_tensors_in_flight_stay_within_the_largest_tensor(tmp_path: Path) -> None:
+def test_tensors_in_flight_stay_within_the_largest_tensor(tmp_path: Path, monkeypatch) -> None:
+    import compress_core.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "IN_FLIGHT_FLOOR", 0)  # as if these were large tensors
     # Equal tensors: only one fits the budget at a time, whatever the thread count.
     tensors = {f"w{i:02d}": rng_weights(64, 64, seed=i) for i in range(6)}
     store = _CountingStore(open_model(write_safetensors(tmp_path / "m.safetensors", tensors)))
