@@ -221,7 +221,8 @@ def measure_error(reference: np.ndarray, encoded: Encoded) -> ErrorStats:
                 part[key] = value[start // encoded.group_size:-(-stop // encoded.group_size)]
             else:  # one per row (channel axis 0, or groups along another axis)
                 part[key] = value[start:stop]
-        total = total + compare(reference[start:stop], dataclasses.replace(encoded, **part).decode())
+        slab = dataclasses.replace(encoded, **part)
+        total = total + compare(reference[start:stop], slab.decode())
     return total
 
 

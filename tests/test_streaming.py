@@ -186,6 +186,18 @@ def test_external_data_option_on_the_command_line(tmp_path: Path) -> None:
     assert (tmp_path / "o.onnx.data").is_file()
 
 
+def test_an_output_whose_data_file_is_an_input_file_is_refused(tmp_path: Path) -> None:
+    model = onnx.load(str(matmul_model(tmp_path / "src.onnx", {"w": rng_weights(128, 64)})))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="o.onnx.data", size_threshold=0)
+    before = sha256(tmp_path / "o.onnx.data")
+    result = run_cli(["compress", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx",
+                      "--external-data", "always", "quantize"])
+    assert result.exit_code == 1
+    assert "data file o.onnx.data would replace o.onnx.data, a file of the input" in result.output
+    assert sha256(tmp_path / "o.onnx.data") == before and not (tmp_path / "o.onnx").exists()
+
+
 # -- fast start ---------------------------------------------------------------------
 
 _PROBE = """
