@@ -171,8 +171,13 @@ def prepare(model: Path, settings: EvalSettings | None) -> Baseline | None:
     return None if settings is None else Baseline.prepare(model, settings)
 
 
-def finish(report: Any, baseline: Baseline | None, limits: Thresholds) -> None:
-    """Attach evaluation, versions, digests and threshold outcomes to a compress report."""
+def finish(report: Any, baseline: Baseline | None, limits: Thresholds,
+           digests: bool = True) -> None:
+    """Attach evaluation, versions, digests and threshold outcomes to a compress report.
+
+    `digests=False` leaves out the input and output sha256 (reading every byte
+    of a multi-GB model again) when nothing will show them.
+    """
     from compress_core.environment import versions
     from compress_core.evaluate import Evaluation
     from compress_core.thresholds import check
@@ -183,8 +188,9 @@ def finish(report: Any, baseline: Baseline | None, limits: Thresholds) -> None:
     else:
         report.evaluation = baseline.evaluate(report.output_path)
     report.versions = versions()
-    report.input_sha256 = model_sha256(report.input_path)
-    report.output_sha256 = model_sha256(report.output_path)
+    if digests:
+        report.input_sha256 = model_sha256(report.input_path)
+        report.output_sha256 = model_sha256(report.output_path)
     report.limits = limits
     report.checks = check(limits, report)
 

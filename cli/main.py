@@ -265,7 +265,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     finally:
         if bar is not None:
             bar.stop()
-    evaluation.finish(report, baseline, limits)
+    # The sha256 digests appear only in JSON (--report, --format json).
+    evaluation.finish(report, baseline, limits, digests=report_path is not None or fmt == "json")
     if report_path is not None:
         from .render import dump_json
         dump_json(report_path, report.as_dict())

@@ -7,12 +7,13 @@ import numpy as np
 
 def to_unsigned(codes: np.ndarray, bits: int) -> np.ndarray:
     """Shift signed codes in [-2^(b-1), 2^(b-1)) to unsigned [0, 2^b)."""
-    return (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    # Modulo-256 arithmetic on the bytes: exact for codes in range, one byte per element.
+    return np.asarray(codes, dtype=np.int8).view(np.uint8) + np.uint8(1 << (bits - 1))
 
 
 def to_signed(values: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of `to_unsigned`."""
-    return (values.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+    return (np.asarray(values, dtype=np.uint8) - np.uint8(1 << (bits - 1))).view(np.int8)
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -57,13 +58,23 @@ def pack_int32(values: np.ndarray, bits: int, axis: int = 1) -> np.ndarray:
     Values never straddle a word (for 3 bits, 10 per word and 2 bits unused);
     each row is zero-padded to whole words; value i of a word starts at bit i*bits.
     """
-    values = np.asarray(values, dtype=np.uint32)
+    values = np.asarray(values)
     if values.ndim != 2:
         raise ValueError("pack_int32 expects a 2-D array")
     moved = values if axis == 1 else values.T
     per_word = 32 // bits
     rows, cols = moved.shape
     words = -(-cols // per_word)
+    if bits in (4, 8):
+        # Value i of a word at bit i*bits is the little-endian byte order of the
+        # word: pack nibbles into bytes (4 bits) and read every 4 bytes as one
+        # word, with no wider temporaries than the codes themselves.
+        padded = np.zeros((rows, words * per_word), dtype=np.uint8)
+        padded[:, :cols] = moved
+        if bits == 4:
+            padded = padded[:, 0::2] | (padded[:, 1::2] << np.uint8(4))
+        packed = padded.view("<u4").astype(np.uint32, copy=False).view(np.int32)
+        return np.ascontiguousarray(packed if axis == 1 else packed.T)
     padded = np.zeros((rows, words * per_word), dtype=np.uint32)
     padded[:, :cols] = moved
     shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :]

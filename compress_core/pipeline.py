@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,9 +12,9 @@ from typing import Iterator
 import numpy as np
 
 from .dtypes import short_name
-from .encoded import Dense, Encoded
+from .encoded import Dense, Encoded, Quantized
 from .errors import ModelpressError, UnsupportedTensorError
-from .metrics import ErrorStats, compare
+from .metrics import EMPTY, ErrorStats, compare
 from .recipe import Recipe
 from .stage import Skip, Stage
 from .store import Progress, TensorStore
@@ -98,9 +99,12 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
     """(name, encoded) for each tensor the recipe changes, in the store's order.
 
     Tensors are encoded by `options.threads` threads (numpy releases the GIL
-    in its kernels), at most that many ahead of the consumer, so at most
-    threads + 1 tensors are in memory at once; what is yielded does not
-    depend on the thread count. Errors, labels and notes go into `into`.
+    in its kernels), at most that many ahead of the consumer, and together at
+    most as many input bytes as the largest tensor or IN_FLIGHT_FLOOR (one
+    tensor always runs): memory follows the largest tensor, whatever the
+    thread count. What is
+    yielded does not depend on the thread count. Errors, labels and notes go
+    into `into`.
     """
     into = into if into is not None else Encoding()
     work = _prepare(store, recipe, plan(store, recipe, options), options)
@@ -136,15 +140,21 @@ def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
         for name, stages in work.items():
             yield job(name, stages)
         return
+    sizes = {name: store.tensors[name].nbytes for name in work}
+    budget = max(max(sizes.values()), IN_FLIGHT_FLOOR)
     pool = ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="modelpress")
-    pending: deque[Future[Result]] = deque()
+    pending: deque[tuple[int, Future[Result]]] = deque()
+    in_flight = 0
     try:
         for name, stages in work.items():
-            if len(pending) >= threads:
-                yield pending.popleft().result()
-            pending.append(pool.submit(job, name, stages))
+            while pending and (len(pending) >= threads or in_flight + sizes[name] > budget):
+                size, future = pending.popleft()
+                in_flight -= size
+                yield future.result()
+            pending.append((sizes[name], pool.submit(job, name, stages)))
+            in_flight += sizes[name]
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[1].result()
     finally:
         # On an error (or a consumer that stops early) queued tensors are dropped
         # and running ones finish before the pool is gone.
@@ -163,7 +173,7 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
     array = store.read(info.name)
     # On the stored dtype: a cast would warn on signalling NaNs (hostile data) and turn
     # finite float64 values beyond float32's range into Inf.
-    bad = int(np.count_nonzero(~np.isfinite(array)))
+    bad = count_nonfinite(array)
     if bad:
         if options.allow_nonfinite:
             notes.append(f"{info.name}: left as is ({bad} NaN/Inf values, --allow-nonfinite)")
@@ -179,7 +189,86 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
     encoded = _apply_stages(Dense(array), info, stages, notes)
     if isinstance(encoded, Dense) and encoded.array is array:
         return None, None
-    return encoded, compare(array, encoded.decode())
+    return encoded, measure_error(array, encoded)
+
+
+# Input bytes of the tensors in flight at once (see encode_stream): those of the
+# largest tensor, or IN_FLIGHT_FLOOR if that is more, so models of many equal
+# tensors of moderate size still use every thread.
+IN_FLIGHT_FLOOR = 128 * 2**20
+
+# Elements decoded at a time when a quantized tensor's error is measured.
+_DECODE_CHUNK = 1 << 20
+# Quantized fields `measure_error` knows how to slice; others must be unset.
+_SLICED_FIELDS = {"codes", "scale", "zero_point", "bits", "granularity", "channel_axis",
+                  "block_axis", "group_size"}
+
+
+def measure_error(reference: np.ndarray, encoded: Encoded) -> ErrorStats:
+    """The error of `encoded` against `reference`, without a whole decoded copy if it can.
+
+    A quantized tensor is decoded a slab of rows (axis 0) at a time; its
+    scales slice along with the codes. Other trees are decoded whole.
+    """
+    rows = _row_step(encoded)
+    if rows is None or reference.ndim == 0:
+        return compare(reference, encoded.decode())
+    total = EMPTY
+    for start in range(0, reference.shape[0], rows):
+        stop = start + rows
+        part = {"codes": encoded.codes[start:stop]}
+        for key in ("scale", "zero_point"):
+            value = getattr(encoded, key)
+            if value is None or value.shape[0] == 1:
+                continue  # shared by every row
+            if encoded.granularity == "group" and encoded.block_axis == 0:
+                part[key] = value[start // encoded.group_size:-(-stop // encoded.group_size)]
+            else:  # one per row (channel axis 0, or groups along another axis)
+                part[key] = value[start:stop]
+        slab = dataclasses.replace(encoded, **part)
+        total = total + compare(reference[start:stop], slab.decode())
+    return total
+
+
+def _row_step(encoded: Encoded) -> int | None:
+    """Rows per slab for `measure_error`, or None to decode whole."""
+    if type(encoded) is not Quantized or encoded.codes.ndim == 0:
+        return None
+    extra = [f.name for f in dataclasses.fields(encoded) if f.name not in _SLICED_FIELDS]
+    if any(getattr(encoded, name) is not None for name in extra):
+        return None  # a field this slicing does not know (e.g. coded scales): decode whole
+    grouped_rows = encoded.granularity == "group" and encoded.block_axis == 0
+    for value in (encoded.scale, encoded.zero_point):
+        if value is not None and value.ndim and value.shape[0] not in (
+                1, encoded.codes.shape[0]) and not grouped_rows:
+            return None
+    per_row = max(1, encoded.codes[:1].size)
+    rows = max(1, _DECODE_CHUNK // per_row)
+    if encoded.granularity == "group" and encoded.block_axis == 0:
+        rows = max(1, rows // encoded.group_size) * encoded.group_size
+    return rows
+
+
+# Elements checked at a time by count_nonfinite (its temporaries stay in cache).
+_CHECK_CHUNK = 1 << 18
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """NaN and Inf values in a float array, counted a chunk at a time.
+
+    bfloat16 is checked on its bits (all exponent bits set), which is several
+    times faster than ml_dtypes' isfinite and needs no cast.
+    """
+    flat = array.reshape(-1)
+    bits = flat.view(np.uint16) if flat.dtype.name == "bfloat16" else None
+    bad = 0
+    for start in range(0, flat.size, _CHECK_CHUNK):
+        if bits is not None:
+            chunk = bits[start:start + _CHECK_CHUNK] & np.uint16(0x7F80)
+            bad += int(np.count_nonzero(chunk == np.uint16(0x7F80)))
+        else:
+            bad += int(np.count_nonzero(~np.isfinite(flat[start:start + _CHECK_CHUNK])))
+    return bad
 
 
 def _apply_stages(encoded: Encoded, info: TensorInfo, stages: list[Stage],

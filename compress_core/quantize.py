@@ -176,6 +176,8 @@ class _GroupView:
             return np.moveaxis(w, self.channel_axis, 0).reshape(self.shape[self.channel_axis], -1)
         moved = np.moveaxis(w, self.block_axis, -1)
         k, gs = moved.shape[-1], self.group_size
+        if k % gs == 0:  # whole groups: a view when the block axis is the last (no copy)
+            return moved.reshape(-1, gs)
         groups = -(-k // gs)
         # Zero padding is neutral: zero is exactly representable on every grid.
         padded = np.zeros(moved.shape[:-1] + (groups * gs,), dtype=np.float32)

@@ -97,6 +97,14 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
             raise ModelWriteError(f"{dst}: output is {data.name}, an external data file of the "
                                   "input; choose another output path (modelpress never modifies "
                                   "its input)")
+    if store.format == "onnx":  # an ONNX output may get a data file beside it
+        from .onnx_write import data_name
+        beside = dst.parent / data_name(dst)
+        for data in [store.path, *getattr(store, "data_files", ())]:
+            if same_file(beside, data):
+                raise ModelWriteError(f"{dst}: the output's data file {beside.name} would replace "
+                                      f"{data.name}, a file of the input; choose another output "
+                                      "path (modelpress never modifies its input)")
     fmt = format_of(dst)
     if getattr(store, "sharded", False) != is_index(dst) and fmt == store.format:
         what = ("a sharded checkpoint is written as shards plus an index: name the output "

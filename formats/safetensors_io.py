@@ -110,7 +110,8 @@ class SafetensorsStore:
             size = write_file(dst, slots, metadata, spill, progress)
         return WriteResult(tensor_bytes=tensor_bytes, file_bytes=size)
 
-    def spill_tensors(self, spill: Spill, encoded: EncodedItems) -> tuple[list[Slot], dict[str, dict[str, Any]], dict[str, int]]:
+    def spill_tensors(self, spill: Spill, encoded: EncodedItems
+                      ) -> tuple[list[Slot], dict[str, dict[str, Any]], dict[str, int]]:
         """Every tensor of this file as output slots, encoded ones in their layouts.
 
         Returns (slots in tensor order, spec per encoded tensor, bytes per encoded tensor).

@@ -41,19 +41,39 @@ class _CountingStore:
         return self._store.read(name)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_encode_stream_reads_at_most_threads_tensors_ahead(tmp_path: Path, threads: int) -> None:
-    tensors = {f"w{i:02d}": rng_weights(64, 64, seed=i) for i in range(12)}
-    store = _CountingStore(open_model(write_safetensors(tmp_path / "m.safetensors", tensors)))
-    ahead = []
-    names = []
+def _ahead(store: _CountingStore, threads: int) -> tuple[list[str], list[int]]:
+    """Names yielded, and how many tensors had been read beyond each one when it came."""
+    names, ahead = [], []
     for name, _ in encode_stream(store, Recipe([Quantize()]), Options(threads=threads)):
         names.append(name)
         ahead.append(store.reads - len(names))
+    return names, ahead
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_encode_stream_reads_at_most_threads_tensors_ahead(tmp_path: Path, threads: int,
+                                                           monkeypatch) -> None:
+    # One large tensor first, then small ones: several small ones fit the byte budget.
+    import compress_core.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "IN_FLIGHT_FLOOR", 0)
+    tensors = {"a_big": rng_weights(256, 128, seed=99)}
+    tensors.update({f"w{i:02d}": rng_weights(64, 64, seed=i) for i in range(12)})
+    store = _CountingStore(open_model(write_safetensors(tmp_path / "m.safetensors", tensors)))
+    names, ahead = _ahead(store, threads)
     assert names == sorted(tensors)
-    assert max(ahead) <= threads and min(ahead) >= 0
+    assert max(ahead) <= threads - 1 and min(ahead) >= 0
     if threads > 1:
         assert max(ahead) >= 1  # the pool really works ahead of the consumer
+
+
+def test_tensors_in_flight_stay_within_the_largest_tensor(tmp_path: Path, monkeypatch) -> None:
+    import compress_core.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "IN_FLIGHT_FLOOR", 0)  # as if these were large tensors
+    # Equal tensors: only one fits the budget at a time, whatever the thread count.
+    tensors = {f"w{i:02d}": rng_weights(64, 64, seed=i) for i in range(6)}
+    store = _CountingStore(open_model(write_safetensors(tmp_path / "m.safetensors", tensors)))
+    names, ahead = _ahead(store, 3)
+    assert names == sorted(tensors) and ahead == [0] * 6
 
 
 # -- output bytes do not depend on --threads ------------------------------------
@@ -164,6 +184,18 @@ def test_external_data_option_on_the_command_line(tmp_path: Path) -> None:
                       "quantize"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o.onnx.data").is_file()
+
+
+def test_an_output_whose_data_file_is_an_input_file_is_refused(tmp_path: Path) -> None:
+    model = onnx.load(str(matmul_model(tmp_path / "src.onnx", {"w": rng_weights(128, 64)})))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="o.onnx.data", size_threshold=0)
+    before = sha256(tmp_path / "o.onnx.data")
+    result = run_cli(["compress", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx",
+                      "--external-data", "always", "quantize"])
+    assert result.exit_code == 1
+    assert "data file o.onnx.data would replace o.onnx.data, a file of the input" in result.output
+    assert sha256(tmp_path / "o.onnx.data") == before and not (tmp_path / "o.onnx").exists()
 
 
 # -- fast start ---------------------------------------------------------------------
