@@ -93,7 +93,7 @@ def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.d
     q = quantized_part(encoded)
     if q is None or target.int4 == "fold" or np.dtype(dtype) != np.dtype(np.float32):
         return None
-    if (q.bits > 4 or q.granularity != "group" or len(q.shape) != 2 or q.group_size < 16
+    if (q.bits != 4 or q.granularity != "group" or len(q.shape) != 2 or q.group_size < 16
             or q.group_size & (q.group_size - 1)):
         return None
     uses = consumers(model, name)
