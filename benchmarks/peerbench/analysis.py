@@ -34,6 +34,8 @@ class WeightStats:
     signal_all: float = 0.0
     error: float = 0.0
     problems: list[str] = field(default_factory=list)
+    # changed weight -> (elements, sum w^2, sum (w - w')^2): SQNR on any subset (`sqnr_on`)
+    per_weight: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
     @property
     def coverage(self) -> float:
@@ -56,6 +58,14 @@ class WeightStats:
         if self.problems:
             return None
         return _db(self.signal_all, self.error)
+
+
+    def sqnr_on(self, keys: Iterable[str]) -> float | None:
+        """SQNR over these changed weights only (None if none of them changed)."""
+        parts = [self.per_weight[k] for k in keys if k in self.per_weight]
+        if not parts:
+            return None
+        return _db(sum(p[1] for p in parts), sum(p[2] for p in parts))
 
 
 def _db(signal: float, error: float) -> float:
@@ -84,9 +94,11 @@ def compare(original: dict[str, np.ndarray], new: dict[str, np.ndarray | None],
         if np.array_equal(got, w):
             continue
         changed.append(key)
+        error = float(np.sum(np.square(got.astype(np.float64) - w64)))
+        stats.per_weight[key] = (int(w.size), power, error)
         stats.changed_elements += int(w.size)
         stats.signal_changed += power
-        stats.error += float(np.sum(np.square(got.astype(np.float64) - w64)))
+        stats.error += error
     stats.changed_count = len(changed)
     stats.storage_bytes = storage_bytes(changed) if changed else 0
     return stats

@@ -46,6 +46,10 @@ class OnnxOriginal:
         self.latency_feeds = evaluate.head(self.feeds, case.latency_samples)
         self.sessions = {t: evaluate.original_session(self.path, t) for t in THREADS}
         self.elements = sum(int(w.size) for w in self.weights.values())
+        self.op_elements: dict[str, int] = {}  # original consumer op -> weight elements
+        for key, w in self.weights.items():
+            op = self.consumers[key]
+            self.op_elements[op] = self.op_elements.get(op, 0) + int(w.size)
 
 
 def run_case(case: ModelCase, fmt: str, configs: list[Config], settings: Settings,
@@ -141,6 +145,20 @@ def _analyse_onnx(row: Row, dst: Path, original: OnnxOriginal, settings: Setting
                 original_session=original.sessions[threads])
         except Exception as exc:  # noqa: BLE001
             row.notes.append(f"latency ({threads or 'default'} threads): {first_line(exc)}")
+    if _qdq_conv(model, original):
+        try:  # int8 Conv weights as DequantizeLinear: also the session option that folds them
+            row.latency_noqdq = evaluate.latency(
+                original.path, dst, original.latency_feeds, 0, settings.latency_budget,
+                original_session=original.sessions[0], config=evaluate.NO_QDQ)
+        except Exception as exc:  # noqa: BLE001
+            row.notes.append(f"latency (disable_quant_qdq): {first_line(exc)}")
+
+
+def _qdq_conv(model, original: OnnxOriginal) -> bool:
+    """True when the session option session.disable_quant_qdq can matter: the original has Conv
+    weights and the compressed model has DequantizeLinear nodes."""
+    return original.op_elements.get("Conv", 0) > 0 and any(
+        n.op_type == "DequantizeLinear" for n in model.graph.node)
 
 
 def _gguf_as_onnx(path: Path, original: OnnxOriginal):

@@ -31,11 +31,15 @@ def logits_name(model: onnx.ModelProto) -> str:
     return out
 
 
-def _session(model: onnx.ModelProto | str | Path, threads: int = 0):
+def _session(model: onnx.ModelProto | str | Path, threads: int = 0,
+             config: dict[str, str] | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # a peer's model failing to run is reported in the table
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
@@ -92,12 +96,13 @@ class Latency:
 
 def latency(original: str | Path, compressed: str | Path, feeds: Feeds, threads: int,
             budget: float = 2.0, min_runs: int = 5, max_runs: int = 200,
-            original_session=None) -> Latency:
+            original_session=None, config: dict[str, str] | None = None) -> Latency:
     """Median latency of each model with default session options (`threads` intra-op threads,
     0 = onnxruntime's default), runs alternating original/compressed after one warm-up each,
-    as many as fit in about `budget` seconds."""
+    as many as fit in about `budget` seconds. `config` adds session config entries to the
+    compressed model's session only (the original runs with default options)."""
     a = original_session or _session(original, threads)
-    b = _session(compressed, threads)
+    b = _session(compressed, threads, config)
     times: tuple[list[float], list[float]] = ([], [])
     for s in (a, b):
         s.run(None, feeds)
@@ -110,6 +115,9 @@ def latency(original: str | Path, compressed: str | Path, feeds: Feeds, threads:
         if len(times[1]) >= min_runs and time.perf_counter() - start > budget:
             break
     return Latency(statistics.median(times[0]), statistics.median(times[1]), len(times[1]))
+
+
+NO_QDQ = {"session.disable_quant_qdq": "1"}  # onnxruntime: fold DequantizeLinear weights at load
 
 
 def original_session(path: str | Path, threads: int):

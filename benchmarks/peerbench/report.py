@@ -31,12 +31,13 @@ class Row:
     stats: WeightStats | None = None
     error: OutputError | None = None
     latency: dict[int, Latency] = field(default_factory=dict)
+    latency_noqdq: Latency | None = None  # default threads, session.disable_quant_qdq=1
     notes: list[str] = field(default_factory=list)
 
 
 COLUMNS = ["tool / config", "time s", "time vs mp", "peak RSS MiB", "size", "bits/weight",
            "coverage", "SQNR changed dB", "SQNR all dB", "output rel. L2", "top-1",
-           "latency 1 thread", "latency default threads", "notes"]
+           "latency 1 thread", "latency default threads", "latency disable_quant_qdq", "notes"]
 
 
 def _f(value: float | None, fmt: str, none: str = "-") -> str:
@@ -62,6 +63,7 @@ def row_cells(row: Row, onnx: bool) -> list[str]:
     s = row.stats
     run = row.run
     lat = [(_f(row.latency[t].ratio, ".2f") + "x") if t in row.latency else "-" for t in THREADS]
+    lat.append(_f(row.latency_noqdq.ratio, ".2f") + "x" if row.latency_noqdq else "-")
     return [
         cfg.label,
         _f(run.seconds, ".2f"),
@@ -75,7 +77,7 @@ def row_cells(row: Row, onnx: bool) -> list[str]:
         _f(row.error.rel_l2 if row.error else None, ".4f") if onnx else "n/a",
         (_f(100 * row.error.top1, ".1f") + "%" if row.error and row.error.top1 is not None
          else "-") if onnx else "n/a",
-        *(lat if onnx else ["n/a", "n/a"]),
+        *(lat if onnx else ["n/a"] * len(lat)),
         "; ".join(row.notes),
     ]
 
@@ -117,6 +119,10 @@ Columns:
   GGUF-dequantized weights substituted (GGUF itself does not run in onnxruntime).
 - latency: median run time of the compressed model over the original's, interleaved runs, default
   session options with 1 intra-op thread and with onnxruntime's default thread count.
+  latency disable_quant_qdq: the same (default threads) with the compressed model's session option
+  `session.disable_quant_qdq=1`, which makes onnxruntime fold DequantizeLinear weights at load
+  instead of running the int8 Conv path; measured only where it can matter (the original has Conv
+  weights and the output has DequantizeLinear nodes).
 """
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +35,14 @@ class Config:
     options: dict = field(default_factory=dict, hash=False)
     formats: tuple[str, ...] = ("onnx",)
     output_suffix: str = ""
+    needs: tuple[str, ...] = ()  # modelpress options this row needs (checked against --help)
 
     def missing(self) -> str | None:
         """Why this tool cannot run here (with the pip command), or None."""
         if self.driver == "modelpress":
-            return None
+            absent = [flag for flag in self.needs if flag not in modelpress_flags()]
+            return (f"this modelpress has no {', '.join(absent)} (`python -m cli compress --help`)"
+                    if absent else None)
         modules, pip = REQUIREMENTS[self.driver]
         absent = [m for m in modules if _find(m) is None]
         return f"not installed: {', '.join(absent)} ({pip})" if absent else None
@@ -59,6 +65,21 @@ class Config:
         if self.driver == "modelpress":
             return "modelpress compress IN -o OUT --no-eval --quiet " + " ".join(self.args)
         return f"{self.driver} {json.dumps(self.options)}"
+
+
+@functools.lru_cache(maxsize=None)
+def modelpress_flags() -> frozenset[str]:
+    """The long options of this checkout's `compress` command and its stages, read from their
+    --help (so that rows needing options from unmerged branches are skipped, not failed)."""
+    flags: set[str] = set()
+    for extra in ([], ["quantize"]):
+        try:
+            out = subprocess.run([sys.executable, "-m", "cli", "compress", *extra, "--help"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        flags.update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
+    return frozenset(flags)
 
 
 def _find(module: str):
