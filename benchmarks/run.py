@@ -132,7 +132,7 @@ def _scale(args, workdir: Path) -> scale_link.ScaleResult:
     if why:
         return scale_link.ScaleResult("", None, f"scale benchmark not run ({why})")
     bench.log_stderr(f"scale: {scale_link.SCRIPT}")
-    return scale_link.run_scale(workdir / "scale", extra=["--quick"] if args.quick else None)
+    return scale_link.run_scale(workdir / "scale", quick=args.quick)
 
 
 def _parser() -> argparse.ArgumentParser:

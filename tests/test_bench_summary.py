@@ -151,12 +151,15 @@ def test_scale_link_missing_and_json(tmp_path):
     script.write_text(
         "import argparse, json\n"
         "p = argparse.ArgumentParser(); p.add_argument('--json'); p.add_argument('--workdir')\n"
+        "p.add_argument('--quick', action='store_true')\n"
         "a = p.parse_args()\n"
         "print('| scale | 1 |')\n"
-        "json.dump({'safetensors': {'cp_seconds': 2.0}, 'workdir': a.workdir}, open(a.json, 'w'))\n")
-    got = scale_link.run_scale(tmp_path, script)
+        "json.dump({'safetensors': {'cp_seconds': 2.0}, 'workdir': a.workdir, 'quick': a.quick},\n"
+        "          open(a.json, 'w'))\n")
+    got = scale_link.run_scale(tmp_path / "w", script, quick=True)
     assert got.text == "| scale | 1 |" and got.note == ""
-    assert got.data == {"safetensors": {"cp_seconds": 2.0}, "workdir": str(tmp_path)}
+    assert got.data == {"safetensors": {"cp_seconds": 2.0}, "workdir": str(tmp_path / "w"),
+                        "quick": True}
     script.write_text("import sys\nprint('partial')\nsys.exit(3)\n")
     failed = scale_link.run_scale(tmp_path, script)
     assert failed.data is None and "exited with code 3" in failed.note and failed.text == "partial"

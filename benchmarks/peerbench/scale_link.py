@@ -3,7 +3,8 @@
 The script runs in its own process (it measures its own children). Its stdout (Markdown tables)
 goes into the results as it is. If its --help lists `--json`, run.py passes `--json FILE` and reads
 the figures the summary checks from that file (keys in run.py's docstring); if it lists
-`--workdir`, the scale files go under the benchmark's temporary folder.
+`--workdir`, the scale files go under the benchmark's temporary folder; `--quick` is passed on
+when run.py runs with --quick --scale and the script lists it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class ScaleResult:
 
 
 def run_scale(workdir: Path, script: Path = SCRIPT, timeout: float = 7200.0,
-              extra: list[str] | None = None) -> ScaleResult:
-    """Run the scale script and collect its output; never raises for a missing or failing script."""
+              quick: bool = False) -> ScaleResult:
+    """Run the scale script (with --quick if asked and its --help lists it) and collect its
+    output; never raises for a missing or failing script."""
     if not script.is_file():
         note = f"{script.relative_to(ROOT) if script.is_relative_to(ROOT) else script} not present"
         return ScaleResult("", None, note + ": scale benchmark not run")
@@ -39,7 +41,10 @@ def run_scale(workdir: Path, script: Path = SCRIPT, timeout: float = 7200.0,
                                   capture_output=True, text=True, timeout=120).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return ScaleResult("", None, f"{script.name} --help failed: {exc}")
-    cmd = [sys.executable, str(script), *(extra or [])]
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(script)]
+    if quick and "--quick" in helptext:
+        cmd.append("--quick")
     json_path = workdir / "scale.json"
     if "--json" in helptext:
         cmd += ["--json", str(json_path)]

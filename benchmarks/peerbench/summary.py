@@ -24,17 +24,20 @@ MATMUL_HEAVY_ELEMENTS = 1_000_000  # and at least this many (below, run time is 
 NO_QDQ_OPTION = "session.disable_quant_qdq"
 
 NOTES = f"""\
-How the items are read: the modelpress rows checked are the reference rows (the first 8-bit and
-first 4-bit modelpress configurations); latency items cover every modelpress row. SQNR is compared
-on the weights both tools changed (onnxruntime's 4-bit quantizer only changes MatMul weights), and
-"above onnxruntime's RTN at block 32" means above the better of its symmetric and asymmetric
-block-32 rows. Output errors are as run (a peer that skips weights has less error for it: its
-coverage is quoted). The 4-bit time is compared with the fastest onnxruntime MatMulNBits row.
-Latency is the default-threads column (default session options). "MatMul-heavy": at least
-{MATMUL_HEAVY_SHARE:.0%} of the weight elements feed MatMul/Gemm and at least
-{MATMUL_HEAVY_ELEMENTS / 1e6:g}M of them. A Conv model whose int8 form exceeds {MAX_LATENCY}x
-passes the latency item only if `{NO_QDQ_OPTION}=1` brings it within {MAX_LATENCY}x and README.md
-names that option."""
+How the items are read:
+- The modelpress rows checked are the reference rows (the first 8-bit and the first 4-bit
+  modelpress configurations of run.py); the latency item covers every modelpress row.
+- SQNR is compared on the weights both tools changed (onnxruntime's 4-bit quantizer changes only
+  MatMul weights); "above onnxruntime's RTN at block 32" means above each of its block-32 rows
+  (symmetric and asymmetric). Output errors are as run: a peer that skips weights has less error
+  for it, so its coverage is quoted.
+- The 4-bit time is compared with the fastest onnxruntime MatMulNBits row.
+- Latency is the default-threads column (default session options). MatMul-heavy: at least
+  {MATMUL_HEAVY_SHARE:.0%} of the weight elements feed MatMul/Gemm, and at least
+  {MATMUL_HEAVY_ELEMENTS / 1e6:g}M of them. A model with Conv weights whose compressed form runs
+  above {MAX_LATENCY}x passes only if `{NO_QDQ_OPTION}=1` brings it within {MAX_LATENCY}x and
+  README.md names that option (both figures are shown).
+"""
 
 
 @dataclass
