@@ -35,9 +35,10 @@ def _session(model: onnx.ModelProto | str | Path, threads: int = 0,
              config: dict[str, str] | None = None):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # a peer's model failing to run is a table row, not a log
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # a peer's model failing to run is reported in the table
+    opts.log_severity_level = 3
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
