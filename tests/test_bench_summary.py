@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run
-from benchmarks.peerbench import scale_link, summary, tools
+from benchmarks.peerbench import report, scale_link, summary, tools
 from benchmarks.peerbench.analysis import WeightStats
 from benchmarks.peerbench.evaluate import Latency, OutputError
 from benchmarks.peerbench.measure import ProcessRun
@@ -189,3 +189,42 @@ def test_write_results_on_a_small_run(tmp_path, capsys):
     assert "| int8 output error below quantize_dynamic and NNCF: mlp | **NOT MEASURED** |" in text
     assert sys.modules["benchmarks.run"] is run
     assert not list(Path(tmp_path).glob("modelpress-bench-*"))  # temporary folder removed
+
+
+@pytest.mark.parametrize("share,text", [(0, "0.0%"), (1, "100.0%"), (0.9997, "99.9%"),
+                                        (0.0003, "0.03%"), (0.5, "50.0%")])
+def test_percentages_never_round_to_none_or_all(share, text):
+    assert report.pct(share) == text
+
+
+def test_int4_check_without_common_weights_is_not_measured():
+    case = _int4_case("open_nsfw")
+    ort = next(r for r in case.rows if r.config is ORT32)
+    ort.stats.per_weight = {"fc": (2000, 10.0, 0.1)}  # a weight modelpress left alone
+    check = summary.int4_checks([case], "mp int4")[2]
+    assert check.status == summary.UNKNOWN
+    assert "SQNR vs ort g32: no weight changed by both" in check.figures
+
+
+def test_output_error_follows_a_removed_cast_before_the_softmax():
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+    from benchmarks.peerbench import evaluate
+
+    def model(with_cast):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"])]
+        if with_cast:
+            nodes.append(helper.make_node("Cast", ["logits"], ["cast"], to=TensorProto.FLOAT))
+        nodes.append(helper.make_node("Softmax", ["cast" if with_cast else "logits"], ["p"]))
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("p", TensorProto.FLOAT, [2, 4])],
+            [numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4) / 10, "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    original = model(True)
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    assert evaluate.logits_name(original) == "cast"
+    reference = evaluate.run_tensor(original, "cast", feeds)
+    got = evaluate.output_error(reference, model(False), "cast", feeds)
+    assert got.tensor == "logits" and got.rel_l2 == pytest.approx(0, abs=1e-7)

@@ -136,6 +136,9 @@ def _analyse_onnx(row: Row, dst: Path, original: OnnxOriginal, settings: Setting
     except Exception as exc:  # noqa: BLE001 - onnxruntime refusing a peer's model is a result
         row.notes.append(f"does not run in onnxruntime: {first_line(exc)}")
         return
+    if row.error.tensor != original.tensor:
+        row.notes.append(f"output error measured at `{row.error.tensor}` (the tool removed "
+                         f"`{original.tensor}`; same place before the softmax)")
     if row.config.driver == "gguf":
         return
     for threads in THREADS:

@@ -69,7 +69,13 @@ class OutputError:
 
 
 def output_error(reference: np.ndarray, model: onnx.ModelProto, name: str, feeds: Feeds) -> OutputError:
-    """Error of `model`'s tensor `name` against the reference outputs on the same feeds."""
+    """Error of `model`'s tensor `name` against the reference outputs on the same feeds. If the
+    model no longer has that tensor (a tool removed the node, e.g. a float-to-float Cast before
+    the softmax), the same place found the same way in this model (`logits_name`) is measured,
+    and named in the result's `tensor`."""
+    tensors = {o.name for o in model.graph.output} | {o for n in model.graph.node for o in n.output}
+    if name not in tensors:
+        name = logits_name(model)
     out = run_tensor(model, name, feeds)
     if out.shape != reference.shape:
         raise ValueError(f"output shape {out.shape} differs from the original's {reference.shape}")

@@ -15,6 +15,15 @@ from .measure import ProcessRun
 from .models import ROOT
 from .tools import Config
 
+
+def pct(share: float) -> str:
+    """A share as a percentage that rounds neither a small share to 0% nor a partial one to 100%
+    (one decimal, truncated; two significant digits below 1%)."""
+    value = 100 * share
+    if 0 < value < 1:
+        return f"{value:.2g}%"
+    return f"{math.floor(value * 10) / 10:.1f}%"
+
 THREADS = (1, 0)  # intra-op threads of the latency runs: one, and onnxruntime's default
 
 
@@ -71,7 +80,7 @@ def row_cells(row: Row, onnx: bool) -> list[str]:
         _f(run.peak_rss / 2**20 if run.peak_rss is not None else None, ".0f"),
         _size(row.size, row.size_ratio),
         _f(s.bits_per_weight, ".2f"),
-        _f(100 * s.coverage, ".1f") + "%",
+        pct(s.coverage),
         _f(s.sqnr_changed, ".2f"),
         _f(s.sqnr_all, ".2f"),
         _f(row.error.rel_l2 if row.error else None, ".4f") if onnx else "n/a",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .models import ROOT
-from .report import Row
+from .report import Row, pct
 
 PASS, FAIL, UNKNOWN = "PASS", "FAIL", "NOT MEASURED"
 INT4_MODELS = ("synthetic", "magika", "open_nsfw")  # "the synthetic transformer and both real models"
@@ -90,7 +90,8 @@ def _db(x: float | None) -> str:
 
 
 def _cov(row: Row) -> str:
-    return f"{100 * row.stats.coverage:.0f}% coverage" if row.stats else "coverage unknown"
+    return f"{pct(row.stats.coverage)} coverage" if row.stats else "coverage unknown"
+
 
 
 def _common_sqnr(a: Row, b: Row) -> tuple[float | None, float | None, int]:
@@ -159,9 +160,13 @@ def _vs_ort_g32(case: CaseResult, mp: Row, figures: list[str]) -> list[str]:
     failures = []
     for r in ran:
         ours, theirs, n = _common_sqnr(mp, r)
+        if not n:  # e.g. onnxruntime changed only tensors modelpress leaves (under --min-elements)
+            figures.append(f"SQNR vs {r.config.label}: no weight changed by both ({_cov(r)})")
+            failures.append(UNKNOWN)
+            continue
         figures.append(f"SQNR {_db(ours)} vs {r.config.label} {_db(theirs)} on {n:,} common "
                        f"elements ({_cov(r)})")
-        if ours is None or theirs is None or ours <= theirs:
+        if ours <= theirs:
             failures.append(f"SQNR not above {r.config.label}")
     for r in ran:
         if mp.error and r.error:
