@@ -12,7 +12,8 @@ checkout. A summary then checks issue 6's acceptance items against the measured 
 
 The full run also runs benchmarks/scale.py (the scale benchmark; skipped with --quick unless
 --scale, never with --no-scale) if it exists. Its stdout is included as it is; if its --help lists
-`--json FILE`, the summary reads from that file (missing keys: the item is NOT MEASURED):
+`--json FILE`, the summary reads from that file, else from its printed tables (see
+peerbench/scale_link.py); a missing figure makes the item NOT MEASURED. The keys:
     {"safetensors": {"file_bytes", "largest_tensor_bytes", "cp_seconds", "int8_seconds",
                      "int4_seconds", "int4_peak_rss"},            # bytes and seconds
      "onnx": {"model_bytes", "compressed": bool, "ran": bool, "peak_rss"}}

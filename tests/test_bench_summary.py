@@ -228,3 +228,38 @@ def test_output_error_follows_a_removed_cast_before_the_softmax():
     reference = evaluate.run_tensor(original, "cast", feeds)
     got = evaluate.output_error(reference, model(False), "cast", feeds)
     assert got.tensor == "logits" and got.rel_l2 == pytest.approx(0, abs=1e-7)
+
+
+SCALE_TABLES = """\
+### safetensors: 4.02 GiB bf16, 138 tensors, largest 250 MiB (built in 20 s)
+
+cp: 10.00 s; cp + fsync of the copy: 12.00 s
+
+| run | wall s | / cp | / (cp + fsync) | peak RSS MiB | 4 x largest + 300 MiB | within |
+|---|---:|---:|---:|---:|---:|---|
+| int8 channel rtn | 25.00 | 2.50 | 2.08 | 900 | 1,300 | yes |
+| int4 g128 (mse) | 40.00 | 4.00 | 3.33 | 1,400 | 1,300 | NO |
+
+### ONNX: 36 MatMuls [4096, 4096] fp32, 2.42 GB (external data), largest tensor 64 MiB
+
+| run | wall s | peak RSS MiB | under 2 GiB | output files MB | rel. L2 error |
+|---|---:|---:|---|---:|---:|
+| original in onnxruntime | 3.00 | 2,600 | no | 2,416 | - |
+| compress int8 | 30.00 | 700 | yes | 604 | 1.0e-02 |
+| int8 output in onnxruntime | 2.00 | 800 | yes | 604 | 1.0e-02 |
+"""
+
+
+def test_scale_figures_read_from_printed_tables():
+    data = scale_link.parse_tables("header line\n\n" + SCALE_TABLES)
+    st, big = data["safetensors"], data["onnx"]
+    assert st == {"file_bytes": 4.02 * 2**30, "largest_tensor_bytes": 250 * 2**20,
+                  "cp_seconds": 10.0, "int8_seconds": 25.0, "int4_seconds": 40.0,
+                  "int4_peak_rss": 1400 * 2**20}
+    # the original's run is not the compressed model's: its 2,600 MiB does not count
+    assert big == {"model_bytes": 2.42e9, "compressed": True, "ran": True,
+                   "peak_rss": 800 * 2**20}
+    st_check, onnx_check = summary.scale_checks(data, "read from tables")
+    assert st_check.status == summary.FAIL and "int4 peak RSS over the limit" in st_check.figures
+    assert onnx_check.status == summary.PASS and onnx_check.figures.endswith("(read from tables)")
+    assert scale_link.parse_tables("no tables here") is None

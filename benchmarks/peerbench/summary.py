@@ -259,13 +259,18 @@ def latency_checks(cases: list[CaseResult], readme: Path = ROOT / "README.md") -
 
 
 def scale_checks(scale: dict | None, why_missing: str = "") -> list[Check]:
-    """The scale items from benchmarks/scale.py's JSON (see run.py for the keys it must hold)."""
+    """The scale items from benchmarks/scale.py's figures (see run.py for the keys); `why_missing`
+    says why there are none, or, with figures, where they came from."""
     st_item = "4 GiB safetensors: int4 peak RSS <= 4x largest tensor + 300 MiB; int8 <= 3x cp"
     onnx_item = "ONNX > 2 GB with external data compresses and runs, peak RSS < 2 GiB"
     if not scale:
         note = why_missing or "scale benchmark not run"
         return [Check(st_item, UNKNOWN, note), Check(onnx_item, UNKNOWN, note)]
-    return [_st_check(st_item, scale.get("safetensors")), _onnx_check(onnx_item, scale.get("onnx"))]
+    found = [_st_check(st_item, scale.get("safetensors")), _onnx_check(onnx_item, scale.get("onnx"))]
+    if why_missing:  # how the figures were obtained
+        for check in found:
+            check.figures += f" ({why_missing})"
+    return found
 
 
 def _st_check(item: str, st: dict | None) -> Check:
