@@ -105,8 +105,8 @@ def table(rows: list[Row], onnx: bool) -> str:
 LEGEND = """\
 Columns:
 - time s: wall time of the whole process (interpreter start, imports, read, compress, write),
-  each run in a fresh process (with `--repeat N`, the fastest of N runs); time vs mp: over modelpress's default run at the same bits
-  (`quantize --bits 8` for 8-bit tools, `quantize --bits 4` for 4-bit ones).
+  each run in a fresh process (with `--repeat N`, the fastest of N runs); time vs mp: over the
+  reference modelpress run at the same bits (the first 8-bit or 4-bit modelpress row).
 - peak RSS: the process's maximum resident set size (VmHWM, reported by the process at exit).
 - size: the output on disk (and over the original file); GGUF rows: the .gguf file, which holds
   every floating-point tensor (quantized ones and F32 biases/norms) but no graph.

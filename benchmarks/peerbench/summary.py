@@ -273,10 +273,17 @@ def scale_checks(scale: dict | None, why_missing: str = "") -> list[Check]:
     return found
 
 
+def _lacking(figures: dict | None, keys: tuple[str, ...]) -> str:
+    """Which of `keys` the scale figures lack, as a sentence, or "" when all are there."""
+    absent = [k for k in keys if (figures or {}).get(k) is None]
+    return f"scale results lack {', '.join(absent)}" if absent else ""
+
+
 def _st_check(item: str, st: dict | None) -> Check:
-    keys = ("file_bytes", "largest_tensor_bytes", "cp_seconds", "int8_seconds", "int4_peak_rss")
-    if not st or any(st.get(k) is None for k in keys):
-        return Check(item, UNKNOWN, f"scale results lack {', '.join(k for k in keys if not (st or {}).get(k))}")
+    lacking = _lacking(st, ("file_bytes", "largest_tensor_bytes", "cp_seconds", "int8_seconds",
+                            "int4_peak_rss"))
+    if lacking:
+        return Check(item, UNKNOWN, lacking)
     mib = 2 ** 20
     limit = 4 * st["largest_tensor_bytes"] + 300 * mib
     ratio = st["int8_seconds"] / st["cp_seconds"]
@@ -299,9 +306,9 @@ def _st_check(item: str, st: dict | None) -> Check:
 
 
 def _onnx_check(item: str, big: dict | None) -> Check:
-    keys = ("model_bytes", "compressed", "ran", "peak_rss")
-    if not big or any(big.get(k) is None for k in keys):
-        return Check(item, UNKNOWN, f"scale results lack {', '.join(k for k in keys if (big or {}).get(k) is None)}")
+    lacking = _lacking(big, ("model_bytes", "compressed", "ran", "peak_rss"))
+    if lacking:
+        return Check(item, UNKNOWN, lacking)
     failures = []
     if big["model_bytes"] <= 2 * 10 ** 9:
         failures.append("model not over 2 GB")
