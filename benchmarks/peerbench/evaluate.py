@@ -107,22 +107,33 @@ class Latency:
 
 def latency(original: str | Path, compressed: str | Path, feeds: Feeds, threads: int,
             budget: float = 2.0, min_runs: int = 5, max_runs: int = 200,
-            original_session=None, config: dict[str, str] | None = None) -> Latency:
+            original_session=None, config: dict[str, str] | None = None,
+            block_seconds: float = 0.05) -> Latency:
     """Median latency of each model with default session options (`threads` intra-op threads,
-    0 = onnxruntime's default), runs alternating original/compressed after one warm-up each,
-    as many as fit in about `budget` seconds. `config` adds session config entries to the
-    compressed model's session only (the original runs with default options)."""
+    0 = onnxruntime's default), as many runs as fit in about `budget` seconds after a warm-up.
+    The two sessions alternate in blocks of consecutive runs (about `block_seconds` each) and the
+    first run of every block is not counted: after a run, onnxruntime's worker threads spin for
+    a while, and on a small machine they slow down the other session's next run (a
+    millisecond-long model then measured 0.1x or 18x). `config` adds session config entries to
+    the compressed model's session only (the original runs with default options)."""
     a = original_session or _session(original, threads)
     b = _session(compressed, threads, config)
-    times: tuple[list[float], list[float]] = ([], [])
+    per_run = []
     for s in (a, b):
         s.run(None, feeds)
+        t = time.perf_counter()
+        s.run(None, feeds)
+        per_run.append(time.perf_counter() - t)
+    block = 1 + max(1, min(50, int(block_seconds / max(min(per_run), 1e-6))))
+    times: tuple[list[float], list[float]] = ([], [])
     start = time.perf_counter()
     while len(times[1]) < max_runs:
         for i, s in enumerate((a, b)):
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[i].append(time.perf_counter() - t)
+            for k in range(block):
+                t = time.perf_counter()
+                s.run(None, feeds)
+                if k:  # the block's first run pays for the other session's spinning threads
+                    times[i].append(time.perf_counter() - t)
         if len(times[1]) >= min_runs and time.perf_counter() - start > budget:
             break
     return Latency(statistics.median(times[0]), statistics.median(times[1]), len(times[1]))
