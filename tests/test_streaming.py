@@ -220,3 +220,10 @@ def test_help_and_inspect_do_not_import_onnxruntime(args: list[str]) -> None:
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "HEAVY:"
+
+
+def test_threads_do_not_change_the_batch_recipe_fingerprint() -> None:
+    from compress_core.batch import recipe_sha256
+    recipe = Recipe([Quantize(bits=4)])
+    assert recipe_sha256(recipe, Options(threads=1)) == recipe_sha256(recipe, Options(threads=3))
+    assert recipe_sha256(recipe, Options()) != recipe_sha256(recipe, Options(external_data="always"))
