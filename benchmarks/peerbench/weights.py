@@ -417,7 +417,9 @@ def _ort_evaluate(index: GraphIndex, names: list[str]) -> list[np.ndarray]:
     inits = [t for name, t in index.initializers.items() if name in needed or name in names]
     outputs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in names]
     graph = helper.make_graph(nodes, "weights", [], outputs, inits)
-    model = helper.make_model(graph, opset_imports=index.model.opset_import)
+    # Decode chains may call model-local functions (modelpress writes them): carry them along.
+    model = helper.make_model(graph, opset_imports=index.model.opset_import,
+                              functions=index.model.functions)
     model.ir_version = index.model.ir_version
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
