@@ -37,17 +37,31 @@ ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
 LATENCY = "--no-latency" not in sys.argv
 
 
-def _ours(model: onnx.ModelProto, stage: dict, tmp: Path, tag: str, **options) -> tuple:
+def _ours(model: onnx.ModelProto, stage: dict, tmp: Path, tag: str, rank: int,
+          **options) -> tuple:
     """Compress with modelpress's API; returns (output path, seconds, report)."""
     from compress_core import Recipe
     from compress_core.api import compress
     from compress_core.pipeline import Options
     src, dst = tmp / f"{tag}_src.onnx", tmp / f"{tag}.onnx"
-    onnx.save(model, str(src))
+    onnx.save(_with_output_shapes(model, rank), str(src))
     start = time.perf_counter()
     report = compress(src, dst, Recipe.from_config({"version": 1, "stages": [stage]}),
                       Options(min_elements=1, **options))
     return dst, time.perf_counter() - start, report
+
+
+def _with_output_shapes(model: onnx.ModelProto, rank: int) -> onnx.ModelProto:
+    """The model with a shapeless first output (the exposed logits) given `rank` symbolic dims."""
+    out = model.graph.output[0]
+    if out.type.tensor_type.HasField("shape"):
+        return model
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    shape = fixed.graph.output[0].type.tensor_type.shape
+    for i in range(rank):
+        shape.dim.add().dim_param = f"logits_{i}"
+    return fixed
 
 
 def _weight_stats(path: Path, ws: list, report) -> tuple[float, float]:
@@ -97,11 +111,14 @@ def main() -> None:
                     ("modelpress int4 (A16 default)", {"id": "quantize", "bits": 4,
                                                        "all_layers": True}, {}),
                     ("modelpress int4 (A16, backup policy)", {"id": "quantize", "bits": 4}, {}),
+                    ("modelpress int4 (A16), the peers' weights only",
+                     {"id": "quantize", "bits": 4, "all_layers": True,
+                      "include": [name for name, *_ in ws]}, {}),
                     ("modelpress int4 --onnx-target ort", {"id": "quantize", "bits": 4,
                                                            "all_layers": True},
                      {"onnx_target": "ort"}),
                     ("modelpress int8 (default)", {"id": "quantize", "bits": 8}, {}))):
-                path, seconds, report = _ours(model, stage, tmp, f"ours{i}", **opts)
+                path, seconds, report = _ours(model, stage, tmp, f"ours{i}", y0.ndim, **opts)
                 sqnr, bpw = _weight_stats(path, ws, report)
                 y = rd_output.run(onnx.load(str(path)), feeds)
                 rel, top1 = rd_output.metrics(y, y0)

@@ -191,3 +191,19 @@ def test_conv_weights_fold_at_load(tmp_path: Path, samples: Path, bits: int) -> 
     assert "conv2.weight" in store.encodings
     np.testing.assert_array_equal(dequantized(dst, "conv2.weight"),
                                   store.decode("conv2.weight").decode())
+
+
+def test_pruned_and_quantized_kernel_form_keeps_exact_zeros(tmp_path: Path) -> None:
+    from compress_core import Prune
+    src = matmul_model(tmp_path / "m.onnx", {"w1": rng_weights(128, 64, seed=8)})
+    dst = tmp_path / "o.onnx"
+    compress(src, dst, Recipe([Prune(pattern="2:4"), Quantize(bits=4, all_layers=True)]),
+             Options(onnx_int4="kernel"))
+    assert optimized_ops(dst, tmp_path) == ["MatMulNBits"]
+    (decoded,) = _decoded(dst, "w1")
+    assert int((decoded == 0).sum()) >= decoded.size // 2
+    np.testing.assert_array_equal(dequantized(dst, "w1"), decoded)
+    x = _x(3, 128)
+    np.testing.assert_allclose(ort_run(dst, {"x": x}, exact=True)[0], x @ decoded, rtol=1e-4,
+                               atol=1e-4)
+    _restores(dst, tmp_path, src, ("w1",))
