@@ -91,7 +91,20 @@ def test_int4_check_fails_on_each_condition(kwargs, reason):
 
 def test_int4_models_missing_are_not_measured():
     checks = summary.int4_checks([], "mp int4")
-    assert [c.status for c in checks] == [summary.UNKNOWN] * 3
+    assert [c.status for c in checks] == [summary.UNKNOWN] * 4
+
+
+@pytest.mark.parametrize("mp_err,mp_bytes,status,reason", [
+    (1.0, 4500, summary.PASS, ""),                          # 30.00 dB vs 26.99 dB
+    (1.8, 4500, summary.FAIL, "SQNR not 1 dB above Q4_0"),  # 27.2 dB
+    (1.0, 4600, summary.FAIL, "bits/weight above 4.5"),
+])
+def test_int4_safetensors_check_against_q4_0(mp_err, mp_bytes, status, reason):
+    onnx_case = _int4_case("synthetic", mp_err=mp_err, mp_bytes=mp_bytes)
+    case = summary.CaseResult("synthetic", "safetensors", onnx_case.rows[:2], {})
+    check = summary.int4_checks([case], "mp int4")[-1]
+    assert check.item == "int4 beats Q4_0: synthetic (safetensors)"
+    assert check.status == status and reason in check.figures, check.figures
 
 
 def test_int8_check_ignores_a_failed_peer_but_names_it():

@@ -127,7 +127,33 @@ def int4_checks(cases: list[CaseResult], ref4: str) -> list[Check]:
         if real:
             figures.append("failed: " + "; ".join(real))
         out.append(Check(f"{item}: {name}", status, "; ".join(figures)))
+    out += _safetensors_int4(cases, ref4)
     return out
+
+
+def _safetensors_int4(cases: list[CaseResult], ref4: str) -> list[Check]:
+    """The synthetic transformer as safetensors: bits and SQNR against Q4_0 (onnxruntime's
+    quantizer reads ONNX only; safetensors has no graph to run)."""
+    item = "int4 beats Q4_0: synthetic (safetensors)"
+    case = next((c for c in cases if c.name == "synthetic" and c.fmt == "safetensors"), None)
+    mp = _by_label(case, ref4) if case else None
+    if case is None or not _ok(mp) or mp.stats is None:
+        return [Check(item, UNKNOWN if case is None else FAIL,
+                      "model not in this run" if case is None else _why(mp, ref4))]
+    bpw = mp.stats.bits_per_weight
+    figures = [f"{ref4}: {bpw:.3f} bits/weight, {_cov(mp)}" if bpw else "no weight changed"]
+    failures = [] if bpw is not None and bpw <= MAX_INT4_BPW else [
+        f"bits/weight above {MAX_INT4_BPW}"]
+    q4 = next(iter(_peers(case, "gguf", type="Q4_0")), None)
+    if not _ok(q4) or q4.stats is None:
+        return [Check(item, UNKNOWN, "; ".join(figures + [_why(q4, "gguf Q4_0")]))]
+    ours, theirs, n = _common_sqnr(mp, q4)
+    figures.append(f"SQNR {_db(ours)} vs Q4_0 {_db(theirs)} on {n:,} common elements")
+    if ours is None or theirs is None or ours < theirs + SQNR_MARGIN_Q4_0:
+        failures.append(f"SQNR not {SQNR_MARGIN_Q4_0:g} dB above Q4_0")
+    if failures:
+        figures.append("failed: " + "; ".join(failures))
+    return [Check(item, FAIL if failures else PASS, "; ".join(figures))]
 
 
 def _vs_q4_0(case: CaseResult, mp: Row, figures: list[str]) -> list[str]:
