@@ -225,3 +225,17 @@ def opset_version(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     return 1
+
+
+def consumers(model: onnx.ModelProto, name: str) -> list[tuple[onnx.GraphProto, onnx.NodeProto]]:
+    """Every node (in any graph) that reads `name`, once per use."""
+    found = []
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            found += [(graph, node)] * list(node.input).count(name)
+    return found
+
+
+def is_output(model: onnx.ModelProto, name: str) -> bool:
+    """Whether `name` is an output of the model's graph or of a subgraph."""
+    return any(name in [o.name for o in graph.output] for graph in graphs(model.graph))

@@ -28,20 +28,7 @@ from onnx import helper
 from compress_core.encoded import LowRank
 
 from .onnx_emit import Emitted, FreshName, emit
-from .onnx_graph import graphs
-
-
-def consumers(model: onnx.ModelProto, name: str) -> list[tuple[onnx.GraphProto, onnx.NodeProto]]:
-    """Every node (in any graph) that reads `name`, once per use."""
-    found = []
-    for graph in graphs(model.graph):
-        for node in graph.node:
-            found += [(graph, node)] * list(node.input).count(name)
-    return found
-
-
-def _is_output(model: onnx.ModelProto, name: str) -> bool:
-    return any(name in [o.name for o in graph.output] for graph in graphs(model.graph))
+from .onnx_graph import consumers, graphs, is_output
 
 
 def emit_lowrank(model: onnx.ModelProto, name: str, enc: LowRank, fresh: FreshName,
@@ -61,7 +48,7 @@ def emit_lowrank(model: onnx.ModelProto, name: str, enc: LowRank, fresh: FreshNa
                             "right": right.spec, "outputs": [u, v]}
     uses = consumers(model, name)
     rewrite = _rewrite_nodes(uses[0][1], name, u, v, fresh) if (
-        len(uses) == 1 and not _is_output(model, name)) else None
+        len(uses) == 1 and not is_output(model, name)) else None
     if rewrite is None:
         node = fresh(f"{name}_lowrank_MatMul")
         out.nodes.append(helper.make_node("MatMul", [u, v], [name], name=node))

@@ -25,7 +25,7 @@ from onnx import helper
 
 from compress_core.encoded import Encoded, Quantized, Sparse
 
-from .onnx_graph import graphs
+from .onnx_graph import consumers, graphs, is_output
 
 KERNEL_MIN_WEIGHTS = 1 << 22
 """Default smallest K*N for which a 4-bit weight runs in onnxruntime's 4-bit kernel."""
@@ -71,20 +71,6 @@ def quantized_part(encoded: Encoded) -> Quantized | None:
     if isinstance(encoded, Sparse) and isinstance(encoded.values, Quantized):
         return encoded.values
     return None
-
-
-def consumers(model: onnx.ModelProto, name: str) -> list[tuple[onnx.GraphProto, onnx.NodeProto]]:
-    """Every node (in any graph) that reads `name`, once per use."""
-    found = []
-    for graph in graphs(model.graph):
-        for node in graph.node:
-            found += [(graph, node)] * list(node.input).count(name)
-    return found
-
-
-def is_output(model: onnx.ModelProto, name: str) -> bool:
-    """Whether `name` is an output of the model's graph or of a subgraph."""
-    return any(name in [o.name for o in graph.output] for graph in graphs(model.graph))
 
 
 def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.dtype,
