@@ -50,10 +50,8 @@ class Cluster(Stage):
             return Sparse(encoded.mask, self._palettize(encoded.values.array, info, encoded.mask),
                           encoded.pattern)
         if isinstance(encoded, LowRank) and isinstance(encoded.left, Dense):
-            from .lowrank import factor_info
-            return LowRank(self.apply(encoded.left, factor_info(info, encoded.left.shape, "left")),
-                           self.apply(encoded.right,
-                                      factor_info(info, encoded.right.shape, "right")))
+            from .lowrank import apply_to_factors
+            return apply_to_factors(self, encoded, info)
         if not isinstance(encoded, Dense):
             from .compose import order_error
             raise order_error(self, encoded, info)

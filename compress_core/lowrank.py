@@ -80,3 +80,9 @@ def factor_info(info: TensorInfo, shape: tuple[int, ...], which: str) -> TensorI
     and each is used the way the matrix was (same reduction side).
     """
     return dataclasses.replace(info, name=f"{info.name}.{which}", shape=tuple(shape))
+
+
+def apply_to_factors(stage: Stage, encoded: LowRank, info: TensorInfo) -> LowRank:
+    """`stage` applied to each factor of a low-rank tensor, with that factor's TensorInfo."""
+    return LowRank(stage.apply(encoded.left, factor_info(info, encoded.left.shape, "left")),
+                   stage.apply(encoded.right, factor_info(info, encoded.right.shape, "right")))
