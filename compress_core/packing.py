@@ -57,6 +57,7 @@ def pack_int32(values: np.ndarray, bits: int, axis: int = 1) -> np.ndarray:
 
     Values never straddle a word (for 3 bits, 10 per word and 2 bits unused);
     each row is zero-padded to whole words; value i of a word starts at bit i*bits.
+    At 8 bits with whole words per row the result may share memory with `values`.
     """
     values = np.asarray(values)
     if values.ndim != 2:
@@ -69,8 +70,13 @@ def pack_int32(values: np.ndarray, bits: int, axis: int = 1) -> np.ndarray:
         # Value i of a word at bit i*bits is the little-endian byte order of the
         # word: pack nibbles into bytes (4 bits) and read every 4 bytes as one
         # word, with no wider temporaries than the codes themselves.
-        padded = np.zeros((rows, words * per_word), dtype=np.uint8)
-        padded[:, :cols] = moved
+        if cols == words * per_word and axis == 1:
+            # Whole words already: packing is a reinterpretation (at 8 bits no copy at
+            # all), which matters on tensors of hundreds of MB.
+            padded = np.ascontiguousarray(moved, dtype=np.uint8)
+        else:
+            padded = np.zeros((rows, words * per_word), dtype=np.uint8)
+            padded[:, :cols] = moved
         if bits == 4:
             padded = padded[:, 0::2] | (padded[:, 1::2] << np.uint8(4))
         packed = padded.view("<u4").astype(np.uint32, copy=False).view(np.int32)

@@ -15,6 +15,7 @@ from .dtypes import short_name
 from .encoded import Dense, Encoded, Quantized
 from .errors import ModelpressError, UnsupportedTensorError
 from .metrics import EMPTY, ErrorStats, compare
+from .quantize_fused import quantize_measured
 from .recipe import Recipe
 from .stage import Skip, Stage
 from .store import Progress, TensorStore
@@ -171,6 +172,9 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
         notes.append(f"{info.name}: left as is (it has no elements)")
         return None, None
     array = store.read(info.name)
+    fused = quantize_measured(array, info, stages)
+    if fused is not None:
+        return fused
     # On the stored dtype: a cast would warn on signalling NaNs (hostile data) and turn
     # finite float64 values beyond float32's range into Inf.
     bad = count_nonfinite(array)

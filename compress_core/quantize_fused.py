@@ -1,0 +1,137 @@
+"""Per-channel symmetric round-to-nearest quantization with its error measured in the same pass.
+
+The general path (`quantize.quantize_array`, then `pipeline.measure_error`)
+makes several whole-tensor float32 temporaries (the float copy of a bf16 or
+f16 tensor, the quotients, the decoded tensor) and reads the weights three
+times: for the NaN/Inf check, for quantization and for the error. On large
+tensors every pass runs at memory speed, and fresh whole-tensor temporaries
+cost page faults besides. Here the rows of a tensor are taken a block of
+about `BLOCK_ELEMENTS` at a time; each block is read once from the mapped
+file, and its range, scales, codes, finiteness and error sums are all worked
+out while it is in cache, in buffers reused from block to block. Rows are
+independent under per-channel scales, so codes and scales are bit for bit
+those of `quantize_array`; the error sums are those of `metrics.compare`
+taken over other chunks, equal to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dtypes import BFLOAT16, scale_dtype_for
+from .encoded import Quantized
+from .metrics import ErrorStats
+from .quantize import Quantize, _stored_up, axes_for
+from .stage import Stage
+from .tensorinfo import TensorInfo
+
+# Elements per block: the block and one float32 work buffer (and the widened block
+# of a 16-bit tensor) stay within a core's L2 cache, and numpy's per-call cost is
+# spread over enough elements (measured best at 2^17 among 2^16..2^19).
+BLOCK_ELEMENTS = 1 << 17
+
+_WIDENED = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+
+
+def quantize_measured(array: np.ndarray, info: TensorInfo,
+                      stages: list[Stage]) -> tuple[Quantized, ErrorStats] | None:
+    """The encoding and its error if `stages` is one per-channel symmetric rtn quantization.
+
+    Returns None when this fast path does not apply (another recipe or
+    layout, a dtype other than float32/float16/bfloat16) or when the tensor
+    holds NaN or Inf, which the general path reports; the caller then takes
+    that path.
+    """
+    if len(stages) != 1 or type(stages[0]) is not Quantize:
+        return None
+    plan = stages[0].plan(info)
+    channel_axis, _ = axes_for(info)
+    if (plan.granularity != "channel" or plan.method != "rtn" or not plan.symmetric
+            or plan.scale_bits or channel_axis != 0 or array.ndim < 2
+            or array.dtype not in _WIDENED or array.size == 0):
+        return None
+    return quantize_channels(array, plan.bits, scale_dtype_for(info.dtype))
+
+
+def quantize_channels(array: np.ndarray, bits: int,
+                      scale_dtype: np.dtype) -> tuple[Quantized, ErrorStats] | None:
+    """Symmetric rtn quantization with one scale per index of axis 0, and its error.
+
+    None if the array holds NaN or Inf (seen as a non-finite row range).
+    """
+    rows = array.reshape(array.shape[0], -1)
+    n, cols = rows.shape
+    qmax = (1 << (bits - 1)) - 1
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    codes = np.empty((n, cols), dtype=np.int8)
+    scale = np.empty(n, dtype=np.float32)
+    hi, lo = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+    widened = None if rows.dtype == np.float32 else np.empty((step, cols), dtype=np.float32)
+    work = np.empty((step, cols), dtype=np.float32)
+    sums = [0.0, 0.0, 0.0, 0.0]  # ref.ref, err.err, app.app, ref.app (as metrics.compare)
+    max_abs = 0.0
+    # NaN/Inf make the row ranges non-finite (checked at the end, when the tensor is left
+    # to the general path); until then they must not warn.
+    with np.errstate(all="ignore"):
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            w = _as_float32(rows[start:stop], widened)
+            s = _block_scales(w, hi[start:stop], lo[start:stop], bits, scale_dtype)
+            scale[start:stop] = s[:, 0]
+            q = np.divide(w, s, out=work[:stop - start])
+            np.rint(q, out=q)
+            # Division by s > 0 and rint keep order, so a row's extreme codes are those of
+            # its extreme values: the clip is needed only if those leave the grid.
+            if not ((np.rint(hi[start:stop] / s[:, 0]) <= qmax).all()
+                    and (np.rint(lo[start:stop] / s[:, 0]) >= -qmax - 1).all()):
+                np.clip(q, -qmax - 1, qmax, out=q)
+            codes[start:stop] = q
+            approx = np.multiply(q, s, out=q)  # Quantized.decode's values
+            sums[0] += _dot(w, w)
+            sums[2] += _dot(approx, approx)
+            sums[3] += _dot(w, approx)
+            err = np.subtract(approx, w, out=approx)
+            sums[1] += _dot(err, err)
+            max_abs = max(max_abs, float(err.max()), -float(err.min()))
+    if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
+        return None
+    scale_shape = (n,) + (1,) * (array.ndim - 1)
+    encoded = Quantized(codes=codes.reshape(array.shape),
+                        scale=scale.reshape(scale_shape).astype(scale_dtype),
+                        zero_point=None, bits=bits, granularity="channel", channel_axis=0)
+    error = ErrorStats(sum_sq_ref=sums[0], sum_sq_err=sums[1], sum_sq_approx=sums[2],
+                       dot=sums[3], max_abs=max_abs, count=int(array.size))
+    return encoded, error
+
+
+def _block_scales(w: np.ndarray, hi: np.ndarray, lo: np.ndarray, bits: int,
+                  scale_dtype: np.dtype) -> np.ndarray:
+    """Each row's stored scale (a column), as quantize_array's rtn fit; row max/min into hi/lo."""
+    qmax = (1 << (bits - 1)) - 1
+    np.maximum.reduce(w, axis=1, out=hi)
+    np.minimum.reduce(w, axis=1, out=lo)
+    amax = np.maximum(hi, -lo)  # max |w|, without a pass that writes |w|
+    amax[amax <= 0] = qmax
+    return _stored_up(amax[:, None] / qmax, scale_dtype)
+
+
+def _as_float32(block: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
+    """A block as float32: itself, or widened exactly into `buffer`."""
+    if buffer is None:
+        return block
+    out = buffer[:block.shape[0]]
+    if block.dtype == BFLOAT16:
+        # bfloat16 is the top half of a float32: widen by a shift of the bits, several
+        # times faster than ml_dtypes' element-wise cast, and exact.
+        bits = out.view(np.uint32)
+        np.copyto(bits, block.view(np.uint16), casting="unsafe")
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, block, casting="same_kind")
+    return out
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    # Summed in float32 like metrics.compare. BLAS sdot (single-threaded in OpenBLAS)
+    # is about twice as fast as einsum here; blocks are contiguous, so no copies.
+    return float(np.vdot(a, b))
