@@ -112,7 +112,7 @@ def _group_shape(shape: tuple[int, ...], block_axis: int, group_size: int) -> tu
 
 def _spread(values: np.ndarray) -> np.ndarray:
     """Per-group values shaped to broadcast over their groups' elements (axis 1)."""
-    return np.expand_dims(values, 1)
+    return values.reshape(values.shape[:1] + (1,) + values.shape[1:])
 
 
 def _zero_set(bits: int, zero_bits: int) -> np.ndarray:
@@ -127,6 +127,8 @@ def _group_range(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Groups of a power-of-two size are folded in halves: numpy's reductions
     along a short last axis are several times slower than elementwise ops.
     """
+    if data.ndim == 3:  # stacked: a reduction over axis 1 runs along the contiguous axis
+        return data.min(axis=1), data.max(axis=1)
     lo, hi = data, data
     while lo.shape[1] > 1 and lo.shape[1] % 2 == 0:
         half = lo.shape[1] // 2
@@ -222,5 +224,4 @@ def _sq_error(data: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, qmin
     buf -= data
     if buf.ndim == 2:
         return np.einsum("ij,ij->i", buf, buf)
-    buf *= buf
-    return np.add.reduce(buf, axis=1)
+    return np.einsum("ijk,ijk->ik", buf, buf)
