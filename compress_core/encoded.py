@@ -143,11 +143,36 @@ class Quantized(Encoded):
         return np.repeat(per_group, self.group_size, axis=axis).take(np.arange(n), axis=axis)
 
     def decode(self) -> np.ndarray:
+        split = self._group_split()
+        if split is not None:
+            # Whole groups: each group's scale and zero point broadcast over it (the
+            # same products as the expanded form, without expanded copies).
+            codes_shape, group_shape = split
+            centred = self.codes.reshape(codes_shape).astype(np.float32)
+            if self.zero_point is not None:
+                centred = centred - self.zero_point.astype(np.float32).reshape(group_shape)
+            decoded = centred * self.scale.astype(np.float32).reshape(group_shape)
+            return decoded.reshape(self.codes.shape)
         scale = self.expand(self.scale.astype(np.float32))
         centred = self.codes.astype(np.float32)
         if self.zero_point is not None:
             centred = centred - self.expand(self.zero_point.astype(np.float32))
         return centred * scale
+
+    def _group_split(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """Shapes with the block axis split into (groups, group size) for codes and
+        (groups, 1) for per-group values; None unless the groups tile the axis."""
+        if self.granularity != "group" or not self.group_size or self.block_axis is None:
+            return None
+        axis, shape = self.block_axis, tuple(self.codes.shape)
+        k = shape[axis]
+        groups_shape = shape[:axis] + (k // self.group_size,) + shape[axis + 1:]
+        if k % self.group_size or self.scale.shape != groups_shape or (
+                self.zero_point is not None and self.zero_point.shape != groups_shape):
+            return None
+        head, tail = shape[:axis], shape[axis + 1:]
+        groups = k // self.group_size
+        return head + (groups, self.group_size) + tail, head + (groups, 1) + tail
 
     @property
     def element_bits(self) -> int:

@@ -26,6 +26,10 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     flat = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
     if bits == 8:
         return flat.copy()
+    if bits == 4 and flat.size % 2 == 0 and np.little_endian:
+        # Byte pairs read as little-endian uint16 (first byte low): one pass, no strides.
+        pairs = flat.view(np.uint16)
+        return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(np.uint8)
     if bits == 4:
         padded = np.zeros(flat.size + (flat.size & 1), dtype=np.uint8)
         padded[: flat.size] = flat

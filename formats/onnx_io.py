@@ -17,6 +17,7 @@ from compress_core.store import EncodedItems, Progress, WriteResult, in_store_or
 from compress_core.tensorinfo import TensorInfo
 
 from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spec_nodes
+from .onnx_borrow import borrow, checkable, give_back, is_borrowed
 from .onnx_chain import DOMAIN, add_function
 from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
@@ -123,8 +124,9 @@ class OnnxStore:
         """
         dst = Path(dst)
         target = target or OnnxTarget()
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)  # external tensors stay references: no weights are loaded
+        # A working copy without the weights: each large tensor is a reference to
+        # the source's (given back, for the tensors left unencoded, before saving).
+        model, sources = borrow(self.model)
         _check_source(self.path, model)
         notes: list[str] = []
         specs: dict[str, dict[str, Any]] = {}
@@ -187,6 +189,7 @@ class OnnxStore:
                         data.move(tensor)
                 _replace(locations[name], name, out)
                 specs[name] = out.spec
+            give_back(model, sources)
             place_remaining(model, self.path, data)
             _set_metadata(model, specs, metadata)
             size = save_model(model, dst, stage, self.path, external_data)
@@ -386,11 +389,13 @@ def _check_source(path: Path, model: onnx.ModelProto) -> None:
     drop the invalid node: then modelpress would make an output that cannot be
     decompressed back into a valid model. A model with external data is
     checked through its path, so locations resolve against its folder (the
-    weights are not loaded).
+    weights are not loaded); any other in memory, with the tensors a `borrow`
+    copy borrows standing in empty (see `checkable`).
     """
-    external = any(is_external(loc.tensor) for loc in locate(model).values())
+    external = any(is_external(loc.tensor) and not is_borrowed(loc.tensor)
+                   for loc in locate(model).values())
     try:
-        onnx.checker.check_model(str(path) if external else model)
+        onnx.checker.check_model(str(path) if external else checkable(model))
     except Exception as exc:
         raise ModelReadError(f"{path}: the model fails onnx.checker ({_one_line(exc)}); "
                              "modelpress writes only valid models, so fix the input first") from None

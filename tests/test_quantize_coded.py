@@ -91,3 +91,29 @@ def test_safetensors_scale_codes_round_trip(tmp_path: Path, stage: Quantize) -> 
     decompress(tmp_path / "o.safetensors", tmp_path / "d.safetensors")
     np.testing.assert_array_equal(open_model(tmp_path / "d.safetensors").read("l.weight"),
                                   decoded)
+
+
+@pytest.mark.parametrize("method,symmetric", [("mse", False), ("rtn", False), ("mse", True)])
+def test_groups_along_an_inner_axis_match_the_row_layout(method: str, symmetric: bool) -> None:
+    # [in, out] weights (groups along axis 0) take the stacked path; their transpose
+    # takes the row path: the same groups must get the same codes, scales and zeros.
+    w = rng_weights(96, 40, seed=5) * np.exp(rng_weights(1, 40, seed=6))
+    args = dict(bits=4, symmetric=symmetric, zero_bits=None if symmetric else 2, scale_bits=5,
+                granularity="group", group_size=16, method=method)
+    stacked = quantize_coded(w, channel_axis=1, block_axis=0, **args)
+    rows = quantize_coded(np.ascontiguousarray(w.T), channel_axis=0, block_axis=1, **args)
+    np.testing.assert_array_equal(stacked.codes, rows.codes.T)
+    np.testing.assert_array_equal(stacked.scale_code.codes, rows.scale_code.codes.T)
+    np.testing.assert_array_equal(stacked.scale, rows.scale.T)
+    if not symmetric:
+        np.testing.assert_array_equal(stacked.zero_point, rows.zero_point.T)
+    assert stacked.scale.shape == (6, 40)
+
+
+def test_group_decode_broadcasts_like_the_expanded_form() -> None:
+    q = quantize_coded(rng_weights(4, 48, 24, seed=2), bits=4, symmetric=False, zero_bits=2,
+                       scale_bits=5, granularity="group", channel_axis=0, block_axis=1,
+                       group_size=16, method="mse")
+    expanded = (q.codes.astype(np.float32) - q.expand(q.zero_point.astype(np.float32))) \
+        * q.expand(q.scale.astype(np.float32))
+    np.testing.assert_array_equal(q.decode().view(np.uint32), expanded.view(np.uint32))
