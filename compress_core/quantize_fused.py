@@ -30,7 +30,7 @@ from .tensorinfo import TensorInfo
 # spread over enough elements (measured best at 2^17 among 2^16..2^19).
 BLOCK_ELEMENTS = 1 << 17
 
-_WIDENED = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+_FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
 
 def quantize_measured(array: np.ndarray, info: TensorInfo,
@@ -48,7 +48,7 @@ def quantize_measured(array: np.ndarray, info: TensorInfo,
     channel_axis, _ = axes_for(info)
     if (plan.granularity != "channel" or plan.method != "rtn" or not plan.symmetric
             or plan.scale_bits or channel_axis != 0 or array.ndim < 2
-            or array.dtype not in _WIDENED or array.size == 0):
+            or array.dtype not in _FLOAT_TYPES or array.size == 0):
         return None
     return quantize_channels(array, plan.bits, scale_dtype_for(info.dtype))
 
@@ -81,7 +81,8 @@ def quantize_channels(array: np.ndarray, bits: int,
             q = np.divide(w, s, out=work[:stop - start])
             np.rint(q, out=q)
             # Division by s > 0 and rint keep order, so a row's extreme codes are those of
-            # its extreme values: the clip is needed only if those leave the grid.
+            # its extreme values: the clip is needed only if those leave the grid (never
+            # with scales from max |w| rounded up; kept so codes equal quantize_array's).
             if not ((np.rint(hi[start:stop] / s[:, 0]) <= qmax).all()
                     and (np.rint(lo[start:stop] / s[:, 0]) >= -qmax - 1).all()):
                 np.clip(q, -qmax - 1, qmax, out=q)
