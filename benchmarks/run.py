@@ -23,6 +23,7 @@ See the column definitions printed under the tables (report.LEGEND).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -138,7 +139,8 @@ def _scale(args, workdir: Path) -> scale_link.ScaleResult:
     if why:
         return scale_link.ScaleResult("", None, f"scale benchmark not run ({why})")
     bench.log_stderr(f"scale: {scale_link.SCRIPT}")
-    return scale_link.run_scale(workdir / "scale", quick=args.quick)
+    return scale_link.run_scale(workdir / "scale", quick=args.quick,
+                                extra=tuple(shlex.split(args.scale_args or "")))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", action="store_true",
                    help="run benchmarks/scale.py even with --quick (it runs in a full run)")
     p.add_argument("--no-scale", action="store_true", help="do not run benchmarks/scale.py")
+    p.add_argument("--scale-args", metavar="ARGS",
+                   help='more arguments for benchmarks/scale.py, e.g. "--dtype f32"')
     p.add_argument("--workdir", metavar="DIR", help="where the temporary folder goes (default: system)")
     p.add_argument("--latency-budget", type=float, metavar="S",
                    help="seconds of interleaved runs per latency measurement (default 2, quick 0.5)")

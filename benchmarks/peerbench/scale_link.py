@@ -33,9 +33,9 @@ class ScaleResult:
 
 
 def run_scale(workdir: Path, script: Path = SCRIPT, timeout: float = 7200.0,
-              quick: bool = False) -> ScaleResult:
-    """Run the scale script (with --quick if asked and its --help lists it) and collect its
-    output; never raises for a missing or failing script."""
+              quick: bool = False, extra: tuple[str, ...] = ()) -> ScaleResult:
+    """Run the scale script (with --quick if asked and its --help lists it, then `extra`) and
+    collect its output; never raises for a missing or failing script."""
     if not script.is_file():
         note = f"{script.relative_to(ROOT) if script.is_relative_to(ROOT) else script} not present"
         return ScaleResult("", None, note + ": scale benchmark not run")
@@ -48,6 +48,7 @@ def run_scale(workdir: Path, script: Path = SCRIPT, timeout: float = 7200.0,
     cmd = [sys.executable, str(script)]
     if quick and "--quick" in helptext:
         cmd.append("--quick")
+    cmd += list(extra)
     json_path = workdir / "scale.json"
     if "--json" in helptext:
         cmd += ["--json", str(json_path)]
