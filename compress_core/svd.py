@@ -53,6 +53,17 @@ def rank_for_energy(s: np.ndarray, energy: float) -> int:
 
 
 def _randomized(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # One BLAS thread: the thin QR steps and medium products gain little from
+    # threads and lose badly when the CPUs are shared (OpenBLAS threads wait
+    # for each other): 4096x4096 at rank 256 took 12-36 s threaded on a loaded
+    # 2-CPU machine and 1.6 s on one thread. Tensors run in parallel already
+    # (--threads).
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        return _randomized_steps(a, rank)
+
+
+def _randomized_steps(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(SEED)
     transpose = a.shape[0] < a.shape[1]
     if transpose:  # sample the longer side: fewer flops in the QR steps
