@@ -34,9 +34,29 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
         padded = np.zeros(flat.size + (flat.size & 1), dtype=np.uint8)
         padded[: flat.size] = flat
         return (padded[0::2] & 0x0F) | (padded[1::2] << 4)
+    if np.little_endian:
+        return _pack_octets(flat, bits)
     # General widths: expand each value to its bits, then pack the bit stream.
     expanded = np.unpackbits(flat[:, None], axis=1, count=bits, bitorder="little")
     return np.packbits(expanded.reshape(-1), bitorder="little")
+
+
+def _pack_octets(flat: np.ndarray, bits: int) -> np.ndarray:
+    """`pack_bits` for widths below 8, eight values (`bits` whole bytes) at a time.
+
+    The eight values are summed into one little-endian uint64 at their bit
+    offsets; its first `bits` bytes are their stream. Zero padding to a
+    multiple of eight values only adds zero bits past the end, which are cut.
+    """
+    count = flat.size
+    padded = np.zeros(-(-count // 8) * 8, dtype=np.uint8)
+    padded[:count] = flat & np.uint8((1 << bits) - 1)  # only the low bits are stored
+    octets = padded.reshape(-1, 8)
+    word = octets[:, 0].astype(np.uint64)
+    for j in range(1, 8):
+        word |= octets[:, j].astype(np.uint64) << np.uint64(bits * j)
+    stream = word.view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)
+    return stream[: -(-count * bits // 8)].copy()
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
