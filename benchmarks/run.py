@@ -182,7 +182,7 @@ def _section(case: models.ModelCase, fmt: str, path: Path, rows: list[report.Row
 
 def _document(argv, started: str, minutes: float, load_before: str, load_after: str,
               sections: list[str], scale: scale_link.ScaleResult, checked: str) -> str:
-    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Benchmark results: modelpress and its peers",
         "",
