@@ -46,15 +46,18 @@ MIB = 2**20
 GIB = 2**30
 CHUNK = 1 << 22  # elements generated and written at a time
 
-# Runs the modelpress CLI in this process, then reports the process's own peak
-# resident memory (VmHWM: counted from exec, so nothing of the parent's).
-_CLI = """
+# Reports the process's own peak resident memory at exit (VmHWM: counted from
+# exec, so nothing of the parent's).
+_PEAK = """
 import atexit, sys
 def _peak():
     with open("/proc/self/status") as fh:
         line = next(l for l in fh if l.startswith("VmHWM:"))
     sys.stderr.write("\\nPEAK_KIB " + line.split()[1] + "\\n")
 atexit.register(_peak)
+"""
+# Runs the modelpress CLI in this process.
+_CLI = _PEAK + """
 from cli.main import main
 sys.argv = ["modelpress"] + sys.argv[1:]
 main()
@@ -62,14 +65,8 @@ main()
 
 # Runs an ONNX model once in onnxruntime (default session options) on a fixed
 # input; saves the output and reports the peak like _CLI.
-_ORT = """
-import atexit, sys
+_ORT = _PEAK + """
 import numpy as np
-def _peak():
-    with open("/proc/self/status") as fh:
-        line = next(l for l in fh if l.startswith("VmHWM:"))
-    sys.stderr.write("\\nPEAK_KIB " + line.split()[1] + "\\n")
-atexit.register(_peak)
 import onnxruntime as ort
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 x = np.random.default_rng(0).standard_normal((4, int(sys.argv[3]))).astype(np.float32)

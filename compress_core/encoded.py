@@ -406,3 +406,12 @@ class Palettized(Encoded):
     def with_indices(self, indices: np.ndarray) -> Palettized:
         """The same codebooks with other indices."""
         return Palettized(self.lut, indices, self.channel_axis, self.zero_index)
+
+
+def quantized_part(encoded: Encoded) -> Quantized | None:
+    """The Quantized node of a tensor (also under a prune mask), or None."""
+    if isinstance(encoded, Quantized):
+        return encoded
+    if isinstance(encoded, Sparse) and isinstance(encoded.values, Quantized):
+        return encoded.values
+    return None

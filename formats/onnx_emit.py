@@ -27,7 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compress_core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
+from compress_core.encoded import (Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse,
+                                   quantized_part)
 from compress_core.errors import ModelReadError, ModelWriteError
 
 FreshName = Callable[[str], str]
@@ -59,7 +60,7 @@ def required_opset(encoded: Encoded, dtype: np.dtype) -> int:
     if isinstance(inner, Palettized):
         from .onnx_palette import PALETTE_OPSET
         return PALETTE_OPSET
-    q = _quantized(encoded)
+    q = quantized_part(encoded)
     if q is None:
         return 1
     from .onnx_quant import form_opset
@@ -73,7 +74,7 @@ def emit(name: str, encoded: Encoded, fresh: FreshName,
     `dtype` is the float type the consumers expect (the original tensor's);
     `opset` the model's default-domain opset (decode functions import it).
     """
-    q = _quantized(encoded)
+    q = quantized_part(encoded)
     if q is not None:
         from .onnx_quant import emit_folded
         out = emit_folded(name, encoded, fresh, dtype, opset)
@@ -101,14 +102,6 @@ def _dense(name: str, dense: Dense) -> Emitted:
     spec = {"layout": "dense", "initializers": {"values": name}, "nodes": []}
     return Emitted(initializers=[numpy_helper.from_array(np.ascontiguousarray(dense.array), name)],
                    spec=spec)
-
-
-def _quantized(encoded: Encoded) -> Quantized | None:
-    if isinstance(encoded, Quantized):
-        return encoded
-    if isinstance(encoded, Sparse) and isinstance(encoded.values, Quantized):
-        return encoded.values
-    return None
 
 
 def _pruned(name: str, sparse: Sparse) -> Emitted:

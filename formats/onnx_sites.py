@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from compress_core.encoded import Encoded, Quantized, Sparse
+from compress_core.encoded import Encoded, Quantized, quantized_part
 
 from .onnx_graph import consumers, graphs, is_output
 
@@ -62,15 +62,6 @@ class KernelSite:
     n: int
     stored_kn: bool          # the weight is [K, N] (MatMul, Gemm transB=0); else [N, K]
     bias: str | None         # Gemm's C
-
-
-def quantized_part(encoded: Encoded) -> Quantized | None:
-    """The Quantized node of a tensor (also under a prune mask), or None."""
-    if isinstance(encoded, Quantized):
-        return encoded
-    if isinstance(encoded, Sparse) and isinstance(encoded.values, Quantized):
-        return encoded.values
-    return None
 
 
 def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.dtype,
