@@ -207,3 +207,28 @@ def test_pruned_and_quantized_kernel_form_keeps_exact_zeros(tmp_path: Path) -> N
     np.testing.assert_allclose(ort_run(dst, {"x": x}, exact=True)[0], x @ decoded, rtol=1e-4,
                                atol=1e-4)
     _restores(dst, tmp_path, src, ("w1",))
+
+
+def test_opset_raised_after_a_decode_function_keeps_it(tmp_path: Path) -> None:
+    # w1 (first in the file) becomes an int8 decode chain, a model-local function at
+    # opset 18; w2's 4-bit kernel form then needs opset 21, raised while streaming.
+    # onnx's version converter drops model-local functions: they must be carried over.
+    src = matmul_model(tmp_path / "m.onnx", {"w1": rng_weights(256, 96, seed=1),
+                                             "w2": rng_weights(96, 48, seed=2)})
+    dst = tmp_path / "o.onnx"
+    recipe = Recipe([Quantize(bits=8, include=("w1",)),
+                     Quantize(bits=4, include=("w2",), all_layers=True)])
+    report = compress(src, dst, recipe, Options(onnx_int4="kernel"))
+    assert "ONNX opset raised from 18 to 21" in " ".join(report.notes)
+    model = onnx.load(str(dst))
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import if o.domain == ""] == [21]
+    assert model.functions and all(
+        o.version == 21 for f in model.functions for o in f.opset_import if o.domain == "")
+    called = {n.op_type for n in model.graph.node if n.domain == "modelpress"}
+    assert called == {f.name for f in model.functions}
+    w1, w2 = _decoded(dst, "w1", "w2")
+    x = _x(5, 256)
+    exact = ort_run(dst, {"x": x}, exact=True)[0]
+    np.testing.assert_allclose(exact, x @ w1 @ w2, rtol=1e-4, atol=1e-4)
+    _restores(dst, tmp_path, src, ("w1", "w2"))
