@@ -113,6 +113,11 @@ def _rel(path: Path, base: Path) -> PurePosixPath:
     return PurePosixPath(Path(os.path.relpath(path, base)).as_posix())
 
 
+# Why a link inside a tree is refused, and what to do instead.
+_NO_LINKS = ("; modelpress does not follow links inside a tree (copy the target in, or name it "
+             "on the command line)")
+
+
 def _walk(top: Path, base: Path, skip: str | None, files: dict[PurePosixPath, Path],
           refused: list[Refused]) -> None:
     for folder, dirs, names in os.walk(top, followlinks=False):
@@ -123,9 +128,7 @@ def _walk(top: Path, base: Path, skip: str | None, files: dict[PurePosixPath, Pa
             if d.startswith("."):
                 continue
             if path.is_symlink():
-                refused.append(Refused(_rel(path, base), "symbolic link to a folder; "
-                                       "modelpress does not follow links inside a tree (copy the "
-                                       "target in, or name it on the command line)"))
+                refused.append(Refused(_rel(path, base), "symbolic link to a folder" + _NO_LINKS))
             elif skip is None or os.path.realpath(path) != skip:
                 keep.append(d)
         dirs[:] = keep
@@ -134,9 +137,7 @@ def _walk(top: Path, base: Path, skip: str | None, files: dict[PurePosixPath, Pa
             if name.startswith("."):
                 continue
             if path.is_symlink():
-                refused.append(Refused(_rel(path, base), "symbolic link; modelpress does not "
-                                       "follow links inside a tree (copy the target in, or name "
-                                       "it on the command line)"))
+                refused.append(Refused(_rel(path, base), "symbolic link" + _NO_LINKS))
             elif path.is_file():
                 files[_rel(path, base)] = path
             else:
