@@ -47,8 +47,9 @@ def test_int8_auto_takes_the_kernel_on_large_matrices_only(tmp_path: Path) -> No
     onnx.checker.check_model(model, full_check=True)
     dq = _dq_nodes(dst)
     assert sorted(dq) == ["w1"]                   # w2 (64K weights) is folded
-    # groups of 256 along K (1024 / 5 rounded up to a power of two), symmetric: INT8 codes
-    assert {a.name: a.i for a in dq["w1"].attribute} == {"axis": 0, "block_size": 256}
+    # groups of 128 along K (1024 / 5 rounded up to a power of two, capped at 128),
+    # symmetric: INT8 codes
+    assert {a.name: a.i for a in dq["w1"].attribute} == {"axis": 0, "block_size": 128}
     codes = {t.name: t for t in model.graph.initializer}[dq["w1"].input[0]]
     assert codes.data_type == TensorProto.INT8 and list(codes.dims) == [1024, 1024]
     assert len(dq["w1"].input) == 2               # no zero point
@@ -147,7 +148,7 @@ def test_gemm_head_at_backup_bits_takes_the_8_bit_kernel(tmp_path: Path) -> None
     # int4 with the default backup precision: the head Gemm (transB=1) is 6-bit and
     # is rewritten to transB=0 on the transposed codes, like the 4-bit kernel form.
     w, bias = rng_weights(96, 256, seed=7), rng_weights(96, seed=8)
-    body = rng_weights(512, 256, seed=9)      # the head holds under 25% of the weights
+    body = rng_weights(512, 256, seed=9)      # the head holds 16% of the weights: 6 bits
     nodes = [helper.make_node("MatMul", ["x", "body"], ["h"]),
              helper.make_node("Gemm", ["h", "head", "b"], ["y"], transB=1)]
     graph = helper.make_graph(
