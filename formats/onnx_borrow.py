@@ -15,7 +15,7 @@ copy.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -29,14 +29,21 @@ BORROWED = "<modelpress borrowed tensor>"
 # Tensors with less raw_data are copied (onnx.save's external-data threshold).
 BORROW_FROM = 1024
 
+RawLength = Callable[[onnx.TensorProto], "int | None"]
 
-def borrow(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
-    """A copy of `model` whose large tensors are borrowed, and the source tensors they name."""
+
+def borrow(model: onnx.ModelProto, raw_length: RawLength = lambda tensor: None,
+           ) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of `model` whose large tensors are borrowed, and the source tensors they name.
+
+    `raw_length(tensor)` gives the length of a tensor's raw_data where it is
+    known without reading the field (which copies the bytes), else None.
+    """
     sources: list[onnx.TensorProto] = []
     copy = onnx.ModelProto()
     _copy_fields(model, copy, skip={"graph"})
     if model.HasField("graph"):
-        _copy_graph(model.graph, copy.graph, sources)
+        _copy_graph(model.graph, copy.graph, sources, raw_length)
     return copy, sources
 
 
@@ -84,41 +91,45 @@ def _tensor_slots(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                             if a.type == onnx.AttributeProto.TENSOR and a.HasField("t"))
 
 
-def _large(tensor: onnx.TensorProto) -> bool:
-    return tensor.HasField("raw_data") and len(tensor.raw_data) >= BORROW_FROM
+def _large(tensor: onnx.TensorProto, raw_length: RawLength) -> bool:
+    if not tensor.HasField("raw_data"):
+        return False
+    known = raw_length(tensor)
+    return (len(tensor.raw_data) if known is None else known) >= BORROW_FROM
 
 
 def _copy_graph(src: onnx.GraphProto, dst: onnx.GraphProto,
-                sources: list[onnx.TensorProto]) -> None:
+                sources: list[onnx.TensorProto], raw_length: RawLength) -> None:
     _copy_fields(src, dst, skip={"initializer", "node"})
     for tensor in src.initializer:
-        _copy_tensor(tensor, dst.initializer.add(), sources)
+        _copy_tensor(tensor, dst.initializer.add(), sources, raw_length)
     for node in src.node:
-        _copy_node(node, dst.node.add(), sources)
+        _copy_node(node, dst.node.add(), sources, raw_length)
 
 
-def _copy_node(src: onnx.NodeProto, dst: onnx.NodeProto, sources: list[onnx.TensorProto]) -> None:
+def _copy_node(src: onnx.NodeProto, dst: onnx.NodeProto, sources: list[onnx.TensorProto],
+               raw_length: RawLength) -> None:
     _copy_fields(src, dst, skip={"attribute"})
     for attr in src.attribute:
         out = dst.attribute.add()
         if attr.type == onnx.AttributeProto.GRAPH and attr.HasField("g"):
             _copy_fields(attr, out, skip={"g"})
-            _copy_graph(attr.g, out.g, sources)
+            _copy_graph(attr.g, out.g, sources, raw_length)
         elif attr.type == onnx.AttributeProto.GRAPHS:
             _copy_fields(attr, out, skip={"graphs"})
             for graph in attr.graphs:
-                _copy_graph(graph, out.graphs.add(), sources)
+                _copy_graph(graph, out.graphs.add(), sources, raw_length)
         elif (src.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR
-              and attr.HasField("t") and _large(attr.t)):
+              and attr.HasField("t") and _large(attr.t, raw_length)):
             _copy_fields(attr, out, skip={"t"})
-            _copy_tensor(attr.t, out.t, sources)
+            _copy_tensor(attr.t, out.t, sources, raw_length)
         else:
             out.CopyFrom(attr)
 
 
 def _copy_tensor(src: onnx.TensorProto, dst: onnx.TensorProto,
-                 sources: list[onnx.TensorProto]) -> None:
-    if not _large(src):
+                 sources: list[onnx.TensorProto], raw_length: RawLength) -> None:
+    if not _large(src, raw_length):
         dst.CopyFrom(src)
         return
     _copy_fields(src, dst, skip={"raw_data", "data_location", "external_data"})
@@ -133,17 +144,20 @@ def _copy_fields(src: Message, dst: Message, skip: set[str]) -> None:
 
     (Fields unknown to the installed onnx are not copied for the messages on
     the way to a borrowed tensor: its graphs, nodes, attributes and itself.)
+    Skipped fields are not read: reading a tensor's raw_data would copy it.
     """
-    for field, value in src.ListFields():
+    for field in src.DESCRIPTOR.fields:
         if field.name in skip:
             continue
-        target = getattr(dst, field.name)
         if _repeated(field):
-            target.extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
+            values = getattr(src, field.name)
+            if len(values):
+                getattr(dst, field.name).extend(values)
+        elif src.HasField(field.name):  # ONNX's messages are proto2: every field has presence
+            if field.type == field.TYPE_MESSAGE:
+                getattr(dst, field.name).CopyFrom(getattr(src, field.name))
+            else:
+                setattr(dst, field.name, getattr(src, field.name))
 
 
 def _repeated(field: FieldDescriptor) -> bool:

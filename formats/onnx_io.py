@@ -23,7 +23,9 @@ from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
                          weight_roles)
+from .onnx_wire import RawSpans, parse_mapped
 from .onnx_write import place_remaining, save_model, staged, wants_external
+from .filedata import map_range
 from .tree_check import check_tree
 
 METADATA_KEY = "modelpress"
@@ -37,10 +39,10 @@ class OnnxStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.model = _load(self.path)
+        self.model, self._spans = _load(self.path)
         self._locations = locate(self.model)
         for name, loc in self._locations.items():
-            check_tensor(self.path, loc.tensor, name)
+            check_tensor(self.path, loc.tensor, name, self._spans.length(loc.tensor))
         roles = weight_roles(self.model)
         sizes = {name: int(np.prod(loc.tensor.dims, dtype=np.int64))
                  for name, loc in self._locations.items()}
@@ -64,7 +66,13 @@ class OnnxStore:
         return self.path.stat().st_size + sum(f.stat().st_size for f in self.data_files)
 
     def read(self, name: str) -> np.ndarray:
-        return _read_tensor(self.path, self._locations[name].tensor)
+        """One tensor's values (read-only)."""
+        tensor = self._locations[name].tensor
+        span = self._spans.span(tensor)
+        if span is not None and tensor.data_type in _MAPPED_TYPES:
+            # Straight from the page cache: no copy of raw_data.
+            return _map_tensor(self.path, tensor, span[0])
+        return _read_tensor(self.path, tensor)
 
     # -- compressed content --------------------------------------------------
 
@@ -126,7 +134,7 @@ class OnnxStore:
         target = target or OnnxTarget()
         # A working copy without the weights: each large tensor is a reference to
         # the source's (given back, for the tensors left unencoded, before saving).
-        model, sources = borrow(self.model)
+        model, sources = borrow(self.model, self._spans.length)
         _check_source(self.path, model)
         notes: list[str] = []
         specs: dict[str, dict[str, Any]] = {}
@@ -222,9 +230,13 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int:
     return numpy_helper.to_array(tensor).nbytes
 
 
-def _load(path: Path) -> onnx.ModelProto:
+def _load(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
+    """The model (its external data not loaded) and where its initializers' raw_data lie."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if _binary_format(path):
+            model, spans = parse_mapped(path)
+        else:
+            model, spans = onnx.load(str(path), load_external_data=False), RawSpans()
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ModelReadError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
@@ -239,7 +251,29 @@ def _load(path: Path) -> onnx.ModelProto:
     if bad is not None:
         raise ModelReadError(f"{path}: not a valid ONNX model (the name {bad!r} is not UTF-8 "
                              "text)")
-    return model
+    return model, spans
+
+
+def _binary_format(path: Path) -> bool:
+    """Whether onnx.load would read `path` as binary protobuf (it picks text formats such
+    as .textproto or .json by extension)."""
+    from onnx import serialization
+    return serialization.registry.get_format_from_file_extension(path.suffix) in (
+        None, "protobuf")
+
+
+# Types whose raw_data numpy reads as it is (onnx's to_array unpacks 4-bit and 2-bit types).
+_MAPPED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                 onnx.TensorProto.BFLOAT16}
+
+
+def _map_tensor(path: Path, tensor: onnx.TensorProto, offset: int) -> np.ndarray:
+    """A tensor's raw_data at `offset` in the model file, mapped (as to_array reads it)."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    try:
+        return map_range(path, offset, dtype, tuple(tensor.dims))
+    except (OSError, ValueError) as exc:
+        raise ModelReadError(f"{path}: cannot read tensor {tensor.name!r}: {exc}") from None
 
 
 def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
