@@ -33,30 +33,33 @@ RawLength = Callable[[onnx.TensorProto], "int | None"]
 
 
 def borrow(model: onnx.ModelProto, raw_length: RawLength = lambda tensor: None,
-           ) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+           location: str = BORROWED) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
     """A copy of `model` whose large tensors are borrowed, and the source tensors they name.
 
     `raw_length(tensor)` gives the length of a tensor's raw_data where it is
     known without reading the field (which copies the bytes), else None.
+    Tensors already borrowed (by another `location`) are copied as they are.
     """
     sources: list[onnx.TensorProto] = []
     copy = onnx.ModelProto()
     _copy_fields(model, copy, skip={"graph"})
     if model.HasField("graph"):
-        _copy_graph(model.graph, copy.graph, sources, raw_length)
+        _copy_graph(model.graph, copy.graph, _Borrowing(sources, raw_length, location))
     return copy, sources
 
 
-def is_borrowed(tensor: onnx.TensorProto) -> bool:
+def is_borrowed(tensor: onnx.TensorProto, location: str = BORROWED) -> bool:
     """Whether a tensor of a `borrow` copy still stands for a source tensor."""
     return (tensor.data_location == onnx.TensorProto.EXTERNAL
-            and any(e.key == "location" and e.value == BORROWED for e in tensor.external_data))
+            and any(e.key == "location" and e.value == location for e in tensor.external_data))
 
 
-def give_back(model: onnx.ModelProto, sources: list[onnx.TensorProto]) -> None:
-    """Replace every borrowed tensor still in `model` by a copy of its source tensor."""
+def give_back(model: onnx.ModelProto, sources: list[onnx.TensorProto],
+              location: str = BORROWED) -> None:
+    """Replace every tensor still borrowed (through `location`) in `model` by a copy of its
+    source tensor."""
     for tensor in _tensor_slots(model):
-        if is_borrowed(tensor):
+        if is_borrowed(tensor, location):
             index = next(int(e.value) for e in tensor.external_data if e.key == "offset")
             tensor.CopyFrom(sources[index])
 
@@ -91,52 +94,56 @@ def _tensor_slots(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                             if a.type == onnx.AttributeProto.TENSOR and a.HasField("t"))
 
 
-def _large(tensor: onnx.TensorProto, raw_length: RawLength) -> bool:
-    if not tensor.HasField("raw_data"):
-        return False
-    known = raw_length(tensor)
-    return (len(tensor.raw_data) if known is None else known) >= BORROW_FROM
+class _Borrowing:
+    """What one `borrow` collects and how: the sources, known lengths, the location."""
+
+    def __init__(self, sources: list[onnx.TensorProto], raw_length: RawLength,
+                 location: str) -> None:
+        self.sources, self.raw_length, self.location = sources, raw_length, location
+
+    def large(self, tensor: onnx.TensorProto) -> bool:
+        if not tensor.HasField("raw_data"):
+            return False
+        known = self.raw_length(tensor)
+        return (len(tensor.raw_data) if known is None else known) >= BORROW_FROM
 
 
-def _copy_graph(src: onnx.GraphProto, dst: onnx.GraphProto,
-                sources: list[onnx.TensorProto], raw_length: RawLength) -> None:
+def _copy_graph(src: onnx.GraphProto, dst: onnx.GraphProto, how: _Borrowing) -> None:
     _copy_fields(src, dst, skip={"initializer", "node"})
     for tensor in src.initializer:
-        _copy_tensor(tensor, dst.initializer.add(), sources, raw_length)
+        _copy_tensor(tensor, dst.initializer.add(), how)
     for node in src.node:
-        _copy_node(node, dst.node.add(), sources, raw_length)
+        _copy_node(node, dst.node.add(), how)
 
 
-def _copy_node(src: onnx.NodeProto, dst: onnx.NodeProto, sources: list[onnx.TensorProto],
-               raw_length: RawLength) -> None:
+def _copy_node(src: onnx.NodeProto, dst: onnx.NodeProto, how: _Borrowing) -> None:
     _copy_fields(src, dst, skip={"attribute"})
     for attr in src.attribute:
         out = dst.attribute.add()
         if attr.type == onnx.AttributeProto.GRAPH and attr.HasField("g"):
             _copy_fields(attr, out, skip={"g"})
-            _copy_graph(attr.g, out.g, sources, raw_length)
+            _copy_graph(attr.g, out.g, how)
         elif attr.type == onnx.AttributeProto.GRAPHS:
             _copy_fields(attr, out, skip={"graphs"})
             for graph in attr.graphs:
-                _copy_graph(graph, out.graphs.add(), sources, raw_length)
+                _copy_graph(graph, out.graphs.add(), how)
         elif (src.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR
-              and attr.HasField("t") and _large(attr.t, raw_length)):
+              and attr.HasField("t") and how.large(attr.t)):
             _copy_fields(attr, out, skip={"t"})
-            _copy_tensor(attr.t, out.t, sources, raw_length)
+            _copy_tensor(attr.t, out.t, how)
         else:
             out.CopyFrom(attr)
 
 
-def _copy_tensor(src: onnx.TensorProto, dst: onnx.TensorProto,
-                 sources: list[onnx.TensorProto], raw_length: RawLength) -> None:
-    if not _large(src, raw_length):
+def _copy_tensor(src: onnx.TensorProto, dst: onnx.TensorProto, how: _Borrowing) -> None:
+    if not how.large(src):
         dst.CopyFrom(src)
         return
     _copy_fields(src, dst, skip={"raw_data", "data_location", "external_data"})
     dst.data_location = onnx.TensorProto.EXTERNAL
-    dst.external_data.add(key="location", value=BORROWED)
-    dst.external_data.add(key="offset", value=str(len(sources)))
-    sources.append(src)
+    dst.external_data.add(key="location", value=how.location)
+    dst.external_data.add(key="offset", value=str(len(how.sources)))
+    how.sources.append(src)
 
 
 def _copy_fields(src: Message, dst: Message, skip: set[str]) -> None:

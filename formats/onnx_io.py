@@ -323,8 +323,11 @@ def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
     if current >= need:
         return model
     from onnx import version_converter
+    # The converter serializes the whole model and parses its result: the tensors
+    # emitted so far are lent out for it, as the source's weights are (see borrow).
+    light, emitted = borrow(model, location=_CONVERTING)
     try:
-        converted = version_converter.convert_version(model, need)
+        converted = version_converter.convert_version(light, need)
     except Exception as exc:
         _refuse_invalid_source(path)
         raise ModelWriteError(
@@ -339,11 +342,14 @@ def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
     del converted.graph.value_info[:]
     converted.graph.value_info.extend(model.graph.value_info)
     _carry_functions(model, converted, need)
+    give_back(converted, emitted, _CONVERTING)
     notes.append(f"ONNX opset raised from {current} to {need} (needed by the encodings used)")
     return converted
 
 
 _MIN_IR = {13: 7, 19: 9, 21: 10}
+# Where tensors lent out for the version converter point (see onnx_borrow).
+_CONVERTING = "<modelpress tensor lent for opset conversion>"
 
 
 def _carry_functions(model: onnx.ModelProto, converted: onnx.ModelProto, opset: int) -> None:
