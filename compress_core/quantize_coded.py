@@ -116,7 +116,8 @@ def _quantize(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int | Non
         codes, per_group = view.restore(codes), view.per_group
     scale_code = grid.code(per_group(scale_codes))
     quantized = Quantized(
-        codes=codes, scale=scale_code.decode(),
+        # The grid's stored values are scale_code.decode()'s products: one gather.
+        codes=codes, scale=grid.scale(scale_code.codes),
         zero_point=None if zero is None else per_group(zero.astype(np.int8)),
         bits=bits, granularity=granularity,
         channel_axis=channel_axis if granularity == "channel" else None,
