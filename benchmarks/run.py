@@ -194,6 +194,8 @@ def _document(argv, started: str, minutes: float, load_before: str, load_after: 
         "## Configurations",
         "",
         *[f"- {c.label}: `{c.shown()}`" for c in MODELPRESS + PEERS],
+        "- `<reference>, <peer>'s coverage` (per model, where a peer skips weights): the "
+        "reference's command plus `--include GLOB` for each tensor the peer changed",
         "",
         report.LEGEND,
         "## Results",

@@ -33,9 +33,10 @@ class Quantize(Stage):
     8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
     float scales; per channel at 8 bits, groups of 128 below).
 
-    In ONNX, embeddings and the output head are kept at --backup-bits (6)
-    when --bits is lower, unless --all-layers; in safetensors only when
-    --backup-bits is given.
+    In ONNX, embeddings and the output head are kept at --backup-bits when
+    --bits is lower, unless --all-layers; by default 6, lowered so that
+    they add at most one bit per weight over the whole model. In
+    safetensors only when --backup-bits is given.
     """
 
     id = "quantize"
@@ -67,7 +68,8 @@ class Quantize(Stage):
         min=1, max=8)
     backup_bits: int | None = option(
         None, "bits for embeddings and the output head when --bits is lower "
-        "[default: 6 in ONNX; safetensors: none unless given]", min=2, max=8)
+        "[default: ONNX 6, lowered to add at most one bit per weight over the model; "
+        "safetensors: none unless given]", min=2, max=8)
     all_layers: bool = option(
         False, "quantize embeddings and the output head at --bits too (no backup precision)")
 

@@ -16,20 +16,27 @@ Options left unset take defaults that depend on where the tensor is written:
 Backup precision: embeddings and the output head (`TensorInfo.sensitive`)
 pass their quantization error straight to the outputs, so in ONNX, with
 --bits below --backup-bits, they are quantized at --backup-bits instead
-(default 6) unless --all-layers is given. In safetensors this applies only
-when --backup-bits is given: compressed-tensors readers expect every
-quantized module at the widths of its config group, and the layout's
-interoperable widths are 4 and 8.
+unless --all-layers is given. Left to its default, the backup is 6 bits
+within a budget: it may add at most BACKUP_BUDGET bits per weight averaged
+over the model, so where those tensors hold a large share of the weights
+(a small language model's vocabulary) they get fewer extra bits (share
+0.58 at --bits 4: 5 bits, +0.58 bits per weight; in large language models
+they hold 3-15% and get 6). An explicit --backup-bits is applied as given.
+In safetensors the backup applies only when --backup-bits is given:
+compressed-tensors readers expect every quantized module at the widths of
+its config group, and the layout's interoperable widths are 4 and 8.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from .tensorinfo import TensorInfo
 
 DEFAULT_BACKUP_BITS = 6
+BACKUP_BUDGET = 1.0  # extra bits per weight, over the whole model, the default backup may add
 PLAIN_GROUP = 128
 CODED_GROUP = 16
 
@@ -48,12 +55,20 @@ class QuantPlan:
     backup: bool = False       # bits raised by the backup-precision policy
 
 
+def budgeted_backup(bits: int, share: float | None) -> int:
+    """The default backup width for tensors holding `share` of the model's weights."""
+    if not share:
+        return DEFAULT_BACKUP_BITS
+    extra = math.floor(BACKUP_BUDGET / share + 1e-9)
+    return min(DEFAULT_BACKUP_BITS, bits + extra)
+
+
 def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
     """Resolve a Quantize stage's unset options for one tensor."""
     compact = info.format == "onnx"
     bits, backup = stage.bits, False
     if info.sensitive and not stage.all_layers and (compact or stage.backup_bits):
-        floor = stage.backup_bits or DEFAULT_BACKUP_BITS
+        floor = stage.backup_bits or budgeted_backup(stage.bits, info.sensitive_share)
         if bits < floor:
             bits, backup = floor, True
     granularity = stage.granularity or (

@@ -25,7 +25,10 @@ class TensorInfo:
     ("onnx", "safetensors"; None when unknown): stages pick format-specific
     defaults with it. `sensitive` says why quantization error in this tensor
     reaches the output directly: "embedding" (a lookup table of the input
-    tokens) or "head" (the output layer); None otherwise.
+    tokens) or "head" (the output layer); None otherwise. `sensitive_share`,
+    where the reader knows it, is the share of the model's weight elements
+    that its sensitive tensors hold together (it budgets their backup
+    precision, see compress_core/quantize_plan.py).
     """
 
     name: str
@@ -37,6 +40,7 @@ class TensorInfo:
     role: str | None = None
     format: str | None = None
     sensitive: str | None = None
+    sensitive_share: float | None = None
 
     @property
     def size(self) -> int:

@@ -45,6 +45,7 @@ class Chain:
         self.inputs: list[str] = []               # function inputs (roles), in call order
         self.body: list[onnx.NodeProto] = []
         self.attributes: list[onnx.AttributeProto] = []
+        self._ints: dict[tuple[int, ...], str] = {}  # values -> the Constant holding them
         self._count = 0
 
     # -- what the chain reads ------------------------------------------------
@@ -68,8 +69,14 @@ class Chain:
         return tensor.name
 
     def ints(self, attr: str, values: Any) -> str:
-        """A per-tensor int64 vector, held as an attribute of the call."""
+        """A per-tensor int64 vector, held as an attribute of the call.
+
+        Equal vectors share one attribute (the scale and zero-point grids of
+        a tensor have the same shapes): every call carries fewer bytes.
+        """
         values = [int(v) for v in np.asarray(values).reshape(-1)]
+        if tuple(values) in self._ints:
+            return self._ints[tuple(values)]
         attribute = onnx.AttributeProto(name=attr, type=onnx.AttributeProto.INTS, ints=values)
         self.attributes.append(attribute)
         ref = onnx.AttributeProto(name="value_ints", type=onnx.AttributeProto.INTS,
@@ -78,6 +85,7 @@ class Chain:
         node = helper.make_node("Constant", [], [out])
         node.attribute.append(ref)
         self.body.append(node)
+        self._ints[tuple(values)] = out
         return out
 
     def const(self, array: np.ndarray) -> str:

@@ -94,7 +94,7 @@ def weight_roles(model: onnx.ModelProto) -> dict[str, tuple[str, int, int]]:
 
 
 def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] | None,
-                sensitive: str | None = None) -> TensorInfo:
+                sensitive: str | None = None, sensitive_share: float | None = None) -> TensorInfo:
     """TensorInfo from a TensorProto's header fields (no data is read)."""
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
@@ -104,7 +104,8 @@ def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] 
                       weight_like=role is not None,
                       channel_axis=role[1] if role else None,
                       block_axis=role[2] if role else None,
-                      role=role[0] if role else None, format="onnx", sensitive=sensitive)
+                      role=role[0] if role else None, format="onnx", sensitive=sensitive,
+                      sensitive_share=sensitive_share if sensitive else None)
 
 
 def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:

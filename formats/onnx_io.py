@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -19,6 +18,7 @@ from compress_core.tensorinfo import TensorInfo
 from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spec_nodes
 from .onnx_borrow import borrow, checkable, give_back, is_borrowed
 from .onnx_chain import DOMAIN, add_function
+from .onnx_meta import decode_doc, encode_doc
 from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
@@ -46,8 +46,9 @@ class OnnxStore:
         roles = weight_roles(self.model)
         sizes = {name: int(np.prod(loc.tensor.dims, dtype=np.int64))
                  for name, loc in self._locations.items()}
-        sensitive = sensitive_tensors(self.model, roles, sizes)
-        self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name), sensitive.get(name))
+        sensitive, share = sensitive_tensors(self.model, roles, sizes)
+        self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name),
+                                           sensitive.get(name), share)
                          for name, loc in self._locations.items()}
         self.encodings = _read_encodings(self.path, self.model, set(self._locations))
 
@@ -398,8 +399,7 @@ def _set_metadata(model: onnx.ModelProto, specs: dict[str, dict[str, Any]],
     if specs:
         entry = model.metadata_props.add()
         entry.key = METADATA_KEY
-        entry.value = json.dumps({"format_version": FORMAT_VERSION, "tensors": specs},
-                                 separators=(",", ":"))
+        entry.value = encode_doc({"format_version": FORMAT_VERSION, "tensors": specs})
     for key, value in (extra or {}).items():
         model.metadata_props.add(key=key, value=value)
 
@@ -462,7 +462,7 @@ def _read_encodings(path: Path, model: onnx.ModelProto,
     if raw is None:
         return {}
     try:
-        doc = json.loads(raw)
+        doc = decode_doc(raw)
         if doc.get("format_version", 0) > FORMAT_VERSION:
             raise ModelReadError(f"{path}: written by a newer modelpress; upgrade modelpress")
         specs = dict(doc["tensors"])

@@ -137,28 +137,22 @@ _PASS_THROUGH = {"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze", 
                  "Relu", "Clip", "Dropout"}
 
 
-# Sensitive tensors get backup precision only while they hold at most this share of
-# the weight elements: in language models embeddings and heads hold 3-15% (6 bits
-# instead of 4 then cost at most 0.5 bits per weight overall); in a tiny model they
-# can hold half of it, and raising them would cost the size the user asked for.
-SENSITIVE_SHARE = 0.25
-
-
 def sensitive_tensors(model: onnx.ModelProto, roles: dict[str, tuple[str, int, int]],
-                      sizes: dict[str, int] | None = None) -> dict[str, str]:
-    """Tensor name -> "embedding" (Gather tables) or "head" (the output layer's weight).
+                      sizes: dict[str, int] | None = None) -> tuple[dict[str, str], float]:
+    """Tensor name -> "embedding" (Gather tables) or "head" (the output layer's weight),
+    and the share of the weights' elements they hold together (0 without `sizes`).
 
     The head is the weight of each last MatMul/Gemm on a path to a graph output
-    that passes only through shape and single-input elementwise ops. With
-    `sizes` (elements per weight), none is returned when together they hold
-    more than SENSITIVE_SHARE of the weights' elements.
+    that passes only through shape and single-input elementwise ops. When
+    every weight is sensitive there is nothing to hold them above: none is
+    returned.
     """
     found = _sensitive(model, roles)
-    if sizes:
-        total = sum(sizes.get(name, 0) for name in roles)
-        if sum(sizes.get(name, 0) for name in found) > SENSITIVE_SHARE * total:
-            return {}
-    return found
+    if not sizes or not found:
+        return found, 0.0
+    total = sum(sizes.get(name, 0) for name in roles)
+    share = sum(sizes.get(name, 0) for name in found) / total if total else 0.0
+    return ({}, 0.0) if share >= 1.0 else (found, share)
 
 
 def _sensitive(model: onnx.ModelProto, roles: dict[str, tuple[str, int, int]]) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from formats.onnx_meta import decode_doc, encode_doc
 
 from corpus import (BIG, SAMPLES, compressed, entry, external_model, good_onnx, onnx_model,
                     save_onnx, weights)
@@ -245,9 +246,9 @@ def _(d):
 def _(d):
     p = compressed(d, "mlp.onnx", ["quantize", "bits", 4])
     model = onnx.load(str(p))
-    meta = json.loads(model.metadata_props[0].value)
+    meta = decode_doc(model.metadata_props[0].value)
     meta["tensors"]["fc1.weight"]["initializers"]["codes"] = "no-such-tensor"
-    model.metadata_props[0].value = json.dumps(meta)
+    model.metadata_props[0].value = encode_doc(meta)
     return {"path": save_onnx(p, model), "read_error": "tensor 'fc1.weight' lacks"}
 
 
@@ -255,9 +256,9 @@ def _(d):
 def _(d):
     p = compressed(d, "mlp.onnx", ["quantize", "bits", 4])
     model = onnx.load(str(p))
-    meta = json.loads(model.metadata_props[0].value)
+    meta = decode_doc(model.metadata_props[0].value)
     meta["tensors"]["fc1.weight"]["shape"] = [1000, 1000]
-    model.metadata_props[0].value = json.dumps(meta)
+    model.metadata_props[0].value = encode_doc(meta)
     return {"path": save_onnx(p, model), "compress_error": "already compressed",
             "decode_error": "tensor 'fc1.weight': corrupt modelpress encoding"}
 

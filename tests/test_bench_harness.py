@@ -175,3 +175,44 @@ def test_harness_runs_modelpress_and_a_peer_on_a_tiny_model(tmp_path):
         assert row.error.rel_l2 < 0.05 and set(row.latency) == {1, 0}
     assert mp.time_ratio == 1.0 and qd.time_ratio > 0
     assert bad.status == "failed" and "--bits" in bad.notes[0]
+
+
+def test_equal_coverage_row_quantizes_exactly_the_peers_weights(tmp_path):
+    from benchmarks.peerbench import coverage
+    from benchmarks.peerbench.analysis import WeightStats
+    from benchmarks.peerbench.measure import ProcessRun
+    from benchmarks.peerbench.report import Row
+
+    # the peer's weight has glob characters in its name and is under --min-elements (1,024
+    # elements), like open_nsfw's one MatMul weight: only --include can select it
+    src = matmul_model(tmp_path / "m.onnx", {"blk[0].w?": rng_weights(16, 64, seed=21) * 0.1,
+                                             "w1": rng_weights(64, 96, seed=22) * 0.1})
+    case = models.ModelCase("tiny", "tiny MLP", src, None,
+                            lambda: {"x": rng_weights(8, 16, seed=23)}, "random", 8)
+    ref = Config("mp int4", "modelpress", 4, ("quantize", "--bits", "4", "--all-layers"))
+    peer = Config("ort g32", "ort_nbits", 4, options={"bits": 4, "block_size": 32})
+    full = Config("gguf Q4_0", "gguf", 4, options={"type": "Q4_0"})
+
+    def row(cfg, weights):  # a measured row as run_case leaves it
+        r = Row(cfg, run=ProcessRun(1.0, None, 0))
+        r.stats = WeightStats(7168, per_weight={k: (n, 1.0, 0.1) for k, n in weights.items()})
+        r.stats.changed_elements = sum(weights.values())
+        return r
+
+    rows = [row(ref, {"h1": 6144}), row(peer, {"h0": 1024}), row(full, {"h0": 1024, "h1": 6144})]
+    settings = bench.Settings(tmp_path / "work", latency_budget=0.05, references={4: "mp int4"})
+    original = bench.OnnxOriginal(case)
+    got = bench._equal_coverage_rows(rows, [ref, peer, full], case, src, original, settings, {},
+                                     lambda _: None)
+    assert [r.config.label for r in got] == ["mp int4", "mp int4, onnxruntime's coverage",
+                                             "ort g32", "gguf Q4_0"]  # gguf changed more: none
+    eq = got[1]
+    assert eq.config.args == ref.args + ("--include", "blk[[]0].w[?]")
+    assert eq.config.covers == ("ort g32",)
+    assert eq.status == "ok", eq.notes
+    assert set(eq.stats.per_weight) == {"h0"} and eq.stats.changed_elements == 1024
+    assert eq.notes[0] == ("as mp int4, only the weights ort g32 changed "
+                           "(--include `blk[[]0].w[?]`)")
+    assert eq.error is not None and 0 < eq.error.rel_l2 < 0.3
+    rows[1].stats.changed_elements = 6144  # as many as the reference: no row
+    assert coverage.equal_coverage_configs(rows, ref, original.model) == []

@@ -50,17 +50,25 @@ def _row(cfg, *, seconds=1.0, weights=None, total=None, bytes_=0, rel=None, lat=
     return row
 
 
-def _int4_case(name, mp_err=1.0, mp_rel=0.05, mp_seconds=2.0, mp_bytes=4500):
-    # two weights: "mm" (MatMul, 6000 elements) and "conv" (2000); ORT changes only "mm"
+# what bench.run_case adds when ORT changes fewer weights: modelpress on ORT's weights only
+MP4_AT_ORT = Config("mp int4, onnxruntime's coverage", "modelpress", 4,
+                    ("quantize", "--bits", "4", "--include", "mm"), covers=("ort g32", "ort default"))
+
+
+def _int4_case(name, mp_err=1.0, mp_rel=0.07, mp_seconds=2.0, mp_bytes=4500, eq_rel=0.05):
+    # two weights: "mm" (MatMul, 6000 elements) and "conv" (2000); ORT changes only "mm", so its
+    # error as run (0.06) is below modelpress's (0.07); at its coverage modelpress has 0.05
     mp = _row(MP4, seconds=mp_seconds, bytes_=mp_bytes, rel=mp_rel, lat=0.8,
               weights={"mm": (6000, 1000.0, mp_err), "conv": (2000, 100.0, 0.1)})
+    eq = _row(MP4_AT_ORT, bytes_=3375, rel=eq_rel, lat=0.8, total=8000,
+              weights={"mm": (6000, 1000.0, mp_err)})
     q4 = _row(Q4, bytes_=4500, rel=0.08, weights={"mm": (6000, 1000.0, 2.0),
                                                   "conv": (2000, 100.0, 0.2)})
     ort = _row(ORT32, seconds=2.0, bytes_=3844, rel=0.06, total=8000,
                weights={"mm": (6000, 1000.0, 1.5)})
     ort_default = _row(ORT128, seconds=1.5, bytes_=3500, rel=0.07, total=8000,
                        weights={"mm": (6000, 1000.0, 1.8)})
-    return summary.CaseResult(name, "onnx", [mp, q4, ort, ort_default],
+    return summary.CaseResult(name, "onnx", [mp, eq, q4, ort, ort_default],
                               {"MatMul": 6_000_000, "Conv": 2000})
 
 
@@ -74,12 +82,18 @@ def test_int4_check_passes_and_quotes_common_sqnr():
     assert "SQNR 30.00 dB vs ort g32 28.24 dB on 6,000 common elements" in check.figures
     assert "4.500 bits/weight" in check.figures
     assert "time 2.00 s = 1.33x ort default (1.50 s)" in check.figures
+    # ORT skips "conv": its lower error as run is shown, the equal-coverage row decides
+    assert ("output rel. L2 0.0700 (100.0% coverage) vs ort g32 0.0600 (75.0% coverage) as run, "
+            "not decisive (it skips weights)") in check.figures
+    assert ("at ort g32's coverage: mp int4, onnxruntime's coverage 0.0500 (75.0% coverage) "
+            "vs 0.0600") in check.figures
 
 
 @pytest.mark.parametrize("kwargs,reason", [
     ({"mp_err": 1.6}, "SQNR not above ort g32"),         # 27.95 dB on mm < 28.24
     ({"mp_err": 1.8}, "SQNR not 1 dB above Q4_0"),       # 27.2 dB vs 26.99 on both
-    ({"mp_rel": 0.065}, "output error not below ort g32"),
+    ({"eq_rel": 0.065}, "output error at equal coverage not below ort g32"),
+    ({"mp_rel": 0.09}, "output error not below gguf Q4_0"),
     ({"mp_seconds": 2.3}, "time above 1.5x onnxruntime's"),
     ({"mp_bytes": 4600}, "bits/weight above 4.5"),
 ])
@@ -101,7 +115,8 @@ def test_int4_models_missing_are_not_measured():
 ])
 def test_int4_safetensors_check_against_q4_0(mp_err, mp_bytes, status, reason):
     onnx_case = _int4_case("synthetic", mp_err=mp_err, mp_bytes=mp_bytes)
-    case = summary.CaseResult("synthetic", "safetensors", onnx_case.rows[:2], {})
+    mp, q4 = (next(r for r in onnx_case.rows if r.config is c) for c in (MP4, Q4))
+    case = summary.CaseResult("synthetic", "safetensors", [mp, q4], {})
     check = summary.int4_checks([case], "mp int4")[-1]
     assert check.item == "int4 beats Q4_0: synthetic (safetensors)"
     assert check.status == status and reason in check.figures, check.figures
@@ -212,6 +227,7 @@ def test_percentages_never_round_to_none_or_all(share, text):
 
 def test_int4_check_without_common_weights_is_not_measured():
     case = _int4_case("open_nsfw")
+    case.rows = [r for r in case.rows if r.config is not MP4_AT_ORT]  # no equal-coverage row
     ort = next(r for r in case.rows if r.config is ORT32)
     ort.stats.per_weight = {"fc": (2000, 10.0, 0.1)}  # a weight modelpress left alone
     check = summary.int4_checks([case], "mp int4")[2]
@@ -276,3 +292,48 @@ def test_scale_figures_read_from_printed_tables():
     assert st_check.status == summary.FAIL and "int4 peak RSS over the limit" in st_check.figures
     assert onnx_check.status == summary.PASS and onnx_check.figures.endswith("(read from tables)")
     assert scale_link.parse_tables("no tables here") is None
+
+
+def test_int4_output_error_at_equal_coverage_needs_the_row_and_all_the_weights():
+    case = _int4_case("magika")
+    case.rows = [r for r in case.rows if r.config is not MP4_AT_ORT]
+    check = summary.int4_checks([case], "mp int4")[1]
+    assert check.status == summary.UNKNOWN
+    assert "no equal-coverage modelpress row for ort g32" in check.figures
+    case = _int4_case("magika")
+    eq = next(r for r in case.rows if r.config is MP4_AT_ORT)
+    eq.stats.per_weight = {"other": (6000, 1000.0, 1.0)}  # not the weight ORT changed
+    check = summary.int4_checks([case], "mp int4")[1]
+    assert check.status == summary.FAIL
+    assert "the equal-coverage row leaves 1 of the weights ort g32 changed" in check.figures
+    eq.status, eq.notes = "failed", ["boom"]
+    check = summary.int4_checks([case], "mp int4")[1]
+    assert check.status == summary.FAIL and "equal-coverage row failed (ort g32)" in check.figures
+
+
+def test_int4_sqnr_falls_back_to_the_equal_coverage_row():
+    case = _int4_case("open_nsfw")
+    for row in case.rows:  # ORT changed only "fc", which the reference left (too small)
+        if row.config in (ORT32, ORT128, MP4_AT_ORT):
+            row.stats.per_weight = {"fc": (2000, 10.0, 0.1 if row.config is ORT32 else 0.05)}
+            row.stats.changed_elements = 2000
+    check = summary.int4_checks([case], "mp int4")[2]
+    assert check.status == summary.PASS, check.figures
+    # 10 log10(10 / 0.05) = 23.01 dB against 10 log10(10 / 0.1) = 20.00 dB
+    assert ("SQNR 23.01 dB vs ort g32 20.00 dB on 2,000 common elements (25.0% coverage, "
+            "modelpress from mp int4, onnxruntime's coverage)") in check.figures
+
+
+def test_int8_check_uses_equal_coverage_when_a_peer_skips_weights():
+    mp = _row(MP8, rel=0.02, weights={"a": (10, 1.0, 0.0001), "b": (30, 1.0, 0.0001)})
+    qd = _row(QD, rel=0.01, total=40, weights={"a": (10, 1.0, 0.001)})
+    at_qd = Config("mp int8, onnxruntime's coverage", "modelpress", 8, covers=("qd",))
+    eq = _row(at_qd, rel=0.005, total=40, weights={"a": (10, 1.0, 0.0001)})
+    (check,) = summary.int8_checks([summary.CaseResult("cnn", "onnx", [mp, eq, qd])], "mp int8")
+    assert check.status == summary.PASS, check.figures
+    assert "at qd's coverage: mp int8, onnxruntime's coverage 0.0050 (25.0% coverage) vs " \
+           "0.0100" in check.figures
+    eq.error = OutputError(0.011, 1.0, "y")
+    (check,) = summary.int8_checks([summary.CaseResult("cnn", "onnx", [mp, eq, qd])], "mp int8")
+    assert check.status == summary.FAIL
+    assert "output error at equal coverage not below qd" in check.figures

@@ -49,13 +49,12 @@ def test_transformer_int4_g32(tmp_path: Path, samples: Path) -> None:
     ids = np.load(samples / "transformer_test_inputs.npz")["input_ids"]
     ref = ort_run(samples / "transformer.onnx", {"input_ids": ids})[0]
     got = ort_run(out, {"input_ids": ids})[0]
-    # Measured 0.1136 at 0.185x (top-1 agreement 93.1%). Issue 2 asked for < 0.10; with
-    # --group-size 32 given, the embeddings and the LM head (54% of the weights, each passing
-    # its weight error straight to the logits) stay at 4 bits: backup precision is skipped
-    # when they hold over a quarter of the weights. Measured alternatives: `quantize --bits 4`
-    # (groups of 16 with coded scales) 0.097 at 0.187x (test below); embed_tokens alone at
-    # 5 bits through a second quantize stage 0.098 at 0.199x.
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.12
+    # Issue 2: under 10%. Measured 0.0786 at 0.196x: the embeddings and the LM head hold 58% of
+    # the weights and pass their error straight to the logits; the default backup gives them
+    # 5 bits (one extra bit on 58% of the weights, within the one-bit budget). At 4 bits they
+    # measured 0.114.
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.10
+    assert "int5 g32 asym s8" in result.stdout
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.90
     assert "opset raised from 17 to 18" in result.stdout
 
@@ -69,8 +68,8 @@ def test_transformer_int4_default_groups(tmp_path: Path, samples: Path) -> None:
     ids = np.load(samples / "transformer_test_inputs.npz")["input_ids"]
     ref = ort_run(samples / "transformer.onnx", {"input_ids": ids})[0]
     got = ort_run(out, {"input_ids": ids})[0]
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.10   # measured 0.0971
-    assert "int4 g16 asym s5 z2" in result.stdout
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.10   # measured 0.0683
+    assert "int4 g16 asym s5 z2" in result.stdout and "int5 g16 asym s5 z2" in result.stdout
 
 
 @pytest.mark.parametrize("stages", [["quantize", "--bits", "8", "prune", "--sparsity", "0.5"],

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compress_core import ModelReadError, Options, Prune, Quantize, Recipe, compress, decompress
 from compress_core.quantize import quantize_array
 from formats import open_model
+from formats.onnx_meta import decode_doc, encode_doc
 
 from conftest import run_cli, sha256, write_safetensors
 from corpus import good_onnx, onnx_model, save_onnx, st_raw, weights
@@ -157,9 +158,9 @@ def _compressed_onnx(tmp_path: Path, samples: Path, edit) -> Path:
     out = tmp_path / "c.onnx"
     compress(samples / "mlp.onnx", out, Recipe([Quantize(bits=4)]))
     model = onnx.load(str(out))
-    meta = json.loads(model.metadata_props[0].value)
+    meta = decode_doc(model.metadata_props[0].value)
     edit(meta["tensors"]["fc1.weight"])
-    model.metadata_props[0].value = json.dumps(meta)
+    model.metadata_props[0].value = encode_doc(meta)
     return save_onnx(out, model)
 
 

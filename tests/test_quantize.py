@@ -80,8 +80,10 @@ def test_all_zero_tensor_quantizes_to_zero() -> None:
     np.testing.assert_array_equal(q.decode(), w)
 
 
-def _plan(stage: Quantize, fmt: str | None, shape=(256, 640), sensitive=None) -> tuple:
-    info = TensorInfo("w", shape, np.dtype(np.float32), True, 0, 1, "linear", fmt, sensitive)
+def _plan(stage: Quantize, fmt: str | None, shape=(256, 640), sensitive=None,
+          share=None) -> tuple:
+    info = TensorInfo("w", shape, np.dtype(np.float32), True, 0, 1, "linear", fmt, sensitive,
+                      share)
     p = stage.plan(info)
     return (p.bits, p.symmetric, p.granularity, p.group_size, p.method, p.scale_bits,
             p.zero_bits)
@@ -104,6 +106,22 @@ def test_defaults_resolve_per_format_and_role() -> None:
     assert _plan(Quantize(bits=4), "safetensors", sensitive="embedding")[0] == 4
     assert _plan(Quantize(bits=4, backup_bits=8), "safetensors", sensitive="embedding")[0] == 8
     assert _plan(Quantize(bits=8), "onnx", sensitive="head")[0] == 8
+
+
+@pytest.mark.parametrize("bits, share, expected", [
+    (4, 0.03, 6), (4, 0.25, 6), (4, 0.26, 6), (4, 0.51, 5), (4, 0.58, 5), (4, 0.99, 5),
+    (2, 0.25, 6), (2, 0.30, 5), (3, 0.40, 5), (3, 0.51, 4), (5, 0.9, 6)])
+def test_default_backup_adds_at_most_one_bit_per_weight(bits: int, share: float,
+                                                         expected: int) -> None:
+    # The extra bits of the backup, averaged over the model, stay within BACKUP_BUDGET (1).
+    got = _plan(Quantize(bits=bits), "onnx", sensitive="embedding", share=share)[0]
+    assert got == expected
+    assert (got - bits) * share <= 1.0
+
+
+def test_explicit_backup_bits_are_applied_whatever_the_share() -> None:
+    assert _plan(Quantize(bits=4, backup_bits=6), "onnx", sensitive="head", share=0.58)[0] == 6
+    assert _plan(Quantize(bits=4, all_layers=True), "onnx", sensitive="head", share=0.58)[0] == 4
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from compress_core import (Cast, Cluster, Factorize, Options, Prune, Quantize, Recipe, compare,
                            compress, decompress)
 from formats import open_model
+from formats.onnx_meta import decode_doc
 from formats.st_header import read_header
 
 from conftest import SAMPLES, ort_run
@@ -72,7 +73,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 def check_onnx(src: Path, dst: Path, report, model: str) -> None:
     proto = onnx.load(str(dst))
     onnx.checker.check_model(proto, full_check=True)
-    specs = json.loads(next(p.value for p in proto.metadata_props if p.key == "modelpress"))
+    specs = decode_doc(next(p.value for p in proto.metadata_props if p.key == "modelpress"))
     specs = specs["tensors"]
     inits = {t.name: t for t in proto.graph.initializer}
     wanted = []

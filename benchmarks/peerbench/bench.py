@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import analysis, evaluate
+from . import analysis, coverage, evaluate
 from .measure import ProcessRun, run_timed
 from .models import ModelCase
 from .report import THREADS, Row
@@ -54,50 +54,81 @@ class OnnxOriginal:
 
 def run_case(case: ModelCase, fmt: str, configs: list[Config], settings: Settings,
              log: Callable[[str], None]) -> tuple[list[Row], object | None]:
-    """All configurations on the case's `fmt` file; returns the rows and the ONNX original."""
+    """All configurations on the case's `fmt` file, then (ONNX) an equal-coverage modelpress row
+    for each peer that changed fewer weights than the modelpress reference at its bits; returns
+    the rows and the ONNX original."""
     src = case.onnx if fmt == "onnx" else case.safetensors
     original = OnnxOriginal(case) if fmt == "onnx" else None
     st_weights = analysis.safetensors_weights(src) if fmt == "safetensors" else None
     rows: list[Row] = []
     times: dict[str, float] = {}
     for cfg in configs:
-        if fmt not in cfg.formats:
-            continue
-        row = Row(cfg)
-        rows.append(row)
-        missing = cfg.missing()
-        if missing:
-            row.status, row.notes = "skipped", [missing]
-            log(f"  {cfg.label}: skipped ({missing})")
-            continue
-        out_dir = settings.workdir / "out" / case.name / fmt / _slug(cfg.label)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        dst = out_dir / (case.name + cfg.suffix(fmt))
-        row.run = _timed_runs(cfg.command(src, dst), settings)
-        if not row.run.ok or not dst.exists():
-            row.status = "failed"
-            row.notes = [row.run.error or "no output written"]
-            log(f"  {cfg.label}: failed ({row.notes[0]})")
-            shutil.rmtree(out_dir, ignore_errors=True)
-            continue
-        times[cfg.label] = row.run.seconds
-        row.size = analysis.folder_bytes(out_dir)
-        row.size_ratio = row.size / src.stat().st_size
-        try:
-            if fmt == "onnx":
-                _analyse_onnx(row, dst, original, settings)
-            else:
-                _analyse_safetensors(row, dst, st_weights)
-        except Exception as exc:  # noqa: BLE001 - a broken output is a table row, not a crash
-            row.notes.append(f"analysis failed: {first_line(exc)}")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        log(f"  {cfg.label}: {row.run.seconds:.2f} s")
+        if fmt in cfg.formats:
+            rows.append(_run_one(cfg, case, fmt, src, original, st_weights, settings, times, log))
+    if original is not None:
+        rows = _equal_coverage_rows(rows, configs, case, src, original, settings, times, log)
     for row in rows:
         ref = (settings.references or {}).get(row.config.bits)
         if row.status == "ok" and ref in times:
             row.time_ratio = row.run.seconds / times[ref]
     return rows, original
+
+
+def _equal_coverage_rows(rows: list[Row], configs: list[Config], case: ModelCase, src: Path,
+                         original: "OnnxOriginal", settings: Settings, times: dict[str, float],
+                         log: Callable[[str], None]) -> list[Row]:
+    """The rows with equal-coverage modelpress rows (coverage.py) run and placed after the last
+    modelpress row."""
+    extra: list[Row] = []
+    for label in (settings.references or {}).values():
+        reference = next((c for c in configs if c.label == label), None)
+        if reference is None:
+            continue
+        for cfg in coverage.equal_coverage_configs(rows, reference, original.model):
+            row = _run_one(cfg, case, "onnx", src, original, None, settings, times, log)
+            note = coverage.coverage_note(row, reference)
+            # a failed row's first note is why (the table shows only that one)
+            row.notes.insert(0 if row.status == "ok" else len(row.notes), note)
+            extra.append(row)
+    last = max((i for i, r in enumerate(rows) if r.config.driver == "modelpress"), default=-1)
+    return rows[:last + 1] + extra + rows[last + 1:]
+
+
+def _run_one(cfg: Config, case: ModelCase, fmt: str, src: Path, original: "OnnxOriginal | None",
+             st_weights: dict[str, np.ndarray] | None, settings: Settings,
+             times: dict[str, float], log: Callable[[str], None]) -> Row:
+    """One configuration on one file: run it, read its output back, measure (a row, whatever
+    happens)."""
+    row = Row(cfg)
+    missing = cfg.missing()
+    if missing:
+        row.status, row.notes = "skipped", [missing]
+        log(f"  {cfg.label}: skipped ({missing})")
+        return row
+    out_dir = settings.workdir / "out" / case.name / fmt / _slug(cfg.label)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    dst = out_dir / (case.name + cfg.suffix(fmt))
+    row.run = _timed_runs(cfg.command(src, dst), settings)
+    if not row.run.ok or not dst.exists():
+        row.status = "failed"
+        row.notes = [row.run.error or "no output written"]
+        log(f"  {cfg.label}: failed ({row.notes[0]})")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return row
+    times[cfg.label] = row.run.seconds
+    row.size = analysis.folder_bytes(out_dir)
+    row.size_ratio = row.size / src.stat().st_size
+    try:
+        if fmt == "onnx":
+            _analyse_onnx(row, dst, original, settings)
+        else:
+            _analyse_safetensors(row, dst, st_weights)
+    except Exception as exc:  # noqa: BLE001 - a broken output is a table row, not a crash
+        row.notes.append(f"analysis failed: {first_line(exc)}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log(f"  {cfg.label}: {row.run.seconds:.2f} s")
+    return row
 
 
 def _timed_runs(cmd: list[str], settings: Settings) -> ProcessRun:

@@ -117,6 +117,10 @@ Columns:
   rank >= 2 used by MatMul, Gemm, Conv, ConvTranspose and Gather, one per consuming node;
   safetensors: every floating-point tensor of rank >= 2). Tools skip weights: onnxruntime's 4-bit
   quantizer only takes MatMul, modelpress skips tensors under 4096 elements by default.
+  Where a peer changed fewer weight elements than the modelpress reference at its bits, a row
+  "<reference>, <peer>'s coverage" follows the modelpress rows: the reference's arguments plus
+  `--include` naming each tensor that peer changed (read back from the peer's output), so its
+  output error can be compared with the peer's on the same weights.
 - SQNR changed: 10 log10(sum w^2 / sum (w - w')^2) over the changed weights only; SQNR all: over
   every weight-like element, unchanged ones counting as exact. Weights are read back exactly from
   each output (onnxruntime evaluates DequantizeLinear and decode chains; MatMulNBits and

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import coverage
 from .models import ROOT
 from .report import Row, pct
 
@@ -29,8 +30,13 @@ How the items are read:
   modelpress configurations of run.py); the latency item covers every modelpress row.
 - SQNR is compared on the weights both tools changed (onnxruntime's 4-bit quantizer changes only
   MatMul weights); "above onnxruntime's RTN at block 32" means above each of its block-32 rows
-  (symmetric and asymmetric). Output errors are as run: a peer that skips weights has less error
-  for it, so its coverage is quoted.
+  (symmetric and asymmetric). Where the reference changed none of a peer's weights (they are
+  under --min-elements), the equal-coverage row's SQNR on them is used (named in the figures).
+- Output error: where a peer changed as many weight elements as the modelpress reference, the
+  outputs are compared as run. Where it changed fewer (it skips weights, which then add no
+  error), both comparisons are shown and the check uses the equal-coverage row: the reference's
+  arguments restricted with --include to exactly the tensors the peer changed (read from its
+  output), so both quantize the same weights; that row must also change all of them.
 - The 4-bit time is compared with the fastest onnxruntime MatMulNBits row.
 - Latency is the default-threads column (default session options). MatMul-heavy: at least
   {MATMUL_HEAVY_SHARE:.0%} of the weight elements feed MatMul/Gemm, and at least
@@ -166,13 +172,9 @@ def _vs_q4_0(case: CaseResult, mp: Row, figures: list[str]) -> list[str]:
     failures = []
     if ours is None or theirs is None or ours < theirs + SQNR_MARGIN_Q4_0:
         failures.append(f"SQNR not {SQNR_MARGIN_Q4_0:g} dB above Q4_0")
-    if mp.error and q4.error:
-        figures.append(f"output rel. L2 {mp.error.rel_l2:.4f} vs Q4_0 {q4.error.rel_l2:.4f}")
-        if mp.error.rel_l2 >= q4.error.rel_l2:
-            failures.append("output error not below Q4_0")
-    else:
-        failures.append("output error missing")
-    return failures
+    found, failed = _error_against(case, mp, q4)
+    figures += found
+    return failures + failed
 
 
 def _vs_ort_g32(case: CaseResult, mp: Row, figures: list[str]) -> list[str]:
@@ -186,23 +188,59 @@ def _vs_ort_g32(case: CaseResult, mp: Row, figures: list[str]) -> list[str]:
     failures = []
     for r in ran:
         ours, theirs, n = _common_sqnr(mp, r)
-        if not n:  # e.g. onnxruntime changed only tensors modelpress leaves (under --min-elements)
+        source = ""
+        eq = coverage.covering_row(case.rows, r)
+        if not n and _ok(eq) and eq.stats is not None:
+            # onnxruntime changed only tensors the reference leaves (under --min-elements): the
+            # equal-coverage row has the reference's settings on exactly those tensors
+            ours, theirs, n = _common_sqnr(eq, r)
+            source = f", modelpress from {eq.config.label}"
+        if not n:
             figures.append(f"SQNR vs {r.config.label}: no weight changed by both ({_cov(r)})")
             failures.append(UNKNOWN)
             continue
         figures.append(f"SQNR {_db(ours)} vs {r.config.label} {_db(theirs)} on {n:,} common "
-                       f"elements ({_cov(r)})")
+                       f"elements ({_cov(r)}{source})")
         if ours <= theirs:
             failures.append(f"SQNR not above {r.config.label}")
     for r in ran:
-        if mp.error and r.error:
-            figures.append(f"output rel. L2 {mp.error.rel_l2:.4f} vs {r.config.label} "
-                           f"{r.error.rel_l2:.4f}")
-            if mp.error.rel_l2 >= r.error.rel_l2:
-                failures.append(f"output error not below {r.config.label}")
-        else:
-            failures.append(f"output error missing ({r.config.label})")
+        found, failed = _error_against(case, mp, r)
+        figures += found
+        failures += failed
     return failures
+
+
+def _error_against(case: CaseResult, mp: Row, peer: Row,
+                   quote_mp: bool = True) -> tuple[list[str], list[str]]:
+    """Figures and failures of "modelpress's output error is below the peer's". As run when both
+    changed as many weights; when the peer changed fewer, both the as-run figures and those of
+    the equal-coverage modelpress row (coverage.py), which decides: weights a peer leaves in float
+    add no error, so the as-run comparison measures coverage, not the quantizer."""
+    label = peer.config.label
+    if mp.error is None or peer.error is None:
+        return [], [f"output error missing ({label})"]
+    theirs = f"{peer.error.rel_l2:.4f} ({_cov(peer)})"
+    as_run = (f"output rel. L2 {mp.error.rel_l2:.4f} ({_cov(mp)}) vs {label} {theirs}" if quote_mp
+              else f"{label}: {theirs}")
+    if not coverage.skips_more(peer, mp):
+        below = mp.error.rel_l2 < peer.error.rel_l2
+        return [as_run], [] if below else [f"output error not below {label}"]
+    figures = [as_run + " as run, not decisive (it skips weights)"]
+    eq = coverage.covering_row(case.rows, peer)
+    if eq is None:
+        return figures + [f"no equal-coverage modelpress row for {label}"], [UNKNOWN]
+    if not _ok(eq) or eq.error is None or eq.stats is None:
+        return figures + [_why(eq, eq.config.label)], [f"equal-coverage row failed ({label})"]
+    figures.append(f"at {label}'s coverage: {eq.config.label} {eq.error.rel_l2:.4f} "
+                   f"({_cov(eq)}) vs {peer.error.rel_l2:.4f}")
+    failures = []
+    lacking = coverage.changed(peer) - coverage.changed(eq)
+    if lacking:
+        failures.append(f"the equal-coverage row leaves {len(lacking)} of the weights {label} "
+                        f"changed")
+    if eq.error.rel_l2 >= peer.error.rel_l2:
+        failures.append(f"output error at equal coverage not below {label}")
+    return figures, failures
 
 
 def _vs_ort_time(case: CaseResult, mp: Row, figures: list[str]) -> list[str]:
@@ -236,11 +274,12 @@ def int8_checks(cases: list[CaseResult], ref8: str) -> list[Check]:
                                f"({'; '.join(peer.notes) or 'no output error'})")
                 continue
             compared += 1
-            skipped = " (skips weights)" if peer.stats and peer.stats.coverage < 1 else ""
-            figures.append(f"{peer.config.label}: {peer.error.rel_l2:.4f} ({_cov(peer)}){skipped}")
-            if mp.error.rel_l2 >= peer.error.rel_l2:
-                failures.append(f"not below {peer.config.label}")
-        status = (FAIL if failures else PASS) if compared else UNKNOWN
+            found, failed = _error_against(case, mp, peer, quote_mp=False)
+            figures += found
+            failures += failed
+        real = [f for f in failures if f != UNKNOWN]
+        status = (FAIL if real else UNKNOWN if failures else PASS) if compared else UNKNOWN
+        failures = real
         if failures:
             figures.append("failed: " + "; ".join(failures))
         out.append(Check(f"{item}: {case.name}", status, "; ".join(figures)))

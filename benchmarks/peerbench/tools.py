@@ -26,7 +26,8 @@ REQUIREMENTS = {
 class Config:
     """One tool at one setting. `driver` is "modelpress" (the CLI, `args` are its stage
     arguments) or a peer driver of driver.py (`options` are passed to it). `bits` chooses the
-    modelpress run whose time is the reference (8 or 4). `formats` are the inputs it reads."""
+    modelpress run whose time is the reference (8 or 4). `formats` are the inputs it reads.
+    An equal-coverage row (coverage.py) names in `covers` the peer rows whose weights it takes."""
 
     label: str
     driver: str
@@ -36,6 +37,7 @@ class Config:
     formats: tuple[str, ...] = ("onnx",)
     output_suffix: str = ""
     needs: tuple[str, ...] = ()  # modelpress options this row needs (checked against --help)
+    covers: tuple[str, ...] = ()  # peers whose changed weights this row is restricted to
 
     def missing(self) -> str | None:
         """Why this tool cannot run here (with the pip command), or None."""
