@@ -12,6 +12,10 @@ out while it is in cache, in buffers reused from block to block. Rows are
 independent under per-channel scales, so codes and scales are bit for bit
 those of `quantize_array`; the error sums are those of `metrics.compare`
 taken over other chunks, equal to float rounding.
+
+`quantize_measured` is the pipeline's entry to the measured kernels: this
+one, and `quantize_coded.quantize_coded_measured` for any quantization with
+scale codes (ONNX's defaults), which measures its blocks the same way.
 """
 
 from __future__ import annotations

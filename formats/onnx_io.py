@@ -23,9 +23,8 @@ from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
                          weight_roles)
-from .onnx_wire import RawSpans, parse_mapped
+from .onnx_wire import RawSpans, is_binary, map_tensor, mappable, parse_mapped
 from .onnx_write import place_remaining, save_model, staged, wants_external
-from .filedata import map_range
 from .tree_check import check_tree
 
 METADATA_KEY = "modelpress"
@@ -70,9 +69,12 @@ class OnnxStore:
         """One tensor's values (read-only)."""
         tensor = self._locations[name].tensor
         span = self._spans.span(tensor)
-        if span is not None and tensor.data_type in _MAPPED_TYPES:
-            # Straight from the page cache: no copy of raw_data.
-            return _map_tensor(self.path, tensor, span[0])
+        if span is not None and mappable(tensor):
+            try:  # straight from the page cache: no copy of raw_data
+                return map_tensor(self.path, tensor, span[0])
+            except (OSError, ValueError) as exc:
+                raise ModelReadError(f"{self.path}: cannot read tensor {tensor.name!r}: "
+                                     f"{exc}") from None
         return _read_tensor(self.path, tensor)
 
     # -- compressed content --------------------------------------------------
@@ -234,7 +236,7 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int:
 def _load(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
     """The model (its external data not loaded) and where its initializers' raw_data lie."""
     try:
-        if _binary_format(path):
+        if is_binary(path):
             model, spans = parse_mapped(path)
         else:
             model, spans = onnx.load(str(path), load_external_data=False), RawSpans()
@@ -253,28 +255,6 @@ def _load(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
         raise ModelReadError(f"{path}: not a valid ONNX model (the name {bad!r} is not UTF-8 "
                              "text)")
     return model, spans
-
-
-def _binary_format(path: Path) -> bool:
-    """Whether onnx.load would read `path` as binary protobuf (it picks text formats such
-    as .textproto or .json by extension)."""
-    from onnx import serialization
-    return serialization.registry.get_format_from_file_extension(path.suffix) in (
-        None, "protobuf")
-
-
-# Types whose raw_data numpy reads as it is (onnx's to_array unpacks 4-bit and 2-bit types).
-_MAPPED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                 onnx.TensorProto.BFLOAT16}
-
-
-def _map_tensor(path: Path, tensor: onnx.TensorProto, offset: int) -> np.ndarray:
-    """A tensor's raw_data at `offset` in the model file, mapped (as to_array reads it)."""
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    try:
-        return map_range(path, offset, dtype, tuple(tensor.dims))
-    except (OSError, ValueError) as exc:
-        raise ModelReadError(f"{path}: cannot read tensor {tensor.name!r}: {exc}") from None
 
 
 def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:

@@ -20,7 +20,10 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
+import numpy as np
 import onnx
+
+from .filedata import map_range
 
 _MODEL_GRAPH = 7        # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
@@ -90,6 +93,30 @@ def parse_mapped(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
             if span is not None and tensor.HasField("raw_data"):
                 spans.add(tensor, *span)
     return model, spans
+
+
+def is_binary(path: Path) -> bool:
+    """Whether onnx.load would read `path` as binary protobuf (it picks text formats such
+    as .textproto or .json by extension)."""
+    from onnx import serialization
+    return serialization.registry.get_format_from_file_extension(Path(path).suffix) in (
+        None, "protobuf")
+
+
+# Types whose raw_data numpy reads as it is (onnx's to_array unpacks 4-bit and 2-bit types).
+_MAPPED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                 onnx.TensorProto.BFLOAT16}
+
+
+def mappable(tensor: onnx.TensorProto) -> bool:
+    """Whether `map_tensor` reads this tensor's type as onnx's to_array does."""
+    return tensor.data_type in _MAPPED_TYPES
+
+
+def map_tensor(path: Path, tensor: onnx.TensorProto, offset: int) -> np.ndarray:
+    """A tensor whose raw_data is at `offset` in the file, mapped read-only (see mappable)."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    return map_range(path, offset, dtype, tuple(tensor.dims))
 
 
 def raw_spans(buf: memoryview | bytes) -> list[tuple[int, int] | None] | None:
