@@ -183,3 +183,18 @@ def test_nonfinite_tensor_still_reported_or_left(tmp_path: Path) -> None:
                       Options(min_elements=16, allow_nonfinite=True))
     assert [r.name for r in report.rows] == ["m.weight"]
     assert any("l.weight: left as is (1 NaN/Inf values" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_widened_row_operands_give_the_broadcasts_results(symmetric: bool, monkeypatch) -> None:
+    w = _weights((40, 96), seed=9)  # groups of 16 along rows: the row layout
+    args = dict(bits=4, symmetric=symmetric, zero_bits=None if symmetric else 2, scale_bits=5,
+                granularity="group", channel_axis=0, block_axis=1, group_size=16, method="mse")
+    widened, error = quantize_coded_measured(w, **args)
+    monkeypatch.setattr(coded, "_WIDEN_ROWS_UP_TO", 0)  # broadcast operands instead
+    broadcast, reference = quantize_coded_measured(w, **args)
+    np.testing.assert_array_equal(widened.codes, broadcast.codes)
+    np.testing.assert_array_equal(widened.scale_code.codes, broadcast.scale_code.codes)
+    if not symmetric:
+        np.testing.assert_array_equal(widened.zero_point, broadcast.zero_point)
+    assert error == reference
