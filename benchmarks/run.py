@@ -47,8 +47,9 @@ MODELPRESS = [
     Config("modelpress int4 --all-layers", "modelpress", 4,
            ("quantize", "--bits", "4", "--scale-bits", "5", "--all-layers"),
            formats=("onnx", "safetensors")),
-    # The default: embeddings and the output head at 6 bits (ONNX, unless they hold more than
-    # 25% of the weights); compressed-tensors' layout in safetensors.
+    # The default: embeddings and the output head at up to 6 bits (ONNX; fewer where they hold
+    # so much of the model that 6 would add over one bit per weight); compressed-tensors'
+    # layout in safetensors.
     Config("modelpress int4", "modelpress", 4, ("quantize", "--bits", "4"),
            formats=("onnx", "safetensors")),
     Config("modelpress int4 g32", "modelpress", 4, ("quantize", "--bits", "4", "--group-size", "32"),

@@ -127,6 +127,12 @@ def cli() -> None:
                    "auto: matrices of 4M+ weights (faster there; smaller ones run faster as "
                    "float32); kernel: all that can (least memory); fold: none (decoded once "
                    "at load).")
+@click.option("--onnx-int8", type=click.Choice(["auto", "kernel", "fold"]), default="auto",
+              show_default=True,
+              help="ONNX: which 5- to 8-bit MatMul/Gemm weights use onnxruntime's 8-bit "
+                   "kernel (one byte per weight in memory, int8 activations): auto: matrices "
+                   "of 1M+ weights; kernel: all that can; fold: none (decoded to float32 at "
+                   "load: exact float math, 4 bytes per weight).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="With --onnx-target ort: MatMulNBits accuracy_level (0: float math, "
                    "exact; 4: int8 activations, faster). The standard form follows the "
@@ -212,7 +218,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   recipe_file: Path | None, print_recipe: bool, min_elements: int,
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
                   max_shard_size: int | None, threads: int | None, external_data: str,
-                  onnx_target: str, onnx_int4: str, accuracy_level: int,
+                  onnx_target: str, onnx_int4: str, onnx_int8: str, accuracy_level: int,
                   **extra: Any) -> None:
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
@@ -234,7 +240,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                           max_shard_size=max_shard_size, threads=threads,
                           external_data=external_data, onnx_target=onnx_target,
-                          onnx_int4=onnx_int4, accuracy_level=accuracy_level)
+                          onnx_int4=onnx_int4, onnx_int8=onnx_int8,
+                          accuracy_level=accuracy_level)
         failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
                                     fmt, quiet)
         if failure:
@@ -261,7 +268,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                      Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                              max_shard_size=max_shard_size, threads=threads,
                              external_data=external_data, onnx_target=onnx_target,
-                             onnx_int4=onnx_int4, accuracy_level=accuracy_level), update)
+                             onnx_int4=onnx_int4, onnx_int8=onnx_int8,
+                          accuracy_level=accuracy_level), update)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:

@@ -46,7 +46,7 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         from formats.onnx_sites import OnnxTarget
         extra["external_data"] = options.external_data
         extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
-                                     options.accuracy_level)
+                                     options.accuracy_level, options.onnx_int8)
     encoding = Encoding()
     stream = encode_stream(store, recipe, options, progress, encoding)
     try:

@@ -44,6 +44,7 @@ class Options:
     onnx_target: str = "standard"
     onnx_int4: str = "auto"
     accuracy_level: int = 4
+    onnx_int8: str = "auto"
 
 
 # Options that do not change what is written (left out of recipe fingerprints).

@@ -52,7 +52,7 @@ class Quantize(Stage):
         "ONNX, channel otherwise]", choices=GRANULARITIES)
     group_size: int | None = option(
         None, "inputs per scale with granularity group [default: 16 with scale codes of "
-        "6 bits or less, 128 with float scales; at 8 bits in ONNX a power of two per tensor]",
+        "6 bits or less, 128 with float scales; at 8 bits in ONNX a power of two per tensor, 16-128]",
         min=2)
     method: str | None = option(
         None, "rtn: round to nearest from the min/max range; mse: search each "

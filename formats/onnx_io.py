@@ -215,8 +215,9 @@ class OnnxStore:
                home: onnx.GraphProto) -> int:
         """The opset the form chosen for one tensor needs (decided on the source graph)."""
         info = self._tensors[name]
-        if (not isinstance(enc, LowRank) and target.target == "standard"
-                and kernel_site(model, name, enc, info.dtype, target, home) is not None):
+        site = None if isinstance(enc, LowRank) else kernel_site(model, name, enc, info.dtype,
+                                                                  target, home)
+        if site is not None and site.form == "dequantize-linear":
             return 21
         return required_opset(enc, info.dtype)
 

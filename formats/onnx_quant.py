@@ -95,9 +95,9 @@ def emit_folded(name: str, encoded: Encoded, fresh: FreshName, dtype: np.dtype,
 
 def emit_kernel(name: str, encoded: Encoded, fresh: FreshName, site: KernelSite,
                 target: OnnxTarget, model: onnx.ModelProto, opset: int) -> Emitted:
-    """A 4-bit MatMul/Gemm weight in the kernel form of `target` (rewrites the consumer)."""
+    """A MatMul/Gemm weight in the kernel form of `target` (rewrites the consumer)."""
     q = quantized_part(encoded)
-    if target.target == "ort":
+    if site.form == "matmul-nbits":
         return _matmul_nbits(name, q, fresh, site, target, model, opset)
     return _dequantize_linear(name, q, fresh, site, opset)
 
@@ -115,29 +115,28 @@ def _dequantize_linear(name: str, q: Quantized, fresh: FreshName, site: KernelSi
                        opset: int) -> Emitted:
     kn = q if site.stored_kn else transpose(q)
     chain = Chain(name, fresh, kind_name(kn, "Blocks"))
-    codes = kn.codes if kn.symmetric else to_unsigned(kn.codes, 4)
-    kind = onnx.TensorProto.INT4 if kn.symmetric else onnx.TensorProto.UINT4
-    raw = pack_bits((codes & 0x0F).astype(np.uint8), 4).tobytes()
-    codes_name = chain.outer("codes", helper.make_tensor(fresh(f"{name}_quantized"), kind,
-                                                         list(kn.shape), raw, raw=True))
-    outputs = {}
-    if kn.scale_code is not None:
-        outputs[_scales(chain, kn, kn.scale.shape)] = fresh(f"{name}_scale")
-        scale = outputs[next(iter(outputs))]
-    else:
-        scale = chain.outer("scale", numpy_helper.from_array(
-            np.ascontiguousarray(kn.scale.astype(np.float32)), fresh(f"{name}_scale")))
+    outputs: dict[str, str] = {}
+    codes_name, unsigned = _dq_codes(chain, kn, site.bits, fresh, outputs)
+    blocks = -(-site.k // site.block)
+    scale = _block_scales(chain, kn, site, 0, outputs)
     inputs = [codes_name, scale]
-    if not kn.symmetric:
-        zero = _zero_values(chain, kn, 8, onnx.TensorProto.UINT8)
-        zero = chain.node("Reshape", [zero, chain.ints("zero_shape", list(kn.scale.shape))])
-        zero_name = fresh(f"{name}_zero_point")
-        outputs[chain.node("Cast", [zero], to=onnx.TensorProto.UINT4)] = zero_name
-        inputs.append(zero_name)
+    if unsigned:
+        offset = 1 << (site.bits - 1)
+        if kn.symmetric:  # 5-7-bit codes unpacked to bytes + 128: the zero point is 128
+            zero = chain.node("Expand", [chain.const(np.array(offset, np.uint8)),
+                                         chain.ints("zero_blocks", [blocks, site.n])])
+        else:
+            zero = _block_values(chain, kn, _zero_values(chain, kn, offset,
+                                                         onnx.TensorProto.UINT8), site, 0,
+                                 "zero")
+        if site.bits == 4:
+            zero = chain.node("Cast", [zero], to=onnx.TensorProto.UINT4)
+        inputs.append(fresh(f"{name}_zero_point"))
+        outputs[zero] = inputs[-1]
     output = name if site.stored_kn else fresh(f"{name}_transposed")
     dq = helper.make_node("DequantizeLinear", inputs, [output],
                           name=fresh(f"{name}_DequantizeLinear"), axis=0,
-                          block_size=kn.group_size)
+                          block_size=site.block)
     nodes, functions = _side_call(chain, outputs, opset, [dq])
     spec = _spec("dequantize-linear", kn, chain, [n.name for n in nodes],
                  transposed=not site.stored_kn)
@@ -154,27 +153,86 @@ def _dequantize_linear(name: str, q: Quantized, fresh: FreshName, site: KernelSi
                    opset=form_opset("dequantize-linear", q), functions=functions)
 
 
+def _dq_codes(chain: Chain, kn: Quantized, kernel: int, fresh: FreshName,
+              outputs: dict[str, str]) -> tuple[str, bool]:
+    """DequantizeLinear's codes `[K, N]`, and whether they are unsigned (offset by 2^(b-1)).
+
+    4 and 8 bits are stored as the kernel reads them (INT4/UINT4, INT8/UINT8);
+    5-7 bits stay packed in the file and a folded chain unpacks them to UINT8.
+    """
+    name = chain.name
+    if kn.bits == 4:
+        codes = kn.codes if kn.symmetric else to_unsigned(kn.codes, 4)
+        kind = onnx.TensorProto.INT4 if kn.symmetric else onnx.TensorProto.UINT4
+        raw = pack_bits((codes & 0x0F).astype(np.uint8), 4).tobytes()
+        return chain.outer("codes", helper.make_tensor(fresh(f"{name}_quantized"), kind,
+                                                       list(kn.shape), raw, raw=True)), \
+            not kn.symmetric
+    if kn.bits == 8:
+        codes = kn.codes.astype(np.int8) if kn.symmetric else to_unsigned(kn.codes, 8)
+        return chain.outer("codes", numpy_helper.from_array(
+            np.ascontiguousarray(codes), fresh(f"{name}_quantized"))), not kn.symmetric
+    packed = chain.data("codes", numpy_helper.from_array(
+        packed_stream(to_unsigned(kn.codes, kn.bits), kn.bits), fresh(f"{name}_quantized")))
+    values = unpack(chain, packed, kn.bits, "count", kn.size)
+    shift = (1 << (kernel - 1)) - (1 << (kn.bits - 1))
+    values = chain.node("Add", [values, chain.const(np.array(shift, np.uint8))])
+    values = chain.node("Reshape", [values, chain.ints("shape", list(kn.shape))])
+    outputs[values] = fresh(f"{name}_codes")
+    return outputs[values], True
+
+
+def _block_scales(chain: Chain, q: Quantized, site: KernelSite, axis: int,
+                  outputs: dict[str, str]) -> str:
+    """The kernel's float32 scales, one per block along `axis` (K) of `q`'s layout."""
+    name = chain.name
+    if q.scale_code is None and site.block == q.group_size:
+        return chain.outer("scale", numpy_helper.from_array(
+            np.ascontiguousarray(q.scale.astype(np.float32)), chain.fresh(f"{name}_scale")))
+    scale = _block_values(chain, q, _scales(chain, q, q.scale.shape), site, axis, "scale",
+                          shaped=True)
+    outputs[scale] = chain.fresh(f"{name}_scale")
+    return outputs[scale]
+
+
+def _block_values(chain: Chain, q: Quantized, values: str, site: KernelSite, axis: int,
+                  attr: str, *, shaped: bool = False) -> str:
+    """Per-group values (flat, or scale-shaped) as one per kernel block along `axis`.
+
+    A group larger than the kernel's largest block becomes several blocks
+    sharing its value: the decoded weight is unchanged.
+    """
+    if not shaped:
+        values = chain.node("Reshape", [values, chain.ints(f"{attr}_shape",
+                                                           list(q.scale.shape))])
+    ratio = q.group_size // site.block
+    if ratio == 1:
+        return values
+    return expand_groups(chain, values, tuple(q.scale.shape), axis, ratio,
+                         -(-site.k // site.block), f"block_{attr}")
+
+
 def _matmul_nbits(name: str, q: Quantized, fresh: FreshName, site: KernelSite,
                   target: OnnxTarget, model: onnx.ModelProto, opset: int) -> Emitted:
     nk = transpose(q) if site.stored_kn else q
     chain = Chain(name, fresh, kind_name(nk, "NBits"))
-    n, k, block = nk.shape[0], nk.shape[1], nk.group_size
+    n, k, block, bits = site.n, site.k, site.block, site.bits
     blocks = -(-k // block)
     unsigned = np.zeros((n, blocks * block), np.uint8)
-    unsigned[:, :k] = to_unsigned(nk.codes, 4)
-    packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).reshape(n, blocks, block // 2)
-    codes = chain.outer("codes", numpy_helper.from_array(packed, fresh(f"{name}_quantized")))
-    outputs = {}
-    if nk.scale_code is not None:
-        scale = fresh(f"{name}_scale")
-        outputs[_scales(chain, nk, (n, blocks))] = scale
+    unsigned[:, :k] = to_unsigned(nk.codes, bits)
+    if bits == 4:
+        packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).reshape(n, blocks, block // 2)
     else:
-        scale = chain.outer("scale", numpy_helper.from_array(
-            np.ascontiguousarray(nk.scale.astype(np.float32)), fresh(f"{name}_scale")))
+        packed = unsigned.reshape(n, blocks, block)
+    codes = chain.outer("codes", numpy_helper.from_array(packed, fresh(f"{name}_quantized")))
+    outputs: dict[str, str] = {}
+    scale = _block_scales(chain, nk, site, 1, outputs)
     zero = ""
     if not nk.symmetric:
         zero = fresh(f"{name}_zero_point")
-        outputs[_packed_zero_points(chain, nk, n, blocks)] = zero
+        values = _block_values(chain, nk, _zero_values(chain, nk, 1 << (bits - 1),
+                                                       onnx.TensorProto.UINT8), site, 1, "zero")
+        outputs[_packed_zero_points(chain, values, n, blocks) if bits == 4 else values] = zero
     inputs = [site.node.input[0], codes, scale]
     if site.bias:  # inputs: A, B, scales, zero_points, g_idx, bias
         inputs += [zero, "", site.bias]
@@ -182,7 +240,7 @@ def _matmul_nbits(name: str, q: Quantized, fresh: FreshName, site: KernelSite,
         inputs.append(zero)
     node = helper.make_node("MatMulNBits", inputs, list(site.node.output),
                             name=fresh(f"{name}_MatMulNBits"), domain=MS_DOMAIN, K=k, N=n,
-                            bits=4, block_size=block, accuracy_level=target.accuracy_level)
+                            bits=bits, block_size=block, accuracy_level=target.accuracy_level)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     nodes, functions = _side_call(chain, outputs, opset, [])
@@ -193,10 +251,8 @@ def _matmul_nbits(name: str, q: Quantized, fresh: FreshName, site: KernelSite,
                    opset=form_opset("matmul-nbits", q), functions=functions)
 
 
-def _packed_zero_points(chain: Chain, q: Quantized, n: int, blocks: int) -> str:
-    """uint8 [N, ceil(blocks / 2)]: each row's 4-bit zero points (+8), two per byte, low first."""
-    zero = _zero_values(chain, q, 8, onnx.TensorProto.UINT8)
-    zero = chain.node("Reshape", [zero, chain.ints("zero_shape", [n, blocks])])
+def _packed_zero_points(chain: Chain, zero: str, n: int, blocks: int) -> str:
+    """uint8 [N, ceil(blocks / 2)]: each row's 4-bit zero points (`zero`, +8), two per byte."""
     if blocks % 2:
         zero = chain.node("Pad", [zero, chain.const(np.array([0, 0, 0, 1], np.int64))])
     pairs = chain.node("Reshape", [zero, chain.ints("zero_pairs", [n, -(-blocks // 2), 2])])
@@ -340,12 +396,21 @@ def _read_codes(layout: str, tensor: onnx.TensorProto, bits: int, shape: tuple[i
         raw = unpack_bits(numpy_helper.to_array(tensor), bits, count)
         return to_signed(raw, bits).reshape(shape)
     if layout == "dequantize-linear":
+        if bits == 8:
+            values = numpy_helper.to_array(tensor)
+            if tensor.data_type == onnx.TensorProto.INT8:
+                return values.astype(np.int8).reshape(shape)
+            return to_signed(values, 8).reshape(shape)
+        if bits != 4:  # 5-7 bits: a packed stream unpacked by the chain
+            return _read_codes("quantized", tensor, bits, shape, count, group)
         raw = unpack_bits(np.frombuffer(tensor.raw_data, np.uint8), 4, count)
         if tensor.data_type == onnx.TensorProto.INT4:
             return to_signed(raw ^ 0x08, 4).reshape(shape)
         return to_signed(raw, 4).reshape(shape)
     if layout == "matmul-nbits":
         packed = numpy_helper.to_array(tensor).reshape(shape[0], -1)
+        if bits == 8:
+            return to_signed(packed[:, :shape[1]], 8)
         nibbles = np.empty((shape[0], packed.shape[1] * 2), np.uint8)
         nibbles[:, 0::2], nibbles[:, 1::2] = packed & 0x0F, packed >> 4
         return to_signed(nibbles[:, :shape[1]], 4)

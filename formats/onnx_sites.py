@@ -1,8 +1,8 @@
 """Where a weight is used in an ONNX graph, and which tensors are sensitive to quantization.
 
-onnxruntime runs 4-bit weights of a MatMul (or Gemm) in its own kernel
-(MatMulNBits) only under conditions found by measurement (onnxruntime 1.32,
-CPU): the weight is 2-D with blocks along K of a power of two >= 16, the
+onnxruntime runs 4-bit and 8-bit weights of a MatMul (or Gemm) in its own
+kernel (MatMulNBits) only under conditions found by measurement (onnxruntime
+1.32, CPU): the weight is 2-D with blocks along K of a power of two >= 16, the
 graph's float type is float32, the dequantized weight has exactly one use,
 and (for the standard `DequantizeLinear -> MatMul` form) that MatMul's only
 consumer is not a Relu/Clip inside the graph: its QDQ selector then expects a
@@ -13,6 +13,13 @@ benchmarks/onnx_speed.py: 16 rows, 1024x1024 took 1.15x, 2048x2048 0.8-1.0x),
 so by default only weights of at least `KERNEL_MIN_WEIGHTS` elements use it;
 the others are decoded by a chain that onnxruntime folds at load (float32
 speed).
+
+Weights of 5 to 8 bits take the 8-bit kernel (codes held at one byte each
+instead of four after load). With int8 activations (accuracy_level 4, the
+fused form's default) it measured faster than a float32 MatMul from 1M
+weights at 1-256 input rows (benchmarks/onnx_kernel8.py: 1024x1024 0.1-1.0x,
+4096x4096 0.1-0.8x, 512x512 0.6-1.1x); with float activations
+(accuracy_level 0) it is 8-26x slower, so it is not used then.
 """
 
 from __future__ import annotations
@@ -30,8 +37,15 @@ from .onnx_graph import consumers, graphs, is_output
 KERNEL_MIN_WEIGHTS = 1 << 22
 """Default smallest K*N for which a 4-bit weight runs in onnxruntime's 4-bit kernel."""
 
+KERNEL8_MIN_WEIGHTS = 1 << 20
+"""Default smallest K*N for which a 5- to 8-bit weight runs in onnxruntime's 8-bit kernel."""
+
+MAX_BLOCK = 256
+"""Largest block onnxruntime's kernels take (MLAS: 16-256); larger groups are split."""
+
 TARGETS = ("standard", "ort")
 INT4_MODES = ("auto", "kernel", "fold")
+INT8_MODES = INT4_MODES
 
 
 @dataclass(frozen=True)
@@ -44,17 +58,19 @@ class OnnxTarget:
     `accuracy_level` (0 exact float math; 4 int8 activations, faster).
     `int4`: "auto" uses the 4-bit kernel for weights of at least
     KERNEL_MIN_WEIGHTS elements, "kernel" for every eligible weight (least
-    memory, fastest for single-row inputs), "fold" for none.
+    memory, fastest for single-row inputs), "fold" for none. `int8`: the same
+    for weights of 5 to 8 bits and the 8-bit kernel (KERNEL8_MIN_WEIGHTS).
     """
 
     target: str = "standard"
     int4: str = "auto"
     accuracy_level: int = 4
+    int8: str = "auto"
 
 
 @dataclass
 class KernelSite:
-    """A weight's single use by a MatMul/Gemm that the 4-bit kernel can take."""
+    """A weight's single use by a MatMul/Gemm that a 4-bit or 8-bit kernel can take."""
 
     graph: onnx.GraphProto
     node: onnx.NodeProto
@@ -62,15 +78,36 @@ class KernelSite:
     n: int
     stored_kn: bool          # the weight is [K, N] (MatMul, Gemm transB=0); else [N, K]
     bias: str | None         # Gemm's C
+    bits: int = 4            # the kernel's code width: 4, or 8 (for codes of 5-8 bits)
+    group: int = 16          # the weight's quantization group along K
+    form: str = "dequantize-linear"   # or "matmul-nbits" (see kernel_form)
+
+    @property
+    def block(self) -> int:
+        """The kernel's block along K (a group larger than MAX_BLOCK is split)."""
+        return min(self.group, MAX_BLOCK)
+
+
+def kernel_bits(bits: int) -> int | None:
+    """The width of the kernel that holds codes of `bits` bits exactly, or None."""
+    if bits == 4:
+        return 4
+    return 8 if 5 <= bits <= 8 else None
 
 
 def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.dtype,
                 target: OnnxTarget, home: onnx.GraphProto) -> KernelSite | None:
-    """The MatMul/Gemm use of `name` that runs in the 4-bit kernel, or None (fold instead)."""
+    """The MatMul/Gemm use of `name` that runs in a kernel, or None (fold instead)."""
     q = quantized_part(encoded)
-    if q is None or target.int4 == "fold" or np.dtype(dtype) != np.dtype(np.float32):
+    if q is None or np.dtype(dtype) != np.dtype(np.float32):
         return None
-    if (q.bits != 4 or q.granularity != "group" or len(q.shape) != 2 or q.group_size < 16
+    bits = kernel_bits(q.bits)
+    mode = target.int4 if bits == 4 else target.int8
+    if bits is None or mode == "fold":
+        return None
+    if bits == 8 and target.target == "ort" and target.accuracy_level != 4:
+        return None  # the 8-bit kernel with float activations is several times slower
+    if (q.granularity != "group" or len(q.shape) != 2 or q.group_size < 16
             or q.group_size & (q.group_size - 1)):
         return None
     uses = consumers(model, name)
@@ -80,12 +117,25 @@ def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.d
     site = _matmul_site(node, name, q, model)
     if site is None:
         return None
-    if target.int4 == "auto" and site[0] * site[1] < KERNEL_MIN_WEIGHTS:
+    least = KERNEL_MIN_WEIGHTS if bits == 4 else KERNEL8_MIN_WEIGHTS
+    if mode == "auto" and site[0] * site[1] < least:
         return None
-    if target.target == "standard" and _relu_blocks_fusion(model, graph, node):
+    form = kernel_form(bits, q.bits, target)
+    if form == "dequantize-linear" and _relu_blocks_fusion(model, graph, node):
         return None
     k, n, stored_kn, bias = site
-    return KernelSite(graph, node, k, n, stored_kn, bias)
+    return KernelSite(graph, node, k, n, stored_kn, bias, bits, q.group_size, form)
+
+
+def kernel_form(kernel: int, bits: int, target: OnnxTarget) -> str:
+    """"dequantize-linear" (fused by onnxruntime) or "matmul-nbits" (written directly).
+
+    Codes of 5-7 bits are unpacked to bytes by a folded chain; they are written
+    as DequantizeLinear also for "ort" (onnxruntime fuses it into the same kernel).
+    """
+    if target.target == "ort" and bits == kernel:
+        return "matmul-nbits"
+    return "dequantize-linear"
 
 
 def _matmul_site(node: onnx.NodeProto, name: str, q: Quantized,
