@@ -256,8 +256,10 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     from compress_core.api import compress as run
 
     settings = evaluation.settings_from(eval_values, model[0], limits)
-    out, err = _consoles(quiet)
-    bar, update = _progress(err, quiet)
+    # A quiet run that prints no table needs no console (nor rich's import time).
+    show = not quiet or fmt != "table"
+    out, err = _consoles(quiet) if show else (None, None)
+    bar, update = _progress(err, quiet) if err is not None else (None, None)
     try:
         baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
@@ -278,7 +280,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     if report_path is not None:
         from .render import dump_json
         dump_json(report_path, report.as_dict())
-    if not quiet or fmt != "table":
+    if show:
         from .render import print_report
         print_report(out, report, fmt)
     evaluation.raise_on_breach(report)

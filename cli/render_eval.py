@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from compress_core.evaluate import Evaluation
+
+if TYPE_CHECKING:  # rich is imported where a table is printed: `compress --quiet` needs none
+    from rich.console import Console
 
 
 def fmt_number(value: float | None, spec: str) -> str:
@@ -66,6 +66,7 @@ def print_evaluation(console: Console, report: Any) -> None:
         if evaluation.outputs:
             console.print(f"evaluation: {evaluation.runtime}; inputs {inputs_label(evaluation)}",
                           markup=False, highlight=False, soft_wrap=True)
+            from rich.table import Table
             table = Table(title="output error, compressed vs original", title_justify="left")
             for header in HEADERS:
                 table.add_column(header, justify="left" if header in ("output", "shape")

@@ -27,9 +27,11 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return flat.copy()
     if bits == 4 and flat.size % 2 == 0 and np.little_endian:
-        # Byte pairs read as little-endian uint16 (first byte low): one pass, no strides.
-        pairs = flat.view(np.uint16)
-        return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(np.uint8)
+        # Byte pairs read as little-endian uint16 (first byte low): with both nibbles
+        # masked, m | m >> 4 holds the packed byte in its low byte. No strides.
+        pairs = flat.view(np.uint16) & np.uint16(0x0F0F)
+        pairs |= pairs >> 4
+        return pairs.astype(np.uint8)
     if bits == 4:
         padded = np.zeros(flat.size + (flat.size & 1), dtype=np.uint8)
         padded[: flat.size] = flat

@@ -24,18 +24,49 @@ from __future__ import annotations
 import numpy as np
 
 from .encoded import Quantized
+from .metrics import ErrorStats
 from .scalecode import LogGrid
 
 # Clipping ratios of the mse search (each rounded to its nearest code).
 _RATIOS = (1.0, 0.92, 0.85, 0.78)
-# Rows are processed in blocks of about this many elements (bounded temporaries).
-_CHUNK_ELEMENTS = 1 << 16
+# Rows are processed in blocks of about this many elements: a block and its
+# work buffer stay in a core's L2 cache, and numpy's per-call cost (and the GIL
+# hand-offs between threads) is spread over enough elements. Results do not
+# depend on it: every group is worked out on its own.
+_CHUNK_ELEMENTS = 1 << 17
 
 
 def quantize_coded(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int | None,
                    scale_bits: int, granularity: str, channel_axis: int | None,
                    block_axis: int, group_size: int | None, method: str) -> Quantized:
     """Quantize `w` with scales stored as `scale_bits`-bit codes on a log grid."""
+    return _quantize(w, bits=bits, symmetric=symmetric, zero_bits=zero_bits,
+                     scale_bits=scale_bits, granularity=granularity, channel_axis=channel_axis,
+                     block_axis=block_axis, group_size=group_size, method=method,
+                     measure=False)[0]
+
+
+def quantize_coded_measured(w: np.ndarray, *, bits: int, symmetric: bool,
+                            zero_bits: int | None, scale_bits: int, granularity: str,
+                            channel_axis: int | None, block_axis: int, group_size: int | None,
+                            method: str) -> tuple[Quantized, ErrorStats] | None:
+    """`quantize_coded` and the error of its decoding against `w`, or None if `w` holds
+    NaN or Inf.
+
+    The encoding is the same as `quantize_coded`'s; the error sums are
+    those `metrics.compare` gives on the decoded tensor, to float rounding
+    (max_abs exactly), taken from each block's decoded values while they are
+    in cache instead of in a second pass over a decoded copy.
+    """
+    return _quantize(w, bits=bits, symmetric=symmetric, zero_bits=zero_bits,
+                     scale_bits=scale_bits, granularity=granularity, channel_axis=channel_axis,
+                     block_axis=block_axis, group_size=group_size, method=method, measure=True)
+
+
+def _quantize(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int | None,
+              scale_bits: int, granularity: str, channel_axis: int | None, block_axis: int,
+              group_size: int | None, method: str,
+              measure: bool) -> tuple[Quantized, ErrorStats | None] | None:
     from .quantize import _GroupView
 
     w = np.asarray(w, dtype=np.float32)
@@ -50,6 +81,8 @@ def quantize_coded(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int 
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     zeros = None if symmetric else _zero_set(bits, zero_bits or bits)
     lo, hi = _group_range(data)
+    if measure and not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return None  # NaN or Inf in some group (min and max carry them): the caller reports it
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         base, best_zero = _covering(lo, hi, qmin, qmax, zeros)
     grid = LogGrid.fit(base, scale_bits)
@@ -58,32 +91,42 @@ def quantize_coded(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int 
     scale_codes = np.empty(base.shape, np.float32)
     zero = None if symmetric else np.empty(base.shape, np.float32)
     step = max(1, _CHUNK_ELEMENTS // max(data[:1].size, 1))
+    work = np.empty((min(step, n),) + data.shape[1:], np.float32)
+    sums = _Sums() if measure else None
     for start in range(0, n, step):
         part = slice(start, start + step)
+        rows, buf = data[part], work[:min(step, n - start)]
         with np.errstate(over="ignore", invalid="ignore"):
             mid = (lo[part] + hi[part]) * np.float32(0.5)
-            c, z = _choose(data[part], base[part], None if zeros is None else best_zero[part],
-                           mid, grid, qmin, qmax, zeros, method)
-        s = _spread(grid.scale(c))
-        q = _grid_codes(data[part], s, None if z is None else _spread(z), qmin, qmax)
+            c, z = _choose(rows, base[part], None if zeros is None else best_zero[part],
+                           mid, grid, qmin, qmax, zeros, method, buf)
+        s = _widened(_spread(grid.scale(c)), buf)
+        zs = None if z is None else _widened(_spread(z), buf)
+        q = _grid_codes(rows, s, zs, qmin, qmax, buf)
         codes[part] = q
         scale_codes[part] = c
         if zero is not None:
             zero[part] = z
+        if sums is not None:
+            sums.add(rows, _decoded(q, s, zs))
     if stacked is not None:
         shape = _group_shape(w.shape, block_axis, group_size)
         codes, per_group = codes.reshape(w.shape), (lambda v: v.reshape(shape))
     else:
         codes, per_group = view.restore(codes), view.per_group
     scale_code = grid.code(per_group(scale_codes))
-    return Quantized(
-        codes=codes, scale=scale_code.decode(),
+    quantized = Quantized(
+        # The grid's stored values are scale_code.decode()'s products: one gather.
+        codes=codes, scale=grid.scale(scale_code.codes),
         zero_point=None if zero is None else per_group(zero.astype(np.int8)),
         bits=bits, granularity=granularity,
         channel_axis=channel_axis if granularity == "channel" else None,
         block_axis=block_axis if granularity == "group" else None,
         group_size=group_size if granularity == "group" else None,
         scale_code=scale_code, zero_bits=None if symmetric else zero_bits)
+    # Padding of a ragged last group (rows of `view`) is zero and decodes to zero:
+    # it adds nothing to the sums, and is not counted.
+    return quantized, None if sums is None else sums.stats(w.size)
 
 
 # The stacked layout pays off once the groups' inner extent fills a vector register or so.
@@ -142,50 +185,85 @@ def _covering(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int,
     """Per row: the smallest scale whose grid holds [lo, hi] (and its zero point)."""
     if zeros is None:
         return np.maximum(-lo, hi) / np.float32(qmax), None
+    best, pick = np.empty(lo.shape, np.float32), np.empty(lo.shape, np.float32)
+    flat = [a.reshape(-1) for a in (lo, hi, best, pick)]
+    # A block at a time, in place: the temporaries stay in cache.
+    for start in range(0, lo.size, _CHUNK_ELEMENTS):
+        part = slice(start, start + _CHUNK_ELEMENTS)
+        _cover_block(*(a[part] for a in flat), qmin, qmax, zeros)
+    return best, pick
+
+
+def _cover_block(lo: np.ndarray, hi: np.ndarray, best: np.ndarray, pick: np.ndarray,
+                 qmin: int, qmax: int, zeros: np.ndarray) -> None:
+    """`_covering` with zero points for one block of groups, into `best` and `pick`."""
+    need, better, scratch = (np.empty_like(lo) for _ in range(3))
+    floor = np.zeros_like(lo)
     # Per zero point, elementwise over the groups; a strictly smaller need wins, so
-    # ties (and a NaN group, whose needs are all NaN) keep the first, as argmin would.
-    best, pick = None, None
-    for z in zeros:
+    # ties keep the first, as argmin would.
+    for i, z in enumerate(zeros):
         below, above = np.float32(qmin) - z, np.float32(qmax) - z
         # A zero point at an end of the range leaves no codes on that side: only a
         # group with nothing on that side fits it.
-        low_need = lo / below if below < 0 else np.where(lo < 0, np.float32(np.inf),
-                                                         np.float32(0))
+        if below < 0:
+            np.divide(lo, below, out=need)
+        else:
+            need[...] = np.where(lo < 0, np.float32(np.inf), np.float32(0))
         high_need = hi / above if above > 0 else np.where(hi > 0, np.float32(np.inf),
                                                           np.float32(0))
-        need = np.maximum(np.maximum(low_need, high_need, dtype=np.float32), 0)
-        if best is None:
-            best, pick = need, np.full(need.shape, z, np.float32)
+        np.maximum(need, high_need, out=need)
+        np.maximum(need, floor, out=need)
+        if i == 0:
+            best[...], pick[...] = need, z
         else:
-            better = need < best
-            best = np.where(better, need, best)
-            pick = np.where(better, z, pick)
-    return best, pick
+            _keep_better(need, best, better)
+            _take(pick, z, better, scratch)
+
+
+def _keep_better(new: np.ndarray, best: np.ndarray, better: np.ndarray) -> None:
+    """better = 1.0 where `new` < `best`, else 0.0; best = the lesser of the two.
+
+    As np.where(new < best, new, best) (several times slower with a mixed mask),
+    given that a group's candidates are all NaN or none is (NaN enters through
+    the group's range); a 0 against a -0 may keep either, which no later
+    comparison tells apart.
+    """
+    np.less(new, best, out=better)
+    np.minimum(best, new, out=best)
+
+
+def _take(values: np.ndarray, new: np.ndarray | np.float32, better: np.ndarray,
+          scratch: np.ndarray) -> None:
+    """values = new where better (1.0), else unchanged (0.0), in place.
+
+    Exact for the small integers (codes and zero points) it is used on.
+    """
+    np.subtract(new, values, out=scratch)
+    scratch *= better
+    values += scratch
 
 
 def _choose(rows: np.ndarray, base: np.ndarray, best_zero: np.ndarray | None,
             mid: np.ndarray, grid: LogGrid, qmin: int, qmax: int, zeros: np.ndarray | None,
-            method: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The scale code (and zero point) of each row."""
-    code = grid.covering(base)
+            method: str, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scale code (and zero point) of each row; `buf` (rows' shape) is scratch."""
+    code, nearest = grid.covering_and_nearest(base)
     if method == "rtn":
         return code, best_zero
-    zero = best_zero
-    buf = np.empty_like(rows)
+    zero = None if best_zero is None else best_zero.copy()
     err = _sq_error(rows, grid.scale(code), zero, qmin, qmax, buf)
-    nearest = grid.nearest(base)
-    candidates = [np.minimum(nearest + k, grid.cmax) for k in _offsets(grid)]
-    for cand in candidates:
+    better, scratch = np.empty_like(code), np.empty_like(code)
+    for k in _offsets(grid):
+        cand = np.minimum(nearest + k, grid.cmax)
         s = grid.scale(cand)
         z = None
         if zeros is not None:
             z = np.clip(np.rint(np.float32((qmin + qmax) / 2) - mid / s), zeros[0], zeros[-1])
         e = _sq_error(rows, s, z, qmin, qmax, buf)
-        better = e < err
-        err = np.where(better, e, err)
-        code = np.where(better, cand, code)
+        _keep_better(e, err, better)
+        _take(code, cand, better, scratch)
         if z is not None:
-            zero = np.where(better, z, zero)
+            _take(zero, z, better, scratch)
     return code, zero
 
 
@@ -200,17 +278,68 @@ def _offsets(grid: LogGrid) -> list[int]:
 
 
 def _grid_codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
-                qmin: int, qmax: int) -> np.ndarray:
-    q = np.rint(rows / scale)
+                qmin: int, qmax: int, out: np.ndarray) -> np.ndarray:
+    """The codes of `rows` on the grid (scale, zero), as float32 integers in `out`."""
+    q = np.divide(rows, scale, out=out)
+    np.rint(q, out=q)
     if zero is not None:
         q += zero
-    return np.clip(q, qmin, qmax, out=q).astype(np.int8)
+    return np.clip(q, qmin, qmax, out=q)
+
+
+def _decoded(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    """(codes - zero) * scale in place: the values Quantized.decode gives."""
+    if zero is not None:
+        codes -= zero
+    codes *= scale
+    return codes
+
+
+class _Sums:
+    """The sums of `metrics.ErrorStats`, added up a block at a time."""
+
+    def __init__(self) -> None:
+        self.ref = self.err = self.approx = self.dot = self.max_abs = 0.0
+
+    def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
+        """Add a block; `approx` is overwritten with approx - ref."""
+        self.ref += _dot(ref, ref)
+        self.approx += _dot(approx, approx)
+        self.dot += _dot(ref, approx)
+        err = np.subtract(approx, ref, out=approx)
+        self.err += _dot(err, err)
+        if err.size:
+            self.max_abs = max(self.max_abs, float(err.max()), -float(err.min()))
+
+    def stats(self, count: int) -> ErrorStats:
+        """The sums as ErrorStats over `count` elements."""
+        return ErrorStats(sum_sq_ref=self.ref, sum_sq_err=self.err, sum_sq_approx=self.approx,
+                          dot=self.dot, max_abs=self.max_abs, count=count)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    # In float32, as metrics.compare sums a chunk (BLAS sdot; blocks are contiguous).
+    return float(np.vdot(a.ravel(), b.ravel()))
+
+
+def _widened(values: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """Per-group values as operands for `buf`'s elements: repeated to full rows in the
+    row layout when rows are short (groups), where numpy's loops over a broadcast
+    along each row cost more than the copy (measured ~20% of the search on rows of
+    16); as they are otherwise (a broadcast along long rows, or along axis 1 of the
+    stacked layout, runs at full speed). The same values either way."""
+    if buf.ndim != 2 or not 1 < buf.shape[1] <= _WIDEN_ROWS_UP_TO:
+        return values
+    return np.repeat(values, buf.shape[1], axis=1)
+
+
+_WIDEN_ROWS_UP_TO = 64
 
 
 def _sq_error(data: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, qmin: int,
               qmax: int, buf: np.ndarray) -> np.ndarray:
     """Squared error per group of rounding `data` on the grid (scale, zero); `buf` is scratch."""
-    s = _spread(scale)
+    s = _widened(_spread(scale), buf)
     np.divide(data, s, out=buf)
     np.rint(buf, out=buf)
     if zero is None:
@@ -218,8 +347,8 @@ def _sq_error(data: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, qmin
     else:  # the codes' range around the zero point (all integers: exact in float32)
         # (Two binary ufuncs: np.clip with array bounds has no fast broadcasting loop.)
         z = _spread(zero)
-        np.maximum(buf, np.float32(qmin) - z, out=buf)
-        np.minimum(buf, np.float32(qmax) - z, out=buf)
+        np.maximum(buf, _widened(np.float32(qmin) - z, buf), out=buf)
+        np.minimum(buf, _widened(np.float32(qmax) - z, buf), out=buf)
     buf *= s
     buf -= data
     if buf.ndim == 2:

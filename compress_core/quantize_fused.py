@@ -12,6 +12,10 @@ out while it is in cache, in buffers reused from block to block. Rows are
 independent under per-channel scales, so codes and scales are bit for bit
 those of `quantize_array`; the error sums are those of `metrics.compare`
 taken over other chunks, equal to float rounding.
+
+`quantize_measured` is the pipeline's entry to the measured kernels: this
+one, and `quantize_coded.quantize_coded_measured` for any quantization with
+scale codes (ONNX's defaults), which measures its blocks the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .dtypes import BFLOAT16, scale_dtype_for
-from .encoded import Quantized
+from .encoded import Dense, Quantized
 from .metrics import ErrorStats
 from .quantize import Quantize, _stored_up, axes_for
 from .stage import Stage
@@ -35,20 +39,30 @@ _FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
 def quantize_measured(array: np.ndarray, info: TensorInfo,
                       stages: list[Stage]) -> tuple[Quantized, ErrorStats] | None:
-    """The encoding and its error if `stages` is one per-channel symmetric rtn quantization.
+    """The encoding and its error if `stages` is one quantization this module or
+    `quantize_coded` measures as it goes: per-channel symmetric rtn with float
+    scales, or any quantization with scale codes.
 
-    Returns None when this fast path does not apply (another recipe or
-    layout, a dtype other than float32/float16/bfloat16) or when the tensor
-    holds NaN or Inf, which the general path reports; the caller then takes
-    that path.
+    Returns None when no fast path applies (another recipe or layout, a
+    dtype other than float32/float16/bfloat16) or when the tensor holds NaN
+    or Inf, which the general path reports; the caller then takes that path.
     """
     if len(stages) != 1 or type(stages[0]) is not Quantize:
         return None
+    if array.dtype not in _FLOAT_TYPES or array.size == 0:
+        return None
     plan = stages[0].plan(info)
-    channel_axis, _ = axes_for(info)
+    channel_axis, block_axis = axes_for(info)
+    if plan.scale_bits:
+        from .quantize_coded import quantize_coded_measured
+        # As Quantize.apply calls quantize_coded on a dense tensor.
+        return quantize_coded_measured(
+            Dense(array).decode(), bits=plan.bits, symmetric=plan.symmetric,
+            zero_bits=plan.zero_bits, scale_bits=plan.scale_bits, granularity=plan.granularity,
+            channel_axis=channel_axis, block_axis=block_axis, group_size=plan.group_size,
+            method=plan.method)
     if (plan.granularity != "channel" or plan.method != "rtn" or not plan.symmetric
-            or plan.scale_bits or channel_axis != 0 or array.ndim < 2
-            or array.dtype not in _FLOAT_TYPES or array.size == 0):
+            or channel_axis != 0 or array.ndim < 2):
         return None
     return quantize_channels(array, plan.bits, scale_dtype_for(info.dtype))
 

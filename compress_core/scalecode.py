@@ -100,19 +100,32 @@ class LogGrid:
 
     def nearest(self, scales: np.ndarray) -> np.ndarray:
         """The code whose scale is nearest on the log scale (as float32 codes)."""
-        with np.errstate(divide="ignore"):
-            c = np.rint(np.log(self.top / np.maximum(scales, 1e-38)) / self.step)
-        return np.clip(c, 0, self.cmax).astype(np.float32)
+        return self._nearest(self._position(scales))
 
     def covering(self, scales: np.ndarray) -> np.ndarray:
         """The code of the smallest grid scale not below `scales` (code 0 when none is)."""
+        return self._covering(self._position(scales), scales)
+
+    def covering_and_nearest(self, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`covering(scales)` and `nearest(scales)`, sharing their logarithms."""
+        position = self._position(scales)
+        return self._covering(position, scales), self._nearest(position)
+
+    def _position(self, scales: np.ndarray) -> np.ndarray:
+        """Where `scales` fall on the grid, in (fractional) codes."""
         with np.errstate(divide="ignore"):
-            c = np.floor(np.log(self.top / np.maximum(scales, 1e-38)) / self.step)
-        c = np.clip(c, 0, self.cmax).astype(np.intp)
+            return np.log(self.top / np.maximum(scales, 1e-38)) / self.step
+
+    def _nearest(self, position: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(position), 0, self.cmax).astype(np.float32)
+
+    def _covering(self, position: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        c = np.clip(np.floor(position), 0, self.cmax).astype(np.intp)
         # The log estimate can land one code off either way; settle it on the stored values.
+        # (Integer arithmetic on the conditions: np.where with a mixed mask is much slower.)
         up = np.minimum(c + 1, self.cmax)
-        c = np.where(self.values[up] >= scales, up, c)
-        c = np.where((self.values[c] < scales) & (c > 0), c - 1, c)
+        c += (self.values[up] >= scales) * (up - c)
+        c -= (self.values[c] < scales) & (c > 0)
         return c.astype(np.float32)
 
     def scale(self, codes: np.ndarray) -> np.ndarray:

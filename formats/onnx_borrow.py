@@ -15,7 +15,7 @@ copy.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -29,27 +29,37 @@ BORROWED = "<modelpress borrowed tensor>"
 # Tensors with less raw_data are copied (onnx.save's external-data threshold).
 BORROW_FROM = 1024
 
+RawLength = Callable[[onnx.TensorProto], "int | None"]
 
-def borrow(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
-    """A copy of `model` whose large tensors are borrowed, and the source tensors they name."""
+
+def borrow(model: onnx.ModelProto, raw_length: RawLength = lambda tensor: None,
+           location: str = BORROWED) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of `model` whose large tensors are borrowed, and the source tensors they name.
+
+    `raw_length(tensor)` gives the length of a tensor's raw_data where it is
+    known without reading the field (which copies the bytes), else None.
+    Tensors already borrowed (by another `location`) are copied as they are.
+    """
     sources: list[onnx.TensorProto] = []
     copy = onnx.ModelProto()
     _copy_fields(model, copy, skip={"graph"})
     if model.HasField("graph"):
-        _copy_graph(model.graph, copy.graph, sources)
+        _copy_graph(model.graph, copy.graph, _Borrowing(sources, raw_length, location))
     return copy, sources
 
 
-def is_borrowed(tensor: onnx.TensorProto) -> bool:
+def is_borrowed(tensor: onnx.TensorProto, location: str = BORROWED) -> bool:
     """Whether a tensor of a `borrow` copy still stands for a source tensor."""
     return (tensor.data_location == onnx.TensorProto.EXTERNAL
-            and any(e.key == "location" and e.value == BORROWED for e in tensor.external_data))
+            and any(e.key == "location" and e.value == location for e in tensor.external_data))
 
 
-def give_back(model: onnx.ModelProto, sources: list[onnx.TensorProto]) -> None:
-    """Replace every borrowed tensor still in `model` by a copy of its source tensor."""
+def give_back(model: onnx.ModelProto, sources: list[onnx.TensorProto],
+              location: str = BORROWED) -> None:
+    """Replace every tensor still borrowed (through `location`) in `model` by a copy of its
+    source tensor."""
     for tensor in _tensor_slots(model):
-        if is_borrowed(tensor):
+        if is_borrowed(tensor, location):
             index = next(int(e.value) for e in tensor.external_data if e.key == "offset")
             tensor.CopyFrom(sources[index])
 
@@ -84,48 +94,56 @@ def _tensor_slots(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                             if a.type == onnx.AttributeProto.TENSOR and a.HasField("t"))
 
 
-def _large(tensor: onnx.TensorProto) -> bool:
-    return tensor.HasField("raw_data") and len(tensor.raw_data) >= BORROW_FROM
+class _Borrowing:
+    """What one `borrow` collects and how: the sources, known lengths, the location."""
+
+    def __init__(self, sources: list[onnx.TensorProto], raw_length: RawLength,
+                 location: str) -> None:
+        self.sources, self.raw_length, self.location = sources, raw_length, location
+
+    def large(self, tensor: onnx.TensorProto) -> bool:
+        if not tensor.HasField("raw_data"):
+            return False
+        known = self.raw_length(tensor)
+        return (len(tensor.raw_data) if known is None else known) >= BORROW_FROM
 
 
-def _copy_graph(src: onnx.GraphProto, dst: onnx.GraphProto,
-                sources: list[onnx.TensorProto]) -> None:
+def _copy_graph(src: onnx.GraphProto, dst: onnx.GraphProto, how: _Borrowing) -> None:
     _copy_fields(src, dst, skip={"initializer", "node"})
     for tensor in src.initializer:
-        _copy_tensor(tensor, dst.initializer.add(), sources)
+        _copy_tensor(tensor, dst.initializer.add(), how)
     for node in src.node:
-        _copy_node(node, dst.node.add(), sources)
+        _copy_node(node, dst.node.add(), how)
 
 
-def _copy_node(src: onnx.NodeProto, dst: onnx.NodeProto, sources: list[onnx.TensorProto]) -> None:
+def _copy_node(src: onnx.NodeProto, dst: onnx.NodeProto, how: _Borrowing) -> None:
     _copy_fields(src, dst, skip={"attribute"})
     for attr in src.attribute:
         out = dst.attribute.add()
         if attr.type == onnx.AttributeProto.GRAPH and attr.HasField("g"):
             _copy_fields(attr, out, skip={"g"})
-            _copy_graph(attr.g, out.g, sources)
+            _copy_graph(attr.g, out.g, how)
         elif attr.type == onnx.AttributeProto.GRAPHS:
             _copy_fields(attr, out, skip={"graphs"})
             for graph in attr.graphs:
-                _copy_graph(graph, out.graphs.add(), sources)
+                _copy_graph(graph, out.graphs.add(), how)
         elif (src.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR
-              and attr.HasField("t") and _large(attr.t)):
+              and attr.HasField("t") and how.large(attr.t)):
             _copy_fields(attr, out, skip={"t"})
-            _copy_tensor(attr.t, out.t, sources)
+            _copy_tensor(attr.t, out.t, how)
         else:
             out.CopyFrom(attr)
 
 
-def _copy_tensor(src: onnx.TensorProto, dst: onnx.TensorProto,
-                 sources: list[onnx.TensorProto]) -> None:
-    if not _large(src):
+def _copy_tensor(src: onnx.TensorProto, dst: onnx.TensorProto, how: _Borrowing) -> None:
+    if not how.large(src):
         dst.CopyFrom(src)
         return
     _copy_fields(src, dst, skip={"raw_data", "data_location", "external_data"})
     dst.data_location = onnx.TensorProto.EXTERNAL
-    dst.external_data.add(key="location", value=BORROWED)
-    dst.external_data.add(key="offset", value=str(len(sources)))
-    sources.append(src)
+    dst.external_data.add(key="location", value=how.location)
+    dst.external_data.add(key="offset", value=str(len(how.sources)))
+    how.sources.append(src)
 
 
 def _copy_fields(src: Message, dst: Message, skip: set[str]) -> None:
@@ -133,17 +151,20 @@ def _copy_fields(src: Message, dst: Message, skip: set[str]) -> None:
 
     (Fields unknown to the installed onnx are not copied for the messages on
     the way to a borrowed tensor: its graphs, nodes, attributes and itself.)
+    Skipped fields are not read: reading a tensor's raw_data would copy it.
     """
-    for field, value in src.ListFields():
+    for field in src.DESCRIPTOR.fields:
         if field.name in skip:
             continue
-        target = getattr(dst, field.name)
         if _repeated(field):
-            target.extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
+            values = getattr(src, field.name)
+            if len(values):
+                getattr(dst, field.name).extend(values)
+        elif src.HasField(field.name):  # ONNX's messages are proto2: every field has presence
+            if field.type == field.TYPE_MESSAGE:
+                getattr(dst, field.name).CopyFrom(getattr(src, field.name))
+            else:
+                setattr(dst, field.name, getattr(src, field.name))
 
 
 def _repeated(field: FieldDescriptor) -> bool:

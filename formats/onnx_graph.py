@@ -167,8 +167,13 @@ def data_nbytes(tensor: onnx.TensorProto) -> int | None:
     return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
-def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str) -> None:
-    """Refuse a tensor whose header fields cannot describe real data (no data is loaded)."""
+def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str,
+                 raw_length: int | None = None) -> None:
+    """Refuse a tensor whose header fields cannot describe real data (no data is loaded).
+
+    `raw_length`, when known, is the length of its raw_data (reading the field
+    through protobuf copies the bytes).
+    """
     where = f"{model_path}: tensor {name!r}"
     try:
         helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -188,8 +193,9 @@ def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str) -> None:
             raise ModelReadError(f"{where}: external data holds {have} bytes but its dims "
                                  f"{list(tensor.dims)} need {need}; the model is damaged")
     elif tensor.HasField("raw_data"):
-        if need is not None and len(tensor.raw_data) != need:
-            raise ModelReadError(f"{where}: raw_data holds {len(tensor.raw_data)} bytes but its "
+        have = len(tensor.raw_data) if raw_length is None else raw_length
+        if need is not None and have != need:
+            raise ModelReadError(f"{where}: raw_data holds {have} bytes but its "
                                  f"dims {list(tensor.dims)} need {need}; the model is damaged")
     else:
         # Typed fields (float_data, int32_data...) hold small tensors; decoding checks their count.

@@ -23,6 +23,7 @@ from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
                          weight_roles)
+from .onnx_wire import RawSpans, is_binary, map_tensor, mappable, parse_mapped
 from .onnx_write import place_remaining, save_model, staged, wants_external
 from .tree_check import check_tree
 
@@ -37,10 +38,10 @@ class OnnxStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.model = _load(self.path)
+        self.model, self._spans = _load(self.path)
         self._locations = locate(self.model)
         for name, loc in self._locations.items():
-            check_tensor(self.path, loc.tensor, name)
+            check_tensor(self.path, loc.tensor, name, self._spans.length(loc.tensor))
         roles = weight_roles(self.model)
         sizes = {name: int(np.prod(loc.tensor.dims, dtype=np.int64))
                  for name, loc in self._locations.items()}
@@ -65,7 +66,16 @@ class OnnxStore:
         return self.path.stat().st_size + sum(f.stat().st_size for f in self.data_files)
 
     def read(self, name: str) -> np.ndarray:
-        return _read_tensor(self.path, self._locations[name].tensor)
+        """One tensor's values (read-only)."""
+        tensor = self._locations[name].tensor
+        span = self._spans.span(tensor)
+        if span is not None and mappable(tensor):
+            try:  # straight from the page cache: no copy of raw_data
+                return map_tensor(self.path, tensor, span[0])
+            except (OSError, ValueError) as exc:
+                raise ModelReadError(f"{self.path}: cannot read tensor {tensor.name!r}: "
+                                     f"{exc}") from None
+        return _read_tensor(self.path, tensor)
 
     # -- compressed content --------------------------------------------------
 
@@ -127,7 +137,7 @@ class OnnxStore:
         target = target or OnnxTarget()
         # A working copy without the weights: each large tensor is a reference to
         # the source's (given back, for the tensors left unencoded, before saving).
-        model, sources = borrow(self.model)
+        model, sources = borrow(self.model, self._spans.length)
         _check_source(self.path, model)
         notes: list[str] = []
         specs: dict[str, dict[str, Any]] = {}
@@ -224,9 +234,13 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int:
     return numpy_helper.to_array(tensor).nbytes
 
 
-def _load(path: Path) -> onnx.ModelProto:
+def _load(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
+    """The model (its external data not loaded) and where its initializers' raw_data lie."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if is_binary(path):
+            model, spans = parse_mapped(path)
+        else:
+            model, spans = onnx.load(str(path), load_external_data=False), RawSpans()
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ModelReadError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
@@ -241,7 +255,7 @@ def _load(path: Path) -> onnx.ModelProto:
     if bad is not None:
         raise ModelReadError(f"{path}: not a valid ONNX model (the name {bad!r} is not UTF-8 "
                              "text)")
-    return model
+    return model, spans
 
 
 def _read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
@@ -291,8 +305,11 @@ def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
     if current >= need:
         return model
     from onnx import version_converter
+    # The converter serializes the whole model and parses its result: the tensors
+    # emitted so far are lent out for it, as the source's weights are (see borrow).
+    light, emitted = borrow(model, location=_CONVERTING)
     try:
-        converted = version_converter.convert_version(model, need)
+        converted = version_converter.convert_version(light, need)
     except Exception as exc:
         _refuse_invalid_source(path)
         raise ModelWriteError(
@@ -307,11 +324,14 @@ def _ensure_opset(model: onnx.ModelProto, need: int, path: Path,
     del converted.graph.value_info[:]
     converted.graph.value_info.extend(model.graph.value_info)
     _carry_functions(model, converted, need)
+    give_back(converted, emitted, _CONVERTING)
     notes.append(f"ONNX opset raised from {current} to {need} (needed by the encodings used)")
     return converted
 
 
 _MIN_IR = {13: 7, 19: 9, 21: 10}
+# Where tensors lent out for the version converter point (see onnx_borrow).
+_CONVERTING = "<modelpress tensor lent for opset conversion>"
 
 
 def _carry_functions(model: onnx.ModelProto, converted: onnx.ModelProto, opset: int) -> None:

@@ -29,7 +29,7 @@ from compress_core.errors import ModelReadError, ModelWriteError
 
 from .atomic import _fsync_dir, atomic_path
 from .filedata import copy_range
-from .onnx_graph import external_data_file, is_external, locate
+from .onnx_graph import external_data_file, graphs, is_external, locate
 
 MODES = ("auto", "always", "never")
 # Tensors smaller than this stay in the model file (onnx.save's default threshold).
@@ -230,7 +230,9 @@ def save_model(model: onnx.ModelProto, dst: Path, stage: Staging, source: Path |
     `staged` renames both into place when its block ends.
     """
     from .onnx_io import check_saved
-    if stage.data is None and model.ByteSize() > PROTOBUF_LIMIT:
+    # Serialized once, for the size test and the file (ByteSize costs a serialization).
+    serialized = _serialized(model) if stage.data is None else None
+    if stage.data is None and serialized is None:
         if mode == "never":
             raise ModelWriteError(f"{dst}: the compressed model is over 2 GB, protobuf's limit; "
                                   "write its weights as external data (--external-data auto)")
@@ -240,7 +242,7 @@ def save_model(model: onnx.ModelProto, dst: Path, stage: Staging, source: Path |
                 data.move(location.tensor)
     if stage.data is None:
         with atomic_path(dst) as tmp:
-            onnx.save_model(model, str(tmp))
+            _save_serialized(model, serialized, tmp)
             check_saved(tmp, dst, source)
             size = tmp.stat().st_size
         return size
@@ -248,6 +250,39 @@ def save_model(model: onnx.ModelProto, dst: Path, stage: Staging, source: Path |
     stage.data.close()
     check_saved(stage.model_path, dst, source)
     return stage.model_path.stat().st_size + stage.data.path.stat().st_size
+
+
+def _serialized(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None if they would pass protobuf's 2 GB limit."""
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # protobuf refuses to serialize a message over 2 GB
+        return None
+    return data if len(data) <= PROTOBUF_LIMIT else None
+
+
+def _save_serialized(model: onnx.ModelProto, serialized: bytes, path: Path) -> None:
+    """What onnx.save_model(model, path) does, with the model already serialized."""
+    # onnx.save_model first writes out tensors marked external that still hold
+    # raw_data. The writer leaves none (it inlines or moves every tensor it
+    # locates), but a model that has some anyway is saved as onnx would.
+    if any(t.data_location == onnx.TensorProto.EXTERNAL and t.HasField("raw_data")
+           for t in _all_tensors(model)):
+        onnx.save_model(model, str(path))
+        return
+    with open(path, "wb") as fh:
+        fh.write(serialized)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes of every graph."""
+    for graph in graphs(model.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
 
 
 __all__ = ["ALIGNMENT", "EXTERNAL_MIN_BYTES", "ExternalData", "MODES", "Staging", "data_name",
