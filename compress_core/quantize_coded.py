@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .encoded import Quantized
-from .metrics import ErrorStats
+from .metrics import BlockSums, ErrorStats
 from .scalecode import LogGrid
 
 # Clipping ratios of the mse search (each rounded to its nearest code).
@@ -92,7 +92,7 @@ def _quantize(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int | Non
     zero = None if symmetric else np.empty(base.shape, np.float32)
     step = max(1, _CHUNK_ELEMENTS // max(data[:1].size, 1))
     work = np.empty((min(step, n),) + data.shape[1:], np.float32)
-    sums = _Sums() if measure else None
+    sums = BlockSums() if measure else None
     for start in range(0, n, step):
         part = slice(start, start + step)
         rows, buf = data[part], work[:min(step, n - start)]
@@ -293,33 +293,6 @@ def _decoded(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> n
         codes -= zero
     codes *= scale
     return codes
-
-
-class _Sums:
-    """The sums of `metrics.ErrorStats`, added up a block at a time."""
-
-    def __init__(self) -> None:
-        self.ref = self.err = self.approx = self.dot = self.max_abs = 0.0
-
-    def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
-        """Add a block; `approx` is overwritten with approx - ref."""
-        self.ref += _dot(ref, ref)
-        self.approx += _dot(approx, approx)
-        self.dot += _dot(ref, approx)
-        err = np.subtract(approx, ref, out=approx)
-        self.err += _dot(err, err)
-        if err.size:
-            self.max_abs = max(self.max_abs, float(err.max()), -float(err.min()))
-
-    def stats(self, count: int) -> ErrorStats:
-        """The sums as ErrorStats over `count` elements."""
-        return ErrorStats(sum_sq_ref=self.ref, sum_sq_err=self.err, sum_sq_approx=self.approx,
-                          dot=self.dot, max_abs=self.max_abs, count=count)
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    # In float32, as metrics.compare sums a chunk (BLAS sdot; blocks are contiguous).
-    return float(np.vdot(a.ravel(), b.ravel()))
 
 
 def _widened(values: np.ndarray, buf: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .dtypes import BFLOAT16, scale_dtype_for
 from .encoded import Dense, Quantized
-from .metrics import ErrorStats
+from .metrics import BlockSums, ErrorStats
 from .quantize import Quantize, _stored_up, axes_for
 from .stage import Stage
 from .tensorinfo import TensorInfo
@@ -82,8 +82,7 @@ def quantize_channels(array: np.ndarray, bits: int,
     hi, lo = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
     widened = None if rows.dtype == np.float32 else np.empty((step, cols), dtype=np.float32)
     work = np.empty((step, cols), dtype=np.float32)
-    sums = [0.0, 0.0, 0.0, 0.0]  # ref.ref, err.err, app.app, ref.app (as metrics.compare)
-    max_abs = 0.0
+    sums = BlockSums()
     # NaN/Inf make the row ranges non-finite (checked at the end, when the tensor is left
     # to the general path); until then they must not warn.
     with np.errstate(all="ignore"):
@@ -102,21 +101,14 @@ def quantize_channels(array: np.ndarray, bits: int,
                 np.clip(q, -qmax - 1, qmax, out=q)
             codes[start:stop] = q
             approx = np.multiply(q, s, out=q)  # Quantized.decode's values
-            sums[0] += _dot(w, w)
-            sums[2] += _dot(approx, approx)
-            sums[3] += _dot(w, approx)
-            err = np.subtract(approx, w, out=approx)
-            sums[1] += _dot(err, err)
-            max_abs = max(max_abs, float(err.max()), -float(err.min()))
+            sums.add(w, approx)
     if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
         return None
     scale_shape = (n,) + (1,) * (array.ndim - 1)
     encoded = Quantized(codes=codes.reshape(array.shape),
                         scale=scale.reshape(scale_shape).astype(scale_dtype),
                         zero_point=None, bits=bits, granularity="channel", channel_axis=0)
-    error = ErrorStats(sum_sq_ref=sums[0], sum_sq_err=sums[1], sum_sq_approx=sums[2],
-                       dot=sums[3], max_abs=max_abs, count=int(array.size))
-    return encoded, error
+    return encoded, sums.stats(int(array.size))
 
 
 def _block_scales(w: np.ndarray, hi: np.ndarray, lo: np.ndarray, bits: int,
@@ -144,9 +136,3 @@ def _as_float32(block: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
     else:
         np.copyto(out, block, casting="same_kind")
     return out
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    # Summed in float32 like metrics.compare. BLAS sdot (single-threaded in OpenBLAS)
-    # is about twice as fast as einsum here; blocks are contiguous, so no copies.
-    return float(np.vdot(a, b))
