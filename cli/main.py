@@ -137,6 +137,12 @@ def cli() -> None:
               help="With --onnx-target ort: MatMulNBits accuracy_level (0: float math, "
                    "exact; 4: int8 activations, faster). The standard form follows the "
                    "session option session.qdq_matmulnbits_accuracy_level (default 4).")
+@click.option("--calibration", type=click.Path(path_type=Path), metavar="FILE.npz",
+              help="ONNX: inputs (arrays by input name, like --inputs) run through the original "
+                   "model first; quantized MatMul/Gemm weights then round so that their error's "
+                   "mean effect on each output is cancelled where that helps (for example "
+                   "classifier heads after ReLU and pooling). Needs onnxruntime. Use data other "
+                   "than --inputs, or the output error is measured on the data it was fitted to.")
 @click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
               help="Batch: models compressed in parallel processes [default: CPU count, "
                    "bounded by available memory].")
@@ -181,6 +187,7 @@ def compress(**_: Any) -> None:
       modelpress compress mlp.onnx -o out.onnx --recipe recipe.yaml --report report.json
       modelpress compress mlp.onnx -o out.onnx --print-recipe quantize --bits 4
       modelpress compress mlp.onnx -o out.onnx --inputs x.npz --labels y.npy quantize --bits 4
+      modelpress compress cnn.onnx -o out.onnx --calibration calib.npz quantize --bits 4
       modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
 
     \b
@@ -219,7 +226,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
                   max_shard_size: int | None, threads: int | None, external_data: str,
                   onnx_target: str, onnx_int4: str, onnx_int8: str, accuracy_level: int,
-                  **extra: Any) -> None:
+                  calibration: Path | None, **extra: Any) -> None:
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
@@ -234,6 +241,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         single = [_SINGLE_ONLY.get(k, "--" + k.replace("_", "-"))
                   for k, v in {**threshold_values, **eval_values}.items()
                   if v not in (None, False, ()) and k != "no_eval"]
+        if calibration is not None:
+            single.append("--calibration")
         if single:
             raise click.UsageError(f"{single[0]} applies to one model at a time; batch mode "
                                    "reports weight errors and does not run the models")
@@ -269,7 +278,9 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                              max_shard_size=max_shard_size, threads=threads,
                              external_data=external_data, onnx_target=onnx_target,
                              onnx_int4=onnx_int4, onnx_int8=onnx_int8,
-                          accuracy_level=accuracy_level), update)
+                             accuracy_level=accuracy_level,
+                             calibration=None if calibration is None else str(calibration)),
+                     update)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:

@@ -9,8 +9,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from .dtypes import short_name
-from .errors import ModelReadError, ModelWriteError
-from .pipeline import Encoding, Options, encode_stream
+from .errors import InputDataError, ModelReadError, ModelWriteError
+from .pipeline import Encoding, Options, encode_stream, plan
+from .quantize import Quantize
 from .recipe import Recipe
 from .report import InspectReport, InspectRow, Report, TensorRow
 from .store import Progress, WriteResult
@@ -48,11 +49,21 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
                                      options.accuracy_level, options.onnx_int8)
     encoding = Encoding()
+    if options.calibration is not None:
+        if store.format != "onnx":
+            raise InputDataError(f"--calibration {options.calibration}: needs an ONNX model "
+                                 f"(it runs the model; {src} holds weights only)")
+        quantized = {name for name, stages in plan(store, recipe, options).items()
+                     if any(isinstance(stage, Quantize) for stage in stages)}
+        encoding.notes.extend(store.calibrate(Path(options.calibration), quantized))
     stream = encode_stream(store, recipe, options, progress, encoding)
     try:
         result = store.write(dst, stream, progress, **extra)
     finally:
         stream.close()
+    if any(store.tensors[name].input_stats is not None for name in encoding.described):
+        encoding.notes.append(f"--calibration: rounding changed in {encoding.calibrated} "
+                              "tensors to cancel their error's mean effect on the layer output")
     if options.max_shard_size is not None and not sharded:
         encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
                               "this model is written as one file")

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .calibrate import compensate
 from .dtypes import short_name
 from .encoded import Dense, Encoded, Quantized
 from .errors import ModelpressError, UnsupportedTensorError
@@ -45,6 +46,9 @@ class Options:
     onnx_int4: str = "auto"
     accuracy_level: int = 4
     onnx_int8: str = "auto"
+    # ONNX only: an .npz of model inputs run through the original model; MatMul/Gemm
+    # weights then round with their inputs' statistics (compress_core/calibrate.py).
+    calibration: str | None = None
 
 
 # Options that do not change what is written (left out of recipe fingerprints).
@@ -71,6 +75,7 @@ class Encoding:
     errors: dict[str, ErrorStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     described: dict[str, str] = field(default_factory=dict)
+    calibrated: int = 0  # tensors whose rounding their input statistics changed
 
 
 def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list[Stage]]:
@@ -111,10 +116,12 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
     into = into if into is not None else Encoding()
     work = _prepare(store, recipe, plan(store, recipe, options), options)
     threads = max(1, options.threads or default_threads())
-    for done, (name, encoded, error, notes) in enumerate(_results(store, work, options, threads)):
+    results = _results(store, work, options, threads)
+    for done, (name, encoded, error, notes, calibrated) in enumerate(results):
         if progress:
             progress(done, len(work), name)
         into.notes.extend(notes)
+        into.calibrated += calibrated
         if encoded is not None:
             into.errors[name] = error
             into.described[name] = encoded.describe()
@@ -124,7 +131,8 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
         progress(len(work), len(work), "")
 
 
-Result = tuple[str, "Encoded | None", "ErrorStats | None", list[str]]
+# name, encoding (None: unchanged), its error, notes, whether calibration changed its rounding
+Result = tuple[str, "Encoded | None", "ErrorStats | None", list[str], bool]
 
 
 def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
@@ -133,10 +141,11 @@ def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
     def job(name: str, stages: list[Stage]) -> Result:
         notes: list[str] = []
         try:
-            encoded, error = _encode_one(store, store.tensors[name], stages, options, notes)
+            encoded, error, calibrated = _encode_one(store, store.tensors[name], stages,
+                                                     options, notes)
         except ModelpressError as exc:
             raise type(exc)(f"{store.path}: {exc}") from None
-        return name, encoded, error, notes
+        return name, encoded, error, notes, calibrated
 
     if threads == 1 or len(work) <= 1:
         for name, stages in work.items():
@@ -164,25 +173,26 @@ def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
 
 
 def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], options: Options,
-                notes: list[str]) -> tuple[Encoded | None, ErrorStats | None]:
+                notes: list[str]) -> tuple[Encoded | None, ErrorStats | None, bool]:
     if not info.is_float:
         raise UnsupportedTensorError(
             f"tensor {info.name!r} is {short_name(info.dtype)}; {stages[0].id} only applies to "
             f"floating-point tensors (use --exclude '{info.name}')")
     if info.size == 0:
         notes.append(f"{info.name}: left as is (it has no elements)")
-        return None, None
+        return None, None, False
     array = store.read(info.name)
-    fused = quantize_measured(array, info, stages)
+    # With input statistics the codes change after quantizing: measured afterwards.
+    fused = quantize_measured(array, info, stages) if info.input_stats is None else None
     if fused is not None:
-        return fused
+        return (*fused, False)
     # On the stored dtype: a cast would warn on signalling NaNs (hostile data) and turn
     # finite float64 values beyond float32's range into Inf.
     bad = count_nonfinite(array)
     if bad:
         if options.allow_nonfinite:
             notes.append(f"{info.name}: left as is ({bad} NaN/Inf values, --allow-nonfinite)")
-            return None, None
+            return None, None, False
         raise UnsupportedTensorError(
             f"tensor {info.name!r} has {bad} NaN/Inf values; fix the model, exclude it "
             f"(--exclude '{info.name}'), or pass --allow-nonfinite to leave such tensors as they are")
@@ -193,8 +203,12 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
             f"(--exclude '{info.name}')")
     encoded = _apply_stages(Dense(array), info, stages, notes)
     if isinstance(encoded, Dense) and encoded.array is array:
-        return None, None
-    return encoded, measure_error(array, encoded)
+        return None, None, False
+    calibrated = False
+    if info.input_stats is not None and type(encoded) is Quantized and info.block_axis is not None:
+        adjusted = compensate(encoded, array, info.input_stats, info.block_axis)
+        calibrated, encoded = adjusted is not encoded, adjusted
+    return encoded, measure_error(array, encoded), calibrated
 
 
 # Input bytes of the tensors in flight at once (see encode_stream): those of the

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .dtypes import is_float
+
+if TYPE_CHECKING:
+    from .calibrate import InputStats
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,9 @@ class TensorInfo:
     tokens) or "head" (the output layer); None otherwise. `sensitive_share`,
     where the reader knows it, is the share of the model's weight elements
     that its sensitive tensors hold together (it budgets their backup
-    precision, see compress_core/quantize_plan.py).
+    precision, see compress_core/quantize_plan.py). `input_stats`, set by a
+    calibration run (ONNX MatMul/Gemm weights, see compress_core/calibrate.py),
+    holds the statistics of the inputs the weight multiplies.
     """
 
     name: str
@@ -41,6 +47,7 @@ class TensorInfo:
     format: str | None = None
     sensitive: str | None = None
     sensitive_share: float | None = None
+    input_stats: InputStats | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:

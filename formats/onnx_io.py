@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -54,6 +55,22 @@ class OnnxStore:
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._tensors
+
+    def calibrate(self, calibration: Path, selected: set[str]) -> list[str]:
+        """Attach input statistics from `calibration` (an .npz of model inputs) to the
+        MatMul/Gemm weights among `selected` (those the recipe changes); notes for the
+        report. Without such weights the model is not run."""
+        from .onnx_calibrate import input_stats
+        weights = {name: info.shape[info.block_axis] for name, info in self._tensors.items()
+                   if name in selected and info.role in ("MatMul", "Gemm")
+                   and len(info.shape) == 2 and info.block_axis is not None}
+        if not weights:
+            return [f"--calibration {calibration}: not used (the recipe changes no MatMul/Gemm "
+                    "weight)"]
+        stats, notes = input_stats(self.path, self.model, Path(calibration), weights)
+        for name, found in stats.items():
+            self._tensors[name] = dataclasses.replace(self._tensors[name], input_stats=found)
+        return notes
 
     @property
     def data_files(self) -> set[Path]:
