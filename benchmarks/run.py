@@ -44,6 +44,11 @@ MODELPRESS = [
     # The 4-bit reference: every weight at 4 bits (at most 4.5 bits per weight, scales
     # included). --scale-bits 5 is ONNX's default; in safetensors it picks modelpress's own
     # layout (A16: groups of 16, 5-bit scale codes, 2-bit zero points) over compressed-tensors'.
+    # ONNX: with --calibration (inputs from the evaluation inputs' source, other samples; see
+    # models.py); the same arguments without it follow.
+    Config("modelpress int4 --all-layers --calibration", "modelpress", 4,
+           ("quantize", "--bits", "4", "--scale-bits", "5", "--all-layers"),
+           formats=("onnx", "safetensors"), needs=("--calibration",), calibrated=True),
     Config("modelpress int4 --all-layers", "modelpress", 4,
            ("quantize", "--bits", "4", "--scale-bits", "5", "--all-layers"),
            formats=("onnx", "safetensors")),
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[str] = []
     results: list[summary.CaseResult] = []
     with tempfile.TemporaryDirectory(prefix="modelpress-bench-", dir=args.workdir) as tmp:
-        settings = bench.Settings(Path(tmp), args.latency_budget or (0.5 if args.quick else 2.0),
+        settings = bench.Settings(Path(tmp), args.latency_budget or (0.5 if args.quick else 3.0),
                                   args.timeout, args.repeat, refs)
         suite = models.suite(args.quick, Path(tmp), args.models)
         for skipped in suite.skipped:
@@ -161,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                    help='more arguments for benchmarks/scale.py, e.g. "--dtype f32"')
     p.add_argument("--workdir", metavar="DIR", help="where the temporary folder goes (default: system)")
     p.add_argument("--latency-budget", type=float, metavar="S",
-                   help="seconds of interleaved runs per latency measurement (default 2, quick 0.5)")
+                   help="seconds of interleaved runs per latency measurement (default 3, quick 0.5)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="timed runs of each tool on each model; the fastest is reported (default 1)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="S",

@@ -109,7 +109,17 @@ def _run_one(cfg: Config, case: ModelCase, fmt: str, src: Path, original: "OnnxO
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     dst = out_dir / (case.name + cfg.suffix(fmt))
-    row.run = _timed_runs(cfg.command(src, dst), settings)
+    calibration = None
+    if cfg.calibrated and case.calibration is not None and fmt == "onnx":
+        calibration = settings.workdir / "calibration" / f"{case.name}.npz"
+        if not calibration.exists():
+            calibration.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(calibration, **case.calibration())
+    elif cfg.calibrated:
+        row.notes.append("run without --calibration: " + (
+            "no calibration inputs for this model" if fmt == "onnx" else
+            "safetensors holds no graph to run"))
+    row.run = _timed_runs(cfg.command(src, dst, calibration), settings)
     if not row.run.ok or not dst.exists():
         row.status = "failed"
         row.notes = [row.run.error or "no output written"]

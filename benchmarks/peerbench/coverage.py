@@ -75,7 +75,8 @@ def equal_coverage_configs(rows: list[Row], reference: Config,
         names = sorted(stored_names(model, keys))
         include = tuple(arg for n in names for arg in ("--include", literal_glob(n)))
         configs.append(Config(label, "modelpress", reference.bits, reference.args + include,
-                              covers=tuple(p.config.label for p in peers)))
+                              covers=tuple(p.config.label for p in peers),
+                              calibrated=reference.calibrated))
     return configs
 
 

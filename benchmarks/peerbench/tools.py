@@ -38,6 +38,7 @@ class Config:
     output_suffix: str = ""
     needs: tuple[str, ...] = ()  # modelpress options this row needs (checked against --help)
     covers: tuple[str, ...] = ()  # peers whose changed weights this row is restricted to
+    calibrated: bool = False  # modelpress: add --calibration with the model's calibration inputs
 
     def missing(self) -> str | None:
         """Why this tool cannot run here (with the pip command), or None."""
@@ -53,19 +54,22 @@ class Config:
         """File name suffix of the output for an input of this format."""
         return self.output_suffix or (".onnx" if fmt == "onnx" else ".safetensors")
 
-    def command(self, src: Path, dst: Path) -> list[str]:
-        """The command line, run with cwd = the repository root."""
+    def command(self, src: Path, dst: Path, calibration: Path | None = None) -> list[str]:
+        """The command line, run with cwd = the repository root. `calibration`: the model's
+        calibration inputs, passed as --calibration to a row with `calibrated`."""
         launch = [sys.executable, "-m", "benchmarks.peerbench.launch"]
         if self.driver == "modelpress":
+            extra = ["--calibration", str(calibration)] if self.calibrated and calibration else []
             return launch + ["cli", "compress", str(src), "-o", str(dst), "--no-eval", "--quiet",
-                             *self.args]
+                             *extra, *self.args]
         return launch + ["benchmarks.peerbench.driver", self.driver, str(src), str(dst),
                          json.dumps(self.options)]
 
     def shown(self) -> str:
         """How the configuration is called, for the table's notes."""
         if self.driver == "modelpress":
-            return "modelpress compress IN -o OUT --no-eval --quiet " + " ".join(self.args)
+            extra = "--calibration CALIBRATION.npz " if self.calibrated else ""
+            return "modelpress compress IN -o OUT --no-eval --quiet " + extra + " ".join(self.args)
         return f"{self.driver} {json.dumps(self.options)}"
 
 
