@@ -139,10 +139,12 @@ def cli() -> None:
                    "session option session.qdq_matmulnbits_accuracy_level (default 4).")
 @click.option("--calibration", type=click.Path(path_type=Path), metavar="FILE.npz",
               help="ONNX: inputs (arrays by input name, like --inputs) run through the original "
-                   "model first; quantized MatMul/Gemm weights then round so that their error's "
-                   "mean effect on each output is cancelled where that helps (for example "
-                   "classifier heads after ReLU and pooling). Needs onnxruntime. Use data other "
-                   "than --inputs, or the output error is measured on the data it was fitted to.")
+                   "model first, for quantized MatMul/Gemm weights whose inputs are never "
+                   "negative (after ReLU, Sigmoid, Softmax, comparisons, or pooling of those: "
+                   "classifier heads, one-hot features). Their codes then round so that the "
+                   "error's mean offset on each output cancels where that helps; sizes do not "
+                   "change. Needs onnxruntime. Use data other than --inputs, or the output "
+                   "error is measured on the data it was fitted to.")
 @click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
               help="Batch: models compressed in parallel processes [default: CPU count, "
                    "bounded by available memory].")
