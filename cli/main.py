@@ -131,8 +131,8 @@ def cli() -> None:
               show_default=True,
               help="ONNX: which 5- to 8-bit MatMul/Gemm weights use onnxruntime's 8-bit "
                    "kernel (one byte per weight in memory, int8 activations): auto: matrices "
-                   "of 1M+ weights; kernel: all that can; fold: none (decoded to float32 at "
-                   "load: exact float math, 4 bytes per weight).")
+                   "of 1M+ weights in groups of 64+; kernel: all that can; fold: none "
+                   "(decoded to float32 at load: exact float math, 4 bytes per weight).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="With --onnx-target ort: MatMulNBits accuracy_level (0: float math, "
                    "exact; 4: int8 activations, faster). The standard form follows the "

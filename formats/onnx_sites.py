@@ -40,6 +40,11 @@ KERNEL_MIN_WEIGHTS = 1 << 22
 KERNEL8_MIN_WEIGHTS = 1 << 20
 """Default smallest K*N for which a 5- to 8-bit weight runs in onnxruntime's 8-bit kernel."""
 
+KERNEL8_MIN_BLOCK = 64
+"""Default smallest block for the 8-bit kernel: at 128 input rows, blocks of 16-32 measured
+0.94-1.19x a float32 MatMul, 64 and up 0.67-0.99x (per node, onnxruntime's profiler;
+768x3072 to 4096x4096). A 6-bit backup head in groups of 16 is therefore folded."""
+
 MAX_BLOCK = 256
 """Largest block onnxruntime's kernels take (MLAS: 16-256); larger groups are split."""
 
@@ -118,7 +123,8 @@ def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.d
     if site is None:
         return None
     least = KERNEL_MIN_WEIGHTS if bits == 4 else KERNEL8_MIN_WEIGHTS
-    if mode == "auto" and site[0] * site[1] < least:
+    if mode == "auto" and (site[0] * site[1] < least
+                           or bits == 8 and min(q.group_size, MAX_BLOCK) < KERNEL8_MIN_BLOCK):
         return None
     form = kernel_form(bits, q.bits, target)
     if form == "dequantize-linear" and _relu_blocks_fusion(model, graph, node):

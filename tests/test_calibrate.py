@@ -98,7 +98,8 @@ def test_eight_bit_codes_at_the_top_of_the_range_do_not_wrap() -> None:
     assert c.codes.min() >= 126 and np.count_nonzero(c.codes.astype(int) - q2.codes) > 0
 
 
-def _value_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
+def _value_model(nodes: list[onnx.NodeProto],
+                 inits: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, [2, 4])], [helper.make_tensor_value_info(
             nodes[-1].output[0], TensorProto.FLOAT, None)], list(inits))

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from compress_core import Quantize, Recipe, compress
 from compress_core.metrics import compare
 from compress_core.pipeline import Options
-from formats.onnx_sites import KERNEL8_MIN_WEIGHTS
+from formats.onnx_sites import KERNEL8_MIN_BLOCK, KERNEL8_MIN_WEIGHTS
 
 from conftest import matmul_model, ort_run, rng_weights
 from test_onnx_forms import _decoded, _restores, _x
@@ -67,6 +67,18 @@ def test_int8_auto_takes_the_kernel_on_large_matrices_only(tmp_path: Path) -> No
     # --onnx-int8 fold keeps every weight a folded chain
     compress(src, tmp_path / "f.onnx", Recipe([Quantize(bits=8)]), Options(onnx_int8="fold"))
     assert not _dq_nodes(tmp_path / "f.onnx")
+
+
+def test_int8_auto_folds_small_blocks(tmp_path: Path) -> None:
+    """Below KERNEL8_MIN_BLOCK the 8-bit kernel is not faster than float32 at 128 input rows,
+    so auto folds such weights (a 6-bit head in groups of 16, say); kernel still takes them."""
+    big = rng_weights(1024, 1024, seed=3)
+    src = matmul_model(tmp_path / "m.onnx", {"w": big})
+    for group, mode, fused in ((16, "auto", False), (32, "auto", False),
+                               (KERNEL8_MIN_BLOCK, "auto", True), (16, "kernel", True)):
+        dst = tmp_path / f"o{group}{mode}.onnx"
+        compress(src, dst, Recipe([Quantize(bits=6, group_size=group)]), Options(onnx_int8=mode))
+        assert (optimized_ops(dst, tmp_path) == ["MatMulNBits"]) is fused, (group, mode)
 
 
 @pytest.mark.parametrize("scheme", ["sym", "asym"])
