@@ -44,8 +44,8 @@ def compensate(q: Quantized, w: np.ndarray, stats: InputStats, input_axis: int) 
     if w.ndim != 2 or stats.mean.shape != (w.shape[input_axis],):
         return q
     k, n = w.shape[input_axis], w.shape[1 - input_axis]
-    # Work in [K, N] (inputs along axis 0, output channels along axis 1), CHUNK
-    # channels at a time so that the temporaries stay small.
+    # Work in [K, N] (inputs along axis 0, output channels along axis 1), a slab of
+    # channels at a time so that the temporaries stay small (CHUNK_ELEMENTS).
     wk = np.moveaxis(np.asarray(w), input_axis, 0)
     codes = np.moveaxis(q.codes, input_axis, 0)
     scale = np.moveaxis(np.broadcast_to(q.expand(q.scale.astype(np.float32)), w.shape),
@@ -96,8 +96,7 @@ def _flips(w: np.ndarray, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray
     # A flip moves mu . D by mean * direction * scale, and adds (1 - 2|steps|) scale^2
     # to D^2 (at most scale^2; never below 0 for codes in range).
     gain = -(mean * direction * scale) * np.sign(total)[None, :]  # > 0: towards zero
-    useful = (direction != 0) & (moved >= lo) & (moved <= hi) & (gain > 0) & (
-        codes >= lo) & (codes <= hi)
+    useful = (direction != 0) & (moved >= lo) & (moved <= hi) & (gain > 0)
     if not useful.any():
         return None
     added = var * np.maximum(1 - 2 * np.abs(steps), 0) * scale * scale
