@@ -206,3 +206,24 @@ def test_calibration_errors_are_one_line(samples: Path, tmp_path: Path) -> None:
     result = run_cli(["compress", samples / "mlp.onnx", samples / "cnn.onnx", "-o",
                       tmp_path / "batch", "--calibration", tmp_path / "cal.npz", "quantize"])
     assert result.exit_code == 2 and "--calibration applies to one model at a time" in result.output
+
+
+def test_calibration_reads_external_data_in_place(tmp_path: Path) -> None:
+    """A model whose weights live in a data file beside it: onnxruntime reads them from the
+    model's folder (the graph it runs is held in memory)."""
+    w = np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
+    inline = _head_model(tmp_path / "inline.onnx", w)
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    src = folder / "head.onnx"
+    onnx.save(onnx.load(str(inline)), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="head.data", size_threshold=0)
+    np.savez(tmp_path / "cal.npz", x=_features(8, seed=1))
+    outputs = {}
+    for name, path in (("inline", inline), ("external", src)):
+        dst = tmp_path / f"{name}-out.onnx"
+        report = compress(path, dst, Recipe([Quantize(bits=4)]),
+                          Options(calibration=str(tmp_path / "cal.npz")))
+        assert any("rounding changed in 1 tensors" in n for n in report.notes), report.notes
+        outputs[name] = ort_run(dst, {"x": _features(4, seed=2)}, exact=True)[0]
+    np.testing.assert_array_equal(outputs["inline"], outputs["external"])
