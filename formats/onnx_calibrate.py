@@ -28,7 +28,7 @@ from compress_core.calibrate import InputStats
 from compress_core.errors import InputDataError, ModelRunError
 
 from .onnx_graph import graphs, locate
-from .onnx_run import INSTALL_HINT, _first_line, load_inputs
+from .onnx_run import INSTALL_HINT, _first_line, input_specs, load_inputs
 
 SAMPLES_PER_RUN = 8
 """Calibration samples run at once (bounds the activations held in memory)."""
@@ -160,7 +160,7 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
     del model
     wanted = [n for n in activations if n not in graph_inputs]
     sums: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
-    for chunk in _chunks(feeds, calibration):
+    for chunk in _chunks(feeds, calibration, graph):
         try:
             values = dict(zip(wanted, session.run(wanted, chunk))) if wanted else {}
         except Exception as exc:
@@ -193,8 +193,9 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
     return stats, notes
 
 
-def _chunks(feeds: dict[str, np.ndarray], calibration: Path):
-    """The feeds a few samples at a time (along axis 0), or whole when the inputs do not
+def _chunks(feeds: dict[str, np.ndarray], calibration: Path, graph: onnx.ModelProto):
+    """The feeds a few samples at a time along axis 0 (as many as a fixed batch dimension
+    of the model's inputs says, else SAMPLES_PER_RUN), or whole when the inputs do not
     share a first axis."""
     firsts = {a.shape[0] if a.ndim else None for a in feeds.values()}
     if len(firsts) != 1 or None in firsts:
@@ -203,8 +204,16 @@ def _chunks(feeds: dict[str, np.ndarray], calibration: Path):
     count = firsts.pop()
     if count == 0:
         raise InputDataError(f"{calibration}: the arrays hold no samples")
-    for start in range(0, count, SAMPLES_PER_RUN):
-        yield {k: v[start:start + SAMPLES_PER_RUN] for k, v in feeds.items()}
+    fixed = {s.dims[0] for s in input_specs(graph) if s.dims and isinstance(s.dims[0], int)
+             and s.dims[0] > 0}
+    per_run = SAMPLES_PER_RUN
+    if len(fixed) == 1:
+        per_run = fixed.pop()
+        if count % per_run:
+            raise InputDataError(f"{calibration}: the model takes batches of exactly {per_run} "
+                                 f"samples; give a multiple of {per_run} (the file has {count})")
+    for start in range(0, count, per_run):
+        yield {k: v[start:start + per_run] for k, v in feeds.items()}
 
 
 def _accumulate(sums: dict, key: tuple, value: np.ndarray, k_first: bool, k: int) -> None:

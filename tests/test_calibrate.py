@@ -227,3 +227,23 @@ def test_calibration_reads_external_data_in_place(tmp_path: Path) -> None:
         assert any("rounding changed in 1 tensors" in n for n in report.notes), report.notes
         outputs[name] = ort_run(dst, {"x": _features(4, seed=2)}, exact=True)[0]
     np.testing.assert_array_equal(outputs["inline"], outputs["external"])
+
+
+def test_calibration_follows_a_fixed_batch_dimension(tmp_path: Path) -> None:
+    """A model whose input has batch 2: the samples run two at a time; a count that is not
+    a multiple of 2 is refused in one line."""
+    w = np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
+    model = onnx.load(str(_head_model(tmp_path / "dyn.onnx", w)))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
+    src = tmp_path / "fixed.onnx"
+    onnx.save(model, str(src))
+    np.savez(tmp_path / "cal.npz", x=_features(6, seed=1))
+    report = compress(src, tmp_path / "o.onnx", Recipe([Quantize(bits=4)]),
+                      Options(calibration=str(tmp_path / "cal.npz")))
+    assert any("at least 6 input rows" in n for n in report.notes), report.notes
+    np.savez(tmp_path / "odd.npz", x=_features(5, seed=1))
+    result = run_cli(["compress", src, "-o", tmp_path / "p.onnx", "--no-eval", "--calibration",
+                      tmp_path / "odd.npz", "quantize"])
+    assert result.exit_code == 1 and "batches of exactly 2 samples" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "p.onnx").exists()
