@@ -181,6 +181,8 @@ def _section(case: models.ModelCase, fmt: str, path: Path, rows: list[report.Row
         facts.append(f"{original.elements:,} weight-like elements in {len(original.weights)} weights")
         facts.append(f"inputs: {case.inputs_note}; measured tensor `{original.tensor}`; latency on "
                      f"the first {case.latency_samples} sample(s)")
+        if case.calibration_note:
+            facts.append(f"calibration inputs (rows with --calibration): {case.calibration_note}")
     else:
         facts.append("weights only: no output error or latency (safetensors holds no graph)")
     return "\n".join([head, "", "; ".join(facts) + ".", "", report.table(rows, onnx=fmt == "onnx")])

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from compress_core.calibrate import InputStats
 from compress_core.errors import InputDataError, ModelRunError
 
-from .onnx_graph import graphs, locate
+from .onnx_graph import graphs
 from .onnx_run import INSTALL_HINT, _first_line, input_specs, load_inputs
 
 SAMPLES_PER_RUN = 8
@@ -128,7 +128,7 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
     and run only if some weight qualifies; the calibration file is checked in any case."""
     feeds = load_inputs(graph, calibration)
     producers = {out: node for node in graph.graph.node for out in node.output}
-    uses = {n: u for n, u in layer_inputs(graph, set(weights) & set(locate(graph))).items()
+    uses = {n: u for n, u in layer_inputs(graph, set(weights)).items()
             if all(nonnegative(graph, use.activation, producers) for use in u)}
     if not uses:
         return {}, [f"--calibration {calibration}: not used (no quantized MatMul/Gemm weight "
