@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .dtypes import short_name
-from .scalecode import ScaleCode
+from .scalecode import MultiplierCode, ScaleCode
 
 
 class Encoded(ABC):
@@ -99,8 +99,9 @@ class Quantized(Encoded):
     or the block axis, which holds ceil(n / group_size) entries (per group).
 
     `scale_code`, when set, is how the scales are stored: codes on a
-    per-tensor logarithmic grid (see `scalecode`), and `scale` is their exact
-    decoding. `zero_bits` is the width a zero point is stored in (None: `bits`);
+    per-tensor logarithmic grid (ScaleCode), or integer multipliers of a
+    float16 base per super-block of groups (MultiplierCode); `scale` is
+    their exact decoding. `zero_bits` is the width a zero point is stored in (None: `bits`);
     zero points then lie in [-2^(zero_bits-1), 2^(zero_bits-1) - 1].
     """
 
@@ -112,7 +113,7 @@ class Quantized(Encoded):
     channel_axis: int | None = None
     block_axis: int | None = None
     group_size: int | None = None
-    scale_code: ScaleCode | None = None
+    scale_code: ScaleCode | MultiplierCode | None = None
     zero_bits: int | None = None
 
     @property
@@ -125,8 +126,15 @@ class Quantized(Encoded):
 
     @property
     def scale_bits(self) -> int | None:
-        """Bits per stored scale code, or None when scales are stored as floats."""
-        return None if self.scale_code is None else self.scale_code.bits
+        """Bits per stored log-grid scale code, or None (float scales or multipliers)."""
+        return self.scale_code.bits if isinstance(self.scale_code, ScaleCode) else None
+
+    @property
+    def super_block(self) -> int | None:
+        """Inputs per float16 base when scales are multipliers, else None."""
+        if not isinstance(self.scale_code, MultiplierCode):
+            return None
+        return self.scale_code.ratio * self.group_size
 
     @property
     def stored_zero_bits(self) -> int:
@@ -190,7 +198,9 @@ class Quantized(Encoded):
         grain = {"tensor": "tensor", "channel": "ch", "group": f"g{self.group_size}"}
         scheme = "sym" if self.symmetric else "asym"
         label = f"int{self.bits} {grain[self.granularity]} {scheme}"
-        if self.scale_code is not None:
+        if self.super_block:
+            label += f" m{self.scale_code.bits}x{self.super_block}"
+        elif self.scale_code is not None:
             label += f" s{self.scale_code.bits}"
         if self.zero_point is not None and self.stored_zero_bits != self.bits:
             label += f" z{self.stored_zero_bits}"

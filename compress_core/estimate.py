@@ -100,6 +100,13 @@ def _lowrank_fraction(stage: Any, info: TensorInfo) -> float:
 def _per_scale_bits(plan: Any, info: TensorInfo, fmt: str) -> float:
     """Bits of one scale (and its zero point) of a quantized tensor (codes are bit-packed)."""
     bits = plan.scale_bits or scale_dtype_for(info.dtype).itemsize * 8
+    if plan.super_block:
+        from .quantize import axes_for
+        from .quantize_multiplier import applies
+        from .scalecode import MULTIPLIER_BITS
+        if applies(info.shape, axes_for(info)[1], plan.group_size, plan.super_block):
+            # A 4-bit multiplier per group, a float16 base per super-block.
+            bits = MULTIPLIER_BITS + 16 * plan.group_size / plan.super_block
     if not plan.symmetric:
         bits += plan.zero_bits or plan.bits
     return float(bits)

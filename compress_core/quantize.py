@@ -66,6 +66,12 @@ class Quantize(Stage):
         None, "bits per stored zero point with --scheme asym (2 holds -2..1 around the grid's "
         "centre) [default: 2 with scale codes and groups of 16 or less, else --bits]",
         min=1, max=8)
+    super_block: int | None = option(
+        None, "store group scales as 4-bit integer multiples of one float16 scale per this "
+        "many inputs (2-4 bits; 4.5 bits per weight at --bits 4), a layout onnxruntime runs "
+        "in its 8-bit kernel; 0 for none [default: ONNX 128 for 2-D MatMul/Gemm weights in "
+        "groups of 16 whose inputs it tiles, unless --scale-bits is given; else none]",
+        min=0)
     backup_bits: int | None = option(
         None, "bits for embeddings and the output head when --bits is lower "
         "[default: ONNX 6, lowered to add at most one bit per weight over the model; "
@@ -83,8 +89,25 @@ class Quantize(Stage):
                 self.fail("--zero-bits applies only to --scheme asym")
             if self.zero_bits > self.bits:
                 self.fail(f"--zero-bits {self.zero_bits} is wider than --bits {self.bits}")
+        if self.super_block:
+            self._validate_super_block()
         if self.backup_bits is not None and self.all_layers:
             self.fail("--backup-bits has no effect with --all-layers; give one of them")
+
+    def _validate_super_block(self) -> None:
+        from .quantize_plan import MAX_MULTIPLIED_BITS
+        if self.bits > MAX_MULTIPLIED_BITS:
+            self.fail(f"--super-block applies to --bits 2-{MAX_MULTIPLIED_BITS}, "
+                      f"not {self.bits}")
+        if self.granularity in ("tensor", "channel"):
+            self.fail(f"--super-block applies only to --granularity group, not "
+                      f"{self.granularity}")
+        if self.scale_bits == 0:
+            self.fail("--super-block stores scales as codes; it cannot go with --scale-bits 0")
+        group = self.group_size or 16
+        if self.super_block % group:
+            self.fail(f"--super-block {self.super_block} is not a multiple of the group size "
+                      f"{group}")
 
     def plan(self, info: TensorInfo) -> QuantPlan:
         """Every option resolved for one tensor (its format, role and shape)."""
@@ -108,7 +131,7 @@ class Quantize(Stage):
                 encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
                 zero_bits=plan.zero_bits, scale_bits=plan.scale_bits,
                 granularity=plan.granularity, channel_axis=channel_axis, block_axis=block_axis,
-                group_size=plan.group_size, method=plan.method)
+                group_size=plan.group_size, method=plan.method, super_block=plan.super_block)
         return quantize_array(
             encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
             granularity=plan.granularity, channel_axis=channel_axis,

@@ -60,7 +60,7 @@ def quantize_measured(array: np.ndarray, info: TensorInfo,
             Dense(array).decode(), bits=plan.bits, symmetric=plan.symmetric,
             zero_bits=plan.zero_bits, scale_bits=plan.scale_bits, granularity=plan.granularity,
             channel_axis=channel_axis, block_axis=block_axis, group_size=plan.group_size,
-            method=plan.method)
+            method=plan.method, super_block=plan.super_block)
     if (plan.granularity != "channel" or plan.method != "rtn" or not plan.symmetric
             or channel_axis != 0 or array.ndim < 2):
         return None

@@ -40,6 +40,9 @@ BACKUP_BUDGET = 1.0  # extra bits per weight, over the whole model, the default 
 PLAIN_GROUP = 128
 CODED_GROUP = 16
 MAX_GROUP_8BIT = 128
+SUPER_BLOCK = 128
+MAX_MULTIPLIED_BITS = 4
+MULTIPLIER_MIN_WEIGHTS = 1 << 20  # as formats.onnx_sites.KERNEL8_MIN_WEIGHTS (tested)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class QuantPlan:
     scale_bits: int            # 0: scales stored as floats of the scale dtype
     zero_bits: int | None      # None when symmetric
     backup: bool = False       # bits raised by the backup-precision policy
+    super_block: int = 0       # inputs per float16 base of multiplier scales (0: none)
 
 
 def budgeted_backup(bits: int, share: float | None) -> int:
@@ -75,6 +79,8 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
     granularity = stage.granularity or (
         "group" if stage.group_size or bits < 8 or compact else "channel")
     scale_bits = stage.scale_bits
+    if stage.super_block and scale_bits is None and bits <= MAX_MULTIPLIED_BITS:
+        scale_bits = 5  # a given --super-block refits the log grid's 5-bit codes
     group_size = None
     if granularity == "group":
         group_size = stage.group_size or _default_group(bits, scale_bits, compact, info)
@@ -89,9 +95,35 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
         narrow = scale_bits and granularity == "group" and group_size <= CODED_GROUP and bits < 8
         zero_bits = min(stage.zero_bits or (2 if narrow else bits), bits)
     method = stage.method or ("mse" if bits < 8 else "rtn")
+    super_block = _super_block(stage, info, bits, granularity, group_size, compact)
     return QuantPlan(bits=bits, symmetric=symmetric, granularity=granularity,
                      group_size=group_size, method=method, scale_bits=scale_bits,
-                     zero_bits=zero_bits, backup=backup)
+                     zero_bits=zero_bits, backup=backup, super_block=super_block)
+
+
+def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,
+                 group_size: int | None, compact: bool) -> int:
+    """Inputs per multiplier base for this tensor, 0 for none.
+
+    Given, it applies to every tensor of at most MAX_MULTIPLIED_BITS bits in
+    groups that tile it; by default only in ONNX, with scale codes left to
+    their default, to 2-D MatMul/Gemm weights of at least
+    MULTIPLIER_MIN_WEIGHTS elements in groups of CODED_GROUP: those
+    onnxruntime runs in its 8-bit kernel (`formats.onnx_sites`). Elsewhere
+    the log grid's 5-bit codes cost less (4.44 bits per weight against 4.5)
+    for the same error, and a smaller weight is decoded at load anyway.
+    """
+    if granularity != "group" or bits > MAX_MULTIPLIED_BITS:
+        return 0
+    if stage.super_block is not None:
+        return stage.super_block if stage.super_block % group_size == 0 else 0
+    if not compact or stage.scale_bits is not None or group_size > CODED_GROUP:
+        return 0
+    if info.role not in ("MatMul", "Gemm") or len(info.shape) != 2:
+        return 0
+    if info.shape[0] * info.shape[1] < MULTIPLIER_MIN_WEIGHTS:
+        return 0
+    return SUPER_BLOCK
 
 
 def _default_group(bits: int, scale_bits: int | None, compact: bool, info: TensorInfo) -> int:

@@ -60,6 +60,10 @@ class ScaleCode:
         """The same grid with other codes."""
         return ScaleCode(codes, self.high, self.low, self.bits)
 
+    def transposed(self) -> ScaleCode:
+        """The same grid for the transposed (2-D) scales."""
+        return self.with_codes(np.ascontiguousarray(self.codes.T))
+
 
 def decode_codes(codes: np.ndarray, high: np.ndarray, low: np.ndarray, bits: int) -> np.ndarray:
     """`high[code >> bits//2] * low[code & mask]` in float32."""
@@ -135,3 +139,69 @@ class LogGrid:
     def code(self, codes: np.ndarray) -> ScaleCode:
         """A ScaleCode holding `codes` on this grid."""
         return ScaleCode(codes.astype(np.uint8), self.high, self.low, self.bits)
+
+
+MULTIPLIER_BITS = 4
+"""Bits per stored group multiplier (values 1..15)."""
+
+
+def max_multiplier(bits: int, zero_bits: int | None) -> int:
+    """The largest multiplier m with |m * (code - zero)| <= 127 for every code and zero point.
+
+    Every weight is then base * Q with Q = m * (code - zero) an int8 value, so a
+    super-block is one blocked 8-bit DequantizeLinear (zero point 128 on bytes):
+    4-bit codes with 2-bit zero points reach |code - zero| = 9 and allow 14.
+    """
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if zero_bits is None:
+        reach = -qmin
+    else:
+        half = 1 << (min(zero_bits, bits) - 1)
+        reach = max(qmax + half, half - 1 - qmin)
+    return min((1 << MULTIPLIER_BITS) - 1, 127 // reach)
+
+
+@dataclass(frozen=True, eq=False)
+class MultiplierCode:
+    """Group scales as small integer multiples of one float16 base per super-block.
+
+    scale = base[super-block] * multiplier, with `ratio` consecutive groups
+    along `axis` of the scales sharing a base (the idea of llama.cpp's
+    K-quants). The product of a float16 and an integer below 16 is exact in
+    float32, so every runtime decodes the same scales; and a weight's
+    (code - zero) * multiplier is a small integer, which lets onnxruntime run
+    the tensor in its 8-bit kernel with one float scale per super-block.
+    """
+
+    multipliers: np.ndarray   # uint8 in 1..15, the shape of the scales they stand for
+    base: np.ndarray          # float16, the scales' shape with `axis` counting super-blocks
+    axis: int
+    ratio: int                # groups per super-block
+
+    bits = MULTIPLIER_BITS
+
+    def decode(self) -> np.ndarray:
+        """The scales as float32 (exact products)."""
+        return decode_multipliers(self.multipliers, self.base, self.axis, self.ratio)
+
+    @property
+    def table_nbytes(self) -> int:
+        """Bytes of the float16 bases."""
+        return self.base.nbytes
+
+    def code_nbytes(self, extra_bits: int = 0) -> int:
+        """Bytes of the multipliers packed at 4 bits (+ `extra_bits` per group)."""
+        return math.ceil(self.multipliers.size * (self.bits + extra_bits) / 8)
+
+    def transposed(self) -> MultiplierCode:
+        """The same code for the transposed (2-D) scales."""
+        return MultiplierCode(np.ascontiguousarray(self.multipliers.T),
+                              np.ascontiguousarray(self.base.T), 1 - self.axis, self.ratio)
+
+
+def decode_multipliers(multipliers: np.ndarray, base: np.ndarray, axis: int,
+                       ratio: int) -> np.ndarray:
+    """`base` repeated `ratio` times along `axis` (cut to the multipliers' length) times them."""
+    n = multipliers.shape[axis]
+    spread = np.repeat(np.asarray(base, np.float32), ratio, axis=axis).take(np.arange(n), axis=axis)
+    return (spread * multipliers.astype(np.float32)).astype(np.float32)

@@ -198,6 +198,29 @@ def coded_scales(chain: Chain, codes: np.ndarray, high: np.ndarray, low: np.ndar
                                   chain.ints("scale_layout", list(shape))])
 
 
+def multiplier_scales(chain: Chain, multipliers: np.ndarray, base: np.ndarray, axis: int,
+                      ratio: int, shape: tuple[int, ...]) -> str:
+    """float32 scales `base * multiplier` of `shape` (groups along `axis`, `ratio` per base).
+
+    The product of a float16 base and an integer below 16 is exact in float32.
+    """
+    multiplier = multiplier_values(chain, multipliers, onnx.TensorProto.FLOAT, shape)
+    bases = chain.node("Cast", [chain.array("scale_base", base.astype(np.float16))],
+                       to=onnx.TensorProto.FLOAT)
+    spread = expand_groups(chain, bases, tuple(base.shape), axis, ratio, shape[axis],
+                           "base")
+    return chain.node("Mul", [spread, multiplier])
+
+
+def multiplier_values(chain: Chain, multipliers: np.ndarray, to: int,
+                      shape: tuple[int, ...]) -> str:
+    """The 4-bit multipliers (stored as a packed stream) of `shape`, as type `to`."""
+    packed = chain.array("scale_multipliers", packed_stream(multipliers.reshape(-1), 4))
+    flat = unpack(chain, packed, 4, "scale_count", int(multipliers.size))
+    values = chain.node("Cast", [flat], to=to)
+    return chain.node("Reshape", [values, chain.ints("scale_layout", list(shape))])
+
+
 def add_function(model: onnx.ModelProto, function: onnx.FunctionProto,
                  call: onnx.NodeProto) -> None:
     """Add `function` to the model, sharing an identical one; `call` follows a rename."""

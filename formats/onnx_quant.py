@@ -34,9 +34,10 @@ from onnx import helper, numpy_helper
 from compress_core.encoded import Encoded, Quantized
 from compress_core.encoded import scale_shape as quantized_scale_shape
 from compress_core.packing import pack_bits, to_signed, to_unsigned, unpack_bits
-from compress_core.scalecode import ScaleCode
+from compress_core.scalecode import MultiplierCode, ScaleCode
 
-from .onnx_chain import CHAIN_OPSET, Chain, coded_scales, expand_groups, packed_stream, unpack
+from .onnx_chain import (CHAIN_OPSET, Chain, coded_scales, expand_groups, multiplier_scales,
+                         multiplier_values, packed_stream, unpack)
 from .onnx_emit import Emitted, FreshName
 from .onnx_sites import KernelSite, OnnxTarget, quantized_part
 
@@ -58,7 +59,9 @@ def kind_name(q: Quantized, what: str) -> str:
     name = f"Int{q.bits}{'Sym' if q.symmetric else 'Asym'}"
     if not q.symmetric:
         name += f"Z{q.stored_zero_bits}"
-    if q.scale_code is not None:
+    if q.super_block:
+        name += f"M{q.super_block}"
+    elif q.scale_code is not None:
         name += f"S{q.scale_code.bits}"
     return name + what
 
@@ -122,7 +125,8 @@ def _dequantize_linear(name: str, q: Quantized, fresh: FreshName, site: KernelSi
     inputs = [codes_name, scale]
     if unsigned:
         offset = 1 << (site.bits - 1)
-        if kn.symmetric:  # 5-7-bit codes unpacked to bytes + 128: the zero point is 128
+        if kn.symmetric or kn.super_block:
+            # 5-7-bit codes unpacked to bytes + 128, or multiplied codes + 128: zero point 128
             zero = chain.node("Expand", [chain.const(np.array(offset, np.uint8)),
                                          chain.ints("zero_blocks", [blocks, site.n])])
         else:
@@ -161,6 +165,8 @@ def _dq_codes(chain: Chain, kn: Quantized, kernel: int, fresh: FreshName,
     5-7 bits stay packed in the file and a folded chain unpacks them to UINT8.
     """
     name = chain.name
+    if kn.super_block:
+        return _multiplied_codes(chain, kn, outputs), True
     if kn.bits == 4:
         codes = kn.codes if kn.symmetric else to_unsigned(kn.codes, 4)
         kind = onnx.TensorProto.INT4 if kn.symmetric else onnx.TensorProto.UINT4
@@ -182,10 +188,45 @@ def _dq_codes(chain: Chain, kn: Quantized, kernel: int, fresh: FreshName,
     return outputs[values], True
 
 
+def _multiplied_codes(chain: Chain, kn: Quantized, outputs: dict[str, str]) -> str:
+    """uint8 `128 + multiplier * (code - zero)` `[K, N]`: each super-block's weights over its
+    base (see `quantize_multiplier`), from the packed codes, zero points and multipliers."""
+    code = kn.scale_code
+    int32 = onnx.TensorProto.INT32
+    packed = chain.data("codes", numpy_helper.from_array(
+        packed_stream(to_unsigned(kn.codes, kn.bits), kn.bits), chain.fresh(f"{chain.name}_quantized")))
+    values = chain.node("Cast", [unpack(chain, packed, kn.bits, "count", kn.size)], to=int32)
+    values = chain.node("Reshape", [values, chain.ints("shape", list(kn.shape))])
+    offset = 1 << (kn.bits - 1)  # unsigned codes are code + offset
+    if kn.zero_point is not None:
+        zero = chain.node("Cast", [_zero_values(chain, kn, offset, onnx.TensorProto.UINT8)],
+                          to=int32)
+        values = chain.node("Sub", [values, _expanded(chain, kn, zero, "zero")])
+    else:
+        values = chain.node("Sub", [values, chain.const(np.array(offset, np.int32))])
+    multiplier = multiplier_values(chain, code.multipliers, int32, tuple(kn.scale.shape))
+    values = chain.node("Mul", [values, _expanded(chain, kn, multiplier, "multiplier",
+                                                  shaped=True)])
+    values = chain.node("Add", [values, chain.const(np.array(128, np.int32))])
+    values = chain.node("Cast", [values], to=onnx.TensorProto.UINT8)
+    outputs[values] = chain.fresh(f"{chain.name}_codes")
+    return outputs[values]
+
+
 def _block_scales(chain: Chain, q: Quantized, site: KernelSite, axis: int,
                   outputs: dict[str, str]) -> str:
     """The kernel's float32 scales, one per block along `axis` (K) of `q`'s layout."""
     name = chain.name
+    if q.super_block:  # the bases, one per super-block (split if wider than the kernel's block)
+        code = q.scale_code
+        base = chain.node("Cast", [chain.array("scale_base", code.base.astype(np.float16))],
+                          to=onnx.TensorProto.FLOAT)
+        ratio = q.super_block // site.block
+        if ratio > 1:
+            base = expand_groups(chain, base, tuple(code.base.shape), axis, ratio,
+                                 -(-site.k // site.block), "block_scale")
+        outputs[base] = chain.fresh(f"{name}_scale")
+        return outputs[base]
     if q.scale_code is None and site.block == q.group_size:
         return chain.outer("scale", numpy_helper.from_array(
             np.ascontiguousarray(q.scale.astype(np.float32)), chain.fresh(f"{name}_scale")))
@@ -308,8 +349,10 @@ def _zero_values(chain: Chain, q: Quantized, offset: int, to: int) -> str:
 
 def _scales(chain: Chain, q: Quantized, shape: tuple[int, ...]) -> str:
     """float32 scales of `shape` (the scale array's elements in row-major order)."""
-    if q.scale_code is not None:
-        code = q.scale_code
+    code = q.scale_code
+    if isinstance(code, MultiplierCode):
+        return multiplier_scales(chain, code.multipliers, code.base, code.axis, code.ratio, shape)
+    if code is not None:
         return coded_scales(chain, code.codes.reshape(-1), code.high, code.low, code.bits, shape)
     scale = chain.array("scale", np.ascontiguousarray(q.scale.reshape(shape)))
     if q.scale.dtype != np.float32:
@@ -335,14 +378,14 @@ def _spec(layout: str, q: Quantized, chain: Chain, nodes: list[str], *,
             "channel_axis": q.channel_axis, "block_axis": q.block_axis,
             "group_size": q.group_size, "symmetric": q.symmetric,
             "scale_bits": q.scale_bits, "zero_bits": q.stored_zero_bits or None,
+            "super_block": q.super_block,
             "transposed": transposed, "initializers": dict(chain.roles), "nodes": list(nodes)}
 
 
 def transpose(q: Quantized) -> Quantized:
     """A 2-D Quantized node of the transposed matrix."""
     flip = {0: 1, 1: 0, None: None}
-    code = None if q.scale_code is None else q.scale_code.with_codes(
-        np.ascontiguousarray(q.scale_code.codes.T))
+    code = None if q.scale_code is None else q.scale_code.transposed()
     return replace(q, codes=np.ascontiguousarray(q.codes.T), scale=np.ascontiguousarray(q.scale.T),
                    zero_point=None if q.zero_point is None else np.ascontiguousarray(
                        q.zero_point.T),
@@ -363,10 +406,15 @@ def decode_quantized(spec: dict[str, Any], initializers: dict[str, onnx.TensorPr
     scale_shape = quantized_scale_shape(stored, spec["granularity"], spec["channel_axis"],
                                         spec["block_axis"], spec["group_size"])
     count = int(np.prod(stored, dtype=np.int64))
-    codes = _read_codes(spec["layout"], initializers[t["codes"]], bits, stored, count,
+    # Codes refitted to multipliers are a packed stream in either layout.
+    layout = "quantized" if spec.get("super_block") else spec["layout"]
+    codes = _read_codes(layout, initializers[t["codes"]], bits, stored, count,
                         spec.get("group_size"))
     code = None
-    if spec.get("scale_bits"):
+    if spec.get("super_block"):
+        code = _read_multipliers(spec, initializers, scale_shape)
+        scale = code.decode()
+    elif spec.get("scale_bits"):
         sb = spec["scale_bits"]
         n = int(np.prod(scale_shape, dtype=np.int64))
         raw = unpack_bits(numpy_helper.to_array(initializers[t["scale_codes"]]), sb, n)
@@ -386,6 +434,18 @@ def decode_quantized(spec: dict[str, Any], initializers: dict[str, onnx.TensorPr
                   block_axis=spec["block_axis"], group_size=spec["group_size"],
                   scale_code=code, zero_bits=None if zero is None else spec["zero_bits"])
     return transpose(q) if spec.get("transposed") else q
+
+
+def _read_multipliers(spec: dict[str, Any], initializers: dict[str, onnx.TensorProto],
+                      scale_shape: tuple[int, ...]) -> MultiplierCode:
+    t, axis = spec["initializers"], spec["block_axis"]
+    ratio = spec["super_block"] // spec["group_size"]
+    n = int(np.prod(scale_shape, dtype=np.int64))
+    raw = unpack_bits(numpy_helper.to_array(initializers[t["scale_multipliers"]]), 4, n)
+    base = numpy_helper.to_array(initializers[t["scale_base"]])
+    base_shape = tuple(-(-d // ratio) if i == axis else d for i, d in enumerate(scale_shape))
+    return MultiplierCode(raw.reshape(scale_shape), base.astype(np.float16).reshape(base_shape),
+                          axis, ratio)
 
 
 def _read_codes(layout: str, tensor: onnx.TensorProto, bits: int, shape: tuple[int, ...],

@@ -106,14 +106,16 @@ def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.d
     q = quantized_part(encoded)
     if q is None or np.dtype(dtype) != np.dtype(np.float32):
         return None
-    bits = kernel_bits(q.bits)
-    mode = target.int4 if bits == 4 else target.int8
+    # Codes with multiplier scales run in the 8-bit kernel, a block per super-block.
+    bits = 8 if q.super_block else kernel_bits(q.bits)
+    mode = target.int4 if q.bits <= 4 else target.int8
     if bits is None or mode == "fold":
         return None
     if bits == 8 and target.target == "ort" and target.accuracy_level != 4:
         return None  # the 8-bit kernel with float activations is several times slower
-    if (q.granularity != "group" or len(q.shape) != 2 or q.group_size < 16
-            or q.group_size & (q.group_size - 1)):
+    group = q.super_block or q.group_size
+    if (q.granularity != "group" or len(q.shape) != 2 or group < 16
+            or group & (group - 1)):
         return None
     uses = consumers(model, name)
     if len(uses) != 1 or is_output(model, name) or uses[0][0] is not home:
@@ -124,13 +126,13 @@ def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.d
         return None
     least = KERNEL_MIN_WEIGHTS if bits == 4 else KERNEL8_MIN_WEIGHTS
     if mode == "auto" and (site[0] * site[1] < least
-                           or bits == 8 and min(q.group_size, MAX_BLOCK) < KERNEL8_MIN_BLOCK):
+                           or bits == 8 and min(group, MAX_BLOCK) < KERNEL8_MIN_BLOCK):
         return None
     form = kernel_form(bits, q.bits, target)
     if form == "dequantize-linear" and _relu_blocks_fusion(model, graph, node):
         return None
     k, n, stored_kn, bias = site
-    return KernelSite(graph, node, k, n, stored_kn, bias, bits, q.group_size, form)
+    return KernelSite(graph, node, k, n, stored_kn, bias, bits, group, form)
 
 
 def kernel_form(kernel: int, bits: int, target: OnnxTarget) -> str:

@@ -29,7 +29,7 @@ from compress_core.dtypes import FLOAT8_E4M3
 from compress_core.encoded import (Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse,
                                    scale_shape)
 from compress_core.errors import ModelReadError, ModelWriteError
-from compress_core.scalecode import ScaleCode
+from compress_core.scalecode import MultiplierCode, ScaleCode
 from compress_core.packing import pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits, \
     unpack_int32
 
@@ -122,7 +122,7 @@ def part_names(spec: dict[str, Any]) -> list[str]:
 
 _NAME_KEYS = {"packed", "scale", "zero_point", "shape", "compressed", "bitmask", "row_offsets",
               "codes", "mask", "values", "lut", "indices", "scale_codes", "scale_high",
-              "scale_low", "zero_codes"}
+              "scale_low", "zero_codes", "scale_multipliers", "scale_base"}
 
 
 # -- compressed-tensors pack-quantized -----------------------------------------
@@ -298,6 +298,10 @@ def _node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Part
         code = encoded.scale_code
         if code is None:
             spec["scale"] = add("scale", _contiguous(encoded.scale))
+        elif isinstance(code, MultiplierCode):
+            spec.update(super_block=encoded.super_block, scale_multipliers=add(
+                "scale_multipliers", pack_bits(code.multipliers, code.bits)),
+                scale_base=add("scale_base", _contiguous(code.base)))
         else:
             spec.update(scale_bits=code.bits,
                         scale_codes=add("scale_codes", pack_bits(code.codes, code.bits)),
@@ -335,7 +339,15 @@ def _read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> En
         per_group = scale_shape(shape, *grain)
         groups = math.prod(per_group)
         code, zero_bits = None, spec.get("zero_bits")
-        if "scale_codes" in spec:
+        if "scale_multipliers" in spec:
+            axis, ratio = spec["block_axis"], spec["super_block"] // spec["group_size"]
+            bases = tuple(-(-d // ratio) if i == axis else d for i, d in enumerate(per_group))
+            code = MultiplierCode(
+                unpack_bits(get(spec["scale_multipliers"]), MultiplierCode.bits,
+                            groups).reshape(per_group),
+                get(spec["scale_base"]).reshape(bases), axis, ratio)
+            scale = code.decode()
+        elif "scale_codes" in spec:
             sb = spec["scale_bits"]
             code = ScaleCode(unpack_bits(get(spec["scale_codes"]), sb, groups).reshape(per_group),
                              get(spec["scale_high"]), get(spec["scale_low"]), sb)

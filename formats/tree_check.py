@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from compress_core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
+from compress_core.scalecode import MultiplierCode, max_multiplier
 
 
 def check_tree(encoded: Encoded, shape: tuple[int, ...]) -> None:
@@ -49,7 +50,9 @@ def _check_quantized(q: Quantized, shape: tuple[int, ...]) -> None:
         if q.zero_point.size and (q.zero_point.min() < -half or q.zero_point.max() >= half):
             raise ValueError(f"zero points do not fit {q.zero_bits} bits")
     code = q.scale_code
-    if code is not None:
+    if isinstance(code, MultiplierCode):
+        _check_multipliers(q, code, expected)
+    elif code is not None:
         if tuple(np.shape(code.codes)) != expected:
             raise ValueError(f"scale codes have shape {list(np.shape(code.codes))}, "
                              f"expected {list(expected)}")
@@ -57,6 +60,24 @@ def _check_quantized(q: Quantized, shape: tuple[int, ...]) -> None:
         if (np.shape(code.high) != (1 << (code.bits - low_bits),)
                 or np.shape(code.low) != (1 << low_bits,)):
             raise ValueError(f"scale tables do not fit {code.bits}-bit codes")
+
+
+def _check_multipliers(q: Quantized, code: MultiplierCode,
+                       expected: tuple[int, ...]) -> None:
+    if q.granularity != "group" or code.axis != q.block_axis or code.ratio < 1:
+        raise ValueError("multiplier scales need groups along their axis")
+    if tuple(np.shape(code.multipliers)) != expected:
+        raise ValueError(f"scale multipliers have shape {list(np.shape(code.multipliers))}, "
+                         f"expected {list(expected)}")
+    bases = tuple(-(-d // code.ratio) if i == code.axis else d for i, d in enumerate(expected))
+    if tuple(np.shape(code.base)) != bases:
+        raise ValueError(f"scale bases have shape {list(np.shape(code.base))}, "
+                         f"expected {list(bases)}")
+    if np.asarray(code.base).dtype != np.float16:
+        raise ValueError("scale bases are not float16")
+    limit = max_multiplier(q.bits, q.stored_zero_bits or None)
+    if code.multipliers.size and (code.multipliers.min() < 1 or code.multipliers.max() > limit):
+        raise ValueError(f"scale multipliers are not in 1..{limit}")
 
 
 def _axis(value: object, rank: int, what: str) -> int:
