@@ -42,16 +42,20 @@ MODELPRESS = [
     Config("modelpress int8", "modelpress", 8, ("quantize", "--bits", "8"),
            formats=("onnx", "safetensors")),
     # The 4-bit reference: every weight at 4 bits (at most 4.5 bits per weight, scales
-    # included). --scale-bits 5 is ONNX's default; in safetensors it picks modelpress's own
-    # layout (A16: groups of 16, 5-bit scale codes, 2-bit zero points) over compressed-tensors'.
+    # included). --super-block 128: groups of 16 with 2-bit zero points and 4-bit multipliers
+    # of a float16 scale per 128 inputs wherever those tile a weight (ONNX's default for
+    # MatMul/Gemm weights of 1M+ elements; it runs in onnxruntime's 8-bit kernel), the log
+    # grid's 5-bit scale codes elsewhere; in safetensors it picks modelpress's own layout over
+    # compressed-tensors'.
     # ONNX: with --calibration (inputs from the evaluation inputs' source, other samples; see
     # models.py); the same arguments without it follow.
     Config("modelpress int4 --all-layers --calibration", "modelpress", 4,
-           ("quantize", "--bits", "4", "--scale-bits", "5", "--all-layers"),
-           formats=("onnx", "safetensors"), needs=("--calibration",), calibrated=True),
+           ("quantize", "--bits", "4", "--super-block", "128", "--all-layers"),
+           formats=("onnx", "safetensors"), needs=("--calibration", "--super-block"),
+           calibrated=True),
     Config("modelpress int4 --all-layers", "modelpress", 4,
-           ("quantize", "--bits", "4", "--scale-bits", "5", "--all-layers"),
-           formats=("onnx", "safetensors")),
+           ("quantize", "--bits", "4", "--super-block", "128", "--all-layers"),
+           formats=("onnx", "safetensors"), needs=("--super-block",)),
     # The default: embeddings and the output head at up to 6 bits (ONNX; fewer where they hold
     # so much of the model that 6 would add over one bit per weight); compressed-tensors'
     # layout in safetensors.

@@ -29,7 +29,9 @@ class Quantize(Stage):
 
     Unset options follow the output format. ONNX: asymmetric groups of 16
     with 5-bit scale codes and 2-bit zero points below 8 bits (4.44 bits per
-    weight at 4 bits); at 8 bits, symmetric groups sized per tensor with
+    weight at 4 bits), and at 2-4 bits multiplier scales per 128 inputs for
+    MatMul/Gemm weights of 1M+ elements (4.5 bits per weight; see
+    `quantize_multiplier`); at 8 bits, symmetric groups sized per tensor with
     8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
     float scales; per channel at 8 bits, groups of 128 below).
 
@@ -69,8 +71,9 @@ class Quantize(Stage):
     super_block: int | None = option(
         None, "store group scales as 4-bit integer multiples of one float16 scale per this "
         "many inputs (2-4 bits; 4.5 bits per weight at --bits 4), a layout onnxruntime runs "
-        "in its 8-bit kernel; 0 for none [default: ONNX 128 for 2-D MatMul/Gemm weights in "
-        "groups of 16 whose inputs it tiles, unless --scale-bits is given; else none]",
+        "in its 8-bit kernel; 0 for none [default: ONNX 128 for 2-D MatMul/Gemm weights of "
+        "1M elements or more in groups of up to 64 whose inputs it tiles, unless "
+        "--scale-bits is given; else none]",
         min=0)
     backup_bits: int | None = option(
         None, "bits for embeddings and the output head when --bits is lower "

@@ -25,12 +25,10 @@ the log-grid scale codes (4.44 bits per weight).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from .encoded import Quantized
 from .metrics import BlockSums
 from .scalecode import MultiplierCode, max_multiplier
 
@@ -50,28 +48,32 @@ def applies(shape: tuple[int, ...], block_axis: int, group_size: int, super_bloc
     return k >= super_block and k % super_block == 0
 
 
-def fit_multipliers(w: np.ndarray, q: Quantized, super_block: int, method: str,
-                    sums: BlockSums | None) -> Quantized | None:
-    """`q` (groups along its block axis, `applies` true) with multiplier scales, its error
-    added to `sums`; None when a base would leave float16's range (`q` stands then)."""
-    axis, group = q.block_axis, q.group_size
-    shape = q.shape
+def fit_multipliers(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, *, bits: int,
+                    zero_bits: int | None, block_axis: int, group_size: int, super_block: int,
+                    method: str, sums: BlockSums | None
+                    ) -> tuple[np.ndarray, MultiplierCode] | None:
+    """The codes and multiplier scales of `w` (groups along `block_axis`, `applies` true),
+    starting from each group's `scale` and `zero` point (the scales' shape), its error
+    added to `sums`; None when a base would leave float16's range."""
+    axis, group = block_axis, group_size
+    shape = w.shape
     k, ratio = shape[axis], super_block // group
     lead = int(np.prod(shape[:axis], dtype=np.int64))
     rest = int(np.prod(shape[axis + 1:], dtype=np.int64))
     blocks = lead * (k // super_block)
-    limit = max_multiplier(q.bits, q.stored_zero_bits or None)
-    scale = q.scale.astype(np.float32).reshape(blocks, ratio, 1, rest)
+    limit = max_multiplier(bits, zero_bits)
+    per_group = scale.shape
+    scale = scale.astype(np.float32).reshape(blocks, ratio, 1, rest)
     widest = scale.max(axis=1, keepdims=True) / np.float32(limit)
     if not (widest.max() <= _F16_MAX and widest.min() * min(_SHRINKS) >= _F16_MIN):
         return None
     x = np.asarray(w, np.float32).reshape(blocks, ratio, group, rest)
-    zero = None if q.zero_point is None else q.zero_point.astype(np.float32).reshape(
-        blocks, ratio, 1, rest)
+    if zero is not None:
+        zero = zero.astype(np.float32).reshape(blocks, ratio, 1, rest)
     codes = np.empty(x.shape, np.int8)
     mult = np.empty(scale.shape, np.uint8)
     base = np.empty(widest.shape, np.float16)
-    qmin, qmax = -(1 << (q.bits - 1)), (1 << (q.bits - 1)) - 1
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     step = max(1, _CHUNK_ELEMENTS // (super_block * rest))
     buf = np.empty((min(step, blocks),) + x.shape[1:], np.float32)
     for start in range(0, blocks, step):
@@ -86,10 +88,9 @@ def fit_multipliers(w: np.ndarray, q: Quantized, super_block: int, method: str,
         mult[part], base[part] = m, b
         if sums is not None:
             sums.add(chunk, np.multiply(c, grid, out=c))
-    per_group = q.scale.shape
     base_shape = tuple(d // ratio if i == axis else d for i, d in enumerate(per_group))
     code = MultiplierCode(mult.reshape(per_group), base.reshape(base_shape), axis, ratio)
-    return replace(q, codes=codes.reshape(shape), scale=code.decode(), scale_code=code)
+    return codes.reshape(shape), code
 
 
 def _bounds(zero: np.ndarray | None, qmin: int, qmax: int) -> tuple[Any, Any]:

@@ -5,7 +5,9 @@ Options left unset take defaults that depend on where the tensor is written:
 - ONNX ("compact"): below 8 bits, asymmetric groups of 16 along the
   reduction axis, each with a 5-bit scale code and a 2-bit zero point
   (4.44 bits per weight at 4 bits); an explicit --group-size above 16 gets
-  8-bit scale codes and full-width zero points. At 8 bits, symmetric groups
+  8-bit scale codes and full-width zero points. At 2-4 bits, 2-D
+  MatMul/Gemm weights of 1M+ elements in groups of up to 64 get multiplier
+  scales per super-block of 128 inputs instead (`_super_block`). At 8 bits, symmetric groups
   whose size is chosen per tensor (the smallest power of two >= max(16, K/5)
   and at most 128, so scales cost at most what a float scale and zero point
   per channel do) with 8-bit scale codes.
@@ -108,16 +110,18 @@ def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,
     Given, it applies to every tensor of at most MAX_MULTIPLIED_BITS bits in
     groups that tile it; by default only in ONNX, with scale codes left to
     their default, to 2-D MatMul/Gemm weights of at least
-    MULTIPLIER_MIN_WEIGHTS elements in groups of CODED_GROUP: those
-    onnxruntime runs in its 8-bit kernel (`formats.onnx_sites`). Elsewhere
-    the log grid's 5-bit codes cost less (4.44 bits per weight against 4.5)
-    for the same error, and a smaller weight is decoded at load anyway.
+    MULTIPLIER_MIN_WEIGHTS elements in groups of up to 64 that tile a
+    super-block: those onnxruntime runs in its 8-bit kernel
+    (`formats.onnx_sites`). Elsewhere the log grid's 5-bit codes cost less
+    (4.44 bits per weight against 4.5 in groups of 16) for about the same
+    error, and a smaller weight is decoded at load anyway.
     """
     if granularity != "group" or bits > MAX_MULTIPLIED_BITS:
         return 0
     if stage.super_block is not None:
         return stage.super_block if stage.super_block % group_size == 0 else 0
-    if not compact or stage.scale_bits is not None or group_size > CODED_GROUP:
+    if not compact or stage.scale_bits is not None or group_size > SUPER_BLOCK // 2 \
+            or SUPER_BLOCK % group_size:
         return 0
     if info.role not in ("MatMul", "Gemm") or len(info.shape) != 2:
         return 0

@@ -11,7 +11,9 @@ Three forms, chosen per tensor (see `onnx_sites` for when):
   4-bit kernel): INT4 codes (UINT4 with a UINT4 zero point when asymmetric)
   `[K, N]` -> DequantizeLinear(axis 0, block_size) -> MatMul. Scales and zero
   points come from folded chains; onnxruntime fuses the rest into
-  MatMulNBits. A Gemm with transB=1 is rewritten to transB=0 on the
+  MatMulNBits. Codes of 5-7 bits, and codes with multiplier scales
+  (`128 + m * (code - zero)` per super-block), are widened to UINT8 by the
+  chain and take the 8-bit kernel. A Gemm with transB=1 is rewritten to transB=0 on the
   transposed weight (the original node is kept in the spec for decompress).
 - "matmul-nbits" (`--onnx-target ort`): the MatMul/Gemm is replaced by
   com.microsoft.MatMulNBits (B uint8 `[N, k_blocks, block/2]`, scales

@@ -14,7 +14,8 @@ so by default only weights of at least `KERNEL_MIN_WEIGHTS` elements use it;
 the others are decoded by a chain that onnxruntime folds at load (float32
 speed).
 
-Weights of 5 to 8 bits take the 8-bit kernel (codes held at one byte each
+Weights of 5 to 8 bits, and 2-4-bit weights with multiplier scales (one
+block per super-block), take the 8-bit kernel (codes held at one byte each
 instead of four after load). With int8 activations (accuracy_level 4, the
 fused form's default) it measured faster than a float32 MatMul from 1M
 weights at 1-256 input rows (benchmarks/onnx_kernel8.py: 1024x1024 0.1-1.0x,

@@ -124,7 +124,9 @@ def test_default_plan_uses_multipliers_only_where_the_kernel_runs_them() -> None
     assert Quantize(bits=4).plan(_info((512, 1024))).super_block == 0   # under 1M weights
     assert Quantize(bits=4).plan(_info(big, role="Conv")).super_block == 0
     assert Quantize(bits=4, scale_bits=5).plan(_info(big)).super_block == 0
-    assert Quantize(bits=4, group_size=32).plan(_info(big)).super_block == 0
+    assert Quantize(bits=4, group_size=32).plan(_info(big)).super_block == 128
+    assert Quantize(bits=4, group_size=128).plan(_info(big)).super_block == 0
+    assert Quantize(bits=4, group_size=48).plan(_info(big)).super_block == 0
     assert Quantize(bits=5).plan(_info(big)).super_block == 0
     assert Quantize(bits=4).plan(_info(big, fmt="safetensors")).super_block == 0
     given = Quantize(bits=4, super_block=64).plan(_info((64, 32), fmt="safetensors",
