@@ -172,7 +172,8 @@ def measure(argv: list[str]) -> Run:
     done = subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(map(str, argv))}\n"
+                         f"{done.stderr[-2000:]}")
     peaks = [int(line.split()[1]) * 1024 for line in done.stderr.splitlines()
              if line.startswith("PEAK_KIB ")]
     return Run(seconds, peaks[-1] if peaks else None)

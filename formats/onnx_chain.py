@@ -216,8 +216,9 @@ def multiplier_values(chain: Chain, multipliers: np.ndarray, to: int,
                       shape: tuple[int, ...]) -> str:
     """The 4-bit multipliers (stored as a packed stream) of `shape`, as type `to`."""
     packed = chain.array("scale_multipliers", packed_stream(multipliers.reshape(-1), 4))
-    flat = unpack(chain, packed, 4, "scale_count", int(multipliers.size))
-    values = chain.node("Cast", [flat], to=to)
+    values = unpack(chain, packed, 4, "scale_count", int(multipliers.size))
+    if to != onnx.TensorProto.UINT8:
+        values = chain.node("Cast", [values], to=to)
     return chain.node("Reshape", [values, chain.ints("scale_layout", list(shape))])
 
 

@@ -20,7 +20,7 @@ from .onnx_emit import decode_spec, emit, required_opset, spec_initializers, spe
 from .onnx_borrow import borrow, checkable, give_back, is_borrowed
 from .onnx_chain import DOMAIN, add_function
 from .onnx_meta import decode_doc, encode_doc
-from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors
+from .onnx_sites import OnnxTarget, kernel_site, sensitive_tensors, widen_allowed
 from .onnx_graph import (Location, check_tensor, data_nbytes, external_data_file, graphs,
                          is_external, locate, opset_version, tensor_info, used_names,
                          weight_roles)
@@ -152,6 +152,8 @@ class OnnxStore:
         """
         dst = Path(dst)
         target = target or OnnxTarget()
+        if target.widen and not widen_allowed(self._tensors):
+            target = dataclasses.replace(target, widen=False)
         # A working copy without the weights: each large tensor is a reference to
         # the source's (given back, for the tensors left unencoded, before saving).
         model, sources = borrow(self.model, self._spans.length)

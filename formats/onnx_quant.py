@@ -127,7 +127,7 @@ def _dequantize_linear(name: str, q: Quantized, fresh: FreshName, site: KernelSi
     inputs = [codes_name, scale]
     if unsigned:
         offset = 1 << (site.bits - 1)
-        if kn.symmetric or kn.super_block:
+        if kn.symmetric or _widened(kn, site.bits):
             # 5-7-bit codes unpacked to bytes + 128, or multiplied codes + 128: zero point 128
             zero = chain.node("Expand", [chain.const(np.array(offset, np.uint8)),
                                          chain.ints("zero_blocks", [blocks, site.n])])
@@ -146,6 +146,8 @@ def _dequantize_linear(name: str, q: Quantized, fresh: FreshName, site: KernelSi
     nodes, functions = _side_call(chain, outputs, opset, [dq])
     spec = _spec("dequantize-linear", kn, chain, [n.name for n in nodes],
                  transposed=not site.stored_kn)
+    if _widened(kn, site.bits):
+        spec["widened"] = True
     if not site.stored_kn:  # Gemm(A, W[N, K], transB=1) -> Gemm(A, W^T[K, N], transB=0)
         gemm = onnx.NodeProto()
         gemm.CopyFrom(site.node)
@@ -167,7 +169,7 @@ def _dq_codes(chain: Chain, kn: Quantized, kernel: int, fresh: FreshName,
     5-7 bits stay packed in the file and a folded chain unpacks them to UINT8.
     """
     name = chain.name
-    if kn.super_block:
+    if _widened(kn, kernel):
         return _multiplied_codes(chain, kn, outputs), True
     if kn.bits == 4:
         codes = kn.codes if kn.symmetric else to_unsigned(kn.codes, 4)
@@ -190,27 +192,50 @@ def _dq_codes(chain: Chain, kn: Quantized, kernel: int, fresh: FreshName,
     return outputs[values], True
 
 
+def _widened(q: Quantized, kernel: int) -> bool:
+    """Whether `q`'s codes are widened to `128 + m * (code - zero)` bytes (multiplier
+    scales in the 8-bit kernel); in the 4-bit kernel they are stored as they are."""
+    return bool(q.super_block) and kernel == 8
+
+
 def _multiplied_codes(chain: Chain, kn: Quantized, outputs: dict[str, str]) -> str:
-    """uint8 `128 + multiplier * (code - zero)` `[K, N]`: each super-block's weights over its
-    base (see `quantize_multiplier`), from the packed codes, zero points and multipliers."""
-    code = kn.scale_code
-    int32 = onnx.TensorProto.INT32
-    packed = chain.data("codes", numpy_helper.from_array(
-        packed_stream(to_unsigned(kn.codes, kn.bits), kn.bits), chain.fresh(f"{chain.name}_quantized")))
-    values = chain.node("Cast", [unpack(chain, packed, kn.bits, "count", kn.size)], to=int32)
-    values = chain.node("Reshape", [values, chain.ints("shape", list(kn.shape))])
-    offset = 1 << (kn.bits - 1)  # unsigned codes are code + offset
-    if kn.zero_point is not None:
-        zero = chain.node("Cast", [_zero_values(chain, kn, offset, onnx.TensorProto.UINT8)],
-                          to=int32)
-        values = chain.node("Sub", [values, _expanded(chain, kn, zero, "zero")])
+    """uint8 `128 + m * (code - zero)` `[K, N]`: each super-block's weights over its base
+    (see `quantize_multiplier`), from the packed codes, zero points and multipliers.
+
+    Computed as `(128 - m * z') + m * u` on bytes, with u = code + 2^(bits-1) and
+    z' = zero + 2^(bits-1) (2^(bits-1) when symmetric): every intermediate lies in
+    0..255 (m * z' <= 127 because code u = 0 must decode; the sum is the result), so
+    nothing wraps, and onnxruntime's load-time folding, which keeps every
+    intermediate until it ends, holds a few bytes per weight (measured on 8 x 4096^2
+    weights: 618 MiB at load; with int32 arithmetic on bit-unpacked codes, 5.7 GiB).
+    """
+    code, uint8 = kn.scale_code, onnx.TensorProto.UINT8
+    k, n = kn.shape
+    groups = [k // kn.group_size, 1, n]
+    grouped = [groups[0], kn.group_size, n]
+    unsigned = to_unsigned(kn.codes, kn.bits)
+    if kn.bits == 4:  # UINT4 as stored, one Cast: the fewest bytes while folding
+        raw = pack_bits(unsigned, 4).tobytes()
+        codes = chain.data("codes", helper.make_tensor(
+            chain.fresh(f"{chain.name}_quantized"), onnx.TensorProto.UINT4, grouped, raw,
+            raw=True))
+        values = chain.node("Cast", [codes], to=uint8)
     else:
-        values = chain.node("Sub", [values, chain.const(np.array(offset, np.int32))])
-    multiplier = multiplier_values(chain, code.multipliers, int32, tuple(kn.scale.shape))
-    values = chain.node("Mul", [values, _expanded(chain, kn, multiplier, "multiplier",
-                                                  shaped=True)])
-    values = chain.node("Add", [values, chain.const(np.array(128, np.int32))])
-    values = chain.node("Cast", [values], to=onnx.TensorProto.UINT8)
+        packed = chain.data("codes", numpy_helper.from_array(
+            packed_stream(unsigned, kn.bits), chain.fresh(f"{chain.name}_quantized")))
+        values = chain.node("Reshape", [unpack(chain, packed, kn.bits, "count", kn.size),
+                                        chain.ints("grouped", grouped)])
+    multiplier = multiplier_values(chain, code.multipliers, uint8, tuple(groups))
+    offset = 1 << (kn.bits - 1)  # unsigned codes and zero points are value + offset
+    if kn.zero_point is not None:
+        zero = chain.node("Reshape", [_zero_values(chain, kn, offset, uint8),
+                                      chain.ints("scale_layout", groups)])
+    else:
+        zero = chain.const(np.array(offset, np.uint8))
+    start = chain.node("Sub", [chain.const(np.array(128, np.uint8)),
+                               chain.node("Mul", [multiplier, zero])])
+    values = chain.node("Add", [chain.node("Mul", [values, multiplier]), start])
+    values = chain.node("Reshape", [values, chain.ints("shape", [k, n])])
     outputs[values] = chain.fresh(f"{chain.name}_codes")
     return outputs[values]
 
@@ -219,7 +244,7 @@ def _block_scales(chain: Chain, q: Quantized, site: KernelSite, axis: int,
                   outputs: dict[str, str]) -> str:
     """The kernel's float32 scales, one per block along `axis` (K) of `q`'s layout."""
     name = chain.name
-    if q.super_block:  # the bases, one per super-block (split if wider than the kernel's block)
+    if _widened(q, site.bits):  # the bases, one per super-block (split if wider than a block)
         code = q.scale_code
         base = chain.node("Cast", [chain.array("scale_base", code.base.astype(np.float16))],
                           to=onnx.TensorProto.FLOAT)
@@ -408,8 +433,9 @@ def decode_quantized(spec: dict[str, Any], initializers: dict[str, onnx.TensorPr
     scale_shape = quantized_scale_shape(stored, spec["granularity"], spec["channel_axis"],
                                         spec["block_axis"], spec["group_size"])
     count = int(np.prod(stored, dtype=np.int64))
-    # Codes refitted to multipliers are a packed stream in either layout.
-    layout = "quantized" if spec.get("super_block") else spec["layout"]
+    # Codes widened for the 8-bit kernel are stored as UINT4 at 4 bits (read as the
+    # 4-bit kernel form's, in the same order), else as a packed stream.
+    layout = "quantized" if spec.get("widened") and bits != 4 else spec["layout"]
     codes = _read_codes(layout, initializers[t["codes"]], bits, stored, count,
                         spec.get("group_size"))
     code = None

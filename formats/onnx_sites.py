@@ -26,6 +26,7 @@ weights at 1-256 input rows (benchmarks/onnx_kernel8.py: 1024x1024 0.1-1.0x,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,12 +67,16 @@ class OnnxTarget:
     KERNEL_MIN_WEIGHTS elements, "kernel" for every eligible weight (least
     memory, fastest for single-row inputs), "fold" for none. `int8`: the same
     for weights of 5 to 8 bits and the 8-bit kernel (KERNEL8_MIN_WEIGHTS).
+    `widen`: whether 2-4-bit weights with multiplier scales are widened to
+    bytes at load for the 8-bit kernel (else they take the 4-bit kernel in
+    blocks of their group, as other 4-bit weights); see `widen_allowed`.
     """
 
     target: str = "standard"
     int4: str = "auto"
     accuracy_level: int = 4
     int8: str = "auto"
+    widen: bool = True   # 2-4-bit weights with multiplier scales may take the 8-bit kernel
 
 
 @dataclass
@@ -107,14 +112,16 @@ def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.d
     q = quantized_part(encoded)
     if q is None or np.dtype(dtype) != np.dtype(np.float32):
         return None
-    # Codes with multiplier scales run in the 8-bit kernel, a block per super-block.
-    bits = 8 if q.super_block else kernel_bits(q.bits)
+    # Codes with multiplier scales run in the 8-bit kernel, a block per super-block,
+    # unless the model is too large to widen them at load.
+    widened = bool(q.super_block) and target.widen
+    bits = 8 if widened else kernel_bits(q.bits)
     mode = target.int4 if q.bits <= 4 else target.int8
     if bits is None or mode == "fold":
         return None
     if bits == 8 and target.target == "ort" and target.accuracy_level != 4:
         return None  # the 8-bit kernel with float activations is several times slower
-    group = q.super_block or q.group_size
+    group = q.super_block if widened else q.group_size
     if (q.granularity != "group" or len(q.shape) != 2 or group < 16
             or group & (group - 1)):
         return None
@@ -134,6 +141,27 @@ def kernel_site(model: onnx.ModelProto, name: str, encoded: Encoded, dtype: np.d
         return None
     k, n, stored_kn, bias = site
     return KernelSite(graph, node, k, n, stored_kn, bias, bits, group, form)
+
+
+WIDEN_MAX_WEIGHTS = 1 << 28
+"""Most weights a model may widen to bytes at load (multiplier scales, 8-bit kernel).
+
+onnxruntime keeps every intermediate of its load-time folding until the pass ends:
+the widening chain (UINT4 codes -> Cast(UINT8) -> Mul -> Add -> Reshape) costs about
+three bytes per weight while the model loads (measured: 8 x 4096^2 weights peaked at
+618 MiB, 36 x 4096^2 at 2,443 MiB against 1,757 MiB for int8 codes stored as bytes).
+Up to 2^28 weights that is under 1 GiB; a larger model's multiplier weights take the
+4-bit kernel in blocks of their group instead (no widening; at one input row, as in
+token-by-token decoding, that kernel is the faster one)."""
+
+
+def widen_allowed(tensors: dict[str, Any]) -> bool:
+    """Whether the model's large 2-D MatMul/Gemm weights (TensorInfo by name) are few
+    enough to widen at load (WIDEN_MAX_WEIGHTS)."""
+    total = sum(info.size for info in tensors.values()
+                if info.role in ("MatMul", "Gemm") and len(info.shape) == 2
+                and info.size >= KERNEL8_MIN_WEIGHTS)
+    return total <= WIDEN_MAX_WEIGHTS
 
 
 def kernel_form(kernel: int, bits: int, target: OnnxTarget) -> str:

@@ -220,3 +220,33 @@ def test_safetensors_round_trip_and_label(tmp_path: Path) -> None:
     assert run_cli(["decompress", str(dst), "-o", str(back)]).exit_code == 0
     from safetensors.numpy import load_file
     np.testing.assert_array_equal(load_file(str(back))["layer.weight"], q.decode())
+
+
+def test_large_models_keep_multiplier_weights_in_the_4bit_kernel(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    # Widening at load costs onnxruntime a few bytes per weight while it folds; past
+    # WIDEN_MAX_WEIGHTS the same encoding is written in the 4-bit kernel form.
+    import formats.onnx_sites as sites
+    monkeypatch.setattr(sites, "WIDEN_MAX_WEIGHTS", (1 << 20) - 1)
+    w1 = rng_weights(1024, 1024, seed=17)
+    src = matmul_model(tmp_path / "m.onnx", {"w1": w1})
+    dst = tmp_path / "o.onnx"
+    from compress_core.pipeline import Options
+    # (--onnx-int4 auto would fold a 4-bit kernel weight under 4M elements.)
+    compress(src, dst, Recipe([Quantize(bits=4, all_layers=True)]), Options(onnx_int4="kernel"))
+    model = onnx.load(str(dst))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 16}
+    codes = {t.name: t for t in model.graph.initializer}[dq.input[0]]
+    assert codes.data_type == onnx.TensorProto.UINT4 and list(codes.dims) == [1024, 1024]
+    q = open_model(dst).decode("w1")
+    assert isinstance(q.scale_code, MultiplierCode)
+    np.testing.assert_array_equal(dequantized(dst, "w1"), q.decode())
+    fused = optimized_ops(dst, tmp_path)
+    assert fused == ["MatMulNBits"]
+    kernel = next(n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert {a.name: a.i for a in kernel.attribute}["bits"] == 4
+    # The same tensor as the default (widened) writer gives it.
+    monkeypatch.setattr(sites, "WIDEN_MAX_WEIGHTS", 1 << 28)
+    compress(src, tmp_path / "w.onnx", Recipe([Quantize(bits=4, all_layers=True)]))
+    np.testing.assert_array_equal(open_model(tmp_path / "w.onnx").decode("w1").codes, q.codes)
