@@ -4,7 +4,7 @@ Two models, written to a temporary folder:
 
 - the benchmark's synthetic transformer (about 55M parameters, see
   peerbench/synth.py) with modelpress's 4-bit reference row of run.py
-  (`quantize --bits 4 --super-block 128 --all-layers`), against each of
+  (`quantize --bits 4 --all-layers`), against each of
   onnxruntime's MatMulNBitsQuantizer rows of run.py (block 32 sym, block 32
   asym, defaults); the ratio is to the fastest of them in the same round;
 - a plain ~50M-parameter MatMul chain (12 matrices of 2048x2048, column scales
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = ["quantize", "--bits", "4", "--super-block", "128", "--all-layers"]
+REFERENCE = ["quantize", "--bits", "4", "--all-layers"]
 
 
 def build(path: Path, d: int = 2048) -> None:

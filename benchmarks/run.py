@@ -42,20 +42,20 @@ MODELPRESS = [
     Config("modelpress int8", "modelpress", 8, ("quantize", "--bits", "8"),
            formats=("onnx", "safetensors")),
     # The 4-bit reference: every weight at 4 bits (at most 4.5 bits per weight, scales
-    # included). --super-block 128: groups of 16 with 2-bit zero points and 4-bit multipliers
-    # of a float16 scale per 128 inputs wherever those tile a weight (ONNX's default for
-    # MatMul/Gemm weights of 1M+ elements; it runs in onnxruntime's 8-bit kernel), the log
-    # grid's 5-bit scale codes elsewhere; in safetensors it picks modelpress's own layout over
-    # compressed-tensors'.
-    # ONNX: with --calibration (inputs from the evaluation inputs' source, other samples; see
-    # models.py); the same arguments without it follow.
+    # included). ONNX: the default layout (groups of 16, 2-bit zero points; 5-bit log-grid
+    # scale codes, 4.44 bits per weight, and for MatMul/Gemm weights of 1M+ elements 4-bit
+    # multipliers of a float16 scale per 128 inputs, 4.5, which run in onnxruntime's 8-bit
+    # kernel). safetensors: --super-block 128 picks the same multiplier layout (modelpress's
+    # own) over compressed-tensors'. ONNX: with --calibration (inputs from the evaluation
+    # inputs' source, other samples; see models.py); the same arguments without it follow.
     Config("modelpress int4 --all-layers --calibration", "modelpress", 4,
-           ("quantize", "--bits", "4", "--super-block", "128", "--all-layers"),
+           ("quantize", "--bits", "4", "--all-layers"),
            formats=("onnx", "safetensors"), needs=("--calibration", "--super-block"),
-           calibrated=True),
+           calibrated=True, format_args={"safetensors": ("--super-block", "128")}),
     Config("modelpress int4 --all-layers", "modelpress", 4,
-           ("quantize", "--bits", "4", "--super-block", "128", "--all-layers"),
-           formats=("onnx", "safetensors"), needs=("--super-block",)),
+           ("quantize", "--bits", "4", "--all-layers"),
+           formats=("onnx", "safetensors"), needs=("--super-block",),
+           format_args={"safetensors": ("--super-block", "128")}),
     # The default: embeddings and the output head at up to 6 bits (ONNX; fewer where they hold
     # so much of the model that 6 would add over one bit per weight); compressed-tensors'
     # layout in safetensors.

@@ -472,8 +472,7 @@ def _read_multipliers(spec: dict[str, Any], initializers: dict[str, onnx.TensorP
     raw = unpack_bits(numpy_helper.to_array(initializers[t["scale_multipliers"]]), 4, n)
     base = numpy_helper.to_array(initializers[t["scale_base"]])
     base_shape = tuple(-(-d // ratio) if i == axis else d for i, d in enumerate(scale_shape))
-    return MultiplierCode(raw.reshape(scale_shape), base.astype(np.float16).reshape(base_shape),
-                          axis, ratio)
+    return MultiplierCode(raw.reshape(scale_shape), base.reshape(base_shape), axis, ratio)
 
 
 def _read_codes(layout: str, tensor: onnx.TensorProto, bits: int, shape: tuple[int, ...],

@@ -263,6 +263,22 @@ def _(d):
             "decode_error": "tensor 'fc1.weight': corrupt modelpress encoding"}
 
 
+@entry("onnx-compressed-multiplier-base-not-float16")
+def _(d):
+    p = compressed(d, "mlp.onnx", ["quantize", "bits", 4, "super_block", 64])
+    model = onnx.load(str(p))
+    meta = decode_doc(model.metadata_props[0].value)
+    spec = meta["tensors"]["fc1.weight"]
+    assert spec["super_block"] == 64
+    name = spec["initializers"]["scale_base"]
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == name:
+            wide = numpy_helper.to_array(tensor).astype(np.float32)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(wide, name))
+    return {"path": save_onnx(p, model), "compress_error": "already compressed",
+            "decode_error": "tensor 'fc1.weight': corrupt modelpress encoding"}
+
+
 @entry("sample-mlp-onnx")
 def _(d):
     return {"path": Path(shutil.copy(SAMPLES / "mlp.onnx", d / "model.onnx"))}

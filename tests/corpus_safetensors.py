@@ -219,3 +219,17 @@ def _(d):
 
 
 # ONNX
+
+
+@entry("st-compressed-zero-multipliers")
+def _(d):
+    # Multiplier scales (--super-block) whose multipliers were overwritten with 0: every
+    # scale would be 0; the reader refuses the tree.
+    p = compressed(d, "mlp.safetensors", ["quantize", "bits", 4, "super_block", 64])
+    with safe_open(str(p), framework="np") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(p))
+    key = "fc1.weight.mp_scale_multipliers"
+    tensors[key] = np.zeros_like(tensors[key])
+    save_file(tensors, str(p), metadata=metadata)
+    return {"path": p, "compress_error": "already compressed", "decode_error": "fc1.weight"}

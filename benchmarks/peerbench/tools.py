@@ -39,6 +39,8 @@ class Config:
     needs: tuple[str, ...] = ()  # modelpress options this row needs (checked against --help)
     covers: tuple[str, ...] = ()  # peers whose changed weights this row is restricted to
     calibrated: bool = False  # modelpress: add --calibration with the model's calibration inputs
+    # modelpress: arguments added after `args` for inputs of one format ("onnx", "safetensors")
+    format_args: dict = field(default_factory=dict, hash=False)
 
     def missing(self) -> str | None:
         """Why this tool cannot run here (with the pip command), or None."""
@@ -60,8 +62,9 @@ class Config:
         launch = [sys.executable, "-m", "benchmarks.peerbench.launch"]
         if self.driver == "modelpress":
             extra = ["--calibration", str(calibration)] if self.calibrated and calibration else []
+            fmt = "onnx" if Path(src).suffix == ".onnx" else "safetensors"
             return launch + ["cli", "compress", str(src), "-o", str(dst), "--no-eval", "--quiet",
-                             *extra, *self.args]
+                             *extra, *self.args, *self.format_args.get(fmt, ())]
         return launch + ["benchmarks.peerbench.driver", self.driver, str(src), str(dst),
                          json.dumps(self.options)]
 
@@ -69,7 +72,10 @@ class Config:
         """How the configuration is called, for the table's notes."""
         if self.driver == "modelpress":
             extra = "--calibration CALIBRATION.npz " if self.calibrated else ""
-            return "modelpress compress IN -o OUT --no-eval --quiet " + extra + " ".join(self.args)
+            shown = "modelpress compress IN -o OUT --no-eval --quiet " + extra + " ".join(self.args)
+            for fmt, args in self.format_args.items():
+                shown += f" (+ `{' '.join(args)}` for {fmt})"
+            return shown
         return f"{self.driver} {json.dumps(self.options)}"
 
 
