@@ -216,3 +216,14 @@ def test_equal_coverage_row_quantizes_exactly_the_peers_weights(tmp_path):
     assert eq.error is not None and 0 < eq.error.rel_l2 < 0.3
     rows[1].stats.changed_elements = 6144  # as many as the reference: no row
     assert coverage.equal_coverage_configs(rows, ref, original.model) == []
+
+
+def test_config_adds_format_arguments_for_that_format_only(tmp_path):
+    config = Config("mp", "modelpress", 4, ("quantize", "--bits", "4"),
+                    formats=("onnx", "safetensors"),
+                    format_args={"safetensors": ("--super-block", "128")})
+    onnx_cmd = config.command(tmp_path / "m.onnx", tmp_path / "o.onnx")
+    st_cmd = config.command(tmp_path / "m.safetensors", tmp_path / "o.safetensors")
+    assert onnx_cmd[-3:] == ["quantize", "--bits", "4"]
+    assert st_cmd[-5:] == ["quantize", "--bits", "4", "--super-block", "128"]
+    assert config.shown().endswith("quantize --bits 4 (+ `--super-block 128` for safetensors)")

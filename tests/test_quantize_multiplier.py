@@ -250,3 +250,18 @@ def test_large_models_keep_multiplier_weights_in_the_4bit_kernel(tmp_path: Path,
     monkeypatch.setattr(sites, "WIDEN_MAX_WEIGHTS", 1 << 28)
     compress(src, tmp_path / "w.onnx", Recipe([Quantize(bits=4, all_layers=True)]))
     np.testing.assert_array_equal(open_model(tmp_path / "w.onnx").decode("w1").codes, q.codes)
+
+
+def test_pruned_weights_stay_exact_zeros_in_the_8bit_kernel(tmp_path: Path) -> None:
+    from compress_core import Prune
+    w = rng_weights(1024, 1024, seed=18)
+    src = matmul_model(tmp_path / "m.onnx", {"w1": w})
+    dst = tmp_path / "o.onnx"
+    compress(src, dst, Recipe([Prune(pattern="2:4"), Quantize(bits=4, all_layers=True)]))
+    encoded = open_model(dst).decode("w1")
+    decoded = encoded.decode()
+    q = getattr(encoded, "values", encoded)   # pruned codes hold the zero point in ONNX
+    assert isinstance(q.scale_code, MultiplierCode)
+    assert int((decoded == 0).sum()) >= decoded.size // 2
+    np.testing.assert_array_equal(dequantized(dst, "w1"), decoded)
+    assert "MatMulNBits" in optimized_ops(dst, tmp_path)
