@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .metrics import BlockSums
-from .scalecode import MultiplierCode, max_multiplier
+from .scalecode import MultiplierCode, base_shape, max_multiplier
 
 _SHRINKS = (1.0, 0.94)
 _CHUNK_ELEMENTS = 1 << 18
@@ -90,8 +90,8 @@ def fit_multipliers(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, *
         mult[part], base[part] = m, b
         if sums is not None:
             sums.add(chunk, np.multiply(c, grid, out=c))
-    base_shape = tuple(d // ratio if i == axis else d for i, d in enumerate(per_group))
-    code = MultiplierCode(mult.reshape(per_group), base.reshape(base_shape), axis, ratio)
+    code = MultiplierCode(mult.reshape(per_group),
+                          base.reshape(base_shape(per_group, axis, ratio)), axis, ratio)
     return codes.reshape(shape), code
 
 

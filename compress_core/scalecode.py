@@ -199,6 +199,11 @@ class MultiplierCode:
                               np.ascontiguousarray(self.base.T), 1 - self.axis, self.ratio)
 
 
+def base_shape(scale_shape: tuple[int, ...], axis: int, ratio: int) -> tuple[int, ...]:
+    """The shape of the bases for scales of `scale_shape` (`ratio` groups per base)."""
+    return tuple(-(-d // ratio) if i == axis else d for i, d in enumerate(scale_shape))
+
+
 def decode_multipliers(multipliers: np.ndarray, base: np.ndarray, axis: int,
                        ratio: int) -> np.ndarray:
     """`base` repeated `ratio` times along `axis` (cut to the multipliers' length) times them."""

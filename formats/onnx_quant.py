@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 from compress_core.encoded import Encoded, Quantized
 from compress_core.encoded import scale_shape as quantized_scale_shape
 from compress_core.packing import pack_bits, to_signed, to_unsigned, unpack_bits
-from compress_core.scalecode import MultiplierCode, ScaleCode
+from compress_core.scalecode import MultiplierCode, ScaleCode, base_shape
 
 from .onnx_chain import (CHAIN_OPSET, Chain, coded_scales, expand_groups, multiplier_scales,
                          multiplier_values, packed_stream, unpack)
@@ -471,8 +471,8 @@ def _read_multipliers(spec: dict[str, Any], initializers: dict[str, onnx.TensorP
     n = int(np.prod(scale_shape, dtype=np.int64))
     raw = unpack_bits(numpy_helper.to_array(initializers[t["scale_multipliers"]]), 4, n)
     base = numpy_helper.to_array(initializers[t["scale_base"]])
-    base_shape = tuple(-(-d // ratio) if i == axis else d for i, d in enumerate(scale_shape))
-    return MultiplierCode(raw.reshape(scale_shape), base.reshape(base_shape), axis, ratio)
+    return MultiplierCode(raw.reshape(scale_shape),
+                          base.reshape(base_shape(scale_shape, axis, ratio)), axis, ratio)
 
 
 def _read_codes(layout: str, tensor: onnx.TensorProto, bits: int, shape: tuple[int, ...],

@@ -29,7 +29,7 @@ from compress_core.dtypes import FLOAT8_E4M3
 from compress_core.encoded import (Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse,
                                    scale_shape)
 from compress_core.errors import ModelReadError, ModelWriteError
-from compress_core.scalecode import MultiplierCode, ScaleCode
+from compress_core.scalecode import MultiplierCode, ScaleCode, base_shape
 from compress_core.packing import pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits, \
     unpack_int32
 
@@ -341,11 +341,10 @@ def _read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> En
         code, zero_bits = None, spec.get("zero_bits")
         if "scale_multipliers" in spec:
             axis, ratio = spec["block_axis"], spec["super_block"] // spec["group_size"]
-            bases = tuple(-(-d // ratio) if i == axis else d for i, d in enumerate(per_group))
             code = MultiplierCode(
                 unpack_bits(get(spec["scale_multipliers"]), MultiplierCode.bits,
                             groups).reshape(per_group),
-                get(spec["scale_base"]).reshape(bases), axis, ratio)
+                get(spec["scale_base"]).reshape(base_shape(per_group, axis, ratio)), axis, ratio)
             scale = code.decode()
         elif "scale_codes" in spec:
             sb = spec["scale_bits"]

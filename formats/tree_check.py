@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from compress_core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
-from compress_core.scalecode import MultiplierCode, max_multiplier
+from compress_core.scalecode import MultiplierCode, base_shape, max_multiplier
 
 
 def check_tree(encoded: Encoded, shape: tuple[int, ...]) -> None:
@@ -69,7 +69,7 @@ def _check_multipliers(q: Quantized, code: MultiplierCode,
     if tuple(np.shape(code.multipliers)) != expected:
         raise ValueError(f"scale multipliers have shape {list(np.shape(code.multipliers))}, "
                          f"expected {list(expected)}")
-    bases = tuple(-(-d // code.ratio) if i == code.axis else d for i, d in enumerate(expected))
+    bases = base_shape(expected, code.axis, code.ratio)
     if tuple(np.shape(code.base)) != bases:
         raise ValueError(f"scale bases have shape {list(np.shape(code.base))}, "
                          f"expected {list(bases)}")
