@@ -202,24 +202,36 @@ def multiplier_scales(chain: Chain, multipliers: np.ndarray, base: np.ndarray, a
                       ratio: int, shape: tuple[int, ...]) -> str:
     """float32 scales `base * multiplier` of `shape` (groups along `axis`, `ratio` per base).
 
-    The product of a float16 base and an integer below 16 is exact in float32.
+    The product of a float16 base and an integer below 16 is exact in float32. Where
+    the bases tile the groups, the multipliers are viewed as [.., bases, ratio, ..] and
+    multiplied by the bases broadcast over them: no expanded copy of the bases, which
+    onnxruntime would hold until its load-time folding ends.
     """
-    multiplier = multiplier_values(chain, multipliers, onnx.TensorProto.FLOAT, shape)
     bases = chain.node("Cast", [chain.array("scale_base", base.astype(np.float16))],
                        to=onnx.TensorProto.FLOAT)
-    spread = expand_groups(chain, bases, tuple(base.shape), axis, ratio, shape[axis],
-                           "base")
-    return chain.node("Mul", [spread, multiplier])
+    blocks = base.shape[axis]
+    if blocks * ratio != shape[axis]:  # a ragged last super-block: expand the bases
+        multiplier = multiplier_values(chain, multipliers, onnx.TensorProto.FLOAT, shape)
+        spread = expand_groups(chain, bases, tuple(base.shape), axis, ratio, shape[axis],
+                               "base")
+        return chain.node("Mul", [spread, multiplier])
+    head, tail = list(shape[:axis]), list(shape[axis + 1:])
+    multiplier = multiplier_values(chain, multipliers, onnx.TensorProto.FLOAT,
+                                   tuple(head + [blocks, ratio] + tail), "multiplier_split")
+    bases = chain.node("Reshape", [bases, chain.ints("base_split", head + [blocks, 1] + tail)])
+    return chain.node("Reshape", [chain.node("Mul", [multiplier, bases]),
+                                  chain.ints("scale_layout", list(shape))])
 
 
 def multiplier_values(chain: Chain, multipliers: np.ndarray, to: int,
-                      shape: tuple[int, ...]) -> str:
-    """The 4-bit multipliers (stored as a packed stream) of `shape`, as type `to`."""
+                      shape: tuple[int, ...], attr: str = "scale_layout") -> str:
+    """The 4-bit multipliers (stored as a packed stream) of `shape`, as type `to`
+    (`attr` names the call attribute holding the shape)."""
     packed = chain.array("scale_multipliers", packed_stream(multipliers.reshape(-1), 4))
     values = unpack(chain, packed, 4, "scale_count", int(multipliers.size))
     if to != onnx.TensorProto.UINT8:
         values = chain.node("Cast", [values], to=to)
-    return chain.node("Reshape", [values, chain.ints("scale_layout", list(shape))])
+    return chain.node("Reshape", [values, chain.ints(attr, list(shape))])
 
 
 def add_function(model: onnx.ModelProto, function: onnx.FunctionProto,
