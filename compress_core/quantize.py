@@ -98,7 +98,7 @@ class Quantize(Stage):
             self.fail("--backup-bits has no effect with --all-layers; give one of them")
 
     def _validate_super_block(self) -> None:
-        from .quantize_plan import MAX_MULTIPLIED_BITS
+        from .quantize_plan import CODED_GROUP, MAX_MULTIPLIED_BITS
         if self.bits > MAX_MULTIPLIED_BITS:
             self.fail(f"--super-block applies to --bits 2-{MAX_MULTIPLIED_BITS}, "
                       f"not {self.bits}")
@@ -107,7 +107,7 @@ class Quantize(Stage):
                       f"{self.granularity}")
         if self.scale_bits == 0:
             self.fail("--super-block stores scales as codes; it cannot go with --scale-bits 0")
-        group = self.group_size or 16
+        group = self.group_size or CODED_GROUP
         if self.super_block % group:
             self.fail(f"--super-block {self.super_block} is not a multiple of the group size "
                       f"{group}")

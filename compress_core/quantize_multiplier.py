@@ -113,12 +113,13 @@ def _choose(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, widest: n
     best = None
     for shrink in _SHRINKS:
         b = (widest * np.float32(shrink)).astype(np.float16)
-        ratio = scale / b.astype(np.float32)
+        wide = b.astype(np.float32)
+        ratio = scale / wide
         # Each group takes the better of the two multipliers around its scale.
         m = err = None
         for cand in (np.floor(ratio), np.ceil(ratio)):
             np.clip(cand, 1, limit, out=cand)
-            e = _group_error(x, cand * b.astype(np.float32), low, high, buf)
+            e = _group_error(x, cand * wide, low, high, buf)
             if m is None:
                 m, err = cand, e
             else:

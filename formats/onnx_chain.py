@@ -207,8 +207,7 @@ def multiplier_scales(chain: Chain, multipliers: np.ndarray, base: np.ndarray, a
     multiplied by the bases broadcast over them: no expanded copy of the bases, which
     onnxruntime would hold until its load-time folding ends.
     """
-    bases = chain.node("Cast", [chain.array("scale_base", base.astype(np.float16))],
-                       to=onnx.TensorProto.FLOAT)
+    bases = float_bases(chain, base)
     blocks = base.shape[axis]
     if blocks * ratio != shape[axis]:  # a ragged last super-block: expand the bases
         multiplier = multiplier_values(chain, multipliers, onnx.TensorProto.FLOAT, shape)
@@ -221,6 +220,12 @@ def multiplier_scales(chain: Chain, multipliers: np.ndarray, base: np.ndarray, a
     bases = chain.node("Reshape", [bases, chain.ints("base_split", head + [blocks, 1] + tail)])
     return chain.node("Reshape", [chain.node("Mul", [multiplier, bases]),
                                   chain.ints("scale_layout", list(shape))])
+
+
+def float_bases(chain: Chain, base: np.ndarray) -> str:
+    """The float16 bases of multiplier scales, stored as such, as float32."""
+    return chain.node("Cast", [chain.array("scale_base", base.astype(np.float16))],
+                      to=onnx.TensorProto.FLOAT)
 
 
 def multiplier_values(chain: Chain, multipliers: np.ndarray, to: int,

@@ -38,8 +38,8 @@ from compress_core.encoded import scale_shape as quantized_scale_shape
 from compress_core.packing import pack_bits, to_signed, to_unsigned, unpack_bits
 from compress_core.scalecode import MultiplierCode, ScaleCode, base_shape
 
-from .onnx_chain import (CHAIN_OPSET, Chain, coded_scales, expand_groups, multiplier_scales,
-                         multiplier_values, packed_stream, unpack)
+from .onnx_chain import (CHAIN_OPSET, Chain, coded_scales, expand_groups, float_bases,
+                         multiplier_scales, multiplier_values, packed_stream, unpack)
 from .onnx_emit import Emitted, FreshName
 from .onnx_sites import KernelSite, OnnxTarget, quantized_part
 
@@ -246,8 +246,7 @@ def _block_scales(chain: Chain, q: Quantized, site: KernelSite, axis: int,
     name = chain.name
     if _widened(q, site.bits):  # the bases, one per super-block (split if wider than a block)
         code = q.scale_code
-        base = chain.node("Cast", [chain.array("scale_base", code.base.astype(np.float16))],
-                          to=onnx.TensorProto.FLOAT)
+        base = float_bases(chain, code.base)
         ratio = q.super_block // site.block
         if ratio > 1:
             base = expand_groups(chain, base, tuple(code.base.shape), axis, ratio,
