@@ -4,7 +4,7 @@ Builds a tree of eight sample-size models (the three sample ONNX models, the
 three sample safetensors files, the sample transformer as a 3-shard
 checkpoint, and as ONNX with external data), then runs
 
-    python -m cli compress TREE -o OUT --jobs J --quiet quantize --bits 4
+    python -m modelpress compress TREE -o OUT --jobs J --quiet quantize --bits 4
 
 for J = 1 and J = N, alternating, several times, and prints a Markdown table
 of median wall times (the whole command, interpreter start included) and
@@ -108,7 +108,7 @@ def _copy_onnx(src: Path, dst: Path, scale: int) -> None:
 def run(tree: Path, out: Path, jobs: int) -> float:
     """Wall time of one batch command."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cli", "compress", str(tree), "-o", str(out), "--jobs",
+    subprocess.run([sys.executable, "-m", "modelpress", "compress", str(tree), "-o", str(out), "--jobs",
                     str(jobs), "--quiet", "quantize", "--bits", "4"], cwd=ROOT, check=True)
     return time.perf_counter() - start
 

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress_core import Cluster, Dense, TensorInfo, compare  # noqa: E402
+from modelpress import Cluster, Dense, TensorInfo, compare  # noqa: E402
 
 
 def weights(rows: int, cols: int) -> np.ndarray:

@@ -88,7 +88,7 @@ def rows_for(src: Path, tmp: Path, peer_python: str, ort_configs: dict[str, str]
         rows[label] = ([peer_python, "-c", ORT, str(src), str(out), options], None, out)
     out = tmp / f"{src.stem}.mp.onnx"
     rows["modelpress " + " ".join(mp_args)] = (
-        [sys.executable, "-m", "cli", "compress", str(src), "-o", str(out), "--no-eval",
+        [sys.executable, "-m", "modelpress", "compress", str(src), "-o", str(out), "--no-eval",
          "--quiet", *mp_args], REPO, out)
     return rows
 

@@ -3,7 +3,7 @@
 Builds a safetensors file and an ONNX model of about SIZE MB of fp32 weights
 (square 1024x1024 layers), compresses each at 8 and 4 bits in a fresh
 process, and prints a Markdown table of the measured peak resident memory
-(ru_maxrss) next to `compress_core.batch.memory_need`, the estimate the
+(ru_maxrss) next to `modelpress.app.batch.plan.memory_need`, the estimate the
 default --jobs divides the available memory by.
 
     python benchmarks/job_memory.py [--size 100]
@@ -25,8 +25,8 @@ from safetensors.numpy import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compress_core.batch import memory_need  # noqa: E402
-from compress_core.batch_worker import Task  # noqa: E402
+from modelpress.app.batch.plan import memory_need  # noqa: E402
+from modelpress.app.batch.worker import Task  # noqa: E402
 
 _MEASURE = """
 import resource, sys

@@ -4,7 +4,7 @@ For an n x n float32 matrix (default 4096) and a rank (default 256), times
 
 - numpy's LAPACK SVD (`np.linalg.svd(a, full_matrices=False)`, what a plain
   implementation would call), and
-- modelpress's randomized SVD (`compress_core.svd.truncated_svd`, method
+- modelpress's randomized SVD (`modelpress.core.svd.truncated_svd`, method
   "randomized": range finder with oversampling and power iterations, fixed seed),
 
 and prints a Markdown table with both times, their ratio, and the relative
@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress_core.svd import truncated_svd  # noqa: E402
+from modelpress.core.svd import truncated_svd  # noqa: E402
 
 
 def decaying(n: int, seed: int = 0) -> np.ndarray:

@@ -30,8 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress_core import (Cast, Cluster, Factorize, Prune, Quantize, Recipe,  # noqa: E402
-                           compress)
+from modelpress import Cast, Cluster, Factorize, Prune, Quantize, Recipe, compress
 
 RECIPES = {
     "cluster --bits 4": [Cluster(bits=4)],

@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress_core import Dense, Quantize, TensorInfo, compare  # noqa: E402
-from formats import open_model  # noqa: E402
+from modelpress import Dense, Quantize, TensorInfo, compare  # noqa: E402
+from modelpress.formats import open_model  # noqa: E402
 
 
 def tensors(size: int) -> dict[str, list[tuple[np.ndarray, TensorInfo]]]:

@@ -40,9 +40,9 @@ LATENCY = "--no-latency" not in sys.argv
 def _ours(model: onnx.ModelProto, stage: dict, tmp: Path, tag: str, rank: int,
           **options) -> tuple:
     """Compress with modelpress's API; returns (output path, seconds, report)."""
-    from compress_core import Recipe
-    from compress_core.api import compress
-    from compress_core.pipeline import Options
+    from modelpress import Recipe
+    from modelpress.app.api import compress
+    from modelpress.core.pipeline import Options
     src, dst = tmp / f"{tag}_src.onnx", tmp / f"{tag}.onnx"
     onnx.save(_with_output_shapes(model, rank), str(src))
     start = time.perf_counter()
@@ -66,7 +66,7 @@ def _with_output_shapes(model: onnx.ModelProto, rank: int) -> onnx.ModelProto:
 
 def _weight_stats(path: Path, ws: list, report) -> tuple[float, float]:
     """SQNR over the peers' weight set and bits per weight over the tensors changed."""
-    from formats import open_model
+    from modelpress.formats import open_model
     store = open_model(path)
     sig = err = 0.0
     for name, canon, op, orig, tb in ws:
@@ -91,8 +91,7 @@ def _latency(original: onnx.ModelProto, path: Path, feeds: dict) -> float:
 
 
 def main() -> None:
-    import compress_core.api  # noqa: F401  (this checkout's, before the study's path)
-    import formats  # noqa: F401
+    import modelpress.app.api  # noqa: F401  (this checkout's, before the study's path)
     import models
     import rd_output
     rows = []

@@ -7,7 +7,7 @@ Each tool runs in a fresh process on each model (ONNX, and safetensors where the
 its output is read back exactly and compared with the original: time, peak memory, size, bits per
 weight, coverage, weight SQNR, and for ONNX the output error, top-1 agreement and latency in
 onnxruntime. Installs nothing: a peer that is not importable is a row saying how to install it,
-a model whose package is missing is a line saying so. modelpress runs as `python -m cli` from this
+a model whose package is missing is a line saying so. modelpress runs as `python -m modelpress` from this
 checkout. A summary then checks issue 6's acceptance items against the measured numbers.
 
 The full run also runs benchmarks/scale.py (the scale benchmark; skipped with --quick unless

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compress_core.model_eval import EvalSettings  # noqa: E402
-from compress_core.sweep import sweep  # noqa: E402
+from modelpress.app.evaluation import EvalSettings  # noqa: E402
+from modelpress.app.sweep import sweep  # noqa: E402
 
 BUDGET_S = 60.0
 MODELS = ("mlp.onnx", "cnn.onnx", "transformer.onnx", "mlp.safetensors", "cnn.safetensors",

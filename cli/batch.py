@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from compress_core.batch_report import FAILED, BatchReport
-from compress_core.errors import ModelpressError
-from compress_core.pipeline import Options
-from compress_core.recipe import Recipe
+from modelpress.app.batch.report import FAILED, BatchReport
+from modelpress.core.errors import ModelpressError
+from modelpress.core.pipeline import Options
+from modelpress.core.recipe import Recipe
 
 if TYPE_CHECKING:  # rich is imported only when a batch runs
     from rich.console import Console
     from rich.table import Table
 
-    from compress_core.batch import DryRow
+    from modelpress.app.batch.plan import DryRow
 
 BATCH_ONLY = ("jobs", "skip_existing", "fail_fast", "shard", "dry_run")
 
@@ -44,7 +44,7 @@ def shard_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     """Click callback: 'K/N' -> (K, N)."""
     if value is None:
         return None
-    from compress_core.batch import parse_shard
+    from modelpress.app.batch.plan import parse_shard
     try:
         return parse_shard(value)
     except ValueError as exc:
@@ -55,7 +55,7 @@ def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -
     """Click callback: '5GB' -> bytes."""
     if value is None:
         return None
-    from formats.sharded import parse_size
+    from modelpress.formats.safetensors.sharded import parse_size
     try:
         return parse_size(value)
     except ValueError as exc:
@@ -68,9 +68,9 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
     """Run (or dry-run) a batch; print the summary; return a failure line or None."""
     from rich.console import Console
 
-    from compress_core.batch import BatchOptions, dry_run, plan_batch, run_batch
+    from modelpress.app.batch.plan import BatchOptions, dry_run, plan_batch, run_batch
 
-    from .render import dump_json
+    from modelpress.cli.render import dump_json
     out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True)
     try:
@@ -193,7 +193,7 @@ def _error(value: float | None) -> str:
 
 
 def _after(value: int | None) -> str:
-    from .render import human_bytes
+    from modelpress.cli.render import human_bytes
     return "-" if value is None else human_bytes(value)
 
 
@@ -201,7 +201,7 @@ def batch_table(report: BatchReport) -> Table:
     """One row per model and a totals row."""
     from rich.table import Table
 
-    from .render import human_bytes
+    from modelpress.cli.render import human_bytes
     title = f"{_shown(report.base)} -> {_shown(report.outdir)}" + (
         f" (shard {report.shard})" if report.shard else "")
     table = Table(title=title, title_justify="left")
@@ -267,7 +267,7 @@ def dry_run_table(plan: Any, rows: list[DryRow]) -> Table:
     """What a run would do; compressed sizes are labelled as estimates."""
     from rich.table import Table
 
-    from .render import human_bytes
+    from modelpress.cli.render import human_bytes
     table = Table(title=f"dry run: {_shown(str(plan.base))} -> {_shown(str(plan.outdir))}"
                   + (f" (shard {plan.shard})" if plan.shard else "") + "; nothing written",
                   title_justify="left",

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import click
 
-from compress_core.model_eval import Baseline, EvalSettings
-from compress_core.thresholds import Thresholds
+from modelpress.app.evaluation import Baseline, EvalSettings
+from modelpress.core.thresholds import Thresholds
 
 EXIT_THRESHOLD = 3
 
@@ -178,10 +178,10 @@ def finish(report: Any, baseline: Baseline | None, limits: Thresholds,
     `digests=False` leaves out the input and output sha256 (reading every byte
     of a multi-GB model again) when nothing will show them.
     """
-    from compress_core.environment import versions
-    from compress_core.evaluate import Evaluation
-    from compress_core.thresholds import check
-    from formats.outputs import model_sha256
+    from modelpress.app.environment import versions
+    from modelpress.core.evaluate import Evaluation
+    from modelpress.core.thresholds import check
+    from modelpress.formats.outputs import model_sha256
 
     if baseline is None:
         report.evaluation = Evaluation("skipped", notes=["output evaluation skipped (--no-eval)"])

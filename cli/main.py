@@ -10,15 +10,15 @@ from typing import Any, Callable
 
 import click
 
-from compress_core import __version__
-from compress_core.errors import ModelpressError, RecipeError
-from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
-from compress_core.recipe import Recipe
+from modelpress import __version__
+from modelpress.core.errors import ModelpressError, RecipeError
+from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
+from modelpress.core.recipe import Recipe
 
-from . import evaluation
-from .batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
-from .chain import StageChain
-from .stages import stage_commands
+from modelpress.cli import evaluation
+from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
+from modelpress.cli.chain import StageChain
+from modelpress.cli.stages import stage_commands
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -264,7 +264,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                                "MODELs with -o OUTDIR")
     check_extra_outputs([("--report", report_path)],
                         [(model[0], "the input model"), (output, "the output model")])
-    from compress_core.api import compress as run
+    from modelpress.app.api import compress as run
 
     settings = evaluation.settings_from(eval_values, model[0], limits)
     # A quiet run that prints no table needs no console (nor rich's import time).
@@ -291,10 +291,10 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     # The sha256 digests appear only in JSON (--report, --format json).
     evaluation.finish(report, baseline, limits, digests=report_path is not None or fmt == "json")
     if report_path is not None:
-        from .render import dump_json
+        from modelpress.cli.render import dump_json
         dump_json(report_path, report.as_dict())
     if show:
-        from .render import print_report
+        from modelpress.cli.render import print_report
         print_report(out, report, fmt)
     evaluation.raise_on_breach(report)
 
@@ -302,7 +302,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
 def check_extra_outputs(paths: list[tuple[str, Path | None]],
                         protected: list[tuple[Path, str]]) -> None:
     """Refuse a --report (or --plot) path that would overwrite the input model or the output."""
-    from formats import same_file
+    from modelpress.formats import same_file
     for option, path in paths:
         for other, what in protected:
             if path is not None and same_file(path, other):
@@ -340,8 +340,8 @@ def inspect(model: Path, fmt: str) -> None:
       modelpress inspect sample_models/mlp.onnx
       modelpress inspect small.safetensors --format json
     """
-    from compress_core.api import inspect as run
-    from .render import print_inspect
+    from modelpress.app.api import inspect as run
+    from modelpress.cli.render import print_inspect
     try:
         report = run(model)
     except ModelpressError as exc:
@@ -362,7 +362,7 @@ def decompress(model: Path, output: Path) -> None:
       modelpress decompress small.safetensors -o dense.safetensors
       modelpress decompress small.onnx -o dense.onnx
     """
-    from compress_core.api import decompress as run
+    from modelpress.app.api import decompress as run
     try:
         result = run(model, output)
     except ModelpressError as exc:
@@ -372,7 +372,7 @@ def decompress(model: Path, output: Path) -> None:
         click.echo(f"note: {note}")
 
 
-from .sweep import sweep as _sweep  # noqa: E402  (registered after the other commands)
+from modelpress.cli.sweep import sweep as _sweep  # noqa: E402  (registered after the other commands)
 
 cli.add_command(_sweep)
 

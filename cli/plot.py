@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress_core.sweep import SweepReport
+from modelpress.app.sweep import SweepReport
 
 
 def plot_sweep(report: SweepReport, path: Path) -> None:
@@ -16,7 +16,7 @@ def plot_sweep(report: SweepReport, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from formats.atomic import atomic_path
+    from modelpress.formats.atomic import atomic_path
 
     rows = [r for r in report.ran if r.tensors]  # a setting that changed nothing is no point
     use_output = report.front_metric == "output error"

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from compress_core.report import InspectReport, Report
+from modelpress.core.report import InspectReport, Report
 
 
 def human_bytes(n: int) -> str:
@@ -82,7 +82,7 @@ def print_report(console: Console, report: Report, fmt: str) -> None:
     console.print(report_table(report))
     for note in report.notes:
         console.print(f"note: {printable(note)}", markup=False, highlight=False)
-    from .render_eval import print_evaluation
+    from modelpress.cli.render_eval import print_evaluation
     print_evaluation(console, report)
 
 
@@ -103,7 +103,7 @@ def markdown_report(report: Report) -> str:
                  f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
     lines += [""] + [f"- {printable(note)}" for note in report.notes]
-    from .render_eval import markdown_evaluation
+    from modelpress.cli.render_eval import markdown_evaluation
     lines += markdown_evaluation(report)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -134,7 +134,7 @@ def print_inspect(console: Console, report: InspectReport, fmt: str) -> None:
 
 def dump_json(path: Any, data: dict[str, Any]) -> None:
     """Write a JSON document atomically (used for --report)."""
-    from formats.atomic import atomic_path
+    from modelpress.formats.atomic import atomic_path
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)

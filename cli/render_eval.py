@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from compress_core.evaluate import Evaluation
+from modelpress.core.evaluate import Evaluation
 
 if TYPE_CHECKING:  # rich is imported where a table is printed: `compress --quiet` needs none
     from rich.console import Console

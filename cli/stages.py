@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from compress_core.errors import RecipeError
-from compress_core.stage import REGISTRY, Stage, cli_name, option_type
+from modelpress.core.errors import RecipeError
+from modelpress.core.registry import REGISTRY
+from modelpress.core.stage import Stage, cli_name, option_type
 
 
 def stage_command(klass: type[Stage]) -> click.Command:

@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from compress_core.errors import ModelpressError, RecipeError
-from compress_core.pipeline import DEFAULT_MIN_ELEMENTS, Options
-from compress_core.sweep import (BITS_DEFINITION, DEFAULT_SETTINGS, FRONT_DEFINITION,
-                                 SweepReport, SweepRow)
+from modelpress.core.errors import ModelpressError, RecipeError
+from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
+from modelpress.app.sweep import (BITS_DEFINITION, DEFAULT_SETTINGS, FRONT_DEFINITION, SweepReport, SweepRow)
 
-from . import evaluation
-from .render_eval import fmt_number, fmt_percent
+from modelpress.cli import evaluation
+from modelpress.cli.render_eval import fmt_number, fmt_percent
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -73,9 +72,9 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
       - name: prune then int4
         stages: [{id: prune, sparsity: 0.5}, {id: quantize, bits: 4}]
     """
-    from compress_core.sweep import load_settings, sweep as run
+    from modelpress.app.sweep import load_settings, sweep as run
 
-    from .main import Failure, RecipeUsageError, _consoles, _progress, check_extra_outputs
+    from modelpress.cli.main import (Failure, RecipeUsageError, _consoles, _progress, check_extra_outputs)
 
     check_extra_outputs([("--report", report_path), ("--plot", plot_path)],
                         [(model, "the input model")])
@@ -105,10 +104,10 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
         if bar is not None:
             bar.stop()
     if report_path is not None:
-        from .render import dump_json
+        from modelpress.cli.render import dump_json
         dump_json(report_path, report.as_dict())
     if plot_path is not None:
-        from .plot import plot_sweep
+        from modelpress.cli.plot import plot_sweep
         plot_sweep(report, plot_path)
     if not quiet or fmt != "table":
         print_sweep(out, report, fmt)
@@ -117,8 +116,8 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
 
 
 def _provenance(report: SweepReport) -> None:
-    from compress_core.environment import versions
-    from formats.outputs import model_sha256
+    from modelpress.app.environment import versions
+    from modelpress.formats.outputs import model_sha256
     report.versions = versions()
     report.input_sha256 = model_sha256(report.model)
 
@@ -136,7 +135,7 @@ def columns(report: SweepReport) -> list[str]:
 
 def cells(report: SweepReport, row: SweepRow, front_mark: str) -> list[str]:
     """One table row; a skipped or failed setting shows its name and '-' elsewhere."""
-    from .render import human_bytes
+    from modelpress.cli.render import human_bytes
     if row.status != "ok":
         return [row.name, row.status] + ["-"] * (len(columns(report)) - 3) + [""]
     values = [row.name, human_bytes(row.file_bytes), f"{row.ratio:.3f}x",
@@ -153,7 +152,7 @@ def footnotes(report: SweepReport) -> list[str]:
     """Definitions, the baseline, and each skipped or failed setting's reason."""
     lines = [BITS_DEFINITION, f"{FRONT_DEFINITION} (by {report.front_metric})"]
     if report.format == "onnx" and report.baseline is not None and report.baseline.status == "ok":
-        from .render_eval import inputs_label
+        from modelpress.cli.render_eval import inputs_label
         lines.append(f"output error: the worst output's relative L2 error against the "
                      f"original's ({report.baseline.runtime}; inputs "
                      f"{inputs_label(report.baseline)})")
@@ -175,7 +174,7 @@ def print_sweep(console: Console, report: SweepReport, fmt: str) -> None:
         return
     from rich.table import Table
 
-    from .render import human_bytes
+    from modelpress.cli.render import human_bytes
     table = Table(title=f"{report.model} ({report.format}, {human_bytes(report.file_bytes)}): "
                         f"{len(report.ran)} of {len(report.rows)} settings ran",
                   title_justify="left")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .encoded import Quantized
+from modelpress.core.encoded import Quantized
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import BFLOAT16, FLOAT8_E4M3, FLOAT8_E5M2, scale_dtype_for, short_name
-from .encoded import Dense, Encoded, LowRank, Scaled, Sparse
-from .errors import UnsupportedTensorError
-from .stage import Skip, Stage, option, register
-from .tensorinfo import TensorInfo
+from modelpress.core.dtypes import BFLOAT16, FLOAT8_E4M3, FLOAT8_E5M2, scale_dtype_for, short_name
+from modelpress.core.encoded import Dense, Encoded, LowRank, Scaled, Sparse
+from modelpress.core.errors import UnsupportedTensorError
+from modelpress.core.stage import Skip, Stage, option
+from modelpress.core.tensorinfo import TensorInfo
 
 CAST_DTYPES: dict[str, np.dtype] = {
     "fp16": np.dtype(np.float16),
@@ -26,7 +26,6 @@ def largest(dtype: np.dtype) -> float:
     return float(ml_dtypes.finfo(dtype).max)
 
 
-@register
 @dataclass(frozen=True)
 class Cast(Stage):
     """Store weights as lower-precision floats: fp16, bf16, fp8-e4m3 or fp8-e5m2.
@@ -58,15 +57,15 @@ class Cast(Stage):
             # Zero stays exactly zero in every float format.
             return Sparse(encoded.mask, self.apply(encoded.values, info), encoded.pattern)
         if isinstance(encoded, LowRank) and isinstance(encoded.left, Dense):
-            from .lowrank import apply_to_factors
+            from modelpress.core.lowrank import apply_to_factors
             return apply_to_factors(self, encoded, info)
         if not isinstance(encoded, Dense):
-            from .compose import order_error
+            from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
         target = CAST_DTYPES[self.dtype]
         if encoded.array.dtype == target and self.scale == "none":
             raise Skip(f"it is already {short_name(target)}")
-        from .quantize import axes_for
+        from modelpress.core.quantize.stage import axes_for
         channel_axis = axes_for(info)[0] if self.scale == "channel" else None
         return cast_array(encoded.decode(), target, self.scale, channel_axis,
                           scale_dtype_for(info.dtype), info.name)

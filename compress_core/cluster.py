@@ -6,17 +6,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import BFLOAT16
-from .encoded import Dense, Encoded, LowRank, Palettized, Sparse
-from .kmeans import kmeans_rows
-from .stage import Stage, option, register
-from .tensorinfo import TensorInfo
+from modelpress.core.dtypes import BFLOAT16
+from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Sparse
+from modelpress.core.kmeans import kmeans_rows
+from modelpress.core.stage import Stage, option
+from modelpress.core.tensorinfo import TensorInfo
 
 # The model's own float types (so ONNX consumers get the type they expect); fp8 -> fp32.
 _LUT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
 
-@register
 @dataclass(frozen=True)
 class Cluster(Stage):
     """Weight clustering: each weight becomes an index into a codebook of k values.
@@ -50,16 +49,16 @@ class Cluster(Stage):
             return Sparse(encoded.mask, self._palettize(encoded.values.array, info, encoded.mask),
                           encoded.pattern)
         if isinstance(encoded, LowRank) and isinstance(encoded.left, Dense):
-            from .lowrank import apply_to_factors
+            from modelpress.core.lowrank import apply_to_factors
             return apply_to_factors(self, encoded, info)
         if not isinstance(encoded, Dense):
-            from .compose import order_error
+            from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
         return self._palettize(encoded.array, info, None)
 
     def _palettize(self, array: np.ndarray, info: TensorInfo,
                    mask: np.ndarray | None) -> Palettized:
-        from .quantize import axes_for
+        from modelpress.core.quantize.stage import axes_for
         channel_axis = axes_for(info)[0] if self.per_channel and array.ndim >= 2 else None
         lut_dtype = array.dtype if array.dtype in _LUT_DTYPES else np.dtype(np.float32)
         return palettize(array.astype(np.float32), self.clusters, channel_axis, mask, lut_dtype)

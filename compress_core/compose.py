@@ -19,9 +19,9 @@ which names the order that works or says to use one of the two per tensor.
 
 from __future__ import annotations
 
-from .encoded import Encoded, LowRank, Sparse
-from .errors import UnsupportedTensorError
-from .tensorinfo import TensorInfo
+from modelpress.core.encoded import Encoded, LowRank, Sparse
+from modelpress.core.errors import UnsupportedTensorError
+from modelpress.core.tensorinfo import TensorInfo
 
 _ONE_OF = "use one of {a} or {b} per tensor (--include/--exclude give tensors different stages)"
 

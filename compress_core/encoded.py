@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .dtypes import short_name
-from .scalecode import MultiplierCode, ScaleCode
+from modelpress.core.dtypes import short_name
+from modelpress.core.quantize.scalecode import MultiplierCode, ScaleCode
 
 
 class Encoded(ABC):

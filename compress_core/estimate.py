@@ -17,11 +17,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dtypes import scale_dtype_for
-from .pipeline import Options, plan
-from .recipe import Recipe
-from .stage import Stage
-from .tensorinfo import TensorInfo
+from modelpress.core.dtypes import scale_dtype_for
+from modelpress.core.pipeline import Options, plan
+from modelpress.core.recipe import Recipe
+from modelpress.core.stage import Stage
+from modelpress.core.tensorinfo import TensorInfo
 
 
 @dataclass
@@ -62,7 +62,7 @@ def element_bits(info: TensorInfo, stages: list[Stage], fmt: str, unknown: list[
         elif stage.id == "prune":
             kept = 1.0 - stage.sparsity
         elif stage.id == "cast":
-            from .cast import CAST_DTYPES
+            from modelpress.core.cast import CAST_DTYPES
             value_bits = float(CAST_DTYPES[stage.dtype].itemsize * 8)
             side = 0.0 if stage.scale == "none" else scale_dtype_for(info.dtype).itemsize * 8 \
                 * _scales(stage.scale, info, None)
@@ -101,9 +101,9 @@ def _per_scale_bits(plan: Any, info: TensorInfo, fmt: str) -> float:
     """Bits of one scale (and its zero point) of a quantized tensor (codes are bit-packed)."""
     bits = plan.scale_bits or scale_dtype_for(info.dtype).itemsize * 8
     if plan.super_block:
-        from .quantize import axes_for
-        from .quantize_multiplier import applies
-        from .scalecode import MULTIPLIER_BITS
+        from modelpress.core.quantize.stage import axes_for
+        from modelpress.core.quantize.multiplier import applies
+        from modelpress.core.quantize.scalecode import MULTIPLIER_BITS
         if applies(info.shape, axes_for(info)[1], plan.group_size, plan.super_block):
             # A 4-bit multiplier per group, a float16 base per super-block.
             bits = MULTIPLIER_BITS + 16 * plan.group_size / plan.super_block
@@ -114,7 +114,7 @@ def _per_scale_bits(plan: Any, info: TensorInfo, fmt: str) -> float:
 
 def _scales(granularity: str, info: TensorInfo, group_size: int | None) -> float:
     """Scales (or codebooks) per element: one per group, per output channel, or per tensor."""
-    from .quantize import axes_for
+    from modelpress.core.quantize.stage import axes_for
     if granularity == "group":
         return 1.0 / group_size
     if granularity == "channel":

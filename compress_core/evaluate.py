@@ -1,6 +1,6 @@
 """Comparing a model's outputs before and after compression: error, top-1, accuracy, latency.
 
-Pure numpy: the arrays come from running both models (`formats.onnx_run`).
+Pure numpy: the arrays come from running both models (`modelpress.formats.onnx.run`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InputDataError
-from .metrics import ErrorStats, compare
+from modelpress.core.errors import InputDataError
+from modelpress.core.metrics import ErrorStats, compare
 
 SAFETENSORS_NOTE = ("output error not measured: safetensors holds weights only, with no graph "
                     "to run; output error needs the ONNX form of the model")

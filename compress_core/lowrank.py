@@ -7,17 +7,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import BFLOAT16
-from .encoded import Dense, Encoded, LowRank
-from .stage import Skip, Stage, option, register
-from .svd import rank_for_energy, singular_values, truncated_svd
-from .tensorinfo import TensorInfo
+from modelpress.core.dtypes import BFLOAT16
+from modelpress.core.encoded import Dense, Encoded, LowRank
+from modelpress.core.stage import Skip, Stage, option
+from modelpress.core.svd import rank_for_energy, singular_values, truncated_svd
+from modelpress.core.tensorinfo import TensorInfo
 
 # The model's own float types (so ONNX consumers get the type they expect); fp8 -> fp32.
 _FACTOR_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
 
-@register
 @dataclass(frozen=True)
 class Factorize(Stage):
     """Low-rank factorization: a matrix W [m, n] becomes U [m, r] @ V [r, n].
@@ -49,7 +48,7 @@ class Factorize(Stage):
 
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
         if not isinstance(encoded, Dense):
-            from .compose import order_error
+            from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
         if encoded.array.ndim != 2:
             raise Skip(f"it is {encoded.array.ndim}-D; lowrank factors 2-D matrices")

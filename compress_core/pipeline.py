@@ -11,16 +11,16 @@ from typing import Iterator
 
 import numpy as np
 
-from .calibrate import compensate
-from .dtypes import short_name
-from .encoded import Dense, Encoded, Quantized
-from .errors import ModelpressError, UnsupportedTensorError
-from .metrics import EMPTY, ErrorStats, compare
-from .quantize_fused import quantize_measured
-from .recipe import Recipe
-from .stage import Skip, Stage
-from .store import Progress, TensorStore
-from .tensorinfo import TensorInfo
+from modelpress.core.calibrate import compensate
+from modelpress.core.dtypes import short_name
+from modelpress.core.encoded import Dense, Encoded, Quantized
+from modelpress.core.errors import ModelpressError, UnsupportedTensorError
+from modelpress.core.metrics import EMPTY, ErrorStats, compare
+from modelpress.core.quantize.fused import quantize_measured
+from modelpress.core.recipe import Recipe
+from modelpress.core.stage import Skip, Stage
+from modelpress.core.store import Progress, TensorStore
+from modelpress.core.tensorinfo import TensorInfo
 
 DEFAULT_MIN_ELEMENTS = 4096
 
@@ -39,9 +39,9 @@ class Options:
     threads: int | None = None
     # ONNX only: "auto" writes weights as external data when the input (with its
     # data files) has 512 MiB or more or the output would pass protobuf's 2 GB
-    # limit; "always", "never" (see formats.onnx_write).
+    # limit; "always", "never" (see modelpress.formats.onnx.write).
     external_data: str = "auto"
-    # ONNX only: the form of quantized MatMul/Gemm weights (formats.onnx_sites.OnnxTarget).
+    # ONNX only: the form of quantized MatMul/Gemm weights (modelpress.formats.onnx.sites.OnnxTarget).
     onnx_target: str = "standard"
     onnx_int4: str = "auto"
     accuracy_level: int = 4

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .encoded import Dense, Encoded, Quantized, Scaled, Sparse
-from .stage import Skip, Stage, TensorValues, option, register
-from .tensorinfo import TensorInfo
+from modelpress.core.encoded import Dense, Encoded, Quantized, Scaled, Sparse
+from modelpress.core.stage import Skip, Stage, TensorValues, option
+from modelpress.core.tensorinfo import TensorInfo
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -29,7 +29,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-@register
 @dataclass(frozen=True)
 class Prune(Stage):
     """Magnitude pruning: zero the smallest weights.
@@ -95,7 +94,7 @@ class Prune(Stage):
     # -- work ----------------------------------------------------------------
 
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
-        from .compose import order_error
+        from modelpress.core.compose import order_error
         if isinstance(encoded, Sparse):
             if encoded.pattern != "unstructured" or self.pattern != "unstructured":
                 raise order_error(self, encoded, info)
@@ -113,7 +112,7 @@ class Prune(Stage):
     def _mask(self, values: np.ndarray, info: TensorInfo) -> np.ndarray:
         nm = self.nm
         if nm is not None:
-            from .quantize import axes_for
+            from modelpress.core.quantize.stage import axes_for
             axis = axes_for(info)[1]
             n, m = nm
             if values.shape[axis] % m:

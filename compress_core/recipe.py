@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import RecipeError
-from .stage import Stage
+from modelpress.core.errors import RecipeError
+from modelpress.core.registry import stage_from_config
+from modelpress.core.stage import Stage
 
 RECIPE_VERSION = 1
 
@@ -47,7 +48,7 @@ class Recipe:
             if not isinstance(entry, dict) or "id" not in entry:
                 raise RecipeError(f"{source}: stage {i} must be a mapping with an 'id'")
             try:
-                built.append(Stage.from_config(entry))
+                built.append(stage_from_config(entry))
             except RecipeError as exc:
                 raise RecipeError(f"{source}: stage {i}: {exc}") from None
         return cls(built)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .evaluate import Evaluation
-from .metrics import EMPTY, ErrorStats
-from .thresholds import ThresholdResult, Thresholds
+from modelpress.core.evaluate import Evaluation
+from modelpress.core.metrics import EMPTY, ErrorStats
+from modelpress.core.thresholds import ThresholdResult, Thresholds
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         """Every number of the table, JSON-safe."""
-        from . import __version__
+        from modelpress import __version__
         return {
             "tool": {"name": "modelpress", "version": __version__},
             "input": self.input_path, "output": self.output_path, "format": self.format,

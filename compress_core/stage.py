@@ -18,11 +18,9 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 
-from .encoded import Encoded
-from .errors import RecipeError
-from .tensorinfo import TensorInfo
-
-REGISTRY: dict[str, type[Stage]] = {}
+from modelpress.core.encoded import Encoded
+from modelpress.core.errors import RecipeError
+from modelpress.core.tensorinfo import TensorInfo
 
 TensorValues = Callable[[], Iterable[tuple[TensorInfo, np.ndarray]]]
 """A re-iterable source of (info, float32 values) for every tensor a stage selects."""
@@ -47,21 +45,6 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
     if isinstance(default, tuple):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make a stage available by its id."""
-    REGISTRY[cls.id] = cls
-    return cls
-
-
-def stage_class(stage_id: str) -> type[Stage]:
-    """The stage class for an id; an unknown id lists the known ones."""
-    try:
-        return REGISTRY[stage_id]
-    except KeyError:
-        known = ", ".join(sorted(REGISTRY))
-        raise RecipeError(f"unknown stage {stage_id!r}; known stages: {known}") from None
 
 
 def cli_name(field_name: str) -> str:
@@ -109,10 +92,13 @@ class Stage:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Stage:
-        """Build a stage from a config mapping (with or without its id)."""
+        """Build this stage from a config mapping (with or without its id).
+
+        `modelpress.core.registry.stage_from_config` picks the class by the id.
+        """
         config = dict(config)
-        stage_id = config.pop("id", cls.id)
-        klass = stage_class(stage_id) if cls is Stage else cls
+        config.pop("id", None)
+        klass = cls
         known = {f.name for f in dataclasses.fields(klass)}
         for key in config:
             if key not in known:

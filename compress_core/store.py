@@ -8,8 +8,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, Tuple, Union
 
 import numpy as np
 
-from .encoded import Encoded
-from .tensorinfo import TensorInfo
+from modelpress.core.encoded import Encoded
+from modelpress.core.tensorinfo import TensorInfo
 
 Progress = Callable[[int, int, str], None]
 """progress(done, total, what): called as work advances."""

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .dtypes import is_float
+from modelpress.core.dtypes import is_float
 
 if TYPE_CHECKING:
-    from .calibrate import InputStats
+    from modelpress.core.calibrate import InputStats
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 from typing import Union
 
-from compress_core.errors import ModelReadError, ModelWriteError
-from compress_core.store import WriteResult
+from modelpress.core.errors import ModelReadError, ModelWriteError
+from modelpress.core.store import WriteResult
 
-from .onnx_io import OnnxStore
-from .safetensors_io import SafetensorsStore
-from .sharded import INDEX_SUFFIX, ShardedStore, is_index
+from modelpress.formats.onnx.store import OnnxStore
+from modelpress.formats.safetensors.store import SafetensorsStore
+from modelpress.formats.safetensors.sharded import INDEX_SUFFIX, ShardedStore, is_index
 
 Store = Union[OnnxStore, SafetensorsStore, ShardedStore]
 SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors"}
@@ -98,7 +98,7 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
                                   "input; choose another output path (modelpress never modifies "
                                   "its input)")
     if store.format == "onnx":  # an ONNX output may get a data file beside it
-        from .onnx_write import data_name
+        from modelpress.formats.onnx.write import data_name
         beside = dst.parent / data_name(dst)
         for data in [store.path, *getattr(store, "data_files", ())]:
             if same_file(beside, data):
@@ -122,12 +122,12 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
 def write_decompressed(store: Store, dst: Path) -> WriteResult:
     """Write the model with every compressed tensor restored to dense floats."""
     if isinstance(store, ShardedStore):
-        from .sharded import write_decompressed as sharded_write
+        from modelpress.formats.safetensors.sharded import write_decompressed as sharded_write
         return sharded_write(store, dst)
     if isinstance(store, OnnxStore):
-        from .onnx_restore import write_decompressed as onnx_write
+        from modelpress.formats.onnx.restore import write_decompressed as onnx_write
         return onnx_write(store, dst)
-    from .safetensors_io import write_decompressed as st_write
+    from modelpress.formats.safetensors.store import write_decompressed as st_write
     return st_write(store, dst)
 
 

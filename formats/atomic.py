@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from compress_core.errors import ModelWriteError
+from modelpress.core.errors import ModelWriteError
 
 
 @contextlib.contextmanager

@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from compress_core.errors import ModelReadError
+from modelpress.core.errors import ModelReadError
 
-from .sharded import INDEX_SUFFIX, is_index, shard_files
+from modelpress.formats.safetensors.sharded import INDEX_SUFFIX, is_index, shard_files
 
 MODEL_SUFFIXES = (".onnx", ".safetensors")
 
@@ -209,7 +209,7 @@ def _external_files(files: dict[PurePosixPath, Path], model: PurePosixPath,
     if not explicit and not any(_inside(o, folder) for o in others):
         return []
     import onnx
-    from .onnx_graph import graphs, is_external
+    from modelpress.formats.onnx.graph import graphs, is_external
     try:
         proto = onnx.load(str(files[model]), load_external_data=False)
     except Exception:  # protobuf's DecodeError and friends: reported when compressed

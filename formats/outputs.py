@@ -17,11 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from compress_core.errors import ModelWriteError
+from modelpress.core.errors import ModelWriteError
 
-from .atomic import atomic_path
-from .digest import file_sha256
-from .sharded import is_index, read_index
+from modelpress.formats.atomic import atomic_path
+from modelpress.formats.digest import file_sha256
+from modelpress.formats.safetensors.sharded import is_index, read_index
 
 SOURCE_KEY = "modelpress.source"
 
@@ -70,7 +70,7 @@ def read_source(path: Path) -> dict[str, Any] | None:
             model = onnx.load(str(path), load_external_data=False)
             raw = next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), None)
         else:
-            from .st_header import read_header
+            from modelpress.formats.safetensors.header import read_header
             raw = read_header(path).metadata.get(SOURCE_KEY)
         record = json.loads(raw) if isinstance(raw, str) else None
         return record if isinstance(record, dict) else None
@@ -99,13 +99,13 @@ def onnx_data_files(path: Path) -> list[Path]:
     is taken to be self-contained and is not parsed, so this stays cheap for
     large inline models.
     """
-    from .onnx_write import data_name
+    from modelpress.formats.onnx.write import data_name
     if not (path.parent / data_name(path)).exists():
         return []
     try:
         import onnx
 
-        from .onnx_graph import external_data_file, is_external, locate
+        from modelpress.formats.onnx.graph import external_data_file, is_external, locate
         model = onnx.load(str(path), load_external_data=False)
         files = {external_data_file(path, loc.tensor)[0]
                  for loc in locate(model).values() if is_external(loc.tensor)}
@@ -133,7 +133,7 @@ def up_to_date(dst: Path, recipe_sha256: str, input_sha256: str,
     if not all(p.is_file() for p in output_files(dst)):
         return False
     if config_src is not None and config_dst is not None:
-        from .ct_config import config_for
+        from modelpress.formats.safetensors.ct_config import config_for
         try:
             return config_dst.is_file() and config_dst.read_bytes() == config_for(config_src, dst)
         except Exception:

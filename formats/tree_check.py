@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from compress_core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
-from compress_core.scalecode import MultiplierCode, base_shape, max_multiplier
+from modelpress.core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
+from modelpress.core.quantize.scalecode import MultiplierCode, base_shape, max_multiplier
 
 
 def check_tree(encoded: Encoded, shape: tuple[int, ...]) -> None:

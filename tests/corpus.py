@@ -161,8 +161,8 @@ def entry(name: str) -> Callable:
 
 
 def compressed(d: Path, sample: str, stages: list[str]) -> Path:
-    from compress_core import Recipe, compress
-    from compress_core.stage import REGISTRY
+    from modelpress import Recipe, compress
+    from modelpress.core.registry import REGISTRY
     src = d / f"src{Path(sample).suffix}"
     shutil.copy(SAMPLES / sample, src)
     out = d / f"model{Path(sample).suffix}"

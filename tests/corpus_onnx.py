@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from formats.onnx_meta import decode_doc, encode_doc
+from modelpress.formats.onnx.meta import decode_doc, encode_doc
 
 from corpus import (BIG, SAMPLES, compressed, entry, external_model, good_onnx, onnx_model,
                     save_onnx, weights)

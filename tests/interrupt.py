@@ -2,7 +2,7 @@
 
 Shared by tests/test_atomic_writes.py (a ~64 MB model) and
 benchmarks/kill_during_write.py (the full 500 MB case). The CLI runs as a
-real subprocess (`python -m cli`); the parent polls the output folder and
+real subprocess (`python -m modelpress`); the parent polls the output folder and
 sends the signal as soon as the temporary output file exists, so the signal
 lands after the writer started and before the rename that publishes the file.
 """
@@ -25,7 +25,7 @@ TENSOR_MB = 4
 
 def make_safetensors(path: Path, megabytes: int, seed: int = 0) -> Path:
     """A safetensors file of about `megabytes` MB: 4 MB float32 [1024, 1024] tensors, streamed."""
-    from formats.st_header import encode_header
+    from modelpress.formats.safetensors.header import encode_header
     count = max(1, megabytes // TENSOR_MB)
     shape = (1024, 1024)
     nbytes = 4 * shape[0] * shape[1]
@@ -59,7 +59,7 @@ class Outcome:
 
 
 def cli_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "cli", *[str(a) for a in args]]
+    return [sys.executable, "-m", "modelpress", *[str(a) for a in args]]
 
 
 def run_interrupted(args: list[str], output: Path, sig: int, timeout: float = 300.0,

@@ -21,8 +21,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from compress_core import ModelWriteError, Quantize, Recipe, compress, decompress
-from formats import open_model
+from modelpress import ModelWriteError, Quantize, Recipe, compress, decompress
+from modelpress.formats import open_model
 
 from conftest import matmul_model, run_cli, rng_weights, sha256, write_safetensors
 from interrupt import make_safetensors, run_cli_subprocess, run_interrupted, temp_files
@@ -105,7 +105,7 @@ def test_sigkill_during_onnx_write_leaves_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("phase", ["copy_range", "write_array"])  # assembly / spill
 def test_disk_full_during_write_is_one_line_and_leaves_nothing(tmp_path: Path, samples: Path,
                                                                monkeypatch, phase: str) -> None:
-    import formats.st_stream as st_stream
+    import modelpress.formats.safetensors.stream as st_stream
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -14,8 +14,8 @@ import onnx
 import pytest
 from safetensors import safe_open
 
-from compress_core import decompress
-from formats import open_model
+from modelpress import decompress
+from modelpress.formats import open_model
 
 from conftest import ort_run, run_cli, sha256
 from tree_helpers import SAMPLES, acceptance_tree, sample_tensors, tree_files
@@ -169,7 +169,7 @@ def test_jobs_1_and_2_write_identical_bytes(tmp_path: Path) -> None:
     first, _ = batch(tree, tmp_path / "one", "--jobs", "1")
     assert first.exit_code == 0
     # A real process: worker processes' stray output (a traceback) would show on its stderr.
-    second = subprocess.run([sys.executable, "-m", "cli", "compress", str(tree), "-o",
+    second = subprocess.run([sys.executable, "-m", "modelpress", "compress", str(tree), "-o",
                              str(tmp_path / "two"), "--jobs", "2", "--quiet", "--report",
                              str(tmp_path / "two.json"), *INT4], cwd=ROOT, capture_output=True,
                             text=True)
@@ -179,8 +179,8 @@ def test_jobs_1_and_2_write_identical_bytes(tmp_path: Path) -> None:
     assert len(one) == 10 and one == tree_files(tmp_path / "two")
     # The same with every model compressed in worker processes (the CLI starts workers
     # only when a batch lasts long enough to repay their start-up).
-    from compress_core import Quantize, Recipe
-    from compress_core.batch import BatchOptions, plan_batch, run_batch
+    from modelpress import Quantize, Recipe
+    from modelpress.app.batch.plan import BatchOptions, plan_batch, run_batch
     events: list[tuple] = []
     result = run_batch(plan_batch([tree], tmp_path / "three"), Recipe([Quantize(bits=4)]),
                        batch=BatchOptions(jobs=2, start_delay=0, run_here=False),
@@ -297,8 +297,8 @@ def test_batch_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str
 
 
 def test_default_jobs_follow_cpus_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from compress_core import batch
-    from compress_core.batch_worker import Task
+    from modelpress.app.batch import plan as batch
+    from modelpress.app.batch.worker import Task
 
     def tasks(kind: str, nbytes: int, count: int = 10) -> list[Task]:
         return [Task(f"m{i}", kind, Path("in"), Path("out"), Path("."), nbytes=nbytes)
@@ -321,7 +321,7 @@ def test_progress_display_tracks_running_jobs() -> None:
 
     from rich.console import Console
 
-    from cli.batch import BatchProgress
+    from modelpress.cli.batch import BatchProgress
     display = BatchProgress(Console(file=io.StringIO(), force_terminal=True, width=100))
     display(("plan", 2, 3))
     display(("start", "a.onnx", 10))
@@ -413,8 +413,8 @@ def test_dry_run_estimates_other_stages(tree: Path, tmp_path: Path, stages: list
 def test_a_killed_worker_fails_its_model_and_the_run_still_ends(tmp_path: Path) -> None:
     import signal
 
-    from compress_core import Quantize, Recipe
-    from compress_core.batch import BatchOptions, plan_batch, run_batch
+    from modelpress import Quantize, Recipe
+    from modelpress.app.batch.plan import BatchOptions, plan_batch, run_batch
     tree = acceptance_tree(tmp_path / "in", corrupt=False)
     killed: set[int] = set()
 

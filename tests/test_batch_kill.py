@@ -91,7 +91,7 @@ def test_sigkill_half_way_then_rerun_completes(tmp_path: Path, jobs: str) -> Non
     expected = tree_files(reference)
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "compress", str(tree), "-o", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "modelpress", "compress", str(tree), "-o", str(out),
                              "--jobs", jobs, "--quiet", *stages], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

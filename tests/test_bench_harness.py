@@ -172,7 +172,10 @@ def test_harness_runs_modelpress_and_a_peer_on_a_tiny_model(tmp_path):
         assert row.status == "ok", row.notes
         assert row.stats.coverage == 1.0 and row.stats.sqnr_changed > 35
         assert 8 <= row.stats.bits_per_weight < 9
-        assert row.error.rel_l2 < 0.05 and set(row.latency) == {1, 0}
+        assert set(row.latency) == {1, 0}
+    # onnxruntime's dynamic mode also quantizes activations, and its int8 kernels differ by CPU
+    # (u8s8 products saturate on AVX2 without VNNI): 0.02-0.07 on the machines seen here.
+    assert mp.error.rel_l2 < 0.05 and qd.error.rel_l2 < 0.15
     assert mp.time_ratio == 1.0 and qd.time_ratio > 0
     assert bad.status == "failed" and "--bits" in bad.notes[0]
 

@@ -95,8 +95,8 @@ def test_quantize_dynamic_weights_match_onnxruntime(tmp_path):
 
 
 def test_modelpress_output_read_back_equals_modelpress_decode(tmp_path):
-    from compress_core import Quantize, Recipe, compress
-    from formats import open_model
+    from modelpress import Quantize, Recipe, compress
+    from modelpress.formats import open_model
 
     src = matmul_model(tmp_path / "m.onnx", {"w1": rng_weights(64, 96, seed=2),
                                              "w2": rng_weights(96, 64, seed=3)})

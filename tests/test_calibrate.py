@@ -17,12 +17,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import Quantize, Recipe, compress
-from compress_core.calibrate import InputStats, compensate
-from compress_core.encoded import Dense, Quantized
-from compress_core.pipeline import Options
-from compress_core.tensorinfo import TensorInfo
-from formats.onnx_calibrate import nonnegative
+from modelpress import Quantize, Recipe, compress
+from modelpress.core.calibrate import InputStats, compensate
+from modelpress.core.encoded import Dense, Quantized
+from modelpress.core.pipeline import Options
+from modelpress.core.tensorinfo import TensorInfo
+from modelpress.formats.onnx.calibrate import nonnegative
 
 from conftest import ort_run, run_cli, samples  # noqa: F401 (fixture)
 

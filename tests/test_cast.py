@@ -10,11 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from compress_core import (Cast, Dense, Prune, Recipe, Scaled, Sparse, TensorInfo, compare,
-                           compress, decompress)
-from compress_core.errors import UnsupportedTensorError
-from formats import open_model
-from formats.st_header import read_header
+from modelpress import (Cast, Dense, Prune, Recipe, Scaled, Sparse, TensorInfo, compare, compress, decompress)
+from modelpress.core.errors import UnsupportedTensorError
+from modelpress.formats import open_model
+from modelpress.formats.safetensors.header import read_header
 
 from conftest import matmul_model, ort_run, rng_weights, write_safetensors
 
@@ -174,7 +173,7 @@ def test_safetensors_native_dtypes_under_the_original_name(tmp_path: Path, stage
 def test_half_precision_onnx_models_keep_their_type(tmp_path: Path, model_dtype,
                                                     recipe: str) -> None:
     from onnx import TensorProto, helper, numpy_helper
-    from compress_core import Cluster, Factorize
+    from modelpress import Cluster, Factorize
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(model_dtype))
     w = rng_weights(64, 96).astype(model_dtype)
     graph = helper.make_graph(

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
-from compress_core import compare
-from formats import open_model
+from modelpress.cli.main import cli
+from modelpress import compare
+from modelpress.formats import open_model
 
 from conftest import ort_run, run_cli, sha256
 

@@ -8,10 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
-from compress_core import (Cluster, Dense, Options, Palettized, Prune, Recipe, Sparse, TensorInfo,
-                           compare, compress, decompress)
-from compress_core.kmeans import kmeans_rows
-from formats import open_model
+from modelpress import (Cluster, Dense, Options, Palettized, Prune, Recipe, Sparse, TensorInfo, compare, compress, decompress)
+from modelpress.core.kmeans import kmeans_rows
+from modelpress.formats import open_model
 
 from conftest import SAMPLES, matmul_model, ort_run, rng_weights, sha256
 

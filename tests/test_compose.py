@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress_core import (Cast, Cluster, Factorize, Prune, Quantize, Recipe, TensorInfo, compare,
-                           compress)
-from compress_core.encoded import Dense
-from compress_core.errors import UnsupportedTensorError
+from modelpress import (Cast, Cluster, Factorize, Prune, Quantize, Recipe, TensorInfo, compare, compress)
+from modelpress.core.encoded import Dense
+from modelpress.core.errors import UnsupportedTensorError
 
 from conftest import matmul_model, ort_run, rng_weights
 
@@ -94,8 +93,8 @@ def test_every_working_pair_runs_in_onnxruntime(tmp_path: Path, first: str, then
 @pytest.mark.parametrize("first, then", [p for p, v in sorted(EXPECTED.items()) if v is None])
 def test_every_working_pair_round_trips_in_safetensors(tmp_path: Path, first: str,
                                                        then: str) -> None:
-    from compress_core import decompress
-    from formats import open_model
+    from modelpress import decompress
+    from modelpress.formats import open_model
     from conftest import write_safetensors
     tensors = {"a.weight": rng_weights(96, 64, seed=1), "b.weight": rng_weights(80, 96, seed=2)}
     src = write_safetensors(tmp_path / "in.safetensors", tensors)

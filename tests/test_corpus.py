@@ -17,9 +17,9 @@ import onnx
 import pytest
 from click.testing import Result
 
-from compress_core.api import decompress
-from compress_core.stage import REGISTRY
-from formats import open_model
+from modelpress.app.api import decompress
+from modelpress.core.registry import REGISTRY
+from modelpress.formats import open_model
 
 from conftest import run_cli
 from corpus import Entry, build_corpus, marker_path, names

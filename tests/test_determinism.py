@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import compress as compress_command
-from compress_core import REGISTRY
+from modelpress.cli.main import compress as compress_command
+from modelpress import REGISTRY
 
 from conftest import run_cli, sha256
 
@@ -57,7 +57,7 @@ def test_another_process_with_another_hash_seed_writes_identical_bytes(
     for seed in ("1", "2"):
         out = tmp_path / f"seed{seed}{suffix}"
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONHASHSEED=seed)
-        done = subprocess.run([sys.executable, "-m", "cli", "compress", str(samples / model),
+        done = subprocess.run([sys.executable, "-m", "modelpress", "compress", str(samples / model),
                                "-o", str(out), "-q", "prune", "--sparsity", "0.5", "quantize",
                                "--bits", "4", "--group-size", "32"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

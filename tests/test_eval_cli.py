@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import REGISTRY, compare
+from modelpress import REGISTRY, compare
 
 from conftest import ort_run, rng_weights, run_cli, sha256
 from mdtables import tables
@@ -255,7 +255,7 @@ def test_markdown_is_valid_tables_with_evaluation(tmp_path: Path, samples: Path)
 def test_help_and_inspect_do_not_import_onnxruntime(samples: Path) -> None:
     code = ("import sys\n"
             "from click.testing import CliRunner\n"
-            "from cli.main import cli\n"
+            "from modelpress.cli.main import cli\n"
             "r = CliRunner()\n"
             "assert r.invoke(cli, ['--help']).exit_code == 0\n"
             "assert r.invoke(cli, ['compress', '--help']).exit_code == 0\n"

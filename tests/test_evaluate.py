@@ -10,13 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core.errors import InputDataError
-from compress_core.evaluate import (Accuracy, Evaluation, compare_outputs, correct_count,
-                                    label_output, top1_agreement)
-from compress_core.report import Report
-from compress_core.sweep import pareto_front
-from compress_core.thresholds import Thresholds, check
-from formats import onnx_run
+from modelpress.core.errors import InputDataError
+from modelpress.core.evaluate import (Accuracy, Evaluation, compare_outputs, correct_count, label_output, top1_agreement)
+from modelpress.core.report import Report
+from modelpress.app.sweep import pareto_front
+from modelpress.core.thresholds import Thresholds, check
+from modelpress.formats.onnx import run as onnx_run
 
 from conftest import matmul_model, rng_weights
 

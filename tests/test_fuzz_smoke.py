@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from compress_core import ModelWriteError
-from formats import open_model
+from modelpress import ModelWriteError
+from modelpress.formats import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
 import harness  # noqa: E402

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import ModelReadError, Options, Prune, Quantize, Recipe, compress, decompress
-from compress_core.quantize import quantize_array
-from formats import open_model
-from formats.onnx_meta import decode_doc, encode_doc
+from modelpress import ModelReadError, Options, Prune, Quantize, Recipe, compress, decompress
+from modelpress.core.quantize.stage import quantize_array
+from modelpress.formats import open_model
+from modelpress.formats.onnx.meta import decode_doc, encode_doc
 
 from conftest import run_cli, sha256, write_safetensors
 from corpus import good_onnx, onnx_model, save_onnx, st_raw, weights
@@ -260,7 +260,7 @@ def test_external_modelpress_parts_are_read_through_the_location_checks(
     got = open_model(path).decode("fc1.weight").decode()
     assert np.array_equal(got, open_model(reference).decode("fc1.weight").decode())
     decompress(path, tmp_path / "d.onnx")
-    from compress_core import inspect  # counts stored bytes from the header, reads nothing
+    from modelpress import inspect  # counts stored bytes from the header, reads nothing
     rows = {r.name: r for r in inspect(path).rows}
     assert rows["fc1.weight"].stored_bytes == {r.name: r for r in inspect(reference).rows}[
         "fc1.weight"].stored_bytes
@@ -344,7 +344,7 @@ def test_onnx_external_data_traversal_is_refused_by_every_command(tmp_path: Path
 
 def test_batch_shard_index_traversal_is_refused(tmp_path: Path, samples: Path) -> None:
     """Issue 5's sharded checkpoints and batch mode: an index may not name a file outside."""
-    pytest.importorskip("formats.sharded", reason="no sharded checkpoints yet (issue 5)")
+    pytest.importorskip("modelpress.formats.safetensors.sharded", reason="no sharded checkpoints yet (issue 5)")
     models = tmp_path / "models"
     models.mkdir()
     (tmp_path / "secret.safetensors").write_bytes((samples / "mlp.safetensors").read_bytes())
@@ -361,8 +361,8 @@ def test_batch_shard_index_traversal_is_refused(tmp_path: Path, samples: Path) -
 
 def test_pickled_inputs_and_labels_are_never_unpickled(tmp_path: Path) -> None:
     """Issue 4's --inputs/--labels files: np.load must run with allow_pickle=False."""
-    onnx_run = pytest.importorskip("formats.onnx_run", reason="no evaluation inputs yet (issue 4)")
-    from compress_core import ModelpressError
+    onnx_run = pytest.importorskip("modelpress.formats.onnx.run", reason="no evaluation inputs yet (issue 4)")
+    from modelpress import ModelpressError
     from corpus import Hostile
     marker = tmp_path / "PICKLE-WAS-LOADED"
     payload = np.array([Hostile(marker)], dtype=object)
@@ -384,7 +384,7 @@ def test_a_real_1_by_10_to_the_8_tensor(tmp_path: Path) -> None:
     writes) through inspect, compress (copied: not a float) and decompress. The corpus covers
     the same shape claimed by headers over short bodies; float [1, 10^8] quantization is in
     benchmarks/kill_during_write.py's size range rather than here, to keep the suite fast."""
-    from formats.st_header import encode_header
+    from modelpress.formats.safetensors.header import encode_header
     big = 10**8
     src = tmp_path / "big.safetensors"
     head = encode_header([("table", "I8", (1, big), big), ("fc.weight", "F32", (64, 64), 16384)],
@@ -436,7 +436,7 @@ def test_nonfinite_weights_are_refused_or_left_exactly_as_they_are(tmp_path: Pat
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
 def test_a_clustered_scalar_keeps_its_shape(tmp_path: Path, suffix: str) -> None:
-    from compress_core import REGISTRY
+    from modelpress import REGISTRY
     cluster = REGISTRY["cluster"](include=("s",))
     if suffix == ".onnx":
         nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
@@ -464,7 +464,7 @@ def test_a_model_random_inputs_cannot_feed_still_compresses(tmp_path: Path) -> N
 
 @pytest.mark.filterwarnings("error")
 def test_error_metrics_of_non_finite_values_warn_nothing() -> None:
-    from compress_core import compare
+    from modelpress import compare
     stats = compare(np.array([1.0, np.inf]), np.array([1.0, np.inf]))
     assert stats.as_dict()["rel_error"] is None
 

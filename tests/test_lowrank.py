@@ -9,10 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import (Dense, Factorize, LowRank, Options, Quantize, Recipe, TensorInfo,
-                           compare, compress, decompress)
-from compress_core.svd import rank_for_energy, truncated_svd
-from formats import open_model
+from modelpress import (Dense, Factorize, LowRank, Options, Quantize, Recipe, TensorInfo, compare, compress, decompress)
+from modelpress.core.svd import rank_for_energy, truncated_svd
+from modelpress.formats import open_model
 
 from conftest import SAMPLES, matmul_model, ort_run, rng_weights
 

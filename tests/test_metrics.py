@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from compress_core import compare
+from modelpress import compare
 
 
 def test_metrics_on_known_vectors() -> None:

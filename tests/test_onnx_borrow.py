@@ -1,4 +1,4 @@
-"""The writer's working copy borrows large tensors from the source model (formats.onnx_borrow)."""
+"""The writer's working copy borrows large tensors from the source model (modelpress.formats.onnx.borrow)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from formats.onnx_borrow import BORROWED, borrow, checkable, give_back, is_borrowed
+from modelpress.formats.onnx.borrow import BORROWED, borrow, checkable, give_back, is_borrowed
 
 from conftest import ort_run, rng_weights, run_cli
 
@@ -43,7 +43,7 @@ def _model(path: Path) -> onnx.ModelProto:
 
 
 def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    from formats.onnx_graph import graphs
+    from modelpress.formats.onnx.graph import graphs
     found = []
     for graph in graphs(model.graph):
         found += list(graph.initializer)
@@ -66,7 +66,7 @@ def test_borrow_holds_headers_and_give_back_restores_the_model(tmp_path: Path) -
 
 def test_large_subgraph_tensors_are_borrowed_and_given_back(tmp_path: Path,
                                                             monkeypatch) -> None:
-    import formats.onnx_borrow as onnx_borrow
+    import modelpress.formats.onnx.borrow as onnx_borrow
     monkeypatch.setattr(onnx_borrow, "BORROW_FROM", 64)
     model = _model(tmp_path / "m.onnx")
     copy, sources = borrow(model)
@@ -79,7 +79,7 @@ def test_large_subgraph_tensors_are_borrowed_and_given_back(tmp_path: Path,
 
 def test_compressed_output_keeps_unencoded_tensors_and_no_borrowed_reference(
         tmp_path: Path, monkeypatch) -> None:
-    import formats.onnx_borrow as onnx_borrow
+    import modelpress.formats.onnx.borrow as onnx_borrow
     monkeypatch.setattr(onnx_borrow, "BORROW_FROM", 64)  # subgraph tensors borrowed too
     src = tmp_path / "m.onnx"
     model = _model(src)

@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import Quantize, Recipe, compress, decompress
-from compress_core.pipeline import Options
-from formats import open_model
+from modelpress import Quantize, Recipe, compress, decompress
+from modelpress.core.pipeline import Options
+from modelpress.formats import open_model
 
 from conftest import matmul_model, ort_run, rng_weights
 from test_onnx_io import dequantized, optimized_ops
@@ -194,7 +194,7 @@ def test_conv_weights_fold_at_load(tmp_path: Path, samples: Path, bits: int) -> 
 
 
 def test_pruned_and_quantized_kernel_form_keeps_exact_zeros(tmp_path: Path) -> None:
-    from compress_core import Prune
+    from modelpress import Prune
     src = matmul_model(tmp_path / "m.onnx", {"w1": rng_weights(128, 64, seed=8)})
     dst = tmp_path / "o.onnx"
     compress(src, dst, Recipe([Prune(pattern="2:4"), Quantize(bits=4, all_layers=True)]),

@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import Cast, Cluster, Factorize, Prune, Quantize, Recipe, compare, compress
-from compress_core.pipeline import Options
-from compress_core.errors import ModelWriteError
-from formats import open_model
+from modelpress import Cast, Cluster, Factorize, Prune, Quantize, Recipe, compare, compress
+from modelpress.core.pipeline import Options
+from modelpress.core.errors import ModelWriteError
+from modelpress.formats import open_model
 
 from conftest import matmul_model, ort_run, rng_weights
 
@@ -215,7 +215,7 @@ def test_subgraph_and_constant_weights_are_found_and_compressed(tmp_path: Path,
         out = ort_run(tmp_path / "o.onnx", {"x": x, "cond": np.array(cond)}, exact=True)[0]
         np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-3)
     # decompress restores every weight where it was, and the model runs as the decoded one
-    from compress_core import decompress
+    from modelpress import decompress
     decompress(tmp_path / "o.onnx", tmp_path / "d.onnx")
     onnx.checker.check_model(str(tmp_path / "d.onnx"), full_check=True)
     out = ort_run(tmp_path / "d.onnx", {"x": x, "cond": np.array(True)})[0]
@@ -234,7 +234,7 @@ def test_pruned_onnx_keeps_dense_zeros(tmp_path: Path) -> None:
 
 
 def test_decompress_onnx_restores_dense_initializers(tmp_path: Path, samples: Path) -> None:
-    from compress_core import decompress
+    from modelpress import decompress
     compress(samples / "transformer.onnx", tmp_path / "q.onnx", Recipe([Quantize(bits=4)]))
     decompress(tmp_path / "q.onnx", tmp_path / "d.onnx")
     model = onnx.load(str(tmp_path / "d.onnx"))

@@ -16,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from compress_core import Quantize, Recipe, compress
-from compress_core.metrics import compare
-from compress_core.pipeline import Options
-from formats.onnx_sites import KERNEL8_MIN_BLOCK, KERNEL8_MIN_WEIGHTS
+from modelpress import Quantize, Recipe, compress
+from modelpress.core.metrics import compare
+from modelpress.core.pipeline import Options
+from modelpress.formats.onnx.sites import KERNEL8_MIN_BLOCK, KERNEL8_MIN_WEIGHTS
 
 from conftest import matmul_model, ort_run, rng_weights
 from test_onnx_forms import _decoded, _restores, _x

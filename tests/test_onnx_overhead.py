@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
-from compress_core import ModelReadError
-from formats import open_model
-from formats import onnx_meta
-from formats.onnx_meta import decode_doc, encode_doc
+from modelpress import ModelReadError
+from modelpress.formats import open_model
+from modelpress.formats.onnx import meta as onnx_meta
+from modelpress.formats.onnx.meta import decode_doc, encode_doc
 
 from conftest import matmul_model, rng_weights, run_cli, sha256
 

@@ -1,4 +1,4 @@
-"""Reading ONNX weights without protobuf copies (formats.onnx_wire) and the cheaper writer tail."""
+"""Reading ONNX weights without protobuf copies (modelpress.formats.onnx.wire) and the cheaper writer tail."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from formats import open_model
-from formats.onnx_borrow import BORROWED, borrow, give_back, is_borrowed
-from formats.onnx_wire import parse_mapped, raw_spans
-from formats.onnx_write import _save_serialized, _serialized
+from modelpress.formats import open_model
+from modelpress.formats.onnx.borrow import BORROWED, borrow, give_back, is_borrowed
+from modelpress.formats.onnx.wire import parse_mapped, raw_spans
+from modelpress.formats.onnx.write import _save_serialized, _serialized
 
 from conftest import SAMPLES, matmul_model, rng_weights, sha256
 
@@ -90,7 +90,7 @@ def test_a_layout_the_walk_does_not_follow_falls_back(tmp_path: Path) -> None:
 
 
 def test_empty_and_invalid_files_keep_their_messages(tmp_path: Path) -> None:
-    from compress_core.errors import ModelReadError
+    from modelpress.core.errors import ModelReadError
     empty = tmp_path / "e.onnx"
     empty.write_bytes(b"")
     with pytest.raises(ModelReadError, match="file is empty"):
@@ -127,7 +127,7 @@ def test_serialized_once_writes_what_onnx_save_writes(tmp_path: Path) -> None:
 
 
 def test_serialized_is_none_over_the_limit(monkeypatch) -> None:
-    import formats.onnx_write as onnx_write
+    import modelpress.formats.onnx.write as onnx_write
     model = onnx.load(str(SAMPLES / "mlp.onnx"))
     monkeypatch.setattr(onnx_write, "PROTOBUF_LIMIT", model.ByteSize() - 1)
     assert _serialized(model) is None

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress_core.packing import (pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits,
-                                   unpack_int32)
+from modelpress.core.packing import (pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits, unpack_int32)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -25,11 +25,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from compress_core import REGISTRY, Dense, Prune, Quantize, Quantized, Sparse, TensorInfo
-from compress_core.packing import (pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits,
-                                   unpack_int32)
-from compress_core.prune import magnitude_mask
-from compress_core.quantize import quantize_array
+from modelpress import REGISTRY, Dense, Prune, Quantize, Quantized, Sparse, TensorInfo
+from modelpress.core.packing import (pack_bits, pack_int32, to_signed, to_unsigned, unpack_bits, unpack_int32)
+from modelpress.core.prune import magnitude_mask
+from modelpress.core.quantize.stage import quantize_array
 
 BOUNDED = settings(max_examples=60, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

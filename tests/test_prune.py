@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress_core import Dense, Prune, Quantize, Quantized, Sparse, TensorInfo
-from compress_core.errors import UnsupportedTensorError
+from modelpress import Dense, Prune, Quantize, Quantized, Sparse, TensorInfo
+from modelpress.core.errors import UnsupportedTensorError
 
 from conftest import rng_weights
 

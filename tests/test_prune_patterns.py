@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress_core import (Dense, Options, Prune, Quantize, Recipe, Sparse, TensorInfo, compress,
-                           decompress)
-from compress_core.pipeline import encode
-from compress_core.prune import global_threshold, nm_mask
-from formats import open_model
+from modelpress import (Dense, Options, Prune, Quantize, Recipe, Sparse, TensorInfo, compress, decompress)
+from modelpress.core.pipeline import encode
+from modelpress.core.prune import global_threshold, nm_mask
+from modelpress.formats import open_model
 
 from conftest import SAMPLES, matmul_model, rng_weights, write_safetensors
 

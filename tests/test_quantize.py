@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress_core import Dense, Quantize, Quantized, RecipeError, Sparse, TensorInfo, compare
-from compress_core.quantize import quantize_array
+from modelpress import Dense, Quantize, Quantized, RecipeError, Sparse, TensorInfo, compare
+from modelpress.core.quantize.stage import quantize_array
 
 from conftest import rng_weights
 
@@ -153,7 +153,7 @@ def test_quantize_keeps_sparsity_exact() -> None:
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_mse_beats_rtn_on_the_sample_transformer(tmp_path, fmt: str, group_size: int) -> None:
-    from compress_core import Recipe, compress
+    from modelpress import Recipe, compress
     from conftest import SAMPLES
     errors = {}
     for method in ("rtn", "mse"):
@@ -167,8 +167,8 @@ def test_mse_beats_rtn_on_the_sample_transformer(tmp_path, fmt: str, group_size:
 
 
 def test_two_bit_codes_stay_in_range_and_pack_densely(tmp_path) -> None:
-    from compress_core import Recipe, compress, decompress
-    from formats import open_model
+    from modelpress import Recipe, compress, decompress
+    from modelpress.formats import open_model
     from conftest import write_safetensors
     w = rng_weights(48, 200, seed=6)
     src = write_safetensors(tmp_path / "w.safetensors", {"fc.weight": w})

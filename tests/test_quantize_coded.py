@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress_core import Quantize, Recipe, compare, compress, decompress
-from compress_core.encoded import Dense
-from compress_core.quantize import quantize_array
-from compress_core.quantize_coded import quantize_coded
-from compress_core.scalecode import LogGrid, decode_codes
-from compress_core.tensorinfo import TensorInfo
-from formats import open_model
+from modelpress import Quantize, Recipe, compare, compress, decompress
+from modelpress.core.encoded import Dense
+from modelpress.core.quantize.stage import quantize_array
+from modelpress.core.quantize.coded import quantize_coded
+from modelpress.core.quantize.scalecode import LogGrid, decode_codes
+from modelpress.core.tensorinfo import TensorInfo
+from modelpress.formats import open_model
 
 from conftest import rng_weights, write_safetensors
 

@@ -9,13 +9,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import compress_core.pipeline as pipeline
-from compress_core import Quantize, Recipe
-from compress_core.api import compress
-from compress_core.dtypes import scale_dtype_for
-from compress_core.pipeline import Options, measure_error
-from compress_core.quantize import quantize_array
-from compress_core.quantize_fused import quantize_channels
+import modelpress.core.pipeline as pipeline
+from modelpress import Quantize, Recipe
+from modelpress.app.api import compress
+from modelpress.core.dtypes import scale_dtype_for
+from modelpress.core.pipeline import Options, measure_error
+from modelpress.core.quantize.stage import quantize_array
+from modelpress.core.quantize.fused import quantize_channels
 from conftest import SAMPLES, sha256, write_safetensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -43,7 +43,7 @@ def _close(a: float, b: float) -> bool:
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_matches_quantize_array_and_measure_error(dtype, shape, bits, monkeypatch) -> None:
     # Small blocks, so one tensor spans many blocks and a partial last one.
-    monkeypatch.setattr("compress_core.quantize_fused.BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr("modelpress.core.quantize.fused.BLOCK_ELEMENTS", 1000)
     w = _weights(shape, dtype, seed=bits)
     scale_dtype = scale_dtype_for(dtype)
     got, error = quantize_channels(w, bits, scale_dtype)
@@ -130,8 +130,8 @@ def test_random_checkpoint_is_byte_identical_without_the_fused_path(tmp_path: Pa
 
 
 def test_other_recipes_take_the_general_path() -> None:
-    from compress_core.quantize_fused import quantize_measured
-    from formats.safetensors_io import SafetensorsStore
+    from modelpress.core.quantize.fused import quantize_measured
+    from modelpress.formats.safetensors.store import SafetensorsStore
     store = SafetensorsStore(SAMPLES / "mlp.safetensors")
     name = next(n for n, i in store.tensors.items() if len(i.shape) == 2)
     info, w = store.tensors[name], store.read(name)

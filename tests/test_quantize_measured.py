@@ -9,15 +9,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import compress_core.pipeline as pipeline
-import compress_core.quantize_coded as coded
-from compress_core import Quantize, Recipe
-from compress_core.api import compress
-from compress_core.metrics import compare
-from compress_core.pipeline import Options
-from compress_core.quantize_coded import quantize_coded, quantize_coded_measured
-from compress_core.scalecode import LogGrid
-from compress_core.tensorinfo import TensorInfo
+import modelpress.core.pipeline as pipeline
+import modelpress.core.quantize.coded as coded
+from modelpress import Quantize, Recipe
+from modelpress.app.api import compress
+from modelpress.core.metrics import compare
+from modelpress.core.pipeline import Options
+from modelpress.core.quantize.coded import quantize_coded, quantize_coded_measured
+from modelpress.core.quantize.scalecode import LogGrid
+from modelpress.core.tensorinfo import TensorInfo
 from conftest import matmul_model, sha256, write_safetensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -136,7 +136,7 @@ def _info(w: np.ndarray) -> TensorInfo:
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float16), BF16])
 def test_pipeline_takes_the_measured_path_for_scale_codes(dtype) -> None:
-    from compress_core.quantize_fused import quantize_measured
+    from modelpress.core.quantize.fused import quantize_measured
     w = _weights((64, 48), seed=2).astype(dtype)
     stage = Quantize(bits=4)
     got = quantize_measured(w, _info(w), [stage])

@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
-from compress_core import Quantize, Recipe, compare, compress, decompress
-from compress_core.errors import ModelpressError
-from compress_core.quantize_coded import quantize_coded, quantize_coded_measured
-from compress_core.quantize_plan import MULTIPLIER_MIN_WEIGHTS
-from compress_core.scalecode import MultiplierCode, ScaleCode, max_multiplier
-from compress_core.tensorinfo import TensorInfo
-from formats import open_model
-from formats.onnx_sites import KERNEL8_MIN_WEIGHTS
+from modelpress import Quantize, Recipe, compare, compress, decompress
+from modelpress.core.errors import ModelpressError
+from modelpress.core.quantize.coded import quantize_coded, quantize_coded_measured
+from modelpress.core.quantize.plan import MULTIPLIER_MIN_WEIGHTS
+from modelpress.core.quantize.scalecode import MultiplierCode, ScaleCode, max_multiplier
+from modelpress.core.tensorinfo import TensorInfo
+from modelpress.formats import open_model
+from modelpress.formats.onnx.sites import KERNEL8_MIN_WEIGHTS
 
 from conftest import matmul_model, ort_run, rng_weights, run_cli, write_safetensors
 from test_onnx_io import dequantized, optimized_ops
@@ -189,7 +189,7 @@ def test_folded_form_and_gemm_trans_b(tmp_path: Path) -> None:
     w, bias = rng_weights(64, 256, seed=13), rng_weights(64, seed=14)
     src = _gemm_model(tmp_path / "m.onnx", w, bias, None)
     recipe = Recipe([Quantize(bits=4, all_layers=True, super_block=128)])
-    from compress_core.pipeline import Options
+    from modelpress.core.pipeline import Options
     x = np.random.default_rng(15).standard_normal((4, 256)).astype(np.float32)
     for mode, kernel in [("fold", False), ("kernel", True)]:
         dst = tmp_path / f"{mode}.onnx"
@@ -226,12 +226,12 @@ def test_large_models_keep_multiplier_weights_in_the_4bit_kernel(tmp_path: Path,
                                                                   monkeypatch) -> None:
     # Widening at load costs onnxruntime a few bytes per weight while it folds; past
     # WIDEN_MAX_WEIGHTS the same encoding is written in the 4-bit kernel form.
-    import formats.onnx_sites as sites
+    import modelpress.formats.onnx.sites as sites
     monkeypatch.setattr(sites, "WIDEN_MAX_WEIGHTS", (1 << 20) - 1)
     w1 = rng_weights(1024, 1024, seed=17)
     src = matmul_model(tmp_path / "m.onnx", {"w1": w1})
     dst = tmp_path / "o.onnx"
-    from compress_core.pipeline import Options
+    from modelpress.core.pipeline import Options
     # (--onnx-int4 auto would fold a 4-bit kernel weight under 4M elements.)
     compress(src, dst, Recipe([Quantize(bits=4, all_layers=True)]), Options(onnx_int4="kernel"))
     model = onnx.load(str(dst))
@@ -253,7 +253,7 @@ def test_large_models_keep_multiplier_weights_in_the_4bit_kernel(tmp_path: Path,
 
 
 def test_pruned_weights_stay_exact_zeros_in_the_8bit_kernel(tmp_path: Path) -> None:
-    from compress_core import Prune
+    from modelpress import Prune
     w = rng_weights(1024, 1024, seed=18)
     src = matmul_model(tmp_path / "m.onnx", {"w1": w})
     dst = tmp_path / "o.onnx"

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compress_core import (REGISTRY, Cast, Cluster, Factorize, Prune, Quantize, Recipe,
-                           RecipeError, Stage)
+from modelpress import (REGISTRY, stage_from_config, Cast, Cluster, Factorize, Prune, Quantize, Recipe, RecipeError, Stage)
 
 from conftest import run_cli
 
@@ -63,8 +62,8 @@ def test_stage_config_round_trip() -> None:
                   Cluster(clusters=7, per_channel=True), Cluster(bits=2)):
         config = stage.get_config()
         assert json.loads(json.dumps(config)) == config
-        assert Stage.from_config(config) == stage
-        assert repr(Stage.from_config(config)) == repr(stage)
+        assert stage_from_config(config) == stage
+        assert repr(stage_from_config(config)) == repr(stage)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from compress_core import Prune, Quantize, Recipe, compare, compress, decompress
+from modelpress import Prune, Quantize, Recipe, compare, compress, decompress
 
 from conftest import rng_weights, write_safetensors
 

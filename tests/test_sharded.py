@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from compress_core import Quantize, Recipe, compress, decompress, inspect
-from compress_core.errors import ModelReadError, ModelWriteError
-from compress_core.pipeline import Options
-from formats import open_model
-from formats.ct_config import quantization_config
-from formats.sharded import ShardedStore, parse_size
+from modelpress import Quantize, Recipe, compress, decompress, inspect
+from modelpress.core.errors import ModelReadError, ModelWriteError
+from modelpress.core.pipeline import Options
+from modelpress.formats import open_model
+from modelpress.formats.safetensors.ct_config import quantization_config
+from modelpress.formats.safetensors.sharded import ShardedStore, parse_size
 
 from conftest import run_cli
 from tree_helpers import sample_tensors, sharded_checkpoint
@@ -108,7 +108,7 @@ def test_cli_inspect_and_decompress_a_sharded_folder(tmp_path: Path) -> None:
                       out / "model.safetensors.index.json", "--report", tmp_path / "r.json",
                       "quantize", "--bits", "4"])
     assert result.exit_code == 0, result.output
-    from formats.outputs import input_key
+    from modelpress.formats.outputs import input_key
     report = json.loads((tmp_path / "r.json").read_text())
     shards = sorted(p for p in out.iterdir() if p.suffix == ".safetensors")
     assert report["output_sha256"] == input_key(out / "model.safetensors.index.json", shards)
@@ -201,7 +201,7 @@ def test_quantization_config_groups_and_ignore() -> None:
 
 
 def test_sweep_reads_a_sharded_folder(tmp_path: Path) -> None:
-    from formats.outputs import input_key
+    from modelpress.formats.outputs import input_key
     index = sharded_checkpoint(tmp_path / "ck")
     (tmp_path / "r.yaml").write_text("- {name: int8, stages: [{id: quantize, bits: 8}]}\n"
                                      "- {name: int4, stages: [{id: quantize, bits: 4}]}\n")

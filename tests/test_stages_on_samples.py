@@ -16,11 +16,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from compress_core import (Cast, Cluster, Factorize, Options, Prune, Quantize, Recipe, compare,
-                           compress, decompress)
-from formats import open_model
-from formats.onnx_meta import decode_doc
-from formats.st_header import read_header
+from modelpress import (Cast, Cluster, Factorize, Options, Prune, Quantize, Recipe, compare, compress, decompress)
+from modelpress.formats import open_model
+from modelpress.formats.onnx.meta import decode_doc
+from modelpress.formats.safetensors.header import read_header
 
 from conftest import SAMPLES, ort_run
 
@@ -115,7 +114,7 @@ def check_safetensors(src: Path, dst: Path, report, tmp_path: Path) -> None:
     assert sorted(restored.tensors) == sorted(original.tensors)
     header = read_header(dst)
     specs = json.loads(header.metadata["modelpress"])["tensors"]
-    from formats.st_layout import part_names
+    from modelpress.formats.safetensors.layout import part_names
     for row in report.rows:
         stats = compare(original.read(row.name), restored.read(row.name))
         assert stats.rel_l2 == pytest.approx(row.error.rel_l2, rel=1e-6, abs=1e-9), row.name

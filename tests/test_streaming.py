@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from compress_core import Quantize, Recipe
-from compress_core.api import compress, decompress
-from compress_core.errors import ModelWriteError
-from compress_core.pipeline import Options, encode_stream
+from modelpress import Quantize, Recipe
+from modelpress.app.api import compress, decompress
+from modelpress.core.errors import ModelWriteError
+from modelpress.core.pipeline import Options, encode_stream
 from conftest import matmul_model, ort_run, rng_weights, run_cli, sha256, write_safetensors
-from formats import open_model
+from modelpress.formats import open_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def _ahead(store: _CountingStore, threads: int) -> tuple[list[str], list[int]]:
 def test_encode_stream_reads_at_most_threads_tensors_ahead(tmp_path: Path, threads: int,
                                                            monkeypatch) -> None:
     # One large tensor first, then small ones: several small ones fit the byte budget.
-    import compress_core.pipeline as pipeline
+    import modelpress.core.pipeline as pipeline
     monkeypatch.setattr(pipeline, "IN_FLIGHT_FLOOR", 0)
     tensors = {"a_big": rng_weights(256, 128, seed=99)}
     tensors.update({f"w{i:02d}": rng_weights(64, 64, seed=i) for i in range(12)})
@@ -67,7 +67,7 @@ def test_encode_stream_reads_at_most_threads_tensors_ahead(tmp_path: Path, threa
 
 
 def test_tensors_in_flight_stay_within_the_largest_tensor(tmp_path: Path, monkeypatch) -> None:
-    import compress_core.pipeline as pipeline
+    import modelpress.core.pipeline as pipeline
     monkeypatch.setattr(pipeline, "IN_FLIGHT_FLOOR", 0)  # as if these were large tensors
     # Equal tensors: only one fits the budget at a time, whatever the thread count.
     tensors = {f"w{i:02d}": rng_weights(64, 64, seed=i) for i in range(6)}
@@ -166,7 +166,7 @@ def test_external_data_never_and_auto_on_a_small_input_write_one_file(tmp_path: 
 
 def test_an_output_over_the_protobuf_limit_goes_to_external_data(tmp_path: Path,
                                                                  monkeypatch) -> None:
-    import formats.onnx_write as onnx_write
+    import modelpress.formats.onnx.write as onnx_write
     monkeypatch.setattr(onnx_write, "PROTOBUF_LIMIT", 20_000)  # stands in for 2 GB
     src = matmul_model(tmp_path / "src.onnx", {"w": rng_weights(256, 128)})
     compress(src, tmp_path / "auto.onnx", Recipe([Quantize()]))
@@ -202,7 +202,7 @@ def test_an_output_whose_data_file_is_an_input_file_is_refused(tmp_path: Path) -
 
 _PROBE = """
 import sys
-from cli.main import cli
+from modelpress.cli.main import cli
 try:
     cli.main(sys.argv[1:], prog_name="modelpress", standalone_mode=False)
 except SystemExit:
@@ -223,7 +223,7 @@ def test_help_and_inspect_do_not_import_onnxruntime(args: list[str]) -> None:
 
 
 def test_threads_do_not_change_the_batch_recipe_fingerprint() -> None:
-    from compress_core.batch import recipe_sha256
+    from modelpress.app.batch.plan import recipe_sha256
     recipe = Recipe([Quantize(bits=4)])
     assert recipe_sha256(recipe, Options(threads=1)) == recipe_sha256(recipe, Options(threads=3))
     assert recipe_sha256(recipe, Options()) != recipe_sha256(recipe, Options(external_data="always"))

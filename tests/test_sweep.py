@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress_core import REGISTRY
-from compress_core.sweep import DEFAULT_SETTINGS, Setting, sweep
+from modelpress import REGISTRY
+from modelpress.app.sweep import DEFAULT_SETTINGS, Setting, sweep
 
 from conftest import run_cli, sha256
 from mdtables import tables
@@ -178,9 +178,9 @@ def test_plot_writes_a_png(tmp_path: Path, samples: Path) -> None:
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path, samples: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import cli.sweep
-    real = cli.sweep.importlib.util.find_spec
-    monkeypatch.setattr(cli.sweep.importlib.util, "find_spec",
+    import modelpress.cli.sweep as cli_sweep
+    real = cli_sweep.importlib.util.find_spec
+    monkeypatch.setattr(cli_sweep.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     result = run_cli(["sweep", samples / "mlp.onnx", "--plot", tmp_path / "p.png"])
     assert result.exit_code == 1

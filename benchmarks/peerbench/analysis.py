@@ -120,7 +120,7 @@ def safetensors_weights(path: str | Path) -> dict[str, np.ndarray]:
 def modelpress_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The tensors of a safetensors file modelpress wrote, decoded with modelpress's own reader
     (float32), and the bytes each stores (codes, scales, zero points)."""
-    from formats import open_model
+    from modelpress.formats import open_model
 
     store = open_model(path)
     values, stored = {}, {}

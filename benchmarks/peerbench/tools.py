@@ -46,7 +46,7 @@ class Config:
         """Why this tool cannot run here (with the pip command), or None."""
         if self.driver == "modelpress":
             absent = [flag for flag in self.needs if flag not in modelpress_flags()]
-            return (f"this modelpress has no {', '.join(absent)} (`python -m cli compress --help`)"
+            return (f"this modelpress has no {', '.join(absent)} (`python -m modelpress compress --help`)"
                     if absent else None)
         modules, pip = REQUIREMENTS[self.driver]
         absent = [m for m in modules if _find(m) is None]
@@ -63,7 +63,7 @@ class Config:
         if self.driver == "modelpress":
             extra = ["--calibration", str(calibration)] if self.calibrated and calibration else []
             fmt = "onnx" if Path(src).suffix == ".onnx" else "safetensors"
-            return launch + ["cli", "compress", str(src), "-o", str(dst), "--no-eval", "--quiet",
+            return launch + ["modelpress", "compress", str(src), "-o", str(dst), "--no-eval", "--quiet",
                              *extra, *self.args, *self.format_args.get(fmt, ())]
         return launch + ["benchmarks.peerbench.driver", self.driver, str(src), str(dst),
                          json.dumps(self.options)]
@@ -86,7 +86,7 @@ def modelpress_flags() -> frozenset[str]:
     flags: set[str] = set()
     for extra in ([], ["quantize"]):
         try:
-            out = subprocess.run([sys.executable, "-m", "cli", "compress", *extra, "--help"],
+            out = subprocess.run([sys.executable, "-m", "modelpress", "compress", *extra, "--help"],
                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             continue
@@ -102,5 +102,5 @@ def _find(module: str):
 
 
 def cwd() -> Path:
-    """Where the commands run: the repository root (so `-m cli` is this checkout's modelpress)."""
+    """Where the commands run: the repository root (so `-m modelpress` is this checkout's modelpress)."""
     return ROOT

@@ -164,7 +164,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.RLIM_INFINITY))
     if engine == "atheris":
         import atheris
-        with atheris.instrument_imports(include=["formats", "compress_core", "cli"]):
+        with atheris.instrument_imports(include=["modelpress"]):
             import harness
             import mutations  # noqa: F401
     else:

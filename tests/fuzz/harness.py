@@ -24,9 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compress_core import (REGISTRY, ModelpressError, Options, Prune, Quantize, Recipe, compress,
-                           decompress, inspect)
-from formats import open_model
+from modelpress import (REGISTRY, ModelpressError, Options, Prune, Quantize, Recipe, compress, decompress, inspect)
+from modelpress.formats import open_model
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_models"
@@ -103,7 +102,7 @@ def _read_and_show(src: Path) -> None:
     """What inspect and decompress do with the input."""
     from rich.console import Console
 
-    from cli.render import print_inspect
+    from modelpress.cli.render import print_inspect
     try:
         store = open_model(src)
         for name in store.tensors:
@@ -128,7 +127,7 @@ def _read_and_show(src: Path) -> None:
 def _compress_and_read_back(src: Path, work: Path, recipe: Recipe) -> None:
     from rich.console import Console
 
-    from cli.render import print_report
+    from modelpress.cli.render import print_report
     out, dense = work / f"out{src.suffix}", work / f"dense{src.suffix}"
     try:
         report = compress(src, out, recipe, Options(min_elements=1))

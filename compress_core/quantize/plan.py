@@ -1,0 +1,160 @@
+"""How the `quantize` stage treats one tensor: every option resolved for its format and role.
+
+Options left unset take defaults that depend on where the tensor is written:
+
+- ONNX ("compact"): below 8 bits, asymmetric groups of 16 along the
+  reduction axis, each with a 5-bit scale code and a 2-bit zero point
+  (4.44 bits per weight at 4 bits); an explicit --group-size above 16 gets
+  8-bit scale codes and full-width zero points. At 2-4 bits, 2-D
+  MatMul/Gemm weights of 1M+ elements in groups of up to 64 get multiplier
+  scales per super-block of 128 inputs instead (`_super_block`). At 8 bits, symmetric groups
+  whose size is chosen per tensor (the smallest power of two >= max(16, K/5)
+  and at most 128, so scales cost at most what a float scale and zero point
+  per channel do) with 8-bit scale codes.
+- safetensors and anything else ("interoperable"): the layout
+  compressed-tensors readers (vLLM, transformers) load: symmetric, float
+  scales in the model's type, per channel at 8 bits and groups of 128 below.
+
+Backup precision: embeddings and the output head (`TensorInfo.sensitive`)
+pass their quantization error straight to the outputs, so in ONNX, with
+--bits below --backup-bits, they are quantized at --backup-bits instead
+unless --all-layers is given. Left to its default, the backup is 6 bits
+within a budget: it may add at most BACKUP_BUDGET bits per weight averaged
+over the model, so where those tensors hold a large share of the weights
+(a small language model's vocabulary) they get fewer extra bits (share
+0.58 at --bits 4: 5 bits, +0.58 bits per weight; in large language models
+they hold 3-15% and get 6). An explicit --backup-bits is applied as given.
+In safetensors the backup applies only when --backup-bits is given:
+compressed-tensors readers expect every quantized module at the widths of
+its config group, and the layout's interoperable widths are 4 and 8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from modelpress.core.tensorinfo import TensorInfo
+
+DEFAULT_BACKUP_BITS = 6
+BACKUP_BUDGET = 1.0  # extra bits per weight, over the whole model, the default backup may add
+PLAIN_GROUP = 128
+CODED_GROUP = 16
+MAX_GROUP_8BIT = 128
+SUPER_BLOCK = 128
+MAX_MULTIPLIED_BITS = 4
+MULTIPLIER_MIN_WEIGHTS = 1 << 20  # as modelpress.formats.onnx.sites.KERNEL8_MIN_WEIGHTS (tested)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Every quantization choice for one tensor."""
+
+    bits: int
+    symmetric: bool
+    granularity: str
+    group_size: int | None
+    method: str
+    scale_bits: int            # 0: scales stored as floats of the scale dtype
+    zero_bits: int | None      # None when symmetric
+    backup: bool = False       # bits raised by the backup-precision policy
+    super_block: int = 0       # inputs per float16 base of multiplier scales (0: none)
+
+
+def budgeted_backup(bits: int, share: float | None) -> int:
+    """The default backup width for tensors holding `share` of the model's weights."""
+    if not share:
+        return DEFAULT_BACKUP_BITS
+    extra = math.floor(BACKUP_BUDGET / share + 1e-9)
+    return min(DEFAULT_BACKUP_BITS, bits + extra)
+
+
+def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
+    """Resolve a Quantize stage's unset options for one tensor."""
+    compact = info.format == "onnx"
+    bits, backup = stage.bits, False
+    if info.sensitive and not stage.all_layers and (compact or stage.backup_bits):
+        floor = stage.backup_bits or budgeted_backup(stage.bits, info.sensitive_share)
+        if bits < floor:
+            bits, backup = floor, True
+    granularity = stage.granularity or (
+        "group" if stage.group_size or bits < 8 or compact else "channel")
+    scale_bits = stage.scale_bits
+    if stage.super_block and scale_bits is None and bits <= MAX_MULTIPLIED_BITS:
+        scale_bits = 5  # a given --super-block refits the log grid's 5-bit codes
+    group_size = None
+    if granularity == "group":
+        group_size = stage.group_size or _default_group(bits, scale_bits, compact, info)
+    if scale_bits is None:
+        scale_bits = 0
+        if compact and granularity != "tensor":
+            scale_bits = 5 if granularity == "group" and group_size <= CODED_GROUP and bits < 8 \
+                else 8
+    symmetric = (stage.scheme or ("asym" if scale_bits and bits < 8 else "sym")) == "sym"
+    zero_bits = None
+    if not symmetric:
+        narrow = scale_bits and granularity == "group" and group_size <= CODED_GROUP and bits < 8
+        zero_bits = min(stage.zero_bits or (2 if narrow else bits), bits)
+    method = stage.method or ("mse" if bits < 8 else "rtn")
+    super_block = _super_block(stage, info, bits, granularity, group_size, compact)
+    return QuantPlan(bits=bits, symmetric=symmetric, granularity=granularity,
+                     group_size=group_size, method=method, scale_bits=scale_bits,
+                     zero_bits=zero_bits, backup=backup, super_block=super_block)
+
+
+def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,
+                 group_size: int | None, compact: bool) -> int:
+    """Inputs per multiplier base for this tensor, 0 for none.
+
+    Given, it applies to every tensor of at most MAX_MULTIPLIED_BITS bits in
+    groups that tile it; by default only in ONNX, with scale codes left to
+    their default, to 2-D MatMul/Gemm weights of at least
+    MULTIPLIER_MIN_WEIGHTS elements in groups of up to 64 that tile a
+    super-block: those onnxruntime runs in its 8-bit kernel
+    (`modelpress.formats.onnx.sites`). Elsewhere the log grid's 5-bit codes cost less
+    (4.44 bits per weight against 4.5 in groups of 16) for about the same
+    error, and a smaller weight is decoded at load anyway.
+    """
+    if granularity != "group" or bits > MAX_MULTIPLIED_BITS:
+        return 0
+    if stage.super_block is not None:
+        return stage.super_block if stage.super_block % group_size == 0 else 0
+    if not compact or stage.scale_bits is not None or group_size > SUPER_BLOCK // 2 \
+            or SUPER_BLOCK % group_size:
+        return 0
+    if info.role not in ("MatMul", "Gemm") or len(info.shape) != 2:
+        return 0
+    if info.shape[0] * info.shape[1] < MULTIPLIER_MIN_WEIGHTS:
+        return 0
+    return SUPER_BLOCK
+
+
+def _default_group(bits: int, scale_bits: int | None, compact: bool, info: TensorInfo) -> int:
+    if bits == 8 and compact and scale_bits in (None, 8):
+        return auto_group_8bit(_reduction_size(info))
+    if (scale_bits is None and compact) or (scale_bits and scale_bits <= 6):
+        return CODED_GROUP
+    return PLAIN_GROUP
+
+
+def auto_group_8bit(k: int) -> int:
+    """Smallest power of two >= max(16, k / 5), at most MAX_GROUP_8BIT.
+
+    Five 8-bit scale codes per channel cost 40 bits, what a float32 scale and
+    an 8-bit zero point per channel cost (NNCF's INT8_ASYM layout). Wide
+    layers stop at 128 inputs per scale: one outlier then widens the step of
+    fewer weights. On the benchmark's 55M synthetic transformer (K 768 and
+    3072) groups of 256/1024 measured 37.5 dB weight SQNR and 0.0444 output
+    error, groups of 128 39.4 dB and 0.0340, for 0.06 more bits per weight.
+    """
+    group = CODED_GROUP
+    while group < k and group * 5 < k and group < MAX_GROUP_8BIT:
+        group *= 2
+    return group
+
+
+def _reduction_size(info: TensorInfo) -> int:
+    from modelpress.core.quantize.stage import axes_for
+    _, block_axis = axes_for(info)
+    return info.shape[block_axis] if info.shape else 1

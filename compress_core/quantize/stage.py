@@ -1,0 +1,348 @@
+"""Integer quantization of weights: the `quantize` stage and its kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from modelpress.core.dtypes import scale_dtype_for
+from modelpress.core.encoded import GRANULARITIES, Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.stage import Stage, option
+from modelpress.core.quantize.plan import QuantPlan, plan_for
+from modelpress.core.tensorinfo import TensorInfo
+
+# Clipping ratios tried by --method mse before the least-squares refit; a
+# short grid keeps mse within a few times rtn's cost.
+_MSE_RATIOS = (1.0, 0.92, 0.85, 0.78)
+_REFIT_STEPS = 2
+# Groups are processed in row blocks of about this many elements, which bounds
+# the temporaries of a large tensor.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class Quantize(Stage):
+    """Integer quantization: w ~ (code - zero_point) * scale on a 2..8-bit grid.
+
+    Unset options follow the output format. ONNX: asymmetric groups of 16
+    with 5-bit scale codes and 2-bit zero points below 8 bits (4.44 bits per
+    weight at 4 bits), and at 2-4 bits multiplier scales per 128 inputs for
+    MatMul/Gemm weights of 1M+ elements (4.5 bits per weight; see
+    `quantize_multiplier`); at 8 bits, symmetric groups sized per tensor with
+    8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
+    float scales; per channel at 8 bits, groups of 128 below).
+
+    In ONNX, embeddings and the output head are kept at --backup-bits when
+    --bits is lower, unless --all-layers; by default 6, lowered so that
+    they add at most one bit per weight over the whole model. In
+    safetensors only when --backup-bits is given.
+    """
+
+    id = "quantize"
+    summary = "integer quantization (2-8 bits; per tensor, channel or group)"
+
+    bits: int = option(8, "bits per weight (2-8)", min=2, max=8)
+    scheme: str | None = option(
+        None, "sym: zero point 0; asym: a zero point per scale [default: asym with scale "
+        "codes below 8 bits, else sym]", choices=("sym", "asym"))
+    granularity: str | None = option(
+        None, "one scale per tensor, per output channel, or per group of inputs "
+        "[default: group below 8 bits or when --group-size is given; at 8 bits group in "
+        "ONNX, channel otherwise]", choices=GRANULARITIES)
+    group_size: int | None = option(
+        None, "inputs per scale with granularity group [default: 16 with scale codes of "
+        "6 bits or less, 128 with float scales; at 8 bits in ONNX a power of two per tensor, 16-128]",
+        min=2)
+    method: str | None = option(
+        None, "rtn: round to nearest from the min/max range; mse: search each "
+        "scale's clipping range for the least squared error [default: mse below 8 bits, rtn at 8]",
+        choices=("rtn", "mse"))
+    scale_bits: int | None = option(
+        None, "store each scale as a code of this many bits (4-8) on a per-tensor log grid "
+        "(double quantization); 0 stores floats in the model's type [default: ONNX 5 with "
+        "groups of 16 or less below 8 bits, else 8; safetensors 0]", min=0, max=8)
+    zero_bits: int | None = option(
+        None, "bits per stored zero point with --scheme asym (2 holds -2..1 around the grid's "
+        "centre) [default: 2 with scale codes and groups of 16 or less, else --bits]",
+        min=1, max=8)
+    super_block: int | None = option(
+        None, "store group scales as 4-bit integer multiples of one float16 scale per this "
+        "many inputs (2-4 bits; 4.5 bits per weight at --bits 4), a layout onnxruntime runs "
+        "in its 8-bit kernel; 0 for none [default: ONNX 128 for 2-D MatMul/Gemm weights of "
+        "1M elements or more in groups of up to 64 whose inputs it tiles, unless "
+        "--scale-bits is given; else none]",
+        min=0)
+    backup_bits: int | None = option(
+        None, "bits for embeddings and the output head when --bits is lower "
+        "[default: ONNX 6, lowered to add at most one bit per weight over the model; "
+        "safetensors: none unless given]", min=2, max=8)
+    all_layers: bool = option(
+        False, "quantize embeddings and the output head at --bits too (no backup precision)")
+
+    def validate(self) -> None:
+        if self.group_size is not None and self.granularity in ("tensor", "channel"):
+            self.fail(f"--group-size applies only to --granularity group, not {self.granularity}")
+        if self.scale_bits is not None and 0 < self.scale_bits < 4:
+            self.fail(f"--scale-bits must be 0 (float scales) or 4-8, got {self.scale_bits}")
+        if self.zero_bits is not None:
+            if self.scheme == "sym":
+                self.fail("--zero-bits applies only to --scheme asym")
+            if self.zero_bits > self.bits:
+                self.fail(f"--zero-bits {self.zero_bits} is wider than --bits {self.bits}")
+        if self.super_block:
+            self._validate_super_block()
+        if self.backup_bits is not None and self.all_layers:
+            self.fail("--backup-bits has no effect with --all-layers; give one of them")
+
+    def _validate_super_block(self) -> None:
+        from modelpress.core.quantize.plan import CODED_GROUP, MAX_MULTIPLIED_BITS
+        if self.bits > MAX_MULTIPLIED_BITS:
+            self.fail(f"--super-block applies to --bits 2-{MAX_MULTIPLIED_BITS}, "
+                      f"not {self.bits}")
+        if self.granularity in ("tensor", "channel"):
+            self.fail(f"--super-block applies only to --granularity group, not "
+                      f"{self.granularity}")
+        if self.scale_bits == 0:
+            self.fail("--super-block stores scales as codes; it cannot go with --scale-bits 0")
+        group = self.group_size or CODED_GROUP
+        if self.super_block % group:
+            self.fail(f"--super-block {self.super_block} is not a multiple of the group size "
+                      f"{group}")
+
+    def plan(self, info: TensorInfo) -> QuantPlan:
+        """Every option resolved for one tensor (its format, role and shape)."""
+        return plan_for(self, info)
+
+    def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
+        if isinstance(encoded, Sparse):
+            quantized = self.apply(encoded.values, info)
+            return Sparse(encoded.mask, quantized, encoded.pattern)
+        if isinstance(encoded, LowRank):
+            from modelpress.core.lowrank import apply_to_factors
+            return apply_to_factors(self, encoded, info)
+        if not isinstance(encoded, Dense):
+            from modelpress.core.compose import order_error
+            raise order_error(self, encoded, info)
+        plan = self.plan(info)
+        channel_axis, block_axis = axes_for(info)
+        if plan.scale_bits:
+            from modelpress.core.quantize.coded import quantize_coded
+            return quantize_coded(
+                encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
+                zero_bits=plan.zero_bits, scale_bits=plan.scale_bits,
+                granularity=plan.granularity, channel_axis=channel_axis, block_axis=block_axis,
+                group_size=plan.group_size, method=plan.method, super_block=plan.super_block)
+        return quantize_array(
+            encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
+            granularity=plan.granularity, channel_axis=channel_axis,
+            block_axis=block_axis, group_size=plan.group_size, method=plan.method,
+            scale_dtype=scale_dtype_for(info.dtype))
+
+
+def axes_for(info: TensorInfo) -> tuple[int | None, int]:
+    """Channel and block axes for a tensor, with defaults for tensors of no known role."""
+    ndim = len(info.shape)
+    if info.block_axis is not None:
+        return info.channel_axis, info.block_axis
+    if ndim >= 2:
+        return 0, ndim - 1
+    return None, 0
+
+
+def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: str,
+                   channel_axis: int | None, block_axis: int, group_size: int | None,
+                   method: str, scale_dtype: np.dtype) -> Quantized:
+    """Quantize a float array; codes are computed against the stored scales (rounded up to
+    the scale dtype, so the grid still spans the values: |error| <= scale / 2 for rtn)."""
+    w = np.asarray(w, dtype=np.float32)
+    if (granularity == "channel" and channel_axis is None) or w.ndim == 0:
+        granularity = "tensor"  # a scalar has no channels or groups
+    view = _GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
+    rows = view.rows(w)
+    scale = np.empty(rows.shape[0], dtype=np.float32)
+    zero = None if symmetric else np.empty(rows.shape[0], dtype=np.int8)
+    codes = np.empty(rows.shape, dtype=np.int8)
+    step = max(1, _CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        # Weights near float32's limit overflow squared errors to inf: a valid "worst"
+        # candidate, not a warning for the user.
+        with np.errstate(over="ignore", invalid="ignore"):
+            s, z = _fit(block, bits, symmetric, method, scale_dtype)
+        s = _stored_up(s, scale_dtype)
+        if z is not None:
+            zero[start:start + step] = z[:, 0]
+        codes[start:start + step] = _codes(block, s, z, bits)
+        scale[start:start + step] = s[:, 0]
+    return Quantized(
+        codes=view.restore(codes),
+        scale=view.per_group(scale).astype(scale_dtype),
+        zero_point=None if zero is None else view.per_group(zero),
+        bits=bits, granularity=granularity,
+        channel_axis=channel_axis if granularity == "channel" else None,
+        block_axis=block_axis if granularity == "group" else None,
+        group_size=group_size if granularity == "group" else None)
+
+
+class _GroupView:
+    """Reshapes a tensor so each row of a 2-D array shares one scale, and back."""
+
+    def __init__(self, shape: tuple[int, ...], granularity: str, channel_axis: int | None,
+                 block_axis: int, group_size: int | None) -> None:
+        self.shape, self.granularity = shape, granularity
+        self.channel_axis, self.block_axis, self.group_size = channel_axis, block_axis, group_size
+
+    def rows(self, w: np.ndarray) -> np.ndarray:
+        if self.granularity == "tensor":
+            return w.reshape(1, -1)
+        if self.granularity == "channel":
+            return np.moveaxis(w, self.channel_axis, 0).reshape(self.shape[self.channel_axis], -1)
+        moved = np.moveaxis(w, self.block_axis, -1)
+        k, gs = moved.shape[-1], self.group_size
+        if k % gs == 0:  # whole groups: a view when the block axis is the last (no copy)
+            return moved.reshape(-1, gs)
+        groups = -(-k // gs)
+        # Zero padding is neutral: zero is exactly representable on every grid.
+        padded = np.zeros(moved.shape[:-1] + (groups * gs,), dtype=np.float32)
+        padded[..., :k] = moved
+        return padded.reshape(-1, gs)
+
+    def restore(self, rows: np.ndarray) -> np.ndarray:
+        if self.granularity == "tensor":
+            return rows.reshape(self.shape)
+        if self.granularity == "channel":
+            moved_shape = (self.shape[self.channel_axis],) + tuple(
+                d for i, d in enumerate(self.shape) if i != self.channel_axis)
+            return np.moveaxis(rows.reshape(moved_shape), 0, self.channel_axis)
+        lead = tuple(d for i, d in enumerate(self.shape) if i != self.block_axis)
+        k = self.shape[self.block_axis]
+        flat = rows.reshape(lead + (-1,))[..., :k]
+        return np.ascontiguousarray(np.moveaxis(flat, -1, self.block_axis))
+
+    def per_group(self, values: np.ndarray) -> np.ndarray:
+        """One value per row, laid out with the tensor's rank (see Quantized)."""
+        ndim = len(self.shape)
+        if self.granularity == "tensor":
+            return values.reshape((1,) * ndim)
+        if self.granularity == "channel":
+            shape = [1] * ndim
+            shape[self.channel_axis] = self.shape[self.channel_axis]
+            return values.reshape(shape)
+        lead = tuple(d for i, d in enumerate(self.shape) if i != self.block_axis)
+        return np.ascontiguousarray(np.moveaxis(values.reshape(lead + (-1,)), -1, self.block_axis))
+
+
+def _qrange(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _stored(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The scale as it will be stored, back in float32; never zero or non-finite."""
+    stored = scale.astype(dtype).astype(np.float32)
+    bad = ~np.isfinite(stored) | (stored <= 0)
+    if bad.any():
+        stored = np.where(bad, np.float32(1.0), stored)
+    return stored
+
+
+def _stored_up(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The smallest scale of `dtype` not below `scale`, back in float32 (see `_stored`)."""
+    stored = _stored(scale, dtype)
+    low = stored < scale
+    if np.dtype(dtype).itemsize == 2 and low.any():
+        # For positive values the next bit pattern is the next larger value.
+        bits = stored.astype(dtype).view(np.uint16)
+        bits[low] += 1
+        stored = _stored(bits.view(dtype).astype(np.float32), dtype)
+    return stored
+
+
+def _codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
+    return _grid(rows, scale, zero, bits).astype(np.int8)
+
+
+def _grid(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
+    """The codes as floats (exact small integers): the mse search stays in float32."""
+    qmin, qmax = _qrange(bits)
+    q = rows / scale
+    np.rint(q, out=q)
+    if zero is not None:
+        q += zero
+    return np.clip(q, qmin, qmax, out=q)
+
+
+def _fit(rows: np.ndarray, bits: int, symmetric: bool, method: str,
+         scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and for asym a provisional zero point) per row."""
+    if symmetric:
+        return _fit_symmetric(rows, bits, method), None
+    return _fit_asymmetric(rows, bits, method, scale_dtype)
+
+
+def _sq_error(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
+              bits: int) -> np.ndarray:
+    # In place on one temporary: this runs several times per block in --method mse.
+    q = _grid(rows, scale, zero, bits)
+    if zero is not None:
+        q -= zero
+    q *= scale
+    q -= rows
+    return np.square(q, out=q).sum(axis=1, keepdims=True)
+
+
+def _search(rows: np.ndarray, candidates: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
+            bits: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Pick, per row, the candidate (scale, zero) with the least squared error (and that error)."""
+    best_s, best_z = candidates(_MSE_RATIOS[0])
+    best_err = _sq_error(rows, best_s, best_z, bits)
+    for ratio in _MSE_RATIOS[1:]:
+        s, z = candidates(ratio)
+        err = _sq_error(rows, s, z, bits)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        if z is not None:
+            best_z = np.where(better, z, best_z)
+    return best_s, best_z, best_err
+
+
+def _fit_symmetric(rows: np.ndarray, bits: int, method: str) -> np.ndarray:
+    _, qmax = _qrange(bits)
+    amax = np.abs(rows).max(axis=1, keepdims=True)
+    amax = np.where(amax > 0, amax, np.float32(qmax))
+    if method == "rtn":
+        return amax / qmax
+    scale, _, err = _search(rows, lambda r: (amax * np.float32(r / qmax), None), bits)
+    for _ in range(_REFIT_STEPS):
+        # Least-squares refit of the scale for the current codes.
+        q = _grid(rows, scale, None, bits)
+        den = np.square(q).sum(axis=1, keepdims=True)
+        refit = np.where(den > 0, (q * rows).sum(axis=1, keepdims=True) / np.maximum(den, 1e-30),
+                         scale)
+        refit = np.where(refit > 0, refit, scale)
+        new_err = _sq_error(rows, refit, None, bits)
+        better = new_err < err
+        scale = np.where(better, refit, scale)
+        err = np.where(better, new_err, err)
+    return scale
+
+
+def _fit_asymmetric(rows: np.ndarray, bits: int, method: str,
+                    scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    qmin, qmax = _qrange(bits)
+    lo = np.minimum(rows.min(axis=1, keepdims=True), 0)
+    hi = np.maximum(rows.max(axis=1, keepdims=True), 0)
+
+    def candidate(ratio: float) -> tuple[np.ndarray, np.ndarray]:
+        span = (hi - lo) * np.float32(ratio)
+        # The zero point is fitted to the scale as stored, rounded up so the grid still
+        # spans [lo, hi]: a bf16 scale rounded down would leave up to half a step uncovered.
+        scale = _stored_up(np.where(span > 0, span / (qmax - qmin), np.float32(1.0)), scale_dtype)
+        zero = np.clip(np.rint(qmin - lo * np.float32(ratio) / scale), qmin, qmax)
+        return scale, zero
+
+    if method == "rtn":
+        return candidate(1.0)
+    return _search(rows, candidate, bits)[:2]

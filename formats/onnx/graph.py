@@ -1,0 +1,248 @@
+"""Where tensors live in an ONNX model and which ones are weights."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from modelpress.core.errors import ModelReadError
+from modelpress.core.tensorinfo import TensorInfo
+
+
+@dataclass
+class Location:
+    """A tensor's home: an initializer of `graph`, or the `value` of a Constant node."""
+
+    graph: onnx.GraphProto
+    tensor: onnx.TensorProto
+    node: onnx.NodeProto | None = None  # the Constant node, if any
+
+    @property
+    def kind(self) -> str:
+        return "constant" if self.node is not None else "initializer"
+
+
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A graph and every subgraph nested in it (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+
+
+def locate(model: onnx.ModelProto) -> dict[str, Location]:
+    """Every initializer and Constant-node tensor, by name, in graph order."""
+    found: dict[str, Location] = {}
+    for graph in graphs(model.graph):
+        for tensor in graph.initializer:
+            found.setdefault(tensor.name, Location(graph, tensor))
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        found.setdefault(node.output[0], Location(graph, attr.t, node))
+    return found
+
+
+# op type -> (weight input index, function(node, rank) -> (channel axis, block axis))
+def _gemm_axes(node: onnx.NodeProto, rank: int) -> tuple[int, int]:
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    return (0, 1) if trans_b else (1, 0)
+
+
+def _gather_axes(node: onnx.NodeProto, rank: int) -> tuple[int, int] | None:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return (0, rank - 1) if axis == 0 and rank >= 2 else None
+
+
+_WEIGHT_INPUTS = {
+    "MatMul": (1, lambda node, rank: (rank - 1, rank - 2)),
+    "Gemm": (1, _gemm_axes),
+    "Conv": (1, lambda node, rank: (0, 1)),
+    "ConvTranspose": (1, lambda node, rank: (1, 0)),
+    "Gather": (0, _gather_axes),
+}
+
+
+def weight_roles(model: onnx.ModelProto) -> dict[str, tuple[str, int, int]]:
+    """Tensor name -> (op type, channel axis, block axis) for tensors used as weights."""
+    ranks = {name: len(loc.tensor.dims) for name, loc in locate(model).items()}
+    roles: dict[str, tuple[str, int, int]] = {}
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            spec = _WEIGHT_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if spec is None or len(node.input) <= spec[0]:
+                continue
+            name = node.input[spec[0]]
+            if name not in ranks or ranks[name] < 2 or name in roles:
+                continue
+            axes = spec[1](node, ranks[name])
+            if axes is not None:
+                roles[name] = (node.op_type, axes[0], axes[1])
+    return roles
+
+
+def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] | None,
+                sensitive: str | None = None, sensitive_share: float | None = None) -> TensorInfo:
+    """TensorInfo from a TensorProto's header fields (no data is read)."""
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, ValueError, TypeError):
+        dtype = np.dtype(object)
+    return TensorInfo(name=name, shape=tuple(int(d) for d in tensor.dims), dtype=dtype,
+                      weight_like=role is not None,
+                      channel_axis=role[1] if role else None,
+                      block_axis=role[2] if role else None,
+                      role=role[0] if role else None, format="onnx", sensitive=sensitive,
+                      sensitive_share=sensitive_share if sensitive else None)
+
+
+def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:
+    """The checked (file, offset, length) of a tensor stored as external data.
+
+    A location must be a relative path inside the model's folder: absolute
+    paths and paths that climb out (`../`) are refused, as are symbolic links
+    that lead outside it.
+    """
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    base = model_path.parent.resolve()
+    where = f"{model_path}: tensor {tensor.name!r}"
+    if not isinstance(location, str) or "\0" in location:  # protobuf gives bytes for non-UTF-8
+        raise ModelReadError(f"{where}: external data location {location!r} is not a valid "
+                             "path; the model is damaged")
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise ModelReadError(f"{where}: external data location {location!r} is not a relative "
+                             "path inside the model's folder; refusing to read it")
+    try:
+        target = (base / location).resolve()
+    except RuntimeError:  # a loop of symbolic links
+        raise ModelReadError(f"{where}: external data location {location!r} is a loop of "
+                             "symbolic links; refusing to read it") from None
+    if base != target and base not in target.parents:
+        raise ModelReadError(f"{where}: external data location {location!r} points outside the "
+                             "model's folder; refusing to read it")
+    if not target.is_file():
+        raise ModelReadError(f"{where}: external data file {location!r} is missing; keep it "
+                             "beside the model")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except (ValueError, TypeError):
+        raise ModelReadError(f"{where}: external data offset/length are not integers") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelReadError(f"{where}: external data offset {offset} or length {length} is "
+                             "negative; the model is damaged")
+    size = target.stat().st_size
+    if offset > size or (length is not None and offset + length > size):
+        raise ModelReadError(f"{where}: external data file {location!r} is too short "
+                             f"({size} bytes) for offset {offset} and length {length}")
+    return target, offset, length
+
+
+# Types stored two elements per byte in raw_data.
+_PACKED_4BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
+_MAX_BYTES = 1 << 62
+
+
+def data_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's data takes as raw_data or external data (None for strings)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str,
+                 raw_length: int | None = None) -> None:
+    """Refuse a tensor whose header fields cannot describe real data (no data is loaded).
+
+    `raw_length`, when known, is the length of its raw_data (reading the field
+    through protobuf copies the bytes).
+    """
+    where = f"{model_path}: tensor {name!r}"
+    try:
+        helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        raise ModelReadError(f"{where} has an invalid data type ({tensor.data_type}); the model "
+                             "is damaged") from None
+    if any(d < 0 for d in tensor.dims):
+        raise ModelReadError(f"{where} has negative dims {list(tensor.dims)}; the model is damaged")
+    need = data_nbytes(tensor)
+    if need is not None and need > _MAX_BYTES:
+        raise ModelReadError(f"{where} has dims {list(tensor.dims)} too large for any file; "
+                             "the model is damaged")
+    if is_external(tensor):
+        file, offset, length = external_data_file(model_path, tensor)
+        have = length if length is not None else file.stat().st_size - offset
+        if need is not None and have < need:
+            raise ModelReadError(f"{where}: external data holds {have} bytes but its dims "
+                                 f"{list(tensor.dims)} need {need}; the model is damaged")
+    elif tensor.HasField("raw_data"):
+        have = len(tensor.raw_data) if raw_length is None else raw_length
+        if need is not None and have != need:
+            raise ModelReadError(f"{where}: raw_data holds {have} bytes but its "
+                                 f"dims {list(tensor.dims)} need {need}; the model is damaged")
+    else:
+        # Typed fields (float_data, int32_data...) hold small tensors; decoding checks their count.
+        try:
+            numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise ModelReadError(f"{where} is corrupt ({' '.join(str(exc).split())[:200]}); "
+                                 "the model is damaged") from None
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def used_names(model: onnx.ModelProto) -> set[str]:
+    """Every value name anywhere in the model (to make fresh names)."""
+    names: set[str] = set()
+    for graph in graphs(model.graph):
+        names.update(t.name for t in graph.initializer)
+        names.update(t.values.name for t in graph.sparse_initializer)
+        names.update(v.name for v in graph.input)
+        names.update(v.name for v in graph.output)
+        for node in graph.node:
+            names.update(node.input)
+            names.update(node.output)
+            if node.name:
+                names.add(node.name)
+    return names
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def consumers(model: onnx.ModelProto, name: str) -> list[tuple[onnx.GraphProto, onnx.NodeProto]]:
+    """Every node (in any graph) that reads `name`, once per use."""
+    found = []
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            found += [(graph, node)] * list(node.input).count(name)
+    return found
+
+
+def is_output(model: onnx.ModelProto, name: str) -> bool:
+    """Whether `name` is an output of the model's graph or of a subgraph."""
+    return any(name in [o.name for o in graph.output] for graph in graphs(model.graph))

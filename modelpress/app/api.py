@@ -1,0 +1,124 @@
+"""The Python API: the same operations as the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from modelpress.core.dtypes import short_name
+from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError
+from modelpress.core.pipeline import Encoding, Options, encode_stream, plan
+from modelpress.core.quantize.stage import Quantize
+from modelpress.core.recipe import Recipe
+from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
+from modelpress.core.store import Progress, WriteResult
+
+
+def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
+             options: Options = Options(), progress: Progress | None = None, *,
+             metadata: Mapping[str, str] | None = None) -> Report:
+    """Compress the model at `src` with `recipe` and write it to `dst`.
+
+    The output has the input's format; `src` is never modified and `dst`
+    appears only when complete. A sharded safetensors checkpoint is given by
+    its `*.safetensors.index.json` (or its folder) and written as shards plus
+    an index at `dst`. `metadata` adds string entries to the output's
+    metadata (ONNX metadata_props, safetensors `__metadata__`, or the index's
+    metadata). Tensors stream from reader to writer, `options.threads` at a
+    time: memory follows the largest tensors, not the model.
+    """
+    from modelpress.formats import check_output_path, open_model
+
+    src, dst = Path(src), Path(dst)
+    store = open_model(src)
+    dst = _sharded_destination(store, dst)
+    check_output_path(store, dst)
+    if store.encodings:
+        raise ModelReadError(f"{src}: already compressed by modelpress ({len(store.encodings)} "
+                             "tensors); run `modelpress decompress` on it first")
+    extra: dict[str, Any] = {"metadata": dict(metadata)} if metadata else {}
+    sharded = getattr(store, "sharded", False)
+    if options.max_shard_size is not None and sharded:
+        extra["max_shard_size"] = options.max_shard_size
+    if store.format == "onnx":
+        from modelpress.formats.onnx.sites import OnnxTarget
+        extra["external_data"] = options.external_data
+        extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
+                                     options.accuracy_level, options.onnx_int8)
+    encoding = Encoding()
+    if options.calibration is not None:
+        if store.format != "onnx":
+            raise InputDataError(f"--calibration {options.calibration}: needs an ONNX model "
+                                 f"(it runs the model; {src} holds weights only)")
+        quantized = {name for name, stages in plan(store, recipe, options).items()
+                     if any(isinstance(stage, Quantize) for stage in stages)}
+        encoding.notes.extend(store.calibrate(Path(options.calibration), quantized))
+    stream = encode_stream(store, recipe, options, progress, encoding)
+    try:
+        result = store.write(dst, stream, progress, **extra)
+    finally:
+        stream.close()
+    if any(store.tensors[name].input_stats is not None for name in encoding.described):
+        encoding.notes.append(f"--calibration: rounding changed in {encoding.calibrated} "
+                              "tensors to cancel their error's mean effect on the layer output")
+    if options.max_shard_size is not None and not sharded:
+        encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
+                              "this model is written as one file")
+    rows = []
+    for name, label in encoding.described.items():
+        info = store.tensors[name]
+        if name not in result.tensor_bytes:
+            raise ModelWriteError(f"{dst}: writer did not report tensor {name!r}")
+        rows.append(TensorRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
+                              encoding=label, bytes_before=info.nbytes,
+                              bytes_after=result.tensor_bytes[name],
+                              error=encoding.errors[name]))
+    return Report(input_path=str(src), output_path=str(dst), format=store.format,
+                  recipe=recipe.get_config(), rows=rows, file_bytes_before=store.file_bytes,
+                  file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes)
+
+
+def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:
+    """Write `src` with every compressed tensor restored to its original dense dtype."""
+    from modelpress.formats import check_output_path, open_model, write_decompressed
+
+    src, dst = Path(src), Path(dst)
+    store = open_model(src)
+    dst = _sharded_destination(store, dst)
+    check_output_path(store, dst)
+    result = write_decompressed(store, dst)
+    if not store.encodings:
+        result.notes.append(f"{src}: no modelpress-compressed tensors; wrote an unchanged copy")
+    return result
+
+
+def _sharded_destination(store: Any, dst: Path) -> Path:
+    """A sharded checkpoint written to a folder keeps its index's name there."""
+    if getattr(store, "sharded", False) and dst.is_dir():
+        return dst / store.path.name
+    return dst
+
+
+def inspect(path: str | os.PathLike) -> InspectReport:
+    """Every tensor of a model: shape, dtype, bytes stored, encoding and sparsity."""
+    from modelpress.formats import open_model
+
+    store = open_model(path)
+    rows = []
+    for name, info, encoded, stored in store.logical_tensors():
+        if encoded is None:
+            values = store.read(name) if info.is_float or info.dtype.kind in "iub" else None
+            encoding = short_name(info.dtype)
+        else:
+            values, encoding = encoded.decode(), encoded.describe()
+        with np.errstate(invalid="ignore"):  # signalling NaNs in hostile data
+            zeros = None if values is None or values.size == 0 else float(
+                np.count_nonzero(values == 0) / values.size)
+        rows.append(InspectRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
+                               stored_bytes=stored, encoding=encoding, zero_fraction=zeros,
+                               weight_like=info.weight_like))
+    return InspectReport(path=str(path), format=store.format, file_bytes=store.file_bytes,
+                         rows=rows)

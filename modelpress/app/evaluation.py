@@ -1,0 +1,151 @@
+"""Run the original model once, then compare compressed models against it.
+
+Uses `modelpress.formats.onnx.run` (onnxruntime, CPU) to run models and `evaluate` to
+compare outputs. A model onnxruntime cannot run becomes a note on the
+Evaluation, never an exception; bad input or label files raise InputDataError.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from modelpress.core.errors import InputDataError, ModelRunError
+from modelpress.core.evaluate import (SAFETENSORS_NOTE, Accuracy, Evaluation, Latency, compare_outputs, correct_count, label_output)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to feed both models and how long to time them.
+
+    `inputs` is an .npz of arrays by input name (several samples along the
+    batch axis); without it, deterministic random inputs are made from the
+    input signature, with `dims` for symbolic dimensions and `ranges` [low,
+    high) per input. `labels` (.npy) adds accuracy before and after.
+    """
+
+    inputs: Path | None = None
+    labels: Path | None = None
+    dims: Mapping[str, int] = field(default_factory=dict)
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    seed: int = 0
+    max_runs: int = 20
+    time_budget_s: float = 1.0
+
+
+class Baseline:
+    """The original model's outputs and run time on the evaluation inputs."""
+
+    def __init__(self, status: str, notes: list[str], feeds: Any = None,
+                 labels: np.ndarray | None = None, outputs: dict[str, np.ndarray] | None = None,
+                 times: list[float] | None = None, inputs: dict[str, Any] | None = None,
+                 settings: EvalSettings = EvalSettings(), label_name: str | None = None) -> None:
+        self.status, self.notes, self.feeds, self.labels = status, notes, feeds, labels
+        self.outputs, self.times, self.inputs = outputs, times, inputs or {}
+        self.settings, self.label_name = settings, label_name
+
+    @classmethod
+    def prepare(cls, src: str | os.PathLike, settings: EvalSettings = EvalSettings()) -> Baseline:
+        """Make the inputs and run the original model; raise only for bad input files."""
+        src = Path(src)
+        if src.suffix.lower() != ".onnx":
+            return cls("not-applicable", [SAFETENSORS_NOTE], settings=settings)
+        from modelpress.formats.onnx import run as onnx_run
+
+        try:
+            graph = onnx_run.load_graph(src)
+        except ModelRunError as exc:
+            return cls("failed", [f"output error not measured: {exc}"], settings=settings)
+        if settings.inputs is not None:
+            feeds = onnx_run.load_inputs(graph, settings.inputs)
+            described = {"source": str(settings.inputs)}
+        else:
+            try:
+                feeds = onnx_run.random_inputs(graph, settings.dims, settings.ranges, settings.seed)
+            except ModelRunError as exc:  # e.g. a bf16 input: measure nothing, compress anyway
+                return cls("failed", [f"output error not measured: {exc}"], settings=settings)
+            described = {"source": "random", "seed": settings.seed}
+        described["arrays"] = onnx_run.describe_feeds(feeds)
+        labels = None
+        if settings.labels is not None:
+            labels = onnx_run.load_labels(settings.labels)
+            _check_label_count(labels, feeds, settings)
+        if not onnx_run.onnxruntime_available():
+            return cls("unavailable", ["output error not measured: onnxruntime is not installed "
+                                       f"({onnx_run.INSTALL_HINT})"], feeds, labels,
+                       inputs=described, settings=settings)
+        try:
+            session = onnx_run.Session(src)
+            outputs = session.run(feeds)
+            times = session.time(feeds, settings.max_runs, settings.time_budget_s)
+        except ModelRunError as exc:
+            return cls("failed", [f"output error not measured: {exc}"], feeds, labels,
+                       inputs=described, settings=settings)
+        label_name = None
+        if labels is not None:
+            shapes = {name: tuple(a.shape) for name, a in outputs.items()}
+            label_name = label_output(shapes, labels, str(settings.labels))
+        return cls("ok", [], feeds, labels, outputs, times, described, settings, label_name)
+
+    @property
+    def runtime(self) -> str | None:
+        from modelpress.app.environment import package_version
+        version = package_version("onnxruntime")
+        return None if version is None else f"onnxruntime {version} CPU"
+
+    @property
+    def accuracy(self) -> float | None:
+        """The original model's accuracy on the labels, when it ran and labels were given."""
+        if self.status != "ok" or self.labels is None or self.label_name is None:
+            return None
+        return correct_count(self.outputs[self.label_name], self.labels) / self.labels.size
+
+    def describe(self) -> Evaluation:
+        """The baseline alone: status, runtime, inputs and notes (no comparison)."""
+        return Evaluation(self.status, self.runtime, self.inputs, notes=list(self.notes))
+
+    def evaluate(self, path: str | os.PathLike) -> Evaluation:
+        """Run the model at `path` on the same inputs and compare it with the original."""
+        if self.status != "ok":
+            return Evaluation(self.status, self.runtime, self.inputs, notes=list(self.notes))
+        from modelpress.formats.onnx import run as onnx_run
+
+        try:
+            session = onnx_run.Session(Path(path))
+            outputs = session.run(self.feeds)
+            times = session.time(self.feeds, self.settings.max_runs, self.settings.time_budget_s)
+            rows = compare_outputs(self.outputs, outputs)
+        except (ModelRunError, ValueError) as exc:
+            return Evaluation("failed", self.runtime, self.inputs,
+                              notes=[f"output error not measured for the compressed model: {exc}"])
+        accuracy = None
+        if self.labels is not None and self.label_name is not None:
+            accuracy = Accuracy(self.label_name, int(self.labels.size),
+                                correct_count(self.outputs[self.label_name], self.labels),
+                                correct_count(outputs[self.label_name], self.labels))
+        latency = Latency(onnx_run.median_ms(self.times), onnx_run.median_ms(times),
+                          len(self.times), len(times))
+        return Evaluation("ok", self.runtime, self.inputs, rows, accuracy, latency,
+                          list(self.notes))
+
+
+def evaluate(src: str | os.PathLike, dst: str | os.PathLike,
+             settings: EvalSettings = EvalSettings()) -> Evaluation:
+    """Run the models at `src` and `dst` on the same inputs and compare their outputs."""
+    return Baseline.prepare(src, settings).evaluate(dst)
+
+
+def _check_label_count(labels: np.ndarray, feeds: Mapping[str, np.ndarray],
+                       settings: EvalSettings) -> None:
+    if settings.inputs is None:
+        raise InputDataError(f"{settings.labels}: labels need the samples they belong to; "
+                             "give --inputs FILE.npz too")
+    batch = {a.shape[0] for a in feeds.values() if a.ndim}
+    if labels.ndim == 0 or batch and labels.shape[0] not in batch:
+        raise InputDataError(f"{settings.labels}: {labels.shape[0] if labels.ndim else 0} labels "
+                             f"for {sorted(batch)} samples in {settings.inputs}; give one label "
+                             "per sample")
