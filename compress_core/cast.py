@@ -6,22 +6,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpress.core.dtypes import BFLOAT16, FLOAT8_E4M3, FLOAT8_E5M2, scale_dtype_for, short_name
+from modelpress.core.dtypes import ml_dtype, scale_dtype_for, short_name
 from modelpress.core.encoded import Dense, Encoded, LowRank, Scaled, Sparse
 from modelpress.core.errors import UnsupportedTensorError
 from modelpress.core.stage import Skip, Stage, option
 from modelpress.core.tensorinfo import TensorInfo
 
-CAST_DTYPES: dict[str, np.dtype] = {
-    "fp16": np.dtype(np.float16),
-    "bf16": BFLOAT16,
-    "fp8-e4m3": FLOAT8_E4M3,
-    "fp8-e5m2": FLOAT8_E5M2,
+# --dtype -> the numpy dtype's name in ml_dtypes (None: numpy's float16), resolved by
+# `cast_dtype` when a run casts, so that only bf16/fp8 runs import ml_dtypes.
+CAST_DTYPES: dict[str, str | None] = {
+    "fp16": None,
+    "bf16": "bfloat16",
+    "fp8-e4m3": "float8_e4m3fn",
+    "fp8-e5m2": "float8_e5m2",
 }
+
+
+def cast_dtype(name: str) -> np.dtype:
+    """The storage dtype of a --dtype choice (fp16, bf16, fp8-e4m3, fp8-e5m2)."""
+    ml_name = CAST_DTYPES[name]
+    return np.dtype(np.float16) if ml_name is None else ml_dtype(ml_name)
 
 
 def largest(dtype: np.dtype) -> float:
     """The largest finite value of a float dtype."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and dtype.isbuiltin == 1:  # numpy's own float types
+        return float(np.finfo(dtype).max)
+    # Lazy: ml_dtypes takes 0.6 s to import; only bf16/fp8 need its finfo.
     import ml_dtypes
     return float(ml_dtypes.finfo(dtype).max)
 
@@ -62,7 +74,7 @@ class Cast(Stage):
         if not isinstance(encoded, Dense):
             from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
-        target = CAST_DTYPES[self.dtype]
+        target = cast_dtype(self.dtype)
         if encoded.array.dtype == target and self.scale == "none":
             raise Skip(f"it is already {short_name(target)}")
         from modelpress.core.quantize.stage import axes_for

@@ -6,14 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpress.core.dtypes import BFLOAT16
+from modelpress.core.dtypes import own_float
 from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Sparse
 from modelpress.core.kmeans import kmeans_rows
 from modelpress.core.stage import Stage, option
 from modelpress.core.tensorinfo import TensorInfo
-
-# The model's own float types (so ONNX consumers get the type they expect); fp8 -> fp32.
-_LUT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -60,8 +57,8 @@ class Cluster(Stage):
                    mask: np.ndarray | None) -> Palettized:
         from modelpress.core.quantize.stage import axes_for
         channel_axis = axes_for(info)[0] if self.per_channel and array.ndim >= 2 else None
-        lut_dtype = array.dtype if array.dtype in _LUT_DTYPES else np.dtype(np.float32)
-        return palettize(array.astype(np.float32), self.clusters, channel_axis, mask, lut_dtype)
+        return palettize(array.astype(np.float32), self.clusters, channel_axis, mask,
+                         own_float(array.dtype))
 
 
 def palettize(w: np.ndarray, clusters: int, channel_axis: int | None,

@@ -62,8 +62,8 @@ def element_bits(info: TensorInfo, stages: list[Stage], fmt: str, unknown: list[
         elif stage.id == "prune":
             kept = 1.0 - stage.sparsity
         elif stage.id == "cast":
-            from modelpress.core.cast import CAST_DTYPES
-            value_bits = float(CAST_DTYPES[stage.dtype].itemsize * 8)
+            from modelpress.core.cast import cast_dtype
+            value_bits = float(cast_dtype(stage.dtype).itemsize * 8)
             side = 0.0 if stage.scale == "none" else scale_dtype_for(info.dtype).itemsize * 8 \
                 * _scales(stage.scale, info, None)
         elif stage.id == "cluster":

@@ -7,14 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpress.core.dtypes import BFLOAT16
+from modelpress.core.dtypes import own_float
 from modelpress.core.encoded import Dense, Encoded, LowRank
 from modelpress.core.stage import Skip, Stage, option
 from modelpress.core.svd import rank_for_energy, singular_values, truncated_svd
 from modelpress.core.tensorinfo import TensorInfo
-
-# The model's own float types (so ONNX consumers get the type they expect); fp8 -> fp32.
-_FACTOR_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ class Factorize(Stage):
         # Split the singular values evenly so both factors have the same range,
         # which keeps them equally easy to quantize.
         root = np.sqrt(s)
-        dtype = encoded.array.dtype if encoded.array.dtype in _FACTOR_DTYPES else np.float32
+        dtype = own_float(encoded.array.dtype)
         return LowRank(Dense((u * root).astype(dtype)), Dense((root[:, None] * vt).astype(dtype)))
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from modelpress.core.dtypes import BFLOAT16, scale_dtype_for
+from modelpress.core.dtypes import is_bfloat16, scale_dtype_for
 from modelpress.core.encoded import Dense, Quantized
 from modelpress.core.metrics import BlockSums, ErrorStats
 from modelpress.core.quantize.stage import Quantize, _stored_up, axes_for
@@ -34,7 +34,7 @@ from modelpress.core.tensorinfo import TensorInfo
 # spread over enough elements (measured best at 2^17 among 2^16..2^19).
 BLOCK_ELEMENTS = 1 << 17
 
-_FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+_FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def quantize_measured(array: np.ndarray, info: TensorInfo,
@@ -49,7 +49,7 @@ def quantize_measured(array: np.ndarray, info: TensorInfo,
     """
     if len(stages) != 1 or type(stages[0]) is not Quantize:
         return None
-    if array.dtype not in _FLOAT_TYPES or array.size == 0:
+    if not (array.dtype in _FLOAT_TYPES or is_bfloat16(array.dtype)) or array.size == 0:
         return None
     plan = stages[0].plan(info)
     channel_axis, block_axis = axes_for(info)
@@ -127,7 +127,7 @@ def _as_float32(block: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
     if buffer is None:
         return block
     out = buffer[:block.shape[0]]
-    if block.dtype == BFLOAT16:
+    if is_bfloat16(block.dtype):
         # bfloat16 is the top half of a float32: widen by a shift of the bits, several
         # times faster than ml_dtypes' element-wise cast, and exact.
         bits = out.view(np.uint32)
