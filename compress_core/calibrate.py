@@ -21,20 +21,12 @@ run through the original model (formats/onnx_calibrate.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from modelpress.core.encoded import Quantized
+from modelpress.core.tensorinfo import InputStats
 
-
-@dataclass(frozen=True, eq=False)
-class InputStats:
-    """Mean and variance of each of a layer's K inputs over the calibration data."""
-
-    mean: np.ndarray   # float64 [K]
-    var: np.ndarray    # float64 [K]
-    samples: int       # input rows averaged (calibration samples x positions)
+__all__ = ["InputStats", "compensate"]
 
 
 def compensate(q: Quantized, w: np.ndarray, stats: InputStats, input_axis: int) -> Quantized:

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelpress.core.compose import apply_to_factors, order_error
 from modelpress.core.dtypes import ml_dtype, scale_dtype_for, short_name
 from modelpress.core.encoded import Dense, Encoded, LowRank, Scaled, Sparse
 from modelpress.core.errors import UnsupportedTensorError
 from modelpress.core.stage import Skip, Stage, option
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 # --dtype -> the numpy dtype's name in ml_dtypes (None: numpy's float16), resolved by
 # `cast_dtype` when a run casts, so that only bf16/fp8 runs import ml_dtypes.
@@ -69,15 +70,12 @@ class Cast(Stage):
             # Zero stays exactly zero in every float format.
             return Sparse(encoded.mask, self.apply(encoded.values, info), encoded.pattern)
         if isinstance(encoded, LowRank) and isinstance(encoded.left, Dense):
-            from modelpress.core.lowrank import apply_to_factors
             return apply_to_factors(self, encoded, info)
         if not isinstance(encoded, Dense):
-            from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
         target = cast_dtype(self.dtype)
         if encoded.array.dtype == target and self.scale == "none":
             raise Skip(f"it is already {short_name(target)}")
-        from modelpress.core.quantize.stage import axes_for
         channel_axis = axes_for(info)[0] if self.scale == "channel" else None
         return cast_array(encoded.decode(), target, self.scale, channel_axis,
                           scale_dtype_for(info.dtype), info.name)

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelpress.core.compose import apply_to_factors, order_error
 from modelpress.core.dtypes import own_float
 from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Sparse
 from modelpress.core.kmeans import kmeans_rows
 from modelpress.core.stage import Stage, option
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,13 @@ class Cluster(Stage):
             return Sparse(encoded.mask, self._palettize(encoded.values.array, info, encoded.mask),
                           encoded.pattern)
         if isinstance(encoded, LowRank) and isinstance(encoded.left, Dense):
-            from modelpress.core.lowrank import apply_to_factors
             return apply_to_factors(self, encoded, info)
         if not isinstance(encoded, Dense):
-            from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
         return self._palettize(encoded.array, info, None)
 
     def _palettize(self, array: np.ndarray, info: TensorInfo,
                    mask: np.ndarray | None) -> Palettized:
-        from modelpress.core.quantize.stage import axes_for
         channel_axis = axes_for(info)[0] if self.per_channel and array.ndim >= 2 else None
         return palettize(array.astype(np.float32), self.clusters, channel_axis, mask,
                          own_float(array.dtype))

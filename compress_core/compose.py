@@ -19,8 +19,11 @@ which names the order that works or says to use one of the two per tensor.
 
 from __future__ import annotations
 
+import dataclasses
+
 from modelpress.core.encoded import Encoded, LowRank, Sparse
 from modelpress.core.errors import UnsupportedTensorError
+from modelpress.core.stage import Stage
 from modelpress.core.tensorinfo import TensorInfo
 
 _ONE_OF = "use one of {a} or {b} per tensor (--include/--exclude give tensors different stages)"
@@ -73,3 +76,19 @@ def order_error(stage: object, encoded: Encoded, info: TensorInfo | None) -> Uns
     name = f"tensor {info.name!r}: " if info is not None else ""
     return UnsupportedTensorError(
         f"{name}{stage_id} cannot follow a stage that made it {encoded.describe()}; {hint}")
+
+
+def factor_info(info: TensorInfo, shape: tuple[int, ...], which: str) -> TensorInfo:
+    """TensorInfo for one factor of a low-rank tensor.
+
+    Both factors keep the matrix's channel and block axes: the left factor's
+    rows are the matrix's rows and the right factor's columns its columns,
+    and each is used the way the matrix was (same reduction side).
+    """
+    return dataclasses.replace(info, name=f"{info.name}.{which}", shape=tuple(shape))
+
+
+def apply_to_factors(stage: Stage, encoded: LowRank, info: TensorInfo) -> LowRank:
+    """`stage` applied to each factor of a low-rank tensor, with that factor's TensorInfo."""
+    return LowRank(stage.apply(encoded.left, factor_info(info, encoded.left.shape, "left")),
+                   stage.apply(encoded.right, factor_info(info, encoded.right.shape, "right")))

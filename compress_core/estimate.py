@@ -21,7 +21,7 @@ from modelpress.core.dtypes import scale_dtype_for
 from modelpress.core.pipeline import Options, plan
 from modelpress.core.recipe import Recipe
 from modelpress.core.stage import Stage
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 
 @dataclass
@@ -101,7 +101,6 @@ def _per_scale_bits(plan: Any, info: TensorInfo, fmt: str) -> float:
     """Bits of one scale (and its zero point) of a quantized tensor (codes are bit-packed)."""
     bits = plan.scale_bits or scale_dtype_for(info.dtype).itemsize * 8
     if plan.super_block:
-        from modelpress.core.quantize.stage import axes_for
         from modelpress.core.quantize.multiplier import applies
         from modelpress.core.quantize.scalecode import MULTIPLIER_BITS
         if applies(info.shape, axes_for(info)[1], plan.group_size, plan.super_block):
@@ -114,7 +113,6 @@ def _per_scale_bits(plan: Any, info: TensorInfo, fmt: str) -> float:
 
 def _scales(granularity: str, info: TensorInfo, group_size: int | None) -> float:
     """Scales (or codebooks) per element: one per group, per output channel, or per tensor."""
-    from modelpress.core.quantize.stage import axes_for
     if granularity == "group":
         return 1.0 / group_size
     if granularity == "channel":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from modelpress.core.compose import order_error
 from modelpress.core.dtypes import own_float
 from modelpress.core.encoded import Dense, Encoded, LowRank
 from modelpress.core.stage import Skip, Stage, option
@@ -45,7 +45,6 @@ class Factorize(Stage):
 
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
         if not isinstance(encoded, Dense):
-            from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
         if encoded.array.ndim != 2:
             raise Skip(f"it is {encoded.array.ndim}-D; lowrank factors 2-D matrices")
@@ -67,18 +66,3 @@ class Factorize(Stage):
         dtype = own_float(encoded.array.dtype)
         return LowRank(Dense((u * root).astype(dtype)), Dense((root[:, None] * vt).astype(dtype)))
 
-
-def factor_info(info: TensorInfo, shape: tuple[int, ...], which: str) -> TensorInfo:
-    """TensorInfo for one factor of a low-rank tensor.
-
-    Both factors keep the matrix's channel and block axes: the left factor's
-    rows are the matrix's rows and the right factor's columns its columns,
-    and each is used the way the matrix was (same reduction side).
-    """
-    return dataclasses.replace(info, name=f"{info.name}.{which}", shape=tuple(shape))
-
-
-def apply_to_factors(stage: Stage, encoded: LowRank, info: TensorInfo) -> LowRank:
-    """`stage` applied to each factor of a low-rank tensor, with that factor's TensorInfo."""
-    return LowRank(stage.apply(encoded.left, factor_info(info, encoded.left.shape, "left")),
-                   stage.apply(encoded.right, factor_info(info, encoded.right.shape, "right")))

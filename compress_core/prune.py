@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelpress.core.compose import order_error
 from modelpress.core.encoded import Dense, Encoded, Quantized, Scaled, Sparse
 from modelpress.core.stage import Skip, Stage, TensorValues, option
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -94,7 +95,6 @@ class Prune(Stage):
     # -- work ----------------------------------------------------------------
 
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
-        from modelpress.core.compose import order_error
         if isinstance(encoded, Sparse):
             if encoded.pattern != "unstructured" or self.pattern != "unstructured":
                 raise order_error(self, encoded, info)
@@ -112,7 +112,6 @@ class Prune(Stage):
     def _mask(self, values: np.ndarray, info: TensorInfo) -> np.ndarray:
         nm = self.nm
         if nm is not None:
-            from modelpress.core.quantize.stage import axes_for
             axis = axes_for(info)[1]
             n, m = nm
             if values.shape[axis] % m:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modelpress.core.dtypes import is_float
 
-if TYPE_CHECKING:
-    from modelpress.core.calibrate import InputStats
+
+@dataclass(frozen=True, eq=False)
+class InputStats:
+    """Mean and variance of each of a layer's K inputs over the calibration data."""
+
+    mean: np.ndarray   # float64 [K]
+    var: np.ndarray    # float64 [K]
+    samples: int       # input rows averaged (calibration samples x positions)
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class TensorInfo:
     tokens) or "head" (the output layer); None otherwise. `sensitive_share`,
     where the reader knows it, is the share of the model's weight elements
     that its sensitive tensors hold together (it budgets their backup
-    precision, see compress_core/quantize_plan.py). `input_stats`, set by a
+    precision, see compress_core/quantize/plan.py). `input_stats`, set by a
     calibration run (ONNX MatMul/Gemm weights, see compress_core/calibrate.py),
     holds the statistics of the inputs the weight multiplies.
     """
@@ -65,3 +70,13 @@ class TensorInfo:
         """True when stages change this tensor without being told its name."""
         return (self.weight_like and self.is_float and len(self.shape) >= 2
                 and self.size >= min_elements)
+
+
+def axes_for(info: TensorInfo) -> tuple[int | None, int]:
+    """Channel and block axes for a tensor, with defaults for tensors of no known role."""
+    ndim = len(info.shape)
+    if info.block_axis is not None:
+        return info.channel_axis, info.block_axis
+    if ndim >= 2:
+        return 0, ndim - 1
+    return None, 0

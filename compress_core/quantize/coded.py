@@ -25,6 +25,7 @@ import numpy as np
 
 from modelpress.core.encoded import Quantized
 from modelpress.core.metrics import BlockSums, ErrorStats
+from modelpress.core.quantize.groups import GroupView
 from modelpress.core.quantize.multiplier import applies, fit_multipliers
 from modelpress.core.quantize.scalecode import LogGrid
 
@@ -73,14 +74,12 @@ def _quantize(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int | Non
               scale_bits: int, granularity: str, channel_axis: int | None, block_axis: int,
               group_size: int | None, method: str, super_block: int,
               measure: bool) -> tuple[Quantized, ErrorStats | None] | None:
-    from modelpress.core.quantize.stage import _GroupView
-
     w = np.asarray(w, dtype=np.float32)
     if w.ndim == 0:
         granularity = "tensor"
     multiples = granularity == "group" and applies(w.shape, block_axis, group_size or 0,
                                                    super_block)
-    view = _GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
+    view = GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
     stacked = _stacked(w, granularity, block_axis, group_size)
     # Groups along an inner axis ([in, out] MatMul weights): every group is a
     # column of a [groups, group size, rest] block, so each step runs along the

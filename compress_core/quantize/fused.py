@@ -25,9 +25,11 @@ import numpy as np
 from modelpress.core.dtypes import is_bfloat16, scale_dtype_for
 from modelpress.core.encoded import Dense, Quantized
 from modelpress.core.metrics import BlockSums, ErrorStats
-from modelpress.core.quantize.stage import Quantize, _stored_up, axes_for
+from modelpress.core.quantize.coded import quantize_coded_measured
+from modelpress.core.quantize.groups import stored_scale_up
+from modelpress.core.quantize.stage import Quantize
 from modelpress.core.stage import Stage
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 # Elements per block: the block and one float32 work buffer (and the widened block
 # of a 16-bit tensor) stay within a core's L2 cache, and numpy's per-call cost is
@@ -54,7 +56,6 @@ def quantize_measured(array: np.ndarray, info: TensorInfo,
     plan = stages[0].plan(info)
     channel_axis, block_axis = axes_for(info)
     if plan.scale_bits:
-        from modelpress.core.quantize.coded import quantize_coded_measured
         # As Quantize.apply calls quantize_coded on a dense tensor.
         return quantize_coded_measured(
             Dense(array).decode(), bits=plan.bits, symmetric=plan.symmetric,
@@ -119,7 +120,7 @@ def _block_scales(w: np.ndarray, hi: np.ndarray, lo: np.ndarray, bits: int,
     np.minimum.reduce(w, axis=1, out=lo)
     amax = np.maximum(hi, -lo)  # max |w|, without a pass that writes |w|
     amax[amax <= 0] = qmax
-    return _stored_up(amax[:, None] / qmax, scale_dtype)
+    return stored_scale_up(amax[:, None] / qmax, scale_dtype)
 
 
 def _as_float32(block: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:

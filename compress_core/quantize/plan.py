@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 DEFAULT_BACKUP_BITS = 6
 BACKUP_BUDGET = 1.0  # extra bits per weight, over the whole model, the default backup may add
@@ -155,6 +155,5 @@ def auto_group_8bit(k: int) -> int:
 
 
 def _reduction_size(info: TensorInfo) -> int:
-    from modelpress.core.quantize.stage import axes_for
     _, block_axis = axes_for(info)
     return info.shape[block_axis] if info.shape else 1

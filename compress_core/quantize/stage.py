@@ -7,11 +7,14 @@ from typing import Callable
 
 import numpy as np
 
+from modelpress.core.compose import apply_to_factors, order_error
 from modelpress.core.dtypes import scale_dtype_for
 from modelpress.core.encoded import GRANULARITIES, Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.quantize.coded import quantize_coded
+from modelpress.core.quantize.groups import GroupView, stored_scale_up
+from modelpress.core.quantize.plan import CODED_GROUP, MAX_MULTIPLIED_BITS, QuantPlan, plan_for
 from modelpress.core.stage import Stage, option
-from modelpress.core.quantize.plan import QuantPlan, plan_for
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 # Clipping ratios tried by --method mse before the least-squares refit; a
 # short grid keeps mse within a few times rtn's cost.
@@ -97,7 +100,6 @@ class Quantize(Stage):
             self.fail("--backup-bits has no effect with --all-layers; give one of them")
 
     def _validate_super_block(self) -> None:
-        from modelpress.core.quantize.plan import CODED_GROUP, MAX_MULTIPLIED_BITS
         if self.bits > MAX_MULTIPLIED_BITS:
             self.fail(f"--super-block applies to --bits 2-{MAX_MULTIPLIED_BITS}, "
                       f"not {self.bits}")
@@ -120,15 +122,12 @@ class Quantize(Stage):
             quantized = self.apply(encoded.values, info)
             return Sparse(encoded.mask, quantized, encoded.pattern)
         if isinstance(encoded, LowRank):
-            from modelpress.core.lowrank import apply_to_factors
             return apply_to_factors(self, encoded, info)
         if not isinstance(encoded, Dense):
-            from modelpress.core.compose import order_error
             raise order_error(self, encoded, info)
         plan = self.plan(info)
         channel_axis, block_axis = axes_for(info)
         if plan.scale_bits:
-            from modelpress.core.quantize.coded import quantize_coded
             return quantize_coded(
                 encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
                 zero_bits=plan.zero_bits, scale_bits=plan.scale_bits,
@@ -141,16 +140,6 @@ class Quantize(Stage):
             scale_dtype=scale_dtype_for(info.dtype))
 
 
-def axes_for(info: TensorInfo) -> tuple[int | None, int]:
-    """Channel and block axes for a tensor, with defaults for tensors of no known role."""
-    ndim = len(info.shape)
-    if info.block_axis is not None:
-        return info.channel_axis, info.block_axis
-    if ndim >= 2:
-        return 0, ndim - 1
-    return None, 0
-
-
 def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: str,
                    channel_axis: int | None, block_axis: int, group_size: int | None,
                    method: str, scale_dtype: np.dtype) -> Quantized:
@@ -159,7 +148,7 @@ def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: st
     w = np.asarray(w, dtype=np.float32)
     if (granularity == "channel" and channel_axis is None) or w.ndim == 0:
         granularity = "tensor"  # a scalar has no channels or groups
-    view = _GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
+    view = GroupView(w.shape, granularity, channel_axis, block_axis, group_size)
     rows = view.rows(w)
     scale = np.empty(rows.shape[0], dtype=np.float32)
     zero = None if symmetric else np.empty(rows.shape[0], dtype=np.int8)
@@ -171,7 +160,7 @@ def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: st
         # candidate, not a warning for the user.
         with np.errstate(over="ignore", invalid="ignore"):
             s, z = _fit(block, bits, symmetric, method, scale_dtype)
-        s = _stored_up(s, scale_dtype)
+        s = stored_scale_up(s, scale_dtype)
         if z is not None:
             zero[start:start + step] = z[:, 0]
         codes[start:start + step] = _codes(block, s, z, bits)
@@ -186,77 +175,8 @@ def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: st
         group_size=group_size if granularity == "group" else None)
 
 
-class _GroupView:
-    """Reshapes a tensor so each row of a 2-D array shares one scale, and back."""
-
-    def __init__(self, shape: tuple[int, ...], granularity: str, channel_axis: int | None,
-                 block_axis: int, group_size: int | None) -> None:
-        self.shape, self.granularity = shape, granularity
-        self.channel_axis, self.block_axis, self.group_size = channel_axis, block_axis, group_size
-
-    def rows(self, w: np.ndarray) -> np.ndarray:
-        if self.granularity == "tensor":
-            return w.reshape(1, -1)
-        if self.granularity == "channel":
-            return np.moveaxis(w, self.channel_axis, 0).reshape(self.shape[self.channel_axis], -1)
-        moved = np.moveaxis(w, self.block_axis, -1)
-        k, gs = moved.shape[-1], self.group_size
-        if k % gs == 0:  # whole groups: a view when the block axis is the last (no copy)
-            return moved.reshape(-1, gs)
-        groups = -(-k // gs)
-        # Zero padding is neutral: zero is exactly representable on every grid.
-        padded = np.zeros(moved.shape[:-1] + (groups * gs,), dtype=np.float32)
-        padded[..., :k] = moved
-        return padded.reshape(-1, gs)
-
-    def restore(self, rows: np.ndarray) -> np.ndarray:
-        if self.granularity == "tensor":
-            return rows.reshape(self.shape)
-        if self.granularity == "channel":
-            moved_shape = (self.shape[self.channel_axis],) + tuple(
-                d for i, d in enumerate(self.shape) if i != self.channel_axis)
-            return np.moveaxis(rows.reshape(moved_shape), 0, self.channel_axis)
-        lead = tuple(d for i, d in enumerate(self.shape) if i != self.block_axis)
-        k = self.shape[self.block_axis]
-        flat = rows.reshape(lead + (-1,))[..., :k]
-        return np.ascontiguousarray(np.moveaxis(flat, -1, self.block_axis))
-
-    def per_group(self, values: np.ndarray) -> np.ndarray:
-        """One value per row, laid out with the tensor's rank (see Quantized)."""
-        ndim = len(self.shape)
-        if self.granularity == "tensor":
-            return values.reshape((1,) * ndim)
-        if self.granularity == "channel":
-            shape = [1] * ndim
-            shape[self.channel_axis] = self.shape[self.channel_axis]
-            return values.reshape(shape)
-        lead = tuple(d for i, d in enumerate(self.shape) if i != self.block_axis)
-        return np.ascontiguousarray(np.moveaxis(values.reshape(lead + (-1,)), -1, self.block_axis))
-
-
 def _qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def _stored(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The scale as it will be stored, back in float32; never zero or non-finite."""
-    stored = scale.astype(dtype).astype(np.float32)
-    bad = ~np.isfinite(stored) | (stored <= 0)
-    if bad.any():
-        stored = np.where(bad, np.float32(1.0), stored)
-    return stored
-
-
-def _stored_up(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The smallest scale of `dtype` not below `scale`, back in float32 (see `_stored`)."""
-    stored = _stored(scale, dtype)
-    low = stored < scale
-    if np.dtype(dtype).itemsize == 2 and low.any():
-        # For positive values the next bit pattern is the next larger value.
-        bits = stored.astype(dtype).view(np.uint16)
-        bits[low] += 1
-        stored = _stored(bits.view(dtype).astype(np.float32), dtype)
-    return stored
 
 
 def _codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
@@ -339,7 +259,8 @@ def _fit_asymmetric(rows: np.ndarray, bits: int, method: str,
         span = (hi - lo) * np.float32(ratio)
         # The zero point is fitted to the scale as stored, rounded up so the grid still
         # spans [lo, hi]: a bf16 scale rounded down would leave up to half a step uncovered.
-        scale = _stored_up(np.where(span > 0, span / (qmax - qmin), np.float32(1.0)), scale_dtype)
+        scale = stored_scale_up(np.where(span > 0, span / (qmax - qmin), np.float32(1.0)),
+                                scale_dtype)
         zero = np.clip(np.rint(qmin - lo * np.float32(ratio) / scale), qmin, qmax)
         return scale, zero
 
