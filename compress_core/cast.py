@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from modelpress.core.compose import apply_to_factors, order_error
+from modelpress.core.compose import apply_to_factors, one_of, order_error
 from modelpress.core.dtypes import ml_dtype, scale_dtype_for, short_name
-from modelpress.core.encoded import Dense, Encoded, LowRank, Scaled, Sparse
+from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
 from modelpress.core.errors import UnsupportedTensorError
+from modelpress.core.sizing import ElementSize, per_element
 from modelpress.core.stage import Skip, Stage, option
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
@@ -50,6 +51,14 @@ class Cast(Stage):
 
     id = "cast"
     summary = "low-precision floats (fp16, bf16, fp8 with per-tensor or per-channel scales)"
+    produces = (Scaled,)
+    refusals = {
+        Quantized: "quantize already stores its scales in the model's float type; "
+                   + one_of("quantize", "cast"),
+        Scaled: "keep one cast stage per tensor",
+        Palettized: "cluster keeps its codebook in the model's float type; "
+                    + one_of("cluster", "cast"),
+    }
 
     dtype: str = option("fp16", "storage type of the weights", choices=tuple(CAST_DTYPES))
     scale: str | None = option(
@@ -79,6 +88,11 @@ class Cast(Stage):
         channel_axis = axes_for(info)[0] if self.scale == "channel" else None
         return cast_array(encoded.decode(), target, self.scale, channel_axis,
                           scale_dtype_for(info.dtype), info.name)
+
+    def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize:
+        side = 0.0 if self.scale == "none" else scale_dtype_for(info.dtype).itemsize * 8 \
+            * per_element(self.scale, info, None)
+        return replace(size, value_bits=float(cast_dtype(self.dtype).itemsize * 8), side=side)
 
 
 def cast_array(w: np.ndarray, target: np.dtype, scale: str, channel_axis: int | None,

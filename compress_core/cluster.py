@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from modelpress.core.compose import apply_to_factors, order_error
+from modelpress.core.compose import apply_to_factors, one_of, order_error
 from modelpress.core.dtypes import own_float
-from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Sparse
+from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
 from modelpress.core.kmeans import kmeans_rows
+from modelpress.core.sizing import ElementSize, per_element, value_bits_of
 from modelpress.core.stage import Stage, option
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
@@ -26,6 +28,12 @@ class Cluster(Stage):
 
     id = "cluster"
     summary = "weight clustering: a k-means codebook per tensor or channel"
+    produces = (Palettized,)
+    refusals = {
+        Quantized: one_of("quantize", "cluster"),
+        Scaled: one_of("cast", "cluster"),
+        Palettized: "keep one cluster stage per tensor",
+    }
 
     bits: int | None = option(None, "index bits: a codebook of 2^bits values (1-8) "
                               "[default: 4 unless --clusters is given]", min=1, max=8)
@@ -51,6 +59,12 @@ class Cluster(Stage):
         if not isinstance(encoded, Dense):
             raise order_error(self, encoded, info)
         return self._palettize(encoded.array, info, None)
+
+    def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize:
+        value_bits = float(math.ceil(math.log2(self.clusters)))
+        books = per_element("channel" if self.per_channel else "tensor", info, None)
+        return replace(size, value_bits=value_bits,
+                       side=self.clusters * value_bits_of(info) * books)
 
     def _palettize(self, array: np.ndarray, info: TensorInfo,
                    mask: np.ndarray | None) -> Palettized:

@@ -13,8 +13,9 @@ What composes, per tensor (row: the earlier stage, column: the later one):
 (* unstructured after unstructured; an N:M pattern must be the only prune.)
 `lowrank -> quantize/cast/cluster` compresses both factors; `prune -> X`
 compresses the kept weights and keeps the mask (cluster gives the zeros a
-codebook entry of their own). Every "no" is refused with the message below,
-which names the order that works or says to use one of the two per tensor.
+codebook entry of their own). Every "no" is refused with `order_error`,
+whose hint each stage gives for the node types it cannot take
+(`Stage.refusals`): the order that works, or to use one of the two per tensor.
 """
 
 from __future__ import annotations
@@ -26,56 +27,27 @@ from modelpress.core.errors import UnsupportedTensorError
 from modelpress.core.stage import Stage
 from modelpress.core.tensorinfo import TensorInfo
 
-_ONE_OF = "use one of {a} or {b} per tensor (--include/--exclude give tensors different stages)"
 
-# (stage id, encoding class name) -> how to get what the user wanted.
-_HINTS = {
-    ("quantize", "Quantized"): "the tensor is already integer-coded; keep one quantize stage "
-                               "per tensor (use --include/--exclude to give tensors different bits)",
-    ("quantize", "Scaled"): "cast and quantize both choose how the weights are stored; "
-                            + _ONE_OF.format(a="cast", b="quantize"),
-    ("quantize", "Palettized"): "cluster already stores each weight as a small index; "
-                                + _ONE_OF.format(a="cluster", b="quantize"),
-    ("cast", "Quantized"): "quantize already stores its scales in the model's float type; "
-                           + _ONE_OF.format(a="quantize", b="cast"),
-    ("cast", "Scaled"): "keep one cast stage per tensor",
-    ("cast", "Palettized"): "cluster keeps its codebook in the model's float type; "
-                            + _ONE_OF.format(a="cluster", b="cast"),
-    ("prune", "Sparse"): "use a single prune stage when it has --pattern N:M",
-    ("prune", "LowRank"): "the product of two factors has no zeros to keep; "
-                          + _ONE_OF.format(a="prune", b="lowrank"),
-    ("prune", "Palettized"): "put prune first: prune -> cluster gives the pruned zeros an "
-                             "exact codebook entry",
-    ("lowrank", "Sparse"): "factors would fill in the pruned zeros; "
-                           + _ONE_OF.format(a="prune", b="lowrank"),
-    ("lowrank", "LowRank"): "keep one lowrank stage per tensor",
-    ("lowrank", "*"): "put lowrank first: lowrank -> {prev} factors the dense weight, then "
-                      "{prev} compresses both factors",
-    ("cluster", "Quantized"): _ONE_OF.format(a="quantize", b="cluster"),
-    ("cluster", "Scaled"): _ONE_OF.format(a="cast", b="cluster"),
-    ("cluster", "Palettized"): "keep one cluster stage per tensor",
-}
-
-# Which stage produced an encoding, to name it in hints.
-_MADE_BY = {"Quantized": "quantize", "Scaled": "cast", "Palettized": "cluster",
-            "Sparse": "prune", "LowRank": "lowrank"}
+def one_of(a: str, b: str) -> str:
+    """The hint for two stages that each choose how the weights are stored."""
+    return (f"use one of {a} or {b} per tensor (--include/--exclude give tensors "
+            "different stages)")
 
 
-def order_error(stage: object, encoded: Encoded, info: TensorInfo | None) -> UnsupportedTensorError:
-    """The error for applying `stage` to a tensor already in `encoded`'s form."""
-    stage_id = getattr(stage, "id", "this stage")
-    if stage_id not in ("prune", "lowrank"):
-        # The part that blocks this stage: the kept values, or a factor.
+def order_error(stage: Stage, encoded: Encoded, info: TensorInfo | None) -> UnsupportedTensorError:
+    """The error for applying `stage` to a tensor already in `encoded`'s form.
+
+    The hint is the stage's own (`Stage.refusals`) for the node that blocks it:
+    the whole tensor for a stage that makes a mask or factors, else the leaf
+    under any mask or factors (the kept values, or a factor).
+    """
+    if not any(issubclass(kind, (Sparse, LowRank)) for kind in stage.produces):
         while isinstance(encoded, (Sparse, LowRank)):
             encoded = encoded.values if isinstance(encoded, Sparse) else encoded.left
-    kind = type(encoded).__name__
-    hint = _HINTS.get((stage_id, kind)) or _HINTS.get((stage_id, "*"))
-    if hint is None:
-        hint = "reorder the stages so this one comes first"
-    hint = hint.format(prev=_MADE_BY.get(kind, "the other stage"))
+    hint = stage.refusals.get(type(encoded), "reorder the stages so this one comes first")
     name = f"tensor {info.name!r}: " if info is not None else ""
     return UnsupportedTensorError(
-        f"{name}{stage_id} cannot follow a stage that made it {encoded.describe()}; {hint}")
+        f"{name}{stage.id} cannot follow a stage that made it {encoded.describe()}; {hint}")
 
 
 def factor_info(info: TensorInfo, shape: tuple[int, ...], which: str) -> TensorInfo:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from modelpress.core.compose import order_error
+from modelpress.core.compose import one_of, order_error
 from modelpress.core.dtypes import own_float
-from modelpress.core.encoded import Dense, Encoded, LowRank
+from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse
+from modelpress.core.sizing import ElementSize
 from modelpress.core.stage import Skip, Stage, option
 from modelpress.core.svd import rank_for_energy, singular_values, truncated_svd
 from modelpress.core.tensorinfo import TensorInfo
+
+
+def _first(prev: str) -> str:
+    return (f"put lowrank first: lowrank -> {prev} factors the dense weight, then {prev} "
+            "compresses both factors")
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,14 @@ class Factorize(Stage):
 
     id = "lowrank"
     summary = "low-rank factorization by truncated SVD (skipped where it would not save bytes)"
+    produces = (LowRank,)
+    refusals = {
+        Sparse: "factors would fill in the pruned zeros; " + one_of("prune", "lowrank"),
+        LowRank: "keep one lowrank stage per tensor",
+        Quantized: _first("quantize"),
+        Scaled: _first("cast"),
+        Palettized: _first("cluster"),
+    }
 
     rank: int | None = option(None, "number of singular values kept", min=1)
     rank_ratio: float | None = option(
@@ -66,3 +80,16 @@ class Factorize(Stage):
         dtype = own_float(encoded.array.dtype)
         return LowRank(Dense((u * root).astype(dtype)), Dense((root[:, None] * vt).astype(dtype)))
 
+    def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize | None:
+        if self.energy is not None:
+            return None  # the rank depends on the singular values
+        return replace(size, stored=self._stored_fraction(info))
+
+    def _stored_fraction(self, info: TensorInfo) -> float:
+        """Elements of the two factors over the matrix's; 1 when the stage leaves it alone."""
+        if len(info.shape) != 2:
+            return 1.0
+        m, n = info.shape
+        rank = min(self.rank, m, n) if self.rank is not None else \
+            max(1, int(round(self.rank_ratio * min(m, n))))
+        return 1.0 if rank * (m + n) >= m * n else rank * (m + n) / (m * n)

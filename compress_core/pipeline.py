@@ -16,7 +16,6 @@ from modelpress.core.dtypes import short_name
 from modelpress.core.encoded import Dense, Encoded, Quantized
 from modelpress.core.errors import ModelpressError, UnsupportedTensorError
 from modelpress.core.metrics import EMPTY, ErrorStats, compare
-from modelpress.core.quantize.fused import quantize_measured
 from modelpress.core.recipe import Recipe
 from modelpress.core.stage import Skip, Stage
 from modelpress.core.store import Progress, TensorStore
@@ -183,9 +182,9 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
         return None, None, False
     array = store.read(info.name)
     # With input statistics the codes change after quantizing: measured afterwards.
-    fused = quantize_measured(array, info, stages) if info.input_stats is None else None
-    if fused is not None:
-        return (*fused, False)
+    measured = encode_measured(array, info, stages) if info.input_stats is None else None
+    if measured is not None:
+        return (*measured, False)
     # On the stored dtype: a cast would warn on signalling NaNs (hostile data) and turn
     # finite float64 values beyond float32's range into Inf.
     bad = count_nonfinite(array)
@@ -209,6 +208,15 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
         adjusted = compensate(encoded, array, info.input_stats, info.block_axis)
         calibrated, encoded = adjusted is not encoded, adjusted
     return encoded, measure_error(array, encoded), calibrated
+
+
+def encode_measured(array: np.ndarray, info: TensorInfo,
+                    stages: list[Stage]) -> tuple[Encoded, ErrorStats] | None:
+    """A lone stage's encoding of `array` and its error, from the stage's measuring
+    kernel (`Stage.encode_measured`); None to apply the stages, then measure."""
+    if len(stages) != 1:
+        return None
+    return stages[0].encode_measured(array, info)
 
 
 # Input bytes of the tensors in flight at once (see encode_stream): those of the

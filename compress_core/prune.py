@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from modelpress.core.compose import order_error
-from modelpress.core.encoded import Dense, Encoded, Quantized, Scaled, Sparse
+from modelpress.core.compose import one_of, order_error
+from modelpress.core.encoded import (Dense, Encoded, LowRank, Palettized, Quantized, Scaled,
+                                     Sparse)
+from modelpress.core.sizing import ElementSize
 from modelpress.core.stage import Skip, Stage, TensorValues, option
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
@@ -43,6 +45,13 @@ class Prune(Stage):
 
     id = "prune"
     summary = "magnitude pruning (unstructured or N:M; per tensor or global)"
+    produces = (Sparse,)
+    refusals = {
+        Sparse: "use a single prune stage when it has --pattern N:M",
+        LowRank: "the product of two factors has no zeros to keep; " + one_of("prune", "lowrank"),
+        Palettized: "put prune first: prune -> cluster gives the pruned zeros an exact "
+                    "codebook entry",
+    }
 
     sparsity: float | None = option(
         None, "fraction of weights set to zero, in [0, 1) [default: 0.5; --pattern N:M "
@@ -108,6 +117,9 @@ class Prune(Stage):
         if isinstance(encoded, Sparse):
             mask &= encoded.mask
         return Sparse(mask, _zeroed(inner, mask), self.pattern)
+
+    def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize:
+        return replace(size, kept=1.0 - self.sparsity)
 
     def _mask(self, values: np.ndarray, info: TensorInfo) -> np.ndarray:
         nm = self.nm

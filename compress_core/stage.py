@@ -1,9 +1,14 @@
-"""The contract every stage follows, and the registry of stages by id.
+"""The contract every stage follows (the registry of stages is `modelpress.core.registry`).
 
 A stage is a frozen dataclass: its fields are its options, with the same names
 in the CLI (`group_size` is `--group-size`), in recipe files and in Python.
 Field metadata (help, choices, bounds) is the one definition the CLI options
-and the constructor's validation are both derived from.
+and the constructor's validation are both derived from. A stage also carries
+its own hooks, so that the pipeline, the size estimate and the order checks
+name no stage: `estimate_size` (bits per element, for --dry-run),
+`encode_measured` (a kernel that measures its error as it encodes), and
+`produces` and `refusals` (the node types it makes, and why it cannot take
+a tensor another stage has made into a given node type).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import numpy as np
 
 from modelpress.core.encoded import Encoded
 from modelpress.core.errors import RecipeError
+from modelpress.core.metrics import ErrorStats
+from modelpress.core.sizing import ElementSize
 from modelpress.core.tensorinfo import TensorInfo
 
 TensorValues = Callable[[], Iterable[tuple[TensorInfo, np.ndarray]]]
@@ -58,6 +65,11 @@ class Stage:
 
     id: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # The node types `apply` makes (compose.order_error: a stage that makes a mask or
+    # factors judges the whole tensor, one that makes a leaf the leaf inside them).
+    produces: ClassVar[tuple[type[Encoded], ...]] = ()
+    # Node type -> why this stage cannot follow the stage that made it, and what works.
+    refusals: ClassVar[dict[type[Encoded], str]] = {}
 
     include: tuple[str, ...] = option((), "only tensors whose name matches this glob (repeatable)",
                                       metavar="GLOB")
@@ -134,6 +146,21 @@ class Stage:
     @abstractmethod
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
         """Return the new encoding of one tensor; never modify the input."""
+
+    def encode_measured(self, array: np.ndarray,
+                        info: TensorInfo) -> tuple[Encoded, ErrorStats] | None:
+        """`apply` on the dense tensor `array` as read, and its error against `array`,
+        by a kernel that measures as it encodes; None to take the general path
+        (apply, then measure), which also reports NaN/Inf.
+
+        The encoding must be the one `apply` gives, byte for byte.
+        """
+        return None
+
+    def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize | None:
+        """The estimated bits per element after this stage, given those before it
+        (from the header alone); None when it depends on the data."""
+        return None
 
 
 def _coerce(klass: type[Stage], f: dataclasses.Field, value: Any) -> Any:

@@ -97,7 +97,7 @@ def test_sample_outputs_are_byte_identical_without_the_fused_path(tmp_path: Path
         calls.append(args[1].name)
         return None
 
-    monkeypatch.setattr(pipeline, "quantize_measured", switched_off)
+    monkeypatch.setattr(pipeline, "encode_measured", switched_off)
     general = _compress(src, tmp_path / "general.safetensors", recipe, threads=2)
     assert sorted(calls) == sorted(fused)  # every quantized tensor took the general path
     assert sha256(tmp_path / "fused.safetensors") == sha256(tmp_path / "general.safetensors")
@@ -120,7 +120,7 @@ def test_random_checkpoint_is_byte_identical_without_the_fused_path(tmp_path: Pa
     recipe = Recipe([Quantize(bits=8, granularity="channel", method="rtn")])
     opts = Options(min_elements=16)
     fused = compress(src, tmp_path / "a.safetensors", recipe, opts)
-    monkeypatch.setattr(pipeline, "quantize_measured", lambda *a: None)
+    monkeypatch.setattr(pipeline, "encode_measured", lambda *a: None)
     general = compress(src, tmp_path / "b.safetensors", recipe, opts)
     assert sha256(tmp_path / "a.safetensors") == sha256(tmp_path / "b.safetensors")
     assert len(fused.rows) == len(general.rows) == 4
@@ -130,17 +130,17 @@ def test_random_checkpoint_is_byte_identical_without_the_fused_path(tmp_path: Pa
 
 
 def test_other_recipes_take_the_general_path() -> None:
-    from modelpress.core.quantize.fused import quantize_measured
+    from modelpress.core.pipeline import encode_measured
     from modelpress.formats.safetensors.store import SafetensorsStore
     store = SafetensorsStore(SAMPLES / "mlp.safetensors")
     name = next(n for n, i in store.tensors.items() if len(i.shape) == 2)
     info, w = store.tensors[name], store.read(name)
-    assert quantize_measured(w, info, [Quantize(bits=8, granularity="channel",
+    assert encode_measured(w, info, [Quantize(bits=8, granularity="channel",
                                                 method="rtn")]) is not None
     for stage in (Quantize(bits=4), Quantize(bits=8, method="mse"),
                   Quantize(bits=8, granularity="group", group_size=32),
                   Quantize(bits=8, scheme="asym", granularity="channel", method="rtn")):
-        assert quantize_measured(w, info, [stage]) is None
+        assert encode_measured(w, info, [stage]) is None
     rtn = Quantize(bits=8, granularity="channel", method="rtn")
-    assert quantize_measured(w, info, [rtn, rtn]) is None
-    assert quantize_measured(w.astype(np.float64), info, [rtn]) is None
+    assert encode_measured(w, info, [rtn, rtn]) is None
+    assert encode_measured(w.astype(np.float64), info, [rtn]) is None

@@ -136,18 +136,18 @@ def _info(w: np.ndarray) -> TensorInfo:
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float16), BF16])
 def test_pipeline_takes_the_measured_path_for_scale_codes(dtype) -> None:
-    from modelpress.core.quantize.fused import quantize_measured
+    from modelpress.core.pipeline import encode_measured
     w = _weights((64, 48), seed=2).astype(dtype)
     stage = Quantize(bits=4)
-    got = quantize_measured(w, _info(w), [stage])
+    got = encode_measured(w, _info(w), [stage])
     assert got is not None
     encoded, error = got
     general = stage.apply(pipeline.Dense(w), _info(w))
     np.testing.assert_array_equal(encoded.codes, general.codes)
     reference = pipeline.measure_error(w, general)
     assert _close(error.sum_sq_err, reference.sum_sq_err) and error.max_abs == reference.max_abs
-    assert quantize_measured(w.astype(np.float64), _info(w), [stage]) is None
-    assert quantize_measured(w, _info(w), [stage, stage]) is None
+    assert encode_measured(w.astype(np.float64), _info(w), [stage]) is None
+    assert encode_measured(w, _info(w), [stage, stage]) is None
 
 
 def test_onnx_output_is_byte_identical_without_the_measured_path(tmp_path: Path,
@@ -162,7 +162,7 @@ def test_onnx_output_is_byte_identical_without_the_measured_path(tmp_path: Path,
         calls.append(info.name)
         return None
 
-    monkeypatch.setattr(pipeline, "quantize_measured", general_only)
+    monkeypatch.setattr(pipeline, "encode_measured", general_only)
     general = compress(src, tmp_path / "b.onnx", recipe, Options(min_elements=16))
     assert sorted(calls) == ["w1", "w2"]
     assert sha256(tmp_path / "a.onnx") == sha256(tmp_path / "b.onnx")

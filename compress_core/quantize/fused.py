@@ -13,9 +13,10 @@ independent under per-channel scales, so codes and scales are bit for bit
 those of `quantize_array`; the error sums are those of `metrics.compare`
 taken over other chunks, equal to float rounding.
 
-`quantize_measured` is the pipeline's entry to the measured kernels: this
-one, and `quantize_coded.quantize_coded_measured` for any quantization with
-scale codes (ONNX's defaults), which measures its blocks the same way.
+`quantize_measured` is the entry to the measured kernels that
+`Quantize.encode_measured` gives the pipeline: this one, and
+`coded.quantize_coded_measured` for any quantization with scale codes
+(ONNX's defaults), which measures its blocks the same way.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from modelpress.core.encoded import Dense, Quantized
 from modelpress.core.metrics import BlockSums, ErrorStats
 from modelpress.core.quantize.coded import quantize_coded_measured
 from modelpress.core.quantize.groups import stored_scale_up
-from modelpress.core.quantize.stage import Quantize
-from modelpress.core.stage import Stage
+from modelpress.core.quantize.plan import QuantPlan
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 # Elements per block: the block and one float32 work buffer (and the widened block
@@ -40,20 +40,17 @@ _FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def quantize_measured(array: np.ndarray, info: TensorInfo,
-                      stages: list[Stage]) -> tuple[Quantized, ErrorStats] | None:
-    """The encoding and its error if `stages` is one quantization this module or
+                      plan: QuantPlan) -> tuple[Quantized, ErrorStats] | None:
+    """The encoding and its error if `plan` is a quantization this module or
     `quantize_coded` measures as it goes: per-channel symmetric rtn with float
-    scales, or any quantization with scale codes.
+    scales, or any quantization with scale codes (`Quantize.encode_measured`).
 
-    Returns None when no fast path applies (another recipe or layout, a
-    dtype other than float32/float16/bfloat16) or when the tensor holds NaN
-    or Inf, which the general path reports; the caller then takes that path.
+    Returns None when no fast path applies (another layout, a dtype other
+    than float32/float16/bfloat16) or when the tensor holds NaN or Inf,
+    which the general path reports; the caller then takes that path.
     """
-    if len(stages) != 1 or type(stages[0]) is not Quantize:
-        return None
     if not (array.dtype in _FLOAT_TYPES or is_bfloat16(array.dtype)) or array.size == 0:
         return None
-    plan = stages[0].plan(info)
     channel_axis, block_axis = axes_for(info)
     if plan.scale_bits:
         # As Quantize.apply calls quantize_coded on a dense tensor.

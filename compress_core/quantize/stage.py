@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
-from modelpress.core.compose import apply_to_factors, order_error
+from modelpress.core.compose import apply_to_factors, one_of, order_error
 from modelpress.core.dtypes import scale_dtype_for
-from modelpress.core.encoded import GRANULARITIES, Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.encoded import (GRANULARITIES, Dense, Encoded, LowRank, Palettized, Quantized,
+                                     Scaled, Sparse)
+from modelpress.core.metrics import ErrorStats
 from modelpress.core.quantize.coded import quantize_coded
+from modelpress.core.quantize.fused import quantize_measured
 from modelpress.core.quantize.groups import GroupView, stored_scale_up
+from modelpress.core.quantize.multiplier import applies
 from modelpress.core.quantize.plan import CODED_GROUP, MAX_MULTIPLIED_BITS, QuantPlan, plan_for
+from modelpress.core.quantize.scalecode import MULTIPLIER_BITS
+from modelpress.core.sizing import ElementSize, per_element
 from modelpress.core.stage import Stage, option
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
@@ -45,6 +51,15 @@ class Quantize(Stage):
 
     id = "quantize"
     summary = "integer quantization (2-8 bits; per tensor, channel or group)"
+    produces = (Quantized,)
+    refusals = {
+        Quantized: "the tensor is already integer-coded; keep one quantize stage per tensor "
+                   "(use --include/--exclude to give tensors different bits)",
+        Scaled: "cast and quantize both choose how the weights are stored; "
+                + one_of("cast", "quantize"),
+        Palettized: "cluster already stores each weight as a small index; "
+                    + one_of("cluster", "quantize"),
+    }
 
     bits: int = option(8, "bits per weight (2-8)", min=2, max=8)
     scheme: str | None = option(
@@ -138,6 +153,27 @@ class Quantize(Stage):
             granularity=plan.granularity, channel_axis=channel_axis,
             block_axis=block_axis, group_size=plan.group_size, method=plan.method,
             scale_dtype=scale_dtype_for(info.dtype))
+
+    def encode_measured(self, array: np.ndarray,
+                        info: TensorInfo) -> tuple[Quantized, ErrorStats] | None:
+        return quantize_measured(array, info, self.plan(info))
+
+    def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize:
+        plan = self.plan(info)
+        side = _scale_bits(plan, info) * per_element(plan.granularity, info, plan.group_size)
+        return replace(size, value_bits=float(plan.bits), side=side)
+
+
+def _scale_bits(plan: QuantPlan, info: TensorInfo) -> float:
+    """Bits of one scale (and its zero point) of a quantized tensor (codes are bit-packed)."""
+    bits = plan.scale_bits or scale_dtype_for(info.dtype).itemsize * 8
+    if plan.super_block and applies(info.shape, axes_for(info)[1], plan.group_size,
+                                    plan.super_block):
+        # A 4-bit multiplier per group, a float16 base per super-block.
+        bits = MULTIPLIER_BITS + 16 * plan.group_size / plan.super_block
+    if not plan.symmetric:
+        bits += plan.zero_bits or plan.bits
+    return float(bits)
 
 
 def quantize_array(w: np.ndarray, *, bits: int, symmetric: bool, granularity: str,
