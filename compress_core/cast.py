@@ -35,8 +35,7 @@ def largest(dtype: np.dtype) -> float:
     dtype = np.dtype(dtype)
     if dtype.kind == "f" and dtype.isbuiltin == 1:  # numpy's own float types
         return float(np.finfo(dtype).max)
-    # Lazy: ml_dtypes takes 0.6 s to import; only bf16/fp8 need its finfo.
-    import ml_dtypes
+    import ml_dtypes  # lazy: 0.6 s to import; only bf16/fp8 need its finfo
     return float(ml_dtypes.finfo(dtype).max)
 
 

@@ -60,7 +60,7 @@ class Recipe:
 
     def to_yaml(self) -> str:
         """The recipe as YAML text, in the schema `load` reads."""
-        import yaml
+        import yaml  # lazy: PyYAML is needed only for YAML recipes
         return yaml.safe_dump(self.get_config(), sort_keys=False)
 
 
@@ -74,7 +74,7 @@ def read_document(path: str | Path) -> Any:
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
-        import yaml
+        import yaml  # lazy: PyYAML is needed only for YAML recipes
         return yaml.safe_load(text)
     except ValueError as exc:
         raise RecipeError(f"{path}: not valid JSON ({exc})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelpress import __version__
 from modelpress.core.evaluate import Evaluation
 from modelpress.core.metrics import EMPTY, ErrorStats
 from modelpress.core.thresholds import ThresholdResult, Thresholds
@@ -71,7 +72,6 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         """Every number of the table, JSON-safe."""
-        from modelpress import __version__
         return {
             "tool": {"name": "modelpress", "version": __version__},
             "input": self.input_path, "output": self.output_path, "format": self.format,

@@ -58,7 +58,7 @@ def _randomized(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     # for each other): 4096x4096 at rank 256 took 12-36 s threaded on a loaded
     # 2-CPU machine and 1.6 s on one thread. Tensors run in parallel already
     # (--threads).
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # lazy: only SVD limits BLAS threads
     with threadpool_limits(1, user_api="blas"):
         return _randomized_steps(a, rank)
 

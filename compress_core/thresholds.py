@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from modelpress.core.report import Report
+from modelpress.core.evaluate import Evaluation
+from modelpress.core.metrics import ErrorStats
+
+
+class Measured(Protocol):
+    """What `check` reads of a run: a `modelpress.core.report.Report`."""
+
+    rows: list[Any]
+    evaluation: Evaluation | None
+    file_bytes_before: int
+    file_bytes_after: int
+
+    @property
+    def weight_error(self) -> ErrorStats:
+        """Error over all changed tensors together."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ class ThresholdResult:
                 "passed": self.passed, "message": self.message}
 
 
-def check(thresholds: Thresholds, report: Report) -> list[ThresholdResult]:
+def check(thresholds: Thresholds, report: Measured) -> list[ThresholdResult]:
     """The outcome of every limit that is set, in option order."""
     results = []
     if thresholds.max_error is not None:
@@ -105,7 +118,7 @@ def _at_least(option: str, limit: float, measured: float, what: str, *, percent:
                            f"{option} {limit:g}: {what} {shown} {relation} {bound}")
 
 
-def _unmeasured(option: str, limit: float, what: str, report: Report) -> ThresholdResult:
+def _unmeasured(option: str, limit: float, what: str, report: Measured) -> ThresholdResult:
     notes = report.evaluation.notes if report.evaluation is not None else []
     reason = "; ".join(n.removeprefix("output error not measured: ") for n in notes)
     return ThresholdResult(option, limit, None, False,
