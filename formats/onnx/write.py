@@ -27,7 +27,7 @@ import onnx
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
-from modelpress.formats.atomic import _fsync_dir, atomic_path
+from modelpress.formats.atomic import fsync_dir, atomic_path
 from modelpress.formats.filedata import copy_range
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
 
@@ -158,7 +158,7 @@ class Staging:
             self.dst.unlink()  # never pair an old model with the new data
         os.replace(self.data.path, final_data)
         os.replace(self.model_path, self.dst)
-        _fsync_dir(self.dst.parent)
+        fsync_dir(self.dst.parent)
 
     def discard(self) -> None:
         """Remove everything staged."""
