@@ -134,7 +134,7 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
         return {}, [f"--calibration {calibration}: not used (no quantized MatMul/Gemm weight "
                     "takes non-negative inputs)"]
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy and optional: only for --calibration
     except ImportError:
         raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
     try:

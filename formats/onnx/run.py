@@ -226,7 +226,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 def onnxruntime_available() -> bool:
     """True when onnxruntime can be imported."""
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (heavy and optional: imported only to probe)
     except ImportError:
         return False
     return True
@@ -242,7 +242,7 @@ class Session:
 
     def __init__(self, path: Path) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # heavy and optional: only when a model runs
         except ImportError:
             raise ModelRunError(f"onnxruntime is not installed ({INSTALL_HINT})") from None
         ort.set_default_logger_severity(3)

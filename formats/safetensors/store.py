@@ -27,6 +27,7 @@ class SafetensorsStore:
     """A .safetensors file opened for reading; tensors in file order."""
 
     format = "safetensors"
+    sharded = False  # one file (a ShardedStore is the index and its shards)
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -38,6 +39,11 @@ class SafetensorsStore:
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._tensors
+
+    @property
+    def data_files(self) -> tuple[Path, ...]:
+        """Files besides `path` that hold the model's tensors: none."""
+        return ()
 
     @property
     def file_bytes(self) -> int:
