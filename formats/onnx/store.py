@@ -11,7 +11,7 @@ import onnx
 
 from modelpress.core.encoded import Dense, Encoded, LowRank
 from modelpress.core.errors import ModelReadError
-from modelpress.core.store import EncodedItems, Progress, WriteResult, in_store_order
+from modelpress.core.store import EncodedItems, Progress, WriteOptions, WriteResult, in_store_order
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.onnx.borrow import borrow, give_back
@@ -25,6 +25,7 @@ from modelpress.formats.onnx.graph import (Location, check_tensor, external_data
 from modelpress.formats.onnx.lowrank import emit_lowrank, product_note
 from modelpress.formats.onnx.meta import read_encodings, set_metadata, spec_initializers
 from modelpress.formats.onnx.opset import ensure_opset
+from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.onnx.quant import emit_kernel
 from modelpress.formats.onnx.sites import OnnxTarget, kernel_site, sensitive_tensors, widen_allowed
 from modelpress.formats.onnx.tensors import inline_tensor, load_model, read_tensor, stored_bytes
@@ -140,19 +141,21 @@ class OnnxStore:
     def write(self, dst: Path, encoded: EncodedItems,
               progress: Progress | None = None, *,
               metadata: Mapping[str, str] | None = None,
-              external_data: str = "auto", target: OnnxTarget | None = None) -> WriteResult:
+              options: WriteOptions | None = None) -> WriteResult:
         """Write the model with each encoded tensor replaced by its decoding nodes.
 
         `encoded` may be a stream of (name, encoded) pairs in tensor order;
         each tensor's initializers are made (and, with external data, written
-        out) as it arrives. `external_data` is "auto" (a data file beside the
-        output for a large input, or when the output would pass 2 GB),
-        "always" or "never" (see modelpress.formats.onnx.write). `target` chooses the
-        form of quantized MatMul/Gemm weights (see OnnxTarget). `metadata`
-        entries are added to the model's metadata_props.
+        out) as it arrives. `options` (an OnnxWriteOptions) say where the
+        weights go (`external_data`: "auto" writes a data file beside the output
+        for a large input, or when the output would pass 2 GB; see
+        modelpress.formats.onnx.write) and the form of quantized MatMul/Gemm
+        weights (`target`, see OnnxTarget). `metadata` entries are added to
+        the model's metadata_props.
         """
         dst = Path(dst)
-        target = target or OnnxTarget()
+        options = _onnx_options(options)
+        external_data, target = options.external_data, options.target
         if target.widen and not widen_allowed(self._tensors):
             target = dataclasses.replace(target, widen=False)
         # A working copy without the weights: each large tensor is a reference to
@@ -238,6 +241,16 @@ class OnnxStore:
         if site is not None and site.form == "dequantize-linear":
             return 21
         return required_opset(enc, info.dtype)
+
+
+def _onnx_options(options: WriteOptions | None) -> OnnxWriteOptions:
+    """The writer settings for an ONNX output (None: the defaults)."""
+    if options is None:
+        return OnnxWriteOptions()
+    if not isinstance(options, OnnxWriteOptions):
+        raise TypeError(f"an ONNX model is written with OnnxWriteOptions, not "
+                        f"{type(options).__name__}")
+    return options
 
 
 def _replace(location: Location, name: str, out: Any) -> None:

@@ -32,9 +32,10 @@ from modelpress.formats.filedata import copy_range
 from modelpress.formats.onnx.check import check_saved
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
 from modelpress.formats.onnx.names import data_name
+from modelpress.formats.onnx.options import EXTERNAL_DATA_MODES
 from modelpress.formats.onnx.tensors import inline_tensor
 
-MODES = ("auto", "always", "never")
+MODES = EXTERNAL_DATA_MODES
 # Tensors smaller than this stay in the model file (onnx.save's default threshold).
 EXTERNAL_MIN_BYTES = 1024
 # Tensors of at least ALIGN_FROM bytes start on an ALIGNMENT boundary, so
