@@ -15,6 +15,8 @@ from modelpress.app.batch.report import FAILED, BatchReport
 from modelpress.core.errors import ModelpressError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
+from modelpress.formats.onnx.options import OnnxWriteOptions
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 if TYPE_CHECKING:  # rich is imported only when a batch runs
     from rich.console import Console
@@ -64,7 +66,8 @@ def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, options: Options,
                       flags: dict[str, Any], report_path: Path | None, fmt: str,
-                      quiet: bool) -> str | None:
+                      quiet: bool, *, onnx_options: OnnxWriteOptions,
+                      safetensors_options: SafetensorsWriteOptions) -> str | None:
     """Run (or dry-run) a batch; print the summary; return a failure line or None."""
     from rich.console import Console
 
@@ -78,7 +81,8 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
     except ModelpressError as exc:
         return str(exc)
     if flags["dry_run"]:
-        rows = dry_run(plan, recipe, options, flags["skip_existing"])
+        rows = dry_run(plan, recipe, options, flags["skip_existing"],
+                       onnx_options=onnx_options, safetensors_options=safetensors_options)
         if report_path is not None:
             dump_json(report_path, {"dry_run": True, "recipe": recipe.get_config(),
                                     "rows": [r.__dict__ for r in rows]})
@@ -94,7 +98,8 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
     try:
         if display:
             display.start()
-        report = run_batch(plan, recipe, options, batch, display)
+        report = run_batch(plan, recipe, options, batch, display, onnx_options=onnx_options,
+                           safetensors_options=safetensors_options)
     finally:
         if display:
             display.stop()

@@ -14,6 +14,9 @@ from modelpress import __version__
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.core.recipe import Recipe
+from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODES, INT4_MODES,
+                                             INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 from modelpress.cli import evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
@@ -111,29 +114,30 @@ def cli() -> None:
 @click.option("--threads", type=click.IntRange(1), metavar="N",
               help="Tensors compressed at once (threads) [default: CPU count; in batch mode "
                    "the CPUs are shared among jobs]. The output does not depend on it.")
-@click.option("--external-data", type=click.Choice(["auto", "always", "never"]),
+@click.option("--external-data", type=click.Choice(EXTERNAL_DATA_MODES),
               default="auto", show_default=True,
               help="ONNX: write weights to OUT.data beside OUT. auto: when the input (with its "
                    "data files) is 512 MiB or more, or the output would pass protobuf's "
                    "2 GB limit.")
-@click.option("--onnx-target", type=click.Choice(["standard", "ort"]), default="standard",
+@click.option("--onnx-target", type=click.Choice(TARGETS), default="standard",
               show_default=True,
               help="ONNX: 4-bit MatMul/Gemm weights as standard DequantizeLinear (onnxruntime "
                    "fuses it into its 4-bit kernel), or ort: com.microsoft.MatMulNBits "
                    "written directly (onnxruntime only).")
-@click.option("--onnx-int4", type=click.Choice(["auto", "kernel", "fold"]), default="auto",
+@click.option("--onnx-int4", type=click.Choice(INT4_MODES), default="auto",
               show_default=True,
               help="ONNX: which 4-bit MatMul/Gemm weights use onnxruntime's 4-bit kernel: "
                    "auto: matrices of 4M+ weights (faster there; smaller ones run faster as "
                    "float32); kernel: all that can (least memory); fold: none (decoded once "
                    "at load).")
-@click.option("--onnx-int8", type=click.Choice(["auto", "kernel", "fold"]), default="auto",
+@click.option("--onnx-int8", type=click.Choice(INT8_MODES), default="auto",
               show_default=True,
               help="ONNX: which 5- to 8-bit MatMul/Gemm weights use onnxruntime's 8-bit "
                    "kernel (one byte per weight in memory, int8 activations): auto: matrices "
                    "of 1M+ weights in groups of 64+; kernel: all that can; fold: none "
                    "(decoded to float32 at load: exact float math, 4 bytes per weight).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+@click.option("--accuracy-level", type=click.IntRange(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)),
+              default=4, show_default=True,
               help="With --onnx-target ort: MatMulNBits accuracy_level (0: float math, "
                    "exact; 4: int8 activations, faster). The standard form follows the "
                    "session option session.qdq_matmulnbits_accuracy_level (default 4).")
@@ -234,6 +238,11 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
     batch_flags = extra
     recipe = _recipe(stages, recipe_file)
+    options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
+                      threads=threads)
+    onnx_options = OnnxWriteOptions(external_data, OnnxTarget(onnx_target, onnx_int4,
+                                                              accuracy_level, onnx_int8))
+    safetensors_options = SafetensorsWriteOptions(max_shard_size)
     if print_recipe:
         click.echo(recipe.to_yaml(), nl=False)
         return
@@ -248,13 +257,9 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         if single:
             raise click.UsageError(f"{single[0]} applies to one model at a time; batch mode "
                                    "reports weight errors and does not run the models")
-        options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
-                          max_shard_size=max_shard_size, threads=threads,
-                          external_data=external_data, onnx_target=onnx_target,
-                          onnx_int4=onnx_int4, onnx_int8=onnx_int8,
-                          accuracy_level=accuracy_level)
         failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
-                                    fmt, quiet)
+                                    fmt, quiet, onnx_options=onnx_options,
+                                    safetensors_options=safetensors_options)
         if failure:
             raise Failure(failure)
         return
@@ -275,14 +280,9 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
             bar.start()
-        report = run(model[0], output, recipe,
-                     Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
-                             max_shard_size=max_shard_size, threads=threads,
-                             external_data=external_data, onnx_target=onnx_target,
-                             onnx_int4=onnx_int4, onnx_int8=onnx_int8,
-                             accuracy_level=accuracy_level,
-                             calibration=None if calibration is None else str(calibration)),
-                     update)
+        report = run(model[0], output, recipe, options, update, onnx_options=onnx_options,
+                     safetensors_options=safetensors_options,
+                     calibration=None if calibration is None else str(calibration))
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:

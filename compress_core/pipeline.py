@@ -26,28 +26,18 @@ DEFAULT_MIN_ELEMENTS = 4096
 
 @dataclass(frozen=True)
 class Options:
-    """Run-wide settings that are not part of the recipe."""
+    """Run-wide settings that are not part of the recipe.
+
+    Each format's writer settings are that format's own object (an ONNX
+    model's OnnxWriteOptions, safetensors' SafetensorsWriteOptions), given to
+    its store's writer.
+    """
 
     min_elements: int = DEFAULT_MIN_ELEMENTS
     allow_nonfinite: bool = False
-    # Sharded safetensors checkpoints only: cut output shards of at most this
-    # many bytes instead of keeping the input's shards.
-    max_shard_size: int | None = None
     # Tensors processed at once (threads); None: one per CPU. Output bytes do not
     # depend on it.
     threads: int | None = None
-    # ONNX only: "auto" writes weights as external data when the input (with its
-    # data files) has 512 MiB or more or the output would pass protobuf's 2 GB
-    # limit; "always", "never" (see modelpress.formats.onnx.write).
-    external_data: str = "auto"
-    # ONNX only: the form of quantized MatMul/Gemm weights (modelpress.formats.onnx.sites.OnnxTarget).
-    onnx_target: str = "standard"
-    onnx_int4: str = "auto"
-    accuracy_level: int = 4
-    onnx_int8: str = "auto"
-    # ONNX only: an .npz of model inputs run through the original model; MatMul/Gemm
-    # weights then round with their inputs' statistics (compress_core/calibrate.py).
-    calibration: str | None = None
 
 
 # Options that do not change what is written (left out of recipe fingerprints).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Tuple, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Protocol, Tuple, Union
 
 import numpy as np
 
@@ -24,15 +24,31 @@ class WriteResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """One format's writer settings. Each format defines its own subclass (ONNX:
+    external data, kernel forms; safetensors: shard size); callers build the one
+    for the store's format and pass it to `TensorStore.write` untouched."""
+
+
 class TensorStore(Protocol):
-    """A model opened for reading, one tensor at a time."""
+    """A model opened for reading, one tensor at a time: what the pipeline, the
+    writers and the application use of it."""
 
     path: Path
     format: str
+    sharded: bool
+    """True for a checkpoint of several files written as shards plus an index."""
+    encodings: Mapping[str, dict[str, Any]]
+    """The spec of each tensor stored in a modelpress encoding, by its original name."""
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
         """Every tensor in file order."""
+
+    @property
+    def data_files(self) -> Collection[Path]:
+        """Files besides `path` that hold tensors (ONNX external data, shards)."""
 
     @property
     def file_bytes(self) -> int:
@@ -41,12 +57,27 @@ class TensorStore(Protocol):
     def read(self, name: str) -> np.ndarray:
         """One tensor's data."""
 
-    def write(self, dst: Path, encoded: EncodedItems,
-              progress: Progress | None = None) -> WriteResult:
+    def decode(self, name: str) -> Encoded:
+        """The encoded tree of a tensor stored in a modelpress encoding."""
+
+    def logical_tensors(self) -> Iterator[tuple[str, TensorInfo, Encoded | None, int]]:
+        """Tensors as the original model had them: (name, info, encoding or None if
+        stored plainly, bytes stored)."""
+
+    def calibrate(self, calibration: Path, selected: set[str]) -> list[str]:
+        """Attach input statistics (`TensorInfo.input_stats`) from a file of model inputs
+        to the tensors among `selected` that can use them; notes for the report.
+        Raises InputDataError for a format that cannot run its model."""
+
+    def write(self, dst: Path, encoded: EncodedItems, progress: Progress | None = None, *,
+              metadata: Mapping[str, str] | None = None,
+              options: WriteOptions | None = None) -> WriteResult:
         """Write the model with `encoded` tensors replaced, atomically, in this format.
 
         `encoded` may be a stream of (name, encoded) pairs in the store's
         tensor order: writers take one at a time, so memory stays bounded.
+        `metadata` entries are added to the output's metadata; `options` are
+        this format's writer settings (None: the defaults).
         """
 
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
-from modelpress.core.store import WriteResult
+from modelpress.core.store import TensorStore, WriteResult
 
-from modelpress.formats.onnx.store import OnnxStore
-from modelpress.formats.safetensors.store import SafetensorsStore
+from modelpress.formats.onnx.names import data_name
 from modelpress.formats.safetensors.sharded import INDEX_SUFFIX, ShardedStore, is_index
+from modelpress.formats.safetensors.store import SafetensorsStore
+from modelpress.formats.safetensors.store import write_decompressed as write_decompressed_file
+from modelpress.formats.safetensors.sharded import write_decompressed as write_decompressed_sharded
 
-Store = Union[OnnxStore, SafetensorsStore, ShardedStore]
+# The ONNX subpackage is imported only when an .onnx model is opened or written:
+# it imports onnx, which costs 0.7 s (its ml_dtypes import), and a safetensors
+# run never needs it.
+Store = TensorStore
 SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors"}
 
 
@@ -57,7 +61,10 @@ def open_model(path: str | os.PathLike) -> Store:
             raise ModelReadError(f"{path}: file is empty")
         if is_index(path):
             return ShardedStore(path)
-        return OnnxStore(path) if fmt == "onnx" else SafetensorsStore(path)
+        if fmt == "onnx":
+            from modelpress.formats.onnx.store import OnnxStore  # imports onnx: see above
+            return OnnxStore(path)
+        return SafetensorsStore(path)
     except OSError as exc:  # unreadable, a name too long, an I/O error
         raise ModelReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -92,21 +99,20 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
     if same_file(dst, store.path):
         raise ModelWriteError(f"{dst}: output is the input file; choose another output path "
                               "(modelpress never modifies its input)")
-    for data in getattr(store, "data_files", ()):
+    for data in store.data_files:
         if same_file(dst, data):
             raise ModelWriteError(f"{dst}: output is {data.name}, an external data file of the "
                                   "input; choose another output path (modelpress never modifies "
                                   "its input)")
     if store.format == "onnx":  # an ONNX output may get a data file beside it
-        from modelpress.formats.onnx.write import data_name
         beside = dst.parent / data_name(dst)
-        for data in [store.path, *getattr(store, "data_files", ())]:
+        for data in [store.path, *store.data_files]:
             if same_file(beside, data):
                 raise ModelWriteError(f"{dst}: the output's data file {beside.name} would replace "
                                       f"{data.name}, a file of the input; choose another output "
                                       "path (modelpress never modifies its input)")
     fmt = format_of(dst)
-    if getattr(store, "sharded", False) != is_index(dst) and fmt == store.format:
+    if store.sharded != is_index(dst) and fmt == store.format:
         what = ("a sharded checkpoint is written as shards plus an index: name the output "
                 f"*{INDEX_SUFFIX}" if is_index(store.path) else
                 f"a single safetensors file is written as one file, not as *{INDEX_SUFFIX}")
@@ -122,14 +128,12 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
 def write_decompressed(store: Store, dst: Path) -> WriteResult:
     """Write the model with every compressed tensor restored to dense floats."""
     if isinstance(store, ShardedStore):
-        from modelpress.formats.safetensors.sharded import write_decompressed as sharded_write
-        return sharded_write(store, dst)
-    if isinstance(store, OnnxStore):
-        from modelpress.formats.onnx.restore import write_decompressed as onnx_write
-        return onnx_write(store, dst)
-    from modelpress.formats.safetensors.store import write_decompressed as st_write
-    return st_write(store, dst)
+        return write_decompressed_sharded(store, dst)
+    if isinstance(store, SafetensorsStore):
+        return write_decompressed_file(store, dst)
+    from modelpress.formats.onnx.restore import write_decompressed as write_onnx  # imports onnx
+    return write_onnx(store, dst)
 
 
-__all__ = ["OnnxStore", "SafetensorsStore", "ShardedStore", "Store", "check_output_path",
+__all__ = ["SafetensorsStore", "ShardedStore", "Store", "check_output_path",
            "find_index", "format_of", "open_model", "same_file", "write_decompressed"]

@@ -33,7 +33,7 @@ def atomic_path(dst: Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
@@ -43,7 +43,8 @@ def atomic_path(dst: Path) -> Iterator[Path]:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the system allows."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -81,7 +82,7 @@ def atomic_paths(dsts: list[Path]) -> Iterator[list[Path]]:
         for tmp, dst in zip(tmps, dsts):
             os.replace(tmp, dst)
         for folder in {dst.parent for dst in dsts}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except BaseException:
         for tmp in tmps:
             with contextlib.suppress(OSError):

@@ -208,7 +208,9 @@ def _external_files(files: dict[PurePosixPath, Path], model: PurePosixPath,
     folder = model.parent
     if not explicit and not any(_inside(o, folder) for o in others):
         return []
+    # onnx costs 0.7 s to import: loaded only when a folder holds an ONNX model
     import onnx
+
     from modelpress.formats.onnx.graph import graphs, is_external
     try:
         proto = onnx.load(str(files[model]), load_external_data=False)

@@ -21,6 +21,9 @@ from modelpress.core.errors import ModelWriteError
 
 from modelpress.formats.atomic import atomic_path
 from modelpress.formats.digest import file_sha256
+from modelpress.formats.onnx.names import data_name
+from modelpress.formats.safetensors.ct_config import config_for
+from modelpress.formats.safetensors.header import read_header
 from modelpress.formats.safetensors.sharded import is_index, read_index
 
 SOURCE_KEY = "modelpress.source"
@@ -66,11 +69,10 @@ def read_source(path: Path) -> dict[str, Any] | None:
             _, metadata = read_index(path)
             raw = metadata.get(SOURCE_KEY)
         elif path.suffix.lower() == ".onnx":
-            import onnx
+            import onnx  # 0.7 s to import: only for an ONNX output
             model = onnx.load(str(path), load_external_data=False)
             raw = next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), None)
         else:
-            from modelpress.formats.safetensors.header import read_header
             raw = read_header(path).metadata.get(SOURCE_KEY)
         record = json.loads(raw) if isinstance(raw, str) else None
         return record if isinstance(record, dict) else None
@@ -99,10 +101,10 @@ def onnx_data_files(path: Path) -> list[Path]:
     is taken to be self-contained and is not parsed, so this stays cheap for
     large inline models.
     """
-    from modelpress.formats.onnx.write import data_name
     if not (path.parent / data_name(path)).exists():
         return []
     try:
+        # onnx costs 0.7 s to import: loaded only for an ONNX model with a data file
         import onnx
 
         from modelpress.formats.onnx.graph import external_data_file, is_external, locate
@@ -133,7 +135,6 @@ def up_to_date(dst: Path, recipe_sha256: str, input_sha256: str,
     if not all(p.is_file() for p in output_files(dst)):
         return False
     if config_src is not None and config_dst is not None:
-        from modelpress.formats.safetensors.ct_config import config_for
         try:
             return config_dst.is_file() and config_dst.read_bytes() == config_for(config_src, dst)
         except Exception:

@@ -20,7 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 from modelpress import Quantize, Recipe, compress
 from modelpress.core.calibrate import InputStats, compensate
 from modelpress.core.encoded import Dense, Quantized
-from modelpress.core.pipeline import Options
 from modelpress.core.tensorinfo import TensorInfo
 from modelpress.formats.onnx.calibrate import nonnegative
 
@@ -156,7 +155,7 @@ def test_calibration_lowers_the_output_error_of_a_pooled_head(tmp_path: Path) ->
     for calibration in (None, tmp_path / "cal.npz"):
         dst = tmp_path / f"out-{calibration is not None}.onnx"
         report = compress(src, dst, Recipe([Quantize(bits=4)]),
-                          Options(calibration=None if calibration is None else str(calibration)))
+                          calibration=None if calibration is None else str(calibration))
         y = ort_run(dst, {"x": x}, exact=True)[0]
         errors[calibration is not None] = np.linalg.norm(y - reference) / np.linalg.norm(reference)
         sizes[calibration is not None] = dst.stat().st_size
@@ -177,7 +176,7 @@ def test_calibration_is_not_used_where_inputs_can_be_negative(samples: Path,  # 
     plain, calibrated = tmp_path / "a.onnx", tmp_path / "b.onnx"
     compress(samples / "transformer.onnx", plain, Recipe([Quantize(bits=4)]))
     report = compress(samples / "transformer.onnx", calibrated, Recipe([Quantize(bits=4)]),
-                      Options(calibration=str(tmp_path / "cal.npz")))
+                      calibration=str(tmp_path / "cal.npz"))
     assert any("not used (no quantized MatMul/Gemm weight takes non-negative inputs)" in n
                for n in report.notes), report.notes
     assert plain.read_bytes() == calibrated.read_bytes()
@@ -223,7 +222,7 @@ def test_calibration_reads_external_data_in_place(tmp_path: Path) -> None:
     for name, path in (("inline", inline), ("external", src)):
         dst = tmp_path / f"{name}-out.onnx"
         report = compress(path, dst, Recipe([Quantize(bits=4)]),
-                          Options(calibration=str(tmp_path / "cal.npz")))
+                          calibration=str(tmp_path / "cal.npz"))
         assert any("rounding changed in 1 tensors" in n for n in report.notes), report.notes
         outputs[name] = ort_run(dst, {"x": _features(4, seed=2)}, exact=True)[0]
     np.testing.assert_array_equal(outputs["inline"], outputs["external"])
@@ -240,7 +239,7 @@ def test_calibration_follows_a_fixed_batch_dimension(tmp_path: Path) -> None:
     onnx.save(model, str(src))
     np.savez(tmp_path / "cal.npz", x=_features(6, seed=1))
     report = compress(src, tmp_path / "o.onnx", Recipe([Quantize(bits=4)]),
-                      Options(calibration=str(tmp_path / "cal.npz")))
+                      calibration=str(tmp_path / "cal.npz"))
     assert any("at least 6 input rows" in n for n in report.notes), report.notes
     np.savez(tmp_path / "odd.npz", x=_features(5, seed=1))
     result = run_cli(["compress", src, "-o", tmp_path / "p.onnx", "--no-eval", "--calibration",

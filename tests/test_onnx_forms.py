@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelpress import Quantize, Recipe, compress, decompress
-from modelpress.core.pipeline import Options
+from modelpress.formats.onnx.options import OnnxTarget, OnnxWriteOptions
 from modelpress.formats import open_model
 
 from conftest import matmul_model, ort_run, rng_weights
@@ -50,7 +50,7 @@ def test_kernel_form_is_blocked_dequantize_linear_fused_into_matmulnbits(tmp_pat
     src = matmul_model(tmp_path / "m.onnx", {"w1": rng_weights(256, 96, seed=1),
                                              "w2": rng_weights(96, 48, seed=2)})
     dst = tmp_path / "o.onnx"
-    compress(src, dst, FOUR, Options(onnx_int4="kernel"))
+    compress(src, dst, FOUR, onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     model = onnx.load(str(dst))
     onnx.checker.check_model(model, full_check=True)
     assert [o.version for o in model.opset_import if o.domain == ""] == [21]
@@ -79,8 +79,9 @@ def test_ort_target_writes_matmulnbits(tmp_path: Path, level: int) -> None:
     src = matmul_model(tmp_path / "m.onnx", {"w1": rng_weights(200, 96, seed=1),
                                              "w2": rng_weights(96, 48, seed=2)})
     dst = tmp_path / "o.onnx"
-    compress(src, dst, FOUR, Options(onnx_target="ort", onnx_int4="kernel",
-                                     accuracy_level=level))
+    compress(src, dst, FOUR,
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(target="ort", int4="kernel",
+                                                             accuracy_level=level)))
     model = onnx.load(str(dst))
     kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert [n.domain for n in kernels] == ["com.microsoft"] * 2
@@ -123,7 +124,7 @@ def test_gemm_trans_b_is_rewritten_for_the_kernel(tmp_path: Path) -> None:
     w, bias = rng_weights(64, 160, seed=3), rng_weights(64, seed=4)
     src = _gemm_model(tmp_path / "m.onnx", w, bias, None)
     dst = tmp_path / "o.onnx"
-    compress(src, dst, FOUR, Options(onnx_int4="kernel"))
+    compress(src, dst, FOUR, onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     model = onnx.load(str(dst))
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     assert {a.name: a.i for a in gemm.attribute}.get("transB", 0) == 0
@@ -143,12 +144,13 @@ def test_relu_consumer_gets_the_folded_chain(tmp_path: Path, after: str) -> None
     w, bias = rng_weights(64, 160, seed=3), rng_weights(64, seed=4)
     src = _gemm_model(tmp_path / "m.onnx", w, bias, after)
     dst = tmp_path / "o.onnx"
-    compress(src, dst, FOUR, Options(onnx_int4="kernel"))
+    compress(src, dst, FOUR, onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     assert "DequantizeLinear" not in [n.op_type for n in onnx.load(str(dst)).graph.node]
     ops = optimized_ops(dst, tmp_path)
     assert "DequantizeLinear" not in ops and "MatMulNBits" not in ops
     # With --onnx-target ort the kernel is written directly, Relu or not.
-    compress(src, tmp_path / "k.onnx", FOUR, Options(onnx_target="ort", onnx_int4="kernel"))
+    compress(src, tmp_path / "k.onnx", FOUR,
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(target="ort", int4="kernel")))
     assert "MatMulNBits" in optimized_ops(tmp_path / "k.onnx", tmp_path)
 
 
@@ -165,7 +167,8 @@ def test_shared_weight_gets_the_folded_chain(tmp_path: Path) -> None:
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
     dst = tmp_path / "o.onnx"
-    compress(tmp_path / "m.onnx", dst, FOUR, Options(onnx_int4="kernel"))
+    compress(tmp_path / "m.onnx", dst, FOUR,
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     assert optimized_ops(dst, tmp_path) == ["MatMul", "MatMul"]
     (decoded,) = _decoded(dst, "w")
     x = _x(2, 128)
@@ -183,7 +186,7 @@ def test_auto_keeps_small_matrices_folded(tmp_path: Path) -> None:
 def test_conv_weights_fold_at_load(tmp_path: Path, samples: Path, bits: int) -> None:
     dst = tmp_path / "c.onnx"
     compress(samples / "cnn.onnx", dst, Recipe([Quantize(bits=bits, all_layers=True)]),
-             Options(onnx_int4="kernel"))
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     ops = optimized_ops(dst, tmp_path)
     before = optimized_ops(samples / "cnn.onnx", tmp_path)
     assert ops == before   # the same graph as the original's: every chain was folded
@@ -198,7 +201,7 @@ def test_pruned_and_quantized_kernel_form_keeps_exact_zeros(tmp_path: Path) -> N
     src = matmul_model(tmp_path / "m.onnx", {"w1": rng_weights(128, 64, seed=8)})
     dst = tmp_path / "o.onnx"
     compress(src, dst, Recipe([Prune(pattern="2:4"), Quantize(bits=4, all_layers=True)]),
-             Options(onnx_int4="kernel"))
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     assert optimized_ops(dst, tmp_path) == ["MatMulNBits"]
     (decoded,) = _decoded(dst, "w1")
     assert int((decoded == 0).sum()) >= decoded.size // 2
@@ -218,7 +221,8 @@ def test_opset_raised_after_a_decode_function_keeps_it(tmp_path: Path) -> None:
     dst = tmp_path / "o.onnx"
     recipe = Recipe([Quantize(bits=8, include=("w1",)),
                      Quantize(bits=4, include=("w2",), all_layers=True)])
-    report = compress(src, dst, recipe, Options(onnx_int4="kernel"))
+    report = compress(src, dst, recipe,
+                      onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     assert "ONNX opset raised from 18 to 21" in " ".join(report.notes)
     model = onnx.load(str(dst))
     onnx.checker.check_model(model, full_check=True)

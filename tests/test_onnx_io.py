@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelpress import Cast, Cluster, Factorize, Prune, Quantize, Recipe, compare, compress
-from modelpress.core.pipeline import Options
+from modelpress.formats.onnx.options import OnnxTarget, OnnxWriteOptions
 from modelpress.core.errors import ModelWriteError
 from modelpress.formats import open_model
 
@@ -121,7 +121,7 @@ def test_int4_raises_opset_and_says_so(tmp_path: Path) -> None:
     assert [o.version for o in model.opset_import if o.domain == ""] == [18]
     # The 4-bit kernel form (blocked DequantizeLinear) needs opset 21.
     compress(src, tmp_path / "k.onnx", Recipe([Quantize(bits=4, all_layers=True)]),
-             Options(onnx_int4="kernel"))
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     model = onnx.load(str(tmp_path / "k.onnx"))
     assert [o.version for o in model.opset_import if o.domain == ""] == [21]
     assert model.ir_version == 10

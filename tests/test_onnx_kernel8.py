@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from modelpress import Quantize, Recipe, compress
 from modelpress.core.metrics import compare
-from modelpress.core.pipeline import Options
+from modelpress.formats.onnx.options import OnnxTarget, OnnxWriteOptions
 from modelpress.formats.onnx.sites import KERNEL8_MIN_BLOCK, KERNEL8_MIN_WEIGHTS
 
 from conftest import matmul_model, ort_run, rng_weights
@@ -65,7 +65,8 @@ def test_int8_auto_takes_the_kernel_on_large_matrices_only(tmp_path: Path) -> No
     _fused_close(dst, x, ref)
     _restores(dst, tmp_path, src, ("w1", "w2"))
     # --onnx-int8 fold keeps every weight a folded chain
-    compress(src, tmp_path / "f.onnx", Recipe([Quantize(bits=8)]), Options(onnx_int8="fold"))
+    compress(src, tmp_path / "f.onnx", Recipe([Quantize(bits=8)]),
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(int8="fold")))
     assert not _dq_nodes(tmp_path / "f.onnx")
 
 
@@ -77,7 +78,8 @@ def test_int8_auto_folds_small_blocks(tmp_path: Path) -> None:
     for group, mode, fused in ((16, "auto", False), (32, "auto", False),
                                (KERNEL8_MIN_BLOCK, "auto", True), (16, "kernel", True)):
         dst = tmp_path / f"o{group}{mode}.onnx"
-        compress(src, dst, Recipe([Quantize(bits=6, group_size=group)]), Options(onnx_int8=mode))
+        compress(src, dst, Recipe([Quantize(bits=6, group_size=group)]),
+                 onnx_options=OnnxWriteOptions(target=OnnxTarget(int8=mode)))
         assert (optimized_ops(dst, tmp_path) == ["MatMulNBits"]) is fused, (group, mode)
 
 
@@ -88,7 +90,7 @@ def test_groups_larger_than_a_kernel_block_are_split(tmp_path: Path, scheme: str
     src = matmul_model(tmp_path / "m.onnx", {"w": w})
     dst = tmp_path / "o.onnx"
     report = compress(src, dst, Recipe([Quantize(bits=8, group_size=512, scheme=scheme)]),
-                      Options(onnx_int8="kernel"))
+                      onnx_options=OnnxWriteOptions(target=OnnxTarget(int8="kernel")))
     onnx.checker.check_model(onnx.load(str(dst)), full_check=True)
     dq = _dq_nodes(dst)["w"]
     assert {a.name: a.i for a in dq.attribute}["block_size"] == 256
@@ -113,7 +115,7 @@ def test_six_bit_codes_are_unpacked_to_bytes_for_the_kernel(tmp_path: Path,
     src = matmul_model(tmp_path / "m.onnx", {"w1": w1, "w2": w2})
     dst = tmp_path / "o.onnx"
     report = compress(src, dst, Recipe([Quantize(bits=6, scheme=scheme, all_layers=True)]),
-                      Options(onnx_int8="kernel"))
+                      onnx_options=OnnxWriteOptions(target=OnnxTarget(int8="kernel")))
     model = onnx.load(str(dst))
     onnx.checker.check_model(model, full_check=True)
     inits = {t.name for t in model.graph.initializer}
@@ -140,7 +142,7 @@ def test_ort_target_writes_8_bit_matmulnbits(tmp_path: Path) -> None:
     src = matmul_model(tmp_path / "m.onnx", {"w": w})
     dst = tmp_path / "o.onnx"
     compress(src, dst, Recipe([Quantize(bits=8, group_size=64, scheme="asym")]),
-             Options(onnx_target="ort", onnx_int8="kernel"))
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(target="ort", int8="kernel")))
     model = onnx.load(str(dst))
     (kernel,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     attrs = {a.name: a.i for a in kernel.attribute}
@@ -152,7 +154,8 @@ def test_ort_target_writes_8_bit_matmulnbits(tmp_path: Path) -> None:
     _restores(dst, tmp_path, src, ("w",))
     # float activations (accuracy_level 0) make the 8-bit kernel several times slower
     compress(src, tmp_path / "f.onnx", Recipe([Quantize(bits=8, group_size=64)]),
-             Options(onnx_target="ort", onnx_int8="kernel", accuracy_level=0))
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(target="ort", int8="kernel",
+                                                             accuracy_level=0)))
     assert optimized_ops(tmp_path / "f.onnx", tmp_path) == ["MatMul"]
 
 
@@ -174,7 +177,8 @@ def test_gemm_head_at_backup_bits_takes_the_8_bit_kernel(tmp_path: Path) -> None
     onnx.save(model, str(src))
     dst = tmp_path / "o.onnx"
     report = compress(src, dst, Recipe([Quantize(bits=4)]),
-                      Options(onnx_int4="kernel", onnx_int8="kernel"))
+                      onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel",
+                                                                      int8="kernel")))
     assert {r.name: r.encoding.split()[0] for r in report.rows} == {"body": "int4",
                                                                      "head": "int6"}
     assert optimized_ops(dst, tmp_path) == ["MatMulNBits", "MatMulNBits"]

@@ -16,6 +16,7 @@ from modelpress.core.quantize.scalecode import MultiplierCode, ScaleCode, max_mu
 from modelpress.core.tensorinfo import TensorInfo
 from modelpress.formats import open_model
 from modelpress.formats.onnx.sites import KERNEL8_MIN_WEIGHTS
+from modelpress.formats.onnx.options import OnnxTarget, OnnxWriteOptions
 
 from conftest import matmul_model, ort_run, rng_weights, run_cli, write_safetensors
 from test_onnx_io import dequantized, optimized_ops
@@ -189,11 +190,10 @@ def test_folded_form_and_gemm_trans_b(tmp_path: Path) -> None:
     w, bias = rng_weights(64, 256, seed=13), rng_weights(64, seed=14)
     src = _gemm_model(tmp_path / "m.onnx", w, bias, None)
     recipe = Recipe([Quantize(bits=4, all_layers=True, super_block=128)])
-    from modelpress.core.pipeline import Options
     x = np.random.default_rng(15).standard_normal((4, 256)).astype(np.float32)
     for mode, kernel in [("fold", False), ("kernel", True)]:
         dst = tmp_path / f"{mode}.onnx"
-        compress(src, dst, recipe, Options(onnx_int4=mode))
+        compress(src, dst, recipe, onnx_options=OnnxWriteOptions(target=OnnxTarget(int4=mode)))
         q = open_model(dst).decode("w")
         assert isinstance(q.scale_code, MultiplierCode) and q.shape == (64, 256)
         ops = optimized_ops(dst, tmp_path)
@@ -231,9 +231,9 @@ def test_large_models_keep_multiplier_weights_in_the_4bit_kernel(tmp_path: Path,
     w1 = rng_weights(1024, 1024, seed=17)
     src = matmul_model(tmp_path / "m.onnx", {"w1": w1})
     dst = tmp_path / "o.onnx"
-    from modelpress.core.pipeline import Options
     # (--onnx-int4 auto would fold a 4-bit kernel weight under 4M elements.)
-    compress(src, dst, Recipe([Quantize(bits=4, all_layers=True)]), Options(onnx_int4="kernel"))
+    compress(src, dst, Recipe([Quantize(bits=4, all_layers=True)]),
+             onnx_options=OnnxWriteOptions(target=OnnxTarget(int4="kernel")))
     model = onnx.load(str(dst))
     dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
     assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 16}

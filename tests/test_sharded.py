@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from modelpress import Quantize, Recipe, compress, decompress, inspect
 from modelpress.core.errors import ModelReadError, ModelWriteError
-from modelpress.core.pipeline import Options
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.formats import open_model
 from modelpress.formats.safetensors.ct_config import quantization_config
 from modelpress.formats.safetensors.sharded import ShardedStore, parse_size
@@ -49,7 +49,8 @@ def test_compressed_checkpoint_index_covers_every_stored_tensor(tmp_path: Path,
     out = tmp_path / "out"
     out.mkdir()
     report = compress(src, out / src.name, Recipe([Quantize(bits=4, group_size=32)]),
-                      Options(max_shard_size=max_shard_size), metadata={"k": "v"})
+                      safetensors_options=SafetensorsWriteOptions(max_shard_size=max_shard_size),
+                      metadata={"k": "v"})
     index = json.loads((out / src.name).read_text())
     stored = stored_tensors(out / src.name)
     assert index["weight_map"] == stored                   # both ways: nothing missing or extra

@@ -15,6 +15,7 @@ from modelpress import Quantize, Recipe
 from modelpress.app.api import compress, decompress
 from modelpress.core.errors import ModelWriteError
 from modelpress.core.pipeline import Options, encode_stream
+from modelpress.formats.onnx.options import OnnxWriteOptions
 from conftest import matmul_model, ort_run, rng_weights, run_cli, sha256, write_safetensors
 from modelpress.formats import open_model
 
@@ -115,7 +116,8 @@ def test_external_data_always_writes_a_data_file_that_runs_like_inline(tmp_path:
                                                 "w2": rng_weights(128, 64, seed=2)})
     recipe = Recipe([Quantize(bits=4, group_size=32)])
     compress(src, tmp_path / "inline.onnx", recipe)
-    compress(src, tmp_path / "ext.onnx", recipe, Options(external_data="always"))
+    compress(src, tmp_path / "ext.onnx", recipe,
+             onnx_options=OnnxWriteOptions(external_data="always"))
     assert not (tmp_path / "inline.onnx.data").exists()
     data = tmp_path / "ext.onnx.data"
     model = onnx.load(str(tmp_path / "ext.onnx"), load_external_data=False)
@@ -144,7 +146,7 @@ def test_external_input_untouched_tensors_are_copied_into_the_output_data(tmp_pa
                     location="weights.bin", size_threshold=0)
     # "small" has 1024 elements, under --min-elements: it stays dense and is copied.
     compress(tmp_path / "m.onnx", tmp_path / "o.onnx", Recipe([Quantize()]),
-             Options(external_data="always"))
+             onnx_options=OnnxWriteOptions(external_data="always"))
     out = open_model(tmp_path / "o.onnx")
     assert out.data_files == {tmp_path / "o.onnx.data"}
     np.testing.assert_array_equal(out.read("small"), small)
@@ -160,7 +162,8 @@ def test_external_data_never_and_auto_on_a_small_input_write_one_file(tmp_path: 
                     location="weights.bin", size_threshold=0)
     for mode in ("auto", "never"):
         out = tmp_path / f"{mode}.onnx"
-        compress(tmp_path / "m.onnx", out, Recipe([Quantize()]), Options(external_data=mode))
+        compress(tmp_path / "m.onnx", out, Recipe([Quantize()]),
+                 onnx_options=OnnxWriteOptions(external_data=mode))
         assert not open_model(out).data_files and not Path(f"{out}.data").exists()
 
 
@@ -173,7 +176,7 @@ def test_an_output_over_the_protobuf_limit_goes_to_external_data(tmp_path: Path,
     assert open_model(tmp_path / "auto.onnx").data_files == {tmp_path / "auto.onnx.data"}
     with pytest.raises(ModelWriteError, match="over 2 GB, protobuf's limit"):
         compress(src, tmp_path / "never.onnx", Recipe([Quantize()]),
-                 Options(external_data="never"))
+                 onnx_options=OnnxWriteOptions(external_data="never"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx", "auto.onnx.data",
                                                           "src.onnx"]
 
@@ -226,4 +229,5 @@ def test_threads_do_not_change_the_batch_recipe_fingerprint() -> None:
     from modelpress.app.batch.plan import recipe_sha256
     recipe = Recipe([Quantize(bits=4)])
     assert recipe_sha256(recipe, Options(threads=1)) == recipe_sha256(recipe, Options(threads=3))
-    assert recipe_sha256(recipe, Options()) != recipe_sha256(recipe, Options(external_data="always"))
+    always = OnnxWriteOptions(external_data="always")
+    assert recipe_sha256(recipe, Options()) != recipe_sha256(recipe, Options(), always)

@@ -28,7 +28,7 @@ from modelpress.core.calibrate import InputStats
 from modelpress.core.errors import InputDataError, ModelRunError
 
 from modelpress.formats.onnx.graph import graphs
-from modelpress.formats.onnx.run import INSTALL_HINT, _first_line, input_specs, load_inputs
+from modelpress.formats.onnx.run import INSTALL_HINT, first_line, input_specs, load_inputs
 
 SAMPLES_PER_RUN = 8
 """Calibration samples run at once (bounds the activations held in memory)."""
@@ -134,13 +134,13 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
         return {}, [f"--calibration {calibration}: not used (no quantized MatMul/Gemm weight "
                     "takes non-negative inputs)"]
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy and optional: only for --calibration
     except ImportError:
         raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelRunError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
     activations = sorted({u.activation for use in uses.values() for u in use})
     graph_inputs = {i.name for i in model.graph.input}
     present = {o.name for o in model.graph.output}
@@ -156,7 +156,7 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelRunError(f"--calibration: onnxruntime cannot load {path}: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
     del model
     wanted = [n for n in activations if n not in graph_inputs]
     sums: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
@@ -165,7 +165,7 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
             values = dict(zip(wanted, session.run(wanted, chunk))) if wanted else {}
         except Exception as exc:
             raise ModelRunError(f"--calibration {calibration}: onnxruntime cannot run {path}: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
         values.update({n: chunk[n] for n in activations if n in graph_inputs})
         for name, use_list in uses.items():
             for use in use_list:

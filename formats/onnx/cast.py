@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from modelpress.core.dtypes import BFLOAT16, FLOAT8_E4M3, FLOAT8_E5M2, short_name
 from modelpress.core.encoded import Scaled
 
-from modelpress.formats.onnx.emit import Emitted, FreshName
+from modelpress.formats.onnx.emitted import Emitted, FreshName
 
 _FP8 = {FLOAT8_E4M3: onnx.TensorProto.FLOAT8E4M3FN, FLOAT8_E5M2: onnx.TensorProto.FLOAT8E5M2}
 _HALF = {np.dtype(np.float16): onnx.TensorProto.FLOAT16, BFLOAT16: onnx.TensorProto.BFLOAT16}

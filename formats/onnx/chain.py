@@ -31,6 +31,8 @@ from onnx import helper, numpy_helper
 
 from modelpress.core.packing import pack_bits
 
+from modelpress.formats.onnx.graph import graphs
+
 CHAIN_OPSET = 18  # BitwiseAnd / BitwiseOr
 DOMAIN = "modelpress"
 
@@ -262,7 +264,6 @@ def add_function(model: onnx.ModelProto, function: onnx.FunctionProto,
 
 def drop_unused_functions(model: onnx.ModelProto) -> None:
     """Remove modelpress functions no node calls any more (and their opset import)."""
-    from modelpress.formats.onnx.graph import graphs
     called = {(n.domain, n.op_type) for g in graphs(model.graph) for n in g.node}
     keep = [f for f in model.functions if f.domain != DOMAIN or (f.domain, f.name) in called]
     del model.functions[:]

@@ -27,7 +27,8 @@ from onnx import helper
 
 from modelpress.core.encoded import LowRank
 
-from modelpress.formats.onnx.emit import Emitted, FreshName, emit
+from modelpress.formats.onnx.emit import emit
+from modelpress.formats.onnx.emitted import Emitted, FreshName
 from modelpress.formats.onnx.graph import consumers, graphs, is_output
 
 

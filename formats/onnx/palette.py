@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from modelpress.core.encoded import Palettized
 from modelpress.core.packing import pack_bits, unpack_bits
 
-from modelpress.formats.onnx.emit import Emitted, FreshName
+from modelpress.formats.onnx.emitted import Emitted, FreshName
 
 PALETTE_OPSET = 18
 

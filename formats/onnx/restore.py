@@ -13,9 +13,12 @@ from modelpress.core.errors import ModelReadError
 from modelpress.core.store import WriteResult
 
 from modelpress.formats.onnx.chain import drop_unused_functions
-from modelpress.formats.onnx.emit import spec_initializers, spec_nodes
+from modelpress.formats.onnx.check import check_source
 from modelpress.formats.onnx.graph import graphs
-from modelpress.formats.onnx.store import OnnxStore, _check_source, _set_metadata
+from modelpress.formats.onnx.lowrank import restore_consumer as restore_lowrank
+from modelpress.formats.onnx.meta import set_metadata, spec_initializers, spec_nodes
+from modelpress.formats.onnx.quant_read import restore_consumer as restore_kernel
+from modelpress.formats.onnx.store import OnnxStore
 from modelpress.formats.onnx.write import place_remaining, save_model, staged, wants_external
 
 
@@ -28,7 +31,7 @@ def write_decompressed(store: OnnxStore, dst: Path, external_data: str = "auto")
     dst = Path(dst)
     model = onnx.ModelProto()
     model.CopyFrom(store.model)
-    _check_source(store.path, model)
+    check_source(store.path, model)
     restored: dict[str, int] = {}
     with staged(dst) as stage:
         data = stage.open_data() if wants_external(external_data,
@@ -37,8 +40,6 @@ def write_decompressed(store: OnnxStore, dst: Path, external_data: str = "auto")
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec["dtype"]))
             array = store.decode(name).decode().astype(dtype)
             if spec["layout"] == "lowrank" or "consumer" in spec:
-                from modelpress.formats.onnx.lowrank import restore_consumer as restore_lowrank
-                from modelpress.formats.onnx.quant import restore_consumer as restore_kernel
                 restore = restore_lowrank if spec["layout"] == "lowrank" else restore_kernel
                 try:
                     restore(model, spec)
@@ -54,7 +55,7 @@ def write_decompressed(store: OnnxStore, dst: Path, external_data: str = "auto")
             graph.initializer.append(tensor)
         drop_unused_functions(model)
         place_remaining(model, store.path, data)
-        _set_metadata(model, {})
+        set_metadata(model, {})
         size = save_model(model, dst, stage, store.path, external_data)
     return WriteResult(tensor_bytes=restored, file_bytes=size)
 

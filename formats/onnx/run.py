@@ -226,7 +226,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 def onnxruntime_available() -> bool:
     """True when onnxruntime can be imported."""
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (heavy and optional: imported only to probe)
     except ImportError:
         return False
     return True
@@ -242,14 +242,14 @@ class Session:
 
     def __init__(self, path: Path) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # heavy and optional: only when a model runs
         except ImportError:
             raise ModelRunError(f"onnxruntime is not installed ({INSTALL_HINT})") from None
         ort.set_default_logger_severity(3)
         try:
             self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelRunError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
+            raise ModelRunError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
         self.path = Path(path)
         self.output_names = [o.name for o in self._session.get_outputs()]
 
@@ -258,7 +258,7 @@ class Session:
         try:
             values = self._session.run(None, feeds)
         except Exception as exc:
-            raise ModelRunError(f"onnxruntime cannot run {self.path}: {_first_line(exc)}") from None
+            raise ModelRunError(f"onnxruntime cannot run {self.path}: {first_line(exc)}") from None
         return dict(zip(self.output_names, values))
 
     def time(self, feeds: Feeds, max_runs: int = 20, budget_s: float = 1.0,
@@ -285,10 +285,11 @@ def load_graph(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelRunError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line, without onnxruntime's status prefix."""
     text = str(exc).strip()
     # onnxruntime prefixes its messages with "[ONNXRuntimeError] : 1 : FAIL : ".
     text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
@@ -300,6 +301,6 @@ def describe_feeds(feeds: Feeds) -> dict[str, Any]:
     return {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in feeds.items()}
 
 
-__all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "gather_ranges", "input_specs",
+__all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "first_line", "gather_ranges", "input_specs",
            "load_graph", "load_inputs", "load_labels", "median_ms",
            "onnxruntime_available", "random_inputs", "resolve_dims"]

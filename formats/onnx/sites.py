@@ -35,6 +35,7 @@ from onnx import helper
 from modelpress.core.encoded import Encoded, Quantized, quantized_part
 
 from modelpress.formats.onnx.graph import consumers, graphs, is_output
+from modelpress.formats.onnx.options import OnnxTarget
 
 KERNEL_MIN_WEIGHTS = 1 << 22
 """Default smallest K*N for which a 4-bit weight runs in onnxruntime's 4-bit kernel."""
@@ -49,35 +50,6 @@ KERNEL8_MIN_BLOCK = 64
 
 MAX_BLOCK = 256
 """Largest block onnxruntime's kernels take (MLAS: 16-256); larger groups are split."""
-
-TARGETS = ("standard", "ort")
-INT4_MODES = ("auto", "kernel", "fold")
-INT8_MODES = INT4_MODES
-
-
-@dataclass(frozen=True)
-class OnnxTarget:
-    """How quantized MatMul/Gemm weights are written to ONNX.
-
-    `target`: "standard" writes only standard ONNX operators (4-bit weights
-    as a blocked DequantizeLinear that onnxruntime fuses into MatMulNBits);
-    "ort" writes onnxruntime's com.microsoft.MatMulNBits directly, with
-    `accuracy_level` (0 exact float math; 4 int8 activations, faster).
-    `int4`: "auto" uses the 4-bit kernel for weights of at least
-    KERNEL_MIN_WEIGHTS elements, "kernel" for every eligible weight (least
-    memory, fastest for single-row inputs), "fold" for none. `int8`: the same
-    for weights of 5 to 8 bits and the 8-bit kernel (KERNEL8_MIN_WEIGHTS).
-    `widen`: whether 2-4-bit weights with multiplier scales are widened to
-    bytes at load for the 8-bit kernel (else they take the 4-bit kernel in
-    blocks of their group, as other 4-bit weights); see `widen_allowed`.
-    """
-
-    target: str = "standard"
-    int4: str = "auto"
-    accuracy_level: int = 4
-    int8: str = "auto"
-    widen: bool = True   # 2-4-bit weights with multiplier scales may take the 8-bit kernel
-
 
 @dataclass
 class KernelSite:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
+from onnx import serialization
 
 from modelpress.formats.filedata import map_range
 
@@ -84,7 +86,6 @@ def parse_mapped(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
             with memoryview(mapped) as view:
                 consumed = model.ParseFromString(view)
                 if consumed is not None and consumed != len(view):
-                    from google.protobuf.message import DecodeError
                     raise DecodeError(f"Protobuf decoding consumed too few bytes: {consumed} "
                                       f"out of {len(view)}")
                 found = raw_spans(view)
@@ -98,7 +99,6 @@ def parse_mapped(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
 def is_binary(path: Path) -> bool:
     """Whether onnx.load would read `path` as binary protobuf (it picks text formats such
     as .textproto or .json by extension)."""
-    from onnx import serialization
     return serialization.registry.get_format_from_file_extension(Path(path).suffix) in (
         None, "protobuf")
 

@@ -27,11 +27,15 @@ import onnx
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
-from modelpress.formats.atomic import _fsync_dir, atomic_path
+from modelpress.formats.atomic import fsync_dir, atomic_path
 from modelpress.formats.filedata import copy_range
+from modelpress.formats.onnx.check import check_saved
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
+from modelpress.formats.onnx.names import data_name
+from modelpress.formats.onnx.options import EXTERNAL_DATA_MODES
+from modelpress.formats.onnx.tensors import inline_tensor
 
-MODES = ("auto", "always", "never")
+MODES = EXTERNAL_DATA_MODES
 # Tensors smaller than this stay in the model file (onnx.save's default threshold).
 EXTERNAL_MIN_BYTES = 1024
 # Tensors of at least ALIGN_FROM bytes start on an ALIGNMENT boundary, so
@@ -40,15 +44,9 @@ EXTERNAL_MIN_BYTES = 1024
 ALIGN_FROM = 1 << 20
 ALIGNMENT = 1 << 16
 PROTOBUF_LIMIT = 2**31 - 1
-DATA_SUFFIX = ".data"
 # "auto" writes external data for inputs of at least this many bytes (model and
 # data files): below it the output is one file, held in memory while it is saved.
 EXTERNAL_FROM = 512 * 2**20
-
-
-def data_name(dst: Path) -> str:
-    """The external data file name written beside `dst`."""
-    return Path(dst).name + DATA_SUFFIX
 
 
 class ExternalData:
@@ -158,7 +156,7 @@ class Staging:
             self.dst.unlink()  # never pair an old model with the new data
         os.replace(self.data.path, final_data)
         os.replace(self.model_path, self.dst)
-        _fsync_dir(self.dst.parent)
+        fsync_dir(self.dst.parent)
 
     def discard(self) -> None:
         """Remove everything staged."""
@@ -194,7 +192,6 @@ def place_remaining(model: onnx.ModelProto, source: Path, data: ExternalData | N
     least EXTERNAL_MIN_BYTES moved there too); without one, they are read into
     the model (it must then stay under 2 GB).
     """
-    from modelpress.formats.onnx.store import inline_tensor
     for location in locate(model).values():
         tensor = location.tensor
         if data is None:
@@ -229,7 +226,6 @@ def save_model(model: onnx.ModelProto, dst: Path, stage: Staging, source: Path |
     data file first). With one, the model is saved into the stage, and
     `staged` renames both into place when its block ends.
     """
-    from modelpress.formats.onnx.store import check_saved
     # Serialized once, for the size test and the file (ByteSize costs a serialization).
     serialized = _serialized(model) if stage.data is None else None
     if stage.data is None and serialized is None:

@@ -18,6 +18,8 @@ from modelpress.core.errors import ModelWriteError
 
 from modelpress.formats.atomic import atomic_path
 from modelpress.formats.safetensors.layout import part_names
+from modelpress.formats.safetensors.sharded import ShardedStore, is_index
+from modelpress.formats.safetensors.store import SafetensorsStore
 
 
 _FORMATS = ("pack-quantized", "float-quantized")
@@ -82,12 +84,15 @@ def config_for(src: Path, output_model: Path) -> bytes:
 
     `output_model` is the written model (a .safetensors file or an index).
     """
-    from modelpress.formats import open_model
-
     raw = Path(src).read_bytes()
-    store = open_model(output_model)
-    block = quantization_config(model_shapes(store), store.encodings) \
-        if store.format == "safetensors" else None
+    output_model = Path(output_model)
+    if is_index(output_model):
+        store: SafetensorsStore | ShardedStore = ShardedStore(output_model)
+    elif output_model.suffix.lower() == ".safetensors":
+        store = SafetensorsStore(output_model)
+    else:  # an ONNX model: config.json is copied as it is
+        return raw
+    block = quantization_config(model_shapes(store), store.encodings)
     if block is None:
         return raw
     try:

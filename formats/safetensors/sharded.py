@@ -21,11 +21,12 @@ import numpy as np
 
 from modelpress.core.encoded import Encoded
 from modelpress.core.errors import ModelReadError, ModelWriteError
-from modelpress.core.store import EncodedItems, Progress, WriteResult, in_store_order
+from modelpress.core.store import EncodedItems, Progress, WriteOptions, WriteResult, in_store_order
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.atomic import atomic_paths
-from modelpress.formats.safetensors.store import METADATA_KEY, FORMAT_VERSION, SafetensorsStore
+from modelpress.formats.safetensors.store import (FORMAT_VERSION, METADATA_KEY, SafetensorsStore,
+                                                  refuse_calibration, safetensors_options)
 from modelpress.formats.safetensors.header import dtype_code
 from modelpress.formats.safetensors.layout import check_part_names, encode_tensor
 from modelpress.formats.safetensors.stream import Slot, Spill
@@ -154,15 +155,22 @@ class ShardedStore:
         """The encoded tree of a tensor stored in a compressed layout."""
         return self._spec_home[name].decode(name)
 
+    def calibrate(self, calibration: Path, selected: set[str]) -> list[str]:
+        """Refused: calibration runs the model, and a checkpoint holds weights only."""
+        raise refuse_calibration(calibration, self.path)
+
     def write(self, dst: Path, encoded: EncodedItems, progress: Progress | None = None,
               *, metadata: Mapping[str, str] | None = None,
-              max_shard_size: int | None = None) -> WriteResult:
+              options: WriteOptions | None = None) -> WriteResult:
         """Write shards and an index at `dst`, with `encoded` tensors in compressed layouts.
 
         `encoded` may be a stream of (name, encoded) pairs in tensor order:
-        each tensor's bytes are spilled to disk as it arrives (see st_stream)
-        and the shards are assembled at the end.
+        each tensor's bytes are spilled to disk as it arrives (see stream.py)
+        and the shards are assembled at the end. `options`
+        (SafetensorsWriteOptions) may cut shards of a maximum size instead of
+        keeping the input's.
         """
+        max_shard_size = safetensors_options(options).max_shard_size
         _check_destination(self, dst)
         units: list[_Unit] = []
         tensor_bytes: dict[str, int] = {}

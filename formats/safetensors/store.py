@@ -9,12 +9,13 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from modelpress.core.encoded import Encoded
-from modelpress.core.errors import ModelReadError
-from modelpress.core.store import EncodedItems, Progress, WriteResult, in_store_order
+from modelpress.core.errors import InputDataError, ModelReadError
+from modelpress.core.store import EncodedItems, Progress, WriteOptions, WriteResult, in_store_order
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.filedata import map_range
 from modelpress.formats.safetensors.header import DTYPES, Header, dtype_code, read_header
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.formats.safetensors.layout import (check_part_names, decode_tensor, encode_tensor, part_names)
 from modelpress.formats.safetensors.stream import Slot, Spill, write_file
 from modelpress.formats.tree_check import check_tree
@@ -27,6 +28,7 @@ class SafetensorsStore:
     """A .safetensors file opened for reading; tensors in file order."""
 
     format = "safetensors"
+    sharded = False  # one file (a ShardedStore is the index and its shards)
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -38,6 +40,11 @@ class SafetensorsStore:
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._tensors
+
+    @property
+    def data_files(self) -> tuple[Path, ...]:
+        """Files besides `path` that hold the model's tensors: none."""
+        return ()
 
     @property
     def file_bytes(self) -> int:
@@ -93,16 +100,23 @@ class SafetensorsStore:
 
     # -- writing -------------------------------------------------------------
 
+    def calibrate(self, calibration: Path, selected: set[str]) -> list[str]:
+        """Refused: calibration runs the model, and a safetensors file holds weights only."""
+        raise refuse_calibration(calibration, self.path)
+
     def write(self, dst: Path, encoded: EncodedItems,
               progress: Progress | None = None, *,
-              metadata: Mapping[str, str] | None = None) -> WriteResult:
+              metadata: Mapping[str, str] | None = None,
+              options: WriteOptions | None = None) -> WriteResult:
         """Write this model with `encoded` tensors in their compressed layouts.
 
         `encoded` is a mapping or a stream of (name, encoded) pairs in tensor
         order; each tensor's bytes go to disk as it arrives, so only the
         tensors in flight are in memory. `metadata` entries are added to the
-        header's `__metadata__`.
+        header's `__metadata__`. `options` (SafetensorsWriteOptions) change
+        nothing for a single file: it is written as one file.
         """
+        safetensors_options(options)
         dst = Path(dst)
         with Spill(dst) as spill:
             slots, specs, tensor_bytes = self.spill_tensors(spill, encoded)
@@ -153,6 +167,22 @@ class SafetensorsStore:
                 {"format_version": FORMAT_VERSION, "tensors": specs}, separators=(",", ":"))
         metadata.update(extra or {})
         return metadata
+
+
+def safetensors_options(options: WriteOptions | None) -> SafetensorsWriteOptions:
+    """The writer settings for a safetensors output (None: the defaults)."""
+    if options is None:
+        return SafetensorsWriteOptions()
+    if not isinstance(options, SafetensorsWriteOptions):
+        raise TypeError(f"safetensors weights are written with SafetensorsWriteOptions, not "
+                        f"{type(options).__name__}")
+    return options
+
+
+def refuse_calibration(calibration: Path, path: Path) -> InputDataError:
+    """The error for --calibration on safetensors weights (there is no model to run)."""
+    return InputDataError(f"--calibration {calibration}: needs an ONNX model (it runs the "
+                          f"model; {path} holds weights only)")
 
 
 def write_safetensors(dst: Path, entries: list[tuple[str, np.ndarray | None]],

@@ -23,6 +23,7 @@ import numpy as np
 
 from modelpress.core.errors import ModelWriteError
 
+from modelpress.formats.atomic import atomic_path
 from modelpress.formats.filedata import copy_range, write_array
 from modelpress.formats.safetensors.header import dtype_code, encode_header
 
@@ -120,7 +121,6 @@ def _runs(slots: list[Slot]) -> list[list[Slot]]:
 def write_file(dst: Path, slots: list[Slot], metadata: dict[str, str], spill: Spill,
                progress: Progress | None = None) -> int:
     """Assemble one safetensors file atomically at `dst`; return its size."""
-    from modelpress.formats.atomic import atomic_path
     with atomic_path(dst) as tmp:
         with open(tmp, "wb", buffering=0) as out:
             spill.assemble(out, slots, metadata, progress)

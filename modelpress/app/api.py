@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -14,12 +14,17 @@ from modelpress.core.pipeline import Encoding, Options, encode_stream, plan
 from modelpress.core.quantize.stage import Quantize
 from modelpress.core.recipe import Recipe
 from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
-from modelpress.core.store import Progress, WriteResult
+from modelpress.core.store import Progress, TensorStore, WriteOptions, WriteResult
+from modelpress.formats.onnx.options import OnnxWriteOptions
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 
 def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
              options: Options = Options(), progress: Progress | None = None, *,
-             metadata: Mapping[str, str] | None = None) -> Report:
+             metadata: Mapping[str, str] | None = None,
+             onnx_options: OnnxWriteOptions = OnnxWriteOptions(),
+             safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions(),
+             calibration: str | os.PathLike | None = None) -> Report:
     """Compress the model at `src` with `recipe` and write it to `dst`.
 
     The output has the input's format; `src` is never modified and `dst`
@@ -29,6 +34,12 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     metadata (ONNX metadata_props, safetensors `__metadata__`, or the index's
     metadata). Tensors stream from reader to writer, `options.threads` at a
     time: memory follows the largest tensors, not the model.
+
+    The writer of the model's format gets its settings untouched: `onnx_options`
+    for an ONNX model, `safetensors_options` for safetensors weights.
+    `calibration` (ONNX only) is an .npz of model inputs run through the
+    original model; MatMul/Gemm weights then round with their inputs'
+    statistics (see modelpress.core.calibrate).
     """
     from modelpress.formats import check_output_path, open_model
 
@@ -39,32 +50,25 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     if store.encodings:
         raise ModelReadError(f"{src}: already compressed by modelpress ({len(store.encodings)} "
                              "tensors); run `modelpress decompress` on it first")
-    extra: dict[str, Any] = {"metadata": dict(metadata)} if metadata else {}
-    sharded = getattr(store, "sharded", False)
-    if options.max_shard_size is not None and sharded:
-        extra["max_shard_size"] = options.max_shard_size
-    if store.format == "onnx":
-        from modelpress.formats.onnx.sites import OnnxTarget
-        extra["external_data"] = options.external_data
-        extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
-                                     options.accuracy_level, options.onnx_int8)
+    writer: WriteOptions = onnx_options if store.format == "onnx" else safetensors_options
     encoding = Encoding()
-    if options.calibration is not None:
+    if calibration is not None:
         if store.format != "onnx":
-            raise InputDataError(f"--calibration {options.calibration}: needs an ONNX model "
+            raise InputDataError(f"--calibration {calibration}: needs an ONNX model "
                                  f"(it runs the model; {src} holds weights only)")
         quantized = {name for name, stages in plan(store, recipe, options).items()
                      if any(isinstance(stage, Quantize) for stage in stages)}
-        encoding.notes.extend(store.calibrate(Path(options.calibration), quantized))
+        encoding.notes.extend(store.calibrate(Path(calibration), quantized))
     stream = encode_stream(store, recipe, options, progress, encoding)
     try:
-        result = store.write(dst, stream, progress, **extra)
+        result = store.write(dst, stream, progress, metadata=dict(metadata) if metadata else None,
+                             options=writer)
     finally:
         stream.close()
     if any(store.tensors[name].input_stats is not None for name in encoding.described):
         encoding.notes.append(f"--calibration: rounding changed in {encoding.calibrated} "
                               "tensors to cancel their error's mean effect on the layer output")
-    if options.max_shard_size is not None and not sharded:
+    if safetensors_options.max_shard_size is not None and not store.sharded:
         encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
                               "this model is written as one file")
     rows = []
@@ -95,9 +99,9 @@ def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:
     return result
 
 
-def _sharded_destination(store: Any, dst: Path) -> Path:
+def _sharded_destination(store: TensorStore, dst: Path) -> Path:
     """A sharded checkpoint written to a folder keeps its index's name there."""
-    if getattr(store, "sharded", False) and dst.is_dir():
+    if store.sharded and dst.is_dir():
         return dst / store.path.name
     return dst
 

@@ -218,7 +218,7 @@ def sweep(src: str | os.PathLike, settings: Sequence[Setting] = DEFAULT_SETTINGS
         for i, setting in enumerate(settings):
             if progress:
                 progress(i, len(settings), setting.name)
-            suffix = ".safetensors.index.json" if getattr(store, "sharded", False) else src.suffix
+            suffix = ".safetensors.index.json" if store.sharded else src.suffix
             path = Path(tmp) / f"setting-{i}{suffix}"
             report.rows.append(_run_one(store, setting, options, baseline, path))
             path.unlink(missing_ok=True)

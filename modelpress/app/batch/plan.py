@@ -22,6 +22,8 @@ from modelpress.app.batch.worker import CANCELLED, JobSpec, Task
 from modelpress.core.errors import ModelpressError, ModelReadError, ModelWriteError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
+from modelpress.formats.onnx.options import OnnxWriteOptions
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 OnEvent = Callable[[tuple[Any, ...]], None]
 """on_event(event): ("plan", models, copies), ("taken", path, pid), ("start", path, bytes),
@@ -138,10 +140,22 @@ def plan_batch(inputs: list[Path], outdir: Path,
     return plan
 
 
-def recipe_sha256(recipe: Recipe, options: Options) -> str:
-    """sha256 of the recipe and the run options that change output bytes (canonical JSON)."""
+def recipe_sha256(recipe: Recipe, options: Options,
+                  onnx_options: OnnxWriteOptions = OnnxWriteOptions(),
+                  safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions()
+                  ) -> str:
+    """sha256 of the recipe and the run and writer options that change output bytes
+    (canonical JSON)."""
     from modelpress.core.pipeline import RUN_ONLY_OPTIONS
     kept = {k: v for k, v in dataclasses.asdict(options).items() if k not in RUN_ONLY_OPTIONS}
+    # The writer settings under the names they had as fields of Options, so outputs
+    # (whose metadata records this digest) stay byte-identical and --skip-existing
+    # still recognizes outputs written before they moved.
+    target = onnx_options.target
+    kept.update(max_shard_size=safetensors_options.max_shard_size,
+                external_data=onnx_options.external_data, onnx_target=target.target,
+                onnx_int4=target.int4, accuracy_level=target.accuracy_level,
+                onnx_int8=target.int8, calibration=None)
     doc = {"recipe": recipe.get_config(), "options": kept}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -208,7 +222,10 @@ def jobs_explained(tasks: list[Task]) -> tuple[int, str]:
 
 def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
               batch: BatchOptions = BatchOptions(),
-              on_event: OnEvent | None = None) -> BatchReport:
+              on_event: OnEvent | None = None, *,
+              onnx_options: OnnxWriteOptions = OnnxWriteOptions(),
+              safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions()
+              ) -> BatchReport:
     """Compress every model of the plan and copy its other files; never raises for a model.
 
     With more than one job, worker processes are started with multiprocessing's
@@ -219,7 +236,9 @@ def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     jobs, why = (batch.jobs, "") if batch.jobs else jobs_explained(plan.tasks)
     if options.threads is None:  # jobs share the CPUs: threads per model = CPUs / jobs
         options = dataclasses.replace(options, threads=max(1, cpu_count() // jobs))
-    job = JobSpec(recipe, options, recipe_sha256(recipe, options), batch.skip_existing)
+    job = JobSpec(recipe, options,
+                  recipe_sha256(recipe, options, onnx_options, safetensors_options),
+                  batch.skip_existing, onnx_options, safetensors_options)
     report = BatchReport(base=str(plan.base), outdir=str(plan.outdir), recipe=recipe.get_config(),
                          jobs=jobs, shard=plan.shard, refused=list(plan.refused))
     if why:
@@ -248,13 +267,16 @@ class DryRow:
 
 
 def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
-            skip_existing: bool = False) -> list[DryRow]:
+            skip_existing: bool = False, *,
+            onnx_options: OnnxWriteOptions = OnnxWriteOptions(),
+            safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions()
+            ) -> list[DryRow]:
     """The actions and sizes of a run, without writing; compressed sizes are estimates."""
     from modelpress.formats import open_model
     from modelpress.formats.outputs import input_key, output_bytes, same_file_content, up_to_date
 
     from modelpress.core.estimate import estimate
-    sha = recipe_sha256(recipe, options)
+    sha = recipe_sha256(recipe, options, onnx_options, safetensors_options)
     rows = [DryRow(m.path, m.kind, "fail", m.bytes_before, None, m.reason) for m in plan.blocked]
     for task in plan.tasks:
         try:

@@ -21,6 +21,8 @@ from modelpress.app.batch.report import FAILED, OK, SKIPPED, ModelResult
 from modelpress.core.errors import ModelpressError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
+from modelpress.formats.onnx.options import OnnxWriteOptions
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 Emit = Callable[[tuple[Any, ...]], None]
 _PROGRESS_SECONDS = 0.1
@@ -50,6 +52,8 @@ class JobSpec:
     options: Options
     recipe_sha256: str
     skip_existing: bool = False
+    onnx_options: OnnxWriteOptions = OnnxWriteOptions()
+    safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions()
 
 
 class Cancelled(Exception):
@@ -197,7 +201,9 @@ def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
             _send(("progress", task.rel, done, total, what))
 
     report = compress(task.src, task.dst, job.recipe, job.options, progress,
-                      metadata={SOURCE_KEY: source_value(job.recipe_sha256, key)})
+                      metadata={SOURCE_KEY: source_value(job.recipe_sha256, key)},
+                      onnx_options=job.onnx_options,
+                      safetensors_options=job.safetensors_options)
     if task.config_src is not None and task.config_dst is not None:
         check_inside(task.config_dst, task.outdir)
         write_config(task.config_src, task.config_dst, task.dst)
