@@ -15,6 +15,7 @@ from modelpress.core.quantize.stage import Quantize
 from modelpress.core.recipe import Recipe
 from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
 from modelpress.core.store import Progress, WriteResult
+from modelpress.formats import check_output_path, open_model, write_decompressed
 
 
 def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -30,8 +31,6 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     metadata). Tensors stream from reader to writer, `options.threads` at a
     time: memory follows the largest tensors, not the model.
     """
-    from modelpress.formats import check_output_path, open_model
-
     src, dst = Path(src), Path(dst)
     store = open_model(src)
     dst = _sharded_destination(store, dst)
@@ -83,8 +82,6 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
 
 def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:
     """Write `src` with every compressed tensor restored to its original dense dtype."""
-    from modelpress.formats import check_output_path, open_model, write_decompressed
-
     src, dst = Path(src), Path(dst)
     store = open_model(src)
     dst = _sharded_destination(store, dst)
@@ -104,8 +101,6 @@ def _sharded_destination(store: Any, dst: Path) -> Path:
 
 def inspect(path: str | os.PathLike) -> InspectReport:
     """Every tensor of a model: shape, dtype, bytes stored, encoding and sparsity."""
-    from modelpress.formats import open_model
-
     store = open_model(path)
     rows = []
     for name, info, encoded, stored in store.logical_tensors():
