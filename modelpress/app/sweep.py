@@ -20,7 +20,6 @@ from modelpress.app.evaluation import Baseline, EvalSettings
 from modelpress.core.pipeline import Options, encode
 from modelpress.core.recipe import RECIPE_VERSION, Recipe, read_document
 from modelpress.core.registry import REGISTRY, stage_from_config
-from modelpress.core.stage import Stage
 from modelpress.core.store import Progress
 from modelpress.formats import open_model
 
