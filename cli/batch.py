@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from modelpress.app.batch.plan import (BatchOptions, BatchPlan, DryRow, dry_run, parse_shard,
+                                       plan_batch, run_batch)
 from modelpress.app.batch.report import FAILED, BatchReport
 from modelpress.core.errors import ModelpressError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
+from modelpress.formats.safetensors.sharded import parse_size
 
-if TYPE_CHECKING:  # rich is imported only when a batch runs
+from modelpress.cli.render import dump_json, human_bytes
+from modelpress.cli.terminal import consoles, new_table, progress_bar
+
+if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
-
-    from modelpress.app.batch.plan import DryRow
 
 BATCH_ONLY = ("jobs", "skip_existing", "fail_fast", "shard", "dry_run")
 
@@ -46,7 +49,6 @@ def shard_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     """Click callback: 'K/N' -> (K, N)."""
     if value is None:
         return None
-    from modelpress.app.batch.plan import parse_shard
     try:
         return parse_shard(value)
     except ValueError as exc:
@@ -57,7 +59,6 @@ def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -
     """Click callback: '5GB' -> bytes."""
     if value is None:
         return None
-    from modelpress.formats.safetensors.sharded import parse_size
     try:
         return parse_size(value)
     except ValueError as exc:
@@ -69,13 +70,8 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
                       quiet: bool, *, onnx_options: OnnxWriteOptions,
                       safetensors_options: SafetensorsWriteOptions) -> str | None:
     """Run (or dry-run) a batch; print the summary; return a failure line or None."""
-    from rich.console import Console
-
-    from modelpress.app.batch.plan import BatchOptions, dry_run, plan_batch, run_batch
-
-    from modelpress.cli.render import dump_json
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True)
+    # Failures are reported on stderr even with --quiet.
+    out, err = consoles(quiet=False)
     try:
         plan = plan_batch(list(models), output, flags["shard"])
     except ModelpressError as exc:
@@ -141,10 +137,7 @@ class BatchProgress:
     """One live display: models done/total, files copied, and each running job's tensors."""
 
     def __init__(self, console: Console) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
+        self.bar = progress_bar(console, elapsed=True)
         self.overall = self.bar.add_task("models", total=None)
         self.running: dict[str, Any] = {}
         self.copies = self.copied = 0
@@ -180,7 +173,6 @@ class BatchProgress:
 
 def _shown(path: str) -> str:
     """A path as the user would write it: relative to the working folder when inside it."""
-    import os
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
 
@@ -198,18 +190,14 @@ def _error(value: float | None) -> str:
 
 
 def _after(value: int | None) -> str:
-    from modelpress.cli.render import human_bytes
     return "-" if value is None else human_bytes(value)
 
 
 def batch_table(report: BatchReport) -> Table:
     """One row per model and a totals row."""
-    from rich.table import Table
-
-    from modelpress.cli.render import human_bytes
     title = f"{_shown(report.base)} -> {_shown(report.outdir)}" + (
         f" (shard {report.shard})" if report.shard else "")
-    table = Table(title=title, title_justify="left")
+    table = new_table(title=title, title_justify="left")
     # Numbers never shrink; in a narrow terminal the model and note columns wrap instead.
     for header, justify, width in (("model", "left", None), ("status", "left", 7),
                                    ("before", "right", 7), ("after", "right", 7),
@@ -268,17 +256,15 @@ def markdown_batch(report: BatchReport) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def dry_run_table(plan: Any, rows: list[DryRow]) -> Table:
+def dry_run_table(plan: BatchPlan, rows: list[DryRow]) -> Table:
     """What a run would do; compressed sizes are labelled as estimates."""
-    from rich.table import Table
-
-    from modelpress.cli.render import human_bytes
-    table = Table(title=f"dry run: {_shown(str(plan.base))} -> {_shown(str(plan.outdir))}"
-                  + (f" (shard {plan.shard})" if plan.shard else "") + "; nothing written",
-                  title_justify="left",
-                  caption="est. = estimate: the recipe's bits per element (codes, kept values "
-                  "and masks, scales) over the element counts of the tensors it selects, read "
-                  "from headers; other bytes unchanged", caption_justify="left")
+    table = new_table(title=f"dry run: {_shown(str(plan.base))} -> {_shown(str(plan.outdir))}"
+                      + (f" (shard {plan.shard})" if plan.shard else "") + "; nothing written",
+                      title_justify="left",
+                      caption="est. = estimate: the recipe's bits per element (codes, kept "
+                      "values and masks, scales) over the element counts of the tensors it "
+                      "selects, read from headers; other bytes unchanged",
+                      caption_justify="left")
     for header, justify in (("path", "left"), ("kind", "left"), ("action", "left"),
                             ("before", "right"), ("after", "right"), ("ratio", "right"),
                             ("note", "left")):

@@ -6,7 +6,9 @@ positional argument, so `compress MODEL -o OUT quantize ...` would treat
 (skipping option values) and parses the part before it with options and
 arguments interspersed. Group options written after the stages
 (`... quantize --bits 4 --report r.json`) are moved before them; stage and
-group option names are kept disjoint so this is unambiguous.
+group option names are kept disjoint so this is unambiguous. Only click's
+public, overridable methods are used (`parse_args` of a base class), never
+its private attributes.
 """
 
 from __future__ import annotations
@@ -67,12 +69,33 @@ def option_names(params: Sequence[click.Parameter]) -> tuple[set[str], set[str]]
     return values, flags
 
 
-class StageChain(click.Group):
+class GroupHead(click.Command):
+    """The base-class step of a chained group's parsing, given the part before the stages.
+
+    click's `Group.parse_args` passes the arguments to its base class's
+    `parse_args` and keeps what that returns as the stages' arguments. In
+    `StageChain`'s bases this class comes between `Group` and `Command`, so
+    that step is this method: it parses `head()`'s part with click's own
+    `Command.parse_args` and returns the rest. click then stores the rest
+    itself, through its public parse path (no private attribute is written).
+    """
+
+    def head(self, ctx: click.Context, args: list[str]) -> tuple[list[str], list[str]]:
+        """(the group's own arguments, the stages' arguments)."""
+        return args, []
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        own, rest = self.head(ctx, args)
+        super().parse_args(ctx, own)
+        return rest
+
+
+class StageChain(click.Group, GroupHead):
     """A chained group whose options may come before, between or after its arguments."""
 
     allow_interspersed_args = True
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def head(self, ctx: click.Context, args: list[str]) -> tuple[list[str], list[str]]:
         value_options, flag_options = option_names(self.get_params(ctx))
         split = split_at_stage(args, set(self.commands), value_options)
         stage_values = set()
@@ -86,11 +109,7 @@ class StageChain(click.Group):
                 flag in head for flag in HELP_FLAGS):
             at = min(tail.index(flag) for flag in HELP_FLAGS if flag in tail)
             self._stage_help(ctx, [a for a in tail[:at] if a in self.commands][-1])
-        click.Command.parse_args(self, ctx, head)
-        # click stores the pending subcommand arguments here (private since 8.2).
-        ctx._protected_args = tail
-        ctx.args = []
-        return ctx.args
+        return head, tail
 
     def _stage_help(self, ctx: click.Context, name: str) -> None:
         command = self.commands[name]

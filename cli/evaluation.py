@@ -12,8 +12,11 @@ from typing import Any, Callable
 
 import click
 
+from modelpress.app.environment import versions
 from modelpress.app.evaluation import Baseline, EvalSettings
-from modelpress.core.thresholds import Thresholds
+from modelpress.core.evaluate import Evaluation
+from modelpress.core.thresholds import Thresholds, check
+from modelpress.formats.outputs import model_sha256
 
 EXIT_THRESHOLD = 3
 
@@ -178,11 +181,6 @@ def finish(report: Any, baseline: Baseline | None, limits: Thresholds,
     `digests=False` leaves out the input and output sha256 (reading every byte
     of a multi-GB model again) when nothing will show them.
     """
-    from modelpress.app.environment import versions
-    from modelpress.core.evaluate import Evaluation
-    from modelpress.core.thresholds import check
-    from modelpress.formats.outputs import model_sha256
-
     if baseline is None:
         report.evaluation = Evaluation("skipped", notes=["output evaluation skipped (--no-eval)"])
     else:

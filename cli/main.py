@@ -6,11 +6,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from modelpress import __version__
+from modelpress.app import api
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.core.recipe import Recipe
@@ -21,44 +22,12 @@ from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.cli import evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
 from modelpress.cli.chain import StageChain
+from modelpress.cli.common import (CONTEXT, EXIT_FAILURE, Failure, RecipeUsageError,
+                                   check_extra_outputs)
+from modelpress.cli.render import dump_json, print_inspect, print_report
 from modelpress.cli.stages import stage_commands
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class Failure(click.ClickException):
-    """A model that cannot be read or written, or a stage that cannot apply (exit 1)."""
-
-    exit_code = EXIT_FAILURE
-
-
-class RecipeUsageError(click.ClickException):
-    """A recipe file that is not valid (exit 2, like any other usage error)."""
-
-    exit_code = EXIT_USAGE
-
-
-def _consoles(quiet: bool) -> tuple[Any, Any]:
-    from rich.console import Console
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True, quiet=quiet)
-    return out, err
-
-
-def _progress(err_console: Any, quiet: bool) -> tuple[Any, Callable[[int, int, str], None] | None]:
-    """A rich progress bar on stderr when a person is watching, else nothing."""
-    if quiet or not err_console.is_terminal:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   console=err_console, transient=True)
-    task = bar.add_task("compressing", total=None)
-
-    def update(done: int, total: int, what: str) -> None:
-        bar.update(task, completed=done, total=total, description=what[:60] or "done")
-    return bar, update
+from modelpress.cli.sweep import sweep
+from modelpress.cli.terminal import consoles, progress
 
 
 @click.group(context_settings=CONTEXT)
@@ -269,20 +238,18 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                                "MODELs with -o OUTDIR")
     check_extra_outputs([("--report", report_path)],
                         [(model[0], "the input model"), (output, "the output model")])
-    from modelpress.app.api import compress as run
-
     settings = evaluation.settings_from(eval_values, model[0], limits)
     # A quiet run that prints no table needs no console (nor rich's import time).
     show = not quiet or fmt != "table"
-    out, err = _consoles(quiet) if show else (None, None)
-    bar, update = _progress(err, quiet) if err is not None else (None, None)
+    out, err = consoles(quiet) if show else (None, None)
+    bar, update = progress(err, quiet)
     try:
         baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
             bar.start()
-        report = run(model[0], output, recipe, options, update, onnx_options=onnx_options,
-                     safetensors_options=safetensors_options,
-                     calibration=None if calibration is None else str(calibration))
+        report = api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
+                              safetensors_options=safetensors_options,
+                              calibration=None if calibration is None else str(calibration))
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:
@@ -291,22 +258,10 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     # The sha256 digests appear only in JSON (--report, --format json).
     evaluation.finish(report, baseline, limits, digests=report_path is not None or fmt == "json")
     if report_path is not None:
-        from modelpress.cli.render import dump_json
         dump_json(report_path, report.as_dict())
     if show:
-        from modelpress.cli.render import print_report
         print_report(out, report, fmt)
     evaluation.raise_on_breach(report)
-
-
-def check_extra_outputs(paths: list[tuple[str, Path | None]],
-                        protected: list[tuple[Path, str]]) -> None:
-    """Refuse a --report (or --plot) path that would overwrite the input model or the output."""
-    from modelpress.formats import same_file
-    for option, path in paths:
-        for other, what in protected:
-            if path is not None and same_file(path, other):
-                raise click.UsageError(f"{option} {path} is {what}; give another file name")
 
 
 # Options of a single-model run that batch mode does not take (it does not run the models).
@@ -340,13 +295,11 @@ def inspect(model: Path, fmt: str) -> None:
       modelpress inspect sample_models/mlp.onnx
       modelpress inspect small.safetensors --format json
     """
-    from modelpress.app.api import inspect as run
-    from modelpress.cli.render import print_inspect
     try:
-        report = run(model)
+        report = api.inspect(model)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
-    out, _ = _consoles(quiet=False)
+    out, _ = consoles(quiet=False)
     print_inspect(out, report, fmt)
 
 
@@ -362,9 +315,8 @@ def decompress(model: Path, output: Path) -> None:
       modelpress decompress small.safetensors -o dense.safetensors
       modelpress decompress small.onnx -o dense.onnx
     """
-    from modelpress.app.api import decompress as run
     try:
-        result = run(model, output)
+        result = api.decompress(model, output)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     click.echo(f"{output}: {result.file_bytes} bytes, {len(result.tensor_bytes)} tensors restored")
@@ -372,9 +324,7 @@ def decompress(model: Path, output: Path) -> None:
         click.echo(f"note: {note}")
 
 
-from modelpress.cli.sweep import sweep as _sweep  # noqa: E402  (registered after the other commands)
-
-cli.add_command(_sweep)
+cli.add_command(sweep)
 
 
 def _terminated(signum: int, frame: Any) -> None:

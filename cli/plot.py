@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelpress.app.sweep import SweepReport
+from modelpress.formats.atomic import atomic_path
 
 
 def plot_sweep(report: SweepReport, path: Path) -> None:
     """Write a PNG of every setting that ran: size (x) against error (y)."""
+    # matplotlib: an optional extra (`plot`), and 0.3+ s to import
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from modelpress.formats.atomic import atomic_path
 
     rows = [r for r in report.ran if r.tensors]  # a setting that changed nothing is no point
     use_output = report.front_metric == "output error"

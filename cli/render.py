@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from modelpress.core.report import InspectReport, Report
+from modelpress.formats.atomic import atomic_path
+
+from modelpress.cli.render_eval import markdown_evaluation, print_evaluation
+from modelpress.cli.terminal import new_table, new_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 
 def human_bytes(n: int) -> str:
@@ -20,7 +25,7 @@ def human_bytes(n: int) -> str:
     for unit in ("kB", "MB", "GB", "TB"):
         n /= 1000.0
         if n < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if n >= 100 else f"{n:.3g} {unit}"
+            return f"{n:.3g} {unit}"
     return f"{n} B"
 
 
@@ -41,7 +46,7 @@ def printable(text: str) -> str:
 def plain(value: object) -> Text:
     """Text shown as is: tensor names and paths come from files and may hold '[...]'
     (rich markup) or control characters."""
-    return Text(printable(str(value)))
+    return new_text(printable(str(value)))
 
 
 def _ratio(after: int, before: int) -> str:
@@ -50,8 +55,8 @@ def _ratio(after: int, before: int) -> str:
 
 def report_table(report: Report) -> Table:
     """The size and error table printed after every compress."""
-    table = Table(title=plain(f"{report.input_path} -> {report.output_path}"),
-                  title_justify="left")
+    table = new_table(title=plain(f"{report.input_path} -> {report.output_path}"),
+                      title_justify="left")
     for header, justify in (("tensor", "left"), ("shape", "left"), ("encoding", "left"),
                             ("before", "right"), ("after", "right"), ("ratio", "right"),
                             ("rel. error", "right"), ("SQNR dB", "right")):
@@ -82,7 +87,6 @@ def print_report(console: Console, report: Report, fmt: str) -> None:
     console.print(report_table(report))
     for note in report.notes:
         console.print(f"note: {printable(note)}", markup=False, highlight=False)
-    from modelpress.cli.render_eval import print_evaluation
     print_evaluation(console, report)
 
 
@@ -103,7 +107,6 @@ def markdown_report(report: Report) -> str:
                  f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
     lines += [""] + [f"- {printable(note)}" for note in report.notes]
-    from modelpress.cli.render_eval import markdown_evaluation
     lines += markdown_evaluation(report)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -118,8 +121,9 @@ def print_inspect(console: Console, report: InspectReport, fmt: str) -> None:
     if fmt == "json":
         console.print_json(json.dumps(report.as_dict()))
         return
-    table = Table(title=plain(f"{report.path} ({report.format}, "
-                              f"{human_bytes(report.file_bytes)} on disk)"), title_justify="left")
+    table = new_table(title=plain(f"{report.path} ({report.format}, "
+                                  f"{human_bytes(report.file_bytes)} on disk)"),
+                      title_justify="left")
     for header, justify in (("tensor", "left"), ("shape", "left"), ("dtype", "left"),
                             ("encoding", "left"), ("stored", "right"), ("zeros", "right"),
                             ("weight", "center")):
@@ -134,7 +138,6 @@ def print_inspect(console: Console, report: InspectReport, fmt: str) -> None:
 
 def dump_json(path: Any, data: dict[str, Any]) -> None:
     """Write a JSON document atomically (used for --report)."""
-    from modelpress.formats.atomic import atomic_path
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from modelpress.core.evaluate import Evaluation
 
-if TYPE_CHECKING:  # rich is imported where a table is printed: `compress --quiet` needs none
+from modelpress.cli.terminal import new_table
+
+if TYPE_CHECKING:
     from rich.console import Console
 
 
@@ -66,8 +68,7 @@ def print_evaluation(console: Console, report: Any) -> None:
         if evaluation.outputs:
             console.print(f"evaluation: {evaluation.runtime}; inputs {inputs_label(evaluation)}",
                           markup=False, highlight=False, soft_wrap=True)
-            from rich.table import Table
-            table = Table(title="output error, compressed vs original", title_justify="left")
+            table = new_table(title="output error, compressed vs original", title_justify="left")
             for header in HEADERS:
                 table.add_column(header, justify="left" if header in ("output", "shape")
                                  else "right", no_wrap=True)

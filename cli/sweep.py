@@ -10,12 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from modelpress.app.environment import versions
+from modelpress.app.sweep import (BITS_DEFINITION, DEFAULT_SETTINGS, FRONT_DEFINITION, SweepReport,
+                                  SweepRow, load_settings, sweep as run_sweep)
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
-from modelpress.app.sweep import (BITS_DEFINITION, DEFAULT_SETTINGS, FRONT_DEFINITION, SweepReport, SweepRow)
+from modelpress.formats.outputs import model_sha256
 
 from modelpress.cli import evaluation
-from modelpress.cli.render_eval import fmt_number, fmt_percent
+from modelpress.cli.common import CONTEXT, Failure, RecipeUsageError, check_extra_outputs
+from modelpress.cli.plot import plot_sweep
+from modelpress.cli.render import dump_json, human_bytes
+from modelpress.cli.render_eval import fmt_number, fmt_percent, inputs_label
+from modelpress.cli.terminal import consoles, new_table, progress
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -25,7 +32,7 @@ PLOT_HINT = "pip install 'modelpress[plot]'"
 SWEEP_RUNS, SWEEP_BUDGET_S = 10, 0.5
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--recipes", "recipes_file", type=click.Path(path_type=Path), metavar="FILE",
               help="Sweep these named recipes (YAML or JSON) instead of the built-in settings.")
@@ -72,10 +79,6 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
       - name: prune then int4
         stages: [{id: prune, sparsity: 0.5}, {id: quantize, bits: 4}]
     """
-    from modelpress.app.sweep import load_settings, sweep as run
-
-    from modelpress.cli.main import (Failure, RecipeUsageError, _consoles, _progress, check_extra_outputs)
-
     check_extra_outputs([("--report", report_path), ("--plot", plot_path)],
                         [(model, "the input model")])
     settings_values = evaluation.pop(values, evaluation.INPUT_PARAMS)
@@ -91,12 +94,12 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
             settings = tuple(load_settings(recipes_file))
         except RecipeError as exc:
             raise RecipeUsageError(str(exc)) from None
-    out, err = _consoles(quiet)
-    bar, update = _progress(err, quiet)
+    out, err = consoles(quiet)
+    bar, update = progress(err, quiet)
     try:
         if bar is not None:
             bar.start()
-        report = run(model, settings, Options(min_elements=min_elements), eval_settings, update)
+        report = run_sweep(model, settings, Options(min_elements=min_elements), eval_settings, update)
         _provenance(report)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
@@ -104,10 +107,8 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
         if bar is not None:
             bar.stop()
     if report_path is not None:
-        from modelpress.cli.render import dump_json
         dump_json(report_path, report.as_dict())
     if plot_path is not None:
-        from modelpress.cli.plot import plot_sweep
         plot_sweep(report, plot_path)
     if not quiet or fmt != "table":
         print_sweep(out, report, fmt)
@@ -116,8 +117,6 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
 
 
 def _provenance(report: SweepReport) -> None:
-    from modelpress.app.environment import versions
-    from modelpress.formats.outputs import model_sha256
     report.versions = versions()
     report.input_sha256 = model_sha256(report.model)
 
@@ -135,7 +134,6 @@ def columns(report: SweepReport) -> list[str]:
 
 def cells(report: SweepReport, row: SweepRow, front_mark: str) -> list[str]:
     """One table row; a skipped or failed setting shows its name and '-' elsewhere."""
-    from modelpress.cli.render import human_bytes
     if row.status != "ok":
         return [row.name, row.status] + ["-"] * (len(columns(report)) - 3) + [""]
     values = [row.name, human_bytes(row.file_bytes), f"{row.ratio:.3f}x",
@@ -152,7 +150,6 @@ def footnotes(report: SweepReport) -> list[str]:
     """Definitions, the baseline, and each skipped or failed setting's reason."""
     lines = [BITS_DEFINITION, f"{FRONT_DEFINITION} (by {report.front_metric})"]
     if report.format == "onnx" and report.baseline is not None and report.baseline.status == "ok":
-        from modelpress.cli.render_eval import inputs_label
         lines.append(f"output error: the worst output's relative L2 error against the "
                      f"original's ({report.baseline.runtime}; inputs "
                      f"{inputs_label(report.baseline)})")
@@ -172,12 +169,9 @@ def print_sweep(console: Console, report: SweepReport, fmt: str) -> None:
     if fmt == "markdown":
         console.print(markdown_sweep(report), markup=False, highlight=False, soft_wrap=True)
         return
-    from rich.table import Table
-
-    from modelpress.cli.render import human_bytes
-    table = Table(title=f"{report.model} ({report.format}, {human_bytes(report.file_bytes)}): "
-                        f"{len(report.ran)} of {len(report.rows)} settings ran",
-                  title_justify="left")
+    table = new_table(title=f"{report.model} ({report.format}, {human_bytes(report.file_bytes)}): "
+                            f"{len(report.ran)} of {len(report.rows)} settings ran",
+                      title_justify="left")
     for head in columns(report):
         table.add_column(head, justify="left" if head in ("setting", "front") else "right",
                          no_wrap=True)

@@ -303,7 +303,7 @@ def test_default_jobs_follow_cpus_and_memory(monkeypatch: pytest.MonkeyPatch) ->
     def tasks(kind: str, nbytes: int, count: int = 10) -> list[Task]:
         return [Task(f"m{i}", kind, Path("in"), Path("out"), Path("."), nbytes=nbytes)
                 for i in range(count)]
-    monkeypatch.setattr(batch, "cpu_count", lambda: 8)
+    monkeypatch.setattr(batch, "default_threads", lambda: 8)
     monkeypatch.setattr(batch, "available_memory", lambda: 4 * 2**30)
     # ONNX: 256 MiB + 10 x 200 MB = 2.27 GB per job -> one job fits in 4 GiB.
     assert batch.default_jobs(tasks("onnx", 200_000_000)) == 1

@@ -17,6 +17,7 @@ from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
 from modelpress.core.store import Progress, TensorStore, WriteOptions, WriteResult
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
+from modelpress.formats import check_output_path, open_model, write_decompressed
 
 
 def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -41,8 +42,6 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     original model; MatMul/Gemm weights then round with their inputs'
     statistics (see modelpress.core.calibrate).
     """
-    from modelpress.formats import check_output_path, open_model
-
     src, dst = Path(src), Path(dst)
     store = open_model(src)
     dst = _sharded_destination(store, dst)
@@ -87,8 +86,6 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
 
 def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:
     """Write `src` with every compressed tensor restored to its original dense dtype."""
-    from modelpress.formats import check_output_path, open_model, write_decompressed
-
     src, dst = Path(src), Path(dst)
     store = open_model(src)
     dst = _sharded_destination(store, dst)
@@ -108,8 +105,6 @@ def _sharded_destination(store: TensorStore, dst: Path) -> Path:
 
 def inspect(path: str | os.PathLike) -> InspectReport:
     """Every tensor of a model: shape, dtype, bytes stored, encoding and sparsity."""
-    from modelpress.formats import open_model
-
     store = open_model(path)
     rows = []
     for name, info, encoded, stored in store.logical_tensors():

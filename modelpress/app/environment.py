@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
+from modelpress import __version__
+
 # Distribution names whose versions go into every report (absent ones are null).
 LIBRARIES = ("numpy", "onnx", "onnxruntime", "safetensors", "ml_dtypes", "PyYAML")
 
@@ -19,7 +21,6 @@ def package_version(name: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     """modelpress, Python and library versions, JSON-safe."""
-    from modelpress import __version__
     found: dict[str, str | None] = {"modelpress": __version__,
                                     "python": platform.python_version()}
     for name in LIBRARIES:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from modelpress.app.environment import package_version
 from modelpress.core.errors import InputDataError, ModelRunError
 from modelpress.core.evaluate import (SAFETENSORS_NOTE, Accuracy, Evaluation, Latency, compare_outputs, correct_count, label_output)
 
@@ -54,6 +55,7 @@ class Baseline:
         src = Path(src)
         if src.suffix.lower() != ".onnx":
             return cls("not-applicable", [SAFETENSORS_NOTE], settings=settings)
+        # onnx and onnxruntime (about 1 s to import): only when an ONNX model is run
         from modelpress.formats.onnx import run as onnx_run
 
         try:
@@ -93,7 +95,6 @@ class Baseline:
 
     @property
     def runtime(self) -> str | None:
-        from modelpress.app.environment import package_version
         version = package_version("onnxruntime")
         return None if version is None else f"onnxruntime {version} CPU"
 
@@ -112,6 +113,7 @@ class Baseline:
         """Run the model at `path` on the same inputs and compare it with the original."""
         if self.status != "ok":
             return Evaluation(self.status, self.runtime, self.inputs, notes=list(self.notes))
+        # onnx and onnxruntime (about 1 s to import): only when an ONNX model is run
         from modelpress.formats.onnx import run as onnx_run
 
         try:

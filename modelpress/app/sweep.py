@@ -20,8 +20,8 @@ from modelpress.app.evaluation import Baseline, EvalSettings
 from modelpress.core.pipeline import Options, encode
 from modelpress.core.recipe import RECIPE_VERSION, Recipe, read_document
 from modelpress.core.registry import REGISTRY, stage_from_config
-from modelpress.core.stage import Stage
 from modelpress.core.store import Progress
+from modelpress.formats import open_model
 
 BITS_DEFINITION = ("bits/weight: bytes written for the changed tensors (codes, scales, zero "
                    "points, masks, factors) x 8 / their number of elements")
@@ -202,8 +202,6 @@ def sweep(src: str | os.PathLike, settings: Sequence[Setting] = DEFAULT_SETTINGS
           options: Options = Options(), evaluation: EvalSettings | None = EvalSettings(),
           progress: Progress | None = None) -> SweepReport:
     """Apply each setting to the model at `src` and measure size, error and latency."""
-    from modelpress.formats import open_model
-
     src = Path(src)
     store = open_model(src)
     if store.encodings:

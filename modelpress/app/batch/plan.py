@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from modelpress.app.batch.report import FAILED, OK, SKIPPED, BatchReport, ModelResult, Refusal
+from modelpress.app.batch.runner import run_copies_and_models
 from modelpress.app.batch.worker import CANCELLED, JobSpec, Task
 from modelpress.core.errors import ModelpressError, ModelReadError, ModelWriteError
-from modelpress.core.pipeline import Options
+from modelpress.core.estimate import estimate
+from modelpress.core.pipeline import RUN_ONLY_OPTIONS, Options, default_threads
 from modelpress.core.recipe import Recipe
+from modelpress.formats import open_model
+from modelpress.formats.discover import discover
 from modelpress.formats.onnx.options import OnnxWriteOptions
+from modelpress.formats.outputs import (check_inside, input_key, output_bytes, same_file_content,
+                                        up_to_date)
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 OnEvent = Callable[[tuple[Any, ...]], None]
@@ -102,9 +108,6 @@ def shard_slice(items: list[Any], shard: tuple[int, int] | None) -> list[Any]:
 def plan_batch(inputs: list[Path], outdir: Path,
                shard: tuple[int, int] | None = None) -> BatchPlan:
     """Find the models under `inputs` and map this shard's share of them into `outdir`."""
-    from modelpress.formats.discover import discover
-    from modelpress.formats.outputs import check_inside
-
     outdir = Path(os.path.abspath(outdir))
     for given in inputs:
         if Path(given).is_dir() and os.path.realpath(given) == os.path.realpath(outdir):
@@ -146,7 +149,6 @@ def recipe_sha256(recipe: Recipe, options: Options,
                   ) -> str:
     """sha256 of the recipe and the run and writer options that change output bytes
     (canonical JSON)."""
-    from modelpress.core.pipeline import RUN_ONLY_OPTIONS
     kept = {k: v for k, v in dataclasses.asdict(options).items() if k not in RUN_ONLY_OPTIONS}
     # The writer settings under the names they had as fields of Options, so outputs
     # (whose metadata records this digest) stay byte-identical and --skip-existing
@@ -189,14 +191,6 @@ def available_memory() -> int | None:
     return max(0, min(found)) if found else None
 
 
-def cpu_count() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def default_jobs(tasks: list[Task]) -> int:
     """CPU count, at most one job per model, and no more jobs than memory holds.
 
@@ -209,7 +203,7 @@ def jobs_explained(tasks: list[Task]) -> tuple[int, str]:
     """The default number of jobs and the figures it came from."""
     if not tasks:
         return 1, "no models"
-    cpus = cpu_count()
+    cpus = default_threads()
     jobs = min(cpus, len(tasks))
     why = f"{cpus} CPUs, {len(tasks)} models"
     free = available_memory()
@@ -232,10 +226,9 @@ def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     "spawn" start method, which imports the main module again: a script that
     calls this must do so under `if __name__ == "__main__":`.
     """
-    from modelpress.app.batch.runner import run_copies_and_models
     jobs, why = (batch.jobs, "") if batch.jobs else jobs_explained(plan.tasks)
     if options.threads is None:  # jobs share the CPUs: threads per model = CPUs / jobs
-        options = dataclasses.replace(options, threads=max(1, cpu_count() // jobs))
+        options = dataclasses.replace(options, threads=max(1, default_threads() // jobs))
     job = JobSpec(recipe, options,
                   recipe_sha256(recipe, options, onnx_options, safetensors_options),
                   batch.skip_existing, onnx_options, safetensors_options)
@@ -272,10 +265,6 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
             safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions()
             ) -> list[DryRow]:
     """The actions and sizes of a run, without writing; compressed sizes are estimates."""
-    from modelpress.formats import open_model
-    from modelpress.formats.outputs import input_key, output_bytes, same_file_content, up_to_date
-
-    from modelpress.core.estimate import estimate
     sha = recipe_sha256(recipe, options, onnx_options, safetensors_options)
     rows = [DryRow(m.path, m.kind, "fail", m.bytes_before, None, m.reason) for m in plan.blocked]
     for task in plan.tasks:

@@ -19,6 +19,7 @@ done is simply ended.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import threading
 import time
@@ -27,7 +28,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator
 
 from modelpress.app.batch.report import FAILED, SKIPPED, ModelResult
-from modelpress.app.batch.worker import (CANCELLED, JobSpec, Task, run_task, use_in_process, worker_main)
+from modelpress.app.batch.worker import (CANCELLED, JobSpec, Task, run_task, use_in_process,
+                                         worker_main)
+from modelpress.core.pipeline import default_threads
 
 Emit = Callable[[tuple[Any, ...]], None]
 _POLL_SECONDS = 0.05
@@ -51,7 +54,6 @@ class ParallelRun:
 
     def __init__(self, tasks: list[Task], job: JobSpec, jobs: int, batch: Any,
                  emit: Emit) -> None:
-        import multiprocessing
         self.context = multiprocessing.get_context("spawn")
         self.tasks, self.job, self.jobs, self.batch, self.emit = tasks, job, jobs, batch, emit
         self.waiting = deque(tasks)
@@ -240,8 +242,7 @@ def worker_threads(jobs: int) -> Iterator[None]:
     library, so they are set while the workers start. A value the user set is
     kept.
     """
-    from modelpress.app.batch.plan import cpu_count
-    share = str(max(1, cpu_count() // jobs))
+    share = str(max(1, default_threads() // jobs))
     saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
     for name in _THREAD_VARIABLES:
         os.environ.setdefault(name, share)

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelpress import __version__
+
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
 
@@ -111,7 +113,6 @@ class BatchReport:
 
     def as_dict(self) -> dict[str, Any]:
         """Every number of the summary and each model's own report, JSON-safe."""
-        from modelpress import __version__
         before, after = self.bytes_before, self.bytes_after
         worst = self.worst_error
         return {

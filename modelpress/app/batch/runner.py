@@ -1,7 +1,7 @@
 """Running a batch plan: the models (here, or in parallel), and the copies of other files.
 
 With one job everything runs in this process, copies first. With several,
-`batch_pool.run_parallel` compresses the models while this process copies
+`pool.run_parallel` compresses the models while this process copies
 the other files; events from every consumer are passed on from this
 process's main thread only.
 """
@@ -11,8 +11,11 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+from modelpress.app.batch.pool import ParallelRun, run_parallel
 from modelpress.app.batch.report import FAILED, OK, SKIPPED, CopyResult, ModelResult
 from modelpress.app.batch.worker import CANCELLED, JobSpec, Task, run_task, use_in_process
+from modelpress.core.errors import ModelpressError
+from modelpress.formats.outputs import check_inside, copy_file, same_file_content
 
 Emit = Callable[[tuple[Any, ...]], None]
 
@@ -24,7 +27,6 @@ def run_copies_and_models(plan: Any, job: JobSpec, jobs: int, batch: Any,
     jobs = min(jobs, len(tasks))    # never more consumers than models
     if jobs <= 1:
         return _sequential(plan, tasks, job, batch, emit)
-    from modelpress.app.batch.pool import ParallelRun, run_parallel
 
     def copies(run: ParallelRun) -> list[CopyResult]:
         # A failed copy with --fail-fast stops the models too (run.cancel).
@@ -62,9 +64,6 @@ def _copy_all(copies: list[Any], batch: Any, stopped: Callable[[], bool],
               stop: Callable[[], None], emit: Emit,
               between: Callable[[], None] | None = None) -> list[CopyResult]:
     """Copy the other files atomically; with --skip-existing an identical copy is kept."""
-    from modelpress.formats.outputs import check_inside, copy_file, same_file_content
-
-    from modelpress.core.errors import ModelpressError
     rows = []
     for item in copies:
         if between:

@@ -10,18 +10,27 @@ their temporary files.
 
 from __future__ import annotations
 
+import importlib
+import multiprocessing
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
+from modelpress.app.api import compress
 from modelpress.app.batch.report import FAILED, OK, SKIPPED, ModelResult
 from modelpress.core.errors import ModelpressError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
+from modelpress.formats.digest import file_sha256
 from modelpress.formats.onnx.options import OnnxWriteOptions
+from modelpress.formats.outputs import (SOURCE_KEY, check_inside, input_key, output_bytes,
+                                        source_value, up_to_date)
+from modelpress.formats.safetensors.ct_config import write_config
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 Emit = Callable[[tuple[Any, ...]], None]
@@ -76,8 +85,6 @@ def init_worker(conn: Any) -> None:
     as the parent process is gone, even if it was killed (SIGKILL), so no
     orphan keeps writing.
     """
-    import multiprocessing
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _STATE.emit = conn.send
     _STATE.cancel = _PipeCancel(conn)
@@ -119,20 +126,19 @@ def worker_main(conn: Any, job: JobSpec) -> None:
 
 
 def _warm_up() -> None:
-    """Import what compressing a model needs before saying ready.
+    """Import what compressing an ONNX model needs before saying ready.
 
-    Otherwise a fresh worker's first model pays these imports (0.1-0.5 s),
-    and a worker that takes a model while still slow can finish after this
-    process would have finished everything alone.
+    The formats layer imports onnx only when an ONNX model is opened, and its
+    checker and version converter only when one is written; otherwise a fresh
+    worker's first model pays these imports (0.1-0.5 s), and a worker that
+    takes a model while still slow can finish after this process would have
+    finished everything alone.
     """
-    import importlib
-    for module in ("onnx.checker", "onnx.version_converter", "modelpress.formats.safetensors.ct_config",
-                   "modelpress.formats.outputs", "modelpress.app.api"):
+    for module in ("modelpress.formats.onnx.store", "onnx.checker", "onnx.version_converter"):
         importlib.import_module(module)
 
 
 def _exit_with_parent(sentinel: int) -> None:
-    from multiprocessing.connection import wait
     wait([sentinel])
     os._exit(1)
 
@@ -176,11 +182,6 @@ def run_task(task: Task, job: JobSpec) -> ModelResult:
 
 
 def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
-    from modelpress.formats.safetensors.ct_config import write_config
-    from modelpress.formats.outputs import (SOURCE_KEY, check_inside, input_key, output_bytes, source_value, up_to_date)
-
-    from modelpress.app.api import compress
-
     extra = list(task.parts) + ([task.config_src] if task.config_src else [])
     key = input_key(task.src, extra)
     if job.skip_existing and up_to_date(task.dst, job.recipe_sha256, key, task.config_src,
@@ -208,7 +209,6 @@ def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
         check_inside(task.config_dst, task.outdir)
         write_config(task.config_src, task.config_dst, task.dst)
     if not extra:  # one file in, one file out: the plain sha256 of each, as single runs report
-        from modelpress.formats.digest import file_sha256
         report.input_sha256 = key
         report.output_sha256 = None if task.kind == "sharded" else file_sha256(task.dst)
     row.status = OK
