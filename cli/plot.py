@@ -16,7 +16,7 @@ def plot_sweep(report: SweepReport, path: Path) -> None:
     """Write a PNG of every setting that ran: size (x) against error (y)."""
     # matplotlib: an optional extra (`plot`), and 0.3+ s to import
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # as above
 
     rows = [r for r in report.ran if r.tensors]  # a setting that changed nothing is no point
     use_output = report.front_metric == "output error"

@@ -1,5 +1,5 @@
 """The Quantized node of the encoded-tensor tree: integer codes on a uniform grid,
-with scales stored as floats or as codes (`modelpress.core.quantize.scalecode`)."""
+with scales stored as floats or as codes (`modelpress.core.scalecode`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from modelpress.core.node import Encoded
-from modelpress.core.quantize.scalecode import MultiplierCode, ScaleCode
+from modelpress.core.scalecode import MultiplierCode, ScaleCode
 
 
 GRANULARITIES = ("tensor", "channel", "group")

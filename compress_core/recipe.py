@@ -60,8 +60,7 @@ class Recipe:
 
     def to_yaml(self) -> str:
         """The recipe as YAML text, in the schema `load` reads."""
-        import yaml  # lazy: PyYAML is needed only for YAML recipes
-        return yaml.safe_dump(self.get_config(), sort_keys=False)
+        return _yaml().safe_dump(self.get_config(), sort_keys=False)
 
 
 def read_document(path: str | Path) -> Any:
@@ -74,9 +73,13 @@ def read_document(path: str | Path) -> Any:
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
-        import yaml  # lazy: PyYAML is needed only for YAML recipes
-        return yaml.safe_load(text)
+        return _yaml().safe_load(text)
     except ValueError as exc:
         raise RecipeError(f"{path}: not valid JSON ({exc})") from None
     except Exception as exc:  # yaml.YAMLError and its subclasses
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _yaml() -> Any:
+    import yaml  # lazy: PyYAML is needed only for YAML recipes
+    return yaml

@@ -208,23 +208,9 @@ def _external_files(files: dict[PurePosixPath, Path], model: PurePosixPath,
     folder = model.parent
     if not explicit and not any(_inside(o, folder) for o in others):
         return []
-    # onnx costs 0.7 s to import: loaded only when a folder holds an ONNX model
-    import onnx
-
-    from modelpress.formats.onnx.graph import graphs, is_external
-    try:
-        proto = onnx.load(str(files[model]), load_external_data=False)
-    except Exception:  # protobuf's DecodeError and friends: reported when compressed
-        return []
-    locations = set()
-    for graph in graphs(proto.graph):
-        for tensor in graph.initializer:
-            if is_external(tensor):
-                location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-                inside = PurePosixPath(os.path.normpath(location)) if location else None
-                if inside and not inside.is_absolute() and ".." not in inside.parts:
-                    locations.add(str(inside))
-    return sorted(locations)
+    # loads onnx (0.7 s to import): only when a folder holds an ONNX model
+    from modelpress.formats.onnx.files import relative_locations
+    return relative_locations(files[model]) or []
 
 
 def _inside(path: PurePosixPath, folder: PurePosixPath) -> bool:

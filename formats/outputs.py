@@ -69,9 +69,9 @@ def read_source(path: Path) -> dict[str, Any] | None:
             _, metadata = read_index(path)
             raw = metadata.get(SOURCE_KEY)
         elif path.suffix.lower() == ".onnx":
-            import onnx  # 0.7 s to import: only for an ONNX output
-            model = onnx.load(str(path), load_external_data=False)
-            raw = next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), None)
+            # loads onnx (0.7 s to import): only for an ONNX output
+            from modelpress.formats.onnx.files import metadata_value
+            raw = metadata_value(path, SOURCE_KEY)
         else:
             raw = read_header(path).metadata.get(SOURCE_KEY)
         record = json.loads(raw) if isinstance(raw, str) else None
@@ -103,17 +103,9 @@ def onnx_data_files(path: Path) -> list[Path]:
     """
     if not (path.parent / data_name(path)).exists():
         return []
-    try:
-        # onnx costs 0.7 s to import: loaded only for an ONNX model with a data file
-        import onnx
-
-        from modelpress.formats.onnx.graph import external_data_file, is_external, locate
-        model = onnx.load(str(path), load_external_data=False)
-        files = {external_data_file(path, loc.tensor)[0]
-                 for loc in locate(model).values() if is_external(loc.tensor)}
-    except Exception:  # unreadable: its own file is all we can name
-        return []
-    return sorted(path.parent / f.name for f in files)
+    # loads onnx (0.7 s to import): only for an ONNX model with a data file
+    from modelpress.formats.onnx.files import data_files
+    return data_files(path)
 
 
 def output_bytes(path: Path) -> int:

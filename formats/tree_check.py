@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from modelpress.core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
-from modelpress.core.quantize.scalecode import MultiplierCode, base_shape, max_multiplier
+from modelpress.core.scalecode import MultiplierCode, base_shape, max_multiplier
 
 
 def check_tree(encoded: Encoded, shape: tuple[int, ...]) -> None:

@@ -21,6 +21,9 @@ from import_tree import REPO, build, package_folders, tomllib
 # Heavy or optional dependencies that may be imported inside a function, so that a run
 # that does not need them does not pay for them (or does not need them installed).
 LAZY_ALLOWED = {"onnxruntime", "onnx", "matplotlib", "ml_dtypes", "yaml", "threadpoolctl", "rich"}
+# A module of the ONNX subpackage imports onnx at its top: importing it lazily is how the
+# rest of modelpress loads onnx only for ONNX files.
+LAZY_SUBPACKAGES = {"modelpress.formats.onnx": "onnx"}
 MAX_FUNCTION_IMPORTS = 20  # exclusive: fewer than this
 MAX_MODULE_LINES = 400
 
@@ -64,8 +67,17 @@ def function_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
 def imported_roots(node: ast.Import | ast.ImportFrom) -> list[str]:
     """Top-level package names an import statement loads ('.' for a relative import)."""
     if isinstance(node, ast.ImportFrom):
-        return ["."] if node.level else [node.module.split(".")[0]]
-    return [alias.name.split(".")[0] for alias in node.names]
+        return ["."] if node.level else [root_of(node.module)]
+    return [root_of(alias.name) for alias in node.names]
+
+
+def root_of(module: str) -> str:
+    """The dependency a module stands for: its top-level package, or what a subpackage in
+    LAZY_SUBPACKAGES loads."""
+    for package, dependency in LAZY_SUBPACKAGES.items():
+        if module == package or module.startswith(package + "."):
+            return dependency
+    return module.split(".")[0]
 
 
 def comment_lines(source: str) -> set[int]:

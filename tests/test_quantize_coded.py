@@ -12,7 +12,7 @@ from modelpress import Quantize, Recipe, compare, compress, decompress
 from modelpress.core.encoded import Dense
 from modelpress.core.quantize.stage import quantize_array
 from modelpress.core.quantize.coded import quantize_coded
-from modelpress.core.quantize.scalecode import LogGrid, decode_codes
+from modelpress.core.scalecode import LogGrid, decode_codes
 from modelpress.core.tensorinfo import TensorInfo
 from modelpress.formats import open_model
 

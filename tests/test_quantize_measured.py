@@ -16,7 +16,7 @@ from modelpress.app.api import compress
 from modelpress.core.metrics import compare
 from modelpress.core.pipeline import Options
 from modelpress.core.quantize.coded import quantize_coded, quantize_coded_measured
-from modelpress.core.quantize.scalecode import LogGrid
+from modelpress.core.scalecode import LogGrid
 from modelpress.core.tensorinfo import TensorInfo
 from conftest import matmul_model, sha256, write_safetensors
 

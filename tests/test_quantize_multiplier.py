@@ -12,7 +12,7 @@ from modelpress import Quantize, Recipe, compare, compress, decompress
 from modelpress.core.errors import ModelpressError
 from modelpress.core.quantize.coded import quantize_coded, quantize_coded_measured
 from modelpress.core.quantize.plan import MULTIPLIER_MIN_WEIGHTS
-from modelpress.core.quantize.scalecode import MultiplierCode, ScaleCode, max_multiplier
+from modelpress.core.scalecode import MultiplierCode, ScaleCode, max_multiplier
 from modelpress.core.tensorinfo import TensorInfo
 from modelpress.formats import open_model
 from modelpress.formats.onnx.sites import KERNEL8_MIN_WEIGHTS

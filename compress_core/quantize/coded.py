@@ -27,7 +27,7 @@ from modelpress.core.encoded import Quantized
 from modelpress.core.metrics import BlockSums, ErrorStats
 from modelpress.core.quantize.groups import GroupView
 from modelpress.core.quantize.multiplier import applies, fit_multipliers
-from modelpress.core.quantize.scalecode import LogGrid
+from modelpress.core.scalecode import LogGrid
 
 # Clipping ratios of the mse search (each rounded to its nearest code).
 _RATIOS = (1.0, 0.92, 0.85, 0.78)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from modelpress.core.metrics import BlockSums
-from modelpress.core.quantize.scalecode import MultiplierCode, base_shape, max_multiplier
+from modelpress.core.scalecode import MultiplierCode, base_shape, max_multiplier
 
 _SHRINKS = (1.0, 0.94)
 _CHUNK_ELEMENTS = 1 << 18

@@ -17,7 +17,7 @@ from modelpress.core.quantize.fused import quantize_measured
 from modelpress.core.quantize.groups import GroupView, stored_scale_up
 from modelpress.core.quantize.multiplier import applies
 from modelpress.core.quantize.plan import CODED_GROUP, MAX_MULTIPLIED_BITS, QuantPlan, plan_for
-from modelpress.core.quantize.scalecode import MULTIPLIER_BITS
+from modelpress.core.scalecode import MULTIPLIER_BITS
 from modelpress.core.sizing import ElementSize, per_element
 from modelpress.core.stage import Stage, option
 from modelpress.core.tensorinfo import TensorInfo, axes_for

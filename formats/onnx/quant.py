@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 
 from modelpress.core.encoded import Encoded, Quantized
 from modelpress.core.packing import pack_bits, to_unsigned
-from modelpress.core.quantize.scalecode import MultiplierCode
+from modelpress.core.scalecode import MultiplierCode
 
 from modelpress.formats.onnx.chain import (CHAIN_OPSET, Chain, coded_scales, expand_groups, float_bases, multiplier_scales, multiplier_values, packed_stream, unpack)
 from modelpress.formats.onnx.emitted import Emitted, FreshName

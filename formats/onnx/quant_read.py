@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from modelpress.core.encoded import Quantized
 from modelpress.core.encoded import scale_shape as quantized_scale_shape
 from modelpress.core.packing import to_signed, unpack_bits
-from modelpress.core.quantize.scalecode import MultiplierCode, ScaleCode, base_shape
+from modelpress.core.scalecode import MultiplierCode, ScaleCode, base_shape
 
 from modelpress.formats.onnx.graph import graphs
 

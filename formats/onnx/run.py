@@ -6,6 +6,7 @@ run a model, so `modelpress --help` and `inspect` never load it.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import statistics
 import time
@@ -225,11 +226,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def onnxruntime_available() -> bool:
     """True when onnxruntime can be imported."""
-    try:
-        import onnxruntime  # noqa: F401  (heavy and optional: imported only to probe)
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 class Session:

@@ -12,7 +12,7 @@ import numpy as np
 from modelpress.core.encoded import Dense, Encoded, LowRank, Palettized, Quantized, Scaled, Sparse, scale_shape
 from modelpress.core.errors import ModelReadError
 from modelpress.core.packing import pack_bits, to_signed, to_unsigned, unpack_bits
-from modelpress.core.quantize.scalecode import MultiplierCode, ScaleCode, base_shape
+from modelpress.core.scalecode import MultiplierCode, ScaleCode, base_shape
 
 from modelpress.formats.safetensors.header import DTYPES, dtype_code
 

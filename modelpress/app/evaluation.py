@@ -55,9 +55,7 @@ class Baseline:
         src = Path(src)
         if src.suffix.lower() != ".onnx":
             return cls("not-applicable", [SAFETENSORS_NOTE], settings=settings)
-        # onnx and onnxruntime (about 1 s to import): only when an ONNX model is run
-        from modelpress.formats.onnx import run as onnx_run
-
+        onnx_run = _onnx_run()
         try:
             graph = onnx_run.load_graph(src)
         except ModelRunError as exc:
@@ -113,9 +111,7 @@ class Baseline:
         """Run the model at `path` on the same inputs and compare it with the original."""
         if self.status != "ok":
             return Evaluation(self.status, self.runtime, self.inputs, notes=list(self.notes))
-        # onnx and onnxruntime (about 1 s to import): only when an ONNX model is run
-        from modelpress.formats.onnx import run as onnx_run
-
+        onnx_run = _onnx_run()
         try:
             session = onnx_run.Session(Path(path))
             outputs = session.run(self.feeds)
@@ -151,3 +147,10 @@ def _check_label_count(labels: np.ndarray, feeds: Mapping[str, np.ndarray],
         raise InputDataError(f"{settings.labels}: {labels.shape[0] if labels.ndim else 0} labels "
                              f"for {sorted(batch)} samples in {settings.inputs}; give one label "
                              "per sample")
+
+
+def _onnx_run() -> Any:
+    """modelpress.formats.onnx.run, loaded when an ONNX model is first run."""
+    # onnx and onnxruntime (about 1 s to import): only when an ONNX model is run
+    from modelpress.formats.onnx import run
+    return run
