@@ -58,7 +58,7 @@ atexit.register(_peak)
 """
 # Runs the modelpress CLI in this process.
 _CLI = _PEAK + """
-from modelpress.cli.main import main
+from modelpress.cli.entry import main
 sys.argv = ["modelpress"] + sys.argv[1:]
 main()
 """

@@ -8,9 +8,8 @@ import click
 
 from modelpress.formats import same_file
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from modelpress.cli.entry import EXIT_FAILURE, EXIT_USAGE
+
 
 
 class Failure(click.ClickException):

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from modelpress import __version__
 from modelpress.app import api
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
@@ -22,40 +18,14 @@ from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.cli import evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
 from modelpress.cli.chain import StageChain
-from modelpress.cli.common import (CONTEXT, EXIT_FAILURE, Failure, RecipeUsageError,
-                                   check_extra_outputs)
+from modelpress.cli.common import Failure, RecipeUsageError, check_extra_outputs
+from modelpress.cli.entry import CONTEXT
 from modelpress.cli.render import dump_json, print_inspect, print_report
 from modelpress.cli.stages import stage_commands
-from modelpress.cli.sweep import sweep
 from modelpress.cli.terminal import consoles, progress
 
 
-@click.group(context_settings=CONTEXT)
-@click.version_option(__version__, "-V", "--version", prog_name="modelpress")
-def cli() -> None:
-    """Compress ONNX models and safetensors weights with an ordered recipe of stages.
-
-    \b
-    Examples:
-      modelpress compress model.onnx -o small.onnx quantize --bits 8
-      modelpress compress model.safetensors -o small.safetensors quantize --bits 4 --group-size 32
-      modelpress compress model.onnx -o small.onnx prune --sparsity 0.5 quantize --bits 8
-      modelpress compress model.onnx -o small.onnx cast --dtype fp16
-      modelpress compress model.onnx -o small.onnx lowrank --rank-ratio 0.25 quantize --bits 4
-      modelpress compress model.onnx -o small.onnx prune --sparsity 0.5 cluster --bits 4
-      modelpress compress model.onnx -o small.onnx --recipe recipe.yaml
-      modelpress inspect small.onnx
-      modelpress decompress small.safetensors -o dense.safetensors
-      modelpress sweep model.onnx --plot sweep.png
-
-    Exit codes: 0 success, 1 a model could not be read, compressed or written
-    (in batch mode: any model failed, the others are still written), 2 usage
-    error (bad option or recipe), 3 a --max-error, --max-output-error,
-    --min-accuracy or --min-ratio threshold failed (output and report are still written).
-    """
-
-
-@cli.group(cls=StageChain, chain=True, invoke_without_command=True,
+@click.group(cls=StageChain, chain=True, invoke_without_command=True,
            subcommand_metavar="STAGE [STAGE OPTIONS]... [STAGE ...]", context_settings=CONTEXT)
 @click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
@@ -283,7 +253,7 @@ def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
     return Recipe(stages)
 
 
-@cli.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="What to print on stdout.")
@@ -303,7 +273,7 @@ def inspect(model: Path, fmt: str) -> None:
     print_inspect(out, report, fmt)
 
 
-@cli.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
               help="Output file, in the input's format.")
@@ -324,22 +294,3 @@ def decompress(model: Path, output: Path) -> None:
         click.echo(f"note: {note}")
 
 
-cli.add_command(sweep)
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    # Unwind like Ctrl-C does, so temporary output files are removed on the way out.
-    raise SystemExit(128 + signum)
-
-
-def main() -> None:
-    """Console entry point; an unexpected error is one line unless MODELPRESS_DEBUG is set."""
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        cli.main(prog_name="modelpress")
-    except Exception as exc:  # a bug, not a user error: keep it to one line
-        if os.environ.get("MODELPRESS_DEBUG"):
-            raise
-        click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
-                   "(rerun with MODELPRESS_DEBUG=1 for details and please report it)", err=True)
-        sys.exit(EXIT_FAILURE)

@@ -15,8 +15,7 @@ from modelpress.formats.atomic import atomic_path
 def plot_sweep(report: SweepReport, path: Path) -> None:
     """Write a PNG of every setting that ran: size (x) against error (y)."""
     # matplotlib: an optional extra (`plot`), and 0.3+ s to import
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # as above
+    from matplotlib.figure import Figure
 
     rows = [r for r in report.ran if r.tensors]  # a setting that changed nothing is no point
     use_output = report.front_metric == "output error"
@@ -28,7 +27,6 @@ def plot_sweep(report: SweepReport, path: Path) -> None:
     points = [(s, e if e and e > 0 else floor) for s, e in points]
 
     figure = Figure(figsize=(8, 5.5), dpi=110)
-    FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     others = [p for p, r in zip(points, rows) if not r.on_front]
     front = sorted(p for p, r in zip(points, rows) if r.on_front)

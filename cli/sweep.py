@@ -18,7 +18,8 @@ from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.formats.outputs import model_sha256
 
 from modelpress.cli import evaluation
-from modelpress.cli.common import CONTEXT, Failure, RecipeUsageError, check_extra_outputs
+from modelpress.cli.common import Failure, RecipeUsageError, check_extra_outputs
+from modelpress.cli.entry import CONTEXT
 from modelpress.cli.plot import plot_sweep
 from modelpress.cli.render import dump_json, human_bytes
 from modelpress.cli.render_eval import fmt_number, fmt_percent, inputs_label

@@ -22,21 +22,20 @@ Update = Callable[[int, int, str], None]
 
 def consoles(quiet: bool) -> tuple[Console, Console]:
     """(stdout console, stderr console); a non-terminal stdout gets a fixed width of 160."""
-    from rich.console import Console  # rich: on first use (start-up budget)
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True, quiet=quiet)
+    rich = _rich()
+    out = rich.console.Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+    err = rich.console.Console(stderr=True, quiet=quiet)
     return out, err
 
 
 def progress_bar(console: Console, elapsed: bool = False) -> Progress:
     """A transient bar: description, bar, done/total (and the time elapsed)."""
-    # rich: on first use (start-up budget)
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
-    columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    bars = _rich().progress
+    columns: list[Any] = [bars.TextColumn("{task.description}"), bars.BarColumn(),
+                          bars.MofNCompleteColumn()]
     if elapsed:
-        columns.append(TimeElapsedColumn())
-    return Progress(*columns, console=console, transient=True)
+        columns.append(bars.TimeElapsedColumn())
+    return bars.Progress(*columns, console=console, transient=True)
 
 
 def progress(err_console: Console | None, quiet: bool) -> tuple[Progress | None, Update | None]:
@@ -53,11 +52,15 @@ def progress(err_console: Console | None, quiet: bool) -> tuple[Progress | None,
 
 def new_table(**settings: Any) -> Table:
     """A rich Table with these settings (title, title_justify, caption...)."""
-    from rich.table import Table  # rich: on first use (start-up budget)
-    return Table(**settings)
+    return _rich().table.Table(**settings)
 
 
 def new_text(value: str) -> Text:
     """A rich Text shown as is (no markup)."""
-    from rich.text import Text  # rich: on first use (start-up budget)
-    return Text(value)
+    return _rich().text.Text(value)
+
+
+def _rich() -> Any:
+    """The rich package with the modules used here loaded."""
+    import rich.console, rich.progress, rich.table, rich.text  # noqa: E401  (on first use: start-up budget)
+    return rich

@@ -69,7 +69,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'modelpress' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    # numpy, the stages and the formats: loaded with the first public name used
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
-from modelpress.cli.main import cli
+from modelpress.cli.entry import cli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import click
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from modelpress.cli.main import cli
+from modelpress.cli.entry import cli
 from modelpress import compare
 from modelpress.formats import open_model
 
@@ -241,3 +242,13 @@ def test_inspect_shows_encodings(tmp_path: Path, samples: Path) -> None:
     assert rows["ln_f.weight"]["encoding"] == "fp32"
     table = run_cli(["inspect", samples / "cnn.onnx"])
     assert table.exit_code == 0 and "conv2.weight" in table.stdout
+
+
+def test_root_help_lists_each_command_with_its_own_first_line():
+    # `modelpress --help` shows cli/entry.py's table without loading the commands: it must
+    # say what each command's own help says.
+    from modelpress.cli.entry import COMMANDS
+    for name, entry in COMMANDS.items():
+        command = cli.get_command(click.Context(cli), name)
+        assert command.help.strip().splitlines()[0] == entry.short_help, name
+    assert sorted(COMMANDS) == ["compress", "decompress", "inspect", "sweep"]

@@ -255,7 +255,7 @@ def test_markdown_is_valid_tables_with_evaluation(tmp_path: Path, samples: Path)
 def test_help_and_inspect_do_not_import_onnxruntime(samples: Path) -> None:
     code = ("import sys\n"
             "from click.testing import CliRunner\n"
-            "from modelpress.cli.main import cli\n"
+            "from modelpress.cli.entry import cli\n"
             "r = CliRunner()\n"
             "assert r.invoke(cli, ['--help']).exit_code == 0\n"
             "assert r.invoke(cli, ['compress', '--help']).exit_code == 0\n"

@@ -205,7 +205,7 @@ def test_an_output_whose_data_file_is_an_input_file_is_refused(tmp_path: Path) -
 
 _PROBE = """
 import sys
-from modelpress.cli.main import cli
+from modelpress.cli.entry import cli
 try:
     cli.main(sys.argv[1:], prog_name="modelpress", standalone_mode=False)
 except SystemExit:

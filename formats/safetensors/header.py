@@ -7,20 +7,45 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import numpy as np
 
-from modelpress.core.dtypes import BFLOAT16, FLOAT8_E4M3, FLOAT8_E5M2
+from modelpress.core.dtypes import ml_dtype
 from modelpress.core.errors import ModelReadError
 
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BFLOAT16,
-    "F8_E4M3": FLOAT8_E4M3, "F8_E5M2": FLOAT8_E5M2,
+# numpy's own dtypes by safetensors code; bf16 and fp8 are ml_dtypes', by their names.
+_NUMPY_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-CODES = {v: k for k, v in DTYPES.items()}
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ML_CODES = {name: code for code, name in _ML_DTYPES.items()}
+_NUMPY_CODES = {dtype: code for code, dtype in _NUMPY_DTYPES.items()}
+
+
+class _Dtypes(Mapping[str, np.dtype]):
+    """safetensors dtype code -> numpy dtype. ml_dtypes (0.6 s to import) is loaded only
+    when a bf16 or fp8 dtype is looked up, so float32 files never pay for it."""
+
+    _order = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8",
+              "U64", "U32", "U16", "U8", "BOOL")
+
+    def __getitem__(self, code: str) -> np.dtype:
+        if code in _ML_DTYPES:
+            return ml_dtype(_ML_DTYPES[code])
+        return _NUMPY_DTYPES[code]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+DTYPES: Mapping[str, np.dtype] = _Dtypes()
 # A header beyond this is not a model header; safetensors itself caps it at 100 MB.
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -51,8 +76,10 @@ class Header:
 
 def dtype_code(dtype: np.dtype) -> str:
     """The safetensors dtype string of a numpy dtype."""
+    dtype = np.dtype(dtype)
     try:
-        return CODES[np.dtype(dtype)]
+        return _ML_CODES[dtype.name] if dtype.kind in "fV" and dtype.name in _ML_CODES \
+            else _NUMPY_CODES[dtype]
     except KeyError:
         raise ValueError(f"safetensors has no dtype for {np.dtype(dtype)}") from None
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from modelpress.core.dtypes import FLOAT8_E4M3
 from modelpress.core.encoded import Dense, Encoded, Quantized, Scaled, Sparse
 from modelpress.core.errors import ModelReadError, ModelWriteError
 from modelpress.core.packing import pack_int32, to_signed, to_unsigned, unpack_int32
@@ -214,7 +213,7 @@ def _scaled(name: str, scaled: Scaled) -> tuple[dict[str, Any], Parts]:
     """Values in their native dtype under the tensor's own name, `<name>_scale` beside."""
     parts: Parts = [(name, contiguous(scaled.values))]
     tensors = {"values": name}
-    conventional = (scaled.dtype == FLOAT8_E4M3 and scaled.values.ndim == 2
+    conventional = (scaled.dtype.name == "float8_e4m3fn" and scaled.values.ndim == 2
                     and name.endswith("weight") and scaled.channel_axis in (None, 0))
     if scaled.scale is not None:
         scale = scaled.scale.reshape(1) if scaled.channel_axis is None else scaled.scale

@@ -10,7 +10,6 @@ their temporary files.
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing
 import os
 import signal
@@ -134,8 +133,8 @@ def _warm_up() -> None:
     takes a model while still slow can finish after this process would have
     finished everything alone.
     """
-    for module in ("modelpress.formats.onnx.store", "onnx.checker", "onnx.version_converter"):
-        importlib.import_module(module)
+    # onnx and its checker and converter, loaded here on purpose (see above)
+    import modelpress.formats.onnx.store, onnx.checker, onnx.version_converter  # noqa: E401, F401
 
 
 def _exit_with_parent(sentinel: int) -> None:
