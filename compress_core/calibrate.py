@@ -16,7 +16,7 @@ variance term per unit of mean removed, the count that minimises the sum of
 both terms (zero when nothing helps: the result is never worse under this
 model). It changes only codes, never scales or zero points, so the stored
 form and its size do not change. The statistics come from calibration inputs
-run through the original model (formats/onnx_calibrate.py).
+run through the original model (modelpress.formats.onnx.calibrate).
 """
 
 from __future__ import annotations

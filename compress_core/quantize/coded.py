@@ -44,7 +44,7 @@ def quantize_coded(w: np.ndarray, *, bits: int, symmetric: bool, zero_bits: int 
                    super_block: int = 0) -> Quantized:
     """Quantize `w` with scales stored as `scale_bits`-bit codes on a log grid, or, where
     `super_block` inputs tile the block axis, as multipliers of a base per super-block
-    (`quantize_multiplier`)."""
+    (`modelpress.core.quantize.multiplier`)."""
     return _quantize(w, bits=bits, symmetric=symmetric, zero_bits=zero_bits,
                      scale_bits=scale_bits, granularity=granularity, channel_axis=channel_axis,
                      block_axis=block_axis, group_size=group_size, method=method,

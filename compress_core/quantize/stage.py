@@ -39,7 +39,7 @@ class Quantize(Stage):
     with 5-bit scale codes and 2-bit zero points below 8 bits (4.44 bits per
     weight at 4 bits), and at 2-4 bits multiplier scales per 128 inputs for
     MatMul/Gemm weights of 1M+ elements (4.5 bits per weight; see
-    `quantize_multiplier`); at 8 bits, symmetric groups sized per tensor with
+    `quantize.multiplier`); at 8 bits, symmetric groups sized per tensor with
     8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
     float scales; per channel at 8 bits, groups of 128 below).
 
