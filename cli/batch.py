@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # rich is imported only when a batch runs
 
     from modelpress.app.batch.plan import DryRow
 
-BATCH_ONLY = ("jobs", "skip_existing", "fail_fast", "shard", "dry_run")
+BATCH_ONLY = ("jobs", "skip_existing", "fail_fast", "shard", "dry_run", "executor", "scheduler")
 
 
 def is_batch(models: tuple[Path, ...], output: Path | None) -> bool:
@@ -73,6 +73,7 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
     from modelpress.cli.render import dump_json
     out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True)
+    _check_executor(flags)
     try:
         plan = plan_batch(list(models), output, flags["shard"])
     except ModelpressError as exc:
@@ -88,13 +89,15 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
             out.print(dry_run_table(plan, rows))
         return None
     batch = BatchOptions(jobs=flags["jobs"], skip_existing=flags["skip_existing"],
-                         fail_fast=flags["fail_fast"])
+                         fail_fast=flags["fail_fast"], executor=_executor(flags))
     watching = not quiet and sys.stdout.isatty() and err.is_terminal
     display = BatchProgress(err) if watching else None
     try:
         if display:
             display.start()
         report = run_batch(plan, recipe, options, batch, display)
+    except ModelpressError as exc:  # the cluster could not be reached or started
+        return str(exc)
     finally:
         if display:
             display.stop()
@@ -109,6 +112,20 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
         for note in report.notes:
             out.print(f"note: {note}", markup=False, highlight=False)
     return _failure_line(report, err)
+
+
+def _check_executor(flags: dict[str, Any]) -> None:
+    """Usage errors of --executor/--scheduler, found before anything is read."""
+    if flags.get("scheduler") and flags.get("executor") != "dask":
+        raise click.UsageError("--scheduler applies to --executor dask")
+
+
+def _executor(flags: dict[str, Any]) -> Any:
+    """None (this machine's pool) or the Dask executor the flags ask for."""
+    if flags.get("executor") != "dask":
+        return None
+    from modelpress.app.batch.cluster import DaskExecutor
+    return DaskExecutor(scheduler=flags.get("scheduler"))
 
 
 def _failure_line(report: BatchReport, err: Console) -> str | None:

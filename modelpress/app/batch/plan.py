@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from modelpress.app.batch.report import FAILED, OK, SKIPPED, BatchReport, ModelResult, Refusal
 from modelpress.app.batch.worker import CANCELLED, JobSpec, Task
@@ -35,6 +35,14 @@ _BASE_NEED = 256 * 2**20
 _NEED_FACTOR = {"onnx": 10, "safetensors": 2, "sharded": 2}
 
 
+class Executor(Protocol):
+    """Runs a whole batch elsewhere than this machine's process pool (see `BatchOptions`)."""
+
+    def run_batch(self, plan: BatchPlan, recipe: Recipe, options: Options,
+                  batch: BatchOptions, on_event: OnEvent | None = None) -> BatchReport:
+        """The same report as the local pool's `run_batch` for the same plan."""
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How a batch runs: parallel jobs, resumption, failure policy."""
@@ -52,6 +60,9 @@ class BatchOptions:
     # With several jobs, this process compresses models too (it is already
     # warm); False leaves all models to worker processes.
     run_here: bool = True
+    # Where the models run: None for this machine's process pool, or another executor
+    # such as `modelpress.app.batch.cluster.DaskExecutor` (a Dask cluster).
+    executor: Executor | None = None
 
 
 @dataclass
@@ -215,6 +226,8 @@ def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     "spawn" start method, which imports the main module again: a script that
     calls this must do so under `if __name__ == "__main__":`.
     """
+    if batch.executor is not None:
+        return batch.executor.run_batch(plan, recipe, options, batch, on_event)
     from modelpress.app.batch.runner import run_copies_and_models
     jobs, why = (batch.jobs, "") if batch.jobs else jobs_explained(plan.tasks)
     if options.threads is None:  # jobs share the CPUs: threads per model = CPUs / jobs
@@ -283,6 +296,6 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     return sorted(rows, key=lambda r: r.path)
 
 
-__all__ = ["BatchOptions", "BatchPlan", "CANCELLED", "DryRow", "OK", "SKIPPED", "available_memory",
+__all__ = ["BatchOptions", "BatchPlan", "CANCELLED", "DryRow", "Executor", "OK", "SKIPPED", "available_memory",
            "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard", "plan_batch",
            "recipe_sha256", "run_batch", "shard_slice"]
