@@ -7,6 +7,7 @@ with `--scheduler`. One test lets the CLI start its own local cluster.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -91,6 +92,31 @@ def test_a_fleet_on_the_cluster_matches_the_local_pool(cluster: tuple, tmp_path:
                        "--scheduler", local.scheduler_address, "--shard", "2/3")
     assert rows(dask_half) == rows(local_half) and len(rows(dask_half)) == 4
     assert tree_files(tmp_path / "half-dask") == tree_files(tmp_path / "half-local")
+
+
+def test_fail_fast_stops_the_models_not_yet_done(cluster: tuple, tmp_path: Path) -> None:
+    local, client = cluster
+    # Workers already warm (a cold one takes seconds to import modelpress, long enough for
+    # the other to finish several small models before the failure is known).
+    client.run(importlib.import_module, "modelpress.app.api")
+    tree = fleet(tmp_path / "in")
+    # The largest model runs first: make the corrupt one the largest.
+    (tree / "vision" / "broken.onnx").write_bytes(os.urandom(2_000_000))
+    out = tmp_path / "out"
+    result, report = run(tree, out, "--executor", "dask", "--scheduler",
+                         local.scheduler_address, "--fail-fast")
+    assert result.exit_code == 1
+    status = {p: s for p, (s, _, _) in rows(report).items()}
+    assert status.pop("vision/broken.onnx") == "failed"
+    # The failed task stops the run from its worker; the other worker may finish the model
+    # it had begun (or, on a loaded machine, one more); every later one is not run.
+    assert list(status.values()).count("skipped") >= 9
+    assert all(m["reason"].startswith("not finished: the run was stopped")
+               for m in report["models"] if m["status"] == "skipped")
+    written = {p for p in tree_files(out) if p.endswith((".onnx", ".safetensors", "index.json"))}
+    assert {p for p, s in status.items() if s == "ok"} == {p for p in written
+                                                           if not p.startswith("llm/model-")}
+    assert list(out.rglob(".*")) == []
 
 
 def test_a_worker_killed_mid_write_has_its_model_retried(cluster: tuple, tmp_path: Path) -> None:

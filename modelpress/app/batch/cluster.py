@@ -167,6 +167,7 @@ class _ClusterRun:
         self.client.subscribe_topic(self.run_id, self._on_cluster_event)
         hold = os.environ.get(HOLD_VARIABLE)
         futures = [self.client.submit(compress_on_worker, task, self.job, self.run_id, hold,
+                                      self.batch.fail_fast,
                                       key=f"{self.run_id}-{i}", priority=len(tasks) - i,
                                       resources=resources.get(task.rel), pure=False)
                    for i, task in enumerate(tasks)]
@@ -289,9 +290,12 @@ def _row(future: Any, task: Task) -> ModelResult:
 _LOCAL = threading.local()   # this task thread's event sink and stop flag
 
 
-def compress_on_worker(task: Task, job: JobSpec, run_id: str,
-                       hold: str | None = None) -> ModelResult:
-    """The task: compress one model on a Dask worker; never raises for a bad model."""
+def compress_on_worker(task: Task, job: JobSpec, run_id: str, hold: str | None = None,
+                       fail_fast: bool = False) -> ModelResult:
+    """The task: compress one model on a Dask worker; never raises for a bad model.
+
+    With `fail_fast`, a failure sets the run's stop flag from here, before the row
+    travels back, so no worker starts another model in the meantime."""
     from distributed import get_worker
     worker = get_worker()
     if job.options.threads is None:   # a joined cluster: this worker's CPUs over its threads
@@ -304,7 +308,10 @@ def compress_on_worker(task: Task, job: JobSpec, run_id: str,
     use_in_process(_thread_emit, _THREAD_STOP)
     try:
         _thread_emit(("taken", task.rel, os.getpid()))
-        return run_task(task, job)
+        row = run_task(task, job)
+        if fail_fast and row.status == FAILED:
+            _LOCAL.stop.event.set()
+        return row
     finally:
         _LOCAL.emit = _LOCAL.stop = None
 
