@@ -98,6 +98,9 @@ class DaskExecutor:
                              recipe=recipe.get_config(), jobs=run.threads, shard=plan.shard,
                              refused=list(plan.refused))
         report.notes += run.notes
+        if self.scheduler is not None and batch.jobs:
+            report.notes.append("--jobs is ignored on a running cluster: its workers and "
+                                "their threads decide how many models run at once")
         if plan.shard:
             report.notes.append(f"shard {plan.shard}: {len(plan.tasks) + len(plan.blocked)} of "
                                 f"{plan.models_in_tree} models")
