@@ -181,8 +181,8 @@ class _ClusterRun:
             self._stop_all(futures)
             raise
         finally:
-            self.client.unsubscribe_topic(self.run_id)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):   # a lost connection is reported already
+                self.client.unsubscribe_topic(self.run_id)
                 self.stop.clear()
         return [rows[t.rel] for t in tasks], copies
 
@@ -283,6 +283,9 @@ def _row(future: Any, task: Task) -> ModelResult:
     if isinstance(exc, KilledWorker):
         row.reason = ("the Dask workers compressing it died each time (out of memory? give "
                       f"the workers more memory or --resources {RESOURCE}=BYTES)")
+    elif isinstance(exc, ImportError):
+        row.reason = (f"the Dask worker cannot import modelpress ({exc}); install "
+                      "'modelpress[dask]', the same version as here, on every worker")
     else:
         row.reason = f"internal error on the Dask worker: {type(exc).__name__}: {exc}"
     return row
