@@ -296,6 +296,6 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     return sorted(rows, key=lambda r: r.path)
 
 
-__all__ = ["BatchOptions", "BatchPlan", "CANCELLED", "DryRow", "Executor", "OK", "SKIPPED", "available_memory",
-           "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard", "plan_batch",
+__all__ = ["BatchOptions", "BatchPlan", "CANCELLED", "DryRow", "OK", "SKIPPED", "available_memory",
+           "Executor", "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard", "plan_batch",
            "recipe_sha256", "run_batch", "shard_slice"]
