@@ -297,5 +297,5 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
 
 
 __all__ = ["BatchOptions", "BatchPlan", "CANCELLED", "DryRow", "OK", "SKIPPED", "available_memory",
-           "Executor", "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard", "plan_batch",
-           "recipe_sha256", "run_batch", "shard_slice"]
+           "Executor", "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard",
+           "plan_batch", "recipe_sha256", "run_batch", "shard_slice"]
