@@ -143,6 +143,10 @@ def test_a_worker_killed_mid_write_has_its_model_retried(cluster: tuple, tmp_pat
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no worker was caught writing"
             time.sleep(0.02)
+        # The other worker finishes the two small models first, so it is idle at the kill.
+        while not ((out / "a" / "mlp.onnx").exists() and (out / "b" / "cnn.safetensors").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
         pid, rel = (hold / "held").read_text().split(" ", 1)
         assert rel == "held/transformer.safetensors" and int(pid) in workers
         assert list((out / "held").glob(".transformer.safetensors.*.modelpress-tmp"))
