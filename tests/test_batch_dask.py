@@ -195,3 +195,25 @@ def test_usage_and_connection_errors(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.exit_code == 1, result.output
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in result.output
     assert not (tmp_path / "out").exists()
+
+
+
+def test_tasks_ask_for_their_memory_need_as_the_memory_resource(tmp_path: Path) -> None:
+    from modelpress.app.batch.cluster import RESOURCE, task_resources
+    from modelpress.app.batch.plan import memory_need
+    from modelpress.app.batch.worker import Task
+    tasks = [Task(rel=f"m{i}.onnx", kind="onnx", src=tmp_path / f"m{i}.onnx",
+                  dst=tmp_path / "out" / f"m{i}.onnx", outdir=tmp_path / "out", nbytes=size)
+             for i, size in enumerate((10**6, 10**9))]
+    small, big = memory_need(tasks[0]), memory_need(tasks[1])     # 0.27 GB and 10.3 GB
+    needs, notes = task_resources(tasks, [{"nthreads": 2, "resources": {RESOURCE: 16e9}},
+                                          {"nthreads": 4, "resources": {RESOURCE: 8e9}}])
+    assert needs == {"m0.onnx": {RESOURCE: small}, "m1.onnx": {RESOURCE: big}} and notes == []
+    # A model above every worker's MEMORY runs alone on the largest one instead of never.
+    needs, notes = task_resources(tasks, [{"nthreads": 2, "resources": {RESOURCE: 4e9}}])
+    assert needs == {"m0.onnx": {RESOURCE: small}, "m1.onnx": {RESOURCE: 4e9}}
+    assert notes == ["1 of 2 models need more than the largest worker's MEMORY (4.00 GB) by "
+                     "the estimate; each of them runs alone on such a worker"]
+    # Workers without the resource: no request (a task asking for it would never run).
+    needs, notes = task_resources(tasks, [{"nthreads": 2, "resources": {}}])
+    assert needs == {} and "declare no MEMORY resource" in notes[0]

@@ -187,33 +187,21 @@ class _ClusterRun:
         return [rows[t.rel] for t in tasks], copies
 
     def _resources(self, tasks: list[Task]) -> dict[str, dict[str, float]]:
-        """Each task's MEMORY need, if the workers declare that resource; notes say what."""
+        """Each task's resource request, from the workers the scheduler knows now."""
         try:
             self.client.wait_for_workers(1, timeout=_WORKERS_SECONDS)
         except TimeoutError:
             raise ClusterError(f"no Dask worker joined the scheduler within {_WORKERS_SECONDS} s; "
                                "start `dask worker ADDRESS` on each node") from None
-        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        workers = list(self.client.scheduler_info(n_workers=-1)["workers"].values())
         self.threads = sum(w.get("nthreads", 1) for w in workers)
-        held = [w.get("resources", {}).get(RESOURCE) for w in workers]
-        held = [h for h in held if h]
         where = "a local Dask cluster" if self.local else \
             f"the Dask cluster at {self.client.scheduler.address}"
         self.notes.append(f"ran on {where}: {len(workers)} workers, {self.threads} threads, "
                           "one task per model")
-        if not held:
-            self.notes.append(f"the workers declare no {RESOURCE} resource, so each takes as "
-                              "many models as it has threads; start them with --resources "
-                              f"{RESOURCE}=BYTES to bound that by the models' memory needs")
-            return {}
-        largest = max(held)
-        needs = {t.rel: min(memory_need(t), largest) for t in tasks}
-        over = [t.rel for t in tasks if memory_need(t) > largest]
-        if over:
-            self.notes.append(f"{len(over)} models need more than the largest worker's "
-                              f"{RESOURCE} ({largest / 1e9:.2f} GB) by the estimate; each runs "
-                              "alone on such a worker")
-        return {rel: {RESOURCE: need} for rel, need in needs.items()}
+        requests, notes = task_resources(tasks, workers)
+        self.notes += notes
+        return requests
 
     def _on_cluster_event(self, event: tuple[float, Any]) -> None:
         # Called on the client's event loop thread; the main thread passes events on.
@@ -268,6 +256,30 @@ class _ClusterRun:
             wait(futures, timeout=_STOP_SECONDS)
         with contextlib.suppress(Exception):
             self.client.cancel(futures)
+
+
+def task_resources(tasks: list[Task],
+                   workers: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Each task's MEMORY request (by model path) for these workers (the scheduler's
+    descriptions), and notes for the report.
+
+    A request no worker could grant would leave its task waiting for ever, so the
+    workers' resources decide: none declares MEMORY, no requests; a need above every
+    worker's MEMORY asks for the largest, so that model runs alone there.
+    """
+    held = [h for h in (w.get("resources", {}).get(RESOURCE) for w in workers) if h]
+    if not held:
+        return {}, [f"the workers declare no {RESOURCE} resource, so each takes as many models "
+                    f"as it has threads; start them with --resources {RESOURCE}=BYTES to bound "
+                    "that by the models' memory needs"]
+    largest = max(held)
+    notes = []
+    over = sum(1 for t in tasks if memory_need(t) > largest)
+    if over:
+        notes.append(f"{over} of {len(tasks)} models need more than the largest worker's "
+                     f"{RESOURCE} ({largest / 1e9:.2f} GB) by the estimate; each of them runs "
+                     "alone on such a worker")
+    return {t.rel: {RESOURCE: min(memory_need(t), largest)} for t in tasks}, notes
 
 
 def _row(future: Any, task: Task) -> ModelResult:
@@ -372,4 +384,5 @@ class _Stop:
         time.sleep(_HOLD_SECONDS)
 
 
-__all__ = ["ClusterError", "DaskExecutor", "HOLD_VARIABLE", "RESOURCE", "compress_on_worker"]
+__all__ = ["ClusterError", "DaskExecutor", "HOLD_VARIABLE", "RESOURCE", "compress_on_worker",
+           "task_resources"]
