@@ -20,6 +20,7 @@ from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.formats.safetensors.sharded import parse_size
 
+from modelpress.cli.common import Failure
 from modelpress.cli.render import dump_json, human_bytes
 from modelpress.cli.terminal import consoles, new_table, progress_bar
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-BATCH_ONLY = ("jobs", "skip_existing", "fail_fast", "shard", "dry_run")
+BATCH_ONLY = ("jobs", "skip_existing", "fail_fast", "shard", "dry_run", "executor", "scheduler")
 
 
 def is_batch(models: tuple[Path, ...], output: Path | None) -> bool:
@@ -72,6 +73,7 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
     """Run (or dry-run) a batch; print the summary; return a failure line or None."""
     # Failures are reported on stderr even with --quiet.
     out, err = consoles(quiet=False)
+    _check_executor(flags)
     try:
         plan = plan_batch(list(models), output, flags["shard"])
     except ModelpressError as exc:
@@ -88,7 +90,7 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
             out.print(dry_run_table(plan, rows))
         return None
     batch = BatchOptions(jobs=flags["jobs"], skip_existing=flags["skip_existing"],
-                         fail_fast=flags["fail_fast"])
+                         fail_fast=flags["fail_fast"], executor=_executor(flags))
     watching = not quiet and sys.stdout.isatty() and err.is_terminal
     display = BatchProgress(err) if watching else None
     try:
@@ -96,6 +98,8 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
             display.start()
         report = run_batch(plan, recipe, options, batch, display, onnx_options=onnx_options,
                            safetensors_options=safetensors_options)
+    except ModelpressError as exc:  # the cluster could not be reached or started
+        return str(exc)
     finally:
         if display:
             display.stop()
@@ -110,6 +114,27 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
         for note in report.notes:
             out.print(f"note: {note}", markup=False, highlight=False)
     return _failure_line(report, err)
+
+
+def _check_executor(flags: dict[str, Any]) -> None:
+    """Usage errors of --executor/--scheduler, found before anything is read."""
+    if flags.get("scheduler") and flags.get("executor") != "dask":
+        raise click.UsageError("--scheduler applies to --executor dask")
+
+
+def _executor(flags: dict[str, Any]) -> Any:
+    """None (this machine's pool) or the Dask executor the flags ask for."""
+    if flags.get("executor") != "dask":
+        return None
+    try:
+        # distributed (an optional extra, 0.5 s to import): only for --executor dask
+        from modelpress.app.batch.cluster import DaskExecutor
+    except ImportError as exc:
+        if exc.name not in ("dask", "distributed"):
+            raise
+        raise Failure("--executor dask needs the distributed package: "
+                      "pip install 'modelpress[dask]'") from None
+    return DaskExecutor(scheduler=flags.get("scheduler"))
 
 
 def _failure_line(report: BatchReport, err: Console) -> str | None:

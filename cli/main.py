@@ -101,6 +101,12 @@ from modelpress.cli.terminal import consoles, progress
                    "CI jobs).")
 @click.option("--dry-run", is_flag=True,
               help="Batch: list what would be done, with estimated sizes; write nothing.")
+@click.option("--executor", type=click.Choice(["local", "dask"]),
+              help="Batch: where the models run: local (this machine's processes, the default) "
+                   "or dask (one task per model on a Dask cluster; needs modelpress[dask]).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Batch with --executor dask: join the cluster of this scheduler "
+                   "(tcp://host:8786) instead of starting a local one.")
 @evaluation.input_options
 @evaluation.threshold_options
 def compress(**_: Any) -> None:
@@ -151,6 +157,7 @@ def compress(**_: Any) -> None:
       modelpress compress models/ -o out/ --jobs 4 quantize --bits 4
       modelpress compress models/ -o out/ --skip-existing --shard 2/4 quantize
       modelpress compress a.onnx b.onnx -o out/ --dry-run quantize --bits 4
+      modelpress compress models/ -o out/ --executor dask --scheduler tcp://host:8786 quantize
 
     \b
     Recipe file (YAML or JSON, same names as the options):

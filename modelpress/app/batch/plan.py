@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from modelpress.app.batch.report import FAILED, OK, SKIPPED, BatchReport, ModelResult, Refusal
 from modelpress.app.batch.runner import run_copies_and_models
@@ -43,6 +43,17 @@ _BASE_NEED = 256 * 2**20
 _NEED_FACTOR = {"onnx": 10, "safetensors": 2, "sharded": 2}
 
 
+class Executor(Protocol):
+    """Runs a whole batch elsewhere than this machine's process pool (see `BatchOptions`)."""
+
+    def run_batch(self, plan: BatchPlan, recipe: Recipe, options: Options,
+                  batch: BatchOptions, on_event: OnEvent | None = None, *,
+                  onnx_options: OnnxWriteOptions = OnnxWriteOptions(),
+                  safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions()
+                  ) -> BatchReport:
+        """The same report as the local pool's `run_batch` for the same plan."""
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How a batch runs: parallel jobs, resumption, failure policy."""
@@ -60,6 +71,9 @@ class BatchOptions:
     # With several jobs, this process compresses models too (it is already
     # warm); False leaves all models to worker processes.
     run_here: bool = True
+    # Where the models run: None for this machine's process pool, or another executor
+    # such as `modelpress.app.batch.cluster.DaskExecutor` (a Dask cluster).
+    executor: Executor | None = None
 
 
 @dataclass
@@ -226,6 +240,10 @@ def run_batch(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
     "spawn" start method, which imports the main module again: a script that
     calls this must do so under `if __name__ == "__main__":`.
     """
+    if batch.executor is not None:
+        return batch.executor.run_batch(plan, recipe, options, batch, on_event,
+                                        onnx_options=onnx_options,
+                                        safetensors_options=safetensors_options)
     jobs, why = (batch.jobs, "") if batch.jobs else jobs_explained(plan.tasks)
     if options.threads is None:  # jobs share the CPUs: threads per model = CPUs / jobs
         options = dataclasses.replace(options, threads=max(1, default_threads() // jobs))
@@ -295,5 +313,5 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
 
 
 __all__ = ["BatchOptions", "BatchPlan", "CANCELLED", "DryRow", "OK", "SKIPPED", "available_memory",
-           "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard", "plan_batch",
-           "recipe_sha256", "run_batch", "shard_slice"]
+           "Executor", "default_jobs", "dry_run", "jobs_explained", "memory_need", "parse_shard",
+           "plan_batch", "recipe_sha256", "run_batch", "shard_slice"]
