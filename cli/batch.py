@@ -106,6 +106,10 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
         out.print(markdown_batch(report), markup=False, highlight=False, soft_wrap=True)
     elif not quiet:
         out.print(batch_table(report))
+        for row in report.models:
+            for note in (row.report or {}).get("notes", []):
+                out.print(f"note: {row.path}: {note}", markup=False, highlight=False,
+                          soft_wrap=True)
         for note in report.notes:
             out.print(f"note: {note}", markup=False, highlight=False)
     return _failure_line(report, err)

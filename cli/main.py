@@ -341,9 +341,10 @@ def inspect(model: Path, fmt: str) -> None:
       modelpress inspect small.safetensors --format json
     """
     from modelpress.app.api import inspect as run
+    from modelpress.app.directory import model_in
     from modelpress.cli.render import print_inspect
     try:
-        report = run(model)
+        report = run(model_in(model))
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     out, _ = _consoles(quiet=False)
@@ -357,17 +358,41 @@ def inspect(model: Path, fmt: str) -> None:
 def decompress(model: Path, output: Path) -> None:
     """Restore every compressed tensor of MODEL to dense floats of its original dtype.
 
+    A folder (a Hugging Face model directory, a sharded checkpoint) is written
+    as a folder: each model decompressed, config.json without its
+    compressed-tensors quantization_config (so transformers loads it as a
+    dense model), every other file copied.
+
     \b
     Examples:
       modelpress decompress small.safetensors -o dense.safetensors
       modelpress decompress small.onnx -o dense.onnx
+      modelpress decompress bert-int8/ -o bert-dense/
     """
     from modelpress.app.api import decompress as run
+    if model.is_dir():
+        _decompress_directory(model, output)
+        return
     try:
         result = run(model, output)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     click.echo(f"{output}: {result.file_bytes} bytes, {len(result.tensor_bytes)} tensors restored")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+def _decompress_directory(model: Path, output: Path) -> None:
+    from modelpress.app.directory import decompress_directory
+    try:
+        result = decompress_directory(model, output)
+    except ModelpressError as exc:
+        raise Failure(str(exc)) from None
+    for rel, written in result.models.items():
+        click.echo(f"{output / rel}: {written.file_bytes} bytes, "
+                   f"{len(written.tensor_bytes)} tensors restored")
+    click.echo(f"{output}: {len(result.copied)} other files written (config.json without "
+               "quantization_config, the rest copied)")
     for note in result.notes:
         click.echo(f"note: {note}")
 

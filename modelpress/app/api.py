@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from modelpress.core.dtypes import short_name
+from modelpress.core.encoded import Encoded
 from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError
 from modelpress.core.pipeline import Encoding, Options, encode_stream, plan
 from modelpress.core.quantize.stage import Quantize
@@ -19,7 +20,7 @@ from modelpress.core.store import Progress, WriteResult
 
 def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
              options: Options = Options(), progress: Progress | None = None, *,
-             metadata: Mapping[str, str] | None = None) -> Report:
+             metadata: Mapping[str, str] | None = None, for_loaders: bool = False) -> Report:
     """Compress the model at `src` with `recipe` and write it to `dst`.
 
     The output has the input's format; `src` is never modified and `dst`
@@ -28,7 +29,11 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     an index at `dst`. `metadata` adds string entries to the output's
     metadata (ONNX metadata_props, safetensors `__metadata__`, or the index's
     metadata). Tensors stream from reader to writer, `options.threads` at a
-    time: memory follows the largest tensors, not the model.
+    time: memory follows the largest tensors, not the model. `for_loaders`
+    says that the model is the weights of a Hugging Face model directory,
+    written with its config.json: it is then compressed in forms that
+    transformers loads (modelpress.formats.safetensors.ct_config), and the
+    report's notes say what that changed.
     """
     from modelpress.formats import check_output_path, open_model
 
@@ -49,6 +54,13 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
                                      options.accuracy_level, options.onnx_int8)
     encoding = Encoding()
+    applied = recipe
+    if for_loaders and store.format == "safetensors":
+        from modelpress.formats.safetensors.ct_config import for_loaders as loader_recipe
+        applied, notes = loader_recipe(recipe, store.tensors, options.min_elements)
+        encoding.notes.extend(notes)
+    else:
+        for_loaders = False
     if options.calibration is not None:
         if store.format != "onnx":
             raise InputDataError(f"--calibration {options.calibration}: needs an ONNX model "
@@ -56,11 +68,16 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         quantized = {name for name, stages in plan(store, recipe, options).items()
                      if any(isinstance(stage, Quantize) for stage in stages)}
         encoding.notes.extend(store.calibrate(Path(options.calibration), quantized))
-    stream = encode_stream(store, recipe, options, progress, encoding)
+    stream = encode_stream(store, applied, options, progress, encoding)
+    pruned: list[str] = []
     try:
-        result = store.write(dst, stream, progress, **extra)
+        result = store.write(dst, _loader_stream(stream, pruned) if for_loaders else stream,
+                             progress, **extra)
     finally:
         stream.close()
+    if for_loaders:
+        from modelpress.formats.safetensors.ct_config import loader_notes
+        encoding.notes.extend(loader_notes(open_model(dst).encodings, bool(pruned)))
     if any(store.tensors[name].input_stats is not None for name in encoding.described):
         encoding.notes.append(f"--calibration: rounding changed in {encoding.calibrated} "
                               "tensors to cancel their error's mean effect on the layer output")
@@ -79,6 +96,17 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     return Report(input_path=str(src), output_path=str(dst), format=store.format,
                   recipe=recipe.get_config(), rows=rows, file_bytes_before=store.file_bytes,
                   file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes)
+
+
+def _loader_stream(stream: Iterator[tuple[str, Encoded]],
+                   pruned: list[str]) -> Iterator[tuple[str, Encoded]]:
+    """`stream` in the forms a model directory stores; the pruned tensors' names go to `pruned`."""
+    from modelpress.formats.safetensors.ct_config import loader_form
+    for name, encoded in stream:
+        stored = loader_form(encoded)
+        if stored is not encoded:
+            pruned.append(name)
+        yield name, stored
 
 
 def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:

@@ -172,7 +172,7 @@ def run_task(task: Task, job: JobSpec) -> ModelResult:
 
 
 def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
-    from modelpress.formats.safetensors.ct_config import write_config
+    from modelpress.formats.safetensors.ct_config import loads_in_transformers, write_config
     from modelpress.formats.outputs import (SOURCE_KEY, check_inside, input_key, output_bytes, source_value, up_to_date)
 
     from modelpress.app.api import compress
@@ -197,7 +197,8 @@ def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
             _send(("progress", task.rel, done, total, what))
 
     report = compress(task.src, task.dst, job.recipe, job.options, progress,
-                      metadata={SOURCE_KEY: source_value(job.recipe_sha256, key)})
+                      metadata={SOURCE_KEY: source_value(job.recipe_sha256, key)},
+                      for_loaders=loads_in_transformers(task.config_src))
     if task.config_src is not None and task.config_dst is not None:
         check_inside(task.config_dst, task.outdir)
         write_config(task.config_src, task.config_dst, task.dst)
