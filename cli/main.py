@@ -158,6 +158,9 @@ def cli() -> None:
                    "CI jobs).")
 @click.option("--dry-run", is_flag=True,
               help="Batch: list what would be done, with estimated sizes; write nothing.")
+@click.option("--strict", is_flag=True,
+              help="Stop (exit 2) when an --include or --exclude pattern matches no tensor "
+                   "of a model, instead of warning.")
 @evaluation.input_options
 @evaluation.threshold_options
 def compress(**_: Any) -> None:
@@ -228,7 +231,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
                   max_shard_size: int | None, threads: int | None, external_data: str,
                   onnx_target: str, onnx_int4: str, onnx_int8: str, accuracy_level: int,
-                  calibration: Path | None, **extra: Any) -> None:
+                  calibration: Path | None, strict: bool, **extra: Any) -> None:
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
@@ -252,7 +255,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                           max_shard_size=max_shard_size, threads=threads,
                           external_data=external_data, onnx_target=onnx_target,
                           onnx_int4=onnx_int4, onnx_int8=onnx_int8,
-                          accuracy_level=accuracy_level)
+                          accuracy_level=accuracy_level, strict=strict)
         failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
                                     fmt, quiet)
         if failure:
@@ -281,8 +284,11 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                              external_data=external_data, onnx_target=onnx_target,
                              onnx_int4=onnx_int4, onnx_int8=onnx_int8,
                              accuracy_level=accuracy_level,
-                             calibration=None if calibration is None else str(calibration)),
+                             calibration=None if calibration is None else str(calibration),
+                             strict=strict),
                      update)
+    except RecipeError as exc:  # --strict: a pattern that matches nothing is a usage error
+        raise RecipeUsageError(str(exc)) from None
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:
@@ -319,13 +325,25 @@ def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
         raise click.UsageError("give stages on the command line or --recipe FILE, not both")
     if recipe_file is not None:
         try:
-            return Recipe.load(recipe_file)
+            recipe = Recipe.load(recipe_file)
         except RecipeError as exc:
             raise RecipeUsageError(str(exc)) from None
+        _check_order(recipe)
+        return recipe
     if not stages:
         raise click.UsageError("no stages given; add one, e.g. `quantize --bits 8`, "
                                "or use --recipe FILE")
-    return Recipe(stages)
+    recipe = Recipe(stages)
+    _check_order(recipe)
+    return recipe
+
+
+def _check_order(recipe: Recipe) -> None:
+    """Refuse an order of stages that cannot work (a usage error, before any model is read)."""
+    from modelpress.core.compose import order_problem
+    problem = order_problem(recipe.stages)
+    if problem is not None:
+        raise click.UsageError(problem)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -19,6 +19,9 @@ which names the order that works or says to use one of the two per tensor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Sequence
+
 from modelpress.core.encoded import Encoded, LowRank, Sparse
 from modelpress.core.errors import UnsupportedTensorError
 from modelpress.core.tensorinfo import TensorInfo
@@ -73,3 +76,64 @@ def order_error(stage: object, encoded: Encoded, info: TensorInfo | None) -> Uns
     name = f"tensor {info.name!r}: " if info is not None else ""
     return UnsupportedTensorError(
         f"{name}{stage_id} cannot follow a stage that made it {encoded.describe()}; {hint}")
+
+
+def order_problem(stages: Sequence[object]) -> str | None:
+    """Why a sequence of stages cannot all apply to one tensor, or None if they can.
+
+    Only stages that select exactly the same tensors (the same --include and
+    --exclude) are checked against each other: those certainly meet on every
+    tensor they select, so the order fails whatever the model holds. The
+    forms follow the stages' `apply`: Sparse wraps the kept values, LowRank
+    holds factors that later stages compress.
+    """
+    groups: dict[tuple[object, object], list[object]] = {}
+    for stage in stages:
+        key = (getattr(stage, "include", ()), getattr(stage, "exclude", ()))
+        groups.setdefault(key, []).append(stage)
+    for group in groups.values():
+        form = _Form()
+        for stage in group:
+            form, kind = form.then(stage)
+            if kind is not None:
+                stage_id = getattr(stage, "id", "this stage")
+                hint = _HINTS.get((stage_id, kind)) or _HINTS.get((stage_id, "*")) \
+                    or "reorder the stages so this one comes first"
+                made = _MADE_BY.get(kind, "an earlier stage")
+                return (f"{stage_id} cannot follow {made} on the same tensors; "
+                        f"{hint.format(prev=made)}")
+    return None
+
+
+@dataclass(frozen=True)
+class _Form:
+    """The shape of a tensor's encoding: sparse wrapper, factors, and the values' kind."""
+
+    sparse: str | None = None      # the prune pattern, when pruned
+    factored: bool = False         # LowRank
+    kind: str = "Dense"            # Dense, Quantized, Scaled or Palettized
+
+    def then(self, stage: object) -> tuple[_Form, str | None]:
+        """The form after `stage`, and the encoding it refuses (None if it applies)."""
+        stage_id = getattr(stage, "id", "")
+        made = {"quantize": "Quantized", "cast": "Scaled", "cluster": "Palettized"}
+        if stage_id in made:
+            return (replace(self, kind=made[stage_id]), None) if self.kind == "Dense" \
+                else (self, self.kind)
+        if stage_id == "lowrank":
+            if self.sparse is not None:
+                return self, "Sparse"
+            if self.factored:
+                return self, "LowRank"
+            return (replace(self, factored=True), None) if self.kind == "Dense" \
+                else (self, self.kind)
+        if stage_id == "prune":
+            pattern = getattr(stage, "pattern", "unstructured")
+            if self.factored:
+                return self, "LowRank"
+            if self.sparse is not None and (self.sparse, pattern) != ("unstructured",) * 2:
+                return self, "Sparse"
+            if self.kind == "Palettized":
+                return self, "Palettized"
+            return replace(self, sparse=self.sparse or pattern), None
+        return self, None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -49,10 +50,13 @@ class Options:
     # ONNX only: an .npz of model inputs run through the original model; MatMul/Gemm
     # weights then round with their inputs' statistics (compress_core/calibrate.py).
     calibration: str | None = None
+    # An --include/--exclude pattern that matches no tensor of the model stops the
+    # run (RecipeError) instead of adding a warning to the report.
+    strict: bool = False
 
 
 # Options that do not change what is written (left out of recipe fingerprints).
-RUN_ONLY_OPTIONS = ("threads",)
+RUN_ONLY_OPTIONS = ("threads", "strict")
 
 
 def default_threads() -> int:
@@ -86,6 +90,19 @@ def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list
         if stages:
             selected[name] = stages
     return selected
+
+
+def unmatched_patterns(recipe: Recipe, names: Iterable[str]) -> list[str]:
+    """Each --include/--exclude pattern of the recipe that matches none of `names`,
+    as `stage --option 'pattern'`."""
+    names = list(names)
+    unmatched = []
+    for stage in recipe.stages:
+        for option in ("include", "exclude"):
+            for pattern in getattr(stage, option):
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                    unmatched.append(f"{stage.id} --{option} '{pattern}'")
+    return unmatched
 
 
 def encode(store: TensorStore, recipe: Recipe, options: Options = Options(),

@@ -10,8 +10,8 @@ import numpy as np
 
 from modelpress.core.dtypes import short_name
 from modelpress.core.encoded import Encoded
-from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError
-from modelpress.core.pipeline import Encoding, Options, encode_stream, plan
+from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError, RecipeError
+from modelpress.core.pipeline import Encoding, Options, encode_stream, plan, unmatched_patterns
 from modelpress.core.quantize.stage import Quantize
 from modelpress.core.recipe import Recipe
 from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
@@ -54,6 +54,12 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         extra["target"] = OnnxTarget(options.onnx_target, options.onnx_int4,
                                      options.accuracy_level, options.onnx_int8)
     encoding = Encoding()
+    unmatched = unmatched_patterns(recipe, store.tensors)
+    if unmatched and options.strict:
+        raise RecipeError(f"{src}: {unmatched[0]} matches no tensor of the model (see its names "
+                          "with `modelpress inspect`; without --strict this is a warning)")
+    encoding.notes.extend(f"warning: {u} matches no tensor; that option changed nothing"
+                          for u in unmatched)
     applied = recipe
     if for_loaders and store.format == "safetensors":
         from modelpress.formats.safetensors.ct_config import for_loaders as loader_recipe
