@@ -122,6 +122,27 @@ class Evaluation:
                 "notes": list(self.notes)}
 
 
+# Name parts of outputs that hold a state or a vector, never one score per class.
+_NOT_SCORES = ("state", "hidden", "embed", "pool", "feature", "encoding", "vector")
+_NOT_SCORES_PARTS = {"h", "c", "hn", "cn", "h0", "c0", "hy", "cy", "kv", "past", "present"}
+
+
+def looks_like_class_scores(name: str, array: np.ndarray) -> bool:
+    """True for an output that holds one score per class along its last axis.
+
+    Floats shaped [batch, classes] or [batch, positions, classes] (more than
+    one class). Not a map of 4 or more dims (segmentation, detection), and not
+    an output named like a recurrent state or an embedding (state, hidden, hn,
+    embed, pool, feature...): their argmax means nothing, and a top-1
+    agreement there reads as a failure.
+    """
+    if array.dtype.kind != "f" or array.ndim not in (2, 3) or array.shape[-1] < 2:
+        return False
+    lowered = name.lower()
+    parts = set(filter(None, "".join(c if c.isalnum() else " " for c in lowered).split()))
+    return not any(word in lowered for word in _NOT_SCORES) and not parts & _NOT_SCORES_PARTS
+
+
 def top1_agreement(before: np.ndarray, after: np.ndarray) -> float | None:
     """Fraction of positions whose argmax over the last axis is the same (class scores only)."""
     if before.ndim == 0 or before.shape[-1] < 2 or before.dtype.kind != "f":
@@ -140,8 +161,8 @@ def compare_outputs(before: Mapping[str, np.ndarray],
             shape = None if got is None else list(got.shape)
             raise ValueError(f"output {name!r}: compressed model gives {shape}, original "
                              f"{list(ref.shape)}")
-        rows.append(OutputError(name, tuple(ref.shape), compare(ref, got),
-                                top1_agreement(ref, got)))
+        top1 = top1_agreement(ref, got) if looks_like_class_scores(name, ref) else None
+        rows.append(OutputError(name, tuple(ref.shape), compare(ref, got), top1))
     return rows
 
 

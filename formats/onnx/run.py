@@ -122,6 +122,20 @@ def resolve_dims(specs: list[InputSpec], dims: Mapping[str, int]) -> dict[str, t
     return shapes
 
 
+def made_up_hint(model: onnx.ModelProto, feeds: Feeds, dims: Mapping[str, int]) -> str:
+    """How to fix a run that failed on made-up inputs: which dims were guessed, and the options."""
+    guessed = []
+    for spec in input_specs(model):
+        shape = feeds[spec.name].shape if spec.name in feeds else ()
+        made = [f"{d or f'dim {axis}'}={shape[axis]}" for axis, d in enumerate(spec.dims)
+                if not (isinstance(d, int) and d > 0) and d not in dims and axis < len(shape)]
+        if made:
+            guessed.append(f"input {spec.name!r} {list(shape)} ({', '.join(made)} made up)")
+    where = "; ".join(guessed) if guessed else "the inputs were made up (random values)"
+    return (f"{where}: give the real sizes with --dim NAME=N, or real inputs with "
+            "--inputs FILE.npz")
+
+
 def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                   ranges: Mapping[str, tuple[float, float]] | None = None,
                   seed: int = 0) -> Feeds:
@@ -245,9 +259,14 @@ class Session:
             import onnxruntime as ort
         except ImportError:
             raise ModelRunError(f"onnxruntime is not installed ({INSTALL_HINT})") from None
-        ort.set_default_logger_severity(3)
+        # Severity 4 (fatal only): onnxruntime's own error log would reach the terminal even
+        # with --quiet; its errors reach the user through the exception's message instead.
+        ort.set_default_logger_severity(4)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
         try:
-            self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(path), options,
+                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelRunError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
         self.path = Path(path)
@@ -301,5 +320,5 @@ def describe_feeds(feeds: Feeds) -> dict[str, Any]:
 
 
 __all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "gather_ranges", "input_specs",
-           "load_graph", "load_inputs", "load_labels", "median_ms",
+           "load_graph", "load_inputs", "load_labels", "made_up_hint", "median_ms",
            "onnxruntime_available", "random_inputs", "resolve_dims"]

@@ -83,8 +83,10 @@ class Baseline:
             outputs = session.run(feeds)
             times = session.time(feeds, settings.max_runs, settings.time_budget_s)
         except ModelRunError as exc:
-            return cls("failed", [f"output error not measured: {exc}"], feeds, labels,
-                       inputs=described, settings=settings)
+            note = f"output error not measured: {exc}"
+            if settings.inputs is None:
+                note += "; " + onnx_run.made_up_hint(graph, feeds, settings.dims)
+            return cls("failed", [note], feeds, labels, inputs=described, settings=settings)
         label_name = None
         if labels is not None:
             shapes = {name: tuple(a.shape) for name, a in outputs.items()}
