@@ -16,7 +16,8 @@ from modelpress.core.metrics import ErrorStats, compare
 
 SAFETENSORS_NOTE = ("output error not measured: safetensors holds weights only, with no graph "
                     "to run; output error needs the ONNX form of the model")
-LATENCY_NOTE = "median wall time of repeated onnxruntime CPU runs on this machine"
+LATENCY_NOTE = ("median wall time of repeated onnxruntime CPU runs on this machine, the two "
+                "models run alternately; q1/q3: the interquartile range of those runs")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Latency:
     after_ms: float
     runs_before: int
     runs_after: int
+    # First and third quartiles of each model's run times (the spread), when measured.
+    before_iqr_ms: tuple[float, float] | None = None
+    after_iqr_ms: tuple[float, float] | None = None
 
     @property
     def ratio(self) -> float:
@@ -78,7 +82,15 @@ class Latency:
         return {"before_ms": self.before_ms, "after_ms": self.after_ms,
                 "ratio": self.ratio if math.isfinite(self.ratio) else None,
                 "runs_before": self.runs_before, "runs_after": self.runs_after,
+                "before_q1_ms": _quartile(self.before_iqr_ms, 0),
+                "before_q3_ms": _quartile(self.before_iqr_ms, 1),
+                "after_q1_ms": _quartile(self.after_iqr_ms, 0),
+                "after_q3_ms": _quartile(self.after_iqr_ms, 1),
                 "measured": LATENCY_NOTE}
+
+
+def _quartile(iqr: tuple[float, float] | None, which: int) -> float | None:
+    return None if iqr is None else _json_float(iqr[which])
 
 
 @dataclass

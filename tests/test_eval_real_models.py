@@ -67,3 +67,19 @@ def test_top1_only_for_class_scores(name: str, shape: tuple[int, ...], scores: b
     assert looks_like_class_scores(name, array) is scores
     (row,) = compare_outputs({name: array}, {name: array * 1.01})
     assert (row.top1_agreement is not None) is scores
+
+
+def test_latency_alternates_the_models_and_shows_the_spread(tmp_path: Path) -> None:
+    from conftest import run_cli
+    samples = Path(__file__).resolve().parent.parent / "sample_models"
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "--format",
+                      "json", "quantize"])
+    assert result.exit_code == 0, result.output
+    latency = json.loads(result.output)["evaluation"]["latency"]
+    assert latency["runs_before"] == latency["runs_after"] >= 3
+    for model in ("before", "after"):
+        assert latency[f"{model}_q1_ms"] <= latency[f"{model}_ms"] <= latency[f"{model}_q3_ms"]
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "quantize"])
+    line = next(x for x in result.output.splitlines() if x.startswith("latency"))
+    assert line.startswith("latency (median of ") and " alternating onnxruntime CPU runs of " \
+        "each model on this machine; [interquartile range]): " in line

@@ -6,6 +6,7 @@ run a model, so `modelpress --help` and `inspect` never load it.
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import time
@@ -280,6 +281,10 @@ class Session:
             raise ModelRunError(f"onnxruntime cannot run {self.path}: {_first_line(exc)}") from None
         return dict(zip(self.output_names, values))
 
+    def run_raw(self, feeds: Feeds) -> None:
+        """One run whose outputs are dropped (timing; the feeds already ran once)."""
+        self._session.run(None, feeds)
+
     def time(self, feeds: Feeds, max_runs: int = 20, budget_s: float = 1.0,
              min_runs: int = 3) -> list[float]:
         """Wall times (seconds) of repeated runs after one warm-up run."""
@@ -292,6 +297,37 @@ class Session:
             self._session.run(None, feeds)
             times.append(time.perf_counter() - t0)
         return times
+
+
+def interleaved_times(first: Session, second: Session, feeds: Feeds, max_runs: int = 20,
+                      budget_s: float = 2.0, min_runs: int = 3) -> tuple[list[float], list[float]]:
+    """Wall times (seconds) of both sessions, run alternately after one warm-up run each.
+
+    Each round runs both models, in alternating order, so load from other
+    processes on a shared machine falls on both alike; the runs end at
+    `max_runs` each, or after `budget_s` once each has `min_runs`.
+    """
+    first.run(feeds)
+    second.run(feeds)
+    times: tuple[list[float], list[float]] = ([], [])
+    sessions = (first, second)
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < min_runs
+                                        or time.perf_counter() - start < budget_s):
+        order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)
+        for which in order:
+            t0 = time.perf_counter()
+            sessions[which].run_raw(feeds)
+            times[which].append(time.perf_counter() - t0)
+    return times
+
+
+def quartiles_ms(times: list[float]) -> tuple[float, float]:
+    """First and third quartiles of wall times, in milliseconds."""
+    if len(times) < 2:
+        return (1000.0 * times[0],) * 2 if times else (math.nan, math.nan)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return 1000.0 * q1, 1000.0 * q3
 
 
 def median_ms(times: list[float]) -> float:
@@ -320,5 +356,6 @@ def describe_feeds(feeds: Feeds) -> dict[str, Any]:
 
 
 __all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "gather_ranges", "input_specs",
-           "load_graph", "load_inputs", "load_labels", "made_up_hint", "median_ms",
+           "interleaved_times", "load_graph", "load_inputs", "load_labels", "made_up_hint",
+           "median_ms", "quartiles_ms",
            "onnxruntime_available", "random_inputs", "resolve_dims"]
