@@ -181,3 +181,42 @@ def test_loader_form_keeps_pruned_values_with_their_zeros() -> None:
     np.testing.assert_array_equal(loader_form(pruned).decode(), pruned.decode())
     assert loader_form(values) is values
     assert not isinstance(loader_form(values), (Sparse, Quantized))
+
+
+def test_a_sharded_directory_decompresses_to_a_dense_directory(tmp_path: Path) -> None:
+    from tree_helpers import sample_tensors, sharded_checkpoint
+
+    from modelpress.formats import open_model
+    folder = tmp_path / "llm"
+    sharded_checkpoint(folder)
+    config = {"architectures": ["ToyModel"], "model_type": "toy"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer.json").write_text("{}")
+    out, dense = tmp_path / "out", tmp_path / "dense"
+    assert run_cli(["compress", folder, "-o", out, "-q", "--jobs", "1", "quantize", "--bits",
+                    "4"]).exit_code == 0
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+    result = run_cli(["inspect", out, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(r["name"] for r in json.loads(result.output)["tensors"]) == sorted(
+        sample_tensors())
+    result = run_cli(["decompress", out, "-o", dense])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in dense.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert json.loads((dense / "config.json").read_text()) == config
+    assert (dense / "tokenizer.json").read_text() == "{}"
+    restored = open_model(dense)
+    assert not restored.encodings
+    for name, array in sample_tensors().items():
+        assert restored.read(name).shape == array.shape
+
+
+def test_decompress_refuses_a_file_as_the_output_of_a_folder(tmp_path: Path) -> None:
+    from tree_helpers import sharded_checkpoint
+    sharded_checkpoint(tmp_path / "llm")
+    (tmp_path / "file").write_text("x")
+    result = run_cli(["decompress", tmp_path / "llm", "-o", tmp_path / "file"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {tmp_path / 'file'}: exists and is not a folder; decompressing the folder "
+        f"{tmp_path / 'llm'} writes a folder (give a new or existing folder)")
