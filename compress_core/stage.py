@@ -90,6 +90,14 @@ class Stage:
             config[name] = list(value) if isinstance(value, tuple) else value
         return config
 
+    def resolved_config(self, info: TensorInfo) -> dict[str, Any]:
+        """`get_config` with every option left to its default resolved for one tensor.
+
+        Options whose default depends on the tensor (its format, role or shape)
+        override this; the others resolve in `validate`.
+        """
+        return self.get_config()
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Stage:
         """Build this stage from a config mapping (with or without its id).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from modelpress import Quantize, Recipe, compress
@@ -43,3 +44,30 @@ def test_batch_markdown_uses_human_sizes(tmp_path: Path) -> None:
     (table,) = tables(result.stdout)
     size = (SAMPLES / "mlp.safetensors").stat().st_size
     assert table[1][2] == human_bytes(size) and table[-1][2] == human_bytes(size)
+
+
+def test_json_carries_every_option_as_applied(tmp_path: Path) -> None:
+    result = run_cli(["compress", SAMPLES / "transformer.safetensors", "-o",
+                      tmp_path / "o.safetensors", "--format", "json", "quantize", "--bits", "4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    (given,) = report["recipe"]["stages"]
+    assert given["scheme"] is None and given["group_size"] is None   # as the user gave it
+    (applied,) = report["recipe_applied"]["stages"]
+    # zero_bits and backup_bits stay None: symmetric codes have no zero point, and
+    # safetensors gets no backup precision unless asked.
+    assert applied == {"id": "quantize", "bits": 4, "scheme": "sym", "granularity": "group",
+                       "group_size": 128, "method": "mse", "scale_bits": 0, "zero_bits": None,
+                       "super_block": 0, "backup_bits": None, "all_layers": False}
+    for tensor in report["tensors"]:
+        assert tensor["stages"] == [applied]
+
+
+def test_options_that_differ_by_tensor_are_given_by_tensor(tmp_path: Path) -> None:
+    report = compress(SAMPLES / "transformer.onnx", tmp_path / "o.onnx",
+                      Recipe([Quantize(bits=4)])).as_dict()
+    (applied,) = report["recipe_applied"]["stages"]
+    assert applied["scheme"] == "asym" and applied["granularity"] == "group"
+    backup = applied["backup_bits"]
+    assert isinstance(backup, dict) and set(backup) == {t["name"] for t in report["tensors"]}
+    assert backup["embed_tokens.weight"] == 5 and backup["layers.0.mlp.fc1.weight"] is None

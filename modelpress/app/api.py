@@ -91,6 +91,7 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
                               "this model is written as one file")
     rows = []
+    stages_of = plan(store, applied, options)
     for name, label in encoding.described.items():
         info = store.tensors[name]
         if name not in result.tensor_bytes:
@@ -98,10 +99,33 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         rows.append(TensorRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
                               encoding=label, bytes_before=info.nbytes,
                               bytes_after=result.tensor_bytes[name],
-                              error=encoding.errors[name]))
+                              error=encoding.errors[name],
+                              stages=[s.resolved_config(info) for s in stages_of[name]]))
     return Report(input_path=str(src), output_path=str(dst), format=store.format,
                   recipe=recipe.get_config(), rows=rows, file_bytes_before=store.file_bytes,
-                  file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes)
+                  file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes,
+                  applied=_applied(recipe, applied, stages_of, rows))
+
+
+def _applied(recipe: Recipe, applied: Recipe, stages_of: Mapping[str, list[Any]],
+             rows: list[TensorRow]) -> dict[str, Any]:
+    """The recipe with each option as applied: the value every changed tensor got, or a
+    mapping {tensor: value} where they differ. A stage that changed nothing keeps its own."""
+    stages = []
+    for given, used in zip(recipe.stages, applied.stages):
+        configs = {row.name: row.stages[stages_of[row.name].index(used)] for row in rows
+                   if used in stages_of[row.name]}
+        config = given.get_config()
+        for key in config:
+            values = {name: c.get(key) for name, c in configs.items()} if key not in (
+                "include", "exclude") else {}
+            distinct = {repr(v) for v in values.values()}
+            if len(distinct) == 1:
+                config[key] = next(iter(values.values()))
+            elif len(distinct) > 1:
+                config[key] = values
+        stages.append(config)
+    return {**recipe.get_config(), "stages": stages}
 
 
 def _loader_stream(stream: Iterator[tuple[str, Encoded]],
