@@ -92,7 +92,8 @@ def lstm_with_state_inputs(path: Path) -> Path:
         [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["time", "batch", 40]),
          helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["a", "b", "c"]),
          helper.make_tensor_value_info("c0", TensorProto.FLOAT, ["a", "b", "c"])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["time", "batch", 1] if n == "speech" else ["a", "b", "c"])
+        [helper.make_tensor_value_info(
+            n, TensorProto.FLOAT, ["time", "batch", 1] if n == "speech" else ["a", "b", "c"])
          for n in ("speech", "hn", "cn")],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"),
          numpy_helper.from_array(head, "head"),
