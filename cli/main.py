@@ -168,7 +168,8 @@ def compress(**_: Any) -> None:
 
     Each stage changes only weight-like tensors (floating point, 2-D or more,
     --min-elements or more; in ONNX, weight inputs of MatMul, Gemm, Conv,
-    ConvTranspose and Gather) unless --include names others. Run
+    ConvTranspose and Gather). --include narrows them by name (any size);
+    with --take-all-named it takes every tensor it names. Run
     `modelpress compress STAGE --help` for a stage's options.
 
     \b

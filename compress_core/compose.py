@@ -87,9 +87,10 @@ def order_problem(stages: Sequence[object]) -> str | None:
     forms follow the stages' `apply`: Sparse wraps the kept values, LowRank
     holds factors that later stages compress.
     """
-    groups: dict[tuple[object, object], list[object]] = {}
+    groups: dict[tuple[object, ...], list[object]] = {}
     for stage in stages:
-        key = (getattr(stage, "include", ()), getattr(stage, "exclude", ()))
+        key = (getattr(stage, "include", ()), getattr(stage, "exclude", ()),
+               getattr(stage, "take_all_named", False))
         groups.setdefault(key, []).append(stage)
     for group in groups.values():
         form = _Form()

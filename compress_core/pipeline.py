@@ -8,7 +8,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -92,17 +92,26 @@ def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list
     return selected
 
 
-def unmatched_patterns(recipe: Recipe, names: Iterable[str]) -> list[str]:
-    """Each --include/--exclude pattern of the recipe that matches none of `names`,
-    as `stage --option 'pattern'`."""
-    names = list(names)
-    unmatched = []
+def unmatched_patterns(recipe: Recipe, tensors: Mapping[str, TensorInfo]) -> list[str]:
+    """What each --include/--exclude pattern that selects nothing does wrong, one line each.
+
+    An --include pattern that names only tensors that are not weight-like
+    selects nothing either, unless its stage has take_all_named.
+    """
+    problems = []
     for stage in recipe.stages:
         for option in ("include", "exclude"):
             for pattern in getattr(stage, option):
-                if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                    unmatched.append(f"{stage.id} --{option} '{pattern}'")
-    return unmatched
+                named = [n for n in tensors if fnmatch.fnmatchcase(n, pattern)]
+                where = f"{stage.id} --{option} '{pattern}'"
+                if not named:
+                    problems.append(f"{where} matches no tensor")
+                elif option == "include" and not stage.take_all_named and not any(
+                        tensors[n].weight_like for n in named):
+                    problems.append(f"{where} matches no weight-like tensor (it names "
+                                    f"{named[0]!r}{' and others' if len(named) > 1 else ''}; "
+                                    "--take-all-named changes those too)")
+    return problems
 
 
 def encode(store: TensorStore, recipe: Recipe, options: Options = Options(),

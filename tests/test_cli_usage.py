@@ -90,6 +90,36 @@ def test_a_pattern_that_matches_nothing_warns_or_fails_with_strict(tmp_path: Pat
     result = run_cli([*args[:5], "--strict", *args[5:]])
     assert result.exit_code == 2
     assert last_line(result.output) == (
-        f"Error: {SAMPLES / 'mlp.onnx'}: quantize --include 'nomatch*' matches no tensor of the "
-        "model (see its names with `modelpress inspect`; without --strict this is a warning)")
+        f"Error: {SAMPLES / 'mlp.onnx'}: quantize --include 'nomatch*' matches no tensor (see "
+        "the model's tensors with `modelpress inspect`; without --strict this is a warning)")
     assert not out.exists()
+
+
+def test_include_narrows_the_weight_like_tensors_unless_take_all_named(tmp_path: Path) -> None:
+    from modelpress.formats import open_model
+    src = SAMPLES / "transformer.safetensors"
+    names = list(open_model(src).tensors)
+    biases = [n for n in names if n.endswith(".bias") and "layers.0." in n]
+    assert biases   # 1-D: not weight-like
+    out = tmp_path / "o.safetensors"
+    result = run_cli(["compress", src, "-o", out, "--format", "json", "quantize",
+                      "--include", "layers.0.*"])
+    assert result.exit_code == 0, result.output
+    changed = [t["name"] for t in json.loads(result.output)["tensors"]]
+    assert changed and all(n.endswith(".weight") for n in changed)
+    assert not set(changed) & set(biases)
+    out.unlink()
+    result = run_cli(["compress", src, "-o", out, "--format", "json", "quantize",
+                      "--include", "layers.0.*", "--take-all-named"])
+    assert result.exit_code == 0, result.output
+    changed = [t["name"] for t in json.loads(result.output)["tensors"]]
+    assert set(biases) <= set(changed)
+    out.unlink()
+    result = run_cli(["compress", src, "-o", out, "--format", "json", "quantize",
+                      "--include", "*.bias"])
+    assert result.exit_code == 0, result.output
+    (note,) = [n for n in json.loads(result.output)["notes"] if n.startswith("warning")]
+    assert note.startswith("warning: quantize --include '*.bias' matches no weight-like tensor "
+                           "(it names '")
+    assert note.endswith("' and others; --take-all-named changes those too); that option "
+                         "changed nothing")

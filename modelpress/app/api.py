@@ -56,10 +56,9 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     encoding = Encoding()
     unmatched = unmatched_patterns(recipe, store.tensors)
     if unmatched and options.strict:
-        raise RecipeError(f"{src}: {unmatched[0]} matches no tensor of the model (see its names "
-                          "with `modelpress inspect`; without --strict this is a warning)")
-    encoding.notes.extend(f"warning: {u} matches no tensor; that option changed nothing"
-                          for u in unmatched)
+        raise RecipeError(f"{src}: {unmatched[0]} (see the model's tensors with `modelpress "
+                          "inspect`; without --strict this is a warning)")
+    encoding.notes.extend(f"warning: {u}; that option changed nothing" for u in unmatched)
     applied = recipe
     if for_loaders and store.format == "safetensors":
         from modelpress.formats.safetensors.ct_config import for_loaders as loader_recipe
