@@ -48,7 +48,8 @@ def mistyped_stage(head: Sequence[str], stage_names: set[str],
             i += 2
             continue
         i += 1
-        if arg.startswith("-") or os.path.exists(arg):
+        # A path-like word (a missing model.onnx) is a model, never a stage.
+        if arg.startswith("-") or "." in arg or os.sep in arg or os.path.exists(arg):
             continue
         close = difflib.get_close_matches(arg, sorted(stage_names), n=1)
         if close:

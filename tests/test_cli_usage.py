@@ -37,6 +37,8 @@ def test_a_file_named_like_a_stage_is_still_a_model(tmp_path: Path, monkeypatch)
     (tmp_path / "prun").write_bytes((SAMPLES / "mlp.onnx").read_bytes())
     result = run_cli(["compress", "prun", "-o", "o.onnx", "quantize"])
     assert "Did you mean" not in result.output
+    result = run_cli(["compress", "prune.onnx", "-o", "o.onnx", "quantize"])
+    assert "Did you mean" not in result.output and "prune.onnx" in result.output
 
 
 def test_an_impossible_order_exits_2_before_reading_the_model(tmp_path: Path) -> None:

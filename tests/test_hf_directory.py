@@ -10,6 +10,7 @@ that `modelpress decompress` gives.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ EMBEDDINGS = ["embeddings.position_embeddings.weight", "embeddings.word_embeddin
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BERT-style model directory: config.json, model.safetensors, tokenizer files."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask a hub
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("compressed_tensors")
