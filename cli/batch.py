@@ -111,6 +111,10 @@ def run_batch_command(models: tuple[Path, ...], output: Path, recipe: Recipe, op
         out.print(markdown_batch(report), markup=False, highlight=False, soft_wrap=True)
     elif not quiet:
         out.print(batch_table(report))
+        for row in report.models:
+            for note in (row.report or {}).get("notes", []):
+                out.print(f"note: {row.path}: {note}", markup=False, highlight=False,
+                          soft_wrap=True)
         for note in report.notes:
             out.print(f"note: {note}", markup=False, highlight=False)
     return _failure_line(report, err)
@@ -260,21 +264,21 @@ def _counts_text(report: BatchReport) -> str:
 
 
 def markdown_batch(report: BatchReport) -> str:
-    """The summary as a GitHub-flavoured Markdown table (fits a CI job summary)."""
+    """The summary as a GitHub-flavoured Markdown table (fits a CI job summary), human sizes."""
     lines = [f"**modelpress** `{_shown(report.base)}` -> `{_shown(report.outdir)}`"
              + (f" (shard {report.shard})" if report.shard else ""), "",
              "| model | status | before | after | ratio | worst error | note |",
              "|---|---|---:|---:|---:|---:|---|"]
     for row in report.models:
-        lines.append(f"| `{row.path}` | {row.status} | {row.bytes_before} | "
-                     f"{'-' if row.bytes_after is None else row.bytes_after} | "
+        lines.append(f"| `{row.path}` | {row.status} | {human_bytes(row.bytes_before)} | "
+                     f"{_after(row.bytes_after)} | "
                      f"{_ratio(row.ratio)} | {_error(row.worst_error)} | "
                      f"{_note(row.reason).replace('|', '/')} |")
     for refusal in report.refused:
         lines.append(f"| `{refusal.path}` | failed | - | - | - | - | "
                      f"{_note(refusal.reason).replace('|', '/')} |")
     before, after = report.bytes_before, report.bytes_after
-    lines.append(f"| **{_totals_text(report)}** | | {before} | {after} | "
+    lines.append(f"| **{_totals_text(report)}** | | {human_bytes(before)} | {human_bytes(after)} | "
                  f"{_ratio(after / before if before else None)} | "
                  f"{_error(report.worst_error)} | {_counts_text(report)} |")
     lines += [""] + [f"- {note}" for note in report.notes]

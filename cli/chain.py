@@ -13,6 +13,8 @@ its private attributes.
 
 from __future__ import annotations
 
+import difflib
+import os
 from typing import Sequence
 
 import click
@@ -34,6 +36,27 @@ def split_at_stage(args: Sequence[str], stage_names: set[str], value_options: se
             return i
         i += 1
     return len(args)
+
+
+def mistyped_stage(head: Sequence[str], stage_names: set[str],
+                   value_options: set[str]) -> tuple[str, str] | None:
+    """(word, stage) for a positional argument before the stages that names no file
+    but is close to a stage name: a mistyped first stage, which click would
+    otherwise read as one more MODEL."""
+    i = 0
+    while i < len(head):
+        arg = head[i]
+        if arg in value_options:
+            i += 2
+            continue
+        i += 1
+        # A path-like word (a missing model.onnx) is a model, never a stage.
+        if arg.startswith("-") or "." in arg or os.sep in arg or os.path.exists(arg):
+            continue
+        close = difflib.get_close_matches(arg, sorted(stage_names), n=1)
+        if close:
+            return arg, close[0]
+    return None
 
 
 def hoist_options(tail: Sequence[str], value_options: set[str], flag_options: set[str],
@@ -98,6 +121,11 @@ class StageChain(click.Group, GroupHead):
     def head(self, ctx: click.Context, args: list[str]) -> tuple[list[str], list[str]]:
         value_options, flag_options = option_names(self.get_params(ctx))
         split = split_at_stage(args, set(self.commands), value_options)
+        typo = mistyped_stage(args[:split], set(self.commands), value_options)
+        if typo is not None:
+            # The words click says for a mistyped later stage.
+            raise click.UsageError(f"No such command {typo[0]!r}. Did you mean {typo[1]!r}?",
+                                   ctx)
         stage_values = set()
         for command in self.commands.values():
             stage_values |= option_names(command.params)[0]

@@ -8,8 +8,10 @@ from typing import Any
 import click
 
 from modelpress.app import api
+from modelpress.app.directory import decompress_directory, model_in
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
+from modelpress.core.order import order_problem
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODES, INT4_MODES,
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
@@ -107,6 +109,9 @@ from modelpress.cli.terminal import consoles, progress
 @click.option("--scheduler", metavar="ADDRESS",
               help="Batch with --executor dask: join the cluster of this scheduler "
                    "(tcp://host:8786) instead of starting a local one.")
+@click.option("--strict", is_flag=True,
+              help="Stop (exit 2) when an --include or --exclude pattern matches no tensor "
+                   "of a model, instead of warning.")
 @evaluation.input_options
 @evaluation.threshold_options
 def compress(**_: Any) -> None:
@@ -114,7 +119,8 @@ def compress(**_: Any) -> None:
 
     Each stage changes only weight-like tensors (floating point, 2-D or more,
     --min-elements or more; in ONNX, weight inputs of MatMul, Gemm, Conv,
-    ConvTranspose and Gather) unless --include names others. Run
+    ConvTranspose and Gather). --include narrows them by name (any size);
+    with --take-all-named it takes every tensor it names. Run
     `modelpress compress STAGE --help` for a stage's options.
 
     \b
@@ -178,14 +184,14 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
                   max_shard_size: int | None, threads: int | None, external_data: str,
                   onnx_target: str, onnx_int4: str, onnx_int8: str, accuracy_level: int,
-                  calibration: Path | None, **extra: Any) -> None:
+                  calibration: Path | None, strict: bool, **extra: Any) -> None:
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
     batch_flags = extra
     recipe = _recipe(stages, recipe_file)
     options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
-                      threads=threads)
+                      threads=threads, strict=strict)
     onnx_options = OnnxWriteOptions(external_data, OnnxTarget(onnx_target, onnx_int4,
                                                               accuracy_level, onnx_int8))
     safetensors_options = SafetensorsWriteOptions(max_shard_size)
@@ -227,6 +233,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         report = api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
                               safetensors_options=safetensors_options,
                               calibration=None if calibration is None else str(calibration))
+    except RecipeError as exc:  # --strict: a pattern that matches nothing is a usage error
+        raise RecipeUsageError(str(exc)) from None
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     finally:
@@ -251,13 +259,24 @@ def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
         raise click.UsageError("give stages on the command line or --recipe FILE, not both")
     if recipe_file is not None:
         try:
-            return Recipe.load(recipe_file)
+            recipe = Recipe.load(recipe_file)
         except RecipeError as exc:
             raise RecipeUsageError(str(exc)) from None
+        _check_order(recipe)
+        return recipe
     if not stages:
         raise click.UsageError("no stages given; add one, e.g. `quantize --bits 8`, "
                                "or use --recipe FILE")
-    return Recipe(stages)
+    recipe = Recipe(stages)
+    _check_order(recipe)
+    return recipe
+
+
+def _check_order(recipe: Recipe) -> None:
+    """Refuse an order of stages that cannot work (a usage error, before any model is read)."""
+    problem = order_problem(recipe.stages)
+    if problem is not None:
+        raise click.UsageError(problem)
 
 
 @click.command(context_settings=CONTEXT)
@@ -273,7 +292,7 @@ def inspect(model: Path, fmt: str) -> None:
       modelpress inspect small.safetensors --format json
     """
     try:
-        report = api.inspect(model)
+        report = api.inspect(model_in(model))
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     out, _ = consoles(quiet=False)
@@ -287,16 +306,39 @@ def inspect(model: Path, fmt: str) -> None:
 def decompress(model: Path, output: Path) -> None:
     """Restore every compressed tensor of MODEL to dense floats of its original dtype.
 
+    A folder (a Hugging Face model directory, a sharded checkpoint) is written
+    as a folder: each model decompressed, config.json without its
+    compressed-tensors quantization_config (so transformers loads it as a
+    dense model), every other file copied.
+
     \b
     Examples:
       modelpress decompress small.safetensors -o dense.safetensors
       modelpress decompress small.onnx -o dense.onnx
+      modelpress decompress bert-int8/ -o bert-dense/
     """
+    if model.is_dir():
+        _decompress_directory(model, output)
+        return
     try:
         result = api.decompress(model, output)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     click.echo(f"{output}: {result.file_bytes} bytes, {len(result.tensor_bytes)} tensors restored")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+def _decompress_directory(model: Path, output: Path) -> None:
+    try:
+        result = decompress_directory(model, output)
+    except ModelpressError as exc:
+        raise Failure(str(exc)) from None
+    for rel, written in result.models.items():
+        click.echo(f"{output / rel}: {written.file_bytes} bytes, "
+                   f"{len(written.tensor_bytes)} tensors restored")
+    click.echo(f"{output}: {len(result.copied)} other files written (config.json without "
+               "quantization_config, the rest copied)")
     for note in result.notes:
         click.echo(f"note: {note}")
 

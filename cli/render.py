@@ -90,19 +90,40 @@ def print_report(console: Console, report: Report, fmt: str) -> None:
     print_evaluation(console, report)
 
 
-def markdown_report(report: Report) -> str:
-    """The report as a GitHub-flavoured Markdown table (fits a CI job summary)."""
+# Tensor rows a Markdown report shows at most (the largest); JSON always has every row.
+MARKDOWN_ROWS = 20
+
+
+def markdown_report(report: Report, max_rows: int = MARKDOWN_ROWS) -> str:
+    """The report as a GitHub-flavoured Markdown table (fits a CI job summary).
+
+    Sizes are human (65.5 kB). Above `max_rows` tensors, the largest
+    `max_rows` (by size before, in file order) are shown and one row sums up
+    the rest; the full table is in `--report` / `--format json`.
+    """
     lines = [f"**modelpress** `{report.input_path}` -> `{report.output_path}`", "",
              "| tensor | shape | encoding | before | after | ratio | rel. error | SQNR dB |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for row in report.rows:
+    shown = report.rows
+    if len(shown) > max_rows:
+        largest = sorted(range(len(shown)), key=lambda i: -shown[i].bytes_before)[:max_rows]
+        shown = [shown[i] for i in sorted(largest)]
+    for row in shown:
         lines.append(f"| `{_md_cell(row.name)}` | {'x'.join(map(str, row.shape))} | {row.encoding} | "
-                     f"{row.bytes_before} | {row.bytes_after} | "
+                     f"{human_bytes(row.bytes_before)} | {human_bytes(row.bytes_after)} | "
                      f"{_ratio(row.bytes_after, row.bytes_before)} | "
                      f"{_num(row.error.rel_l2, '.4f')} | {_num(row.error.sqnr_db, '.1f')} |")
+    if len(shown) < len(report.rows):
+        kept = {id(row) for row in shown}
+        rest = [row for row in report.rows if id(row) not in kept]
+        before = sum(row.bytes_before for row in rest)
+        after = sum(row.bytes_after for row in rest)
+        lines.append(f"| {len(rest)} smaller tensors (every row: `--format json`) | | | "
+                     f"{human_bytes(before)} | {human_bytes(after)} | {_ratio(after, before)} "
+                     "| | |")
     total = report.weight_error
-    lines.append(f"| **total (file on disk)** | | | {report.file_bytes_before} | "
-                 f"{report.file_bytes_after} | "
+    lines.append(f"| **total (file on disk)** | | | {human_bytes(report.file_bytes_before)} | "
+                 f"{human_bytes(report.file_bytes_after)} | "
                  f"{_ratio(report.file_bytes_after, report.file_bytes_before)} | "
                  f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")

@@ -55,10 +55,20 @@ def summary_lines(evaluation: Evaluation) -> list[str]:
                      f"({a.change_points:+.2f} points)")
     if evaluation.latency is not None:
         t = evaluation.latency
-        lines.append(f"latency (median of {t.runs_before}/{t.runs_after} onnxruntime CPU runs on "
-                     f"this machine): {t.before_ms:.3g} ms -> {t.after_ms:.3g} ms "
-                     f"({fmt_number(t.ratio, '.2f')}x)")
+        lines.append(f"latency (median of {_runs(t)} on this machine; [interquartile range]): "
+                     f"{t.before_ms:.3g} ms{_iqr(t.before_iqr_ms)} -> "
+                     f"{t.after_ms:.3g} ms{_iqr(t.after_iqr_ms)} ({fmt_number(t.ratio, '.2f')}x)")
     return lines + list(evaluation.notes)
+
+
+def _runs(t: Any) -> str:
+    if t.runs_before == t.runs_after:
+        return f"{t.runs_before} alternating onnxruntime CPU runs of each model"
+    return f"{t.runs_before} runs of the original, {t.runs_after} of the compressed model"
+
+
+def _iqr(iqr: tuple[float, float] | None) -> str:
+    return "" if iqr is None else f" [{iqr[0]:.3g}-{iqr[1]:.3g}]"
 
 
 def print_evaluation(console: Console, report: Any) -> None:
@@ -103,10 +113,16 @@ def markdown_evaluation(report: Any) -> list[str]:
                              f"{100 * a.after:.2f}% | {a.change_points:+.2f} points |")
             if evaluation.latency is not None:
                 t = evaluation.latency
-                lines.append(f"| latency, median ms (this machine) | {t.before_ms:.3g} | "
-                             f"{t.after_ms:.3g} | {fmt_number(t.ratio, '.2f')}x |")
-        if evaluation.notes:
-            lines += [""] + [f"- {_md(note)}" for note in evaluation.notes]
+                lines.append(f"| latency, median ms (this machine) | {t.before_ms:.3g}"
+                             f"{_iqr(t.before_iqr_ms)} | {t.after_ms:.3g}{_iqr(t.after_iqr_ms)} "
+                             f"| {fmt_number(t.ratio, '.2f')}x |")
+                latency_line = (f"- latency: median of {_runs(t)}; "
+                                "[interquartile range]")
+        notes = [f"- {_md(note)}" for note in evaluation.notes]
+        if evaluation.latency is not None:
+            notes.insert(0, latency_line)
+        if notes:
+            lines += [""] + notes
     if report.checks:
         lines += ["", "| threshold | limit | measured | result |", "|---|---:|---:|---|"]
         for check in report.checks:

@@ -10,7 +10,7 @@ import click
 
 from modelpress.core.errors import RecipeError
 from modelpress.core.registry import REGISTRY
-from modelpress.core.stage import Stage, cli_name, option_type
+from modelpress.core.stage import SELECTION, Stage, cli_name, option_type
 
 
 def stage_command(klass: type[Stage]) -> click.Command:
@@ -23,8 +23,8 @@ def stage_command(klass: type[Stage]) -> click.Command:
             raise click.UsageError(str(exc)) from None
 
     params = [_option(klass, f) for f in dataclasses.fields(klass)]
-    # Stage options first, then --include/--exclude.
-    params = params[2:] + params[:2]
+    # Stage options first, then --include/--exclude/--take-all-named.
+    params = params[SELECTION:] + params[:SELECTION]
     return click.Command(klass.id, callback=callback, params=params,
                          help=(klass.__doc__ or "").strip(), short_help=klass.summary,
                          context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 from modelpress.core.encoded import Encoded, LowRank, Sparse
-from modelpress.core.errors import UnsupportedTensorError
+from modelpress.core.errors import OrderError
 from modelpress.core.stage import Stage
 from modelpress.core.tensorinfo import TensorInfo
 
@@ -34,7 +34,7 @@ def one_of(a: str, b: str) -> str:
             "different stages)")
 
 
-def order_error(stage: Stage, encoded: Encoded, info: TensorInfo | None) -> UnsupportedTensorError:
+def order_error(stage: Stage, encoded: Encoded, info: TensorInfo | None) -> OrderError:
     """The error for applying `stage` to a tensor already in `encoded`'s form.
 
     The hint is the stage's own (`Stage.refusals`) for the node that blocks it:
@@ -46,7 +46,7 @@ def order_error(stage: Stage, encoded: Encoded, info: TensorInfo | None) -> Unsu
             encoded = encoded.values if isinstance(encoded, Sparse) else encoded.left
     hint = stage.refusals.get(type(encoded), "reorder the stages so this one comes first")
     name = f"tensor {info.name!r}: " if info is not None else ""
-    return UnsupportedTensorError(
+    return OrderError(
         f"{name}{stage.id} cannot follow a stage that made it {encoded.describe()}; {hint}")
 
 

@@ -23,6 +23,10 @@ class UnsupportedTensorError(ModelpressError):
     """A stage cannot be applied to a tensor it was asked to change."""
 
 
+class OrderError(UnsupportedTensorError):
+    """A stage cannot follow the stage before it on the same tensor (see core.compose)."""
+
+
 class InputDataError(ModelpressError):
     """Evaluation inputs or labels that do not fit the model (file, array and fix named)."""
 

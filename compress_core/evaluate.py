@@ -16,7 +16,8 @@ from modelpress.core.metrics import ErrorStats, compare
 
 SAFETENSORS_NOTE = ("output error not measured: safetensors holds weights only, with no graph "
                     "to run; output error needs the ONNX form of the model")
-LATENCY_NOTE = "median wall time of repeated onnxruntime CPU runs on this machine"
+LATENCY_NOTE = ("median wall time of repeated onnxruntime CPU runs on this machine, the two "
+                "models run alternately; q1/q3: the interquartile range of those runs")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Latency:
     after_ms: float
     runs_before: int
     runs_after: int
+    # First and third quartiles of each model's run times (the spread), when measured.
+    before_iqr_ms: tuple[float, float] | None = None
+    after_iqr_ms: tuple[float, float] | None = None
 
     @property
     def ratio(self) -> float:
@@ -78,7 +82,15 @@ class Latency:
         return {"before_ms": self.before_ms, "after_ms": self.after_ms,
                 "ratio": self.ratio if math.isfinite(self.ratio) else None,
                 "runs_before": self.runs_before, "runs_after": self.runs_after,
+                "before_q1_ms": _quartile(self.before_iqr_ms, 0),
+                "before_q3_ms": _quartile(self.before_iqr_ms, 1),
+                "after_q1_ms": _quartile(self.after_iqr_ms, 0),
+                "after_q3_ms": _quartile(self.after_iqr_ms, 1),
                 "measured": LATENCY_NOTE}
+
+
+def _quartile(iqr: tuple[float, float] | None, which: int) -> float | None:
+    return None if iqr is None else _json_float(iqr[which])
 
 
 @dataclass
@@ -122,6 +134,27 @@ class Evaluation:
                 "notes": list(self.notes)}
 
 
+# Name parts of outputs that hold a state or a vector, never one score per class.
+_NOT_SCORES = ("state", "hidden", "embed", "pool", "feature", "encoding", "vector")
+_NOT_SCORES_PARTS = {"h", "c", "hn", "cn", "h0", "c0", "hy", "cy", "kv", "past", "present"}
+
+
+def looks_like_class_scores(name: str, array: np.ndarray) -> bool:
+    """True for an output that holds one score per class along its last axis.
+
+    Floats shaped [batch, classes] or [batch, positions, classes] (more than
+    one class). Not a map of 4 or more dims (segmentation, detection), and not
+    an output named like a recurrent state or an embedding (state, hidden, hn,
+    embed, pool, feature...): their argmax means nothing, and a top-1
+    agreement there reads as a failure.
+    """
+    if array.dtype.kind != "f" or array.ndim not in (2, 3) or array.shape[-1] < 2:
+        return False
+    lowered = name.lower()
+    parts = set(filter(None, "".join(c if c.isalnum() else " " for c in lowered).split()))
+    return not any(word in lowered for word in _NOT_SCORES) and not parts & _NOT_SCORES_PARTS
+
+
 def top1_agreement(before: np.ndarray, after: np.ndarray) -> float | None:
     """Fraction of positions whose argmax over the last axis is the same (class scores only)."""
     if before.ndim == 0 or before.shape[-1] < 2 or before.dtype.kind != "f":
@@ -140,8 +173,8 @@ def compare_outputs(before: Mapping[str, np.ndarray],
             shape = None if got is None else list(got.shape)
             raise ValueError(f"output {name!r}: compressed model gives {shape}, original "
                              f"{list(ref.shape)}")
-        rows.append(OutputError(name, tuple(ref.shape), compare(ref, got),
-                                top1_agreement(ref, got)))
+        top1 = top1_agreement(ref, got) if looks_like_class_scores(name, ref) else None
+        rows.append(OutputError(name, tuple(ref.shape), compare(ref, got), top1))
     return rows
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -38,10 +39,13 @@ class Options:
     # Tensors processed at once (threads); None: one per CPU. Output bytes do not
     # depend on it.
     threads: int | None = None
+    # An --include/--exclude pattern that matches no tensor of the model stops the
+    # run (RecipeError) instead of adding a warning to the report.
+    strict: bool = False
 
 
 # Options that do not change what is written (left out of recipe fingerprints).
-RUN_ONLY_OPTIONS = ("threads",)
+RUN_ONLY_OPTIONS = ("threads", "strict")
 
 
 def default_threads() -> int:
@@ -75,6 +79,28 @@ def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list
         if stages:
             selected[name] = stages
     return selected
+
+
+def unmatched_patterns(recipe: Recipe, tensors: Mapping[str, TensorInfo]) -> list[str]:
+    """What each --include/--exclude pattern that selects nothing does wrong, one line each.
+
+    An --include pattern that names only tensors that are not weight-like
+    selects nothing either, unless its stage has take_all_named.
+    """
+    problems = []
+    for stage in recipe.stages:
+        for option in ("include", "exclude"):
+            for pattern in getattr(stage, option):
+                named = [n for n in tensors if fnmatch.fnmatchcase(n, pattern)]
+                where = f"{stage.id} --{option} '{pattern}'"
+                if not named:
+                    problems.append(f"{where} matches no tensor")
+                elif option == "include" and not stage.take_all_named and not any(
+                        tensors[n].weight_like for n in named):
+                    problems.append(f"{where} matches no weight-like tensor (it names "
+                                    f"{named[0]!r}{' and others' if len(named) > 1 else ''}; "
+                                    "--take-all-named changes those too)")
+    return problems
 
 
 def encode(store: TensorStore, recipe: Recipe, options: Options = Options(),

@@ -22,15 +22,20 @@ class TensorRow:
     bytes_before: int
     bytes_after: int
     error: ErrorStats
+    # Each stage applied to this tensor, its options resolved (Stage.resolved_config).
+    stages: list[dict[str, Any]] | None = None
 
     @property
     def ratio(self) -> float:
         return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                "encoding": self.encoding, "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "ratio": self.ratio, **self.error.as_dict()}
+        row = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+               "encoding": self.encoding, "bytes_before": self.bytes_before,
+               "bytes_after": self.bytes_after, "ratio": self.ratio, **self.error.as_dict()}
+        if self.stages is not None:
+            row["stages"] = self.stages
+        return row
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Report:
     versions: dict[str, str | None] = field(default_factory=dict)
     input_sha256: str | None = None
     output_sha256: str | None = None
+    # The recipe as applied: each option resolved, or by tensor where tensors differ.
+    applied: dict[str, Any] | None = None
 
     @property
     def failed_checks(self) -> list[ThresholdResult]:
@@ -76,6 +83,7 @@ class Report:
             "tool": {"name": "modelpress", "version": __version__},
             "input": self.input_path, "output": self.output_path, "format": self.format,
             "recipe": self.recipe,
+            "recipe_applied": self.applied if self.applied is not None else self.recipe,
             "tensors": [row.as_dict() for row in self.rows],
             "totals": {"file_bytes_before": self.file_bytes_before,
                        "file_bytes_after": self.file_bytes_after, "ratio": self.ratio,

@@ -54,6 +54,12 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
     return dataclasses.field(default=default, metadata=meta)
 
 
+# The options every stage has (its first fields): which tensors it changes. Left out of a
+# stage's config when unset, listed after the stage's own options.
+SELECTION_OPTIONS = ("include", "exclude", "take_all_named")
+SELECTION = len(SELECTION_OPTIONS)
+
+
 def cli_name(field_name: str) -> str:
     """The command-line spelling of an option: group_size -> --group-size."""
     return "--" + field_name.replace("_", "-")
@@ -75,6 +81,10 @@ class Stage:
                                       metavar="GLOB")
     exclude: tuple[str, ...] = option((), "skip tensors whose name matches this glob (repeatable)",
                                       metavar="GLOB")
+    take_all_named: bool = option(
+        False, "with --include: change every tensor it names, also ones that are not "
+        "weight-like (biases, norms, scalars; in ONNX, initializers that are no MatMul, Gemm, "
+        "Conv or Gather weight); without it --include narrows the weight-like tensors")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -95,12 +105,20 @@ class Stage:
         """JSON-safe options with the stage id, stage options first."""
         config: dict[str, Any] = {"id": self.id}
         names = [f.name for f in dataclasses.fields(self)]
-        for name in names[2:] + names[:2]:
+        for name in names[SELECTION:] + names[:SELECTION]:
             value = getattr(self, name)
-            if name in ("include", "exclude") and not value:
+            if name in SELECTION_OPTIONS and not value:
                 continue
             config[name] = list(value) if isinstance(value, tuple) else value
         return config
+
+    def resolved_config(self, info: TensorInfo) -> dict[str, Any]:
+        """`get_config` with every option left to its default resolved for one tensor.
+
+        Options whose default depends on the tensor (its format, role or shape)
+        override this; the others resolve in `validate`.
+        """
+        return self.get_config()
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Stage:
@@ -125,7 +143,9 @@ class Stage:
         if any(fnmatch.fnmatchcase(info.name, pat) for pat in self.exclude):
             return False
         if self.include:
-            return any(fnmatch.fnmatchcase(info.name, pat) for pat in self.include)
+            # Named tensors need no size; they are still weight-like unless take_all_named.
+            return (self.take_all_named or info.weight_like) and any(
+                fnmatch.fnmatchcase(info.name, pat) for pat in self.include)
         return info.default_target(min_elements)
 
     @property

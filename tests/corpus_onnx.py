@@ -203,7 +203,8 @@ def _(d):
              numpy_helper.from_array(np.zeros((0, 64), np.float32), "empty")]
     model = onnx_model(inits, nodes, outputs=[helper.make_tensor_value_info(
         "y", TensorProto.FLOAT, ["n", 64])])
-    return {"path": save_onnx(d / "model.onnx", model), "stage_args": ("--include", "*"),
+    return {"path": save_onnx(d / "model.onnx", model),
+            "stage_args": ("--include", "*", "--take-all-named"),
             "group_args": ("--min-elements", "1")}
 
 

@@ -198,7 +198,7 @@ def _(d):
 def _(d):
     return {"path": st_file(d / "model.safetensors", {
         "scale": np.array(0.5, np.float32), "bias": weights(64), "fc.weight": weights(64, 64)}),
-        "stage_args": ("--include", "*"), "group_args": ("--min-elements", "1")}
+        "stage_args": ("--include", "*", "--take-all-named"), "group_args": ("--min-elements", "1")}
 
 
 @entry("st-already-compressed")

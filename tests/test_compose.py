@@ -69,9 +69,17 @@ def test_pair(first: str, then: str) -> None:
 
 
 def test_refusal_reaches_the_user_as_one_line(tmp_path: Path) -> None:
+    # Stages that select the same tensors are refused as a usage error, before the model is
+    # read (issue 16); stages with different selections meet per tensor, when it is encoded.
     from conftest import run_cli
     src = matmul_model(tmp_path / "m.onnx", {"w": rng_weights(64, 64)})
     result = run_cli(["compress", src, "-o", tmp_path / "o.onnx", "cluster", "prune"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: prune cannot follow a stage that made it palette 16 (4-bit); "
+        "put prune first: prune -> cluster gives the pruned zeros an exact codebook entry")
+    result = run_cli(["compress", src, "-o", tmp_path / "o.onnx", "cluster", "prune",
+                      "--include", "w"])
     assert result.exit_code == 1
     assert result.output.strip() == (
         f"Error: {src}: tensor 'w': prune cannot follow a stage that made it palette 16 (4-bit); "

@@ -69,9 +69,10 @@ def test_quantize_a_scalar_is_per_tensor(granularity: str, group: int | None) ->
     assert float(q.decode()) == pytest.approx(-2.5, abs=float(q.scale.reshape(())) / 2)
 
 
-@pytest.mark.parametrize("stage", [Quantize(bits=8, include=("*",)),
-                                   Quantize(bits=4, group_size=16, include=("*",)),
-                                   Prune(sparsity=0.5, include=("*",))])
+@pytest.mark.parametrize("stage", [Quantize(bits=8, include=("*",), take_all_named=True),
+                                   Quantize(bits=4, group_size=16, include=("*",),
+                                            take_all_named=True),
+                                   Prune(sparsity=0.5, include=("*",), take_all_named=True)])
 def test_scalar_and_vector_keep_their_shape_in_safetensors(tmp_path: Path, stage) -> None:
     src = write_safetensors(tmp_path / "s.safetensors",
                             {"scale": np.array(0.5, np.float32), "bias": weights(64)})
@@ -82,8 +83,8 @@ def test_scalar_and_vector_keep_their_shape_in_safetensors(tmp_path: Path, stage
     assert dense.read("scale").shape == ()
 
 
-@pytest.mark.parametrize("stage", [Quantize(bits=8, include=("s",)),
-                                   Prune(sparsity=0.5, include=("s",))])
+@pytest.mark.parametrize("stage", [Quantize(bits=8, include=("s",), take_all_named=True),
+                                   Prune(sparsity=0.5, include=("s",), take_all_named=True)])
 def test_scalar_initializer_keeps_its_shape_in_onnx(tmp_path: Path, stage) -> None:
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])]
     model = onnx_model([numpy_helper.from_array(weights(64, 64), "w1"),
@@ -437,7 +438,7 @@ def test_nonfinite_weights_are_refused_or_left_exactly_as_they_are(tmp_path: Pat
 @pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
 def test_a_clustered_scalar_keeps_its_shape(tmp_path: Path, suffix: str) -> None:
     from modelpress import REGISTRY
-    cluster = REGISTRY["cluster"](include=("s",))
+    cluster = REGISTRY["cluster"](include=("s",), take_all_named=True)
     if suffix == ".onnx":
         nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
                  helper.make_node("Mul", ["h", "s"], ["y"])]

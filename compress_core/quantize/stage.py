@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -127,6 +127,17 @@ class Quantize(Stage):
         if self.super_block % group:
             self.fail(f"--super-block {self.super_block} is not a multiple of the group size "
                       f"{group}")
+
+    def resolved_config(self, info: TensorInfo) -> dict[str, Any]:
+        """The options as applied to one tensor: its plan's bits, scheme, grid and codes."""
+        plan = self.plan(info)
+        config = self.get_config()
+        config.update(scheme="sym" if plan.symmetric else "asym", granularity=plan.granularity,
+                      group_size=plan.group_size, method=plan.method,
+                      scale_bits=plan.scale_bits, zero_bits=plan.zero_bits,
+                      super_block=plan.super_block,
+                      backup_bits=plan.bits if plan.backup else self.backup_bits)
+        return config
 
     def plan(self, info: TensorInfo) -> QuantPlan:
         """Every option resolved for one tensor (its format, role and shape)."""

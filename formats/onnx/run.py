@@ -7,11 +7,11 @@ run a model, so `modelpress --help` and `inspect` never load it.
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import statistics
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,40 +19,14 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import InputDataError, ModelRunError
+from modelpress.formats.onnx.dims import (Feeds, InputSpec, graph_dims, input_specs, made_up_hint,
+                                          resolve_dims)
 
 INSTALL_HINT = "pip install 'modelpress[run]'"
-DEFAULT_BATCH = 1
-DEFAULT_DIM = 16
 # Integer inputs that feed no Gather get this range unless --input-range says otherwise.
 DEFAULT_INT_RANGE = (0, 2)
 # Ops that pass integer ids through unchanged on their way to a Gather.
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
-
-Feeds = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input: name, numpy dtype and dims (int, symbolic name, or None)."""
-
-    name: str
-    dtype: np.dtype
-    dims: tuple[int | str | None, ...]
-
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs a caller must feed (initializers listed as inputs are left out)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        tensor = value.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in tensor.shape.dim)
-        specs.append(InputSpec(value.name, dtype, dims))
-    return specs
 
 
 def gather_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -99,30 +73,6 @@ def _constant_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def resolve_dims(specs: list[InputSpec], dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
-    """Concrete input shapes: --dim values by name, else batch 1 and 16 for other symbols."""
-    known = {d for s in specs for d in s.dims if isinstance(d, str)}
-    for name in dims:
-        if name not in known:
-            listed = ", ".join(sorted(known)) or "none"
-            raise InputDataError(f"--dim {name}: the model has no dimension named {name!r} "
-                                 f"(its symbolic dimensions: {listed})")
-    shapes = {}
-    for spec in specs:
-        shape = []
-        for axis, dim in enumerate(spec.dims):
-            if isinstance(dim, int) and dim > 0:
-                shape.append(dim)
-            elif isinstance(dim, str) and dim in dims:
-                shape.append(dims[dim])
-            elif (dim is None and axis == 0) or (isinstance(dim, str) and "batch" in dim.lower()):
-                shape.append(DEFAULT_BATCH)
-            else:
-                shape.append(DEFAULT_DIM)
-        shapes[spec.name] = tuple(shape)
-    return shapes
-
-
 def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                   ranges: Mapping[str, tuple[float, float]] | None = None,
                   seed: int = 0) -> Feeds:
@@ -139,7 +89,7 @@ def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
         if name not in names:
             raise InputDataError(f"--input-range {name}: the model has no input named {name!r} "
                                  f"(its inputs: {', '.join(sorted(names))})")
-    shapes = resolve_dims(specs, dims or {})
+    shapes = resolve_dims(specs, dims or {}, graph_dims(model))
     gathers = gather_ranges(model)
     feeds = {}
     for spec in specs:
@@ -242,9 +192,14 @@ class Session:
             import onnxruntime as ort  # heavy and optional: only when a model runs
         except ImportError:
             raise ModelRunError(f"onnxruntime is not installed ({INSTALL_HINT})") from None
-        ort.set_default_logger_severity(3)
+        # Severity 4 (fatal only): onnxruntime's own error log would reach the terminal even
+        # with --quiet; its errors reach the user through the exception's message instead.
+        ort.set_default_logger_severity(4)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
         try:
-            self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(path), options,
+                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelRunError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
         self.path = Path(path)
@@ -258,6 +213,10 @@ class Session:
             raise ModelRunError(f"onnxruntime cannot run {self.path}: {first_line(exc)}") from None
         return dict(zip(self.output_names, values))
 
+    def run_raw(self, feeds: Feeds) -> None:
+        """One run whose outputs are dropped (timing; the feeds already ran once)."""
+        self._session.run(None, feeds)
+
     def time(self, feeds: Feeds, max_runs: int = 20, budget_s: float = 1.0,
              min_runs: int = 3) -> list[float]:
         """Wall times (seconds) of repeated runs after one warm-up run."""
@@ -270,6 +229,37 @@ class Session:
             self._session.run(None, feeds)
             times.append(time.perf_counter() - t0)
         return times
+
+
+def interleaved_times(first: Session, second: Session, feeds: Feeds, max_runs: int = 20,
+                      budget_s: float = 2.0, min_runs: int = 3) -> tuple[list[float], list[float]]:
+    """Wall times (seconds) of both sessions, run alternately after one warm-up run each.
+
+    Each round runs both models, in alternating order, so load from other
+    processes on a shared machine falls on both alike; the runs end at
+    `max_runs` each, or after `budget_s` once each has `min_runs`.
+    """
+    first.run(feeds)
+    second.run(feeds)
+    times: tuple[list[float], list[float]] = ([], [])
+    sessions = (first, second)
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < min_runs
+                                        or time.perf_counter() - start < budget_s):
+        order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)
+        for which in order:
+            t0 = time.perf_counter()
+            sessions[which].run_raw(feeds)
+            times[which].append(time.perf_counter() - t0)
+    return times
+
+
+def quartiles_ms(times: list[float]) -> tuple[float, float]:
+    """First and third quartiles of wall times, in milliseconds."""
+    if len(times) < 2:
+        return (1000.0 * times[0],) * 2 if times else (math.nan, math.nan)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return 1000.0 * q1, 1000.0 * q3
 
 
 def median_ms(times: list[float]) -> float:
@@ -299,5 +289,6 @@ def describe_feeds(feeds: Feeds) -> dict[str, Any]:
 
 
 __all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "first_line", "gather_ranges", "input_specs",
-           "load_graph", "load_inputs", "load_labels", "median_ms",
+           "interleaved_times", "load_graph", "load_inputs", "load_labels", "made_up_hint",
+           "median_ms", "quartiles_ms", "graph_dims",
            "onnxruntime_available", "random_inputs", "resolve_dims"]

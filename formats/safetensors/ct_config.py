@@ -6,15 +6,30 @@ compressed-tensors' layouts (pack-quantized or float-quantized), the output's
 config.json gets a `quantization_config` describing it; otherwise config.json
 is copied unchanged (a reader that does not know the modelpress layouts
 should not be told it can load them).
+
+A model directory whose config.json names transformers classes
+(`loads_in_transformers`) is compressed for those loaders (`for_loaders`,
+`loader_form`):
+its embeddings stay dense unless named, because transformers builds a
+quantized module for every `targets` entry and an `Embedding` cannot take
+compressed-tensors weights (it loses `.weight` and the load fails); and pruned
+tensors keep their zeros in the dense or quantized layout instead of
+sparse-bitmask, because compressed-tensors dropped its sparse formats after
+0.14 (the release transformers 5 installs ignores `sparsity_config`, so a
+sparse-bitmask tensor would load as random weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from modelpress.core.encoded import Encoded, Sparse
 from modelpress.core.errors import ModelWriteError
+from modelpress.core.recipe import Recipe
+from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.atomic import atomic_path
 from modelpress.formats.safetensors.layout import part_names
@@ -38,6 +53,8 @@ def quantization_config(shapes: Mapping[str, tuple[int, ...]],
     class is described correctly; `ignore` lists the Linear-like modules (2-D
     `*.weight`) left unquantized.
     """
+    # Tensors stored dense under their own names load as they are, like untouched ones.
+    specs = {name: spec for name, spec in specs.items() if spec.get("layout") != "dense"}
     layouts = {spec.get("layout") for spec in specs.values()}
     if len(layouts) != 1 or not layouts <= set(_FORMATS):
         return None
@@ -57,6 +74,72 @@ def quantization_config(shapes: Mapping[str, tuple[int, ...]],
     return {"quant_method": "compressed-tensors", "format": layouts.pop(),
             "quantization_status": "compressed", "config_groups": config_groups,
             "ignore": ignore, "sparsity_config": {}}
+
+
+def loads_in_transformers(config: Path | None) -> bool:
+    """True when a config.json names the model classes that transformers builds.
+
+    `save_pretrained` writes `architectures`; a folder whose config lacks it
+    (or is no JSON object) is not compressed for the loaders.
+    """
+    if config is None:
+        return False
+    try:
+        data = json.loads(Path(config).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("architectures"), list)
+
+
+def for_loaders(recipe: Recipe, tensors: Mapping[str, TensorInfo],
+                min_elements: int) -> tuple[Recipe, list[str]]:
+    """The recipe a model directory is compressed with, and the notes that say why.
+
+    Each stage without `include` leaves out the embeddings it would select by
+    default (see the module docstring); a stage that names tensors with
+    `include` changes what it names.
+    """
+    embeddings = [name for name, info in tensors.items()
+                  if info.sensitive == "embedding" and info.default_target(min_elements)]
+    if not embeddings or all(stage.include for stage in recipe.stages):
+        return recipe, []
+    stages = [stage if stage.include else
+              dataclasses.replace(stage, exclude=stage.exclude + tuple(embeddings))
+              for stage in recipe.stages]
+    note = (f"embeddings left dense ({', '.join(embeddings)}): transformers cannot load "
+            "compressed-tensors weights into an Embedding module; name them with --include "
+            "to compress them anyway (the output then loads only with modelpress decompress)")
+    return Recipe(stages), [note]
+
+
+def loader_form(encoded: Encoded) -> Encoded:
+    """The tree a model directory stores: a pruned tensor without its sparse wrapper.
+
+    Its values already hold exact zeros where the mask is off, so the
+    decoded weights are the same; they are written dense, pack-quantized or
+    float-quantized, which current loaders read.
+    """
+    return encoded.values if isinstance(encoded, Sparse) else encoded
+
+
+def loader_notes(specs: Mapping[str, dict[str, Any]], pruned: bool) -> list[str]:
+    """What a model directory's reader should know about how its tensors were stored."""
+    notes = []
+    if pruned:
+        notes.append("pruned tensors are stored with their zeros in the dense or quantized "
+                     "layout: compressed-tensors after 0.14 (what transformers 5 uses) reads no "
+                     "sparse layout; compress the .safetensors file alone for the smaller "
+                     "sparse-bitmask form")
+    specs = {name: spec for name, spec in specs.items() if spec.get("layout") != "dense"}
+    other = sorted(n for n, spec in specs.items() if spec.get("layout") not in _FORMATS)
+    layouts = {spec.get("layout") for spec in specs.values()}
+    if other or len(layouts) > 1:
+        named = other or sorted(specs)
+        notes.append(f"warning: transformers will not load this output: {len(named)} tensors "
+                     f"({named[0]}, ...) are not in one compressed-tensors layout, so config.json "
+                     "gets no quantization_config; `modelpress decompress` gives a loadable "
+                     "dense copy")
+    return notes
 
 
 def _scheme(spec: dict[str, Any]) -> tuple[Any, ...]:
@@ -109,5 +192,27 @@ def config_for(src: Path, output_model: Path) -> bytes:
 def write_config(src: Path, dst: Path, output_model: Path) -> None:
     """Write config.json for a compressed model, atomically."""
     data = config_for(src, output_model)
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
+
+
+def dense_config(src: Path) -> bytes:
+    """The bytes of config.json for a decompressed model: `src` without its
+    compressed-tensors `quantization_config` (unchanged if it has none)."""
+    raw = Path(src).read_bytes()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return raw  # not ours to fix: copied as it is
+    block = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(block, dict) or block.get("quant_method") != "compressed-tensors":
+        return raw
+    del config["quantization_config"]
+    return (json.dumps(config, indent=2) + "\n").encode("utf-8")
+
+
+def write_dense_config(src: Path, dst: Path) -> None:
+    """Write config.json for a decompressed model, atomically."""
+    data = dense_config(src)
     with atomic_path(dst) as tmp:
         tmp.write_bytes(data)

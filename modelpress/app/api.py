@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from modelpress.core.dtypes import short_name
-from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError
-from modelpress.core.pipeline import Encoding, Options, encode_stream, plan
+from modelpress.core.encoded import Encoded
+from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError, RecipeError
+from modelpress.core.pipeline import Encoding, Options, encode_stream, plan, unmatched_patterns
 from modelpress.core.quantize.stage import Quantize
 from modelpress.core.recipe import Recipe
 from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
 from modelpress.core.store import Progress, TensorStore, WriteOptions, WriteResult
-from modelpress.formats.onnx.options import OnnxWriteOptions
-from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.formats import check_output_path, open_model, write_decompressed
+from modelpress.formats.onnx.options import OnnxWriteOptions
+from modelpress.formats.safetensors.ct_config import for_loaders as loader_recipe
+from modelpress.formats.safetensors.ct_config import loader_form, loader_notes
+from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 
 def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -25,7 +28,8 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
              metadata: Mapping[str, str] | None = None,
              onnx_options: OnnxWriteOptions = OnnxWriteOptions(),
              safetensors_options: SafetensorsWriteOptions = SafetensorsWriteOptions(),
-             calibration: str | os.PathLike | None = None) -> Report:
+             calibration: str | os.PathLike | None = None,
+             for_loaders: bool = False) -> Report:
     """Compress the model at `src` with `recipe` and write it to `dst`.
 
     The output has the input's format; `src` is never modified and `dst`
@@ -34,7 +38,11 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     an index at `dst`. `metadata` adds string entries to the output's
     metadata (ONNX metadata_props, safetensors `__metadata__`, or the index's
     metadata). Tensors stream from reader to writer, `options.threads` at a
-    time: memory follows the largest tensors, not the model.
+    time: memory follows the largest tensors, not the model. `for_loaders`
+    says that the model is the weights of a Hugging Face model directory,
+    written with its config.json: it is then compressed in forms that
+    transformers loads (modelpress.formats.safetensors.ct_config), and the
+    report's notes say what that changed.
 
     The writer of the model's format gets its settings untouched: `onnx_options`
     for an ONNX model, `safetensors_options` for safetensors weights.
@@ -51,6 +59,17 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
                              "tensors); run `modelpress decompress` on it first")
     writer: WriteOptions = onnx_options if store.format == "onnx" else safetensors_options
     encoding = Encoding()
+    unmatched = unmatched_patterns(recipe, store.tensors)
+    if unmatched and options.strict:
+        raise RecipeError(f"{src}: {unmatched[0]} (see the model's tensors with `modelpress "
+                          "inspect`; without --strict this is a warning)")
+    encoding.notes.extend(f"warning: {u}; that option changed nothing" for u in unmatched)
+    applied = recipe
+    if for_loaders and store.format == "safetensors":
+        applied, notes = loader_recipe(recipe, store.tensors, options.min_elements)
+        encoding.notes.extend(notes)
+    else:
+        for_loaders = False
     if calibration is not None:
         if store.format != "onnx":
             raise InputDataError(f"--calibration {calibration}: needs an ONNX model "
@@ -58,12 +77,16 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         quantized = {name for name, stages in plan(store, recipe, options).items()
                      if any(isinstance(stage, Quantize) for stage in stages)}
         encoding.notes.extend(store.calibrate(Path(calibration), quantized))
-    stream = encode_stream(store, recipe, options, progress, encoding)
+    stream = encode_stream(store, applied, options, progress, encoding)
+    pruned: list[str] = []
     try:
-        result = store.write(dst, stream, progress, metadata=dict(metadata) if metadata else None,
+        result = store.write(dst, _loader_stream(stream, pruned) if for_loaders else stream,
+                             progress, metadata=dict(metadata) if metadata else None,
                              options=writer)
     finally:
         stream.close()
+    if for_loaders:
+        encoding.notes.extend(loader_notes(open_model(dst).encodings, bool(pruned)))
     if any(store.tensors[name].input_stats is not None for name in encoding.described):
         encoding.notes.append(f"--calibration: rounding changed in {encoding.calibrated} "
                               "tensors to cancel their error's mean effect on the layer output")
@@ -71,6 +94,7 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
                               "this model is written as one file")
     rows = []
+    stages_of = plan(store, applied, options)
     for name, label in encoding.described.items():
         info = store.tensors[name]
         if name not in result.tensor_bytes:
@@ -78,10 +102,43 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         rows.append(TensorRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
                               encoding=label, bytes_before=info.nbytes,
                               bytes_after=result.tensor_bytes[name],
-                              error=encoding.errors[name]))
+                              error=encoding.errors[name],
+                              stages=[s.resolved_config(info) for s in stages_of[name]]))
     return Report(input_path=str(src), output_path=str(dst), format=store.format,
                   recipe=recipe.get_config(), rows=rows, file_bytes_before=store.file_bytes,
-                  file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes)
+                  file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes,
+                  applied=_applied(recipe, applied, stages_of, rows))
+
+
+def _applied(recipe: Recipe, applied: Recipe, stages_of: Mapping[str, list[Any]],
+             rows: list[TensorRow]) -> dict[str, Any]:
+    """The recipe with each option as applied: the value every changed tensor got, or a
+    mapping {tensor: value} where they differ. A stage that changed nothing keeps its own."""
+    stages = []
+    for given, used in zip(recipe.stages, applied.stages):
+        configs = {row.name: row.stages[stages_of[row.name].index(used)] for row in rows
+                   if used in stages_of[row.name]}
+        config = given.get_config()
+        for key in config:
+            values = {name: c.get(key) for name, c in configs.items()} if key not in (
+                "include", "exclude") else {}
+            distinct = {repr(v) for v in values.values()}
+            if len(distinct) == 1:
+                config[key] = next(iter(values.values()))
+            elif len(distinct) > 1:
+                config[key] = values
+        stages.append(config)
+    return {**recipe.get_config(), "stages": stages}
+
+
+def _loader_stream(stream: Iterator[tuple[str, Encoded]],
+                   pruned: list[str]) -> Iterator[tuple[str, Encoded]]:
+    """`stream` in the forms a model directory stores; the pruned tensors' names go to `pruned`."""
+    for name, encoded in stream:
+        stored = loader_form(encoded)
+        if stored is not encoded:
+            pruned.append(name)
+        yield name, stored
 
 
 def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:

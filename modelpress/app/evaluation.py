@@ -48,6 +48,7 @@ class Baseline:
         self.status, self.notes, self.feeds, self.labels = status, notes, feeds, labels
         self.outputs, self.times, self.inputs = outputs, times, inputs or {}
         self.settings, self.label_name = settings, label_name
+        self.src: Path | None = None    # the original model, timed beside each compressed one
 
     @classmethod
     def prepare(cls, src: str | os.PathLike, settings: EvalSettings = EvalSettings()) -> Baseline:
@@ -79,17 +80,19 @@ class Baseline:
                                        f"({onnx_run.INSTALL_HINT})"], feeds, labels,
                        inputs=described, settings=settings)
         try:
-            session = onnx_run.Session(src)
-            outputs = session.run(feeds)
-            times = session.time(feeds, settings.max_runs, settings.time_budget_s)
+            outputs = onnx_run.Session(src).run(feeds)
         except ModelRunError as exc:
-            return cls("failed", [f"output error not measured: {exc}"], feeds, labels,
-                       inputs=described, settings=settings)
+            note = f"output error not measured: {exc}"
+            if settings.inputs is None:
+                note += "; " + onnx_run.made_up_hint(graph, feeds, settings.dims)
+            return cls("failed", [note], feeds, labels, inputs=described, settings=settings)
         label_name = None
         if labels is not None:
             shapes = {name: tuple(a.shape) for name, a in outputs.items()}
             label_name = label_output(shapes, labels, str(settings.labels))
-        return cls("ok", [], feeds, labels, outputs, times, described, settings, label_name)
+        baseline = cls("ok", [], feeds, labels, outputs, None, described, settings, label_name)
+        baseline.src = src
+        return baseline
 
     @property
     def runtime(self) -> str | None:
@@ -115,8 +118,11 @@ class Baseline:
         try:
             session = onnx_run.Session(Path(path))
             outputs = session.run(self.feeds)
-            times = session.time(self.feeds, self.settings.max_runs, self.settings.time_budget_s)
             rows = compare_outputs(self.outputs, outputs)
+            # Original and compressed alternate, so a busy machine slows both alike.
+            before, after = onnx_run.interleaved_times(
+                onnx_run.Session(self.src), session, self.feeds, self.settings.max_runs,
+                2 * self.settings.time_budget_s)
         except (ModelRunError, ValueError) as exc:
             return Evaluation("failed", self.runtime, self.inputs,
                               notes=[f"output error not measured for the compressed model: {exc}"])
@@ -125,8 +131,9 @@ class Baseline:
             accuracy = Accuracy(self.label_name, int(self.labels.size),
                                 correct_count(self.outputs[self.label_name], self.labels),
                                 correct_count(outputs[self.label_name], self.labels))
-        latency = Latency(onnx_run.median_ms(self.times), onnx_run.median_ms(times),
-                          len(self.times), len(times))
+        latency = Latency(onnx_run.median_ms(before), onnx_run.median_ms(after),
+                          len(before), len(after), onnx_run.quartiles_ms(before),
+                          onnx_run.quartiles_ms(after))
         return Evaluation("ok", self.runtime, self.inputs, rows, accuracy, latency,
                           list(self.notes))
 

@@ -29,7 +29,7 @@ from modelpress.formats.digest import file_sha256
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.outputs import (SOURCE_KEY, check_inside, input_key, output_bytes,
                                         source_value, up_to_date)
-from modelpress.formats.safetensors.ct_config import write_config
+from modelpress.formats.safetensors.ct_config import loads_in_transformers, write_config
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 Emit = Callable[[tuple[Any, ...]], None]
@@ -203,7 +203,8 @@ def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
     report = compress(task.src, task.dst, job.recipe, job.options, progress,
                       metadata={SOURCE_KEY: source_value(job.recipe_sha256, key)},
                       onnx_options=job.onnx_options,
-                      safetensors_options=job.safetensors_options)
+                      safetensors_options=job.safetensors_options,
+                      for_loaders=loads_in_transformers(task.config_src))
     if task.config_src is not None and task.config_dst is not None:
         check_inside(task.config_dst, task.outdir)
         write_config(task.config_src, task.config_dst, task.dst)
