@@ -87,7 +87,10 @@ def test_wheel_installs_one_package_that_ignores_lookalike_modules(tmp_path):
     env_dir = tmp_path / "venv"
     python = fresh_venv(env_dir)
     pip = [sys.executable, "-m", "pip", "--python", str(python)]
-    run([*pip, "install", "--no-deps", "--no-index", "-q", str(wheel)], cwd=tmp_path, env=dict(os.environ))
+    # --ignore-installed: the venv sees the checkout's editable modelpress (CI installs it in the
+    # base interpreter), which pip would otherwise take as this wheel already installed.
+    run([*pip, "install", "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel)],
+        cwd=tmp_path, env=dict(os.environ))
 
     work = tmp_path / "project"
     work.mkdir()
