@@ -74,11 +74,13 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
     """
     from modelpress.app.sweep import load_settings, sweep as run
 
-    from modelpress.cli.main import (Failure, RecipeUsageError, _consoles, _progress, check_extra_outputs)
+    from modelpress.cli.main import (Failure, RecipeUsageError, _consoles, _progress, check_extra_outputs,
+                                     read_paths)
 
-    check_extra_outputs([("--report", report_path), ("--plot", plot_path)],
-                        [(model, "the input model")])
     settings_values = evaluation.pop(values, evaluation.INPUT_PARAMS)
+    check_extra_outputs([("--report", report_path), ("--plot", plot_path)],
+                        [(model, "the input model"), *read_paths(settings_values, None),
+                         *([] if recipes_file is None else [(recipes_file, "--recipes")])])
     eval_settings = evaluation.settings_from(settings_values, model)
     if eval_settings is not None:
         eval_settings = dataclasses.replace(eval_settings, max_runs=SWEEP_RUNS,
