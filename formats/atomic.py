@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +32,7 @@ def atomic_path(dst: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o644)
+        os.chmod(tmp_path, output_mode(dst))
         os.replace(tmp_path, dst)
         _fsync_dir(dst.parent)
     except BaseException as exc:
@@ -41,6 +42,33 @@ def atomic_path(dst: Path) -> Iterator[Path]:
             raise ModelWriteError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
                                   "nothing was written") from None
         raise
+
+
+def output_mode(dst: Path) -> int:
+    """The permission bits for a file about to replace `dst`: an existing file keeps its
+    own, a new one gets what open() would give it (0666 less the umask).
+
+    Temporary files are made 0600 (mkstemp); without this every output would
+    be either private or, forced to 0644, readable by all under `umask 077`.
+    """
+    try:
+        return stat.S_IMODE(os.stat(dst).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -72,10 +100,10 @@ def atomic_paths(dsts: list[Path]) -> Iterator[list[Path]]:
             os.close(fd)
             tmps.append(Path(tmp))
         yield list(tmps)
-        for tmp in tmps:
+        for tmp, dst in zip(tmps, dsts):
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, output_mode(dst))
         if dsts[-1].exists() or dsts[-1].is_symlink():
             dsts[-1].unlink()
         for tmp, dst in zip(tmps, dsts):

@@ -27,7 +27,7 @@ import onnx
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
-from modelpress.formats.atomic import _fsync_dir, atomic_path
+from modelpress.formats.atomic import _fsync_dir, atomic_path, output_mode
 from modelpress.formats.filedata import copy_range
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
 
@@ -152,8 +152,8 @@ class Staging:
         with open(self.model_path, "rb+") as fh:
             os.fsync(fh.fileno())
         final_data = self.dst.parent / self.data.location
-        for staged_file in (self.data.path, self.model_path):
-            os.chmod(staged_file, 0o644)
+        os.chmod(self.data.path, output_mode(final_data))
+        os.chmod(self.model_path, output_mode(self.dst))
         if self.dst.exists() or self.dst.is_symlink():
             self.dst.unlink()  # never pair an old model with the new data
         os.replace(self.data.path, final_data)
