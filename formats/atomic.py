@@ -33,7 +33,8 @@ def atomic_path(dst: Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, output_mode(dst))
-        os.replace(tmp_path, dst)
+        with commit_lock(dst.parent):
+            os.replace(tmp_path, dst)
         _fsync_dir(dst.parent)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -42,6 +43,31 @@ def atomic_path(dst: Path) -> Iterator[Path]:
             raise ModelWriteError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
                                   "nothing was written") from None
         raise
+
+
+@contextlib.contextmanager
+def commit_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` while an output's files are renamed into it.
+
+    An output of several files (a model and its external data, shards and
+    their index) is one unit only if no other writer renames files of the
+    same name in between: two runs writing one output would otherwise leave
+    the model of one beside the data of the other. The lock is the folder's
+    own (flock on the directory), so nothing extra is left on disk; where
+    directories cannot be locked the renames go on unlocked.
+    """
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def output_mode(dst: Path) -> int:
@@ -104,10 +130,13 @@ def atomic_paths(dsts: list[Path]) -> Iterator[list[Path]]:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.chmod(tmp, output_mode(dst))
-        if dsts[-1].exists() or dsts[-1].is_symlink():
-            dsts[-1].unlink()
-        for tmp, dst in zip(tmps, dsts):
-            os.replace(tmp, dst)
+        with contextlib.ExitStack() as locks:
+            for folder in sorted({str(dst.parent.resolve()) for dst in dsts}):
+                locks.enter_context(commit_lock(Path(folder)))
+            if dsts[-1].exists() or dsts[-1].is_symlink():
+                dsts[-1].unlink()
+            for tmp, dst in zip(tmps, dsts):
+                os.replace(tmp, dst)
         for folder in {dst.parent for dst in dsts}:
             _fsync_dir(folder)
     except BaseException:

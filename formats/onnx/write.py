@@ -11,7 +11,9 @@ are staged in a hidden folder beside the output, checked there with
 onnx.checker (path form, so external data is checked where it will live),
 and renamed into place only when complete: the data file first, the model
 last (an old model at the output name is removed before either rename, so
-it is never paired with new data).
+it is never paired with new data), all under a lock on the output folder so
+that two runs writing the same output never pair one's model with the
+other's data.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import onnx
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
-from modelpress.formats.atomic import _fsync_dir, atomic_path, output_mode
+from modelpress.formats.atomic import _fsync_dir, atomic_path, commit_lock, output_mode
 from modelpress.formats.filedata import copy_range
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
 
@@ -111,6 +113,14 @@ class ExternalData:
             tensor.external_data.add(key=key, value=value)
 
 
+def between_renames() -> None:
+    """Called between the data file's rename and the model's; does nothing.
+
+    A test hook: the race test replaces it with a delay to widen the window
+    in which a second writer of the same output could interleave.
+    """
+
+
 class Staging:
     """Where an output with external data is made: a hidden folder beside the output.
 
@@ -154,10 +164,12 @@ class Staging:
         final_data = self.dst.parent / self.data.location
         os.chmod(self.data.path, output_mode(final_data))
         os.chmod(self.model_path, output_mode(self.dst))
-        if self.dst.exists() or self.dst.is_symlink():
-            self.dst.unlink()  # never pair an old model with the new data
-        os.replace(self.data.path, final_data)
-        os.replace(self.model_path, self.dst)
+        with commit_lock(self.dst.parent):  # another run's renames never interleave
+            if self.dst.exists() or self.dst.is_symlink():
+                self.dst.unlink()  # never pair an old model with the new data
+            os.replace(self.data.path, final_data)
+            between_renames()
+            os.replace(self.model_path, self.dst)
         _fsync_dir(self.dst.parent)
 
     def discard(self) -> None:
