@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, numpy_helper
 
@@ -24,3 +25,80 @@ def test_external_tensor_that_also_holds_raw_data_is_refused(tmp_path: Path) -> 
     assert result.output.strip().splitlines()[-1].startswith(f"Error: {model_path}: tensor 'w1'")
     assert "the model is ambiguous" in result.output
     assert not out.exists()
+
+
+def test_safetensors_header_nested_deep_is_one_line(tmp_path: Path) -> None:
+    """Item 5: JSON nested 100k deep ended in RecursionError."""
+    from corpus import st_raw
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(st_raw(b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"))
+    for args in (["inspect", path], ["compress", path, "-o", tmp_path / "o.safetensors",
+                                     "quantize"]):
+        result = run_cli(args)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip() == (f"Error: {path}: corrupt safetensors header (JSON "
+                                         "nested too deeply); the file is damaged or not "
+                                         "safetensors")
+
+
+def test_sharded_index_nested_deep_is_one_line(tmp_path: Path) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    result = run_cli(["inspect", index])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"Error: {index}: not a valid safetensors index (JSON "
+                                     "nested too deeply)")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_recipe_not_utf8_is_a_usage_error(tmp_path: Path, samples: Path, suffix: str) -> None:
+    """Item 9: a recipe with a non-UTF-8 byte was a UnicodeDecodeError (exit 1)."""
+    recipe = tmp_path / f"r{suffix}"
+    recipe.write_bytes(b"version: 1\nstages:\n  - {id: quantize, bits: 8} # \xff\n")
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "--recipe",
+                      recipe])
+    assert result.exit_code == 2, result.output
+    assert f"Error: {recipe}: not UTF-8 text (byte 0xff at offset 49); save the recipe as " \
+           "UTF-8" in result.output
+    sweep = run_cli(["sweep", samples / "mlp.onnx", "--no-eval", "--recipes", recipe])
+    assert sweep.exit_code == 2, sweep.output
+    assert "not UTF-8 text" in sweep.output
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".json", '{"version": 1, "stages": [{"id": "quantize", "bits": 8, "bits": 4}]}'),
+    (".yaml", "version: 1\nstages:\n  - id: quantize\n    bits: 8\n    bits: 4\n"),
+    (".yaml", "version: 1\nversion: 1\nstages: [{id: quantize}]\n"),
+])
+def test_recipe_duplicate_key_is_refused(tmp_path: Path, samples: Path, suffix: str,
+                                         text: str) -> None:
+    """Item 16: a key given twice silently took the last value."""
+    recipe = tmp_path / f"r{suffix}"
+    recipe.write_text(text)
+    out = tmp_path / "o.onnx"
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", out, "--recipe", recipe])
+    assert result.exit_code == 2, result.output
+    assert "appears twice in one mapping; keep one" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_recipe_nested_deep_is_a_usage_error(tmp_path: Path, samples: Path, suffix: str) -> None:
+    recipe = tmp_path / f"r{suffix}"
+    recipe.write_text("[" * 100_000 + "]" * 100_000)
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "--recipe",
+                      recipe])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert f"Error: {recipe}: not valid" in result.output
+
+
+def test_safetensors_duplicate_tensor_name_is_refused(tmp_path: Path) -> None:
+    from corpus import st_raw
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(st_raw(b'{"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},'
+                            b' "w": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]}}',
+                            bytes(64)))
+    result = run_cli(["inspect", path])
+    assert result.exit_code == 1, result.output
+    assert "key 'w' appears more than once" in result.output

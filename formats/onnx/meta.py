@@ -29,7 +29,7 @@ def encode_doc(doc: dict[str, Any]) -> str:
 def decode_doc(value: str) -> Any:
     """The document a metadata value holds; ValueError if it is not one."""
     if not value.startswith(PREFIX):
-        return json.loads(value)
+        return _loads(value)
     try:
         packed = base64.b64decode(value[len(PREFIX):], validate=True)
         inflate = zlib.decompressobj()
@@ -39,4 +39,11 @@ def decode_doc(value: str) -> Any:
     if inflate.unconsumed_tail or not inflate.eof:
         raise ValueError("compressed metadata is truncated or larger than "
                          f"{MAX_TEXT >> 20} MiB")
-    return json.loads(text)
+    return _loads(text)
+
+
+def _loads(text: str | bytes) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:  # hostile metadata nested 100k deep
+        raise ValueError("JSON nested too deeply") from None
