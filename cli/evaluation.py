@@ -7,6 +7,7 @@ objects, and `finish` attaches evaluation, versions and digests to a report.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,17 @@ class ThresholdBreach(click.ClickException):
     """A CI threshold did not hold (exit 3); the output and report are still written."""
 
     exit_code = EXIT_THRESHOLD
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses NaN and infinity (a NaN passes every range check and
+    then fails every threshold)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class DimValue(click.ParamType):
@@ -60,6 +72,9 @@ class RangeValue(click.ParamType):
             low, high = float(low_text), float(high_text)
         except ValueError:
             low = high = 0.0
+        if not math.isfinite(high - low):  # NaN, infinity, or a width past float's range
+            self.fail(f"{value!r}: LOW, HIGH and HIGH - LOW must be finite numbers, e.g. x=-3:3",
+                      param, ctx)
         if not sep or not name or not colon or not low < high:
             self.fail(f"{value!r} is not NAME=LOW:HIGH with LOW < HIGH, e.g. input_ids=0:512",
                       param, ctx)
@@ -114,15 +129,15 @@ def input_options(command: Callable) -> Callable:
 def threshold_options(command: Callable) -> Callable:
     """Add the CI thresholds; a breach exits with code 3 after writing everything."""
     options = [
-        click.option("--max-error", type=click.FloatRange(0), metavar="X",
+        click.option("--max-error", type=FiniteFloatRange(0), metavar="X",
                      help="Fail (exit 3) if the model-level relative weight error exceeds X."),
-        click.option("--max-output-error", type=click.FloatRange(0), metavar="X",
+        click.option("--max-output-error", type=FiniteFloatRange(0), metavar="X",
                      help="Fail (exit 3) if the worst output's relative L2 error exceeds X "
                           "or cannot be measured (ONNX; runs both models)."),
         click.option("--min-accuracy", type=AccuracyValue(), metavar="X",
                      help="Fail (exit 3) if accuracy after compression is below X, a fraction "
                           "(0.9) or a percentage (90%); needs --inputs and --labels."),
-        click.option("--min-ratio", type=click.FloatRange(0, min_open=True), metavar="X",
+        click.option("--min-ratio", type=FiniteFloatRange(0, min_open=True), metavar="X",
                      help="Fail (exit 3) unless the output is at least X times smaller than the "
                           "input (input bytes / output bytes >= X; 4 means 4x smaller)."),
     ]
