@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,19 @@ def test_safetensors_duplicate_tensor_name_is_refused(tmp_path: Path) -> None:
     result = run_cli(["inspect", path])
     assert result.exit_code == 1, result.output
     assert "key 'w' appears more than once" in result.output
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_onnx_path_not_utf8_is_named(tmp_path: Path, samples: Path, which: str) -> None:
+    """Item 7: a non-UTF-8 byte in an ONNX path was blamed on onnx.checker."""
+    odd = tmp_path / os.fsdecode(b"m\xff.onnx")
+    src, out = (odd, tmp_path / "o.onnx") if which == "input" else (samples / "mlp.onnx", odd)
+    if which == "input":
+        shutil.copy(samples / "mlp.onnx", odd)
+    result = run_cli(["compress", src, "-o", out, "quantize"])
+    assert result.exit_code == 1, result.output
+    name = "file" if which == "input" else "output"
+    assert result.output.strip().endswith(f"the {name} name is not valid UTF-8; onnx and "
+                                          "onnxruntime cannot open such a path (rename it)")
+    assert "checker" not in result.output
+    assert not (tmp_path / "o.onnx").exists() and (which == "input" or not odd.exists())
