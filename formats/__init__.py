@@ -49,6 +49,9 @@ def open_model(path: str | os.PathLike) -> Store:
                                      f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors file, or "
                                      "use `modelpress compress DIR -o OUTDIR` for a whole folder")
             path = index
+        if not path.is_file():  # reading a FIFO blocks until a writer comes: maybe forever
+            raise ModelReadError(f"{path}: not a regular file (a pipe, socket or device); "
+                                 "give the model file itself")
         fmt = format_of(path)
         if fmt is None:
             raise ModelReadError(f"{path}: unknown model format; modelpress reads .onnx and "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,40 @@ def test_onnx_path_not_utf8_is_named(tmp_path: Path, samples: Path, which: str) 
                                           "onnxruntime cannot open such a path (rename it)")
     assert "checker" not in result.output
     assert not (tmp_path / "o.onnx").exists() and (which == "input" or not odd.exists())
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".safetensors"])
+@pytest.mark.parametrize("command", ["compress", "inspect", "decompress"])
+def test_fifo_model_is_refused_at_once(tmp_path: Path, suffix: str, command: str) -> None:
+    """Item 6: an ONNX FIFO hung forever; a safetensors FIFO was called "file is empty"."""
+    fifo = tmp_path / f"m{suffix}"
+    os.mkfifo(fifo)
+    args = {"compress": ["compress", fifo, "-o", tmp_path / f"o{suffix}", "quantize"],
+            "inspect": ["inspect", fifo],
+            "decompress": ["decompress", fifo, "-o", tmp_path / f"o{suffix}"]}[command]
+    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.main import "
+            "cli; r = CliRunner().invoke(cli, sys.argv[1:]); print(r.exit_code); "
+            "print(r.output)")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=60)
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "1", done.stdout + done.stderr
+    assert lines[-1] == (f"Error: {fifo}: not a regular file (a pipe, socket or device); give "
+                         "the model file itself")
+
+
+@pytest.mark.parametrize("option", ["--inputs", "--labels"])
+def test_fifo_inputs_are_refused_at_once(tmp_path: Path, samples: Path, option: str) -> None:
+    fifo = tmp_path / ("x.npz" if option == "--inputs" else "y.npy")
+    os.mkfifo(fifo)
+    inputs = fifo if option == "--inputs" else samples / "mlp_test_inputs.npz"
+    args = ["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "--inputs", inputs,
+            *(["--labels", fifo] if option == "--labels" else []), "quantize"]
+    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.main import "
+            "cli; r = CliRunner().invoke(cli, sys.argv[1:]); print(r.exit_code); "
+            "print(r.output)")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=60)
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "1", done.stdout + done.stderr
+    assert lines[-1].startswith(f"Error: {fifo}: not a regular file")

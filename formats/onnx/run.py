@@ -192,6 +192,7 @@ def load_inputs(model: onnx.ModelProto, path: Path) -> Feeds:
 
 def load_labels(path: Path) -> np.ndarray:
     """Integer class labels from an .npy file (never unpickled)."""
+    _check_regular(path)
     try:
         labels = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -207,7 +208,15 @@ def load_labels(path: Path) -> np.ndarray:
     return labels
 
 
+def _check_regular(path: Path) -> None:
+    """Refuse a pipe, socket or device: reading one can block forever."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise InputDataError(f"{path}: not a regular file (a pipe, socket, device or folder); "
+                             "give the file itself")
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    _check_regular(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
@@ -282,6 +291,8 @@ def median_ms(times: list[float]) -> float:
 
 def load_graph(path: Path) -> onnx.ModelProto:
     """The model's graph without external tensor data (enough for its signature)."""
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read
+        raise ModelRunError(f"{path}: not a regular file")
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:
