@@ -18,7 +18,8 @@ from modelpress.core.thresholds import Thresholds
 
 EXIT_THRESHOLD = 3
 
-INPUT_PARAMS = ("inputs_path", "labels_path", "dims", "input_ranges", "no_eval")
+INPUT_PARAMS = ("inputs_path", "labels_path", "dims", "input_ranges", "no_eval",
+                "max_input_bytes")
 THRESHOLD_PARAMS = ("max_error", "max_output_error", "min_accuracy", "min_ratio")
 
 
@@ -101,6 +102,17 @@ class AccuracyValue(click.ParamType):
         return fraction
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Click callback: '64MiB' -> bytes."""
+    if value is None:
+        return None
+    from modelpress.formats.safetensors.sharded import parse_size
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def input_options(command: Callable) -> Callable:
     """Add --inputs, --labels, --dim, --input-range and --no-eval to a command."""
     options = [
@@ -120,6 +132,10 @@ def input_options(command: Callable) -> Callable:
                           "other integers [0, 2); floats standard normal]."),
         click.option("--no-eval", is_flag=True,
                      help="Do not run the models (ONNX output error, accuracy and latency)."),
+        click.option("--max-input-size", "max_input_bytes", type=str, callback=_size,
+                     metavar="SIZE",
+                     help="Largest evaluation inputs (all arrays, in memory) to run both models "
+                          "on, such as 64MiB or 1GB [default: 64MiB]."),
     ]
     for decorate in reversed(options):
         command = decorate(command)
@@ -173,7 +189,8 @@ def settings_from(values: dict[str, Any], model: Path,
     if inputs is not None and (dims or ranges):
         raise click.UsageError("--dim and --input-range shape random inputs; they do not apply "
                                "with --inputs")
-    return EvalSettings(inputs=inputs, labels=labels, dims=dims, ranges=ranges)
+    return EvalSettings(inputs=inputs, labels=labels, dims=dims, ranges=ranges,
+                        max_input_bytes=values.get("max_input_bytes"))
 
 
 def thresholds_from(values: dict[str, Any]) -> Thresholds:

@@ -346,7 +346,7 @@ def read_paths(eval_values: dict[str, Any], recipe_file: Path | None,
 
 # Options of a single-model run that batch mode does not take (it does not run the models).
 _SINGLE_ONLY = {"inputs_path": "--inputs", "labels_path": "--labels", "dims": "--dim",
-                "input_ranges": "--input-range"}
+                "input_ranges": "--input-range", "max_input_bytes": "--max-input-size"}
 
 
 def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:

@@ -159,3 +159,28 @@ def test_fifo_inputs_are_refused_at_once(tmp_path: Path, samples: Path, option: 
     lines = done.stdout.strip().splitlines()
     assert lines[0] == "1", done.stdout + done.stderr
     assert lines[-1].startswith(f"Error: {fifo}: not a regular file")
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path: Path, samples: Path) -> None:
+    """Item 16: labels outside the class range were accepted silently."""
+    labels = tmp_path / "y.npy"
+    count = np.load(samples / "mlp_test_labels.npy").shape[0]
+    np.save(labels, np.full(count, 99, np.int64))
+    out = tmp_path / "o.onnx"
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", out, "--inputs",
+                      samples / "mlp_test_inputs.npz", "--labels", labels, "quantize"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"Error: {labels}: label 99 is outside the 10 classes of "
+                                     "output 'logits' (0 to 9)")
+    assert not out.exists()
+
+
+def test_inputs_without_samples_are_refused(tmp_path: Path, samples: Path) -> None:
+    """Item 16: --inputs with 0 samples printed numpy RuntimeWarnings and "nan%"."""
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, input=np.zeros((0, 64), np.float32))
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "--inputs",
+                      inputs, "quantize"])
+    assert result.exit_code == 1, result.output
+    assert "no samples; give at least one" in result.output
+    assert "nan" not in result.output and "Warning" not in result.output

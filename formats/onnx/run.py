@@ -6,9 +6,11 @@ run a model, so `modelpress --help` and `inspect` never load it.
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,14 @@ DEFAULT_DIM = 16
 DEFAULT_INT_RANGE = (0, 2)
 # Ops that pass integer ids through unchanged on their way to a Gather.
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+# Evaluation inputs (all arrays, in memory) larger than this are refused unless the
+# caller raises it (--max-input-size): both models run on them, and their
+# activations are a multiple of them.
+MAX_INPUT_BYTES = 64 << 20
+# Inputs larger than this run in slices of samples (along the first axis they all share),
+# so a model's activations stay bounded however many samples there are.
+CHUNK_BYTES = 4 << 20
 
 Feeds = dict[str, np.ndarray]
 
@@ -124,7 +134,7 @@ def resolve_dims(specs: list[InputSpec], dims: Mapping[str, int]) -> dict[str, t
 
 def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                   ranges: Mapping[str, tuple[float, float]] | None = None,
-                  seed: int = 0) -> Feeds:
+                  seed: int = 0, max_bytes: int = MAX_INPUT_BYTES) -> Feeds:
     """Deterministic random feeds from the input signature.
 
     Floats are standard normal (uniform in [low, high) when a range is given);
@@ -139,6 +149,11 @@ def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             raise InputDataError(f"--input-range {name}: the model has no input named {name!r} "
                                  f"(its inputs: {', '.join(sorted(names))})")
     shapes = resolve_dims(specs, dims or {})
+    total = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
+    if total > max_bytes:
+        raise InputDataError(f"random inputs of shapes {_listed(shapes)} take {_mb(total)}, "
+                             f"over the {_mb(max_bytes)} limit for evaluation inputs; give "
+                             "smaller --dim values or raise --max-input-size")
     gathers = gather_ranges(model)
     feeds = {}
     for spec in specs:
@@ -163,9 +178,9 @@ def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
     return feeds
 
 
-def load_inputs(model: onnx.ModelProto, path: Path) -> Feeds:
+def load_inputs(model: onnx.ModelProto, path: Path, max_bytes: int = MAX_INPUT_BYTES) -> Feeds:
     """Arrays by input name from an .npz file (never unpickled), checked against the model."""
-    arrays = _load_npz(path)
+    arrays = _load_npz(path, max_bytes)
     specs = {s.name: s for s in input_specs(model)}
     missing = [n for n in specs if n not in arrays]
     if missing:
@@ -186,13 +201,17 @@ def load_inputs(model: onnx.ModelProto, path: Path) -> Feeds:
         if array.ndim != len(spec.dims):
             raise InputDataError(f"{path}: array {name!r} has shape {list(array.shape)}, the "
                                  f"model input has {len(spec.dims)} dims {list(spec.dims)}")
+        if array.size == 0:  # nothing to compare: every statistic would be NaN
+            raise InputDataError(f"{path}: array {name!r} has shape {list(array.shape)}, no "
+                                 "samples; give at least one")
         feeds[name] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
     return feeds
 
 
-def load_labels(path: Path) -> np.ndarray:
+def load_labels(path: Path, max_bytes: int = MAX_INPUT_BYTES) -> np.ndarray:
     """Integer class labels from an .npy file (never unpickled)."""
     _check_regular(path)
+    _check_npy_size(path, max_bytes)
     try:
         labels = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -215,8 +234,13 @@ def _check_regular(path: Path) -> None:
                              "give the file itself")
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, max_bytes: int = MAX_INPUT_BYTES) -> dict[str, np.ndarray]:
     _check_regular(path)
+    if Path(path).is_file():
+        if not zipfile.is_zipfile(path):  # empty, a plain .npy, or anything else
+            raise InputDataError(f"{path}: expected an .npz archive of arrays by input name "
+                                 "(numpy.savez)")
+        _check_npz_sizes(path, max_bytes)
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
@@ -230,6 +254,61 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise InputDataError(f"{path}: expected an .npz archive of arrays by input name") from None
     except (OSError, ValueError) as exc:
         raise InputDataError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def _check_npz_sizes(path: Path, max_bytes: int) -> None:
+    """Refuse an archive whose arrays, as their headers claim, exceed `max_bytes` in memory
+    (checked before any is loaded: a few compressed bytes can claim terabytes)."""
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                with archive.open(member) as fh:
+                    total += _npy_nbytes(fh)
+    except InputDataError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, a bad .npy header, ...
+        raise InputDataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    if total > max_bytes:
+        raise InputDataError(f"{path}: its arrays take {_mb(total)} in memory, over the "
+                             f"{_mb(max_bytes)} limit for evaluation inputs; use fewer samples "
+                             "or raise --max-input-size")
+
+
+def _check_npy_size(path: Path, max_bytes: int) -> None:
+    """Refuse an .npy file whose header claims more than `max_bytes`, or more than it holds."""
+    if not Path(path).is_file():
+        return
+    try:
+        with open(path, "rb") as fh:
+            nbytes = _npy_nbytes(fh)
+            held = Path(path).stat().st_size - fh.tell()
+    except Exception as exc:
+        raise InputDataError(f"{path}: not a readable .npy array ({_first_line(exc)})") from None
+    if nbytes > max_bytes:
+        raise InputDataError(f"{path}: its array takes {_mb(nbytes)} in memory, over the "
+                             f"{_mb(max_bytes)} limit for evaluation inputs; raise "
+                             "--max-input-size")
+    if nbytes > held:
+        raise InputDataError(f"{path}: not a readable .npy array (its header claims {nbytes} "
+                             f"bytes, the file holds {held})")
+
+
+def _npy_nbytes(fh: Any) -> int:
+    """Bytes of the array an .npy stream holds, from its header alone."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+        np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return math.prod(shape) * dtype.itemsize
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
+
+
+def _listed(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
 
 
 def onnxruntime_available() -> bool:
@@ -263,7 +342,20 @@ class Session:
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        """Every output by name."""
+        """Every output by name; large inputs run in slices of samples (see CHUNK_BYTES)."""
+        slices = _sample_slices(feeds)
+        if slices is not None:
+            parts = [self._run({name: array[s] for name, array in feeds.items()})
+                     for s in slices]
+            counts = [s.stop - s.start for s in slices]
+            if all(v.ndim and v.shape[0] == n for part, n in zip(parts, counts)
+                   for v in part.values()):
+                return {name: np.concatenate([part[name] for part in parts])
+                        for name in self.output_names}
+            # Some output does not follow the samples (e.g. a reduction): run whole.
+        return self._run(feeds)
+
+    def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         try:
             values = self._session.run(None, feeds)
         except Exception as exc:
@@ -274,14 +366,32 @@ class Session:
              min_runs: int = 3) -> list[float]:
         """Wall times (seconds) of repeated runs after one warm-up run."""
         self.run(feeds)
+        chunked = _sample_slices(feeds) is not None
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < max_runs and (len(times) < min_runs
                                          or time.perf_counter() - start < budget_s):
             t0 = time.perf_counter()
-            self._session.run(None, feeds)
+            if chunked:
+                self.run(feeds)
+            else:
+                self._session.run(None, feeds)
             times.append(time.perf_counter() - t0)
         return times
+
+
+def _sample_slices(feeds: Feeds) -> list[slice] | None:
+    """Slices of samples to run one at a time, or None to run the feeds whole: small
+    feeds, or feeds that share no first axis of samples."""
+    total = sum(a.nbytes for a in feeds.values())
+    firsts = {a.shape[0] if a.ndim else None for a in feeds.values()}
+    if total <= CHUNK_BYTES or len(firsts) != 1 or None in firsts:
+        return None
+    samples = firsts.pop()
+    step = max(1, samples * CHUNK_BYTES // total)
+    if step >= samples:
+        return None
+    return [slice(i, min(i + step, samples)) for i in range(0, samples, step)]
 
 
 def median_ms(times: list[float]) -> float:
