@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 from modelpress.core.errors import ModelWriteError
+
+TMP_SUFFIX = ".modelpress-tmp"
+# A temporary entry is taken for a dead run's only once it is this old and unlocked
+# (a live run locks its own from just after creating it).
+STALE_AFTER_S = 10.0
 
 
 @contextlib.contextmanager
@@ -20,13 +27,13 @@ def atomic_path(dst: Path) -> Iterator[Path]:
     an interrupted run leaves either the old file or nothing at the output name.
     """
     dst = Path(dst)
+    remove_stale(dst)
     try:
         # The name is cut so that any legal output name gives a legal temporary name.
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:100]}.", suffix=".modelpress-tmp",
-                                   dir=dst.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dst), suffix=TMP_SUFFIX, dir=dst.parent)
     except OSError as exc:
         raise ModelWriteError(f"{dst}: cannot create the output ({exc.strerror or exc})") from None
-    os.close(fd)
+    hold(fd)  # until the end: marks the file as a live run's for `remove_stale`
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -43,6 +50,58 @@ def atomic_path(dst: Path) -> Iterator[Path]:
             raise ModelWriteError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
                                   "nothing was written") from None
         raise
+    finally:
+        os.close(fd)
+
+
+def temp_prefix(dst: Path) -> str:
+    """The start of the name of every temporary file or folder made for `dst`."""
+    return f".{Path(dst).name[:100]}."
+
+
+def hold(fd: int) -> None:
+    """Lock an open temporary file or folder for as long as `fd` stays open (the lock
+    goes with the process, however it ends, so a SIGKILLed run's entries are unlocked)."""
+    with contextlib.suppress(ImportError, OSError):
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale(dst: Path) -> None:
+    """Remove temporary files and folders of `dst` that a killed run left behind.
+
+    An entry is a dead run's when no process holds its lock (see `hold`) and
+    it is at least STALE_AFTER_S old (a new one may not be locked yet).
+    Where files cannot be locked nothing is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    dst = Path(dst)
+    prefix, now = temp_prefix(dst), time.time()
+    try:
+        entries = [e for e in os.scandir(dst.parent)
+                   if e.name.startswith(prefix) and e.name.endswith(TMP_SUFFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_symlink() or now - entry.stat().st_mtime < STALE_AFTER_S:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if entry.is_dir():
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:  # locked: a live run's
+            pass
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -119,11 +178,14 @@ def atomic_paths(dsts: list[Path]) -> Iterator[list[Path]]:
     """
     dsts = [Path(d) for d in dsts]
     tmps: list[Path] = []
+    fds: list[int] = []
     try:
         for dst in dsts:
-            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".modelpress-tmp",
+            remove_stale(dst)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dst), suffix=TMP_SUFFIX,
                                        dir=dst.parent)
-            os.close(fd)
+            fds.append(fd)
+            hold(fd)
             tmps.append(Path(tmp))
         yield list(tmps)
         for tmp, dst in zip(tmps, dsts):
@@ -144,3 +206,6 @@ def atomic_paths(dsts: list[Path]) -> Iterator[list[Path]]:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         raise
+    finally:
+        for fd in fds:
+            os.close(fd)

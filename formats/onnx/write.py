@@ -29,7 +29,7 @@ import onnx
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
-from modelpress.formats.atomic import _fsync_dir, atomic_path, commit_lock, output_mode
+from modelpress.formats.atomic import (TMP_SUFFIX, _fsync_dir, atomic_path, commit_lock, hold, output_mode, remove_stale, temp_prefix)
 from modelpress.formats.filedata import copy_range
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
 
@@ -134,6 +134,7 @@ class Staging:
         self.dst = Path(dst)
         self.folder: Path | None = None
         self.data: ExternalData | None = None
+        self._lock: int | None = None  # an open descriptor of the folder, locked
 
     @property
     def model_path(self) -> Path:
@@ -143,10 +144,12 @@ class Staging:
     def open_data(self) -> ExternalData:
         """The data file (the folder and file are created on first use)."""
         if self.data is None:
+            remove_stale(self.dst)
             try:
-                self.folder = Path(tempfile.mkdtemp(prefix=f".{self.dst.name[:100]}.",
-                                                    suffix=".modelpress-tmp",
-                                                    dir=self.dst.parent))
+                self.folder = Path(tempfile.mkdtemp(prefix=temp_prefix(self.dst),
+                                                    suffix=TMP_SUFFIX, dir=self.dst.parent))
+                self._lock = os.open(self.folder, os.O_RDONLY)
+                hold(self._lock)  # marks the folder as a live run's for `remove_stale`
             except OSError as exc:
                 raise ModelWriteError(f"{self.dst}: cannot create the output "
                                       f"({exc.strerror or exc})") from None
@@ -179,6 +182,14 @@ class Staging:
                 self.data._file.close()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the folder's lock (after the folder is gone)."""
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock)
+            self._lock = None
 
 
 @contextlib.contextmanager
@@ -197,6 +208,7 @@ def staged(dst: Path) -> Iterator[Staging]:
     finally:
         if stage.folder is not None:
             shutil.rmtree(stage.folder, ignore_errors=True)
+        stage.release()
 
 
 def place_remaining(model: onnx.ModelProto, source: Path, data: ExternalData | None) -> None:
