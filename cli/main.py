@@ -272,6 +272,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     show = not quiet or fmt != "table"
     out, err = _consoles(quiet) if show else (None, None)
     bar, update = _progress(err, quiet) if err is not None else (None, None)
+    before = _identity(output)
     try:
         baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
@@ -286,18 +287,49 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                      update)
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
+    except KeyboardInterrupt:
+        _interrupted(output, before)
     finally:
         if bar is not None:
             bar.stop()
-    # The sha256 digests appear only in JSON (--report, --format json).
-    evaluation.finish(report, baseline, limits, digests=report_path is not None or fmt == "json")
-    if report_path is not None:
-        from modelpress.cli.render import dump_json
-        dump_json(report_path, report.as_dict())
-    if show:
-        from modelpress.cli.render import print_report
-        print_report(out, report, fmt)
+    try:
+        # The sha256 digests appear only in JSON (--report, --format json).
+        evaluation.finish(report, baseline, limits,
+                          digests=report_path is not None or fmt == "json")
+        if report_path is not None:
+            from modelpress.cli.render import dump_json
+            dump_json(report_path, report.as_dict())
+        if show:
+            from modelpress.cli.render import print_report
+            print_report(out, report, fmt)
+    except KeyboardInterrupt:
+        _interrupted(output, before)
     evaluation.raise_on_breach(report)
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C after the output was complete: say so (exit 130, as for SIGINT)."""
+
+    exit_code = 128 + signal.SIGINT
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at `path` now (device, inode, mtime), or None."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_mtime_ns
+
+
+def _interrupted(output: Path, before: tuple[int, int, int] | None) -> None:
+    """Ctrl-C: if this run already renamed its output into place (a new file is there; an
+    output is renamed only when complete), say it is written; else abort as usual."""
+    now = _identity(output)
+    if now is not None and now != before and not output.is_dir():
+        raise Interrupted(f"interrupted after {output} was written completely; the table, "
+                          "--report, evaluation and threshold checks did not run") from None
+    raise KeyboardInterrupt
 
 
 def check_extra_outputs(paths: list[tuple[str, Path | None]],
