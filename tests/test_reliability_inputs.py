@@ -184,3 +184,15 @@ def test_inputs_without_samples_are_refused(tmp_path: Path, samples: Path) -> No
     assert result.exit_code == 1, result.output
     assert "no samples; give at least one" in result.output
     assert "nan" not in result.output and "Warning" not in result.output
+
+
+def test_an_output_that_changed_meaning_is_said(tmp_path: Path, samples: Path) -> None:
+    """Item 1: an evaluation showing the model's meaning changed must not pass silently."""
+    out = tmp_path / "o.onnx"
+    result = run_cli(["compress", samples / "mlp.onnx", "-o", out, "prune", "--sparsity",
+                      "0.999", "--include", "*"])
+    assert result.exit_code == 0, result.output
+    assert "warning: output 'logits' of the compressed model is no longer the original's " \
+           "(relative error" in result.output
+    ordinary = run_cli(["compress", samples / "mlp.onnx", "-o", out, "quantize"])
+    assert "warning" not in ordinary.output

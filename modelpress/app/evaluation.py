@@ -135,13 +135,29 @@ class Baseline:
         latency = Latency(onnx_run.median_ms(self.times), onnx_run.median_ms(times),
                           len(self.times), len(times))
         return Evaluation("ok", self.runtime, self.inputs, rows, accuracy, latency,
-                          list(self.notes))
+                          list(self.notes) + _meaning_changed(rows))
 
 
 def evaluate(src: str | os.PathLike, dst: str | os.PathLike,
              settings: EvalSettings = EvalSettings()) -> Evaluation:
     """Run the models at `src` and `dst` on the same inputs and compare their outputs."""
     return Baseline.prepare(src, settings).evaluate(dst)
+
+
+# A relative output error at or past this is no approximation: outputs of zeros score 1.0.
+MEANING_CHANGED = 1.0
+
+
+def _meaning_changed(rows: list[Any]) -> list[str]:
+    """A warning when some output is further from the original's than zeros would be."""
+    bad = [r for r in rows if not r.error.rel_l2 < MEANING_CHANGED]
+    if not bad:
+        return []
+    worst = max(bad, key=lambda r: r.error.rel_l2 if r.error.rel_l2 == r.error.rel_l2 else 1e300)
+    return [f"warning: output {worst.name!r} of the compressed model is no longer the "
+            f"original's (relative error {worst.error.rel_l2:.3g}, at or above "
+            f"{MEANING_CHANGED:g}: no better than outputs of zeros); check the recipe, or set "
+            "--max-output-error to fail such runs"]
 
 
 def _check_label_range(labels: np.ndarray, classes: int, output: str,
