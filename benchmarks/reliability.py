@@ -63,9 +63,13 @@ class Case:
 
 
 def snapshot(folder: Path, skip: Path) -> dict[str, str]:
+    """sha256 of the case folder's files, outside every output folder (`out-*`: cases of
+    one folder run at the same time, each writing its own)."""
     found = {}
     for path in sorted(folder.rglob("*")):
-        if skip in path.parents or path == skip or not path.is_file() or path.is_symlink():
+        inside = path.relative_to(folder).parts
+        if inside[0].startswith("out-") or skip in path.parents or path == skip \
+                or not path.is_file() or path.is_symlink():
             continue
         found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -85,7 +89,8 @@ def run(case: Case) -> Case:
         output, _ = proc.communicate()
         hang = True
     seconds = time.monotonic() - start
-    leftovers = [p.name for p in case.inputs.rglob("*.modelpress-tmp")]
+    leftovers = [p.name for p in [*case.out_dir.rglob("*.modelpress-tmp"),
+                                  *case.inputs.glob("*.modelpress-tmp")]]
     failed = proc.returncode not in (0, 3)  # 3: a threshold breach, written as asked
     partial = leftovers + ([p.name for p in case.out_dir.iterdir()] if failed else [])
     case.result = {"code": proc.returncode, "seconds": seconds, "hang": hang,
