@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import click
 
 from modelpress.formats import same_file
+from modelpress.formats.onnx.names import data_name
+from modelpress.formats.outputs import output_files
 
 from modelpress.cli.entry import EXIT_FAILURE, EXIT_USAGE
-
 
 
 class Failure(click.ClickException):
@@ -26,8 +29,40 @@ class RecipeUsageError(click.ClickException):
 
 def check_extra_outputs(paths: list[tuple[str, Path | None]],
                         protected: list[tuple[Path, str]]) -> None:
-    """Refuse a --report (or --plot) path that would overwrite the input model or the output."""
-    for option, path in paths:
-        for other, what in protected:
-            if path is not None and same_file(path, other):
+    """Refuse a --report (or --plot) path that would overwrite a file the run reads or
+    writes, or that cannot be written at all (checked before any work starts)."""
+    written = [(path, option) for option, path in paths if path is not None]
+    for path, option in written:
+        if path.is_dir():
+            raise click.UsageError(f"{option} {path} is a folder; give a file name")
+        folder = path.parent
+        if not folder.is_dir():
+            raise click.UsageError(f"{option} {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise click.UsageError(f"{option} {path}: folder {folder} is not writable")
+    files = []
+    for other, what in protected:
+        files.append((other, what))
+        if what in ("the input model", "the output model"):
+            if other.suffix.lower() == ".onnx":
+                files.append((other.parent / data_name(other), f"the data file of {what}"))
+            if what == "the input model":
+                files.extend((f, f"a file of {what}") for f in output_files(other)[1:])
+    files.extend((p, o) for p, o in written)
+    for path, option in written:
+        for other, what in files:
+            if other is path or what == option:
+                continue
+            if same_file(path, other):
+                what = f"the {what} file" if what.startswith("--") else what
                 raise click.UsageError(f"{option} {path} is {what}; give another file name")
+
+
+def read_paths(eval_values: dict[str, Any], recipe_file: Path | None,
+               calibration: Path | None = None) -> list[tuple[Path, str]]:
+    """The files a run reads besides the model, named by their option."""
+    named = [(eval_values.get("inputs_path"), "--inputs"),
+             (eval_values.get("labels_path"), "--labels"),
+             (calibration, "--calibration")]
+    return [(path, option) for path, option in named if path is not None] + (
+        [] if recipe_file is None else [(recipe_file, "--recipe")])

@@ -7,6 +7,7 @@ objects, and `finish` attaches evaluation, versions and digests to a report.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +21,8 @@ from modelpress.formats.outputs import model_sha256
 
 EXIT_THRESHOLD = 3
 
-INPUT_PARAMS = ("inputs_path", "labels_path", "dims", "input_ranges", "no_eval")
+INPUT_PARAMS = ("inputs_path", "labels_path", "dims", "input_ranges", "no_eval",
+                "max_input_bytes")
 THRESHOLD_PARAMS = ("max_error", "max_output_error", "min_accuracy", "min_ratio")
 
 
@@ -28,6 +30,17 @@ class ThresholdBreach(click.ClickException):
     """A CI threshold did not hold (exit 3); the output and report are still written."""
 
     exit_code = EXIT_THRESHOLD
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses NaN and infinity (a NaN passes every range check and
+    then fails every threshold)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class DimValue(click.ParamType):
@@ -63,6 +76,9 @@ class RangeValue(click.ParamType):
             low, high = float(low_text), float(high_text)
         except ValueError:
             low = high = 0.0
+        if not math.isfinite(high - low):  # NaN, infinity, or a width past float's range
+            self.fail(f"{value!r}: LOW, HIGH and HIGH - LOW must be finite numbers, e.g. x=-3:3",
+                      param, ctx)
         if not sep or not name or not colon or not low < high:
             self.fail(f"{value!r} is not NAME=LOW:HIGH with LOW < HIGH, e.g. input_ids=0:512",
                       param, ctx)
@@ -89,6 +105,17 @@ class AccuracyValue(click.ParamType):
         return fraction
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Click callback: '64MiB' -> bytes."""
+    if value is None:
+        return None
+    from modelpress.formats.safetensors.sharded import parse_size
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def input_options(command: Callable) -> Callable:
     """Add --inputs, --labels, --dim, --input-range and --no-eval to a command."""
     options = [
@@ -108,6 +135,10 @@ def input_options(command: Callable) -> Callable:
                           "other integers [0, 2); floats standard normal]."),
         click.option("--no-eval", is_flag=True,
                      help="Do not run the models (ONNX output error, accuracy and latency)."),
+        click.option("--max-input-size", "max_input_bytes", type=str, callback=_size,
+                     metavar="SIZE",
+                     help="Largest evaluation inputs (all arrays, in memory) to run both models "
+                          "on, such as 64MiB or 1GB [default: 64MiB]."),
     ]
     for decorate in reversed(options):
         command = decorate(command)
@@ -117,15 +148,15 @@ def input_options(command: Callable) -> Callable:
 def threshold_options(command: Callable) -> Callable:
     """Add the CI thresholds; a breach exits with code 3 after writing everything."""
     options = [
-        click.option("--max-error", type=click.FloatRange(0), metavar="X",
+        click.option("--max-error", type=FiniteFloatRange(0), metavar="X",
                      help="Fail (exit 3) if the model-level relative weight error exceeds X."),
-        click.option("--max-output-error", type=click.FloatRange(0), metavar="X",
+        click.option("--max-output-error", type=FiniteFloatRange(0), metavar="X",
                      help="Fail (exit 3) if the worst output's relative L2 error exceeds X "
                           "or cannot be measured (ONNX; runs both models)."),
         click.option("--min-accuracy", type=AccuracyValue(), metavar="X",
                      help="Fail (exit 3) if accuracy after compression is below X, a fraction "
                           "(0.9) or a percentage (90%); needs --inputs and --labels."),
-        click.option("--min-ratio", type=click.FloatRange(0, min_open=True), metavar="X",
+        click.option("--min-ratio", type=FiniteFloatRange(0, min_open=True), metavar="X",
                      help="Fail (exit 3) unless the output is at least X times smaller than the "
                           "input (input bytes / output bytes >= X; 4 means 4x smaller)."),
     ]
@@ -161,7 +192,8 @@ def settings_from(values: dict[str, Any], model: Path,
     if inputs is not None and (dims or ranges):
         raise click.UsageError("--dim and --input-range shape random inputs; they do not apply "
                                "with --inputs")
-    return EvalSettings(inputs=inputs, labels=labels, dims=dims, ranges=ranges)
+    return EvalSettings(inputs=inputs, labels=labels, dims=dims, ranges=ranges,
+                        max_input_bytes=values.get("max_input_bytes"))
 
 
 def thresholds_from(values: dict[str, Any]) -> Thresholds:

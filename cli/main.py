@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.cli import evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
 from modelpress.cli.chain import StageChain
-from modelpress.cli.common import Failure, RecipeUsageError, check_extra_outputs
+from modelpress.cli.common import Failure, RecipeUsageError, check_extra_outputs, read_paths
 from modelpress.cli.entry import CONTEXT
 from modelpress.cli.render import dump_json, print_inspect, print_report
 from modelpress.cli.stages import stage_commands
@@ -220,12 +221,14 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         raise click.UsageError(f"{given[0]} applies to batch mode: give a folder or several "
                                "MODELs with -o OUTDIR")
     check_extra_outputs([("--report", report_path)],
-                        [(model[0], "the input model"), (output, "the output model")])
+                        [(model[0], "the input model"), (output, "the output model"),
+                         *read_paths(eval_values, recipe_file, calibration)])
     settings = evaluation.settings_from(eval_values, model[0], limits)
     # A quiet run that prints no table needs no console (nor rich's import time).
     show = not quiet or fmt != "table"
     out, err = consoles(quiet) if show else (None, None)
     bar, update = progress(err, quiet)
+    before = _identity(output)
     try:
         baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
@@ -237,21 +240,52 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         raise RecipeUsageError(str(exc)) from None
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
+    except KeyboardInterrupt:
+        _interrupted(output, before)
     finally:
         if bar is not None:
             bar.stop()
-    # The sha256 digests appear only in JSON (--report, --format json).
-    evaluation.finish(report, baseline, limits, digests=report_path is not None or fmt == "json")
-    if report_path is not None:
-        dump_json(report_path, report.as_dict())
-    if show:
-        print_report(out, report, fmt)
+    try:
+        # The sha256 digests appear only in JSON (--report, --format json).
+        evaluation.finish(report, baseline, limits,
+                          digests=report_path is not None or fmt == "json")
+        if report_path is not None:
+            dump_json(report_path, report.as_dict())
+        if show:
+            print_report(out, report, fmt)
+    except KeyboardInterrupt:
+        _interrupted(output, before)
     evaluation.raise_on_breach(report)
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C after the output was complete: say so (exit 130, as for SIGINT)."""
+
+    exit_code = 128 + signal.SIGINT
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at `path` now (device, inode, mtime), or None."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_mtime_ns
+
+
+def _interrupted(output: Path, before: tuple[int, int, int] | None) -> None:
+    """Ctrl-C: if this run already renamed its output into place (a new file is there; an
+    output is renamed only when complete), say it is written; else abort as usual."""
+    now = _identity(output)
+    if now is not None and now != before and not output.is_dir():
+        raise Interrupted(f"interrupted after {output} was written completely; the table, "
+                          "--report, evaluation and threshold checks did not run") from None
+    raise KeyboardInterrupt
 
 
 # Options of a single-model run that batch mode does not take (it does not run the models).
 _SINGLE_ONLY = {"inputs_path": "--inputs", "labels_path": "--labels", "dims": "--dim",
-                "input_ranges": "--input-range"}
+                "input_ranges": "--input-range", "max_input_bytes": "--max-input-size"}
 
 
 def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:

@@ -29,9 +29,10 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _num(value: float | None, spec: str) -> str:
+def _num(value: float | None, spec: str, infinite: str = "exact") -> str:
+    """`value` formatted; +inf (an exact SQNR) is `infinite`, -inf "-"."""
     if value is None or (isinstance(value, float) and math.isinf(value)):
-        return "exact" if value is None or value > 0 else "-"
+        return infinite if value is None or value > 0 else "-"
     return format(value, spec)
 
 
@@ -65,13 +66,13 @@ def report_table(report: Report) -> Table:
         table.add_row(plain(row.name), "x".join(map(str, row.shape)), plain(row.encoding),
                       human_bytes(row.bytes_before), human_bytes(row.bytes_after),
                       _ratio(row.bytes_after, row.bytes_before),
-                      _num(row.error.rel_l2, ".4f"), _num(row.error.sqnr_db, ".1f"))
+                      _num(row.error.rel_l2, ".4f", "inf"), _num(row.error.sqnr_db, ".1f"))
     total = report.weight_error
     table.add_section()
     table.add_row(f"total: file on disk ({len(report.rows)} tensors changed)", "", "",
                   human_bytes(report.file_bytes_before), human_bytes(report.file_bytes_after),
                   _ratio(report.file_bytes_after, report.file_bytes_before),
-                  _num(total.rel_l2, ".4f") if report.rows else "-",
+                  _num(total.rel_l2, ".4f", "inf") if report.rows else "-",
                   _num(total.sqnr_db, ".1f") if report.rows else "-", style="bold")
     return table
 
@@ -112,7 +113,7 @@ def markdown_report(report: Report, max_rows: int = MARKDOWN_ROWS) -> str:
         lines.append(f"| `{_md_cell(row.name)}` | {'x'.join(map(str, row.shape))} | {row.encoding} | "
                      f"{human_bytes(row.bytes_before)} | {human_bytes(row.bytes_after)} | "
                      f"{_ratio(row.bytes_after, row.bytes_before)} | "
-                     f"{_num(row.error.rel_l2, '.4f')} | {_num(row.error.sqnr_db, '.1f')} |")
+                     f"{_num(row.error.rel_l2, '.4f', 'inf')} | {_num(row.error.sqnr_db, '.1f')} |")
     if len(shown) < len(report.rows):
         kept = {id(row) for row in shown}
         rest = [row for row in report.rows if id(row) not in kept]
@@ -125,7 +126,7 @@ def markdown_report(report: Report, max_rows: int = MARKDOWN_ROWS) -> str:
     lines.append(f"| **total (file on disk)** | | | {human_bytes(report.file_bytes_before)} | "
                  f"{human_bytes(report.file_bytes_after)} | "
                  f"{_ratio(report.file_bytes_after, report.file_bytes_before)} | "
-                 f"{_num(total.rel_l2, '.4f') if report.rows else '-'} | "
+                 f"{_num(total.rel_l2, '.4f', 'inf') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
     lines += [""] + [f"- {printable(note)}" for note in report.notes]
     lines += markdown_evaluation(report)

@@ -18,7 +18,7 @@ from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.formats.outputs import model_sha256
 
 from modelpress.cli import evaluation
-from modelpress.cli.common import Failure, RecipeUsageError, check_extra_outputs
+from modelpress.cli.common import Failure, RecipeUsageError, check_extra_outputs, read_paths
 from modelpress.cli.entry import CONTEXT
 from modelpress.cli.plot import plot_sweep
 from modelpress.cli.render import dump_json, human_bytes
@@ -80,9 +80,10 @@ def sweep(model: Path, recipes_file: Path | None, plot_path: Path | None, min_el
       - name: prune then int4
         stages: [{id: prune, sparsity: 0.5}, {id: quantize, bits: 4}]
     """
-    check_extra_outputs([("--report", report_path), ("--plot", plot_path)],
-                        [(model, "the input model")])
     settings_values = evaluation.pop(values, evaluation.INPUT_PARAMS)
+    check_extra_outputs([("--report", report_path), ("--plot", plot_path)],
+                        [(model, "the input model"), *read_paths(settings_values, None),
+                         *([] if recipes_file is None else [(recipes_file, "--recipes")])])
     eval_settings = evaluation.settings_from(settings_values, model)
     if eval_settings is not None:
         eval_settings = dataclasses.replace(eval_settings, max_runs=SWEEP_RUNS,

@@ -142,7 +142,9 @@ class LowRank(Encoded):
         return self.left.shape[1]
 
     def decode(self) -> np.ndarray:
-        return np.matmul(self.left.decode(), self.right.decode())
+        # Weights near float32's limit can rebuild past it: inf, as the model would compute.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.matmul(self.left.decode(), self.right.decode())
 
     @property
     def nbytes(self) -> int:

@@ -64,6 +64,7 @@ class Factorize(Stage):
             raise Skip(f"it is {encoded.array.ndim}-D; lowrank factors 2-D matrices")
         m, n = encoded.shape
         w = encoded.array.astype(np.float64 if encoded.array.dtype == np.float64 else np.float32)
+        w, unscale = _tamed(w)
         if self.energy is not None:
             rank = rank_for_energy(singular_values(w), self.energy)
         elif self.rank is not None:
@@ -76,7 +77,7 @@ class Factorize(Stage):
         u, s, vt = truncated_svd(w, rank)
         # Split the singular values evenly so both factors have the same range,
         # which keeps them equally easy to quantize.
-        root = np.sqrt(s)
+        root = np.sqrt(s) * unscale
         dtype = own_float(encoded.array.dtype)
         return LowRank(Dense((u * root).astype(dtype)), Dense((root[:, None] * vt).astype(dtype)))
 
@@ -93,3 +94,24 @@ class Factorize(Stage):
         rank = min(self.rank, m, n) if self.rank is not None else \
             max(1, int(round(self.rank_ratio * min(m, n))))
         return 1.0 if rank * (m + n) >= m * n else rank * (m + n) / (m * n)
+
+
+# float32 products of values past this overflow inside the SVD (issue 15: weights near
+# 3e38 gave overflow warnings, then LinAlgError).
+_TAME_ABOVE = 2.0**60
+
+
+def _tamed(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """`w` scaled by a power of four when float32 products of its values would overflow,
+    and the factor by which each factor's singular-value root must grow back.
+
+    A power of two scales exactly, and four's square root is one too, so the
+    factors come out as an unscaled SVD's would; ordinary weights are left alone.
+    """
+    if w.dtype != np.float32 or w.size == 0:
+        return w, 1.0
+    peak = float(np.max(np.abs(w)))
+    if not peak > _TAME_ABOVE or not np.isfinite(peak):
+        return w, 1.0
+    half = (int(np.ceil(np.log2(peak))) + 1) // 2  # w / 4**half has entries below 2
+    return w * np.float32(0.25**half), float(2.0**half)

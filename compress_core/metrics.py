@@ -38,7 +38,10 @@ class ErrorStats:
             return math.inf
         if self.sum_sq_ref == 0:
             return -math.inf
-        return 10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
+        ratio = self.sum_sq_ref / self.sum_sq_err
+        if not ratio > 0:  # an infinite error (0) or an unmeasured one (NaN)
+            return -math.inf if ratio == 0 else math.nan
+        return 10.0 * math.log10(ratio)
 
     @property
     def cosine(self) -> float:
@@ -85,7 +88,13 @@ def compare(reference: np.ndarray, approx: np.ndarray) -> ErrorStats:
             r = ref[start:start + _CHUNK].astype(work, copy=False)
             a = app[start:start + _CHUNK].astype(work, copy=False)
             d = np.subtract(a, r, out=buffer[:r.size])
-            sums += (_dot(r, r), _dot(d, d), _dot(a, a), _dot(r, a))
+            chunk = (_dot(r, r), _dot(d, d), _dot(a, a), _dot(r, a))
+            if work is np.float32 and not all(map(math.isfinite, chunk)):
+                # Values near float32's limit (3.4e38) overflow its squares: redo in float64.
+                r, a = r.astype(np.float64), a.astype(np.float64)
+                d = a - r
+                chunk = (_dot(r, r), _dot(d, d), _dot(a, a), _dot(r, a))
+            sums += chunk
             np.abs(d, out=d)
             if d.size:
                 max_abs = float(np.maximum(max_abs, d.max()))  # NaN stays NaN
@@ -108,11 +117,21 @@ class BlockSums:
 
     def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
         """Add a float32 block; `approx` is overwritten with approx - ref."""
-        self.ref += _vdot(ref, ref)
-        self.approx += _vdot(approx, approx)
-        self.dot += _vdot(ref, approx)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = [_vdot(ref, ref), _vdot(approx, approx), _vdot(ref, approx)]
+        if not all(map(math.isfinite, sums)):
+            # Values near float32's limit (3.4e38) overflow its squares: work in float64.
+            ref, approx = ref.astype(np.float64), approx.astype(np.float64)
+            sums = [_vdot(ref, ref), _vdot(approx, approx), _vdot(ref, approx)]
         err = np.subtract(approx, ref, out=approx)
-        self.err += _vdot(err, err)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums.append(_vdot(err, err))
+        if not math.isfinite(sums[3]):  # every difference is finite here, only its sum is not
+            sums[3] = _vdot(err.astype(np.float64), err.astype(np.float64))
+        self.ref += sums[0]
+        self.approx += sums[1]
+        self.dot += sums[2]
+        self.err += sums[3]
         if err.size:
             self.max_abs = max(self.max_abs, float(err.max()), -float(err.min()))
 

@@ -70,10 +70,18 @@ def read_document(path: str | Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start}); save the recipe as UTF-8") from None
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
-        if path.suffix.lower() == ".json":
-            return json.loads(text)
-        return _yaml().safe_load(text)
+        if kind == "JSON":
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        return _load_yaml(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: not valid {kind} (nested too deeply)") from None
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except ValueError as exc:
         raise RecipeError(f"{path}: not valid JSON ({exc})") from None
     except Exception as exc:  # yaml.YAMLError and its subclasses
@@ -83,3 +91,31 @@ def read_document(path: str | Path) -> Any:
 def _yaml() -> Any:
     import yaml  # lazy: PyYAML is needed only for YAML recipes
     return yaml
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping from key-value pairs; a key given twice is refused (json keeps the last)."""
+    found: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise RecipeError(f"key {key!r} appears twice in one mapping; keep one")
+        found[key] = value
+    return found
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+    yaml = _yaml()
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+                try:
+                    _unique_keys([(k, None) for k in keys])
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)

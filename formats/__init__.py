@@ -53,10 +53,15 @@ def open_model(path: str | os.PathLike) -> Store:
                                      f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors file, or "
                                      "use `modelpress compress DIR -o OUTDIR` for a whole folder")
             path = index
+        if not path.is_file():  # reading a FIFO blocks until a writer comes: maybe forever
+            raise ModelReadError(f"{path}: not a regular file (a pipe, socket or device); "
+                                 "give the model file itself")
         fmt = format_of(path)
         if fmt is None:
             raise ModelReadError(f"{path}: unknown model format; modelpress reads .onnx and "
                                  ".safetensors files")
+        if fmt == "onnx":
+            check_onnx_name(path)
         if path.stat().st_size == 0:
             raise ModelReadError(f"{path}: file is empty")
         if is_index(path):
@@ -84,6 +89,17 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def check_onnx_name(path: Path, what: str = "") -> None:
+    """Refuse an ONNX path that is not UTF-8 text: onnx.checker and onnxruntime take paths
+    as UTF-8 strings and cannot open one (they would seem to fail on the model itself)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise (ModelWriteError if what else ModelReadError)(
+            f"{path}: the {what or 'file'} name is not valid UTF-8; onnx and onnxruntime cannot "
+            "open such a path (rename it)") from None
+
+
 def check_output_path(store: Store, dst: Path, *, require_same_format: bool = True) -> None:
     """Refuse outputs that would overwrite the input (or its data files) or change the format."""
     dst = Path(dst)
@@ -105,6 +121,7 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
                                   "input; choose another output path (modelpress never modifies "
                                   "its input)")
     if store.format == "onnx":  # an ONNX output may get a data file beside it
+        check_onnx_name(dst, "output")
         beside = dst.parent / data_name(dst)
         for data in [store.path, *store.data_files]:
             if same_file(beside, data):
@@ -135,5 +152,5 @@ def write_decompressed(store: Store, dst: Path) -> WriteResult:
     return write_onnx(store, dst)
 
 
-__all__ = ["SafetensorsStore", "ShardedStore", "Store", "check_output_path",
+__all__ = ["SafetensorsStore", "ShardedStore", "Store", "check_onnx_name", "check_output_path",
            "find_index", "format_of", "open_model", "same_file", "write_decompressed"]

@@ -118,6 +118,15 @@ def _(d):
             "read_error": "outside the model's folder"}
 
 
+@entry("onnx-external-and-raw-data")
+def _(d):
+    # Issue 15 item 1: onnxruntime runs the external bytes; raw_data is a different tensor.
+    model_path = external_model(d, "w1.bin", data=weights(64, 64, seed=1).tobytes())
+    model = onnx.load(str(model_path), load_external_data=False)
+    model.graph.initializer[0].raw_data = weights(64, 64, seed=9).tobytes()
+    return {"path": save_onnx(model_path, model), "read_error": "the model is ambiguous"}
+
+
 @entry("onnx-external-missing")
 def _(d):
     return {"path": external_model(d, "w1.bin", data=None), "read_error": "is missing"}

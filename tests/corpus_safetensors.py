@@ -91,6 +91,18 @@ _st_header_entry("st-malformed-json", b'{"w": {"dtype": "F32", "shape": [4, 4', 
                  error="not valid JSON")
 _st_header_entry("st-not-utf8", b'{"w\xff\xfe": 1}', error="not valid JSON")
 _st_header_entry("st-header-is-a-list", b"[1, 2, 3]", error="not a JSON object")
+# Issue 15 item 5 (RecursionError) and item 16 (the last of two equal keys won silently).
+_st_header_entry("st-header-nested-100k-deep",
+                 b'{"__metadata__": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+                 error="nested too deeply")
+_st_header_entry("st-header-duplicate-tensor",
+                 b'{"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}, '
+                 b'"w": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]}}', bytes(64),
+                 error="key 'w' appears more than once")
+_st_header_entry("st-header-duplicate-metadata-key",
+                 b'{"__metadata__": {"a": "1", "a": "2"}, '
+                 b'"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}', bytes(64),
+                 error="key 'a' appears more than once")
 _st_header_entry("st-overlapping-offsets",
                  {"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
                   "b": {"dtype": "F32", "shape": [4, 4], "data_offsets": [32, 96]}}, bytes(96),

@@ -71,6 +71,22 @@ def _(d):
     return {"path": index, "read_error": "not a valid safetensors index"}
 
 
+@entry("sharded-index-nested-100k-deep")
+def _(d):
+    index = sharded(d, _two_shards())
+    index.write_text('{"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return {"path": index, "read_error": "nested too deeply"}
+
+
+@entry("sharded-index-duplicate-tensor")
+def _(d):
+    index = sharded(d, _two_shards())
+    text = index.read_text()
+    index.write_text(text.replace('"a.weight": ', '"a.weight": "model-00002-of-00002.safetensors", '
+                                  '"a.weight": ', 1))
+    return {"path": index, "read_error": "key 'a.weight' appears more than once"}
+
+
 @entry("sharded-index-without-weight-map")
 def _(d):
     index = sharded(d, _two_shards())

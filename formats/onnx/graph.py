@@ -187,6 +187,13 @@ def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str,
         raise ModelReadError(f"{where} has dims {list(tensor.dims)} too large for any file; "
                              "the model is damaged")
     if is_external(tensor):
+        inline = len(tensor.raw_data) if raw_length is None else raw_length
+        if inline:
+            # onnxruntime runs the external bytes, onnx.numpy_helper reads raw_data: two
+            # tensors under one name, and no way to know which one the author meant.
+            raise ModelReadError(f"{where} is marked as external data and also holds {inline} "
+                                 "bytes of raw_data (onnxruntime reads the external file, other "
+                                 "tools raw_data); the model is ambiguous: clear one of them")
         file, offset, length = external_data_file(model_path, tensor)
         have = length if length is not None else file.stat().st_size - offset
         if need is not None and have < need:

@@ -37,7 +37,7 @@ def encode_doc(doc: dict[str, Any]) -> str:
 def decode_doc(value: str) -> Any:
     """The document a metadata value holds; ValueError if it is not one."""
     if not value.startswith(PREFIX):
-        return json.loads(value)
+        return _loads(value)
     try:
         packed = base64.b64decode(value[len(PREFIX):], validate=True)
         inflate = zlib.decompressobj()
@@ -47,7 +47,7 @@ def decode_doc(value: str) -> Any:
     if inflate.unconsumed_tail or not inflate.eof:
         raise ValueError("compressed metadata is truncated or larger than "
                          f"{MAX_TEXT >> 20} MiB")
-    return json.loads(text)
+    return _loads(text)
 
 
 def set_metadata(model: onnx.ModelProto, specs: dict[str, dict[str, Any]],
@@ -131,3 +131,10 @@ def spec_nodes(spec: dict[str, Any]) -> list[str]:
         if part in spec:
             names += spec_nodes(spec[part])
     return names
+
+
+def _loads(text: str | bytes) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:  # hostile metadata nested 100k deep
+        raise ValueError("JSON nested too deeply") from None

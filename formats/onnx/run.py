@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 import statistics
 import time
 import zlib
@@ -19,6 +18,8 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import InputDataError, ModelRunError
+from modelpress.formats.onnx.feeds import (MAX_INPUT_BYTES, first_line, listed_shapes, load_inputs,
+                                           load_labels, megabytes)
 from modelpress.formats.onnx.dims import (Feeds, InputSpec, graph_dims, input_specs, made_up_hint,
                                           resolve_dims)
 
@@ -27,6 +28,10 @@ INSTALL_HINT = "pip install 'modelpress[run]'"
 DEFAULT_INT_RANGE = (0, 2)
 # Ops that pass integer ids through unchanged on their way to a Gather.
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+# Inputs larger than this run in slices of samples (along the first axis they all share),
+# so a model's activations stay bounded however many samples there are.
+CHUNK_BYTES = 4 << 20
 
 
 def gather_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -75,7 +80,7 @@ def _constant_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
 
 def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                   ranges: Mapping[str, tuple[float, float]] | None = None,
-                  seed: int = 0) -> Feeds:
+                  seed: int = 0, max_bytes: int = MAX_INPUT_BYTES) -> Feeds:
     """Deterministic random feeds from the input signature.
 
     Floats are standard normal (uniform in [low, high) when a range is given);
@@ -90,6 +95,11 @@ def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             raise InputDataError(f"--input-range {name}: the model has no input named {name!r} "
                                  f"(its inputs: {', '.join(sorted(names))})")
     shapes = resolve_dims(specs, dims or {}, graph_dims(model))
+    total = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
+    if total > max_bytes:
+        raise InputDataError(f"random inputs of shapes {listed_shapes(shapes)} take {megabytes(total)}, "
+                             f"over the {megabytes(max_bytes)} limit for evaluation inputs; give "
+                             "smaller --dim values or raise --max-input-size")
     gathers = gather_ranges(model)
     feeds = {}
     for spec in specs:
@@ -112,66 +122,6 @@ def random_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             raise ModelRunError(f"input {spec.name!r} has dtype {dtype}; random inputs cover "
                                 "numbers and booleans only (give --inputs FILE.npz)")
     return feeds
-
-
-def load_inputs(model: onnx.ModelProto, path: Path) -> Feeds:
-    """Arrays by input name from an .npz file (never unpickled), checked against the model."""
-    arrays = _load_npz(path)
-    specs = {s.name: s for s in input_specs(model)}
-    missing = [n for n in specs if n not in arrays]
-    if missing:
-        raise InputDataError(f"{path}: no array for model input {missing[0]!r} (the file has "
-                             f"{', '.join(sorted(arrays)) or 'none'}; the model needs "
-                             f"{', '.join(specs)})")
-    extra = [n for n in arrays if n not in specs]
-    if extra:
-        raise InputDataError(f"{path}: array {extra[0]!r} is not an input of the model "
-                             f"(its inputs: {', '.join(specs)})")
-    feeds = {}
-    for name, spec in specs.items():
-        array = arrays[name]
-        if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu"
-                                                        and spec.dtype.kind in "iu"):
-            raise InputDataError(f"{path}: array {name!r} is {array.dtype}, the model input is "
-                                 f"{spec.dtype}; save it with that dtype")
-        if array.ndim != len(spec.dims):
-            raise InputDataError(f"{path}: array {name!r} has shape {list(array.shape)}, the "
-                                 f"model input has {len(spec.dims)} dims {list(spec.dims)}")
-        feeds[name] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
-    return feeds
-
-
-def load_labels(path: Path) -> np.ndarray:
-    """Integer class labels from an .npy file (never unpickled)."""
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputDataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise InputDataError(f"{path}: not a readable .npy array ({exc})") from None
-    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iuf":
-        raise InputDataError(f"{path}: labels must be an integer array of class indices")
-    if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-            raise InputDataError(f"{path}: labels must be whole class indices")
-        labels = labels.astype(np.int64)
-    return labels
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise InputDataError(f"{path}: expected an .npz archive of arrays by input name")
-            return {name: data[name] for name in data.files}
-    except InputDataError:
-        raise
-    except FileNotFoundError:
-        raise InputDataError(f"{path}: no such file") from None
-    except AttributeError:  # np.load of a plain .npy returns an array without __enter__
-        raise InputDataError(f"{path}: expected an .npz archive of arrays by input name") from None
-    except (OSError, ValueError) as exc:
-        raise InputDataError(f"{path}: not a readable .npz file ({exc})") from None
 
 
 def onnxruntime_available() -> bool:
@@ -206,7 +156,20 @@ class Session:
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        """Every output by name."""
+        """Every output by name; large inputs run in slices of samples (see CHUNK_BYTES)."""
+        slices = _sample_slices(feeds)
+        if slices is not None:
+            parts = [self._run({name: array[s] for name, array in feeds.items()})
+                     for s in slices]
+            counts = [s.stop - s.start for s in slices]
+            if all(v.ndim and v.shape[0] == n for part, n in zip(parts, counts)
+                   for v in part.values()):
+                return {name: np.concatenate([part[name] for part in parts])
+                        for name in self.output_names}
+            # Some output does not follow the samples (e.g. a reduction): run whole.
+        return self._run(feeds)
+
+    def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         try:
             values = self._session.run(None, feeds)
         except Exception as exc:
@@ -221,12 +184,16 @@ class Session:
              min_runs: int = 3) -> list[float]:
         """Wall times (seconds) of repeated runs after one warm-up run."""
         self.run(feeds)
+        chunked = _sample_slices(feeds) is not None
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < max_runs and (len(times) < min_runs
                                          or time.perf_counter() - start < budget_s):
             t0 = time.perf_counter()
-            self._session.run(None, feeds)
+            if chunked:
+                self.run(feeds)
+            else:
+                self._session.run(None, feeds)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -262,6 +229,20 @@ def quartiles_ms(times: list[float]) -> tuple[float, float]:
     return 1000.0 * q1, 1000.0 * q3
 
 
+def _sample_slices(feeds: Feeds) -> list[slice] | None:
+    """Slices of samples to run one at a time, or None to run the feeds whole: small
+    feeds, or feeds that share no first axis of samples."""
+    total = sum(a.nbytes for a in feeds.values())
+    firsts = {a.shape[0] if a.ndim else None for a in feeds.values()}
+    if total <= CHUNK_BYTES or len(firsts) != 1 or None in firsts:
+        return None
+    samples = firsts.pop()
+    step = max(1, samples * CHUNK_BYTES // total)
+    if step >= samples:
+        return None
+    return [slice(i, min(i + step, samples)) for i in range(0, samples, step)]
+
+
 def median_ms(times: list[float]) -> float:
     """Median of wall times, in milliseconds."""
     return 1000.0 * statistics.median(times)
@@ -269,18 +250,12 @@ def median_ms(times: list[float]) -> float:
 
 def load_graph(path: Path) -> onnx.ModelProto:
     """The model's graph without external tensor data (enough for its signature)."""
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read
+        raise ModelRunError(f"{path}: not a regular file")
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """An error's first line, without onnxruntime's status prefix."""
-    text = str(exc).strip()
-    # onnxruntime prefixes its messages with "[ONNXRuntimeError] : 1 : FAIL : ".
-    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def describe_feeds(feeds: Feeds) -> dict[str, Any]:
@@ -291,4 +266,4 @@ def describe_feeds(feeds: Feeds) -> dict[str, Any]:
 __all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "first_line", "gather_ranges", "input_specs",
            "interleaved_times", "load_graph", "load_inputs", "load_labels", "made_up_hint",
            "median_ms", "quartiles_ms", "graph_dims",
-           "onnxruntime_available", "random_inputs", "resolve_dims"]
+           "MAX_INPUT_BYTES", "onnxruntime_available", "random_inputs", "resolve_dims"]

@@ -11,7 +11,9 @@ are staged in a hidden folder beside the output, checked there with
 onnx.checker (path form, so external data is checked where it will live),
 and renamed into place only when complete: the data file first, the model
 last (an old model at the output name is removed before either rename, so
-it is never paired with new data).
+it is never paired with new data), all under a lock on the output folder so
+that two runs writing the same output never pair one's model with the
+other's data.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import onnx
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
-from modelpress.formats.atomic import fsync_dir, atomic_path
+from modelpress.formats.atomic import (TMP_SUFFIX, atomic_path, commit_lock, fsync_dir, hold, output_mode,
+                                        remove_stale, temp_prefix)
 from modelpress.formats.filedata import copy_range
 from modelpress.formats.onnx.check import check_saved
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
@@ -109,6 +112,14 @@ class ExternalData:
             tensor.external_data.add(key=key, value=value)
 
 
+def between_renames() -> None:
+    """Called between the data file's rename and the model's; does nothing.
+
+    A test hook: the race test replaces it with a delay to widen the window
+    in which a second writer of the same output could interleave.
+    """
+
+
 class Staging:
     """Where an output with external data is made: a hidden folder beside the output.
 
@@ -122,6 +133,7 @@ class Staging:
         self.dst = Path(dst)
         self.folder: Path | None = None
         self.data: ExternalData | None = None
+        self._lock: int | None = None  # an open descriptor of the folder, locked
 
     @property
     def model_path(self) -> Path:
@@ -131,10 +143,12 @@ class Staging:
     def open_data(self) -> ExternalData:
         """The data file (the folder and file are created on first use)."""
         if self.data is None:
+            remove_stale(self.dst)
             try:
-                self.folder = Path(tempfile.mkdtemp(prefix=f".{self.dst.name[:100]}.",
-                                                    suffix=".modelpress-tmp",
-                                                    dir=self.dst.parent))
+                self.folder = Path(tempfile.mkdtemp(prefix=temp_prefix(self.dst),
+                                                    suffix=TMP_SUFFIX, dir=self.dst.parent))
+                self._lock = os.open(self.folder, os.O_RDONLY)
+                hold(self._lock)  # marks the folder as a live run's for `remove_stale`
             except OSError as exc:
                 raise ModelWriteError(f"{self.dst}: cannot create the output "
                                       f"({exc.strerror or exc})") from None
@@ -150,12 +164,14 @@ class Staging:
         with open(self.model_path, "rb+") as fh:
             os.fsync(fh.fileno())
         final_data = self.dst.parent / self.data.location
-        for staged_file in (self.data.path, self.model_path):
-            os.chmod(staged_file, 0o644)
-        if self.dst.exists() or self.dst.is_symlink():
-            self.dst.unlink()  # never pair an old model with the new data
-        os.replace(self.data.path, final_data)
-        os.replace(self.model_path, self.dst)
+        os.chmod(self.data.path, output_mode(final_data))
+        os.chmod(self.model_path, output_mode(self.dst))
+        with commit_lock(self.dst.parent):  # another run's renames never interleave
+            if self.dst.exists() or self.dst.is_symlink():
+                self.dst.unlink()  # never pair an old model with the new data
+            os.replace(self.data.path, final_data)
+            between_renames()
+            os.replace(self.model_path, self.dst)
         fsync_dir(self.dst.parent)
 
     def discard(self) -> None:
@@ -165,6 +181,14 @@ class Staging:
                 self.data._file.close()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the folder's lock (after the folder is gone)."""
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock)
+            self._lock = None
 
 
 @contextlib.contextmanager
@@ -183,6 +207,7 @@ def staged(dst: Path) -> Iterator[Staging]:
     finally:
         if stage.folder is not None:
             shutil.rmtree(stage.folder, ignore_errors=True)
+        stage.release()
 
 
 def place_remaining(model: onnx.ModelProto, source: Path, data: ExternalData | None) -> None:

@@ -50,6 +50,25 @@ DTYPES: Mapping[str, np.dtype] = _Dtypes()
 MAX_HEADER = 100 * 1024 * 1024
 
 
+def loads_strict(text: str | bytes) -> object:
+    """json.loads that refuses what a well-formed header never holds: a key given twice
+    in one object (json would keep the last silently) and nesting too deep to parse
+    (json would raise RecursionError). Both raise ValueError."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears more than once")
+    return found
+
+
 @dataclass(frozen=True)
 class Entry:
     """One tensor's header entry; offsets are absolute positions in the file."""
@@ -97,9 +116,13 @@ def read_header(path: Path) -> Header:
                                  f"{length} bytes, file {size} bytes)")
         raw = fh.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        header = loads_strict(raw.decode("utf-8"))
+    except UnicodeDecodeError:
         raise ModelReadError(f"{path}: corrupt safetensors header (not valid JSON); "
+                             "the file is damaged or not safetensors") from None
+    except ValueError as exc:
+        what = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ModelReadError(f"{path}: corrupt safetensors header ({what}); "
                              "the file is damaged or not safetensors") from None
     if not isinstance(header, dict):
         raise ModelReadError(f"{path}: corrupt safetensors header (not a JSON object)")

@@ -27,7 +27,7 @@ from modelpress.core.tensorinfo import TensorInfo
 from modelpress.formats.atomic import atomic_paths
 from modelpress.formats.safetensors.store import (FORMAT_VERSION, METADATA_KEY, SafetensorsStore,
                                                   refuse_calibration, safetensors_options)
-from modelpress.formats.safetensors.header import dtype_code
+from modelpress.formats.safetensors.header import dtype_code, loads_strict
 from modelpress.formats.safetensors.layout import check_part_names, encode_tensor
 from modelpress.formats.safetensors.stream import Slot, Spill
 
@@ -60,11 +60,14 @@ def parse_size(text: str) -> int:
 def read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """The (weight_map, metadata) of an index file, checked; raise ModelReadError."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = loads_strict(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ModelReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, ValueError):
+    except UnicodeDecodeError:
         raise ModelReadError(f"{path}: not a valid safetensors index (not JSON)") from None
+    except ValueError as exc:
+        what = "not JSON" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ModelReadError(f"{path}: not a valid safetensors index ({what})") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

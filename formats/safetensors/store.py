@@ -14,7 +14,8 @@ from modelpress.core.store import EncodedItems, Progress, WriteOptions, WriteRes
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.filedata import map_range
-from modelpress.formats.safetensors.header import DTYPES, Header, dtype_code, read_header
+from modelpress.formats.safetensors.header import (DTYPES, Header, dtype_code, loads_strict,
+                                                   read_header)
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.formats.safetensors.layout import (check_part_names, decode_tensor, encode_tensor, part_names)
 from modelpress.formats.safetensors.stream import Slot, Spill, write_file
@@ -235,7 +236,7 @@ def _read_encodings(path: Path, header: Header) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
     try:
-        doc = json.loads(raw)
+        doc = loads_strict(raw)
         specs = doc["tensors"]
         if doc.get("format_version", 0) > FORMAT_VERSION:
             raise ModelReadError(f"{path}: written by a newer modelpress (layout version "

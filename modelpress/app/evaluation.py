@@ -36,6 +36,7 @@ class EvalSettings:
     seed: int = 0
     max_runs: int = 20
     time_budget_s: float = 1.0
+    max_input_bytes: int | None = None  # None: formats.onnx.run.MAX_INPUT_BYTES
 
 
 class Baseline:
@@ -61,19 +62,22 @@ class Baseline:
             graph = onnx_run.load_graph(src)
         except ModelRunError as exc:
             return cls("failed", [f"output error not measured: {exc}"], settings=settings)
+        limit = {} if settings.max_input_bytes is None else {
+            "max_bytes": settings.max_input_bytes}
         if settings.inputs is not None:
-            feeds = onnx_run.load_inputs(graph, settings.inputs)
+            feeds = onnx_run.load_inputs(graph, settings.inputs, **limit)
             described = {"source": str(settings.inputs)}
         else:
             try:
-                feeds = onnx_run.random_inputs(graph, settings.dims, settings.ranges, settings.seed)
+                feeds = onnx_run.random_inputs(graph, settings.dims, settings.ranges, settings.seed,
+                                               **limit)
             except ModelRunError as exc:  # e.g. a bf16 input: measure nothing, compress anyway
                 return cls("failed", [f"output error not measured: {exc}"], settings=settings)
             described = {"source": "random", "seed": settings.seed}
         described["arrays"] = onnx_run.describe_feeds(feeds)
         labels = None
         if settings.labels is not None:
-            labels = onnx_run.load_labels(settings.labels)
+            labels = onnx_run.load_labels(settings.labels, **limit)
             _check_label_count(labels, feeds, settings)
         if not onnx_run.onnxruntime_available():
             return cls("unavailable", ["output error not measured: onnxruntime is not installed "
@@ -90,6 +94,7 @@ class Baseline:
         if labels is not None:
             shapes = {name: tuple(a.shape) for name, a in outputs.items()}
             label_name = label_output(shapes, labels, str(settings.labels))
+            _check_label_range(labels, shapes[label_name][-1], label_name, settings)
         baseline = cls("ok", [], feeds, labels, outputs, None, described, settings, label_name)
         baseline.src = src
         return baseline
@@ -135,13 +140,38 @@ class Baseline:
                           len(before), len(after), onnx_run.quartiles_ms(before),
                           onnx_run.quartiles_ms(after))
         return Evaluation("ok", self.runtime, self.inputs, rows, accuracy, latency,
-                          list(self.notes))
+                          list(self.notes) + _meaning_changed(rows))
 
 
 def evaluate(src: str | os.PathLike, dst: str | os.PathLike,
              settings: EvalSettings = EvalSettings()) -> Evaluation:
     """Run the models at `src` and `dst` on the same inputs and compare their outputs."""
     return Baseline.prepare(src, settings).evaluate(dst)
+
+
+# A relative output error at or past this is no approximation: outputs of zeros score 1.0.
+MEANING_CHANGED = 1.0
+
+
+def _meaning_changed(rows: list[Any]) -> list[str]:
+    """A warning when some output is further from the original's than zeros would be."""
+    bad = [r for r in rows if not r.error.rel_l2 < MEANING_CHANGED]
+    if not bad:
+        return []
+    worst = max(bad, key=lambda r: r.error.rel_l2 if r.error.rel_l2 == r.error.rel_l2 else 1e300)
+    return [f"warning: output {worst.name!r} of the compressed model is no longer the "
+            f"original's (relative error {worst.error.rel_l2:.3g}, at or above "
+            f"{MEANING_CHANGED:g}: no better than outputs of zeros); check the recipe, or set "
+            "--max-output-error to fail such runs"]
+
+
+def _check_label_range(labels: np.ndarray, classes: int, output: str,
+                       settings: EvalSettings) -> None:
+    """Refuse a label no class score can match (accuracy would silently count it wrong)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise InputDataError(f"{settings.labels}: label {int(bad)} is outside the {classes} "
+                             f"classes of output {output!r} (0 to {classes - 1})")
 
 
 def _check_label_count(labels: np.ndarray, feeds: Mapping[str, np.ndarray],

@@ -265,8 +265,8 @@ def mark_front(rows: Iterable[SweepRow]) -> str:
     metric = "output error" if use_output else "weight error"
     points = [(r.file_bytes, _nan_last(r.output_error if use_output else r.weight_error.rel_l2))
               for r in rows]
-    for row, flags in zip(rows, pareto_front(points)):
-        row.on_front = flags
+    for row, flags, (_, error) in zip(rows, pareto_front(points), points):
+        row.on_front = flags and math.isfinite(error)  # an unmeasured error is no trade-off
     return metric
 
 
