@@ -18,6 +18,7 @@ from modelpress.app.evaluation import Baseline, EvalSettings
 from modelpress.core.evaluate import Evaluation
 from modelpress.core.thresholds import Thresholds, check
 from modelpress.formats.outputs import model_sha256
+from modelpress.formats.safetensors.sharded import parse_size
 
 EXIT_THRESHOLD = 3
 
@@ -109,7 +110,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     """Click callback: '64MiB' -> bytes."""
     if value is None:
         return None
-    from modelpress.formats.safetensors.sharded import parse_size
     try:
         return parse_size(value)
     except ValueError as exc:

@@ -13,6 +13,11 @@ from typing import Iterator
 
 from modelpress.core.errors import ModelWriteError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no advisory locks; temporary files stay unlocked
+    fcntl = None
+
 TMP_SUFFIX = ".modelpress-tmp"
 # A temporary entry is taken for a dead run's only once it is this old and unlocked
 # (a live run locks its own from just after creating it).
@@ -62,9 +67,9 @@ def temp_prefix(dst: Path) -> str:
 def hold(fd: int) -> None:
     """Lock an open temporary file or folder for as long as `fd` stays open (the lock
     goes with the process, however it ends, so a SIGKILLed run's entries are unlocked)."""
-    with contextlib.suppress(ImportError, OSError):
-        import fcntl
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def remove_stale(dst: Path) -> None:
@@ -74,9 +79,7 @@ def remove_stale(dst: Path) -> None:
     it is at least STALE_AFTER_S old (a new one may not be locked yet).
     Where files cannot be locked nothing is removed.
     """
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         return
     dst = Path(dst)
     prefix, now = temp_prefix(dst), time.time()
@@ -116,9 +119,10 @@ def commit_lock(folder: Path) -> Iterator[None]:
     directories cannot be locked the renames go on unlocked.
     """
     try:
-        import fcntl
+        if fcntl is None:
+            raise OSError("no advisory locks here")
         fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):
+    except OSError:
         yield
         return
     try:
