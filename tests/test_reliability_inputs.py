@@ -133,7 +133,7 @@ def test_fifo_model_is_refused_at_once(tmp_path: Path, suffix: str, command: str
     args = {"compress": ["compress", fifo, "-o", tmp_path / f"o{suffix}", "quantize"],
             "inspect": ["inspect", fifo],
             "decompress": ["decompress", fifo, "-o", tmp_path / f"o{suffix}"]}[command]
-    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.main import "
+    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.entry import "
             "cli; r = CliRunner().invoke(cli, sys.argv[1:]); print(r.exit_code); "
             "print(r.output)")
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
@@ -151,7 +151,7 @@ def test_fifo_inputs_are_refused_at_once(tmp_path: Path, samples: Path, option: 
     inputs = fifo if option == "--inputs" else samples / "mlp_test_inputs.npz"
     args = ["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "--inputs", inputs,
             *(["--labels", fifo] if option == "--labels" else []), "quantize"]
-    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.main import "
+    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.entry import "
             "cli; r = CliRunner().invoke(cli, sys.argv[1:]); print(r.exit_code); "
             "print(r.output)")
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,

@@ -36,8 +36,8 @@ def test_interrupt_just_after_the_final_rename(tmp_path: Path, samples: Path,
                                                extra: tuple[str, ...]) -> None:
     def interrupted(folder: Path) -> None:
         raise KeyboardInterrupt
-    monkeypatch.setattr(atomic, "_fsync_dir", interrupted)
-    monkeypatch.setattr(write, "_fsync_dir", interrupted)
+    monkeypatch.setattr(atomic, "fsync_dir", interrupted)
+    monkeypatch.setattr(write, "fsync_dir", interrupted)
     out = tmp_path / "o.onnx"
     result = run_cli(["compress", samples / "mlp.onnx", "-o", out, *extra, "--no-eval",
                       "quantize"])

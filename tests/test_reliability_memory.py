@@ -17,7 +17,7 @@ LIMIT_MB = 500
 PROBE = """
 import json, resource, sys
 from click.testing import CliRunner
-from modelpress.cli.main import cli
+from modelpress.cli.entry import cli
 result = CliRunner().invoke(cli, sys.argv[1:])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 print(json.dumps({"code": result.exit_code, "peak_mb": peak, "output": result.output,

@@ -21,16 +21,19 @@ from modelpress.app.api import compress
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx import write
+from modelpress.formats.onnx.options import OnnxWriteOptions
 
 from conftest import ort_run
 
 RECIPES = {"int8": [{"id": "quantize", "bits": 8}], "int4": [{"id": "quantize", "bits": 4}]}
-OPTIONS = Options(external_data="always", threads=1)
+OPTIONS = Options(threads=1)
+WRITER = OnnxWriteOptions(external_data="always")
 ITERATIONS = 25
 
 
 def run(src: Path, dst: Path, name: str) -> None:
-    compress(src, dst, Recipe.from_config({"version": 1, "stages": RECIPES[name]}), OPTIONS)
+    compress(src, dst, Recipe.from_config({"version": 1, "stages": RECIPES[name]}), OPTIONS,
+             onnx_options=WRITER)
 
 
 def files(dst: Path) -> tuple[bytes, bytes]:

@@ -77,7 +77,7 @@ def test_sigkill_during_an_external_data_write(tmp_path: Path, samples: Path,
     code = ("import sys, time\n"
             "from modelpress.formats.onnx import write\n"
             "write.between_renames = lambda: (print('renaming', flush=True), time.sleep(60))\n"
-            "from modelpress.cli.main import cli\n"
+            "from modelpress.cli.entry import cli\n"
             "cli.main(sys.argv[1:], prog_name='modelpress')\n")
     out = tmp_path / "o.onnx"
     proc = subprocess.Popen([sys.executable, "-c", code, "compress", str(samples / "mlp.onnx"),

@@ -177,23 +177,23 @@ class Session:
         return dict(zip(self.output_names, values))
 
     def run_raw(self, feeds: Feeds) -> None:
-        """One run whose outputs are dropped (timing; the feeds already ran once)."""
-        self._session.run(None, feeds)
+        """One run whose outputs are dropped (timing; the feeds already ran once); large
+        inputs run in slices of samples, as in `run`."""
+        slices = _sample_slices(feeds)
+        for part in [feeds] if slices is None else \
+                ({name: array[s] for name, array in feeds.items()} for s in slices):
+            self._session.run(None, part)
 
     def time(self, feeds: Feeds, max_runs: int = 20, budget_s: float = 1.0,
              min_runs: int = 3) -> list[float]:
         """Wall times (seconds) of repeated runs after one warm-up run."""
         self.run(feeds)
-        chunked = _sample_slices(feeds) is not None
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < max_runs and (len(times) < min_runs
                                          or time.perf_counter() - start < budget_s):
             t0 = time.perf_counter()
-            if chunked:
-                self.run(feeds)
-            else:
-                self._session.run(None, feeds)
+            self.run_raw(feeds)
             times.append(time.perf_counter() - t0)
         return times
 
