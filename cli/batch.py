@@ -18,7 +18,6 @@ from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
-from modelpress.formats.safetensors.sharded import parse_size
 
 from modelpress.cli.common import Failure
 from modelpress.cli.render import dump_json, human_bytes
@@ -52,16 +51,6 @@ def shard_option(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     try:
         return parse_shard(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """Click callback: '5GB' -> bytes."""
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 

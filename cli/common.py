@@ -11,6 +11,7 @@ import click
 from modelpress.formats import same_file
 from modelpress.formats.onnx.names import data_name
 from modelpress.formats.outputs import output_files
+from modelpress.formats.safetensors.sharded import parse_size
 
 from modelpress.cli.entry import EXIT_FAILURE, EXIT_USAGE
 
@@ -66,3 +67,13 @@ def read_paths(eval_values: dict[str, Any], recipe_file: Path | None,
              (calibration, "--calibration")]
     return [(path, option) for path, option in named if path is not None] + (
         [] if recipe_file is None else [(recipe_file, "--recipe")])
+
+
+def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Click callback: '5GB' -> bytes."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -18,7 +18,8 @@ from modelpress.app.evaluation import Baseline, EvalSettings
 from modelpress.core.evaluate import Evaluation
 from modelpress.core.thresholds import Thresholds, check
 from modelpress.formats.outputs import model_sha256
-from modelpress.formats.safetensors.sharded import parse_size
+
+from modelpress.cli.common import size_option
 
 EXIT_THRESHOLD = 3
 
@@ -106,16 +107,6 @@ class AccuracyValue(click.ParamType):
         return fraction
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """Click callback: '64MiB' -> bytes."""
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 def input_options(command: Callable) -> Callable:
     """Add --inputs, --labels, --dim, --input-range and --no-eval to a command."""
     options = [
@@ -135,7 +126,7 @@ def input_options(command: Callable) -> Callable:
                           "other integers [0, 2); floats standard normal]."),
         click.option("--no-eval", is_flag=True,
                      help="Do not run the models (ONNX output error, accuracy and latency)."),
-        click.option("--max-input-size", "max_input_bytes", type=str, callback=_size,
+        click.option("--max-input-size", "max_input_bytes", type=str, callback=size_option,
                      metavar="SIZE",
                      help="Largest evaluation inputs (all arrays, in memory) to run both models "
                           "on, such as 64MiB or 1GB [default: 64MiB]."),

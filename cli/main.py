@@ -19,9 +19,10 @@ from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODE
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 from modelpress.cli import evaluation
-from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option, size_option
+from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option
 from modelpress.cli.chain import StageChain
-from modelpress.cli.common import Failure, RecipeUsageError, check_extra_outputs, read_paths
+from modelpress.cli.common import (Failure, RecipeUsageError, check_extra_outputs, read_paths,
+                                   size_option)
 from modelpress.cli.entry import CONTEXT
 from modelpress.cli.render import dump_json, print_inspect, print_report
 from modelpress.cli.stages import stage_commands
