@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Protocol, Tuple, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Protocol, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -29,6 +29,19 @@ class WriteOptions:
     """One format's writer settings. Each format defines its own subclass (ONNX:
     external data, kernel forms; safetensors: shard size); callers build the one
     for the store's format and pass it to `TensorStore.write` untouched."""
+
+
+W = TypeVar("W", bound=WriteOptions)
+
+
+def options_for(kind: type[W], options: WriteOptions | None, what: str) -> W:
+    """`options` as one format's writer settings (None: that format's defaults); another
+    format's settings are a caller's bug, not a user's."""
+    if options is None:
+        return kind()
+    if not isinstance(options, kind):
+        raise TypeError(f"{what} written with {kind.__name__}, not {type(options).__name__}")
+    return options
 
 
 class TensorStore(Protocol):

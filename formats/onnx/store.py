@@ -11,7 +11,8 @@ import onnx
 
 from modelpress.core.encoded import Dense, Encoded, LowRank
 from modelpress.core.errors import ModelReadError
-from modelpress.core.store import EncodedItems, Progress, WriteOptions, WriteResult, in_store_order
+from modelpress.core.store import (EncodedItems, Progress, WriteOptions, WriteResult, in_store_order,
+                                   options_for)
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.onnx.borrow import borrow, give_back
@@ -245,12 +246,7 @@ class OnnxStore:
 
 def _onnx_options(options: WriteOptions | None) -> OnnxWriteOptions:
     """The writer settings for an ONNX output (None: the defaults)."""
-    if options is None:
-        return OnnxWriteOptions()
-    if not isinstance(options, OnnxWriteOptions):
-        raise TypeError(f"an ONNX model is written with OnnxWriteOptions, not "
-                        f"{type(options).__name__}")
-    return options
+    return options_for(OnnxWriteOptions, options, "an ONNX model is")
 
 
 def _replace(location: Location, name: str, out: Any) -> None:

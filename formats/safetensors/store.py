@@ -10,7 +10,8 @@ import numpy as np
 
 from modelpress.core.encoded import Encoded
 from modelpress.core.errors import InputDataError, ModelReadError
-from modelpress.core.store import EncodedItems, Progress, WriteOptions, WriteResult, in_store_order
+from modelpress.core.store import (EncodedItems, Progress, WriteOptions, WriteResult, in_store_order,
+                                   options_for)
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.filedata import map_range
@@ -172,12 +173,7 @@ class SafetensorsStore:
 
 def safetensors_options(options: WriteOptions | None) -> SafetensorsWriteOptions:
     """The writer settings for a safetensors output (None: the defaults)."""
-    if options is None:
-        return SafetensorsWriteOptions()
-    if not isinstance(options, SafetensorsWriteOptions):
-        raise TypeError(f"safetensors weights are written with SafetensorsWriteOptions, not "
-                        f"{type(options).__name__}")
-    return options
+    return options_for(SafetensorsWriteOptions, options, "safetensors weights are")
 
 
 def refuse_calibration(calibration: Path, path: Path) -> InputDataError:
