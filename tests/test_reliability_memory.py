@@ -14,12 +14,16 @@ import pytest
 
 LIMIT_MB = 500
 # Runs the CLI in this process and prints exit code, peak RSS (MB) and the output, as JSON.
+# The peak is VmHWM, this process image's own: Linux keeps ru_maxrss across fork and exec, so
+# a child of a large pytest process (one that has loaded torch for the transformers tests)
+# would report the parent's size.
 PROBE = """
 import json, resource, sys
 from click.testing import CliRunner
 from modelpress.cli.entry import cli
 result = CliRunner().invoke(cli, sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
 print(json.dumps({"code": result.exit_code, "peak_mb": peak, "output": result.output,
                   "error": None if result.exception is None or isinstance(result.exception,
                   SystemExit) else repr(result.exception)}))
