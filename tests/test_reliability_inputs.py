@@ -124,6 +124,17 @@ def test_onnx_path_not_utf8_is_named(tmp_path: Path, samples: Path, which: str) 
     assert not (tmp_path / "o.onnx").exists() and (which == "input" or not odd.exists())
 
 
+def run_in_child(args: list[object]) -> list[str]:
+    """The CLI run in a child process (a FIFO that blocks must not hang the test run): its
+    exit code, then its output, as lines."""
+    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.entry import "
+            "cli; r = CliRunner().invoke(cli, sys.argv[1:]); print(r.exit_code); "
+            "print(r.output)")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=60)
+    return (done.stdout.strip() or done.stderr.strip()).splitlines() or [""]
+
+
 @pytest.mark.parametrize("suffix", [".onnx", ".safetensors"])
 @pytest.mark.parametrize("command", ["compress", "inspect", "decompress"])
 def test_fifo_model_is_refused_at_once(tmp_path: Path, suffix: str, command: str) -> None:
@@ -133,13 +144,8 @@ def test_fifo_model_is_refused_at_once(tmp_path: Path, suffix: str, command: str
     args = {"compress": ["compress", fifo, "-o", tmp_path / f"o{suffix}", "quantize"],
             "inspect": ["inspect", fifo],
             "decompress": ["decompress", fifo, "-o", tmp_path / f"o{suffix}"]}[command]
-    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.entry import "
-            "cli; r = CliRunner().invoke(cli, sys.argv[1:]); print(r.exit_code); "
-            "print(r.output)")
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=60)
-    lines = done.stdout.strip().splitlines()
-    assert lines[0] == "1", done.stdout + done.stderr
+    lines = run_in_child(args)
+    assert lines[0] == "1", lines
     assert lines[-1] == (f"Error: {fifo}: not a regular file (a pipe, socket or device); give "
                          "the model file itself")
 
@@ -151,13 +157,8 @@ def test_fifo_inputs_are_refused_at_once(tmp_path: Path, samples: Path, option: 
     inputs = fifo if option == "--inputs" else samples / "mlp_test_inputs.npz"
     args = ["compress", samples / "mlp.onnx", "-o", tmp_path / "o.onnx", "--inputs", inputs,
             *(["--labels", fifo] if option == "--labels" else []), "quantize"]
-    code = ("import sys; from click.testing import CliRunner; from modelpress.cli.entry import "
-            "cli; r = CliRunner().invoke(cli, sys.argv[1:]); print(r.exit_code); "
-            "print(r.output)")
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=60)
-    lines = done.stdout.strip().splitlines()
-    assert lines[0] == "1", done.stdout + done.stderr
+    lines = run_in_child(args)
+    assert lines[0] == "1", lines
     assert lines[-1].startswith(f"Error: {fifo}: not a regular file")
 
 
