@@ -51,12 +51,18 @@ def atomic_path(dst: Path) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
-        if isinstance(exc, OSError):  # disk full, quota, I/O error: the user's to fix
-            raise ModelWriteError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
-                                  "nothing was written") from None
+        raise_write_error(dst, exc)
         raise
     finally:
         os.close(fd)
+
+
+def raise_write_error(dst: Path, exc: BaseException) -> None:
+    """Raise the user's error for a write that failed with an OSError (disk full, quota,
+    I/O error: theirs to fix); any other exception is left to the caller to re-raise."""
+    if isinstance(exc, OSError):
+        raise ModelWriteError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
+                              "nothing was written") from None
 
 
 def temp_prefix(dst: Path) -> str:

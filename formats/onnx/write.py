@@ -30,7 +30,7 @@ import onnx
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
 from modelpress.formats.atomic import (TMP_SUFFIX, atomic_path, commit_lock, fsync_dir, hold, output_mode,
-                                        remove_stale, temp_prefix)
+                                        raise_write_error, remove_stale, temp_prefix)
 from modelpress.formats.filedata import copy_range
 from modelpress.formats.onnx.check import check_saved
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
@@ -200,9 +200,7 @@ def staged(dst: Path) -> Iterator[Staging]:
         stage.commit()
     except BaseException as exc:
         stage.discard()
-        if isinstance(exc, OSError):  # disk full, quota, I/O error: the user's to fix
-            raise ModelWriteError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
-                                  "nothing was written") from None
+        raise_write_error(dst, exc)
         raise
     finally:
         if stage.folder is not None:
