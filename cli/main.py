@@ -13,6 +13,7 @@ from modelpress.app.directory import decompress_directory, model_in
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.core.order import order_problem
+from modelpress.core.quantize.stage import gptq_refusal
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODES, INT4_MODES,
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
@@ -85,13 +86,13 @@ from modelpress.cli.terminal import consoles, progress
                    "exact; 4: int8 activations, faster). The standard form follows the "
                    "session option session.qdq_matmulnbits_accuracy_level (default 4).")
 @click.option("--calibration", type=click.Path(path_type=Path), metavar="FILE.npz",
-              help="ONNX: inputs (arrays by input name, like --inputs) run through the original "
-                   "model first, for quantized MatMul/Gemm weights whose inputs are never "
-                   "negative (after ReLU, Sigmoid, Softmax, comparisons, or pooling of those: "
-                   "classifier heads, one-hot features). Their codes then round so that the "
-                   "error's mean offset on each output cancels where that helps; sizes do not "
-                   "change. Needs onnxruntime. Use data other than --inputs, or the output "
-                   "error is measured on the data it was fitted to.")
+              help="ONNX: inputs (arrays by input name, like --inputs; 32-128 samples are "
+                   "typical) run through the original model first, collecting the input "
+                   "statistics of each quantized MatMul, Gemm and Conv weight. quantize then "
+                   "rounds those weights by GPTQ (--method gptq, the default with this option): "
+                   "lower output error, same layout and size. Needs onnxruntime. Use data "
+                   "other than --inputs, or the output error is measured on the data it was "
+                   "fitted to.")
 @click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
               help="Batch: models compressed in parallel processes [default: CPU count, "
                    "bounded by available memory].")
@@ -147,6 +148,8 @@ def compress(**_: Any) -> None:
       modelpress compress mlp.onnx -o out.onnx --print-recipe quantize --bits 4
       modelpress compress mlp.onnx -o out.onnx --inputs x.npz --labels y.npy quantize --bits 4
       modelpress compress cnn.onnx -o out.onnx --calibration calib.npz quantize --bits 4
+      modelpress compress m.onnx -o out.onnx --calibration calib.npz --inputs eval.npz \
+          quantize --bits 4 --method gptq
       modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
 
     \b
@@ -202,7 +205,12 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         return
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
-    if is_batch(model, output):
+    batch = is_batch(model, output)
+    refusal = gptq_refusal(recipe.stages, calibration=calibration is not None, batch=batch,
+                           onnx=model[0].suffix.lower() == ".onnx")
+    if refusal:
+        raise RecipeUsageError(refusal)
+    if batch:
         single = [_SINGLE_ONLY.get(k, "--" + k.replace("_", "-"))
                   for k, v in {**threshold_values, **eval_values}.items()
                   if v not in (None, False, ()) and k != "no_eval"]

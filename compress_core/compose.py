@@ -55,9 +55,12 @@ def factor_info(info: TensorInfo, shape: tuple[int, ...], which: str) -> TensorI
 
     Both factors keep the matrix's channel and block axes: the left factor's
     rows are the matrix's rows and the right factor's columns its columns,
-    and each is used the way the matrix was (same reduction side).
+    and each is used the way the matrix was (same reduction side). The
+    matrix's input statistics are not the factor's (the inner factor's
+    inputs are the outer one's outputs): they are left out.
     """
-    return dataclasses.replace(info, name=f"{info.name}.{which}", shape=tuple(shape))
+    return dataclasses.replace(info, name=f"{info.name}.{which}", shape=tuple(shape),
+                               input_stats=None)
 
 
 def apply_to_factors(stage: Stage, encoded: LowRank, info: TensorInfo) -> LowRank:

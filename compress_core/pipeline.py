@@ -12,7 +12,6 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from modelpress.core.calibrate import compensate
 from modelpress.core.dtypes import short_name
 from modelpress.core.encoded import Dense, Encoded, Quantized
 from modelpress.core.errors import ModelpressError, UnsupportedTensorError
@@ -68,7 +67,6 @@ class Encoding:
     errors: dict[str, ErrorStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     described: dict[str, str] = field(default_factory=dict)
-    calibrated: int = 0  # tensors whose rounding their input statistics changed
 
 
 def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list[Stage]]:
@@ -132,11 +130,10 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
     work = _prepare(store, recipe, plan(store, recipe, options), options)
     threads = max(1, options.threads or default_threads())
     results = _results(store, work, options, threads)
-    for done, (name, encoded, error, notes, calibrated) in enumerate(results):
+    for done, (name, encoded, error, notes) in enumerate(results):
         if progress:
             progress(done, len(work), name)
         into.notes.extend(notes)
-        into.calibrated += calibrated
         if encoded is not None:
             into.errors[name] = error
             into.described[name] = encoded.describe()
@@ -146,8 +143,8 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
         progress(len(work), len(work), "")
 
 
-# name, encoding (None: unchanged), its error, notes, whether calibration changed its rounding
-Result = tuple[str, "Encoded | None", "ErrorStats | None", list[str], bool]
+# name, encoding (None: unchanged), its error, notes
+Result = tuple[str, "Encoded | None", "ErrorStats | None", list[str]]
 
 
 def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
@@ -156,11 +153,10 @@ def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
     def job(name: str, stages: list[Stage]) -> Result:
         notes: list[str] = []
         try:
-            encoded, error, calibrated = _encode_one(store, store.tensors[name], stages,
-                                                     options, notes)
+            encoded, error = _encode_one(store, store.tensors[name], stages, options, notes)
         except ModelpressError as exc:
             raise type(exc)(f"{store.path}: {exc}") from None
-        return name, encoded, error, notes, calibrated
+        return name, encoded, error, notes
 
     if threads == 1 or len(work) <= 1:
         for name, stages in work.items():
@@ -188,26 +184,25 @@ def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
 
 
 def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], options: Options,
-                notes: list[str]) -> tuple[Encoded | None, ErrorStats | None, bool]:
+                notes: list[str]) -> tuple[Encoded | None, ErrorStats | None]:
     if not info.is_float:
         raise UnsupportedTensorError(
             f"tensor {info.name!r} is {short_name(info.dtype)}; {stages[0].id} only applies to "
             f"floating-point tensors (use --exclude '{info.name}')")
     if info.size == 0:
         notes.append(f"{info.name}: left as is (it has no elements)")
-        return None, None, False
+        return None, None
     array = store.read(info.name)
-    # With input statistics the codes change after quantizing: measured afterwards.
-    measured = encode_measured(array, info, stages) if info.input_stats is None else None
+    measured = encode_measured(array, info, stages)
     if measured is not None:
-        return (*measured, False)
+        return measured
     # On the stored dtype: a cast would warn on signalling NaNs (hostile data) and turn
     # finite float64 values beyond float32's range into Inf.
     bad = count_nonfinite(array)
     if bad:
         if options.allow_nonfinite:
             notes.append(f"{info.name}: left as is ({bad} NaN/Inf values, --allow-nonfinite)")
-            return None, None, False
+            return None, None
         raise UnsupportedTensorError(
             f"tensor {info.name!r} has {bad} NaN/Inf values; fix the model, exclude it "
             f"(--exclude '{info.name}'), or pass --allow-nonfinite to leave such tensors as they are")
@@ -216,14 +211,10 @@ def _encode_one(store: TensorStore, info: TensorInfo, stages: list[Stage], optio
             f"tensor {info.name!r} holds values beyond float32's range (up to "
             f"{float(np.abs(array).max()):.3g}); stages compute in float32, so exclude it "
             f"(--exclude '{info.name}')")
-    encoded = _apply_stages(Dense(array), info, stages, notes)
+    encoded = _apply_stages(Dense(array), info, stages, notes, array)
     if isinstance(encoded, Dense) and encoded.array is array:
-        return None, None, False
-    calibrated = False
-    if info.input_stats is not None and type(encoded) is Quantized and info.block_axis is not None:
-        adjusted = compensate(encoded, array, info.input_stats, info.block_axis)
-        calibrated, encoded = adjusted is not encoded, adjusted
-    return encoded, measure_error(array, encoded), calibrated
+        return None, None
+    return encoded, measure_error(array, encoded)
 
 
 def encode_measured(array: np.ndarray, info: TensorInfo,
@@ -315,10 +306,11 @@ def count_nonfinite(array: np.ndarray) -> int:
 
 
 def _apply_stages(encoded: Encoded, info: TensorInfo, stages: list[Stage],
-                  notes: list[str] | None) -> Encoded:
+                  notes: list[str] | None, original: np.ndarray | None = None) -> Encoded:
     for stage in stages:
         try:
-            encoded = stage.apply(encoded, info)
+            encoded = (stage.apply(encoded, info) if original is None
+                       else stage.apply_to(encoded, info, original))
         except Skip as reason:
             if notes is not None:
                 notes.append(f"{info.name}: {stage.id} left it as is ({reason})")

@@ -167,6 +167,12 @@ class Stage:
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
         """Return the new encoding of one tensor; never modify the input."""
 
+    def apply_to(self, encoded: Encoded, info: TensorInfo, original: np.ndarray) -> Encoded:
+        """`apply`, told the tensor's values as read: for a stage that fits its result to
+        them rather than to what the stages before it left (GPTQ after prune feeds back
+        the pruned weights' error). `apply` by default."""
+        return self.apply(encoded, info)
+
     def encode_measured(self, array: np.ndarray,
                         info: TensorInfo) -> tuple[Encoded, ErrorStats] | None:
         """`apply` on the dense tensor `array` as read, and its error against `array`,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from modelpress.core.blas import one_blas_thread
 
 # Randomized SVD settings (Halko, Martinsson & Tropp 2011): extra sampled
 # directions and power iterations make the subspace accurate for the slowly
@@ -33,7 +33,7 @@ def truncated_svd(a: np.ndarray, rank: int, method: str = "auto",
     if method == "randomized":
         u, s, vt = _randomized(a, rank)
     else:
-        with _one_blas_thread():
+        with one_blas_thread():
             u, s, vt = np.linalg.svd(a, full_matrices=False)
         u, s, vt = u[:, :rank], s[:rank], vt[:rank]
     return _fix_signs(u, s, vt)
@@ -41,16 +41,8 @@ def truncated_svd(a: np.ndarray, rank: int, method: str = "auto",
 
 def singular_values(a: np.ndarray) -> np.ndarray:
     """All singular values, largest first."""
-    with _one_blas_thread():
+    with one_blas_thread():
         return np.linalg.svd(np.asarray(a), compute_uv=False)
-
-
-def _one_blas_thread() -> Any:
-    """Run LAPACK on one BLAS thread: its blocked SVD rounds differently with each thread
-    count, so outputs would differ between machines of 1 and 2 cores (2048x2048 with
-    --energy measured different files at OPENBLAS_NUM_THREADS 1 and 2)."""
-    from threadpoolctl import threadpool_limits  # lazy: only SVD limits BLAS threads
-    return threadpool_limits(1, user_api="blas")
 
 
 def rank_for_energy(s: np.ndarray, energy: float) -> int:
@@ -70,7 +62,7 @@ def _randomized(a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     # for each other): 4096x4096 at rank 256 took 12-36 s threaded on a loaded
     # 2-CPU machine and 1.6 s on one thread. Tensors run in parallel already
     # (--threads).
-    with _one_blas_thread():
+    with one_blas_thread():
         return _randomized_steps(a, rank)
 
 

@@ -4,19 +4,55 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from modelpress.core.dtypes import is_float
 
 
+class SecondMoments:
+    """H = X^T X / rows of a layer's input rows X (float32), read when needed.
+
+    `shape` is [K, K] for a MatMul/Gemm weight, [groups, K, K] for a Conv
+    weight (one matrix per group of the convolution; K = input channels per
+    group x kernel elements, in the order of the weight's flattened kernel
+    [C/group, *kernel]: the im2col view of the input). `load()` may run the
+    model (modelpress.formats.onnx.calibrate collects these a few layers at a
+    time, so that not every layer's matrix is in memory at once).
+    """
+
+    def __init__(self, shape: tuple[int, ...], load: Callable[[], np.ndarray]) -> None:
+        self.shape = tuple(shape)
+        self._load = load
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> SecondMoments:
+        """Matrices already in memory."""
+        array = np.asarray(array, np.float32)
+        return cls(array.shape, lambda: array)
+
+    def load(self) -> np.ndarray:
+        """The matrices, float32 of `shape`."""
+        return self._load()
+
+
 @dataclass(frozen=True, eq=False)
 class InputStats:
-    """Mean and variance of each of a layer's K inputs over the calibration data."""
+    """Statistics of a layer's inputs over the calibration data.
 
-    mean: np.ndarray   # float64 [K]
-    var: np.ndarray    # float64 [K]
+    `mean` and `var` hold each input's mean and variance: shape [K] for a
+    MatMul/Gemm weight (the activation's last axis), [groups, K] for a Conv
+    weight (each column of the im2col view, padding included). An input's
+    energy E[x^2] is `var + mean**2`. `second_moments`, when collected, is
+    H = X^T X / rows for `quantize --method gptq` (None: too large for the
+    limits of modelpress.formats.onnx.calibrate, or not collected).
+    """
+
+    mean: np.ndarray   # float64 [K] or [groups, K]
+    var: np.ndarray    # float64, as mean
     samples: int       # input rows averaged (calibration samples x positions)
+    second_moments: SecondMoments | None = None
 
 
 @dataclass(frozen=True)
@@ -38,8 +74,9 @@ class TensorInfo:
     where the reader knows it, is the share of the model's weight elements
     that its sensitive tensors hold together (it budgets their backup
     precision, see compress_core/quantize/plan.py). `input_stats`, set by a
-    calibration run (ONNX MatMul/Gemm weights, see compress_core/calibrate.py),
-    holds the statistics of the inputs the weight multiplies.
+    calibration run (ONNX MatMul/Gemm/Conv weights, see
+    modelpress.formats.onnx.calibrate), holds the statistics of the inputs the
+    weight multiplies.
     """
 
     name: str

@@ -56,7 +56,7 @@ class QuantPlan:
     symmetric: bool
     granularity: str
     group_size: int | None
-    method: str
+    method: str                # rtn, mse, or gptq (needs the tensor's second moments)
     scale_bits: int            # 0: scales stored as floats of the scale dtype
     zero_bits: int | None      # None when symmetric
     backup: bool = False       # bits raised by the backup-precision policy
@@ -104,11 +104,25 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
     if not symmetric:
         narrow = scale_bits and granularity == "group" and group_size <= CODED_GROUP and bits < 8
         zero_bits = min(stage.zero_bits or (2 if narrow else bits), bits)
-    method = stage.method or ("mse" if bits < 8 else "rtn")
+    method = stage.method or default_method(bits)
+    if method == "gptq" and not has_second_moments(info):
+        method = default_method(bits)  # no statistics for this tensor: the note says so
+    elif stage.method is None and has_second_moments(info):
+        method = "gptq"
     super_block = _super_block(stage, info, bits, granularity, group_size, compact)
     return QuantPlan(bits=bits, symmetric=symmetric, granularity=granularity,
                      group_size=group_size, method=method, scale_bits=scale_bits,
                      zero_bits=zero_bits, backup=backup, super_block=super_block)
+
+
+def default_method(bits: int) -> str:
+    """The rounding without calibration statistics (and the fit of gptq's grid)."""
+    return "mse" if bits < 8 else "rtn"
+
+
+def has_second_moments(info: TensorInfo) -> bool:
+    """Whether a calibration run collected X^T X for this tensor (see quantize.gptq)."""
+    return info.input_stats is not None and info.input_stats.second_moments is not None
 
 
 def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -16,7 +16,9 @@ from modelpress.core.quantize.coded import quantize_coded
 from modelpress.core.quantize.fused import quantize_measured
 from modelpress.core.quantize.groups import GroupView, stored_scale_up
 from modelpress.core.quantize.multiplier import applies
-from modelpress.core.quantize.plan import CODED_GROUP, MAX_MULTIPLIED_BITS, QuantPlan, plan_for
+from modelpress.core.quantize.gptq import round_calibrated
+from modelpress.core.quantize.plan import (CODED_GROUP, MAX_MULTIPLIED_BITS, QuantPlan,
+                                           default_method, plan_for)
 from modelpress.core.scalecode import MULTIPLIER_BITS
 from modelpress.core.sizing import ElementSize, per_element
 from modelpress.core.stage import Stage, option
@@ -75,8 +77,11 @@ class Quantize(Stage):
         min=2)
     method: str | None = option(
         None, "rtn: round to nearest from the min/max range; mse: search each "
-        "scale's clipping range for the least squared error [default: mse below 8 bits, rtn at 8]",
-        choices=("rtn", "mse"))
+        "scale's clipping range for the least squared error; gptq: choose the codes column "
+        "by column with error feedback from the layer's inputs (OPTQ/GPTQ; ONNX MatMul, "
+        "Gemm and Conv weights, needs --calibration; same layout and size as mse) "
+        "[default: gptq where --calibration gave statistics, else mse below 8 bits, rtn at 8]",
+        choices=("rtn", "mse", "gptq"))
     scale_bits: int | None = option(
         None, "store each scale as a code of this many bits (4-8) on a per-tensor log grid "
         "(double quantization); 0 stores floats in the model's type [default: ONNX 5 with "
@@ -144,6 +149,14 @@ class Quantize(Stage):
         return plan_for(self, info)
 
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
+        return self.apply_to(encoded, info, None)
+
+    def apply_to(self, encoded: Encoded, info: TensorInfo,
+                 original: np.ndarray | None) -> Encoded:
+        if self.plan(info).method == "gptq":
+            rounded = round_calibrated(encoded, info, self._grid, original)
+            if rounded is not None:
+                return rounded
         if isinstance(encoded, Sparse):
             quantized = self.apply(encoded.values, info)
             return Sparse(encoded.mask, quantized, encoded.pattern)
@@ -152,27 +165,57 @@ class Quantize(Stage):
         if not isinstance(encoded, Dense):
             raise order_error(self, encoded, info)
         plan = self.plan(info)
+        if plan.method == "gptq":
+            plan = replace(plan, method=default_method(plan.bits))
+        return self._quantized(encoded.decode(), info, plan)
+
+    def _grid(self, array: np.ndarray, info: TensorInfo) -> Quantized:
+        """`array` quantized on the grid (scales, zero points) gptq rounds on: the plan's,
+        fitted by the method used without calibration."""
+        plan = self.plan(info)
+        return self._quantized(array, info, replace(plan, method=default_method(plan.bits)))
+
+    def _quantized(self, array: np.ndarray, info: TensorInfo, plan: QuantPlan) -> Quantized:
         channel_axis, block_axis = axes_for(info)
         if plan.scale_bits:
             return quantize_coded(
-                encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
+                array, bits=plan.bits, symmetric=plan.symmetric,
                 zero_bits=plan.zero_bits, scale_bits=plan.scale_bits,
                 granularity=plan.granularity, channel_axis=channel_axis, block_axis=block_axis,
                 group_size=plan.group_size, method=plan.method, super_block=plan.super_block)
         return quantize_array(
-            encoded.decode(), bits=plan.bits, symmetric=plan.symmetric,
+            array, bits=plan.bits, symmetric=plan.symmetric,
             granularity=plan.granularity, channel_axis=channel_axis,
             block_axis=block_axis, group_size=plan.group_size, method=plan.method,
             scale_dtype=scale_dtype_for(info.dtype))
 
     def encode_measured(self, array: np.ndarray,
                         info: TensorInfo) -> tuple[Quantized, ErrorStats] | None:
-        return quantize_measured(array, info, self.plan(info))
+        plan = self.plan(info)
+        return None if plan.method == "gptq" else quantize_measured(array, info, plan)
 
     def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize:
         plan = self.plan(info)
         side = _scale_bits(plan, info) * per_element(plan.granularity, info, plan.group_size)
         return replace(size, value_bits=float(plan.bits), side=side)
+
+
+def gptq_refusal(stages: Iterable[Stage], *, calibration: bool, onnx: bool,
+                 batch: bool = False) -> str | None:
+    """Why `quantize --method gptq` among `stages` cannot run this way, or None."""
+    if not any(isinstance(s, Quantize) and s.method == "gptq" for s in stages):
+        return None
+    if batch:
+        return ("quantize --method gptq runs each model on --calibration inputs, one model at "
+                "a time; batch mode does not run models (use --method mse)")
+    if not onnx:
+        return ("quantize --method gptq needs an ONNX model: it runs the model on --calibration "
+                "inputs, and safetensors weights have no graph to run (use --method mse)")
+    if not calibration:
+        return ("quantize --method gptq needs --calibration FILE.npz (model inputs, like "
+                "--inputs, that the original model runs on to collect each layer's input "
+                "statistics); without them use --method mse")
+    return None
 
 
 def _scale_bits(plan: QuantPlan, info: TensorInfo) -> float:

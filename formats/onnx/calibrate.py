@@ -1,199 +1,312 @@
-"""Input statistics of MatMul/Gemm weights: the original model run on calibration data.
+"""Input statistics of MatMul/Gemm/Conv weights: the original model run on calibration data.
 
-For `compress --calibration FILE.npz`: each weight used only as the B input
-of MatMul or Gemm in the main graph, on inputs that are non-negative by
-construction (see `nonnegative`), gets the mean and variance of each of its
-K inputs (the activation feeding that node), averaged over every row the
-calibration data produces (samples x positions). Non-negative inputs are
-where a weight error's mean effect is large: every input pushes the same
-way, so the errors of a column add up instead of cancelling (a classifier
-after ReLU and global pooling, a layer on one-hot features). Elsewhere
-(after LayerNorm, say) the inputs' means have mixed signs and little weight,
-and the model is not run for them. The original model runs in
-onnxruntime (CPU, default options) with those activations added as outputs,
-a few samples at a time; external data is read from the model's folder in
-place. compress_core/calibrate.py uses the statistics to choose roundings.
+For `compress --calibration FILE.npz`: each weight used only as the weight
+input of MatMul, Gemm (B) or Conv nodes of the main graph gets the mean and
+variance of each of its inputs and, for `quantize --method gptq`, their
+second moments H = X^T X / rows (`modelpress.core.tensorinfo.InputStats`),
+over every input row the calibration data produces (samples x positions;
+for a Conv the im2col rows of its input, see `moments`). The original model
+runs in onnxruntime (CPU, default options) with those activations added as
+outputs, SAMPLES_PER_RUN samples at a time; external data is read from the
+model's folder in place.
+
+Memory: a layer's H is groups x K x K floats, summed in float64 while
+collected. A pass over the calibration data collects the matrices of layers
+holding at most PASS_ELEMENTS of them together (256 MB of sums; a larger
+layer runs alone); the first pass runs before compression starts (with
+every layer's mean and variance), the others when the pipeline reaches
+their layers, and each matrix is dropped once its weight has taken it. A
+layer over MAX_ELEMENTS (K above 8192 for an ungrouped layer: a float64
+inverse of 512 MB and K^3 work) gets no H: gptq falls back to the plain
+rounding there, and the notes name it.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from modelpress.core.calibrate import InputStats
 from modelpress.core.errors import InputDataError, ModelRunError
+from modelpress.core.tensorinfo import InputStats, SecondMoments
 
 from modelpress.formats.onnx.graph import graphs
+from modelpress.formats.onnx.moments import ConvGeometry, Sums, conv_rows, matmul_rows
 from modelpress.formats.onnx.run import INSTALL_HINT, first_line, input_specs, load_inputs
 
 SAMPLES_PER_RUN = 8
 """Calibration samples run at once (bounds the activations held in memory)."""
-
-# Ops whose output is never negative, whatever their input.
-_NONNEGATIVE = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid",
-                "ReduceL2", "ReduceSumSquare", "Equal", "Greater", "Less", "GreaterOrEqual",
-                "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Shape", "Size"}
-# Ops that keep their first input's values (or take means, maxima or minima of them).
-_KEEPS_SIGN = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast", "Identity",
-               "ReduceMean", "ReduceMax", "ReduceMin", "GlobalAveragePool", "AveragePool",
-               "MaxPool", "GlobalMaxPool", "Slice", "Expand", "Tile", "Gather", "Dropout",
-               "DepthToSpace", "SpaceToDepth"}
-_MAX_DEPTH = 16
+MAX_ELEMENTS = 1 << 26
+"""Largest H (groups x K x K) collected for one layer."""
+PASS_ELEMENTS = 1 << 25
+"""H elements collected in one pass over the calibration data (float64 sums)."""
 
 
 @dataclass(frozen=True)
 class LayerInput:
-    """The activation that multiplies a weight: its name and whether K is its first axis
-    (Gemm with transA=1) rather than its last."""
+    """The activation that multiplies a weight: its name, whether K is its first axis
+    (Gemm with transA=1) rather than its last, and for a Conv how the kernel slides."""
 
     activation: str
-    k_first: bool
+    k_first: bool = False
+    conv: ConvGeometry | None = None
 
 
-def nonnegative(model: onnx.ModelProto, name: str,
-                producers: dict[str, onnx.NodeProto] | None = None, depth: int = 0) -> bool:
-    """True when the main-graph value `name` cannot be negative: made by an op of
-    _NONNEGATIVE, a Clip with a constant minimum >= 0, or from such values by ops of
-    _KEEPS_SIGN or Concat. `producers`: output name -> node (built if not given)."""
-    if producers is None:
-        producers = {out: node for node in model.graph.node for out in node.output}
-    producer = producers.get(name)
-    if producer is None or depth > _MAX_DEPTH or producer.domain not in ("", "ai.onnx"):
-        return False
-    op = producer.op_type
-    if op in _NONNEGATIVE:
-        return True
-    if op == "Clip":
-        low = _constant(model, producers, producer.input[1]) if len(producer.input) > 1 else None
-        if low is None:
-            low = next((a.f for a in producer.attribute if a.name == "min"), None)
-        return low is not None and bool(np.all(np.asarray(low) >= 0))
-    if op in _KEEPS_SIGN:
-        return bool(producer.input) and nonnegative(model, producer.input[0], producers,
-                                                    depth + 1)
-    if op == "Concat":
-        return all(nonnegative(model, i, producers, depth + 1) for i in producer.input)
-    return False
+@dataclass(frozen=True)
+class Layer:
+    """A weight's uses and the shape of its input rows (groups x K)."""
+
+    uses: tuple[LayerInput, ...]
+    groups: int
+    k: int
+
+    @property
+    def elements(self) -> int:
+        return self.groups * self.k * self.k
 
 
-def _constant(model: onnx.ModelProto, producers: dict[str, onnx.NodeProto],
-              name: str) -> np.ndarray | None:
-    """A scalar initializer's or Constant's value, or None."""
-    if not name:
-        return None
-    try:
-        for tensor in model.graph.initializer:
-            if tensor.name == name:
-                return numpy_helper.to_array(tensor) if len(tensor.dims) == 0 else None
-        node = producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            return None if value is None else numpy_helper.to_array(value)
-    except (ValueError, TypeError, KeyError):  # external or malformed: not a known minimum
-        return None
-    return None
-
-
-def layer_inputs(model: onnx.ModelProto, names: set[str]) -> dict[str, list[LayerInput]]:
-    """For each of `names` used only as the weight (B) of main-graph MatMul/Gemm nodes, the
-    activations it multiplies. Weights with any other use are left out."""
-    found: dict[str, list[LayerInput]] = {}
+def layer_inputs(model: onnx.ModelProto, weights: dict[str, tuple[int, ...]]) -> dict[str, Layer]:
+    """For each of `weights` (name -> dims) used only as the weight of main-graph MatMul, Gemm
+    or Conv nodes that agree on its input rows, those uses. Weights with any other use are
+    left out."""
+    found: dict[str, list[tuple[LayerInput, int, int]]] = {}
     other: set[str] = set()
     for graph in graphs(model.graph):
         for node in graph.node:
             for i, name in enumerate(node.input):
-                if name not in names:
+                if name not in weights:
                     continue
-                standard = node.domain in ("", "ai.onnx")
-                if (graph is model.graph and standard and i == 1
-                        and node.op_type in ("MatMul", "Gemm") and node.input[0]):
-                    trans_a = node.op_type == "Gemm" and any(
-                        a.name == "transA" and a.i for a in node.attribute)
-                    found.setdefault(name, []).append(LayerInput(node.input[0], trans_a))
-                else:
+                use = None
+                if (graph is model.graph and node.domain in ("", "ai.onnx") and i == 1
+                        and node.input[0]):
+                    use = _use(node, weights[name])
+                if use is None:
                     other.add(name)
+                else:
+                    found.setdefault(name, []).append(use)
     outputs = {o.name for o in model.graph.output}
-    return {n: uses for n, uses in found.items() if n not in other and n not in outputs}
+    layers = {}
+    for name, uses in found.items():
+        if name in other or name in outputs or len({u[1:] for u in uses}) != 1:
+            continue
+        layers[name] = Layer(tuple(u[0] for u in uses), uses[0][1], uses[0][2])
+    return layers
+
+
+def _use(node: onnx.NodeProto, dims: tuple[int, ...]) -> tuple[LayerInput, int, int] | None:
+    """A node's use of its weight input: (use, groups, K), or None if not a layer's."""
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    if node.op_type == "MatMul" and len(dims) == 2:
+        return LayerInput(node.input[0]), 1, dims[0]
+    if node.op_type == "Gemm" and len(dims) == 2:
+        return (LayerInput(node.input[0], bool(attrs.get("transA", 0))), 1,
+                dims[1] if attrs.get("transB", 0) else dims[0])
+    if node.op_type == "Conv" and len(dims) >= 3:
+        geometry = ConvGeometry.of(node, dims)
+        if geometry.group < 1 or dims[0] % geometry.group:
+            return None
+        return (LayerInput(node.input[0], conv=geometry), geometry.group,
+                dims[1] * math.prod(dims[2:]))
+    return None
 
 
 def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
-                weights: dict[str, int]) -> tuple[dict[str, InputStats], list[str]]:
-    """Statistics for each weight of `weights` (name -> K) that `layer_inputs` accepts and
-    that takes non-negative inputs, from running the model at `path` (whose graph is
-    `graph`) on the arrays in `calibration`; and notes for the report. The model is loaded
-    and run only if some weight qualifies; the calibration file is checked in any case."""
+                weights: dict[str, tuple[int, ...]]) -> tuple[dict[str, InputStats], list[str]]:
+    """Statistics for each weight of `weights` (name -> dims) that `layer_inputs` accepts,
+    from running the model at `path` (whose graph is `graph`) on the arrays in
+    `calibration`; and notes for the report. The model is loaded and run only if some
+    weight qualifies; the calibration file is checked in any case."""
     feeds = load_inputs(graph, calibration)
-    producers = {out: node for node in graph.graph.node for out in node.output}
-    uses = {n: u for n, u in layer_inputs(graph, set(weights)).items()
-            if all(nonnegative(graph, use.activation, producers) for use in u)}
-    if not uses:
-        return {}, [f"--calibration {calibration}: not used (no quantized MatMul/Gemm weight "
-                    "takes non-negative inputs)"]
-    try:
-        import onnxruntime as ort  # heavy and optional: only for --calibration
-    except ImportError:
-        raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
-    activations = sorted({u.activation for use in uses.values() for u in use})
-    graph_inputs = {i.name for i in model.graph.input}
-    present = {o.name for o in model.graph.output}
-    for name in activations:
-        if name not in graph_inputs and name not in present:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                     str(Path(path).resolve().parent))
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelRunError(f"--calibration: onnxruntime cannot load {path}: "
-                            f"{first_line(exc)}") from None
-    del model
-    wanted = [n for n in activations if n not in graph_inputs]
-    sums: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
-    for chunk in _chunks(feeds, calibration, graph):
-        try:
-            values = dict(zip(wanted, session.run(wanted, chunk))) if wanted else {}
-        except Exception as exc:
-            raise ModelRunError(f"--calibration {calibration}: onnxruntime cannot run {path}: "
-                                f"{first_line(exc)}") from None
-        values.update({n: chunk[n] for n in activations if n in graph_inputs})
-        for name, use_list in uses.items():
-            for use in use_list:
-                _accumulate(sums, (name, use), values[use.activation], use.k_first,
-                            weights[name])
+    layers = layer_inputs(graph, weights)
+    if not layers:
+        return {}, [f"--calibration {calibration}: not used (the recipe quantizes no MatMul, "
+                    "Gemm or Conv weight)"]
+    large = [n for n, layer in layers.items() if layer.elements > MAX_ELEMENTS]
+    passes = _passes({n: layer for n, layer in layers.items() if n not in large})
+    run = _Run(path, graph, calibration, feeds, layers)
+    first = run.sums(list(layers), set(passes[0]) if passes else set())
+    source = _Moments(run, passes, {n: s for n, s in first.items() if s.product is not None})
     stats, skipped = {}, []
-    for name, use_list in uses.items():
-        parts = [sums.get((name, u)) for u in use_list]
-        if any(p is None for p in parts):
+    for name, sums in first.items():
+        if sums.rows == 0:
             skipped.append(name)
             continue
-        total = sum(p[0] for p in parts)
-        square = sum(p[1] for p in parts)
-        rows = sum(p[2] for p in parts)
-        mean = total / rows
-        stats[name] = InputStats(mean, square / rows - mean * mean, rows)
+        layer = layers[name]
+        mean = sums.total / sums.rows
+        var = sums.square / sums.rows - mean * mean
+        if layer.uses[0].conv is None:
+            mean, var = mean[0], var[0]
+        moments = None
+        if name not in large:
+            shape = (layer.k, layer.k) if layer.uses[0].conv is None else (
+                layer.groups, layer.k, layer.k)
+            moments = SecondMoments(shape, _loader(source, name))
+        stats[name] = InputStats(mean, var, sums.rows, moments)
+    return stats, _notes(calibration, stats, skipped, large, layers, len(passes))
+
+
+def _loader(source: _Moments, name: str):
+    return lambda: source.load(name)
+
+
+def _notes(calibration: Path, stats: dict[str, InputStats], skipped: list[str],
+           large: list[str], layers: dict[str, Layer], passes: int) -> list[str]:
     notes = []
     if stats:
         rows = min(s.samples for s in stats.values())
         notes.append(f"--calibration {calibration}: input statistics for {len(stats)} "
-                     f"MatMul/Gemm weights (at least {rows} input rows each)")
+                     f"MatMul/Gemm/Conv weights (at least {rows} input rows each; "
+                     f"{passes} pass{'es' if passes != 1 else ''} over the data)")
     if skipped:
         notes.append(f"--calibration: no usable inputs for {len(skipped)} weights (not float, "
-                     f"or not K wide), e.g. {skipped[0]!r}; rounded without statistics")
-    return stats, notes
+                     f"or not the width the weight takes), e.g. {skipped[0]!r}; rounded "
+                     "without statistics")
+    for name in large:
+        layer = layers[name]
+        notes.append(f"--calibration: {name!r} takes {layer.k} inputs per output"
+                     f"{f' in each of {layer.groups} groups' if layer.groups > 1 else ''}; "
+                     f"its {layer.elements:,}-element input moments exceed the limit of "
+                     f"{MAX_ELEMENTS:,}, so gptq does not round it (plain rounding)")
+    return notes
 
 
-def _chunks(feeds: dict[str, np.ndarray], calibration: Path, graph: onnx.ModelProto):
+def _passes(layers: dict[str, Layer]) -> list[list[str]]:
+    """Layers in order, cut into passes of at most PASS_ELEMENTS moments (one at least)."""
+    passes: list[list[str]] = []
+    held = 0
+    for name, layer in layers.items():
+        if not passes or held + layer.elements > PASS_ELEMENTS:
+            passes.append([])
+            held = 0
+        passes[-1].append(name)
+        held += layer.elements
+    return passes
+
+
+class _Moments:
+    """Each layer's H, collected by the pass that holds it when first asked for, and
+    dropped when taken (asked for again, it is collected again)."""
+
+    def __init__(self, run: _Run, passes: list[list[str]], ready: dict[str, Sums]) -> None:
+        self._run, self._passes = run, passes
+        self._pass_of = {name: i for i, names in enumerate(passes) for name in names}
+        self._ready = {n: _matrix(s, run.layers[n]) for n, s in ready.items()}
+        self._taken: set[str] = set()
+        self._lock = threading.Lock()
+
+    def load(self, name: str) -> np.ndarray:
+        with self._lock:
+            if name not in self._ready:
+                wanted = [n for n in self._passes[self._pass_of[name]]
+                          if n == name or (n not in self._taken and n not in self._ready)]
+                sums = self._run.sums(wanted, set(wanted))
+                self._ready.update((n, _matrix(s, self._run.layers[n])) for n, s in sums.items()
+                                   if s.rows)
+            self._taken.add(name)
+            if self._taken.issuperset(self._pass_of):
+                self._run.close()  # every layer served: the session's memory goes
+            return self._ready.pop(name)
+
+
+def _matrix(sums: Sums, layer: Layer) -> np.ndarray:
+    """H in float32: [K, K] for a MatMul/Gemm weight, [groups, K, K] for a Conv weight."""
+    h = (sums.product / max(sums.rows, 1)).astype(np.float32)
+    return h if layer.uses[0].conv is not None else h[0]
+
+
+class _Run:
+    """The original model in onnxruntime with the layers' inputs as outputs, run on the
+    calibration arrays a few samples at a time (the session is made when first needed)."""
+
+    def __init__(self, path: Path, graph: onnx.ModelProto, calibration: Path,
+                 feeds: dict[str, np.ndarray], layers: dict[str, Layer]) -> None:
+        self._path, self._graph, self._calibration = path, graph, calibration
+        self._feeds, self.layers = feeds, layers
+        self._session = None
+
+    def close(self) -> None:
+        self._session = None
+
+    def sums(self, names: list[str], moments: set[str]) -> dict[str, Sums]:
+        """One pass: the sums of `names` (with X^T X for those in `moments`); a weight
+        whose inputs do not fit it gets empty sums."""
+        graph_inputs = {i.name for i in self._graph.graph.input}
+        wanted = sorted({u.activation for n in names for u in self.layers[n].uses}
+                        - graph_inputs)
+        sums = {n: Sums(self.layers[n].groups, self.layers[n].k, n in moments) for n in names}
+        bad: set[str] = set()
+        for chunk in _chunks(self._feeds, self._calibration, self._graph):
+            values = dict(zip(wanted, self._execute(wanted, chunk))) if wanted else {}
+            values.update({n: chunk[n] for n in graph_inputs if n in chunk})
+            for name in names:
+                if name not in bad and not self._add(sums[name], name, values):
+                    bad.add(name)
+        for name in bad:
+            sums[name] = Sums(1, 0, False)
+        return sums
+
+    def _add(self, sums: Sums, name: str, values: dict[str, np.ndarray]) -> bool:
+        """Add a chunk's rows of every use of `name`; False if some use does not fit."""
+        layer = self.layers[name]
+        for use in layer.uses:
+            value = np.asarray(values[use.activation])
+            if value.dtype.kind != "f":
+                return False
+            if use.conv is None:
+                blocks = matmul_rows(value, layer.k, use.k_first)
+            elif value.ndim == 2 + len(use.conv.kernel) and \
+                    value.shape[1] * math.prod(use.conv.kernel) == layer.k * layer.groups:
+                blocks = conv_rows(value, use.conv)
+            else:
+                return False
+            added = [sums.add(block) for block in blocks]
+            if not added:
+                return False
+        return True
+
+    def _execute(self, wanted: list[str], chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._session is None:
+            self._session = self._start()
+        try:
+            return self._session.run(wanted, chunk)
+        except Exception as exc:
+            raise ModelRunError(f"--calibration {self._calibration}: onnxruntime cannot run "
+                                f"{self._path}: {first_line(exc)}") from None
+
+    def _start(self):
+        """An onnxruntime session of the model with every layer input as an output."""
+        try:
+            import onnxruntime as ort  # heavy and optional: only for --calibration
+        except ImportError:
+            raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
+        try:
+            model = onnx.load(str(self._path), load_external_data=False)
+        except Exception as exc:
+            raise ModelRunError(f"{self._path}: not a valid ONNX model "
+                                f"({first_line(exc)})") from None
+        present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+        for name in sorted({u.activation for layer in self.layers.values()
+                            for u in layer.uses} - present):
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(Path(self._path).resolve().parent))
+        try:
+            return ort.InferenceSession(model.SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelRunError(f"--calibration: onnxruntime cannot load {self._path}: "
+                                f"{first_line(exc)}") from None
+
+
+def _chunks(feeds: dict[str, np.ndarray], calibration: Path,
+            graph: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
     """The feeds a few samples at a time along axis 0 (as many as a fixed batch dimension
     of the model's inputs says, else SAMPLES_PER_RUN), or whole when the inputs do not
     share a first axis."""
@@ -214,23 +327,3 @@ def _chunks(feeds: dict[str, np.ndarray], calibration: Path, graph: onnx.ModelPr
                                  f"samples; give a multiple of {per_run} (the file has {count})")
     for start in range(0, count, per_run):
         yield {k: v[start:start + per_run] for k, v in feeds.items()}
-
-
-def _accumulate(sums: dict, key: tuple, value: np.ndarray, k_first: bool, k: int) -> None:
-    """Add one activation's rows to the running sums (nothing if it is not a float array
-    with K along the expected axis: that weight then gets no statistics)."""
-    value = np.asarray(value)
-    if value.dtype.kind != "f" or value.ndim < 1:
-        return
-    rows = value.T if (k_first and value.ndim == 2) else value
-    if rows.shape[-1] != k:
-        return
-    rows = rows.reshape(-1, k)
-    if rows.dtype != np.float32:
-        rows = rows.astype(np.float32)
-    total = rows.sum(axis=0, dtype=np.float64)  # pairwise sums: float32 rows, float64 totals
-    square = np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
-    if not (np.isfinite(total).all() and np.isfinite(square).all()):
-        return
-    before = sums.get(key, (0.0, 0.0, 0))
-    sums[key] = (before[0] + total, before[1] + square, before[2] + rows.shape[0])

@@ -62,14 +62,13 @@ class OnnxStore:
 
     def calibrate(self, calibration: Path, selected: set[str]) -> list[str]:
         """Attach input statistics from `calibration` (an .npz of model inputs) to the
-        MatMul/Gemm weights among `selected` (those the recipe changes); notes for the
-        report. Without such weights the model is not run."""
-        weights = {name: info.shape[info.block_axis] for name, info in self._tensors.items()
-                   if name in selected and info.role in ("MatMul", "Gemm")
-                   and len(info.shape) == 2 and info.block_axis is not None}
+        MatMul/Gemm/Conv weights among `selected` (those the recipe quantizes); notes for
+        the report. Without such weights the model is not run."""
+        weights = {name: info.shape for name, info in self._tensors.items()
+                   if name in selected and info.role in ("MatMul", "Gemm", "Conv")}
         if not weights:
-            return [f"--calibration {calibration}: not used (the recipe changes no MatMul/Gemm "
-                    "weight)"]
+            return [f"--calibration {calibration}: not used (the recipe quantizes no MatMul, "
+                    "Gemm or Conv weight)"]
         stats, notes = input_stats(self.path, self.model, Path(calibration), weights)
         for name, found in stats.items():
             self._tensors[name] = dataclasses.replace(self._tensors[name], input_stats=found)

@@ -12,7 +12,8 @@ from modelpress.core.dtypes import short_name
 from modelpress.core.encoded import Encoded
 from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError, RecipeError
 from modelpress.core.pipeline import Encoding, Options, encode_stream, plan, unmatched_patterns
-from modelpress.core.quantize.stage import Quantize
+from modelpress.core.quantize.gptq import rounding_notes
+from modelpress.core.quantize.stage import Quantize, gptq_refusal
 from modelpress.core.recipe import Recipe
 from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
 from modelpress.core.store import Progress, TensorStore, WriteOptions, WriteResult
@@ -47,10 +48,15 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     The writer of the model's format gets its settings untouched: `onnx_options`
     for an ONNX model, `safetensors_options` for safetensors weights.
     `calibration` (ONNX only) is an .npz of model inputs run through the
-    original model; MatMul/Gemm weights then round with their inputs'
-    statistics (see modelpress.core.calibrate).
+    original model: quantized MatMul/Gemm/Conv weights whose quantize stage
+    leaves --method unset (or sets gptq) are then rounded by GPTQ with their
+    inputs' statistics (see modelpress.core.quantize.gptq).
     """
     src, dst = Path(src), Path(dst)
+    refusal = gptq_refusal(recipe.stages, calibration=calibration is not None,
+                           onnx=src.suffix.lower() == ".onnx")
+    if refusal:
+        raise RecipeError(refusal)
     store = open_model(src)
     dst = _sharded_destination(store, dst)
     check_output_path(store, dst)
@@ -87,14 +93,16 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
         stream.close()
     if for_loaders:
         encoding.notes.extend(loader_notes(open_model(dst).encodings, bool(pruned)))
-    if any(store.tensors[name].input_stats is not None for name in encoding.described):
-        encoding.notes.append(f"--calibration: rounding changed in {encoding.calibrated} "
-                              "tensors to cancel their error's mean effect on the layer output")
     if safetensors_options.max_shard_size is not None and not store.sharded:
         encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
                               "this model is written as one file")
     rows = []
     stages_of = plan(store, applied, options)
+    if calibration is not None:
+        encoding.notes.extend(rounding_notes(
+            [(name, store.tensors[name], stage.plan(store.tensors[name]))
+             for name in encoding.described for stage in stages_of[name]
+             if isinstance(stage, Quantize) and stage.method in (None, "gptq")]))
     for name, label in encoding.described.items():
         info = store.tensors[name]
         if name not in result.tensor_bytes:

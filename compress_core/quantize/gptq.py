@@ -1,0 +1,222 @@
+"""Calibrated rounding: OPTQ/GPTQ (Frantar et al. 2022) on the quantize stage's own grid.
+
+A layer y = x W with K inputs, quantized to W + D, gets the squared output
+error sum_n D[:, n]^T H D[:, n] over the calibration rows, where
+H = X^T X / rows (`tensorinfo.SecondMoments`). GPTQ rounds one input
+(column of the [outputs, K] view) at a time for every output at once, and
+spreads each column's rounding error over the columns not yet rounded in the
+proportions that H^-1 gives (error feedback), so later roundings cancel
+earlier errors along the directions the inputs take. As in the paper:
+
+- damping: H + 1% of its mean diagonal on the diagonal (H from few rows is
+  singular; an input that never varies gets a well-defined weight);
+- act-order: columns in order of descending diag(H), the inputs that carry
+  most energy first, while most columns are still free to absorb errors;
+- the inverse through the upper Cholesky factor U of H^-1 (H^-1 = U^T U):
+  column i's error divided by U[i, i] moves the later columns by U[i, j > i];
+- lazy batched updates: within a block of BLOCK columns the updates are
+  rank-1, and the rest of the matrix is updated once per block.
+
+The grid is fitted first, by the stage's own fitter for the plan (the same
+scales, scale codes, zero points, multipliers as rtn/mse would store, so
+the output has exactly their layout and size); GPTQ then only chooses the
+codes, each clipped to the grid's range. Act-order works unchanged on a
+fixed grid (the paper's "static groups"). Measured: refitting a group's
+scale when its first column is reached gave no gain over this on the
+benchmark models (benchmarks/gptq.py).
+
+Conv weights use the im2col view: one [outputs per group, K] matrix and one
+H per convolution group (K = input channels per group x kernel elements).
+Pruned weights (a mask) stay exactly zero: their code is the zero point and
+their error is fed back like any other (SparseGPT with a fixed mask).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from modelpress.core.blas import one_blas_thread
+from modelpress.core.compose import factor_info
+from modelpress.core.encoded import Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.quantize.plan import QuantPlan
+from modelpress.core.tensorinfo import TensorInfo
+
+DAMPING = 0.01
+"""Added to H's diagonal, as a fraction of its mean diagonal."""
+BLOCK = 128
+"""Columns rounded between two updates of the rest of the matrix."""
+_RETRIES = 4  # damping x10 each time H + damping is still not positive definite in float64
+
+Fit = Callable[[np.ndarray, TensorInfo], Quantized]
+"""The quantize stage's grid for a tensor: its plan, fitted without calibration."""
+View = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def rounding_notes(quantized: list[tuple[str, TensorInfo, QuantPlan]]) -> list[str]:
+    """Report notes: how many of the tensors a calibrated run quantized (name, info, plan;
+    those whose --method asked for gptq or was left unset) GPTQ rounded, and why not
+    the others."""
+    if not quantized:
+        return []
+    others = [(name, info, plan) for name, info, plan in quantized if plan.method != "gptq"]
+    note = (f"--calibration: {len(quantized) - len(others)} of {len(quantized)} quantized "
+            "tensors rounded by GPTQ")
+    if others:
+        name, info, plan = others[0]
+        if info.role not in ("MatMul", "Gemm", "Conv"):
+            why = (f"{'a ' + info.role if info.role else 'not a'} weight; gptq takes MatMul, "
+                   "Gemm and Conv weights")
+        elif info.input_stats is None:
+            why = "no input statistics: see the notes above"
+        else:
+            why = "its input moments are over the size limit"
+        methods = "/".join(sorted({p.method for _, _, p in others}))
+        note += f"; {len(others)} by {methods} instead, e.g. {name!r} ({why})"
+    return [note]
+
+
+def round_calibrated(encoded: Encoded, info: TensorInfo, fit: Fit,
+                     original: np.ndarray | None = None) -> Encoded | None:
+    """`encoded` (dense, pruned or low-rank) quantized on `fit`'s grid with GPTQ codes
+    under the tensor's second moments (`info.input_stats`); None when the weight's
+    layout does not fit them or `encoded` is no form GPTQ takes.
+
+    A pruned tensor keeps its mask; given the tensor as read (`original`), GPTQ
+    starts from it, so the pruned weights' error is fed back too. Of low-rank
+    factors W = L R, the one the inputs multiply gets H, the other one the
+    moments of its own inputs: L^T H L for R (x L R), R H R^T for L
+    (x R^T L^T with W = [N, K]), with the first factor as quantized.
+    """
+    hessian = info.input_stats.second_moments.load()
+    if isinstance(encoded, Dense):
+        w = encoded.decode()
+        return gptq_codes(fit(w, info), w, hessian, info)
+    if isinstance(encoded, Sparse) and isinstance(encoded.values, Dense):
+        kept = encoded.values.decode()
+        start = kept if original is None or original.shape != kept.shape else original
+        rounded = gptq_codes(fit(kept, info), start, hessian, info, encoded.mask)
+        return None if rounded is None else Sparse(encoded.mask, rounded, encoded.pattern)
+    if (isinstance(encoded, LowRank) and isinstance(encoded.left, Dense)
+            and isinstance(encoded.right, Dense) and hessian.ndim == 2):
+        return _factors(encoded, info, fit, hessian)
+    return None
+
+
+def _factors(encoded: LowRank, info: TensorInfo, fit: Fit, hessian: np.ndarray) -> LowRank | None:
+    factors = {"left": encoded.left.decode(), "right": encoded.right.decode()}
+    infos = {k: factor_info(info, v.shape, k) for k, v in factors.items()}
+    first, second = ("left", "right") if info.block_axis == 0 else ("right", "left")
+    done = gptq_codes(fit(factors[first], infos[first]), factors[first], hessian, infos[first])
+    if done is None:
+        return None
+    d = done.decode().astype(np.float64)
+    with one_blas_thread():
+        inner = d.T @ hessian @ d if first == "left" else d @ hessian @ d.T
+    other = gptq_codes(fit(factors[second], infos[second]), factors[second],
+                       inner.astype(np.float32), infos[second])
+    if other is None:
+        return None
+    return LowRank(done, other) if first == "left" else LowRank(other, done)
+
+
+def layer_view(shape: tuple[int, ...], info: TensorInfo, hessian_shape: tuple[int, ...]
+               ) -> View | None:
+    """Functions from the weight's layout to [groups, outputs, K] and back, or None when
+    `hessian_shape` does not fit the weight (then GPTQ cannot round it)."""
+    if len(hessian_shape) == 2 and len(shape) == 2 and info.block_axis in (0, 1):
+        axis = info.block_axis
+        if hessian_shape != (shape[axis],) * 2:
+            return None
+        return (lambda a: np.moveaxis(a, axis, -1)[None],
+                lambda c: np.moveaxis(c[0], -1, axis))
+    if len(hessian_shape) == 3 and len(shape) >= 3 and info.block_axis == 1:
+        groups, k = hessian_shape[0], hessian_shape[1]
+        if shape[0] % groups or int(np.prod(shape[1:])) != k:
+            return None
+        rows = shape[0] // groups
+        return (lambda a: a.reshape(groups, rows, k), lambda c: c.reshape(shape))
+    return None
+
+
+def element_grid(q: Quantized) -> tuple[np.ndarray, np.ndarray]:
+    """Each weight's scale and zero point (float32, dense shape) as `q` decodes them."""
+    scale = np.broadcast_to(q.expand(q.scale.astype(np.float32)), q.shape)
+    if q.zero_point is None:
+        return scale, np.zeros((1,) * len(q.shape), np.float32)
+    return scale, np.broadcast_to(q.expand(q.zero_point.astype(np.float32)), q.shape)
+
+
+def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: TensorInfo,
+               mask: np.ndarray | None = None) -> Quantized | None:
+    """`fitted` (a quantization of `w`) with its codes chosen by GPTQ under `hessian`;
+    None if `hessian` does not fit the weight. Where `mask` is False the code is the
+    zero point (the weight decodes to exactly 0)."""
+    view = layer_view(tuple(w.shape), info, tuple(hessian.shape))
+    if view is None:
+        return None
+    forward, back = view
+    scale, zero = element_grid(fitted)
+    zero = np.broadcast_to(zero, w.shape)
+    h = hessian if hessian.ndim == 3 else hessian[None]
+    with one_blas_thread():
+        codes = _rounded(np.asarray(forward(np.asarray(w, np.float32))), forward(scale),
+                         forward(zero), None if mask is None else forward(mask), h,
+                         fitted.bits)
+    return fitted.with_codes(np.ascontiguousarray(back(codes)))
+
+
+def _rounded(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
+             hessian: np.ndarray, bits: int) -> np.ndarray:
+    """int8 codes of `w` [G, R, K] on the per-weight grid (scale, zero) by GPTQ."""
+    groups, _, k = w.shape
+    order = np.argsort(-np.diagonal(hessian, axis1=1, axis2=2), axis=1, kind="stable")
+    undo = np.argsort(order, axis=1, kind="stable")
+
+    def permuted(a: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(a, order[:, None, :], axis=2)
+
+    u = _inverse_factor(hessian, order)
+    x = permuted(w).astype(np.float32)          # updated in place, column block by block
+    s, z = permuted(scale).astype(np.float32), permuted(zero).astype(np.float32)
+    keep = None if mask is None else permuted(mask)
+    qmin, qmax = np.float32(-(1 << (bits - 1))), np.float32((1 << (bits - 1)) - 1)
+    codes = np.empty(x.shape, np.float32)
+    for first in range(0, k, BLOCK):
+        last = min(first + BLOCK, k)
+        block = x[:, :, first:last].copy()
+        errors = np.empty_like(block)
+        inner = u[:, first:last, first:last]
+        for i in range(last - first):
+            col = first + i
+            c = np.clip(np.rint(block[:, :, i] / s[:, :, col]) + z[:, :, col], qmin, qmax)
+            if keep is not None:
+                c = np.where(keep[:, :, col], c, z[:, :, col])
+            codes[:, :, col] = c
+            error = (block[:, :, i] - (c - z[:, :, col]) * s[:, :, col]) / inner[:, i, i][:, None]
+            block[:, :, i:] -= error[:, :, None] * inner[:, None, i, i:]
+            errors[:, :, i] = error
+        if last < k:
+            x[:, :, last:] -= np.matmul(errors, u[:, first:last, last:])
+    return np.take_along_axis(codes, undo[:, None, :], axis=2).astype(np.int8)
+
+
+def _inverse_factor(hessian: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of (damped H)^-1 in column order `order`, per group (float32)."""
+    h = np.take_along_axis(np.take_along_axis(hessian.astype(np.float64), order[:, :, None],
+                                              axis=1), order[:, None, :], axis=2)
+    # An input that was always 0 has a zero row and column: the damping alone gives it
+    # curvature (it is rounded to nearest, and no error flows through it).
+    damp = DAMPING * np.diagonal(h, axis1=1, axis2=2).mean(axis=1)
+    damp = np.where(damp > 0, damp, 1.0)
+    for _ in range(_RETRIES):
+        damped = h + damp[:, None, None] * np.eye(h.shape[1])
+        try:
+            # With J the reversal, J H J = L L^T gives H = V V^T, V = J L J upper, so
+            # H^-1 = U^T U with U = V^-1 = J L^-1 J: one Cholesky and one inverse.
+            lower = np.linalg.cholesky(damped[:, ::-1, ::-1])
+            return np.ascontiguousarray(np.linalg.inv(lower)[:, ::-1, ::-1]).astype(np.float32)
+        except np.linalg.LinAlgError:
+            damp = damp * 10
+    raise np.linalg.LinAlgError("the calibration statistics are not positive semi-definite")
