@@ -49,6 +49,15 @@ class Quantize(Stage):
     --bits is lower, unless --all-layers; by default 6, lowered so that
     they add at most one bit per weight over the whole model. In
     safetensors only when --backup-bits is given.
+
+    With `compress --calibration FILE.npz` (ONNX) the codes of MatMul, Gemm
+    and Conv weights are chosen by GPTQ (--method gptq) from their inputs'
+    statistics, on the grid the plain method fits (same layout and size).
+
+    \b
+    Examples:
+      modelpress compress m.onnx -o m4.onnx quantize --bits 4
+      modelpress compress m.onnx -o m4.onnx --calibration calib.npz quantize --bits 4
     """
 
     id = "quantize"
@@ -79,7 +88,7 @@ class Quantize(Stage):
         None, "rtn: round to nearest from the min/max range; mse: search each "
         "scale's clipping range for the least squared error; gptq: choose the codes column "
         "by column with error feedback from the layer's inputs (OPTQ/GPTQ; ONNX MatMul, "
-        "Gemm and Conv weights, needs --calibration; same layout and size as mse) "
+        "Gemm and Conv weights, needs --calibration; same layout and size as without it) "
         "[default: gptq where --calibration gave statistics, else mse below 8 bits, rtn at 8]",
         choices=("rtn", "mse", "gptq"))
     scale_bits: int | None = option(
