@@ -3,6 +3,7 @@
     python benchmarks/gptq.py                          # transformer, magika, open_nsfw; 4 and 8 bits
     python benchmarks/gptq.py --models magika --bits 4
     python benchmarks/gptq.py --calibration-samples 64 # magika/open_nsfw: more calibration samples
+    python benchmarks/gptq.py --models synthetic --quick  # the 2.6M-parameter synthetic transformer
 
 Each model is compressed at the default layout for the bits given, once with
 `--method rtn` and once with `--method gptq --calibration`, and both outputs are
@@ -107,12 +108,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["transformer", "magika", "open_nsfw"])
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--quick", action="store_true",
+                        help="synthetic: the 2.6M-parameter transformer, not the 55M one")
     parser.add_argument("--calibration-samples", type=int, default=None,
                         help="magika/open_nsfw: calibration samples (default: models.py's)")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
-        suite = models.suite(False, Path(tmp), args.models)
+        suite = models.suite(args.quick, Path(tmp), args.models)
         for skipped in suite.skipped:
             print(f"skipped {skipped.name}: {skipped.reason}")
         print()

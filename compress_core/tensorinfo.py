@@ -17,7 +17,9 @@ class SecondMoments:
     `shape` is [K, K] for a MatMul/Gemm weight, [groups, K, K] for a Conv
     weight (one matrix per group of the convolution; K = input channels per
     group x kernel elements, in the order of the weight's flattened kernel
-    [C/group, *kernel]: the im2col view of the input). `load()` may run the
+    [C/group, *kernel]: the im2col view of the input), its off-diagonal
+    entries shrunk by their estimated noise where the rows were few (see
+    modelpress.formats.onnx.moments.shrunk_moments). `load()` may run the
     model (modelpress.formats.onnx.calibrate collects these a few layers at a
     time, so that not every layer's matrix is in memory at once).
     """

@@ -26,7 +26,7 @@ from modelpress.core.quantize.gptq import gptq_codes
 from modelpress.core.tensorinfo import InputStats, SecondMoments, TensorInfo
 from modelpress.formats import open_model
 from modelpress.formats.onnx import calibrate
-from modelpress.formats.onnx.moments import ConvGeometry, conv_rows
+from modelpress.formats.onnx.moments import ConvGeometry, Sums, conv_rows, shrunk_moments
 
 from conftest import ort_run, run_cli, samples  # noqa: F401 (fixture)
 
@@ -168,8 +168,54 @@ def test_conv_statistics_are_those_of_its_im2col_rows(tmp_path: Path) -> None:
     assert stats.mean.shape == (16, 9) and stats.second_moments.shape == (16, 9, 9)
     assert stats.samples == rows.shape[1]
     np.testing.assert_allclose(stats.mean, rows.mean(axis=1), rtol=1e-5, atol=1e-6)
-    h = np.matmul(rows.transpose(0, 2, 1).astype(np.float64), rows) / rows.shape[1]
-    np.testing.assert_allclose(stats.second_moments.load(), h, rtol=1e-4, atol=1e-5)
+    expected = Sums(16, 9, True)
+    expected.add(rows)
+    np.testing.assert_allclose(stats.second_moments.load(), shrunk_moments(expected),
+                               rtol=1e-4, atol=1e-5)
+    raw = np.matmul(rows.transpose(0, 2, 1).astype(np.float64), rows) / rows.shape[1]
+    np.testing.assert_allclose(np.diagonal(stats.second_moments.load(), axis1=1, axis2=2),
+                               np.diagonal(raw, axis1=1, axis2=2), rtol=1e-5)
+
+
+def _sums(rows: np.ndarray) -> Sums:
+    sums = Sums(1, rows.shape[1], True)
+    sums.add(rows.astype(np.float32)[None])
+    return sums
+
+
+def test_moments_from_few_rows_shrink_towards_their_diagonal() -> None:
+    """Off-diagonal entries that are estimation noise are shrunk away (independent inputs,
+    few rows), real correlation is kept (mixed inputs, many rows); the diagonal stays."""
+    rng = np.random.default_rng(8)
+    noise = _sums(rng.standard_normal((40, 64)))
+    h = shrunk_moments(noise)[0]
+    raw = noise.product[0] / 40
+    off = ~np.eye(64, dtype=bool)
+    np.testing.assert_allclose(np.diagonal(h), np.diagonal(raw))
+    assert np.abs(h[off]).sum() < 0.1 * np.abs(raw[off]).sum()
+    mixed = _sums(rng.standard_normal((4000, 8)) @ rng.standard_normal((8, 64)))
+    h = shrunk_moments(mixed)[0]
+    np.testing.assert_allclose(h, mixed.product[0] / 4000, rtol=0.05, atol=1e-3)
+
+
+def test_too_few_calibration_rows_do_not_make_it_worse_than_plain_rounding(
+        tmp_path: Path) -> None:
+    """Independent inputs and 12 calibration rows for 64 inputs: what H says beyond its
+    diagonal is noise; unshrunk, GPTQ fitted its codes to it."""
+    src = _mlp(tmp_path / "mlp.onnx")
+
+    def inputs(samples: int, seed: int) -> dict[str, np.ndarray]:
+        return {"x": np.random.default_rng(seed).standard_normal((samples, K)).astype(
+            np.float32)}
+
+    np.savez(tmp_path / "cal.npz", **inputs(12, seed=1))
+    errors = {}
+    for method in ("mse", "gptq"):
+        dst = tmp_path / f"{method}.onnx"
+        compress(src, dst, Recipe([Quantize(bits=4, method=method, include=("w1",))]),
+                 calibration=str(tmp_path / "cal.npz") if method == "gptq" else None)
+        errors[method] = _output_error(src, dst, inputs(64, seed=2))
+    assert errors["gptq"] < 1.02 * errors["mse"], errors
 
 
 def _info(w: np.ndarray, h: np.ndarray) -> TensorInfo:

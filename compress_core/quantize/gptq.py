@@ -21,9 +21,10 @@ The grid is fitted first, by the stage's own fitter for the plan (the same
 scales, scale codes, zero points, multipliers as rtn/mse would store, so
 the output has exactly their layout and size); GPTQ then only chooses the
 codes, each clipped to the grid's range. Act-order works unchanged on a
-fixed grid (the paper's "static groups"). Measured: refitting a group's
-scale when its first column is reached gave no gain over this on the
-benchmark models (benchmarks/gptq.py).
+fixed grid (the paper's "static groups"). Measured on the sample
+transformer's MatMul weights (layer output error on held-out inputs, 4 bits):
+refitting each group's grid on the updated weights when its first column is
+reached, in natural order, moved the error by -6% to +7% against this.
 
 Conv weights use the im2col view: one [outputs per group, K] matrix and one
 H per convolution group (K = input channels per group x kernel elements).

@@ -5,8 +5,9 @@ input of MatMul, Gemm (B) or Conv nodes of the main graph gets the mean and
 variance of each of its inputs and, for `quantize --method gptq`, their
 second moments H = X^T X / rows (`modelpress.core.tensorinfo.InputStats`),
 over every input row the calibration data produces (samples x positions;
-for a Conv the im2col rows of its input, see `moments`). The original model
-runs in onnxruntime (CPU, default options) with those activations added as
+for a Conv the im2col rows of its input, see `moments`; H's off-diagonal
+entries shrunk by their estimated noise, `moments.shrunk_moments`). The
+original model runs in onnxruntime (CPU, default options) with those activations added as
 outputs, SAMPLES_PER_RUN samples at a time; external data is read from the
 model's folder in place.
 
@@ -36,7 +37,8 @@ from modelpress.core.errors import InputDataError, ModelRunError
 from modelpress.core.tensorinfo import InputStats, SecondMoments
 
 from modelpress.formats.onnx.graph import graphs
-from modelpress.formats.onnx.moments import ConvGeometry, Sums, conv_rows, matmul_rows
+from modelpress.formats.onnx.moments import (ConvGeometry, Sums, conv_rows, matmul_rows,
+                                             shrunk_moments)
 from modelpress.formats.onnx.run import INSTALL_HINT, first_line, input_specs, load_inputs
 
 SAMPLES_PER_RUN = 8
@@ -215,7 +217,7 @@ class _Moments:
 
 def _matrix(sums: Sums, layer: Layer) -> np.ndarray:
     """H in float32: [K, K] for a MatMul/Gemm weight, [groups, K, K] for a Conv weight."""
-    h = (sums.product / max(sums.rows, 1)).astype(np.float32)
+    h = shrunk_moments(sums).astype(np.float32)
     return h if layer.uses[0].conv is not None else h[0]
 
 

@@ -104,18 +104,23 @@ def matmul_rows(value: np.ndarray, k: int, k_first: bool) -> Iterator[np.ndarray
 
 class Sums:
     """Running sums of one weight's input rows: per input, sum and sum of squares
-    (float64), and optionally X^T X (each block's product in float32, summed in float64)."""
+    (float64); optionally X^T X (each block's product in float32, summed in float64)
+    and, per group, the sums that estimate how noisy its entries are: sum over rows
+    of |x|^4 and of sum_i x_i^4 (see `shrunk_moments`)."""
 
     def __init__(self, groups: int, k: int, moments: bool) -> None:
         self.total = np.zeros((groups, k))
         self.square = np.zeros((groups, k))
         self.product = np.zeros((groups, k, k)) if moments else None
+        self.norm4 = np.zeros(groups)
+        self.fourth = np.zeros(groups)
         self.rows = 0
 
     def add(self, block: np.ndarray) -> bool:
         """Add a block [groups, rows, K]; False (nothing added) if it holds NaN or Inf."""
         total = block.sum(axis=1, dtype=np.float64)
-        square = np.einsum("gij,gij->gj", block, block, dtype=np.float64)
+        squares = np.square(block, dtype=np.float64)
+        square = squares.sum(axis=1)
         if not (np.isfinite(total).all() and np.isfinite(square).all()):
             return False
         self.total += total
@@ -123,13 +128,28 @@ class Sums:
         if self.product is not None:
             with one_blas_thread():  # a threaded product rounds with the thread count
                 self.product += np.matmul(block.transpose(0, 2, 1), block)
+            self.norm4 += np.square(squares.sum(axis=2)).sum(axis=1)
+            self.fourth += np.square(squares).sum(axis=(1, 2))
         self.rows += block.shape[1]
         return True
 
-    def __iadd__(self, other: Sums) -> Sums:
-        self.total += other.total
-        self.square += other.square
-        if self.product is not None and other.product is not None:
-            self.product += other.product
-        self.rows += other.rows
-        return self
+
+def shrunk_moments(sums: Sums) -> np.ndarray:
+    """H = X^T X / rows [groups, K, K] (float64), each group's off-diagonal entries shrunk
+    towards 0 by the share of their square that is estimation noise (Schafer & Strimmer
+    2005, target "diagonal"; Ledoit-Wolf style): from few rows, H's off-diagonal entries
+    are mostly noise, and GPTQ would fit its codes to it."""
+    n = sums.rows
+    h = sums.product / max(n, 1)
+    if n < 2:
+        return h
+    diagonal = np.diagonal(h, axis1=1, axis2=2)
+    off = np.square(h).sum(axis=(1, 2)) - np.square(diagonal).sum(axis=1)
+    # sum over i != j of the variance of h_ij: (sum_rows sum_{i!=j} x_i^2 x_j^2 - n off) / n(n-1)
+    noise = (sums.norm4 - sums.fourth - n * off) / (n * (n - 1.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.clip(np.where(off > 0, noise / off, 0.0), 0.0, 1.0)
+    shrunk = h * (1.0 - share)[:, None, None]
+    index = np.arange(h.shape[1])
+    shrunk[:, index, index] = diagonal
+    return shrunk
