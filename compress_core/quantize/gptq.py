@@ -105,7 +105,8 @@ def round_calibrated(encoded: Encoded, info: TensorInfo, fit: Fit,
     return None
 
 
-def _factors(encoded: LowRank, info: TensorInfo, fit: Fit, hessian: np.ndarray) -> LowRank | None:
+def _factors(encoded: LowRank, info: TensorInfo, fit: Fit,
+             hessian: np.ndarray) -> LowRank | None:
     factors = {"left": encoded.left.decode(), "right": encoded.right.decode()}
     infos = {k: factor_info(info, v.shape, k) for k, v in factors.items()}
     first, second = ("left", "right") if info.block_axis == 0 else ("right", "left")
@@ -132,7 +133,7 @@ def layer_view(shape: tuple[int, ...], info: TensorInfo, hessian_shape: tuple[in
             return None
         return (lambda a: np.moveaxis(a, axis, -1)[None],
                 lambda c: np.moveaxis(c[0], -1, axis))
-    if len(hessian_shape) == 3 and len(shape) >= 3 and info.block_axis == 1:
+    if len(hessian_shape) == 3 and len(shape) >= 3:  # Conv [M, C/group, *kernel]
         groups, k = hessian_shape[0], hessian_shape[1]
         if shape[0] % groups or int(np.prod(shape[1:])) != k:
             return None
