@@ -21,8 +21,8 @@ from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.cli import evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option
 from modelpress.cli.chain import StageChain
-from modelpress.cli.common import (Failure, RecipeUsageError, check_extra_outputs, read_paths,
-                                   size_option)
+from modelpress.cli.common import (PATH_OR_URL, Failure, RecipeUsageError, check_extra_outputs,
+                                   read_paths, size_option)
 from modelpress.cli.entry import CONTEXT
 from modelpress.cli.render import dump_json, print_inspect, print_report
 from modelpress.cli.stages import stage_commands
@@ -31,11 +31,11 @@ from modelpress.cli.terminal import consoles, progress
 
 @click.group(cls=StageChain, chain=True, invoke_without_command=True,
            subcommand_metavar="STAGE [STAGE OPTIONS]... [STAGE ...]", context_settings=CONTEXT)
-@click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+@click.argument("model", nargs=-1, required=True, type=PATH_OR_URL)
+@click.option("-o", "--output", type=PATH_OR_URL, metavar="OUT",
               help="Output file, in the input's format (.onnx, .safetensors, or "
                    "*.safetensors.index.json for a sharded checkpoint); in batch mode the "
-                   "output folder.")
+                   "output folder. MODEL and OUT may be URLs (s3://bucket/key).")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), metavar="FILE",
               help="Read the stages from a YAML or JSON recipe instead of the command line.")
 @click.option("--print-recipe", is_flag=True,
@@ -224,7 +224,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     check_extra_outputs([("--report", report_path)],
                         [(model[0], "the input model"), (output, "the output model"),
                          *read_paths(eval_values, recipe_file, calibration)])
-    settings = evaluation.settings_from(eval_values, model[0], limits)
+    settings = evaluation.settings_from(eval_values, model[0], limits, output)
     # A quiet run that prints no table needs no console (nor rich's import time).
     show = not quiet or fmt != "table"
     out, err = consoles(quiet) if show else (None, None)
@@ -265,8 +265,10 @@ class Interrupted(click.ClickException):
     exit_code = 128 + signal.SIGINT
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Which file is at `path` now (device, inode, mtime), or None."""
+def _identity(path: Any) -> tuple[int, int, int] | None:
+    """Which local file is at `path` now (device, inode, mtime), or None."""
+    if not isinstance(path, Path):
+        return None
     try:
         found = path.stat()
     except OSError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +15,8 @@ from onnx import helper, numpy_helper
 
 from modelpress.core.errors import ModelReadError
 from modelpress.core.tensorinfo import TensorInfo
+
+from modelpress.formats.location import AnyPath, ObjectPath, file_size, is_file
 
 
 @dataclass
@@ -108,23 +111,15 @@ def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] 
                       sensitive_share=sensitive_share if sensitive else None)
 
 
-def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:
-    """The checked (file, offset, length) of a tensor stored as external data.
-
-    A location must be a relative path inside the model's folder: absolute
-    paths and paths that climb out (`../`) are refused, as are symbolic links
-    that lead outside it.
-    """
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
+def _inside_folder(model_path: AnyPath, location: str, where: str) -> AnyPath:
+    """The file a relative location names beside the model, refused if it leads out."""
+    if isinstance(model_path, ObjectPath):
+        inside = posixpath.normpath(location.replace("\\", "/"))
+        if inside == ".." or inside.startswith("../"):
+            raise ModelReadError(f"{where}: external data location {location!r} points outside "
+                                 "the model's folder; refusing to read it")
+        return model_path.parent / inside
     base = model_path.parent.resolve()
-    where = f"{model_path}: tensor {tensor.name!r}"
-    if not isinstance(location, str) or "\0" in location:  # protobuf gives bytes for non-UTF-8
-        raise ModelReadError(f"{where}: external data location {location!r} is not a valid "
-                             "path; the model is damaged")
-    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
-        raise ModelReadError(f"{where}: external data location {location!r} is not a relative "
-                             "path inside the model's folder; refusing to read it")
     try:
         target = (base / location).resolve()
     except RuntimeError:  # a loop of symbolic links
@@ -133,7 +128,28 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     if base != target and base not in target.parents:
         raise ModelReadError(f"{where}: external data location {location!r} points outside the "
                              "model's folder; refusing to read it")
-    if not target.is_file():
+    return target
+
+
+def external_data_file(model_path: AnyPath, tensor: onnx.TensorProto
+                       ) -> tuple[AnyPath, int, int | None]:
+    """The checked (file, offset, length) of a tensor stored as external data.
+
+    A location must be a relative path inside the model's folder (for a model
+    in storage, its prefix): absolute paths and paths that climb out (`../`)
+    are refused, as are symbolic links that lead outside it.
+    """
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    where = f"{model_path}: tensor {tensor.name!r}"
+    if not isinstance(location, str) or "\0" in location:  # protobuf gives bytes for non-UTF-8
+        raise ModelReadError(f"{where}: external data location {location!r} is not a valid "
+                             "path; the model is damaged")
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise ModelReadError(f"{where}: external data location {location!r} is not a relative "
+                             "path inside the model's folder; refusing to read it")
+    target = _inside_folder(model_path, location, where)
+    if not is_file(target):
         raise ModelReadError(f"{where}: external data file {location!r} is missing; keep it "
                              "beside the model")
     try:
@@ -144,7 +160,7 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     if offset < 0 or (length is not None and length < 0):
         raise ModelReadError(f"{where}: external data offset {offset} or length {length} is "
                              "negative; the model is damaged")
-    size = target.stat().st_size
+    size = file_size(target)
     if offset > size or (length is not None and offset + length > size):
         raise ModelReadError(f"{where}: external data file {location!r} is too short "
                              f"({size} bytes) for offset {offset} and length {length}")
@@ -167,7 +183,7 @@ def data_nbytes(tensor: onnx.TensorProto) -> int | None:
     return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
-def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str,
+def check_tensor(model_path: AnyPath, tensor: onnx.TensorProto, name: str,
                  raw_length: int | None = None) -> None:
     """Refuse a tensor whose header fields cannot describe real data (no data is loaded).
 
@@ -195,7 +211,7 @@ def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str,
                                  "bytes of raw_data (onnxruntime reads the external file, other "
                                  "tools raw_data); the model is ambiguous: clear one of them")
         file, offset, length = external_data_file(model_path, tensor)
-        have = length if length is not None else file.stat().st_size - offset
+        have = length if length is not None else file_size(file) - offset
         if need is not None and have < need:
             raise ModelReadError(f"{where}: external data holds {have} bytes but its dims "
                                  f"{list(tensor.dims)} need {need}; the model is damaged")
