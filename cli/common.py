@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from modelpress.formats import same_file
-from modelpress.formats.location import location
+from modelpress.formats.location import is_remote, location
 from modelpress.formats.onnx.names import data_name
 from modelpress.formats.outputs import output_files
 from modelpress.formats.safetensors.sharded import parse_size
@@ -59,6 +59,8 @@ def check_extra_outputs(paths: list[tuple[str, Path | None]],
             raise click.UsageError(f"{option} {path}: folder {folder} is not writable")
     files = []
     for other, what in protected:
+        if is_remote(other):  # the extra outputs are local files: never one in storage
+            continue
         files.append((other, what))
         if what in ("the input model", "the output model"):
             if other.suffix.lower() == ".onnx":

@@ -30,7 +30,7 @@ def storage() -> ModuleType:
         # fsspec: an optional extra (0.1 s to import; s3fs 0.3 s more), only for URLs
         import modelpress.formats.objectstore as objectstore
     except ImportError as exc:
-        if exc.name != "fsspec":
+        if (exc.name or "").split(".")[0] != "fsspec":
             raise
         raise ModelReadError("object storage URLs need fsspec: pip install 'modelpress[s3]' "
                              "(fsspec and s3fs; gcsfs for gs://)") from None
