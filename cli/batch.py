@@ -191,7 +191,10 @@ class BatchProgress:
 
 
 def _shown(path: str) -> str:
-    """A path as the user would write it: relative to the working folder when inside it."""
+    """A path as the user would write it: relative to the working folder when inside it
+    (a URL as it is)."""
+    if "://" in path:
+        return path
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
 
