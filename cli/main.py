@@ -166,6 +166,7 @@ def compress(**_: Any) -> None:
       modelpress compress models/ -o out/ --skip-existing --shard 2/4 quantize
       modelpress compress a.onnx b.onnx -o out/ --dry-run quantize --bits 4
       modelpress compress models/ -o out/ --executor dask --scheduler tcp://host:8786 quantize
+      modelpress compress s3://zoo/models -o s3://zoo/int4 quantize --bits 4
 
     \b
     Recipe file (YAML or JSON, same names as the options):

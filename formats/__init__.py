@@ -138,7 +138,8 @@ def check_output_path(store: Store, dst: AnyPath, *, require_same_format: bool =
 
 
 def _check_output_path(store: Store, dst: AnyPath, require_same_format: bool) -> None:
-    if is_dir(dst):
+    # (a local path that cannot be looked at raises OSError: "cannot write here")
+    if dst.is_dir() if isinstance(dst, Path) else is_dir(dst):
         raise ModelWriteError(f"{dst}: is a folder; give an output file name")
     if same_file(dst, store.path):
         raise ModelWriteError(f"{dst}: output is the input file; choose another output path "
