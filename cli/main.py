@@ -14,6 +14,7 @@ from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.core.order import order_problem
 from modelpress.core.recipe import Recipe
+from modelpress.formats.location import is_dir, is_remote
 from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODES, INT4_MODES,
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
@@ -318,7 +319,7 @@ def _check_order(recipe: Recipe) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH_OR_URL)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="What to print on stdout.")
 def inspect(model: Path, fmt: str) -> None:
@@ -328,9 +329,10 @@ def inspect(model: Path, fmt: str) -> None:
     Examples:
       modelpress inspect sample_models/mlp.onnx
       modelpress inspect small.safetensors --format json
+      modelpress inspect s3://bucket/models/small.safetensors
     """
     try:
-        report = api.inspect(model_in(model))
+        report = api.inspect(model if is_remote(model) else model_in(model))
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     out, _ = consoles(quiet=False)
@@ -338,9 +340,9 @@ def inspect(model: Path, fmt: str) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
-              help="Output file, in the input's format.")
+@click.argument("model", type=PATH_OR_URL)
+@click.option("-o", "--output", type=PATH_OR_URL, required=True, metavar="OUT",
+              help="Output file, in the input's format (a path or an object storage URL).")
 def decompress(model: Path, output: Path) -> None:
     """Restore every compressed tensor of MODEL to dense floats of its original dtype.
 
@@ -354,8 +356,13 @@ def decompress(model: Path, output: Path) -> None:
       modelpress decompress small.safetensors -o dense.safetensors
       modelpress decompress small.onnx -o dense.onnx
       modelpress decompress bert-int8/ -o bert-dense/
+      modelpress decompress s3://bucket/out/small.onnx -o s3://bucket/dense/small.onnx
     """
-    if model.is_dir():
+    if is_remote(model) or is_remote(output):
+        if is_dir(model):
+            raise Failure(f"{model}: a folder; to or from object storage decompress takes one "
+                          "model file (give the .onnx, .safetensors or .safetensors.index.json)")
+    elif model.is_dir():
         _decompress_directory(model, output)
         return
     try:

@@ -165,6 +165,28 @@ def test_one_model_from_a_url_to_a_url(s3: Any, tmp_path: Path, name: str) -> No
         assert "output evaluation skipped (a model in object storage" in result.output
 
 
+@pytest.mark.parametrize("name", ["vision/mlp.onnx", "weights/cnn.safetensors"])
+def test_decompress_and_inspect_take_urls(s3: Any, tmp_path: Path, name: str) -> None:
+    packed = tmp_path / Path(name).name
+    assert compress(s3.local_tree / name, "-o", packed, "--no-eval", *INT4).exit_code == 0
+    (tmp_path / "local-dense").mkdir()
+    assert run_cli(["decompress", packed, "-o", tmp_path / "local-dense" / packed.name]
+                   ).exit_code == 0
+    s3.put(str(packed), f"{BUCKET}/packed/{packed.name}")
+    url = f"s3://{BUCKET}/packed/{packed.name}"
+    prefix = f"dense-{packed.suffix[1:]}"
+    dense = run_cli(["decompress", url, "-o", f"s3://{BUCKET}/{prefix}/{packed.name}"])
+    assert dense.exit_code == 0, dense.output
+    assert bucket_files(s3, prefix) == tree_files(tmp_path / "local-dense")
+    local = run_cli(["inspect", packed, "--format", "json"])
+    remote = run_cli(["inspect", url, "--format", "json"])
+    assert remote.exit_code == 0, remote.output
+    assert json.loads(remote.stdout)["tensors"] == json.loads(local.stdout)["tensors"]
+    folder = run_cli(["decompress", f"s3://{BUCKET}/packed", "-o", f"s3://{BUCKET}/d2"])
+    assert folder.exit_code == 1 and "takes one model file" in folder.output
+    assert not s3.exists(f"{BUCKET}/d2")
+
+
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
     """Every ranged GET modelpress makes: (key, start, end)."""
