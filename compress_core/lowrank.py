@@ -66,9 +66,10 @@ class Factorize(Stage):
             # The op takes W and R whole: factors would be multiplied back when the model
             # loads, saving file bytes only, which quantize and cluster do without a
             # product node and a rank to choose per direction and gate.
-            raise Skip(f"it is a {info.role} weight [directions, gates x hidden, inputs]; "
-                       "lowrank factors 2-D matrices, and a recurrent op takes its weights "
-                       "whole (use quantize, cast, prune or cluster)")
+            article = "a" if info.role == "GRU" else "an"  # an LSTM, an RNN
+            raise Skip(f"it is {article} {info.role} weight [directions, gates x hidden, "
+                       "inputs]; lowrank factors 2-D matrices and the op takes its weights "
+                       "whole: use quantize, cast, prune or cluster")
         if encoded.array.ndim != 2:
             raise Skip(f"it is {encoded.array.ndim}-D; lowrank factors 2-D matrices")
         m, n = encoded.shape
