@@ -43,6 +43,10 @@ class Quantize(Stage):
     8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
     float scales; per channel at 8 bits, groups of 128 below).
 
+    Groups run along the inputs each output sums over; a convolution kernel
+    whose input axis is shorter than a group (depthwise, grouped, one input
+    channel) is grouped along each filter's whole kernel, flattened.
+
     In ONNX, embeddings and the output head are kept at --backup-bits when
     --bits is lower, unless --all-layers; by default 6, lowered so that
     they add at most one bit per weight over the whole model. In
