@@ -17,8 +17,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from modelpress import (Cast, Cluster, Options, Prune, Quantize, Recipe, TensorInfo, compress,
-                        decompress)
+from modelpress import (Cast, Cluster, Options, Prune, Quantize, Recipe, TensorInfo, compare,
+                        compress, decompress)
+from modelpress.core.pipeline import measure_error
 from modelpress.core.encoded import Dense, Quantized, Sparse, quantized_part
 from modelpress.core.quantize.plan import plan_for
 from modelpress.formats import open_model
@@ -95,6 +96,17 @@ def info(shape: tuple[int, ...], fmt: str = "onnx") -> TensorInfo:
 def test_plan_flattens_short_input_axes(shape, stage, fmt, span, group) -> None:
     plan = plan_for(stage, info(shape, fmt))
     assert (plan.block_span, plan.group_size) == (span, group)
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 3, 3), (64, 1, 7, 7), (64, 12, 3, 3), (64, 15, 2),
+                                   (64, 9, 1, 1), (64, 3, 4, 4), (64, 1, 256)])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_resolved_group_replays_to_the_same_plan(shape: tuple[int, ...], bits: int) -> None:
+    first = plan_for(Quantize(bits=bits), info(shape))
+    again = plan_for(Quantize(bits=bits, group_size=first.group_size), info(shape))
+    assert (again.block_span, again.group_size) == (first.block_span, first.group_size)
+    if math.prod(shape[2:]) == 1:
+        assert first.block_span == 1   # nothing to flatten: the kernel is its input axis
 
 
 LAYOUTS = {
@@ -212,3 +224,14 @@ def test_prune_n_m_runs_along_the_whole_kernel(tmp_path: Path) -> None:
     pruned = Prune(pattern="2:4").apply(Dense(rng_weights(8, 2, 2, 2)), info((8, 2, 2, 2)))
     assert isinstance(pruned, Sparse)                              # C/g = 2: along the 8
     assert (pruned.mask.reshape(8, 2, 4).sum(axis=2) == 2).all()
+
+
+def test_error_of_a_spanned_tensor_is_measured_in_slabs_as_whole(monkeypatch) -> None:
+    monkeypatch.setattr("modelpress.core.pipeline._DECODE_CHUNK", 150)  # 3 channels a slab
+    w = rng_weights(40, 2, 5, 5)
+    q = Quantize(bits=4, scale_bits=0).apply(Dense(w), info(w.shape))
+    assert q.block_span == 3 and q.scale_code is None
+    sliced = measure_error(w, q)
+    whole = compare(w, q.decode())
+    assert sliced.rel_l2 == pytest.approx(whole.rel_l2, rel=1e-6)
+    assert sliced.max_abs == whole.max_abs

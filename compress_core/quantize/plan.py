@@ -96,7 +96,8 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
         span = _flattened_span(info, group_size)
         if span > 1 and not stage.group_size:
             group_size = _balanced(_reduction_size(info, span),
-                                   _default_group(bits, scale_bits, compact, info, span))
+                                   _default_group(bits, scale_bits, compact, info, span),
+                                   info.shape[axes_for(info)[1]])
         if stage.group_size:
             _check_padding(stage.group_size, info, span)
     if scale_bits is None:
@@ -122,16 +123,21 @@ def _flattened_span(info: TensorInfo, group_size: int) -> int:
     kernel) when one group would be longer than its block axis, so that grouping
     along that axis alone would give every few weights a scale of their own; else 1."""
     _, block_axis = axes_for(info)
-    if info.block_span > 1 and info.shape and info.shape[block_axis] < group_size:
-        return info.block_span
+    span = info.block_span
+    if (span > 1 and info.shape and info.shape[block_axis] < group_size
+            and math.prod(info.shape[block_axis + 1:block_axis + span]) > 1):
+        return span
     return 1
 
 
-def _balanced(k: int, group_size: int) -> int:
+def _balanced(k: int, group_size: int, axis: int) -> int:
     """The shortest group that splits `k` inputs into as many groups as `group_size` does
-    (a depthwise 3x3 kernel's 9 weights are one group of 9, not 16 with 7 padded)."""
+    (a depthwise 3x3 kernel's 9 weights are one group of 9, not 16 with 7 padded), if
+    that is still longer than the block axis (`axis` inputs), else `group_size`: given
+    back as --group-size, the group must flatten the kernel again (recipe replays)."""
     groups = -(-k // group_size)
-    return -(-k // groups)
+    balanced = -(-k // groups)
+    return balanced if balanced > axis else group_size
 
 
 def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,
