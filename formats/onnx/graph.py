@@ -7,7 +7,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -58,46 +58,107 @@ def locate(model: onnx.ModelProto) -> dict[str, Location]:
     return found
 
 
-# op type -> (weight input index, function(node, rank) -> (channel axis, block axis))
-def _gemm_axes(node: onnx.NodeProto, rank: int) -> tuple[int, int]:
-    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-    return (0, 1) if trans_b else (1, 0)
+# Channel axis, block axis and block span of a weight (see TensorInfo).
+Axes = tuple[int, int, int]
 
 
-def _gather_axes(node: onnx.NodeProto, rank: int) -> tuple[int, int] | None:
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    return (0, rank - 1) if axis == 0 and rank >= 2 else None
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
 
 
+def _matmul_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    return len(dims) - 1, len(dims) - 2, 1
+
+
+def _gemm_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    return (0, 1, 1) if _attr(node, "transB", 0) else (1, 0, 1)
+
+
+def _conv_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    # [M, C/g, *kernel]: output channel m sums over its C/g * kernel weights.
+    return 0, 1, len(dims) - 1
+
+
+def _conv_transpose_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    """[C, M/g, *kernel]. Output channel j sums over axes 0 and the kernel's (not one run
+    of axes), so: grouped (depthwise) kernels are grouped per input channel over its
+    [M/g, *kernel] slab (one output channel's whole kernel when M/g is 1); a single input
+    channel's kernel per output channel; else along the input channels."""
+    if _attr(node, "group", 1) > 1:
+        return 0, 1, len(dims) - 1
+    if dims[0] == 1 and len(dims) >= 3:
+        return 1, 2, len(dims) - 2
+    return 1, 0, 1
+
+
+def _gather_axes(node: onnx.NodeProto, dims: list[int]) -> Axes | None:
+    return (0, len(dims) - 1, 1) if _attr(node, "axis", 0) == 0 else None
+
+
+def _recurrent_axes(node: onnx.NodeProto, dims: list[int]) -> Axes | None:
+    # W [directions, gates * hidden, inputs] and R [directions, gates * hidden, hidden].
+    return (1, 2, 1) if len(dims) == 3 else None
+
+
+# op type -> ((weight input index, axes from (node, dims) or None), ...)
 _WEIGHT_INPUTS = {
-    "MatMul": (1, lambda node, rank: (rank - 1, rank - 2)),
-    "Gemm": (1, _gemm_axes),
-    "Conv": (1, lambda node, rank: (0, 1)),
-    "ConvTranspose": (1, lambda node, rank: (1, 0)),
-    "Gather": (0, _gather_axes),
+    "MatMul": ((1, _matmul_axes),),
+    "Gemm": ((1, _gemm_axes),),
+    "Conv": ((1, _conv_axes),),
+    "ConvTranspose": ((1, _conv_transpose_axes),),
+    "Gather": ((0, _gather_axes),),
+    "LSTM": ((1, _recurrent_axes), (2, _recurrent_axes)),
+    "GRU": ((1, _recurrent_axes), (2, _recurrent_axes)),
+    "RNN": ((1, _recurrent_axes), (2, _recurrent_axes)),
 }
 
 
-def weight_roles(model: onnx.ModelProto) -> dict[str, tuple[str, int, int]]:
-    """Tensor name -> (op type, channel axis, block axis) for tensors used as weights."""
-    ranks = {name: len(loc.tensor.dims) for name, loc in locate(model).items()}
-    roles: dict[str, tuple[str, int, int]] = {}
+def weight_roles(model: onnx.ModelProto) -> dict[str, tuple[str, int, int, int]]:
+    """Tensor name -> (op type, channel axis, block axis, block span) for tensors used as
+    weights."""
+    dims = {name: [int(d) for d in loc.tensor.dims] for name, loc in locate(model).items()}
+    roles: dict[str, tuple[str, int, int, int]] = {}
     for graph in graphs(model.graph):
         for node in graph.node:
-            spec = _WEIGHT_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            if spec is None or len(node.input) <= spec[0]:
-                continue
-            name = node.input[spec[0]]
-            if name not in ranks or ranks[name] < 2 or name in roles:
-                continue
-            axes = spec[1](node, ranks[name])
-            if axes is not None:
-                roles[name] = (node.op_type, axes[0], axes[1])
+            specs = _WEIGHT_INPUTS.get(node.op_type, ()) \
+                if node.domain in ("", "ai.onnx") else ()
+            for index, axes_of in specs:
+                name = node.input[index] if len(node.input) > index else ""
+                if name not in dims or len(dims[name]) < 2 or name in roles:
+                    continue
+                axes = axes_of(node, dims[name])
+                if axes is not None:
+                    roles[name] = (node.op_type, *axes)
     return roles
 
 
-def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] | None,
-                sensitive: str | None = None, sensitive_share: float | None = None) -> TensorInfo:
+def other_uses(model: onnx.ModelProto, roles: dict[str, Any]) -> dict[str, str]:
+    """Why each tensor that is not a weight is not one: where the model reads it."""
+    reads: dict[str, list[str]] = {}
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                where = f"{node.op_type} input {index}"
+                if name and name not in roles and where not in reads.setdefault(name, []):
+                    reads[name].append(where)
+    uses = {}
+    for name, loc in locate(model).items():
+        if name in roles:
+            continue
+        if len(loc.tensor.dims) < 2:
+            uses[name] = (f"it is {len(loc.tensor.dims)}-D: a bias, norm or table; stages "
+                          "change tensors of 2 or more dims unless named")
+        elif name in reads:
+            shown = ", ".join(reads[name][:3]) + (", ..." if len(reads[name]) > 3 else "")
+            uses[name] = f"{shown}: not a weight input of a known op"
+        else:
+            uses[name] = "no node reads it"
+    return uses
+
+
+def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int, int] | None,
+                sensitive: str | None = None, sensitive_share: float | None = None,
+                use: str | None = None) -> TensorInfo:
     """TensorInfo from a TensorProto's header fields (no data is read)."""
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
@@ -108,7 +169,8 @@ def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] 
                       channel_axis=role[1] if role else None,
                       block_axis=role[2] if role else None,
                       role=role[0] if role else None, format="onnx", sensitive=sensitive,
-                      sensitive_share=sensitive_share if sensitive else None)
+                      sensitive_share=sensitive_share if sensitive else None,
+                      block_span=role[3] if role else 1, use=None if role else use)
 
 
 def _inside_folder(model_path: AnyPath, location: str, where: str) -> AnyPath:

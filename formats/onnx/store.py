@@ -21,8 +21,8 @@ from modelpress.formats.onnx.chain import DOMAIN, add_function
 from modelpress.formats.onnx.check import check_source
 from modelpress.formats.onnx.emit import decode_spec, emit, required_opset
 from modelpress.formats.onnx.graph import (Location, check_tensor, external_data_file, is_external,
-                                           locate, opset_version, tensor_info, used_names,
-                                           weight_roles)
+                                           locate, opset_version, other_uses, tensor_info,
+                                           used_names, weight_roles)
 from modelpress.formats.onnx.lowrank import emit_lowrank, product_note
 from modelpress.formats.onnx.meta import read_encodings, set_metadata, spec_initializers
 from modelpress.formats.onnx.opset import ensure_opset
@@ -55,8 +55,9 @@ class OnnxStore:
         sizes = {name: int(np.prod(loc.tensor.dims, dtype=np.int64))
                  for name, loc in self._locations.items()}
         sensitive, share = sensitive_tensors(self.model, roles, sizes)
+        uses = other_uses(self.model, roles)
         self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name),
-                                           sensitive.get(name), share)
+                                           sensitive.get(name), share, uses.get(name))
                          for name, loc in self._locations.items()}
         self.encodings = read_encodings(self.path, self.model, set(self._locations))
 

@@ -202,11 +202,13 @@ def write_safetensors(dst: Path, entries: list[tuple[str, np.ndarray | None]],
 
 
 def _info(name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorInfo:
-    # torch layout: a Linear weight is [out, in], a Conv weight [out, in, kh, kw].
+    # torch layout: a Linear weight is [out, in], a Conv weight [out, in / groups, kh, kw]
+    # (whose groups may run along in / groups * kh * kw, flattened: see TensorInfo).
     weight_like = len(shape) >= 2
     return TensorInfo(name=name, shape=shape, dtype=dtype, weight_like=weight_like,
                       channel_axis=0 if weight_like else None,
                       block_axis=1 if weight_like else None,
+                      block_span=len(shape) - 1 if len(shape) >= 3 else 1,
                       role="linear" if weight_like else None, format="safetensors",
                       sensitive=sensitive_name(name) if weight_like else None)
 
