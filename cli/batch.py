@@ -16,6 +16,7 @@ from modelpress.app.batch.report import FAILED, BatchReport
 from modelpress.core.errors import ModelpressError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
+from modelpress.formats.location import is_dir
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
@@ -36,12 +37,12 @@ def is_batch(models: tuple[Path, ...], output: Path | None) -> bool:
         output is not None and _is_dir(output))
 
 
-def _is_dir(path: Path) -> bool:
-    # A path that cannot be looked at (a name too long...) is not a folder; the single-model
-    # run then reports it in one line.
+def _is_dir(path: Any) -> bool:
+    # A path that cannot be looked at (a name too long, storage that cannot be reached or
+    # read without fsspec) is not a folder; the single-model run then reports it in one line.
     try:
-        return path.is_dir()
-    except OSError:
+        return is_dir(path)
+    except (OSError, ModelpressError):
         return False
 
 
@@ -190,7 +191,10 @@ class BatchProgress:
 
 
 def _shown(path: str) -> str:
-    """A path as the user would write it: relative to the working folder when inside it."""
+    """A path as the user would write it: relative to the working folder when inside it
+    (a URL as it is)."""
+    if "://" in path:
+        return path
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
 

@@ -9,11 +9,27 @@ from typing import Any
 import click
 
 from modelpress.formats import same_file
+from modelpress.formats.location import is_remote, location
 from modelpress.formats.onnx.names import data_name
 from modelpress.formats.outputs import output_files
 from modelpress.formats.safetensors.sharded import parse_size
 
 from modelpress.cli.entry import EXIT_FAILURE, EXIT_USAGE
+
+
+class PathOrURL(click.ParamType):
+    """A local path, or an fsspec URL of object storage (s3://bucket/key; a file:// URL is
+    a local path): a Path or a modelpress.formats.url.ObjectPath."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not str(value):
+            self.fail("an empty path names no file", param, ctx)
+        return location(value)
+
+
+PATH_OR_URL = PathOrURL()
 
 
 class Failure(click.ClickException):
@@ -43,6 +59,8 @@ def check_extra_outputs(paths: list[tuple[str, Path | None]],
             raise click.UsageError(f"{option} {path}: folder {folder} is not writable")
     files = []
     for other, what in protected:
+        if is_remote(other):  # the extra outputs are local files: never one in storage
+            continue
         files.append((other, what))
         if what in ("the input model", "the output model"):
             if other.suffix.lower() == ".onnx":

@@ -17,6 +17,7 @@ from modelpress.app.environment import versions
 from modelpress.app.evaluation import Baseline, EvalSettings
 from modelpress.core.evaluate import Evaluation
 from modelpress.core.thresholds import Thresholds, check
+from modelpress.formats.location import is_remote, location
 from modelpress.formats.outputs import model_sha256
 
 from modelpress.cli.common import size_option
@@ -161,12 +162,19 @@ def pop(params: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     return {name: params.pop(name, None) for name in names}
 
 
-def settings_from(values: dict[str, Any], model: Path,
-                  limits: Thresholds = Thresholds()) -> EvalSettings | None:
-    """Evaluation settings from --inputs etc., or None with --no-eval; usage errors exit 2."""
+def settings_from(values: dict[str, Any], model: Any, limits: Thresholds = Thresholds(),
+                  output: Any = None) -> EvalSettings | None:
+    """Evaluation settings from --inputs etc., or None with --no-eval (or for a model in
+    object storage: onnxruntime runs local files); usage errors exit 2."""
     inputs, labels = values.get("inputs_path"), values.get("labels_path")
     dims, ranges = dict(values.get("dims") or ()), dict(values.get("input_ranges") or ())
     running = inputs is not None or labels is not None or dims or ranges or limits.needs_evaluation
+    if is_remote(model) or is_remote(output):
+        if running:
+            raise click.UsageError("--inputs, --labels, --dim, --input-range, "
+                                   "--max-output-error and --min-accuracy run the models in "
+                                   "onnxruntime, which reads local files only; give local paths")
+        return None
     if values.get("no_eval"):
         if running:
             raise click.UsageError("--no-eval cannot be combined with --inputs, --labels, --dim, "
@@ -205,7 +213,10 @@ def finish(report: Any, baseline: Baseline | None, limits: Thresholds,
     of a multi-GB model again) when nothing will show them.
     """
     if baseline is None:
-        report.evaluation = Evaluation("skipped", notes=["output evaluation skipped (--no-eval)"])
+        why = ("a model in object storage: onnxruntime runs local files"
+               if is_remote(location(report.input_path)) or is_remote(location(report.output_path))
+               else "--no-eval")
+        report.evaluation = Evaluation("skipped", notes=[f"output evaluation skipped ({why})"])
     else:
         report.evaluation = baseline.evaluate(report.output_path)
     report.versions = versions()

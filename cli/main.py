@@ -15,6 +15,7 @@ from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.core.order import order_problem
 from modelpress.core.quantize.stage import gptq_refusal
 from modelpress.core.recipe import Recipe
+from modelpress.formats.location import is_dir, is_remote
 from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODES, INT4_MODES,
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
@@ -22,8 +23,8 @@ from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 from modelpress.cli import evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option
 from modelpress.cli.chain import StageChain
-from modelpress.cli.common import (Failure, RecipeUsageError, check_extra_outputs, read_paths,
-                                   size_option)
+from modelpress.cli.common import (PATH_OR_URL, Failure, RecipeUsageError, check_extra_outputs,
+                                   read_paths, size_option)
 from modelpress.cli.entry import CONTEXT
 from modelpress.cli.render import dump_json, print_inspect, print_report
 from modelpress.cli.stages import stage_commands
@@ -32,11 +33,11 @@ from modelpress.cli.terminal import consoles, progress
 
 @click.group(cls=StageChain, chain=True, invoke_without_command=True,
            subcommand_metavar="STAGE [STAGE OPTIONS]... [STAGE ...]", context_settings=CONTEXT)
-@click.argument("model", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+@click.argument("model", nargs=-1, required=True, type=PATH_OR_URL)
+@click.option("-o", "--output", type=PATH_OR_URL, metavar="OUT",
               help="Output file, in the input's format (.onnx, .safetensors, or "
                    "*.safetensors.index.json for a sharded checkpoint); in batch mode the "
-                   "output folder.")
+                   "output folder. MODEL and OUT may be URLs (s3://bucket/key).")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), metavar="FILE",
               help="Read the stages from a YAML or JSON recipe instead of the command line.")
 @click.option("--print-recipe", is_flag=True,
@@ -169,6 +170,7 @@ def compress(**_: Any) -> None:
       modelpress compress models/ -o out/ --skip-existing --shard 2/4 quantize
       modelpress compress a.onnx b.onnx -o out/ --dry-run quantize --bits 4
       modelpress compress models/ -o out/ --executor dask --scheduler tcp://host:8786 quantize
+      modelpress compress s3://zoo/models -o s3://zoo/int4 quantize --bits 4
 
     \b
     Recipe file (YAML or JSON, same names as the options):
@@ -232,7 +234,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     check_extra_outputs([("--report", report_path)],
                         [(model[0], "the input model"), (output, "the output model"),
                          *read_paths(eval_values, recipe_file, calibration)])
-    settings = evaluation.settings_from(eval_values, model[0], limits)
+    settings = evaluation.settings_from(eval_values, model[0], limits, output)
     # A quiet run that prints no table needs no console (nor rich's import time).
     show = not quiet or fmt != "table"
     out, err = consoles(quiet) if show else (None, None)
@@ -273,8 +275,10 @@ class Interrupted(click.ClickException):
     exit_code = 128 + signal.SIGINT
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Which file is at `path` now (device, inode, mtime), or None."""
+def _identity(path: Any) -> tuple[int, int, int] | None:
+    """Which local file is at `path` now (device, inode, mtime), or None."""
+    if not isinstance(path, Path):
+        return None
     try:
         found = path.stat()
     except OSError:
@@ -323,7 +327,7 @@ def _check_order(recipe: Recipe) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH_OR_URL)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="What to print on stdout.")
 def inspect(model: Path, fmt: str) -> None:
@@ -333,9 +337,10 @@ def inspect(model: Path, fmt: str) -> None:
     Examples:
       modelpress inspect sample_models/mlp.onnx
       modelpress inspect small.safetensors --format json
+      modelpress inspect s3://bucket/models/small.safetensors
     """
     try:
-        report = api.inspect(model_in(model))
+        report = api.inspect(model if is_remote(model) else model_in(model))
     except ModelpressError as exc:
         raise Failure(str(exc)) from None
     out, _ = consoles(quiet=False)
@@ -343,9 +348,9 @@ def inspect(model: Path, fmt: str) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, metavar="OUT",
-              help="Output file, in the input's format.")
+@click.argument("model", type=PATH_OR_URL)
+@click.option("-o", "--output", type=PATH_OR_URL, required=True, metavar="OUT",
+              help="Output file, in the input's format (a path or an object storage URL).")
 def decompress(model: Path, output: Path) -> None:
     """Restore every compressed tensor of MODEL to dense floats of its original dtype.
 
@@ -359,8 +364,13 @@ def decompress(model: Path, output: Path) -> None:
       modelpress decompress small.safetensors -o dense.safetensors
       modelpress decompress small.onnx -o dense.onnx
       modelpress decompress bert-int8/ -o bert-dense/
+      modelpress decompress s3://bucket/out/small.onnx -o s3://bucket/dense/small.onnx
     """
-    if model.is_dir():
+    if is_remote(model) or is_remote(output):
+        if is_dir(model):
+            raise Failure(f"{model}: a folder; to or from object storage decompress takes one "
+                          "model file (give the .onnx, .safetensors or .safetensors.index.json)")
+    elif model.is_dir():
         _decompress_directory(model, output)
         return
     try:

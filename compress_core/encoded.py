@@ -18,10 +18,10 @@ import numpy as np
 
 from modelpress.core.dtypes import short_name
 from modelpress.core.node import Dense, Encoded
-from modelpress.core.quantized import GRANULARITIES, Quantized, scale_shape
+from modelpress.core.quantized import GRANULARITIES, Quantized, merged_shape, scale_shape
 
 __all__ = ["GRANULARITIES", "Dense", "Encoded", "LowRank", "Palettized", "Quantized", "Scaled",
-           "Sparse", "quantized_part", "scale_shape"]
+           "Sparse", "merged_shape", "quantized_part", "scale_shape"]
 
 
 @dataclass(frozen=True, eq=False)

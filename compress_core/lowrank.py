@@ -14,6 +14,8 @@ from modelpress.core.stage import Skip, Stage, option
 from modelpress.core.svd import rank_for_energy, singular_values, truncated_svd
 from modelpress.core.tensorinfo import TensorInfo
 
+RECURRENT = ("LSTM", "GRU", "RNN")
+
 
 def _first(prev: str) -> str:
     return (f"put lowrank first: lowrank -> {prev} factors the dense weight, then {prev} "
@@ -60,6 +62,14 @@ class Factorize(Stage):
     def apply(self, encoded: Encoded, info: TensorInfo) -> Encoded:
         if not isinstance(encoded, Dense):
             raise order_error(self, encoded, info)
+        if encoded.array.ndim != 2 and info.role in RECURRENT:
+            # The op takes W and R whole: factors would be multiplied back when the model
+            # loads, saving file bytes only, which quantize and cluster do without a
+            # product node and a rank to choose per direction and gate.
+            article = "a" if info.role == "GRU" else "an"  # an LSTM, an RNN
+            raise Skip(f"it is {article} {info.role} weight [directions, gates x hidden, "
+                       "inputs]; lowrank factors 2-D matrices and the op takes its weights "
+                       "whole: use quantize, cast, prune or cluster")
         if encoded.array.ndim != 2:
             raise Skip(f"it is {encoded.array.ndim}-D; lowrank factors 2-D matrices")
         m, n = encoded.shape

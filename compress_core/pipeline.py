@@ -79,6 +79,26 @@ def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list
     return selected
 
 
+def left_alone(tensors: Mapping[str, TensorInfo], recipe: Recipe, selected: Mapping[str, object],
+               options: Options) -> list[str]:
+    """A note for each float tensor of at least `min_elements` that the recipe's default
+    selection passes over for not being weight-like, with the reason (`TensorInfo.use`)."""
+    notes = []
+    for name, info in tensors.items():
+        if (name in selected or not info.is_float or info.size < options.min_elements
+                or info.default_target(options.min_elements)):
+            continue
+        if not any(not s.include and not any(fnmatch.fnmatchcase(name, p) for p in s.exclude)
+                   for s in recipe.stages):
+            continue  # every stage names its tensors, or excludes this one
+        reason = info.use or (f"it is {len(info.shape)}-D; stages change tensors of 2 or more "
+                              "dims unless named" if len(info.shape) < 2
+                              else "not used as a weight")
+        notes.append(f"{name}: left as is, {info.size:,} elements ({reason}; --include "
+                     "with --take-all-named changes it)")
+    return notes
+
+
 def unmatched_patterns(recipe: Recipe, tensors: Mapping[str, TensorInfo]) -> list[str]:
     """What each --include/--exclude pattern that selects nothing does wrong, one line each.
 
@@ -127,7 +147,9 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
     into `into`.
     """
     into = into if into is not None else Encoding()
-    work = _prepare(store, recipe, plan(store, recipe, options), options)
+    selected = plan(store, recipe, options)
+    into.notes.extend(left_alone(store.tensors, recipe, selected, options))
+    work = _prepare(store, recipe, selected, options)
     threads = max(1, options.threads or default_threads())
     results = _results(store, work, options, threads)
     for done, (name, encoded, error, notes) in enumerate(results):
@@ -235,7 +257,7 @@ IN_FLIGHT_FLOOR = 128 * 2**20
 _DECODE_CHUNK = 1 << 20
 # Quantized fields `measure_error` knows how to slice; others must be unset.
 _SLICED_FIELDS = {"codes", "scale", "zero_point", "bits", "granularity", "channel_axis",
-                  "block_axis", "group_size"}
+                  "block_axis", "group_size", "block_span"}
 
 
 def measure_error(reference: np.ndarray, encoded: Encoded) -> ErrorStats:
@@ -272,6 +294,8 @@ def _row_step(encoded: Encoded) -> int | None:
     if any(getattr(encoded, name) is not None for name in extra):
         return None  # a field this slicing does not know (e.g. coded scales): decode whole
     grouped_rows = encoded.granularity == "group" and encoded.block_axis == 0
+    if grouped_rows and encoded.block_span > 1:
+        return None  # groups run across rows and the axes after them
     for value in (encoded.scale, encoded.zero_point):
         if value is not None and value.ndim and value.shape[0] not in (
                 1, encoded.codes.shape[0]) and not grouped_rows:

@@ -11,7 +11,7 @@ import numpy as np
 
 from modelpress.core.compose import one_of, order_error
 from modelpress.core.encoded import (Dense, Encoded, LowRank, Palettized, Quantized, Scaled,
-                                     Sparse)
+                                     Sparse, merged_shape)
 from modelpress.core.sizing import ElementSize
 from modelpress.core.stage import Skip, Stage, TensorValues, option
 from modelpress.core.tensorinfo import TensorInfo, axes_for
@@ -126,10 +126,15 @@ class Prune(Stage):
         if nm is not None:
             axis = axes_for(info)[1]
             n, m = nm
-            if values.shape[axis] % m:
-                raise Skip(f"its input dimension ({values.shape[axis]}) is not a multiple of "
-                           f"{m}, so --pattern {n}:{m} does not fit it")
-            return nm_mask(values, n, m, axis)
+            if values.shape[axis] % m == 0:
+                return nm_mask(values, n, m, axis)
+            # A depthwise or grouped kernel: along each output channel's whole kernel.
+            flat = merged_shape(values.shape, axis, info.block_span)
+            if info.block_span > 1 and flat[axis] % m == 0:
+                return nm_mask(values.reshape(flat), n, m, axis).reshape(values.shape)
+            kernel = f" or its kernel's {flat[axis]}" if info.block_span > 1 else ""
+            raise Skip(f"its input dimension ({values.shape[axis]}){kernel} is not a multiple "
+                       f"of {m}, so --pattern {n}:{m} does not fit it")
         state = getattr(self, "_global", None)
         if state is None:  # a lone tensor: global over one tensor is per tensor
             return magnitude_mask(values, self.sparsity)

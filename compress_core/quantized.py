@@ -9,20 +9,36 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from modelpress.core.node import Encoded
-from modelpress.core.scalecode import MultiplierCode, ScaleCode
+from modelpress.core.scalecode import MultiplierCode, ScaleCode, base_shape
 
 
 GRANULARITIES = ("tensor", "channel", "group")
 
 
 def scale_shape(shape: tuple[int, ...], granularity: str, channel_axis: int | None,
-                block_axis: int | None, group_size: int | None) -> tuple[int, ...]:
+                block_axis: int | None, group_size: int | None,
+                block_span: int = 1) -> tuple[int, ...]:
     """The shape of a Quantized node's scales (see Quantized) for a dense `shape`."""
     if granularity == "tensor":
         return (1,) * len(shape)
     if granularity == "channel":
         return tuple(d if i == channel_axis else 1 for i, d in enumerate(shape))
+    if block_span > 1:
+        merged = scale_shape(merged_shape(shape, block_axis, block_span), granularity,
+                             channel_axis, block_axis, group_size)
+        return spread_shape(merged, block_axis, block_span)
     return tuple(-(-d // group_size) if i == block_axis else d for i, d in enumerate(shape))
+
+
+def merged_shape(shape: tuple[int, ...], axis: int, span: int) -> tuple[int, ...]:
+    """`shape` with the `span` axes from `axis` on flattened into one (row-major)."""
+    return tuple(shape[:axis]) + (math.prod(shape[axis:axis + span]),) + tuple(shape[axis + span:])
+
+
+def spread_shape(merged: tuple[int, ...], axis: int, span: int) -> tuple[int, ...]:
+    """Per-group values of a merged shape back at the tensor's rank: the merged axis keeps
+    its count of groups and the other `span - 1` axes it stands for get 1."""
+    return tuple(merged[:axis + 1]) + (1,) * (span - 1) + tuple(merged[axis + 1:])
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +49,12 @@ class Quantized(Encoded):
     dense shape. `scale` (and `zero_point`, None when symmetric) has the same
     rank as the codes: every axis is 1 except the channel axis (per channel)
     or the block axis, which holds ceil(n / group_size) entries (per group).
+
+    `block_span` > 1 runs the groups along the `block_span` axes from
+    `block_axis` on, flattened row-major (a convolution kernel's
+    [C/g, kh, kw] per output channel, when C/g is shorter than a group); the
+    block axis of the scales then counts the groups and the other axes of
+    the span are 1. `merged()` is the same node on the flattened shape.
 
     `scale_code`, when set, is how the scales are stored: codes on a
     per-tensor logarithmic grid (ScaleCode), or integer multipliers of a
@@ -51,6 +73,7 @@ class Quantized(Encoded):
     group_size: int | None = None
     scale_code: ScaleCode | MultiplierCode | None = None
     zero_bits: int | None = None
+    block_span: int = 1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -79,14 +102,32 @@ class Quantized(Encoded):
             return 0
         return self.zero_bits or self.bits
 
+    def merged(self) -> Quantized:
+        """The same node with the axes of its block span flattened into one (span 1)."""
+        if self.block_span == 1:
+            return self
+        shape = merged_shape(self.shape, self.block_axis, self.block_span)
+        per_group = scale_shape(shape, "group", None, self.block_axis, self.group_size)
+        return _reshaped(self, shape, per_group, 1)
+
+    def spread(self, shape: tuple[int, ...], span: int) -> Quantized:
+        """This node, grouped along its block axis of the merged form of `shape`
+        (`merged_shape`), as a node of `shape` with a block span of `span`."""
+        return _reshaped(self, shape, spread_shape(self.scale.shape, self.block_axis, span), span)
+
     def expand(self, per_group: np.ndarray) -> np.ndarray:
         """Broadcast a scale-shaped array to the dense shape."""
         if self.granularity != "group":
             return per_group
+        if self.block_span > 1:
+            merged = self.merged()
+            return merged.expand(per_group.reshape(merged.scale.shape)).reshape(self.shape)
         axis, n = self.block_axis, self.codes.shape[self.block_axis]
         return np.repeat(per_group, self.group_size, axis=axis).take(np.arange(n), axis=axis)
 
     def decode(self) -> np.ndarray:
+        if self.block_span > 1:
+            return self.merged().decode().reshape(self.shape)
         split = self._group_split()
         if split is not None:
             # Whole groups: each group's scale and zero point broadcast over it (the
@@ -151,3 +192,17 @@ class Quantized(Encoded):
         if self.zero_point is None:
             return np.zeros(self.shape, dtype=np.int8)
         return np.broadcast_to(self.expand(self.zero_point), self.shape).astype(np.int8)
+
+
+def _reshaped(q: Quantized, shape: tuple[int, ...], per_group: tuple[int, ...],
+              span: int) -> Quantized:
+    """`q` with codes of `shape`, per-group values (and scale codes) of `per_group` shape."""
+    code = q.scale_code
+    if isinstance(code, ScaleCode):
+        code = code.with_codes(code.codes.reshape(per_group))
+    elif isinstance(code, MultiplierCode):
+        code = MultiplierCode(code.multipliers.reshape(per_group), code.base.reshape(
+            base_shape(per_group, code.axis, code.ratio)), code.axis, code.ratio)
+    return replace(q, codes=q.codes.reshape(shape), scale=q.scale.reshape(per_group),
+                   zero_point=None if q.zero_point is None else q.zero_point.reshape(per_group),
+                   scale_code=code, block_span=span)

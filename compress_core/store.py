@@ -49,6 +49,8 @@ class TensorStore(Protocol):
     writers and the application use of it."""
 
     path: Path
+    """Where the model is: a local path, or (modelpress.formats.url.ObjectPath) an object
+    in storage with the same name, suffix, parent and `/`."""
     format: str
     sharded: bool
     """True for a checkpoint of several files written as shards plus an index."""

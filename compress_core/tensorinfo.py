@@ -65,6 +65,10 @@ class TensorInfo:
     `block_axis` the reduction axis that groups run along; both come from how
     the model uses the tensor (an ONNX MatMul weight [K, N] has channel axis 1
     and block axis 0, a torch Linear weight [out, in] the reverse).
+    `block_span` is how many axes from the block axis on one output channel's
+    reduction runs over: 3 for a Conv kernel [M, C/g, kh, kw], whose
+    C/g * kh * kw inputs groups may run along flattened when C/g is short
+    (depthwise and grouped convolutions); 1 otherwise.
     `weight_like` marks a default target: a weight input of MatMul, Gemm,
     Conv, ConvTranspose or Gather in ONNX; any tensor of 2 or more dims in
     safetensors. Size and dtype rules are applied by the pipeline.
@@ -78,7 +82,9 @@ class TensorInfo:
     precision, see compress_core/quantize/plan.py). `input_stats`, set by a
     calibration run (ONNX MatMul/Gemm/Conv weights, see
     modelpress.formats.onnx.calibrate), holds the statistics of the inputs the
-    weight multiplies.
+    weight multiplies. `use`, for a tensor that is not weight-like, says where
+    the model reads it and why it is not taken for a weight (the note on large
+    tensors left alone).
     """
 
     name: str
@@ -92,6 +98,8 @@ class TensorInfo:
     sensitive: str | None = None
     sensitive_share: float | None = None
     input_stats: InputStats | None = field(default=None, compare=False, repr=False)
+    block_span: int = 1
+    use: str | None = None
 
     @property
     def size(self) -> int:

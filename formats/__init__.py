@@ -8,6 +8,8 @@ from pathlib import Path
 from modelpress.core.errors import ModelReadError, ModelWriteError
 from modelpress.core.store import TensorStore, WriteResult
 
+from modelpress.formats.location import (AnyPath, ObjectPath, file_size, is_dir, is_file, location,
+                                         storage)
 from modelpress.formats.onnx.names import data_name
 from modelpress.formats.safetensors.sharded import INDEX_SUFFIX, ShardedStore, is_index
 from modelpress.formats.safetensors.store import SafetensorsStore
@@ -21,48 +23,41 @@ Store = TensorStore
 SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors"}
 
 
-def format_of(path: Path) -> str | None:
+def format_of(path: AnyPath) -> str | None:
     """'onnx' or 'safetensors' from the file name (a sharded index is safetensors), or None."""
     if is_index(path):
         return "safetensors"
-    return SUFFIXES.get(Path(path).suffix.lower())
+    return SUFFIXES.get(location(path).suffix.lower())
 
 
-def find_index(folder: Path) -> Path | None:
+def find_index(folder: AnyPath) -> AnyPath | None:
     """A folder's sharded-checkpoint index, or None.
 
     `model.safetensors.index.json` if present, else the only `*.safetensors.index.json`.
     """
     preferred = folder / f"model{INDEX_SUFFIX}"
-    if preferred.is_file():
+    if is_file(preferred):
         return preferred
-    found = sorted(p for p in folder.glob(f"*{INDEX_SUFFIX}") if p.is_file())
+    if isinstance(folder, ObjectPath):
+        found = [p for p in storage().walk(folder) if is_index(p) and p.parent == folder]
+    else:
+        found = sorted(p for p in folder.glob(f"*{INDEX_SUFFIX}") if p.is_file())
     return found[0] if len(found) == 1 else None
 
 
-def open_model(path: str | os.PathLike) -> Store:
-    """Open a model file for reading; raise ModelReadError with the fix if it cannot be."""
-    path = Path(path)
+def open_model(path: str | os.PathLike | AnyPath) -> Store:
+    """Open a model file (a path, or a URL of an object in storage: read by ranges, never
+    downloaded whole) for reading; raise ModelReadError with the fix if it cannot be."""
+    path = location(path)
     try:
-        if not path.exists():
-            raise ModelReadError(f"{path}: no such file")
-        if path.is_dir():
-            index = find_index(path)
-            if index is None:
-                raise ModelReadError(f"{path}: is a folder without a sharded checkpoint index "
-                                     f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors file, or "
-                                     "use `modelpress compress DIR -o OUTDIR` for a whole folder")
-            path = index
-        if not path.is_file():  # reading a FIFO blocks until a writer comes: maybe forever
-            raise ModelReadError(f"{path}: not a regular file (a pipe, socket or device); "
-                                 "give the model file itself")
+        path = _model_file(path) if isinstance(path, Path) else _model_object(path)
         fmt = format_of(path)
         if fmt is None:
             raise ModelReadError(f"{path}: unknown model format; modelpress reads .onnx and "
                                  ".safetensors files")
-        if fmt == "onnx":
+        if fmt == "onnx" and isinstance(path, Path):
             check_onnx_name(path)
-        if path.stat().st_size == 0:
+        if file_size(path) == 0:
             raise ModelReadError(f"{path}: file is empty")
         if is_index(path):
             return ShardedStore(path)
@@ -74,9 +69,42 @@ def open_model(path: str | os.PathLike) -> Store:
         raise ModelReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+def _model_file(path: Path) -> Path:
+    """The model file a local path names (a folder: its sharded checkpoint's index)."""
+    if not path.exists():
+        raise ModelReadError(f"{path}: no such file")
+    if path.is_dir():
+        index = find_index(path)
+        if index is None:
+            raise ModelReadError(f"{path}: is a folder without a sharded checkpoint index "
+                                 f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors file, or "
+                                 "use `modelpress compress DIR -o OUTDIR` for a whole folder")
+        path = index
+    if not path.is_file():  # reading a FIFO blocks until a writer comes: maybe forever
+        raise ModelReadError(f"{path}: not a regular file (a pipe, socket or device); "
+                             "give the model file itself")
+    return path
+
+
+def _model_object(path: ObjectPath) -> AnyPath:
+    """The model object a URL names (a prefix: its sharded checkpoint's index)."""
+    if is_file(path):
+        return path
+    index = find_index(path) if is_dir(path) else None
+    if index is None:
+        raise ModelReadError(f"{path}: no such object" if not is_dir(path) else
+                             f"{path}: is a folder without a sharded checkpoint index "
+                             f"(*{INDEX_SUFFIX}); give a .onnx or .safetensors object, or "
+                             "use `modelpress compress PREFIX -o OUTPREFIX` for a whole folder")
+    return index
+
+
+def same_file(a: str | os.PathLike | ObjectPath, b: str | os.PathLike | ObjectPath) -> bool:
     """True when two paths name one file: equal once resolved (symbolic links
-    followed) or, for existing files, the same inode (hard links)."""
+    followed) or, for existing files, the same inode (hard links); objects in
+    storage when their URLs are equal."""
+    if isinstance(a, ObjectPath) or isinstance(b, ObjectPath):
+        return a == b
     a, b = Path(a), Path(b)
     try:
         if a.resolve() == b.resolve():
@@ -100,17 +128,18 @@ def check_onnx_name(path: Path, what: str = "") -> None:
             "open such a path (rename it)") from None
 
 
-def check_output_path(store: Store, dst: Path, *, require_same_format: bool = True) -> None:
+def check_output_path(store: Store, dst: AnyPath, *, require_same_format: bool = True) -> None:
     """Refuse outputs that would overwrite the input (or its data files) or change the format."""
-    dst = Path(dst)
+    dst = location(dst)
     try:
         _check_output_path(store, dst, require_same_format)
     except OSError as exc:  # a name too long, a folder we may not look into
         raise ModelWriteError(f"{dst}: cannot write here ({exc.strerror or exc})") from None
 
 
-def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> None:
-    if dst.exists() and dst.is_dir():
+def _check_output_path(store: Store, dst: AnyPath, require_same_format: bool) -> None:
+    # (a local path that cannot be looked at raises OSError: "cannot write here")
+    if dst.is_dir() if isinstance(dst, Path) else is_dir(dst):
         raise ModelWriteError(f"{dst}: is a folder; give an output file name")
     if same_file(dst, store.path):
         raise ModelWriteError(f"{dst}: output is the input file; choose another output path "
@@ -121,7 +150,8 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
                                   "input; choose another output path (modelpress never modifies "
                                   "its input)")
     if store.format == "onnx":  # an ONNX output may get a data file beside it
-        check_onnx_name(dst, "output")
+        if isinstance(dst, Path):
+            check_onnx_name(dst, "output")
         beside = dst.parent / data_name(dst)
         for data in [store.path, *store.data_files]:
             if same_file(beside, data):
@@ -138,7 +168,7 @@ def _check_output_path(store: Store, dst: Path, require_same_format: bool) -> No
         suffix = ".onnx" if store.format == "onnx" else ".safetensors"
         raise ModelWriteError(f"{dst}: output must be a {suffix} file like the input "
                               f"(modelpress does not convert between formats)")
-    if not dst.parent.is_dir():
+    if isinstance(dst, Path) and not dst.parent.is_dir():
         raise ModelWriteError(f"{dst}: folder {dst.parent} does not exist")
 
 

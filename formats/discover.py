@@ -9,7 +9,8 @@ compressed-tensors `quantization_config`). Every other file is copied.
 
 Hidden files and folders (names starting with '.') are ignored; symbolic links
 are refused, never followed; the output folder is skipped when it lies inside
-the input tree.
+the input tree. A tree in object storage is a URL prefix: its objects are
+listed (storage has no links), and the rest is the same.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path, PurePosixPath
 
 from modelpress.core.errors import ModelReadError
 
+from modelpress.formats.location import (AnyPath, ObjectPath, exists, file_size, is_dir, is_file,
+                                         storage)
+from modelpress.formats.outputs import onnx_files
 from modelpress.formats.safetensors.sharded import INDEX_SUFFIX, is_index, shard_files
 
 MODEL_SUFFIXES = (".onnx", ".safetensors")
@@ -31,13 +35,13 @@ class ModelEntry:
 
     rel: PurePosixPath          # main file (.onnx, .safetensors or index), relative to the base
     kind: str                   # "onnx", "safetensors" or "sharded"
-    src: Path
-    parts: tuple[Path, ...] = ()   # external-data files or shards
-    config: Path | None = None     # the config.json this model owns
+    src: AnyPath
+    parts: tuple[AnyPath, ...] = ()   # external-data files or shards
+    config: AnyPath | None = None     # the config.json this model owns
     problem: str = ""              # why it must not be processed (a part is a link)
 
     @property
-    def files(self) -> list[Path]:
+    def files(self) -> list[AnyPath]:
         """Every input file: main file, parts, config."""
         return [self.src, *self.parts] + ([self.config] if self.config else [])
 
@@ -52,7 +56,7 @@ class OtherFile:
     """A file that is not part of any model: copied unchanged."""
 
     rel: PurePosixPath
-    src: Path
+    src: AnyPath
 
 
 @dataclass(frozen=True)
@@ -67,22 +71,24 @@ class Refused:
 class Discovery:
     """Everything found under the inputs."""
 
-    base: Path
+    base: AnyPath
     models: list[ModelEntry] = field(default_factory=list)
     others: list[OtherFile] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
 
 
-def base_of(inputs: list[Path]) -> Path:
+def base_of(inputs: list[AnyPath]) -> AnyPath:
     """The folder the output tree mirrors: a single folder input itself, else the
     deepest folder holding every input."""
+    if any(isinstance(p, ObjectPath) for p in inputs):
+        return _object_base(inputs)
     absolute = [Path(os.path.abspath(p)) for p in inputs]
     if len(absolute) == 1 and absolute[0].is_dir():
         return absolute[0]
     return Path(os.path.commonpath([str(p.parent) for p in absolute]))
 
 
-def discover(inputs: list[Path], exclude: Path | None = None) -> Discovery:
+def discover(inputs: list[AnyPath], exclude: AnyPath | None = None) -> Discovery:
     """Walk the inputs and sort their files into models, copies and refusals.
 
     Paths named on the command line may be links; links found while walking
@@ -90,9 +96,13 @@ def discover(inputs: list[Path], exclude: Path | None = None) -> Discovery:
     """
     base = base_of(inputs)
     found = Discovery(base)
-    files: dict[PurePosixPath, Path] = {}
+    files: dict[PurePosixPath, AnyPath] = {}
     explicit: set[PurePosixPath] = set()
-    skip = os.path.realpath(exclude) if exclude is not None else None
+    if isinstance(base, ObjectPath):
+        _list_objects(inputs, base, exclude, files, explicit, found.refused)
+        _classify(files, explicit, found)
+        return found
+    skip = os.path.realpath(exclude) if isinstance(exclude, Path) else None
     for given in inputs:
         path = Path(os.path.abspath(given))
         if not path.exists():
@@ -109,8 +119,52 @@ def discover(inputs: list[Path], exclude: Path | None = None) -> Discovery:
     return found
 
 
-def _rel(path: Path, base: Path) -> PurePosixPath:
+def _rel(path: AnyPath, base: AnyPath) -> PurePosixPath:
+    if isinstance(path, ObjectPath) and isinstance(base, ObjectPath):
+        return path.relative_to(base) if path != base else PurePosixPath(".")
     return PurePosixPath(Path(os.path.relpath(path, base)).as_posix())
+
+
+def _object_base(inputs: list[AnyPath]) -> ObjectPath:
+    objects = [p for p in inputs if isinstance(p, ObjectPath)]
+    if len(objects) != len(inputs) or len({p.protocol for p in objects}) > 1:
+        raise ModelReadError(f"{inputs[0]}: give the inputs all as local paths or all as URLs "
+                             "of one store, not a mix")
+    if len(objects) == 1 and is_dir(objects[0]):
+        return objects[0]
+    common: list[str] = []
+    for parts in zip(*(p.parent.key.split("/") for p in objects)):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    if not common:
+        raise ModelReadError(f"{objects[0]}: the inputs share no bucket; give inputs of one "
+                             "bucket (or run once per bucket)")
+    return ObjectPath(f"{objects[0].protocol}://{'/'.join(common)}")
+
+
+def _list_objects(inputs: list[AnyPath], base: ObjectPath, exclude: AnyPath | None,
+                  files: dict[PurePosixPath, AnyPath], explicit: set[PurePosixPath],
+                  refused: list[Refused]) -> None:
+    """The objects under URL prefixes (or named one by one), hidden ones left out."""
+    for given in inputs:
+        assert isinstance(given, ObjectPath)
+        if is_file(given):
+            rel = _rel(given, base)
+            if given.name.startswith("."):
+                refused.append(Refused(rel, "hidden file; name it without a leading '.'"))
+            else:
+                files[rel] = given
+                explicit.add(rel)
+            continue
+        if not exists(given):
+            raise ModelReadError(f"{given}: no such object or prefix")
+        for found in storage().walk(given):
+            if isinstance(exclude, ObjectPath) and found.is_relative_to(exclude):
+                continue
+            rel = _rel(found, base)
+            if not any(part.startswith(".") for part in rel.parts):
+                files[rel] = found
 
 
 # Why a link inside a tree is refused, and what to do instead.
@@ -144,7 +198,7 @@ def _walk(top: Path, base: Path, skip: str | None, files: dict[PurePosixPath, Pa
                 refused.append(Refused(_rel(path, base), "not a regular file"))
 
 
-def _classify(files: dict[PurePosixPath, Path], explicit: set[PurePosixPath],
+def _classify(files: dict[PurePosixPath, AnyPath], explicit: set[PurePosixPath],
               found: Discovery) -> None:
     claimed: set[PurePosixPath] = set()
     models: list[ModelEntry] = []
@@ -171,10 +225,13 @@ def _classify(files: dict[PurePosixPath, Path], explicit: set[PurePosixPath],
                     and not is_index(r)]
 
 
-def _parts(main: Path, names: list[str], what: str) -> tuple[tuple[Path, ...], str]:
+def _parts(main: AnyPath, names: list[str], what: str) -> tuple[tuple[AnyPath, ...], str]:
     """The existing files `names` (relative to the main file's folder), and a problem if one
     of them is a symbolic link (links are never followed inside a tree)."""
     folder = main.parent
+    if isinstance(folder, ObjectPath):
+        objects = [folder / n for n in names]
+        return tuple(p for p in objects if is_file(p)), ""
     paths = [Path(os.path.normpath(folder / n)) for n in names]
     links = [p for p in paths if p.is_symlink()]
     problem = (f"{what} {links[0].name} is a symbolic link; modelpress does not follow links "
@@ -182,7 +239,7 @@ def _parts(main: Path, names: list[str], what: str) -> tuple[tuple[Path, ...], s
     return tuple(p for p in paths if p.is_file() and not p.is_symlink()), problem
 
 
-def _index_shards(files: dict[PurePosixPath, Path], index: PurePosixPath) -> list[str]:
+def _index_shards(files: dict[PurePosixPath, AnyPath], index: PurePosixPath) -> list[str]:
     """The shard names an index lists; for an unreadable index, the files named like shards.
 
     An unreadable index is still one model (it fails with the read error),
@@ -196,7 +253,7 @@ def _index_shards(files: dict[PurePosixPath, Path], index: PurePosixPath) -> lis
                       and r.name.startswith(prefix) and r.suffix == ".safetensors")
 
 
-def _external_files(files: dict[PurePosixPath, Path], model: PurePosixPath,
+def _external_files(files: dict[PurePosixPath, AnyPath], model: PurePosixPath,
                     others: set[PurePosixPath], explicit: bool) -> list[str]:
     """External-data locations of an ONNX model that stay inside its folder.
 
@@ -208,16 +265,14 @@ def _external_files(files: dict[PurePosixPath, Path], model: PurePosixPath,
     folder = model.parent
     if not explicit and not any(_inside(o, folder) for o in others):
         return []
-    # loads onnx (0.7 s to import): only when a folder holds an ONNX model
-    from modelpress.formats.onnx.files import relative_locations
-    return relative_locations(files[model]) or []
+    return onnx_files().relative_locations(files[model]) or []
 
 
 def _inside(path: PurePosixPath, folder: PurePosixPath) -> bool:
     return str(folder) == "." or folder in path.parents
 
 
-def _assign_configs(models: list[ModelEntry], files: dict[PurePosixPath, Path],
+def _assign_configs(models: list[ModelEntry], files: dict[PurePosixPath, AnyPath],
                     claimed: set[PurePosixPath]) -> list[ModelEntry]:
     """Give each folder's config.json to its safetensors model.
 
@@ -238,8 +293,8 @@ def _assign_configs(models: list[ModelEntry], files: dict[PurePosixPath, Path],
     return result
 
 
-def _size(path: Path) -> int:
+def _size(path: AnyPath) -> int:
     try:
-        return path.stat().st_size
-    except OSError:
+        return file_size(path)
+    except (OSError, ModelReadError):
         return 0

@@ -9,27 +9,48 @@ content, see `input_key`). `--skip-existing` compares both with the present run.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Iterator
 
 from modelpress.core.errors import ModelWriteError
 
 from modelpress.formats.atomic import atomic_path
 from modelpress.formats.digest import file_sha256
+from modelpress.formats.location import (AnyPath, ObjectPath, exists, file_size, is_file,
+                                         location, read_bytes, storage)
 from modelpress.formats.onnx.names import data_name
 from modelpress.formats.safetensors.ct_config import config_for
 from modelpress.formats.safetensors.header import read_header
-from modelpress.formats.safetensors.sharded import is_index, read_index
+from modelpress.formats.safetensors.sharded import is_index, read_index, shard_files
+from modelpress.formats.source import CHUNK, open_source
 
 SOURCE_KEY = "modelpress.source"
 
 
-def input_key(main: Path, others: list[Path]) -> str:
+@contextlib.contextmanager
+def local_output(dst: AnyPath) -> Iterator[Path]:
+    """Where a writer writes the output `dst`: `dst` itself when it is local; for an
+    object in storage, a local staging file, uploaded with the files written beside it
+    (shards, a data file) when the block succeeds, never partly (see
+    modelpress.formats.objectstore.staged)."""
+    if isinstance(dst, Path):
+        yield dst
+        return
+
+    def old_parts(old: Path) -> list[str]:
+        return shard_files(old) if is_index(dst) else []
+    with storage().staged(dst, old_parts) as local:
+        yield local
+
+
+def input_key(main: AnyPath, others: list[AnyPath]) -> str:
     """The content key of a model's input files.
 
     One file: its sha256 (what `sha256sum` prints). Several (a sharded
@@ -40,15 +61,20 @@ def input_key(main: Path, others: list[Path]) -> str:
     if not others:
         return file_sha256(main)
     folder = main.parent
-    lines = sorted(f"{Path(os.path.relpath(p, folder)).as_posix()}\t{file_sha256(p)}\n"
-                   for p in [main, *others])
+    lines = sorted(f"{_relative(p, folder)}\t{file_sha256(p)}\n" for p in [main, *others])
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
-def model_sha256(path: Path) -> str:
+def _relative(path: AnyPath, folder: AnyPath) -> str:
+    if isinstance(path, ObjectPath) and isinstance(folder, ObjectPath):
+        return path.relative_to(folder).as_posix()
+    return Path(os.path.relpath(path, folder)).as_posix()  # type: ignore[arg-type]
+
+
+def model_sha256(path: AnyPath | str) -> str:
     """The content key of a model file: its sha256, or for a sharded checkpoint's index
     (or an ONNX model with external data) the `input_key` of all its files."""
-    path = Path(path)
+    path = location(path)
     if is_index(path):
         weight_map, _ = read_index(path)
         return input_key(path, [path.parent / s for s in sorted(set(weight_map.values()))])
@@ -62,16 +88,21 @@ def source_value(recipe_sha256: str, input_sha256: str) -> str:
                       sort_keys=True, separators=(",", ":"))
 
 
-def read_source(path: Path) -> dict[str, Any] | None:
+def onnx_files() -> ModuleType:
+    """modelpress.formats.onnx.files (an ONNX file's external data and metadata)."""
+    # loads onnx (0.7 s to import): only for an ONNX output
+    import modelpress.formats.onnx.files as files
+    return files
+
+
+def read_source(path: AnyPath) -> dict[str, Any] | None:
     """The `modelpress.source` record of an output, or None if absent or unreadable."""
     try:
         if is_index(path):
             _, metadata = read_index(path)
             raw = metadata.get(SOURCE_KEY)
         elif path.suffix.lower() == ".onnx":
-            # loads onnx (0.7 s to import): only for an ONNX output
-            from modelpress.formats.onnx.files import metadata_value
-            raw = metadata_value(path, SOURCE_KEY)
+            raw = onnx_files().metadata_value(path, SOURCE_KEY)
         else:
             raw = read_header(path).metadata.get(SOURCE_KEY)
         record = json.loads(raw) if isinstance(raw, str) else None
@@ -80,7 +111,7 @@ def read_source(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def output_files(path: Path) -> list[Path]:
+def output_files(path: AnyPath) -> list[AnyPath]:
     """The files of a written output: the file itself, an index and its shards, or an
     ONNX model and the external data files it names."""
     if is_index(path):
@@ -94,27 +125,25 @@ def output_files(path: Path) -> list[Path]:
     return [path]
 
 
-def onnx_data_files(path: Path) -> list[Path]:
+def onnx_data_files(path: AnyPath) -> list[AnyPath]:
     """The external data files an ONNX model names (inside its folder), sorted.
 
     Without a `<model>.data` file beside it (what modelpress writes), a model
     is taken to be self-contained and is not parsed, so this stays cheap for
     large inline models.
     """
-    if not (path.parent / data_name(path)).exists():
+    if not exists(path.parent / data_name(path)):
         return []
-    # loads onnx (0.7 s to import): only for an ONNX model with a data file
-    from modelpress.formats.onnx.files import data_files
-    return data_files(path)
+    return onnx_files().data_files(path)
 
 
-def output_bytes(path: Path) -> int:
+def output_bytes(path: AnyPath) -> int:
     """Bytes on disk of a written output (index and shards together)."""
-    return sum(p.stat().st_size for p in output_files(path) if p.exists())
+    return sum(file_size(p) for p in output_files(path) if exists(p))
 
 
-def up_to_date(dst: Path, recipe_sha256: str, input_sha256: str,
-               config_src: Path | None = None, config_dst: Path | None = None) -> bool:
+def up_to_date(dst: AnyPath, recipe_sha256: str, input_sha256: str,
+               config_src: AnyPath | None = None, config_dst: AnyPath | None = None) -> bool:
     """True if `dst` is complete and was made from this input with this recipe.
 
     For a sharded output every shard must be present; for a model owning a
@@ -124,31 +153,54 @@ def up_to_date(dst: Path, recipe_sha256: str, input_sha256: str,
     record = read_source(dst)
     if record != {"recipe_sha256": recipe_sha256, "input_sha256": input_sha256}:
         return False
-    if not all(p.is_file() for p in output_files(dst)):
+    if not all(is_file(p) for p in output_files(dst)):
         return False
     if config_src is not None and config_dst is not None:
         try:
-            return config_dst.is_file() and config_dst.read_bytes() == config_for(config_src, dst)
+            return is_file(config_dst) and read_bytes(config_dst) == config_for(config_src, dst)
         except Exception:
             return False
     return True
 
 
-def same_file_content(src: Path, dst: Path) -> bool:
+def same_file_content(src: AnyPath, dst: AnyPath) -> bool:
     """True if `dst` exists and holds exactly the bytes of `src`."""
-    return dst.is_file() and not dst.is_symlink() and filecmp.cmp(src, dst, shallow=False)
+    if isinstance(src, Path) and isinstance(dst, Path):
+        return dst.is_file() and not dst.is_symlink() and filecmp.cmp(src, dst, shallow=False)
+    if not is_file(dst):
+        return False
+    one, two = open_source(src), open_source(dst)
+    if one.size != two.size:
+        return False
+    return all(one.read(start, CHUNK) == two.read(start, CHUNK)
+               for start in range(0, one.size, CHUNK))
 
 
-def copy_file(src: Path, dst: Path) -> int:
-    """Copy a file atomically; return its size."""
+def copy_file(src: AnyPath, dst: AnyPath) -> int:
+    """Copy a file atomically (from or to storage too, streamed); return its size."""
+    if isinstance(dst, ObjectPath):
+        source = open_source(src)
+        storage().copy(source, dst)
+        return source.size
     with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+        if isinstance(src, Path):
+            shutil.copyfile(src, tmp)
+        else:
+            source = open_source(src)
+            with open(tmp, "wb", buffering=0) as out:
+                source.copy_to(0, source.size, out)
         size = tmp.stat().st_size
     return size
 
 
-def check_inside(dst: Path, outdir: Path) -> None:
+def check_inside(dst: AnyPath, outdir: AnyPath) -> None:
     """Refuse an output path that would land outside `outdir` (through links) or on a link."""
+    if isinstance(dst, ObjectPath) or isinstance(outdir, ObjectPath):
+        if not (isinstance(dst, ObjectPath) and isinstance(outdir, ObjectPath)
+                and dst.is_relative_to(outdir)):
+            raise ModelWriteError(f"{dst}: would be written outside the output {outdir}; "
+                                  "refusing")
+        return  # object storage has no links
     root = Path(os.path.realpath(outdir))
     where = Path(os.path.realpath(dst.parent))
     if where != root and root not in where.parents:

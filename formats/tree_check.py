@@ -7,11 +7,9 @@ raises ValueError, which the stores turn into a one-line ModelReadError.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from modelpress.core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse
+from modelpress.core.encoded import GRANULARITIES, Dense, Encoded, Quantized, Sparse, scale_shape
 from modelpress.core.scalecode import MultiplierCode, base_shape, max_multiplier
 
 
@@ -95,7 +93,10 @@ def _scale_shape(q: Quantized, shape: tuple[int, ...]) -> tuple[int, ...]:
         axis = _axis(q.channel_axis, rank, "channel axis")
         return tuple(d if i == axis else 1 for i, d in enumerate(shape))
     axis = _axis(q.block_axis, rank, "block axis")
-    size = q.group_size
+    size, span = q.group_size, q.block_span
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"group size {size!r} is not a positive integer")
-    return tuple(math.ceil(d / size) if i == axis else d for i, d in enumerate(shape))
+    if not isinstance(span, int) or isinstance(span, bool) or not 1 <= span <= rank - axis:
+        raise ValueError(f"block span {span!r} does not fit a block axis {axis} of a "
+                         f"rank-{rank} tensor")
+    return scale_shape(tuple(shape), "group", None, axis, size, span)

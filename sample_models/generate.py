@@ -3,7 +3,9 @@
 Run ``python sample_models/generate.py [--out DIR]``; DIR defaults to this folder.
 Writes an MLP trained with numpy (plus a held-out set), a tiny CNN with random weights
 and a one-block transformer LM trained with numpy on a synthetic next-token task (plus
-held-out sequences), each as ``.onnx`` and ``.safetensors`` holding the same tensors.
+held-out sequences), each as ``.onnx`` and ``.safetensors`` holding the same tensors;
+and, as ``.onnx`` only with evaluation inputs, a MobileNet-style CNN (depthwise separable
+convolutions) and an LSTM + GRU sequence model, both with random initial weights.
 """
 
 from __future__ import annotations
@@ -222,6 +224,133 @@ def build_cnn_onnx(params: Params) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])]
     return g.model("cnn", inputs, outputs)
+
+
+# --- MobileNet-style CNN --------------------------------------------------------
+
+# (channels, kernel) of the patchify stem; (kernel, stride, output channels) of each
+# depthwise separable block.
+MOBILENET_STEM = (96, 4)
+MOBILENET_BLOCKS = ((7, 1, 192), (7, 2, 256))
+MOBILENET_CLASSES, MOBILENET_SIZE, MOBILENET_TEST = 16, 32, 8
+
+
+def _he(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """He-normal weights times a log-normal gain per output channel (axis 0), as a
+    BatchNorm folded into the convolution leaves them."""
+    gain = np.exp(rng.normal(0.0, 0.5, (shape[0],) + (1,) * (len(shape) - 1)))
+    return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape) * gain
+
+
+def init_mobilenet(rng: np.random.Generator) -> Params:
+    """Conv weights [out, in / group, k, k] (see _he), folded-BatchNorm biases, fc [classes, in]."""
+    params: Params = {}
+    channels, k = MOBILENET_STEM
+    params["stem.weight"] = _he(rng, (channels, 3, k, k), 3 * k * k)
+    params["stem.bias"] = rng.normal(0.0, 0.05, channels)
+    for i, (k, _, out) in enumerate(MOBILENET_BLOCKS):
+        params[f"blocks.{i}.dw.weight"] = _he(rng, (channels, 1, k, k), k * k)
+        params[f"blocks.{i}.dw.bias"] = rng.normal(0.0, 0.05, channels)
+        params[f"blocks.{i}.pw.weight"] = _he(rng, (out, channels, 1, 1), channels)
+        params[f"blocks.{i}.pw.bias"] = rng.normal(0.0, 0.05, out)
+        channels = out
+    params["fc.weight"] = rng.normal(0.0, np.sqrt(1.0 / channels), (MOBILENET_CLASSES, channels))
+    params["fc.bias"] = np.zeros(MOBILENET_CLASSES)
+    return {k: v.astype(np.float32) for k, v in params.items()}
+
+
+def build_mobilenet_onnx(params: Params) -> onnx.ModelProto:
+    """Patchify stem (k x k, stride k), then depthwise k x k + pointwise 1x1 blocks, each
+    conv followed by ReLU6 (Clip 0..6); GlobalAveragePool, Flatten, Gemm."""
+    g = GraphBuilder()
+    low, high = g.const("relu6.min", np.array(0.0, np.float32)), g.const("relu6.max", np.array(6.0, np.float32))
+
+    def conv(x: str, name: str, stride: int, group: int) -> str:
+        w = params[f"{name}.weight"]
+        k = w.shape[-1]
+        pad = 0 if name == "stem" else k // 2
+        x = g.op("Conv", [x, g.initializer(f"{name}.weight", w), g.initializer(f"{name}.bias", params[f"{name}.bias"])],
+                 f"{name}.out", kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4, group=group)
+        return g.op("Clip", [x, low, high], f"{name}.act")
+
+    h = conv("image", "stem", MOBILENET_STEM[1], 1)
+    for i, (_, stride, _) in enumerate(MOBILENET_BLOCKS):
+        h = conv(h, f"blocks.{i}.dw", stride, params[f"blocks.{i}.dw.weight"].shape[0])
+        h = conv(h, f"blocks.{i}.pw", 1, 1)
+    h = g.op("Flatten", [g.op("GlobalAveragePool", [h], "pool.out")], "flatten.out", axis=1)
+    w, b = g.initializer("fc.weight", params["fc.weight"]), g.initializer("fc.bias", params["fc.bias"])
+    g.op("Gemm", [h, w, b], "logits", transB=1)
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, MOBILENET_SIZE, MOBILENET_SIZE])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", MOBILENET_CLASSES])]
+    return g.model("mobilenet", inputs, outputs)
+
+
+def synthetic_images(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """``n`` smooth RGB images [n, 3, size, size]: a colour gradient plus a few Gaussian blobs,
+    rounded to 8-bit levels like decoded pictures, then normalised ((v/255 - 0.5) / 0.25)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = np.empty((n, 3, size, size))
+    for image in images:
+        image[:] = rng.uniform(0.2, 0.8, (3, 1, 1)) + rng.normal(0, 0.2, (3, 1, 1)) * (xx - yy)
+        for _ in range(5):
+            cy, cx, width = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
+            image += rng.normal(0, 0.4, (3, 1, 1)) * blob
+    pixels = np.clip(np.round(images * 255), 0, 255)
+    return ((pixels / 255 - 0.5) / 0.25).astype(np.float32)
+
+
+# --- LSTM + GRU ------------------------------------------------------------------
+
+# Input features per frame, LSTM hidden size, GRU hidden size (bidirectional), classes.
+RNN_FEATURES, RNN_LSTM, RNN_GRU, RNN_CLASSES = 40, 96, 40, 64
+RNN_TEST, RNN_FRAMES = 4, 32
+
+
+def init_recurrent(rng: np.random.Generator) -> Params:
+    """ONNX-layout LSTM W [1, 4H, in], R [1, 4H, H], B [1, 8H] and bidirectional GRU
+    W [2, 3H, in], R [2, 3H, H], B [2, 6H], each uniform in +-1/sqrt(H) (PyTorch's
+    default); head [2H, classes] uniform in +-1/sqrt(2H), zero bias."""
+    def uniform(shape: tuple[int, ...], fan: int) -> np.ndarray:
+        return rng.uniform(-1.0 / np.sqrt(fan), 1.0 / np.sqrt(fan), shape)
+
+    h, h2 = RNN_LSTM, RNN_GRU
+    params = {
+        "lstm.W": uniform((1, 4 * h, RNN_FEATURES), h), "lstm.R": uniform((1, 4 * h, h), h),
+        "lstm.B": uniform((1, 8 * h), h),
+        "gru.W": uniform((2, 3 * h2, h), h2), "gru.R": uniform((2, 3 * h2, h2), h2),
+        "gru.B": uniform((2, 6 * h2), h2),
+        "head.weight": uniform((2 * h2, RNN_CLASSES), 2 * h2), "head.bias": np.zeros(RNN_CLASSES),
+    }
+    return {k: v.astype(np.float32) for k, v in params.items()}
+
+
+def build_recurrent_onnx(params: Params) -> onnx.ModelProto:
+    """features [batch, time, in] -> Transpose -> LSTM -> bidirectional GRU (linear before
+    reset, as PyTorch) -> [batch, time, 2H] -> MatMul + Add: per-frame logits."""
+    g = GraphBuilder()
+    for name, array in params.items():
+        g.initializer(name, array)
+    x = g.op("Transpose", ["features"], "time_major", perm=[1, 0, 2])
+    g.nodes.append(helper.make_node("LSTM", [x, "lstm.W", "lstm.R", "lstm.B"], ["lstm.Y"], name="lstm",
+                                    hidden_size=RNN_LSTM))
+    x = g.op("Squeeze", ["lstm.Y", g.ints("lstm.directions", [1])], "lstm.out")
+    g.nodes.append(helper.make_node("GRU", [x, "gru.W", "gru.R", "gru.B"], ["gru.Y"], name="gru",
+                                    hidden_size=RNN_GRU, direction="bidirectional", linear_before_reset=1))
+    x = g.op("Transpose", ["gru.Y"], "gru.batch_major", perm=[2, 0, 1, 3])
+    x = g.op("Reshape", [x, g.ints("gru.merge", [0, 0, -1])], "gru.out")
+    g.op("Add", [g.op("MatMul", [x, "head.weight"], "head.out"), "head.bias"], "logits")
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", "time", RNN_FEATURES])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", RNN_CLASSES])]
+    return g.model("recurrent", inputs, outputs)
+
+
+def synthetic_features(rng: np.random.Generator, n: int, frames: int) -> np.ndarray:
+    """``n`` sequences [n, frames, RNN_FEATURES] like log-mel frames: a random walk over
+    time per band, smoothed across bands, rounded to steps of 1/16."""
+    walk = np.cumsum(rng.normal(0, 0.3, (n, frames, RNN_FEATURES)), axis=1)
+    smooth = (walk + np.roll(walk, 1, axis=2) + np.roll(walk, -1, axis=2)) / 3
+    return (np.round(16 * (smooth + rng.normal(0, 1, (n, 1, RNN_FEATURES)))) / 16).astype(np.float32)
 
 
 # --- transformer ---------------------------------------------------------------
@@ -576,6 +705,13 @@ def generate(
     save_onnx(build_cnn_onnx(cnn), out_dir / "cnn.onnx")
     save_safetensors(cnn, out_dir / "cnn.safetensors")
 
+    save_onnx(build_mobilenet_onnx(init_mobilenet(np.random.default_rng(9))), out_dir / "mobilenet.onnx")
+    images = synthetic_images(np.random.default_rng(10), MOBILENET_TEST, MOBILENET_SIZE)
+    np.savez_compressed(out_dir / "mobilenet_test_inputs.npz", image=images)
+    save_onnx(build_recurrent_onnx(init_recurrent(np.random.default_rng(11))), out_dir / "recurrent.onnx")
+    features = synthetic_features(np.random.default_rng(12), RNN_TEST, RNN_FRAMES)
+    np.savez_compressed(out_dir / "recurrent_test_inputs.npz", features=features)
+
     process = make_lm_process(np.random.default_rng(4))
     lm_train = sample_lm_sequences(np.random.default_rng(6), process, transformer_steps * LM_BATCH)
     lm_test = lm_held_out(np.random.default_rng(7), process, lm_train, LM_TEST)
@@ -622,6 +758,12 @@ def verify_with_onnxruntime(out_dir: Path) -> dict[str, float]:
     lm_acc = lm_metrics(outputs[0], lm_test)[1]
     if rel > 1e-4:
         raise AssertionError(f"transformer.onnx differs from the numpy reference: rel error {rel:.2e}")
+    for model, shape in (("mobilenet", (MOBILENET_TEST, MOBILENET_CLASSES)),
+                         ("recurrent", (RNN_TEST, RNN_FRAMES, RNN_CLASSES))):
+        with np.load(out_dir / f"{model}_test_inputs.npz") as feeds:
+            logits = run(f"{model}.onnx", dict(feeds))
+        if logits.shape != shape or not np.isfinite(logits).all():
+            raise AssertionError(f"{model}.onnx gave logits {logits.shape}, expected finite {shape}")
     return {"onnx_test_accuracy": onnx_acc, "transformer_rel_error": rel, "transformer_onnx_accuracy": lm_acc}
 
 
@@ -646,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"onnxruntime: mlp test accuracy {checks['onnx_test_accuracy']:.4f} (matches numpy), "
           f"transformer max rel error {checks['transformer_rel_error']:.1e}, "
-          f"held-out accuracy {checks['transformer_onnx_accuracy']:.4f}")
+          f"held-out accuracy {checks['transformer_onnx_accuracy']:.4f}; mobilenet and recurrent run")
     return 0
 
 

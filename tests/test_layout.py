@@ -20,12 +20,15 @@ from import_tree import REPO, build, package_folders, tomllib
 
 # Heavy or optional dependencies that may be imported inside a function, so that a run
 # that does not need them does not pay for them (or does not need them installed).
-LAZY_ALLOWED = {"onnxruntime", "onnx", "distributed", "matplotlib", "ml_dtypes", "yaml", "threadpoolctl", "rich"}
+LAZY_ALLOWED = {"onnxruntime", "onnx", "distributed", "matplotlib", "ml_dtypes", "yaml", "threadpoolctl", "rich",
+                "fsspec"}
 # A module of the ONNX subpackage imports onnx at its top: importing it lazily is how the
 # rest of modelpress loads onnx only for ONNX files.
 LAZY_SUBPACKAGES = {"modelpress.formats.onnx": "onnx",
                     # and the Dask executor imports distributed, an optional extra
-                    "modelpress.app.batch.cluster": "distributed"}
+                    "modelpress.app.batch.cluster": "distributed",
+                    # and object storage imports fsspec, an optional extra
+                    "modelpress.formats.objectstore": "fsspec"}
 # `modelpress --help` and `--version` load no command (cli/entry.py): a command's module,
 # read from this table, brings numpy, the stages and the formats (0.3 s) when one runs.
 # Likewise `import modelpress` (the public API is resolved on first use, PEP 562).

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from modelpress.core.dtypes import is_bfloat16, scale_dtype_for
-from modelpress.core.encoded import Dense, Quantized
+from modelpress.core.encoded import Dense, Quantized, merged_shape
 from modelpress.core.metrics import BlockSums, ErrorStats
 from modelpress.core.quantize.coded import quantize_coded_measured
 from modelpress.core.quantize.groups import stored_scale_up
@@ -54,11 +54,17 @@ def quantize_measured(array: np.ndarray, info: TensorInfo,
     channel_axis, block_axis = axes_for(info)
     if plan.scale_bits:
         # As Quantize.apply calls quantize_coded on a dense tensor.
-        return quantize_coded_measured(
-            Dense(array).decode(), bits=plan.bits, symmetric=plan.symmetric,
+        w = Dense(array).decode()
+        if plan.block_span > 1:
+            w = w.reshape(merged_shape(w.shape, block_axis, plan.block_span))
+        found = quantize_coded_measured(
+            w, bits=plan.bits, symmetric=plan.symmetric,
             zero_bits=plan.zero_bits, scale_bits=plan.scale_bits, granularity=plan.granularity,
             channel_axis=channel_axis, block_axis=block_axis, group_size=plan.group_size,
             method=plan.method, super_block=plan.super_block)
+        if found is None or plan.block_span == 1:
+            return found
+        return found[0].spread(array.shape, plan.block_span), found[1]
     if (plan.granularity != "channel" or plan.method != "rtn" or not plan.symmetric
             or channel_axis != 0 or array.ndim < 2):
         return None

@@ -61,6 +61,7 @@ class QuantPlan:
     zero_bits: int | None      # None when symmetric
     backup: bool = False       # bits raised by the backup-precision policy
     super_block: int = 0       # inputs per float16 base of multiplier scales (0: none)
+    block_span: int = 1        # axes from the block axis that groups run along, flattened
 
 
 # A group may pad its axis up to this factor (or up to PADDED_FLOOR elements in all).
@@ -89,11 +90,16 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
     scale_bits = stage.scale_bits
     if stage.super_block and scale_bits is None and bits <= MAX_MULTIPLIED_BITS:
         scale_bits = 5  # a given --super-block refits the log grid's 5-bit codes
-    group_size = None
+    group_size, span = None, 1
     if granularity == "group":
         group_size = stage.group_size or _default_group(bits, scale_bits, compact, info)
+        span = _flattened_span(info, group_size)
+        if span > 1 and not stage.group_size:
+            group_size = _balanced(_reduction_size(info, span),
+                                   _default_group(bits, scale_bits, compact, info, span),
+                                   info.shape[axes_for(info)[1]])
         if stage.group_size:
-            _check_padding(stage.group_size, info)
+            _check_padding(stage.group_size, info, span)
     if scale_bits is None:
         scale_bits = 0
         if compact and granularity != "tensor":
@@ -112,7 +118,30 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
     super_block = _super_block(stage, info, bits, granularity, group_size, compact)
     return QuantPlan(bits=bits, symmetric=symmetric, granularity=granularity,
                      group_size=group_size, method=method, scale_bits=scale_bits,
-                     zero_bits=zero_bits, backup=backup, super_block=super_block)
+                     zero_bits=zero_bits, backup=backup, super_block=super_block,
+                     block_span=span)
+
+
+def _flattened_span(info: TensorInfo, group_size: int) -> int:
+    """The block span groups run along: the tensor's (a depthwise or grouped convolution
+    kernel) when one group would be longer than its block axis, so that grouping
+    along that axis alone would give every few weights a scale of their own; else 1."""
+    _, block_axis = axes_for(info)
+    span = info.block_span
+    if (span > 1 and info.shape and info.shape[block_axis] < group_size
+            and math.prod(info.shape[block_axis + 1:block_axis + span]) > 1):
+        return span
+    return 1
+
+
+def _balanced(k: int, group_size: int, axis: int) -> int:
+    """The shortest group that splits `k` inputs into as many groups as `group_size` does
+    (a depthwise 3x3 kernel's 9 weights are one group of 9, not 16 with 7 padded), if
+    that is still longer than the block axis (`axis` inputs), else `group_size`: given
+    back as --group-size, the group must flatten the kernel again (recipe replays)."""
+    groups = -(-k // group_size)
+    balanced = -(-k // groups)
+    return balanced if balanced > axis else group_size
 
 
 def default_method(bits: int) -> str:
@@ -152,9 +181,10 @@ def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,
     return SUPER_BLOCK
 
 
-def _default_group(bits: int, scale_bits: int | None, compact: bool, info: TensorInfo) -> int:
+def _default_group(bits: int, scale_bits: int | None, compact: bool, info: TensorInfo,
+                   span: int = 1) -> int:
     if bits == 8 and compact and scale_bits in (None, 8):
-        return auto_group_8bit(_reduction_size(info))
+        return auto_group_8bit(_reduction_size(info, span))
     if (scale_bits is None and compact) or (scale_bits and scale_bits <= 6):
         return CODED_GROUP
     return PLAIN_GROUP
@@ -176,12 +206,12 @@ def auto_group_8bit(k: int) -> int:
     return group
 
 
-def _check_padding(group_size: int, info: TensorInfo) -> None:
+def _check_padding(group_size: int, info: TensorInfo, span: int = 1) -> None:
     """Refuse a group so much longer than the axis it runs along that its zero padding,
     not the tensor, would set the memory used (a 204 kB model took 5.9 GB at
     --group-size 4000000). Up to MAX_PADDING times the axis, or PADDED_FLOOR
     elements in all, a longer group is one group per row, as it always was."""
-    k = _reduction_size(info)
+    k = _reduction_size(info, span)
     rows = math.prod(info.shape) // k if k else 0
     if group_size > MAX_PADDING * k and rows * group_size > PADDED_FLOOR:
         raise UnsupportedTensorError(
@@ -190,6 +220,6 @@ def _check_padding(group_size: int, info: TensorInfo) -> None:
             f"--group-size {k}, --granularity channel, or --exclude {info.name!r}")
 
 
-def _reduction_size(info: TensorInfo) -> int:
+def _reduction_size(info: TensorInfo, span: int = 1) -> int:
     _, block_axis = axes_for(info)
-    return info.shape[block_axis] if info.shape else 1
+    return math.prod(info.shape[block_axis:block_axis + span]) if info.shape else 1

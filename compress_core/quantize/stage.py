@@ -10,7 +10,7 @@ import numpy as np
 from modelpress.core.compose import apply_to_factors, one_of, order_error
 from modelpress.core.dtypes import scale_dtype_for
 from modelpress.core.encoded import (GRANULARITIES, Dense, Encoded, LowRank, Palettized, Quantized,
-                                     Scaled, Sparse)
+                                     Scaled, Sparse, merged_shape)
 from modelpress.core.metrics import ErrorStats
 from modelpress.core.quantize.coded import quantize_coded
 from modelpress.core.quantize.fused import quantize_measured
@@ -44,6 +44,10 @@ class Quantize(Stage):
     `quantize.multiplier`); at 8 bits, symmetric groups sized per tensor with
     8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
     float scales; per channel at 8 bits, groups of 128 below).
+
+    Groups run along the inputs each output sums over; a convolution kernel
+    whose input axis is shorter than a group (depthwise, grouped, one input
+    channel) is grouped along each filter's whole kernel, flattened.
 
     In ONNX, embeddings and the output head are kept at --backup-bits when
     --bits is lower, unless --all-layers; by default 6, lowered so that
@@ -186,17 +190,22 @@ class Quantize(Stage):
 
     def _quantized(self, array: np.ndarray, info: TensorInfo, plan: QuantPlan) -> Quantized:
         channel_axis, block_axis = axes_for(info)
+        w, shape = array, tuple(array.shape)
+        if plan.block_span > 1:
+            w = w.reshape(merged_shape(shape, block_axis, plan.block_span))
         if plan.scale_bits:
-            return quantize_coded(
-                array, bits=plan.bits, symmetric=plan.symmetric,
+            q = quantize_coded(
+                w, bits=plan.bits, symmetric=plan.symmetric,
                 zero_bits=plan.zero_bits, scale_bits=plan.scale_bits,
                 granularity=plan.granularity, channel_axis=channel_axis, block_axis=block_axis,
                 group_size=plan.group_size, method=plan.method, super_block=plan.super_block)
-        return quantize_array(
-            array, bits=plan.bits, symmetric=plan.symmetric,
-            granularity=plan.granularity, channel_axis=channel_axis,
-            block_axis=block_axis, group_size=plan.group_size, method=plan.method,
-            scale_dtype=scale_dtype_for(info.dtype))
+        else:
+            q = quantize_array(
+                w, bits=plan.bits, symmetric=plan.symmetric,
+                granularity=plan.granularity, channel_axis=channel_axis,
+                block_axis=block_axis, group_size=plan.group_size, method=plan.method,
+                scale_dtype=scale_dtype_for(info.dtype))
+        return q.spread(tuple(shape), plan.block_span) if plan.block_span > 1 else q
 
     def encode_measured(self, array: np.ndarray,
                         info: TensorInfo) -> tuple[Quantized, ErrorStats] | None:
@@ -230,8 +239,9 @@ def gptq_refusal(stages: Iterable[Stage], *, calibration: bool, onnx: bool,
 def _scale_bits(plan: QuantPlan, info: TensorInfo) -> float:
     """Bits of one scale (and its zero point) of a quantized tensor (codes are bit-packed)."""
     bits = plan.scale_bits or scale_dtype_for(info.dtype).itemsize * 8
-    if plan.super_block and applies(info.shape, axes_for(info)[1], plan.group_size,
-                                    plan.super_block):
+    block_axis = axes_for(info)[1]
+    if plan.super_block and applies(merged_shape(info.shape, block_axis, plan.block_span),
+                                    block_axis, plan.group_size, plan.super_block):
         # A 4-bit multiplier per group, a float16 base per super-block.
         bits = MULTIPLIER_BITS + 16 * plan.group_size / plan.super_block
     if not plan.symmetric:

@@ -64,18 +64,20 @@ def give_back(model: onnx.ModelProto, sources: list[onnx.TensorProto],
             tensor.CopyFrom(sources[index])
 
 
-def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+def checkable(model: onnx.ModelProto, external: bool = False) -> onnx.ModelProto:
     """A copy of a `borrow` copy for onnx.checker's structural check (no shape inference).
 
     The in-memory checker would look for a borrowed tensor's data file, so each
-    becomes an empty tensor of its type; the structural check does not relate
-    initializer shapes to their uses, and the store checks each tensor's data
-    size against its dims when the model is opened.
+    (and with `external`, each tensor in an external data file) becomes an
+    empty tensor of its type; the structural check does not relate initializer
+    shapes to their uses, and the store checks each tensor's data size against
+    its dims when the model is opened.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for tensor in _tensor_slots(probe):
-        if is_borrowed(tensor):
+        if is_borrowed(tensor) or (external and
+                                   tensor.data_location == onnx.TensorProto.EXTERNAL):
             del tensor.external_data[:]
             tensor.ClearField("data_location")
             del tensor.dims[:]

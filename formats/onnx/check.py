@@ -8,11 +8,12 @@ import onnx
 
 from modelpress.core.errors import ModelReadError, ModelWriteError
 
+from modelpress.formats.location import AnyPath, ObjectPath
 from modelpress.formats.onnx.borrow import checkable, is_borrowed
 from modelpress.formats.onnx.graph import is_external, locate
 
 
-def check_saved(path: Path, dst: Path, source: Path | None = None) -> None:
+def check_saved(path: Path, dst: Path, source: AnyPath | None = None) -> None:
     """Run onnx.checker's full check on a saved output (path form: external data is
     checked where it lies); raise ModelWriteError naming `dst` if it fails.
 
@@ -30,7 +31,7 @@ def check_saved(path: Path, dst: Path, source: Path | None = None) -> None:
                               f"({one_line(exc)}); nothing was written") from None
 
 
-def check_source(path: Path, model: onnx.ModelProto) -> None:
+def check_source(path: AnyPath, model: onnx.ModelProto) -> None:
     """Refuse an input that fails onnx.checker's structural check before any work on it.
 
     Writing it would fail the output check anyway, unless a rewrite happened to
@@ -38,19 +39,29 @@ def check_source(path: Path, model: onnx.ModelProto) -> None:
     decompressed back into a valid model. A model with external data is
     checked through its path, so locations resolve against its folder (the
     weights are not loaded); any other in memory, with the tensors a `borrow`
-    copy borrows standing in empty (see `checkable`).
+    copy borrows standing in empty (see `checkable`). A model in storage is always
+    checked in memory, its external tensors standing in empty too (the checker reads
+    local files only).
     """
     external = any(is_external(loc.tensor) and not is_borrowed(loc.tensor)
                    for loc in locate(model).values())
+    remote = isinstance(path, ObjectPath)
     try:
-        onnx.checker.check_model(str(path) if external else checkable(model))
+        onnx.checker.check_model(str(path) if external and not remote
+                                 else checkable(model, external=remote))
     except Exception as exc:
         raise ModelReadError(f"{path}: the model fails onnx.checker ({one_line(exc)}); "
                              "modelpress writes only valid models, so fix the input first") from None
 
 
-def refuse_invalid_source(path: Path) -> None:
-    """Raise ModelReadError if the input model itself fails onnx.checker (full check)."""
+def refuse_invalid_source(path: AnyPath) -> None:
+    """Raise ModelReadError if the input model itself fails onnx.checker (full check).
+
+    A model in storage is not checked here (the checker reads local files only):
+    the output's failure is then reported as it is.
+    """
+    if isinstance(path, ObjectPath):
+        return
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:

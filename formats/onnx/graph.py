@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -14,6 +15,8 @@ from onnx import helper, numpy_helper
 
 from modelpress.core.errors import ModelReadError
 from modelpress.core.tensorinfo import TensorInfo
+
+from modelpress.formats.location import AnyPath, ObjectPath, file_size, is_file
 
 
 @dataclass
@@ -55,46 +58,107 @@ def locate(model: onnx.ModelProto) -> dict[str, Location]:
     return found
 
 
-# op type -> (weight input index, function(node, rank) -> (channel axis, block axis))
-def _gemm_axes(node: onnx.NodeProto, rank: int) -> tuple[int, int]:
-    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-    return (0, 1) if trans_b else (1, 0)
+# Channel axis, block axis and block span of a weight (see TensorInfo).
+Axes = tuple[int, int, int]
 
 
-def _gather_axes(node: onnx.NodeProto, rank: int) -> tuple[int, int] | None:
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    return (0, rank - 1) if axis == 0 and rank >= 2 else None
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
 
 
+def _matmul_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    return len(dims) - 1, len(dims) - 2, 1
+
+
+def _gemm_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    return (0, 1, 1) if _attr(node, "transB", 0) else (1, 0, 1)
+
+
+def _conv_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    # [M, C/g, *kernel]: output channel m sums over its C/g * kernel weights.
+    return 0, 1, len(dims) - 1
+
+
+def _conv_transpose_axes(node: onnx.NodeProto, dims: list[int]) -> Axes:
+    """[C, M/g, *kernel]. Output channel j sums over axes 0 and the kernel's (not one run
+    of axes), so: grouped (depthwise) kernels are grouped per input channel over its
+    [M/g, *kernel] slab (one output channel's whole kernel when M/g is 1); a single input
+    channel's kernel per output channel; else along the input channels."""
+    if _attr(node, "group", 1) > 1:
+        return 0, 1, len(dims) - 1
+    if dims[0] == 1 and len(dims) >= 3:
+        return 1, 2, len(dims) - 2
+    return 1, 0, 1
+
+
+def _gather_axes(node: onnx.NodeProto, dims: list[int]) -> Axes | None:
+    return (0, len(dims) - 1, 1) if _attr(node, "axis", 0) == 0 else None
+
+
+def _recurrent_axes(node: onnx.NodeProto, dims: list[int]) -> Axes | None:
+    # W [directions, gates * hidden, inputs] and R [directions, gates * hidden, hidden].
+    return (1, 2, 1) if len(dims) == 3 else None
+
+
+# op type -> ((weight input index, axes from (node, dims) or None), ...)
 _WEIGHT_INPUTS = {
-    "MatMul": (1, lambda node, rank: (rank - 1, rank - 2)),
-    "Gemm": (1, _gemm_axes),
-    "Conv": (1, lambda node, rank: (0, 1)),
-    "ConvTranspose": (1, lambda node, rank: (1, 0)),
-    "Gather": (0, _gather_axes),
+    "MatMul": ((1, _matmul_axes),),
+    "Gemm": ((1, _gemm_axes),),
+    "Conv": ((1, _conv_axes),),
+    "ConvTranspose": ((1, _conv_transpose_axes),),
+    "Gather": ((0, _gather_axes),),
+    "LSTM": ((1, _recurrent_axes), (2, _recurrent_axes)),
+    "GRU": ((1, _recurrent_axes), (2, _recurrent_axes)),
+    "RNN": ((1, _recurrent_axes), (2, _recurrent_axes)),
 }
 
 
-def weight_roles(model: onnx.ModelProto) -> dict[str, tuple[str, int, int]]:
-    """Tensor name -> (op type, channel axis, block axis) for tensors used as weights."""
-    ranks = {name: len(loc.tensor.dims) for name, loc in locate(model).items()}
-    roles: dict[str, tuple[str, int, int]] = {}
+def weight_roles(model: onnx.ModelProto) -> dict[str, tuple[str, int, int, int]]:
+    """Tensor name -> (op type, channel axis, block axis, block span) for tensors used as
+    weights."""
+    dims = {name: [int(d) for d in loc.tensor.dims] for name, loc in locate(model).items()}
+    roles: dict[str, tuple[str, int, int, int]] = {}
     for graph in graphs(model.graph):
         for node in graph.node:
-            spec = _WEIGHT_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            if spec is None or len(node.input) <= spec[0]:
-                continue
-            name = node.input[spec[0]]
-            if name not in ranks or ranks[name] < 2 or name in roles:
-                continue
-            axes = spec[1](node, ranks[name])
-            if axes is not None:
-                roles[name] = (node.op_type, axes[0], axes[1])
+            specs = _WEIGHT_INPUTS.get(node.op_type, ()) \
+                if node.domain in ("", "ai.onnx") else ()
+            for index, axes_of in specs:
+                name = node.input[index] if len(node.input) > index else ""
+                if name not in dims or len(dims[name]) < 2 or name in roles:
+                    continue
+                axes = axes_of(node, dims[name])
+                if axes is not None:
+                    roles[name] = (node.op_type, *axes)
     return roles
 
 
-def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] | None,
-                sensitive: str | None = None, sensitive_share: float | None = None) -> TensorInfo:
+def other_uses(model: onnx.ModelProto, roles: dict[str, Any]) -> dict[str, str]:
+    """Why each tensor that is not a weight is not one: where the model reads it."""
+    reads: dict[str, list[str]] = {}
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                where = f"{node.op_type} input {index}"
+                if name and name not in roles and where not in reads.setdefault(name, []):
+                    reads[name].append(where)
+    uses = {}
+    for name, loc in locate(model).items():
+        if name in roles:
+            continue
+        if len(loc.tensor.dims) < 2:
+            uses[name] = (f"it is {len(loc.tensor.dims)}-D: a bias, norm or table; stages "
+                          "change tensors of 2 or more dims unless named")
+        elif name in reads:
+            shown = ", ".join(reads[name][:3]) + (", ..." if len(reads[name]) > 3 else "")
+            uses[name] = f"{shown}: not a weight input of a known op"
+        else:
+            uses[name] = "no node reads it"
+    return uses
+
+
+def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int, int] | None,
+                sensitive: str | None = None, sensitive_share: float | None = None,
+                use: str | None = None) -> TensorInfo:
     """TensorInfo from a TensorProto's header fields (no data is read)."""
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
@@ -105,26 +169,19 @@ def tensor_info(name: str, tensor: onnx.TensorProto, role: tuple[str, int, int] 
                       channel_axis=role[1] if role else None,
                       block_axis=role[2] if role else None,
                       role=role[0] if role else None, format="onnx", sensitive=sensitive,
-                      sensitive_share=sensitive_share if sensitive else None)
+                      sensitive_share=sensitive_share if sensitive else None,
+                      block_span=role[3] if role else 1, use=None if role else use)
 
 
-def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:
-    """The checked (file, offset, length) of a tensor stored as external data.
-
-    A location must be a relative path inside the model's folder: absolute
-    paths and paths that climb out (`../`) are refused, as are symbolic links
-    that lead outside it.
-    """
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
+def _inside_folder(model_path: AnyPath, location: str, where: str) -> AnyPath:
+    """The file a relative location names beside the model, refused if it leads out."""
+    if isinstance(model_path, ObjectPath):
+        inside = posixpath.normpath(location.replace("\\", "/"))
+        if inside == ".." or inside.startswith("../"):
+            raise ModelReadError(f"{where}: external data location {location!r} points outside "
+                                 "the model's folder; refusing to read it")
+        return model_path.parent / inside
     base = model_path.parent.resolve()
-    where = f"{model_path}: tensor {tensor.name!r}"
-    if not isinstance(location, str) or "\0" in location:  # protobuf gives bytes for non-UTF-8
-        raise ModelReadError(f"{where}: external data location {location!r} is not a valid "
-                             "path; the model is damaged")
-    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
-        raise ModelReadError(f"{where}: external data location {location!r} is not a relative "
-                             "path inside the model's folder; refusing to read it")
     try:
         target = (base / location).resolve()
     except RuntimeError:  # a loop of symbolic links
@@ -133,7 +190,28 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     if base != target and base not in target.parents:
         raise ModelReadError(f"{where}: external data location {location!r} points outside the "
                              "model's folder; refusing to read it")
-    if not target.is_file():
+    return target
+
+
+def external_data_file(model_path: AnyPath, tensor: onnx.TensorProto
+                       ) -> tuple[AnyPath, int, int | None]:
+    """The checked (file, offset, length) of a tensor stored as external data.
+
+    A location must be a relative path inside the model's folder (for a model
+    in storage, its prefix): absolute paths and paths that climb out (`../`)
+    are refused, as are symbolic links that lead outside it.
+    """
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    where = f"{model_path}: tensor {tensor.name!r}"
+    if not isinstance(location, str) or "\0" in location:  # protobuf gives bytes for non-UTF-8
+        raise ModelReadError(f"{where}: external data location {location!r} is not a valid "
+                             "path; the model is damaged")
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise ModelReadError(f"{where}: external data location {location!r} is not a relative "
+                             "path inside the model's folder; refusing to read it")
+    target = _inside_folder(model_path, location, where)
+    if not is_file(target):
         raise ModelReadError(f"{where}: external data file {location!r} is missing; keep it "
                              "beside the model")
     try:
@@ -144,7 +222,7 @@ def external_data_file(model_path: Path, tensor: onnx.TensorProto) -> tuple[Path
     if offset < 0 or (length is not None and length < 0):
         raise ModelReadError(f"{where}: external data offset {offset} or length {length} is "
                              "negative; the model is damaged")
-    size = target.stat().st_size
+    size = file_size(target)
     if offset > size or (length is not None and offset + length > size):
         raise ModelReadError(f"{where}: external data file {location!r} is too short "
                              f"({size} bytes) for offset {offset} and length {length}")
@@ -167,7 +245,7 @@ def data_nbytes(tensor: onnx.TensorProto) -> int | None:
     return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
-def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str,
+def check_tensor(model_path: AnyPath, tensor: onnx.TensorProto, name: str,
                  raw_length: int | None = None) -> None:
     """Refuse a tensor whose header fields cannot describe real data (no data is loaded).
 
@@ -195,7 +273,7 @@ def check_tensor(model_path: Path, tensor: onnx.TensorProto, name: str,
                                  "bytes of raw_data (onnxruntime reads the external file, other "
                                  "tools raw_data); the model is ambiguous: clear one of them")
         file, offset, length = external_data_file(model_path, tensor)
-        have = length if length is not None else file.stat().st_size - offset
+        have = length if length is not None else file_size(file) - offset
         if need is not None and have < need:
             raise ModelReadError(f"{where}: external data holds {have} bytes but its dims "
                                  f"{list(tensor.dims)} need {need}; the model is damaged")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelpress.formats.url import ObjectPath
+
 DATA_SUFFIX = ".data"
 
 
-def data_name(dst: Path) -> str:
+def data_name(dst: Path | ObjectPath) -> str:
     """The external data file name written beside `dst`."""
-    return Path(dst).name + DATA_SUFFIX
+    return (dst if isinstance(dst, ObjectPath) else Path(dst)).name + DATA_SUFFIX

@@ -68,8 +68,10 @@ def kind_name(q: Quantized, what: str) -> str:
 
 def emit_folded(name: str, encoded: Encoded, fresh: FreshName, dtype: np.dtype,
                 opset: int) -> Emitted:
-    """The folded chain producing `name` (of `dtype`) from a Quantized tensor."""
-    q = quantized_part(encoded)
+    """The folded chain producing `name` (of `dtype`) from a Quantized tensor (one with a
+    block span is decoded on its merged shape, then reshaped)."""
+    spanned = quantized_part(encoded)
+    q = spanned.merged()
     chain = Chain(name, fresh, kind_name(q, q.granularity.capitalize()))
     offset = 0 if q.bits == 8 else 1 << (q.bits - 1)
     if q.bits == 8:
@@ -88,10 +90,12 @@ def emit_folded(name: str, encoded: Encoded, fresh: FreshName, dtype: np.dtype,
         x = chain.node("Sub", [x, chain.const(np.array(offset, np.float32))])
     scale = _scales(chain, q, q.scale.shape)
     w = chain.node("Mul", [x, _expanded(chain, q, scale, "scale", shaped=True)])
+    if spanned.block_span > 1:
+        w = chain.node("Reshape", [w, chain.ints("dense_shape", list(spanned.shape))])
     if np.dtype(dtype) != np.dtype(np.float32):
         w = chain.node("Cast", [w], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
     call, function = chain.call({w: name}, opset)
-    spec = _spec("quantized", q, chain, [call.name], transposed=False)
+    spec = _spec("quantized", spanned, chain, [call.name], transposed=False)
     return Emitted(initializers=chain.initializers, nodes=[call], spec=spec,
                    opset=form_opset("quantized", q), functions=[function])
 
@@ -383,9 +387,12 @@ def _expanded(chain: Chain, q: Quantized, values: str, attr: str, *,
 
 def _spec(layout: str, q: Quantized, chain: Chain, nodes: list[str], *,
           transposed: bool) -> dict[str, Any]:
-    return {"layout": layout, "bits": q.bits, "granularity": q.granularity,
+    spec = {"layout": layout, "bits": q.bits, "granularity": q.granularity,
             "channel_axis": q.channel_axis, "block_axis": q.block_axis,
             "group_size": q.group_size, "symmetric": q.symmetric,
             "scale_bits": q.scale_bits, "zero_bits": q.stored_zero_bits or None,
             "super_block": q.super_block,
             "transposed": transposed, "initializers": dict(chain.roles), "nodes": list(nodes)}
+    if q.block_span > 1:  # absent for span 1: files written before spans stay as they were
+        spec["block_span"] = q.block_span
+    return spec

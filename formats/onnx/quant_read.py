@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from modelpress.core.encoded import Quantized
+from modelpress.core.encoded import Quantized, merged_shape
 from modelpress.core.encoded import scale_shape as quantized_scale_shape
 from modelpress.core.packing import to_signed, unpack_bits
 from modelpress.core.scalecode import MultiplierCode, ScaleCode, base_shape
@@ -37,6 +37,9 @@ def decode_quantized(spec: dict[str, Any], initializers: dict[str, onnx.TensorPr
         return _decode_legacy(spec, initializers, shape)
     t, bits = spec["initializers"], spec["bits"]
     stored = tuple(reversed(shape)) if spec.get("transposed") else tuple(shape)
+    span = spec.get("block_span") or 1
+    if span > 1:  # read as written: on the shape with the span's axes flattened
+        stored = merged_shape(stored, spec["block_axis"], span)
     scale_shape = quantized_scale_shape(stored, spec["granularity"], spec["channel_axis"],
                                         spec["block_axis"], spec["group_size"])
     count = int(np.prod(stored, dtype=np.int64))
@@ -68,6 +71,8 @@ def decode_quantized(spec: dict[str, Any], initializers: dict[str, onnx.TensorPr
                   granularity=spec["granularity"], channel_axis=spec["channel_axis"],
                   block_axis=spec["block_axis"], group_size=spec["group_size"],
                   scale_code=code, zero_bits=None if zero is None else spec["zero_bits"])
+    if span > 1:
+        return q.spread(tuple(shape), span)
     return transpose(q) if spec.get("transposed") else q
 
 

@@ -196,7 +196,7 @@ _PASS_THROUGH = {"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze", 
                  "Relu", "Clip", "Dropout"}
 
 
-def sensitive_tensors(model: onnx.ModelProto, roles: dict[str, tuple[str, int, int]],
+def sensitive_tensors(model: onnx.ModelProto, roles: dict[str, tuple[str, int, int, int]],
                       sizes: dict[str, int] | None = None) -> tuple[dict[str, str], float]:
     """Tensor name -> "embedding" (Gather tables) or "head" (the output layer's weight),
     and the share of the weights' elements they hold together (0 without `sizes`).
@@ -214,7 +214,8 @@ def sensitive_tensors(model: onnx.ModelProto, roles: dict[str, tuple[str, int, i
     return ({}, 0.0) if share >= 1.0 else (found, share)
 
 
-def _sensitive(model: onnx.ModelProto, roles: dict[str, tuple[str, int, int]]) -> dict[str, str]:
+def _sensitive(model: onnx.ModelProto,
+               roles: dict[str, tuple[str, int, int, int]]) -> dict[str, str]:
     found = {name: "embedding" for name, role in roles.items() if role[0] == "Gather"}
     graph = model.graph
     constants = {t.name for t in graph.initializer} | {

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from modelpress.core.encoded import Dense, Encoded, LowRank
-from modelpress.core.errors import ModelReadError
+from modelpress.core.errors import InputDataError, ModelReadError
 from modelpress.core.store import (EncodedItems, Progress, WriteOptions, WriteResult, in_store_order,
                                    options_for)
 from modelpress.core.tensorinfo import TensorInfo
@@ -21,29 +21,33 @@ from modelpress.formats.onnx.chain import DOMAIN, add_function
 from modelpress.formats.onnx.check import check_source
 from modelpress.formats.onnx.emit import decode_spec, emit, required_opset
 from modelpress.formats.onnx.graph import (Location, check_tensor, external_data_file, is_external,
-                                           locate, opset_version, tensor_info, used_names,
-                                           weight_roles)
+                                           locate, opset_version, other_uses, tensor_info,
+                                           used_names, weight_roles)
 from modelpress.formats.onnx.lowrank import emit_lowrank, product_note
 from modelpress.formats.onnx.meta import read_encodings, set_metadata, spec_initializers
 from modelpress.formats.onnx.opset import ensure_opset
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.onnx.quant import emit_kernel
 from modelpress.formats.onnx.sites import OnnxTarget, kernel_site, sensitive_tensors, widen_allowed
-from modelpress.formats.onnx.tensors import inline_tensor, load_model, read_tensor, stored_bytes
+from modelpress.formats.location import AnyPath, ObjectPath, file_size
+from modelpress.formats.onnx.tensors import (inline_tensor, load_model, model_source, read_tensor,
+                                             stored_bytes)
 from modelpress.formats.onnx.wire import map_tensor, mappable
 from modelpress.formats.onnx.write import place_remaining, save_model, staged, wants_external
 from modelpress.formats.tree_check import check_tree
 
 
 class OnnxStore:
-    """An .onnx model opened for reading (external data is read per tensor, on demand)."""
+    """An .onnx model opened for reading (external data is read per tensor, on demand),
+    from a local file or from storage."""
 
     format = "onnx"
     sharded = False  # one file (a ShardedStore is the index and its shards)
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.model, self._spans = load_model(self.path)
+    def __init__(self, path: AnyPath | str) -> None:
+        self.source = model_source(path if isinstance(path, ObjectPath) else Path(path))
+        self.path: AnyPath = self.source.path
+        self.model, self._spans = load_model(self.source)
         self._locations = locate(self.model)
         for name, loc in self._locations.items():
             check_tensor(self.path, loc.tensor, name, self._spans.length(loc.tensor))
@@ -51,8 +55,9 @@ class OnnxStore:
         sizes = {name: int(np.prod(loc.tensor.dims, dtype=np.int64))
                  for name, loc in self._locations.items()}
         sensitive, share = sensitive_tensors(self.model, roles, sizes)
+        uses = other_uses(self.model, roles)
         self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name),
-                                           sensitive.get(name), share)
+                                           sensitive.get(name), share, uses.get(name))
                          for name, loc in self._locations.items()}
         self.encodings = read_encodings(self.path, self.model, set(self._locations))
 
@@ -69,28 +74,31 @@ class OnnxStore:
         if not weights:
             return [f"--calibration {calibration}: not used (the recipe quantizes no MatMul, "
                     "Gemm or Conv weight)"]
+        if isinstance(self.path, ObjectPath):
+            raise InputDataError(f"--calibration {calibration}: runs the model in onnxruntime, "
+                                 f"which reads local files only; copy {self.path} here first")
         stats, notes = input_stats(self.path, self.model, Path(calibration), weights)
         for name, found in stats.items():
             self._tensors[name] = dataclasses.replace(self._tensors[name], input_stats=found)
         return notes
 
     @property
-    def data_files(self) -> set[Path]:
+    def data_files(self) -> set[AnyPath]:
         """The external data files the model's tensors live in."""
         return {external_data_file(self.path, loc.tensor)[0]
                 for loc in self._locations.values() if is_external(loc.tensor)}
 
     @property
     def file_bytes(self) -> int:
-        return self.path.stat().st_size + sum(f.stat().st_size for f in self.data_files)
+        return self.source.size + sum(file_size(f) for f in self.data_files)
 
     def read(self, name: str) -> np.ndarray:
         """One tensor's values (read-only)."""
         tensor = self._locations[name].tensor
         span = self._spans.span(tensor)
         if span is not None and mappable(tensor):
-            try:  # straight from the page cache: no copy of raw_data
-                return map_tensor(self.path, tensor, span[0])
+            try:  # straight from the page cache (or the model read into memory): no copy
+                return map_tensor(self.source, tensor, span[0])
             except (OSError, ValueError) as exc:
                 raise ModelReadError(f"{self.path}: cannot read tensor {tensor.name!r}: "
                                      f"{exc}") from None

@@ -11,14 +11,29 @@ from onnx import numpy_helper
 
 from modelpress.core.errors import ModelReadError
 
+from modelpress.formats.location import AnyPath
 from modelpress.formats.onnx.graph import data_nbytes, external_data_file, graphs, is_external, used_names
-from modelpress.formats.onnx.wire import RawSpans, is_binary, parse_mapped
+from modelpress.formats.onnx.wire import RawSpans, is_binary, parse_buffer, parse_mapped
+from modelpress.formats.source import ByteSource, LocalFile, MemoryFile, open_source
 
 
-def load_model(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
+def model_source(path: AnyPath) -> ByteSource:
+    """Where an ONNX model's tensors are read: a local file (mapped), or for a model in
+    storage, the model file read whole into memory (protobuf parses it whole anyway;
+    its external data stays in storage, read by ranges)."""
+    source = open_source(path)
+    if isinstance(source, LocalFile):
+        return source
+    return MemoryFile(source.path, source.read(0, source.size))
+
+
+def load_model(source: ByteSource) -> tuple[onnx.ModelProto, RawSpans]:
     """The model (its external data not loaded) and where its initializers' raw_data lie."""
+    path = source.path
     try:
-        if is_binary(path):
+        if isinstance(source, MemoryFile):
+            model, spans = parse_buffer(source.data)
+        elif is_binary(path):
             model, spans = parse_mapped(path)
         else:
             model, spans = onnx.load(str(path), load_external_data=False), RawSpans()
@@ -39,14 +54,19 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
     return model, spans
 
 
-def read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
+def read_tensor(model_path: AnyPath, tensor: onnx.TensorProto) -> np.ndarray:
     """A tensor's values, from the model or its external data file (located through
     our checks, relative to the model's folder)."""
     try:
         if is_external(tensor):
             file, offset, length = external_data_file(model_path, tensor)
-            count = -1 if length is None else length
-            raw = np.fromfile(file, dtype=np.uint8, count=count, offset=offset)
+            if isinstance(file, Path):
+                count = -1 if length is None else length
+                raw = np.fromfile(file, dtype=np.uint8, count=count, offset=offset)
+            else:
+                data = open_source(file)
+                count = data.size - offset if length is None else length
+                raw = np.frombuffer(data.read(offset, count), dtype=np.uint8)
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
             expected = data_nbytes(tensor)
             if expected is None or expected != math.prod(tensor.dims) * dtype.itemsize:
@@ -61,16 +81,16 @@ def read_tensor(model_path: Path, tensor: onnx.TensorProto) -> np.ndarray:
         raise ModelReadError(f"{model_path}: tensor {tensor.name!r} is corrupt ({exc})") from None
 
 
-def inline_tensor(model_path: Path, tensor: onnx.TensorProto) -> onnx.TensorProto:
+def inline_tensor(model_path: AnyPath, tensor: onnx.TensorProto) -> onnx.TensorProto:
     """A copy of a tensor with its external data read (through our location checks) into
     raw_data. onnx's own helpers would resolve the location against the current folder."""
     if not is_external(tensor):
         return tensor
     file, offset, length = external_data_file(model_path, tensor)
     need = data_nbytes(tensor)
-    with open(file, "rb") as fh:
-        fh.seek(offset)
-        raw = fh.read(need if need is not None else (length if length is not None else -1))
+    data = open_source(file)
+    raw = data.read(offset, need if need is not None else (
+        length if length is not None else data.size - offset))
     if need is not None and len(raw) < need:
         raise ModelReadError(f"{model_path}: tensor {tensor.name!r}: external data has {len(raw)} "
                              f"bytes, its dims need {need}")

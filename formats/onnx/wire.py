@@ -25,7 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import serialization
 
-from modelpress.formats.filedata import map_range
+from modelpress.formats.source import ByteSource
 
 _MODEL_GRAPH = 7        # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
@@ -76,19 +76,27 @@ class RawSpans:
 def parse_mapped(path: Path) -> tuple[onnx.ModelProto, RawSpans]:
     """Parse a binary .onnx file through a map of it (no bytes copy of the file), and find
     where its initializers' raw_data lie. Raises what ParseFromString raises on bad input."""
-    model = onnx.ModelProto()
-    spans = RawSpans()
     with open(path, "rb") as fh:
         if fh.seek(0, 2) == 0:
-            model.ParseFromString(b"")
-            return model, spans
+            return parse_buffer(b"")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             with memoryview(mapped) as view:
-                consumed = model.ParseFromString(view)
-                if consumed is not None and consumed != len(view):
-                    raise DecodeError(f"Protobuf decoding consumed too few bytes: {consumed} "
-                                      f"out of {len(view)}")
-                found = raw_spans(view)
+                return parse_buffer(view)
+
+
+def parse_buffer(view: memoryview | bytes) -> tuple[onnx.ModelProto, RawSpans]:
+    """Parse a binary model held in memory (or mapped), and find where its initializers'
+    raw_data lie in it. Raises what ParseFromString raises on bad input."""
+    model = onnx.ModelProto()
+    spans = RawSpans()
+    if not len(view):
+        model.ParseFromString(b"")
+        return model, spans
+    consumed = model.ParseFromString(view)
+    if consumed is not None and consumed != len(view):
+        raise DecodeError(f"Protobuf decoding consumed too few bytes: {consumed} "
+                          f"out of {len(view)}")
+    found = raw_spans(view)
     if found is not None and len(found) == len(model.graph.initializer):
         for tensor, span in zip(model.graph.initializer, found):
             if span is not None and tensor.HasField("raw_data"):
@@ -113,10 +121,11 @@ def mappable(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type in _MAPPED_TYPES
 
 
-def map_tensor(path: Path, tensor: onnx.TensorProto, offset: int) -> np.ndarray:
-    """A tensor whose raw_data is at `offset` in the file, mapped read-only (see mappable)."""
+def map_tensor(source: ByteSource, tensor: onnx.TensorProto, offset: int) -> np.ndarray:
+    """A tensor whose raw_data is at `offset` in the file, read-only (see mappable): mapped
+    from a local file, a view of a model read into memory."""
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    return map_range(path, offset, dtype, tuple(tensor.dims))
+    return source.array(offset, dtype, tuple(tensor.dims))
 
 
 def raw_spans(buf: memoryview | bytes) -> list[tuple[int, int] | None] | None:

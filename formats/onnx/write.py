@@ -31,12 +31,13 @@ from modelpress.core.errors import ModelReadError, ModelWriteError
 
 from modelpress.formats.atomic import (TMP_SUFFIX, atomic_path, commit_lock, fsync_dir, hold, output_mode,
                                         raise_write_error, remove_stale, temp_prefix)
-from modelpress.formats.filedata import copy_range
+from modelpress.formats.location import AnyPath
 from modelpress.formats.onnx.check import check_saved
 from modelpress.formats.onnx.graph import external_data_file, graphs, is_external, locate
 from modelpress.formats.onnx.names import data_name
 from modelpress.formats.onnx.options import EXTERNAL_DATA_MODES
 from modelpress.formats.onnx.tensors import inline_tensor
+from modelpress.formats.source import open_source
 
 MODES = EXTERNAL_DATA_MODES
 # Tensors smaller than this stay in the model file (onnx.save's default threshold).
@@ -82,14 +83,15 @@ class ExternalData:
         tensor.ClearField("raw_data")
         self._point(tensor, offset, written)
 
-    def copy(self, tensor: onnx.TensorProto, model_path: Path) -> None:
+    def copy(self, tensor: onnx.TensorProto, model_path: AnyPath) -> None:
         """Point an external tensor of the input model at a copy of its bytes in this file."""
-        source, start, length = external_data_file(model_path, tensor)
+        file, start, length = external_data_file(model_path, tensor)
+        source = open_source(file)
         if length is None:
-            length = source.stat().st_size - start
+            length = source.size - start
         offset = self._place(length)
         try:
-            copy_range(source, start, length, self._file)
+            source.copy_to(start, length, self._file)
         except EOFError:
             raise ModelReadError(f"{model_path}: tensor {tensor.name!r}: external data file "
                                  "shrank while it was copied") from None
@@ -208,7 +210,7 @@ def staged(dst: Path) -> Iterator[Staging]:
         stage.release()
 
 
-def place_remaining(model: onnx.ModelProto, source: Path, data: ExternalData | None) -> None:
+def place_remaining(model: onnx.ModelProto, source: AnyPath, data: ExternalData | None) -> None:
     """Give every tensor still pointing at the input's external data a home in the output.
 
     With a data file, the bytes are copied into it (and inline tensors of at
@@ -240,7 +242,7 @@ def wants_external(mode: str, input_bytes: int) -> bool:
     return mode == "always" or (mode == "auto" and input_bytes >= EXTERNAL_FROM)
 
 
-def save_model(model: onnx.ModelProto, dst: Path, stage: Staging, source: Path | None,
+def save_model(model: onnx.ModelProto, dst: Path, stage: Staging, source: AnyPath | None,
                mode: str) -> int:
     """Save and check the output; return its size (model and data file).
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any, Mapping
 
 from modelpress.core.encoded import Encoded, Sparse
@@ -32,6 +31,7 @@ from modelpress.core.recipe import Recipe
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.atomic import atomic_path
+from modelpress.formats.location import AnyPath, ObjectPath, location, read_bytes, storage
 from modelpress.formats.safetensors.layout import part_names
 from modelpress.formats.safetensors.sharded import ShardedStore, is_index
 from modelpress.formats.safetensors.store import SafetensorsStore
@@ -76,7 +76,7 @@ def quantization_config(shapes: Mapping[str, tuple[int, ...]],
             "ignore": ignore, "sparsity_config": {}}
 
 
-def loads_in_transformers(config: Path | None) -> bool:
+def loads_in_transformers(config: AnyPath | None) -> bool:
     """True when a config.json names the model classes that transformers builds.
 
     `save_pretrained` writes `architectures`; a folder whose config lacks it
@@ -85,7 +85,7 @@ def loads_in_transformers(config: Path | None) -> bool:
     if config is None:
         return False
     try:
-        data = json.loads(Path(config).read_bytes().decode("utf-8"))
+        data = json.loads(read_bytes(location(config)).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(data, dict) and isinstance(data.get("architectures"), list)
@@ -162,13 +162,13 @@ def model_shapes(store: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def config_for(src: Path, output_model: Path) -> bytes:
+def config_for(src: AnyPath, output_model: AnyPath) -> bytes:
     """The bytes of config.json for a compressed model: `src` with its quantization_config.
 
     `output_model` is the written model (a .safetensors file or an index).
     """
-    raw = Path(src).read_bytes()
-    output_model = Path(output_model)
+    raw = read_bytes(location(src))
+    output_model = location(output_model)
     if is_index(output_model):
         store: SafetensorsStore | ShardedStore = ShardedStore(output_model)
     elif output_model.suffix.lower() == ".safetensors":
@@ -189,17 +189,24 @@ def config_for(src: Path, output_model: Path) -> bytes:
     return (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
 
-def write_config(src: Path, dst: Path, output_model: Path) -> None:
+def write_config(src: AnyPath, dst: AnyPath, output_model: AnyPath) -> None:
     """Write config.json for a compressed model, atomically."""
-    data = config_for(src, output_model)
+    write_whole(dst, config_for(src, output_model))
+
+
+def write_whole(dst: AnyPath, data: bytes) -> None:
+    """Write a small file atomically: a local file, or an object in storage."""
+    if isinstance(dst, ObjectPath):
+        storage().write_bytes(dst, data)
+        return
     with atomic_path(dst) as tmp:
         tmp.write_bytes(data)
 
 
-def dense_config(src: Path) -> bytes:
+def dense_config(src: AnyPath) -> bytes:
     """The bytes of config.json for a decompressed model: `src` without its
     compressed-tensors `quantization_config` (unchanged if it has none)."""
-    raw = Path(src).read_bytes()
+    raw = read_bytes(location(src))
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -211,8 +218,6 @@ def dense_config(src: Path) -> bytes:
     return (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
 
-def write_dense_config(src: Path, dst: Path) -> None:
+def write_dense_config(src: AnyPath, dst: AnyPath) -> None:
     """Write config.json for a decompressed model, atomically."""
-    data = dense_config(src)
-    with atomic_path(dst) as tmp:
-        tmp.write_bytes(data)
+    write_whole(dst, dense_config(src))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
 
 from modelpress.core.dtypes import ml_dtype
 from modelpress.core.errors import ModelReadError
+
+from modelpress.formats.location import AnyPath, ObjectPath
+from modelpress.formats.source import ByteSource, open_source
 
 # numpy's own dtypes by safetensors code; bf16 and fp8 are ml_dtypes', by their names.
 _NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -103,18 +106,19 @@ def dtype_code(dtype: np.dtype) -> str:
         raise ValueError(f"safetensors has no dtype for {np.dtype(dtype)}") from None
 
 
-def read_header(path: Path) -> Header:
-    """Parse and validate the header of a safetensors file; raise ModelReadError."""
-    size = path.stat().st_size
+def read_header(file: AnyPath | ByteSource) -> Header:
+    """Parse and validate the header of a safetensors file (a path, a URL or a source);
+    raise ModelReadError. Only the header's bytes are read."""
+    source = open_source(file) if isinstance(file, (str, os.PathLike, ObjectPath)) else file
+    path, size = source.path, source.size
     if size < 8:
         raise ModelReadError(f"{path}: not a safetensors file ({size} bytes; expected an 8-byte "
                              "header length and a JSON header)")
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > MAX_HEADER or length > size - 8:
-            raise ModelReadError(f"{path}: corrupt or truncated safetensors file (header length "
-                                 f"{length} bytes, file {size} bytes)")
-        raw = fh.read(length)
+    (length,) = struct.unpack("<Q", source.read(0, 8))
+    if length > MAX_HEADER or length > size - 8:
+        raise ModelReadError(f"{path}: corrupt or truncated safetensors file (header length "
+                             f"{length} bytes, file {size} bytes)")
+    raw = source.read(8, length)
     try:
         header = loads_strict(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -151,7 +155,7 @@ def read_header(path: Path) -> Header:
     return Header({e.name: e for e in entries}, dict(metadata), data_start)
 
 
-def _entry(path: Path, name: str, spec: object, data_start: int, size: int) -> Entry:
+def _entry(path: AnyPath, name: str, spec: object, data_start: int, size: int) -> Entry:
     def bad(reason: str) -> ModelReadError:
         return ModelReadError(f"{path}: corrupt safetensors header: tensor {name!r} {reason}")
 

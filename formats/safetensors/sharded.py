@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -25,6 +25,8 @@ from modelpress.core.store import EncodedItems, Progress, WriteOptions, WriteRes
 from modelpress.core.tensorinfo import TensorInfo
 
 from modelpress.formats.atomic import atomic_paths
+from modelpress.formats.location import (AnyPath, ObjectPath, file_size, is_file, location,
+                                          read_bytes)
 from modelpress.formats.safetensors.store import (FORMAT_VERSION, METADATA_KEY, SafetensorsStore,
                                                   refuse_calibration, safetensors_options)
 from modelpress.formats.safetensors.header import dtype_code, loads_strict
@@ -39,9 +41,9 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
-def is_index(path: str | Path) -> bool:
+def is_index(path: str | Path | PurePosixPath | ObjectPath) -> bool:
     """True for a sharded checkpoint's index file name (`*.safetensors.index.json`)."""
-    return Path(path).name.endswith(INDEX_SUFFIX)
+    return (path.name if isinstance(path, ObjectPath) else Path(path).name).endswith(INDEX_SUFFIX)
 
 
 def parse_size(text: str) -> int:
@@ -57,10 +59,11 @@ def parse_size(text: str) -> int:
     return value
 
 
-def read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """The (weight_map, metadata) of an index file, checked; raise ModelReadError."""
+def read_index(path: AnyPath) -> tuple[dict[str, str], dict[str, Any]]:
+    """The (weight_map, metadata) of an index file (a path or a URL), checked; raise
+    ModelReadError."""
     try:
-        doc = loads_strict(Path(path).read_text(encoding="utf-8"))
+        doc = loads_strict(read_bytes(location(path)).decode("utf-8"))
     except OSError as exc:
         raise ModelReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
@@ -84,7 +87,7 @@ def read_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     return weight_map, metadata
 
 
-def shard_files(path: Path) -> list[str]:
+def shard_files(path: AnyPath) -> list[str]:
     """The shard file names an index refers to, sorted."""
     return sorted(set(read_index(path)[0].values()))
 
@@ -95,18 +98,19 @@ class ShardedStore:
     format = "safetensors"
     sharded = True
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: AnyPath | str) -> None:
+        self.path = location(path)
         weight_map, self.index_metadata = read_index(self.path)
         folder = self.path.parent
         self.shards: dict[str, SafetensorsStore] = {}
         for name in sorted(set(weight_map.values())):
             shard = folder / name
-            if not shard.is_file():
+            if not is_file(shard):
                 missing = next(t for t, s in weight_map.items() if s == name)
                 raise ModelReadError(f"{self.path}: shard {name!r} (holding {missing!r}) is "
                                      "missing; keep every shard beside the index")
-            if shard.resolve().parent != folder.resolve():  # a symbolic link that leads out
+            # (object storage has no links)
+            if isinstance(shard, Path) and shard.resolve().parent != folder.resolve():
                 raise ModelReadError(f"{self.path}: shard {name!r} is a link to a file outside "
                                      "the index's folder; refusing to read it")
             self.shards[name] = SafetensorsStore(shard)
@@ -133,18 +137,18 @@ class ShardedStore:
         return self._tensors
 
     @property
-    def files(self) -> list[Path]:
+    def files(self) -> list[AnyPath]:
         """The index and every shard."""
         return [self.path] + [s.path for s in self.shards.values()]
 
     @property
-    def data_files(self) -> list[Path]:
+    def data_files(self) -> list[AnyPath]:
         """The shard files (an output may not be one of them)."""
         return [s.path for s in self.shards.values()]
 
     @property
     def file_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        return file_size(self.path) + sum(s.file_bytes for s in self.shards.values())
 
     def read(self, name: str) -> np.ndarray:
         return self.shards[self._home[name]].read(name)
@@ -224,7 +228,7 @@ def _check_destination(store: ShardedStore, dst: Path) -> None:
     if not is_index(dst):
         raise ModelWriteError(f"{dst}: a sharded checkpoint is written as shards plus an index; "
                               f"name the output *{INDEX_SUFFIX}")
-    if dst.parent.resolve() == store.path.parent.resolve():
+    if isinstance(store.path, Path) and dst.parent.resolve() == store.path.parent.resolve():
         raise ModelWriteError(f"{dst}: the output shards would go into the input's folder "
                               f"{store.path.parent}; write the checkpoint to another folder")
 

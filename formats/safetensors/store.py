@@ -14,7 +14,8 @@ from modelpress.core.store import (EncodedItems, Progress, WriteOptions, WriteRe
                                    options_for)
 from modelpress.core.tensorinfo import TensorInfo
 
-from modelpress.formats.filedata import map_range
+from modelpress.formats.location import AnyPath
+from modelpress.formats.source import ByteSource, open_source
 from modelpress.formats.safetensors.header import (DTYPES, Header, dtype_code, loads_strict,
                                                    read_header)
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
@@ -27,14 +28,16 @@ FORMAT_VERSION = 1
 
 
 class SafetensorsStore:
-    """A .safetensors file opened for reading; tensors in file order."""
+    """A .safetensors file (local, or an object in storage) opened for reading; tensors in
+    file order."""
 
     format = "safetensors"
     sharded = False  # one file (a ShardedStore is the index and its shards)
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.header: Header = read_header(self.path)
+    def __init__(self, path: AnyPath | str) -> None:
+        self.source: ByteSource = open_source(path)
+        self.path: AnyPath = self.source.path
+        self.header: Header = read_header(self.source)
         self._tensors = {
             name: _info(name, e.shape, e.np_dtype) for name, e in self.header.entries.items()}
         self.encodings = _read_encodings(self.path, self.header)
@@ -50,18 +53,19 @@ class SafetensorsStore:
 
     @property
     def file_bytes(self) -> int:
-        return self.path.stat().st_size
+        return self.source.size
 
     def read(self, name: str) -> np.ndarray:
         """One stored tensor, as numpy (bf16/fp8 through ml_dtypes), read-only.
 
-        Only the tensor's own bytes are mapped (see modelpress.formats.filedata), not the
-        whole file as `safe_open` does; the header was checked when the store
-        opened, so offsets, dtype and shape agree.
+        Only the tensor's own bytes are read (see modelpress.formats.source): mapped
+        from a local file, not the whole file as `safe_open` does, or one ranged
+        GET from storage. The header was checked when the store opened, so
+        offsets, dtype and shape agree.
         """
         entry = self.header.entries[name]
         try:
-            return map_range(self.path, entry.begin, entry.np_dtype, entry.shape)
+            return self.source.array(entry.begin, entry.np_dtype, entry.shape)
         except (OSError, ValueError) as exc:
             raise ModelReadError(f"{self.path}: cannot read tensor {name!r}: {exc}") from None
 
@@ -155,7 +159,7 @@ class SafetensorsStore:
     def copy_slot(self, name: str) -> Slot:
         """An output slot that copies a tensor of this file unchanged."""
         e = self.header.entries[name]
-        return Spill.add_copy(name, self.path, e.begin, e.dtype, e.shape, e.end - e.begin,
+        return Spill.add_copy(name, self.source, e.begin, e.dtype, e.shape, e.end - e.begin,
                               e.np_dtype.itemsize)
 
     def output_metadata(self, specs: dict[str, dict[str, Any]],
@@ -198,11 +202,13 @@ def write_safetensors(dst: Path, entries: list[tuple[str, np.ndarray | None]],
 
 
 def _info(name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorInfo:
-    # torch layout: a Linear weight is [out, in], a Conv weight [out, in, kh, kw].
+    # torch layout: a Linear weight is [out, in], a Conv weight [out, in / groups, kh, kw]
+    # (whose groups may run along in / groups * kh * kw, flattened: see TensorInfo).
     weight_like = len(shape) >= 2
     return TensorInfo(name=name, shape=shape, dtype=dtype, weight_like=weight_like,
                       channel_axis=0 if weight_like else None,
                       block_axis=1 if weight_like else None,
+                      block_span=len(shape) - 1 if len(shape) >= 3 else 1,
                       role="linear" if weight_like else None, format="safetensors",
                       sensitive=sensitive_name(name) if weight_like else None)
 

@@ -26,6 +26,7 @@ from modelpress.core.errors import ModelWriteError
 from modelpress.formats.atomic import atomic_path
 from modelpress.formats.filedata import copy_range, write_array
 from modelpress.formats.safetensors.header import dtype_code, encode_header
+from modelpress.formats.source import ByteSource
 
 Progress = Callable[[int, int, str], None]
 
@@ -40,7 +41,7 @@ class Slot:
     nbytes: int
     itemsize: int
     offset: int
-    source: Path | None = None  # None: the spill file
+    source: ByteSource | None = None  # None: the spill file
 
 
 class Spill:
@@ -80,10 +81,10 @@ class Spill:
         return slot
 
     @staticmethod
-    def add_copy(name: str, source: Path, offset: int, dtype: str, shape: tuple[int, ...],
-                 nbytes: int, itemsize: int) -> Slot:
+    def add_copy(name: str, source: ByteSource, offset: int, dtype: str,
+                 shape: tuple[int, ...], nbytes: int, itemsize: int) -> Slot:
         """Record a tensor whose bytes are copied unchanged from `source` at assembly."""
-        return Slot(name, dtype, tuple(shape), nbytes, itemsize, offset, Path(source))
+        return Slot(name, dtype, tuple(shape), nbytes, itemsize, offset, source)
 
     def assemble(self, out: BinaryIO, slots: Iterable[Slot], metadata: dict[str, str],
                  progress: Progress | None = None) -> None:
@@ -97,11 +98,14 @@ class Spill:
             if progress:
                 progress(i, len(ordered), f"writing {run[0].name}")
             first, length = run[0], sum(s.nbytes for s in run)
-            source = first.source if first.source is not None else self._file
             try:
-                copy_range(source, first.offset, length, out)
+                if first.source is None:
+                    copy_range(self._file, first.offset, length, out)
+                else:
+                    first.source.copy_to(first.offset, length, out)
             except EOFError:
-                raise ModelWriteError(f"{first.source}: file shrank while reading "
+                where = self.dst if first.source is None else first.source.path
+                raise ModelWriteError(f"{where}: file shrank while reading "
                                       f"{first.name!r}") from None
 
 

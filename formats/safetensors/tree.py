@@ -64,6 +64,8 @@ def node_spec(name: str, encoded: Encoded, keep: np.ndarray | None, parts: Parts
                 "group_size": encoded.group_size, "shape": list(encoded.shape),
                 "count": int(codes.size),
                 "codes": add("codes", pack_bits(to_unsigned(codes, encoded.bits), encoded.bits))}
+        if encoded.block_span > 1:
+            spec["block_span"] = encoded.block_span
         code = encoded.scale_code
         if code is None:
             spec["scale"] = add("scale", contiguous(encoded.scale))
@@ -107,7 +109,8 @@ def read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> Enc
         bits = spec["bits"]
         stored = to_signed(unpack_bits(get(spec["codes"]), bits, spec["count"]), bits)
         grain = (spec["granularity"], spec["channel_axis"], spec["block_axis"], spec["group_size"])
-        per_group = scale_shape(shape, *grain)
+        span = spec.get("block_span", 1)
+        per_group = scale_shape(shape, *grain, span)
         groups = math.prod(per_group)
         code, zero_bits = None, spec.get("zero_bits")
         if "scale_multipliers" in spec:
@@ -129,7 +132,7 @@ def read_node(spec: dict[str, Any], get: Getter, keep: np.ndarray | None) -> Enc
             zp = to_signed(unpack_bits(get(spec["zero_codes"]), zero_bits, groups),
                            zero_bits).reshape(per_group)
         q = Quantized(np.zeros(shape, np.int8), scale, zp, bits, *grain, scale_code=code,
-                      zero_bits=zero_bits)
+                      zero_bits=zero_bits, block_span=span)
         if keep is None:
             return q.with_codes(stored.reshape(shape))
         codes = q.zero_codes().copy()

@@ -18,13 +18,16 @@ from modelpress.core.recipe import Recipe
 from modelpress.core.report import InspectReport, InspectRow, Report, TensorRow
 from modelpress.core.store import Progress, TensorStore, WriteOptions, WriteResult
 from modelpress.formats import check_output_path, open_model, write_decompressed
+from modelpress.formats.location import AnyPath, ObjectPath, is_dir, location
+from modelpress.formats.outputs import local_output
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.safetensors.ct_config import for_loaders as loader_recipe
 from modelpress.formats.safetensors.ct_config import loader_form, loader_notes
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
 
-def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
+def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | ObjectPath,
+             recipe: Recipe,
              options: Options = Options(), progress: Progress | None = None, *,
              metadata: Mapping[str, str] | None = None,
              onnx_options: OnnxWriteOptions = OnnxWriteOptions(),
@@ -34,7 +37,9 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     """Compress the model at `src` with `recipe` and write it to `dst`.
 
     The output has the input's format; `src` is never modified and `dst`
-    appears only when complete. A sharded safetensors checkpoint is given by
+    appears only when complete. Either may be a URL of object storage
+    (s3://bucket/key, see modelpress.formats.objectstore): the input is then
+    read by ranges, and the output made locally and uploaded whole. A sharded safetensors checkpoint is given by
     its `*.safetensors.index.json` (or its folder) and written as shards plus
     an index at `dst`. `metadata` adds string entries to the output's
     metadata (ONNX metadata_props, safetensors `__metadata__`, or the index's
@@ -52,9 +57,9 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     leaves --method unset (or sets gptq) are then rounded by GPTQ with their
     inputs' statistics (see modelpress.core.quantize.gptq).
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = location(src), location(dst)
     refusal = gptq_refusal(recipe.stages, calibration=calibration is not None,
-                           onnx=src.suffix.lower() == ".onnx")
+                           onnx=str(src).lower().endswith(".onnx"))
     if refusal:
         raise RecipeError(refusal)
     store = open_model(src)
@@ -86,13 +91,14 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
     stream = encode_stream(store, applied, options, progress, encoding)
     pruned: list[str] = []
     try:
-        result = store.write(dst, _loader_stream(stream, pruned) if for_loaders else stream,
-                             progress, metadata=dict(metadata) if metadata else None,
-                             options=writer)
+        with local_output(dst) as local:
+            result = store.write(local, _loader_stream(stream, pruned) if for_loaders else stream,
+                                 progress, metadata=dict(metadata) if metadata else None,
+                                 options=writer)
+            if for_loaders:
+                encoding.notes.extend(loader_notes(open_model(local).encodings, bool(pruned)))
     finally:
         stream.close()
-    if for_loaders:
-        encoding.notes.extend(loader_notes(open_model(dst).encodings, bool(pruned)))
     if safetensors_options.max_shard_size is not None and not store.sharded:
         encoding.notes.append("--max-shard-size applies to sharded checkpoints only; "
                               "this model is written as one file")
@@ -149,21 +155,24 @@ def _loader_stream(stream: Iterator[tuple[str, Encoded]],
         yield name, stored
 
 
-def decompress(src: str | os.PathLike, dst: str | os.PathLike) -> WriteResult:
-    """Write `src` with every compressed tensor restored to its original dense dtype."""
-    src, dst = Path(src), Path(dst)
+def decompress(src: str | os.PathLike | ObjectPath,
+               dst: str | os.PathLike | ObjectPath) -> WriteResult:
+    """Write `src` with every compressed tensor restored to its original dense dtype
+    (either may be a URL of object storage, as for `compress`)."""
+    src, dst = location(src), location(dst)
     store = open_model(src)
     dst = _sharded_destination(store, dst)
     check_output_path(store, dst)
-    result = write_decompressed(store, dst)
+    with local_output(dst) as local:
+        result = write_decompressed(store, local)
     if not store.encodings:
         result.notes.append(f"{src}: no modelpress-compressed tensors; wrote an unchanged copy")
     return result
 
 
-def _sharded_destination(store: TensorStore, dst: Path) -> Path:
+def _sharded_destination(store: TensorStore, dst: AnyPath) -> AnyPath:
     """A sharded checkpoint written to a folder keeps its index's name there."""
-    if store.sharded and dst.is_dir():
+    if store.sharded and is_dir(dst):
         return dst / store.path.name
     return dst
 

@@ -364,7 +364,8 @@ class _Stop:
 
     def _hold(self) -> None:
         """Test hook (HOLD_VARIABLE): wait while writing, once per run, to be killed."""
-        if not any(self.task.dst.parent.glob(".*.modelpress-tmp")):
+        folder = self.task.dst.parent
+        if not isinstance(folder, Path) or not any(folder.glob(".*.modelpress-tmp")):
             return
         folder, self.hold = Path(self.hold or ""), None
         try:

@@ -26,6 +26,7 @@ from modelpress.core.pipeline import RUN_ONLY_OPTIONS, Options, default_threads
 from modelpress.core.recipe import Recipe
 from modelpress.formats import open_model
 from modelpress.formats.discover import discover
+from modelpress.formats.location import AnyPath, ObjectPath, file_size, is_dir, location
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.outputs import (check_inside, input_key, output_bytes, same_file_content,
                                         up_to_date)
@@ -81,17 +82,17 @@ class CopyTask:
     """A file copied unchanged."""
 
     rel: str
-    src: Path
-    dst: Path
-    outdir: Path
+    src: AnyPath
+    dst: AnyPath
+    outdir: AnyPath
 
 
 @dataclass
 class BatchPlan:
     """This run's models and copies, with their output paths."""
 
-    base: Path
-    outdir: Path
+    base: AnyPath
+    outdir: AnyPath
     tasks: list[Task] = field(default_factory=list)
     copies: list[CopyTask] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
@@ -119,20 +120,30 @@ def shard_slice(items: list[Any], shard: tuple[int, int] | None) -> list[Any]:
     return items[k - 1::n]
 
 
-def plan_batch(inputs: list[Path], outdir: Path,
+def _real(path: AnyPath) -> str:
+    """What names one file: its resolved path, or an object's URL."""
+    return path.url if isinstance(path, ObjectPath) else os.path.realpath(path)
+
+
+def plan_batch(inputs: list[str | os.PathLike | AnyPath], outdir: str | os.PathLike | AnyPath,
                shard: tuple[int, int] | None = None) -> BatchPlan:
-    """Find the models under `inputs` and map this shard's share of them into `outdir`."""
-    outdir = Path(os.path.abspath(outdir))
+    """Find the models under `inputs` and map this shard's share of them into `outdir`.
+
+    Inputs and output may be URLs of object storage (a prefix is a folder)."""
+    outdir = location(outdir)
+    if isinstance(outdir, Path):
+        outdir = Path(os.path.abspath(outdir))
+    inputs = [location(given) for given in inputs]
     for given in inputs:
-        if Path(given).is_dir() and os.path.realpath(given) == os.path.realpath(outdir):
+        if _real(given) == _real(outdir) and is_dir(given):
             raise ModelWriteError(f"{outdir}: the output folder is the input folder; choose "
                                   "another (modelpress never modifies its input)")
     found = discover(list(inputs), exclude=outdir)
     plan = BatchPlan(found.base, outdir, models_in_tree=len(found.models),
                      shard=None if shard is None else f"{shard[0]}/{shard[1]}")
     plan.refused = [Refusal(str(r.rel), r.reason) for r in found.refused]
-    inputs_real = {os.path.realpath(f) for m in found.models for f in m.files}
-    inputs_real |= {os.path.realpath(o.src) for o in found.others}
+    inputs_real = {_real(f) for m in found.models for f in m.files}
+    inputs_real |= {_real(o.src) for o in found.others}
     for model in shard_slice(found.models, shard):
         dst = outdir / model.rel
         config_dst = outdir / model.rel.parent / "config.json" if model.config else None
@@ -144,7 +155,7 @@ def plan_batch(inputs: list[Path], outdir: Path,
                 raise ModelReadError(model.problem)
             for path in [dst] + ([config_dst] if config_dst else []):
                 check_inside(path, outdir)
-                if os.path.realpath(path) in inputs_real:
+                if _real(path) in inputs_real:
                     raise ModelWriteError(f"{path}: output would overwrite an input file; "
                                           "choose an output folder outside the input tree")
         except ModelpressError as exc:
@@ -304,7 +315,7 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
             rows.append(DryRow(task.rel, task.kind, "fail", task.nbytes, None,
                                str(exc).removeprefix(f"{task.src}: ")))
     for copy in plan.copies:
-        size = copy.src.stat().st_size
+        size = file_size(copy.src)
         same = skip_existing and same_file_content(copy.src, copy.dst)
         rows.append(DryRow(copy.rel, "file", "skip" if same else "copy", size, size,
                            "identical copy exists" if same else ""))

@@ -9,12 +9,14 @@ process's main thread only.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 from modelpress.app.batch.pool import ParallelRun, run_parallel
 from modelpress.app.batch.report import FAILED, OK, SKIPPED, CopyResult, ModelResult
 from modelpress.app.batch.worker import CANCELLED, JobSpec, Task, run_task, use_in_process
 from modelpress.core.errors import ModelpressError
+from modelpress.formats.location import file_size
 from modelpress.formats.outputs import check_inside, copy_file, same_file_content
 
 Emit = Callable[[tuple[Any, ...]], None]
@@ -73,12 +75,13 @@ def _copy_all(copies: list[Any], batch: Any, stopped: Callable[[], bool],
             row.status, row.reason = SKIPPED, CANCELLED
         else:
             try:
-                row.bytes = item.src.stat().st_size
+                row.bytes = file_size(item.src)
                 if batch.skip_existing and same_file_content(item.src, item.dst):
                     row.status, row.reason = SKIPPED, "identical copy exists"
                 else:
                     check_inside(item.dst, item.outdir)
-                    item.dst.parent.mkdir(parents=True, exist_ok=True)
+                    if isinstance(item.dst, Path):  # object storage has no folders to make
+                        item.dst.parent.mkdir(parents=True, exist_ok=True)
                     copy_file(item.src, item.dst)
                     row.status = OK
             except ModelpressError as exc:

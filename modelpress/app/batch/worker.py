@@ -26,6 +26,7 @@ from modelpress.core.errors import ModelpressError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
 from modelpress.formats.digest import file_sha256
+from modelpress.formats.location import AnyPath
 from modelpress.formats.onnx.options import OnnxWriteOptions
 from modelpress.formats.outputs import (SOURCE_KEY, check_inside, input_key, output_bytes,
                                         source_value, up_to_date)
@@ -43,12 +44,12 @@ class Task:
 
     rel: str
     kind: str
-    src: Path
-    dst: Path
-    outdir: Path
-    parts: tuple[Path, ...] = ()
-    config_src: Path | None = None
-    config_dst: Path | None = None
+    src: AnyPath
+    dst: AnyPath
+    outdir: AnyPath
+    parts: tuple[AnyPath, ...] = ()
+    config_src: AnyPath | None = None
+    config_dst: AnyPath | None = None
     nbytes: int = 0
 
 
@@ -189,7 +190,8 @@ def _compress(task: Task, job: JobSpec, row: ModelResult) -> None:
         row.bytes_after = output_bytes(task.dst)
         return
     check_inside(task.dst, task.outdir)
-    task.dst.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(task.dst, Path):  # object storage has no folders to make
+        task.dst.parent.mkdir(parents=True, exist_ok=True)
 
     last = [0.0]
 
