@@ -76,7 +76,7 @@ def test_calibration_rounds_the_transformers_layers_by_gptq(samples: Path,  # no
     report = compress(samples / "transformer.onnx", calibrated, Recipe([Quantize(bits=4)]),
                       calibration=str(tmp_path / "cal.npz"))
     assert ("--calibration: 7 of 9 quantized tensors rounded by GPTQ; 2 by mse instead, e.g. "
-            "'embed_tokens.weight' (a Gather weight; gptq takes MatMul, Gemm and Conv weights)"
+            "'embed_tokens.weight' (used by Gather; gptq takes MatMul, Gemm and Conv weights)"
             in report.notes), report.notes
     assert plain.stat().st_size == calibrated.stat().st_size
     assert plain.read_bytes() != calibrated.read_bytes()

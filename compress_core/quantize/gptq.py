@@ -67,8 +67,8 @@ def rounding_notes(quantized: list[tuple[str, TensorInfo, QuantPlan]]) -> list[s
     if others:
         name, info, plan = others[0]
         if info.role not in ("MatMul", "Gemm", "Conv"):
-            why = (f"{'a ' + info.role if info.role else 'not a'} weight; gptq takes MatMul, "
-                   "Gemm and Conv weights")
+            why = (f"{'used by ' + info.role if info.role else 'not a weight'}; gptq takes "
+                   "MatMul, Gemm and Conv weights")
         elif info.input_stats is None:
             why = "no input statistics: see the notes above"
         else:
