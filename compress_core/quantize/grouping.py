@@ -12,9 +12,9 @@ default used before), that minimises
 
 Side bits are the scale codes (and zero points) the groups store; `weight` is
 SENSITIVE_WEIGHT for embeddings and the output head (their error reaches the
-outputs directly: on the sample transformer their output error per unit of
-relative weight error measured 3-7x that of the other MatMuls) and 1
-otherwise; the mean weight size is that of the model's weight tensors
+outputs directly: on the sample transformer the output's squared error per
+unit of relative squared weight error measured 0.21-0.75 for them, 0.02-0.21
+for the other MatMuls, 0.11 on average) and 1 otherwise; the mean weight size is that of the model's weight tensors
 (`TensorInfo.mean_weight_size`). Pricing side bits against the mean tensor,
 not the tensor itself, counts every layer's relative error as worth the same
 to the output, so a small layer's finer groups cost the model little (priced
@@ -143,8 +143,7 @@ def candidates(w: np.ndarray, info: TensorInfo, *, bits: int, scale_bits: int,
     per_scale = scale_bits + (zero_bits or 0)
     found = []
     for group, (lo, hi) in zip(groups, _folded_ranges(w, block_axis, groups[0], len(groups))):
-        count = _group_counts(k, group, lo.shape[1])
-        error = _squared_error(lo, hi, count, qmin, qmax, zero_bits is not None)
+        error = _squared_error(lo, hi, k, group, qmin, qmax, zero_bits is not None)
         found.append(Candidate(group, error / energy, lo.size * per_scale))
     return found
 
@@ -183,25 +182,26 @@ def _pairwise(values: np.ndarray, reduce: np.ufunc) -> np.ndarray:
     return reduce(values[:, 0::2], values[:, 1::2])
 
 
-def _group_counts(k: int, group: int, groups: int) -> np.ndarray:
-    """Weights in each of the `groups` = ceil(k / group) groups along the block axis (the
-    last may be partial), as [1, groups, 1]."""
-    count = np.full(groups, float(group))
-    count[-1] = k - group * (groups - 1)
-    return count.reshape(1, groups, 1)
-
-
-def _squared_error(lo: np.ndarray, hi: np.ndarray, count: np.ndarray, qmin: int, qmax: int,
+def _squared_error(lo: np.ndarray, hi: np.ndarray, k: int, group: int, qmin: int, qmax: int,
                    asymmetric: bool) -> float:
-    """Sum of squared rounding errors: per group, its weights times scale^2 / 12.
+    """Sum of squared rounding errors of groups of `group` along an axis of `k`: per
+    group, its weights (the last group of a row may hold fewer) times scale^2 / 12.
 
     The scale is the smallest that covers the group: asymmetric codes span
     its range with a zero point, symmetric ones its largest magnitude. A
     group of zeros has no error.
     """
     if asymmetric:
-        span = np.maximum(hi, 0) - np.minimum(lo, 0)
-        scale = span.astype(np.float64) / (qmax - qmin)
+        reach = np.maximum(hi, 0)
+        reach -= np.minimum(lo, 0)
+        steps = qmax - qmin
     else:
-        scale = np.maximum(-lo, hi).astype(np.float64) / qmax
-    return float(np.sum(count * np.square(scale)) / 12.0)
+        reach = np.maximum(np.negative(lo), hi)
+        steps = qmax
+    flat = reach.reshape(-1)
+    total = group * float(np.dot(flat, flat))
+    short = group * lo.shape[1] - k   # weights missing from each row's last group
+    if short:
+        last = np.ascontiguousarray(reach[:, -1]).reshape(-1)
+        total -= short * float(np.dot(last, last))
+    return total / (12.0 * steps * steps)
