@@ -8,7 +8,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -67,6 +67,9 @@ class Encoding:
     errors: dict[str, ErrorStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     described: dict[str, str] = field(default_factory=dict)
+    # Each stage's options as applied to each changed tensor (Stage.resolved_config, with
+    # the layouts read from the encoding where the values chose them).
+    configs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def plan(store: TensorStore, recipe: Recipe, options: Options) -> dict[str, list[Stage]]:
@@ -159,6 +162,8 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
         if encoded is not None:
             into.errors[name] = error
             into.described[name] = encoded.describe()
+            into.configs[name] = [stage.resolved_config(store.tensors[name], encoded)
+                                  for stage in work[name]]
             yield name, encoded
         del encoded  # not held while the consumer asks for the next one
     if progress:

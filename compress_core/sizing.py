@@ -18,13 +18,16 @@ class ElementSize:
     `value_bits`: each stored value (codes, floats, indices); `side`: scales,
     zero points or codebooks spread over the elements; `kept`: the fraction
     of elements pruning keeps; `stored`: values stored per element of the
-    dense tensor (below 1 for low-rank factors).
+    dense tensor (below 1 for low-rank factors); `from_values`: some stage
+    chooses part of its layout from the values (quantize's 8-bit groups in
+    ONNX), so `side` is that stage's rule-of-thumb guess.
     """
 
     value_bits: float
     side: float = 0.0
     kept: float = 1.0
     stored: float = 1.0
+    from_values: bool = False
 
 
 def value_bits_of(info: TensorInfo) -> float:

@@ -112,11 +112,13 @@ class Stage:
             config[name] = list(value) if isinstance(value, tuple) else value
         return config
 
-    def resolved_config(self, info: TensorInfo) -> dict[str, Any]:
+    def resolved_config(self, info: TensorInfo, encoded: Encoded | None = None) -> dict[str, Any]:
         """`get_config` with every option left to its default resolved for one tensor.
 
         Options whose default depends on the tensor (its format, role or shape)
-        override this; the others resolve in `validate`.
+        override this; the others resolve in `validate`. `encoded`, when given,
+        is the tensor's encoding after all its stages: options chosen from the
+        values (quantize's 8-bit group size in ONNX) are read from it.
         """
         return self.get_config()
 

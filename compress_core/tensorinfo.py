@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -79,8 +79,11 @@ class TensorInfo:
     tokens) or "head" (the output layer); None otherwise. `sensitive_share`,
     where the reader knows it, is the share of the model's weight elements
     that its sensitive tensors hold together (it budgets their backup
-    precision, see compress_core/quantize/plan.py). `input_stats`, set by a
-    calibration run (ONNX MatMul/Gemm/Conv weights, see
+    precision, see compress_core/quantize/plan.py). `mean_weight_size`, where
+    the reader knows it, is the mean element count of the model's weight
+    tensors that a default run changes (`with_mean_weight_size`): the 8-bit
+    group size is priced against it (compress_core/quantize/grouping.py).
+    `input_stats`, set by a calibration run (ONNX MatMul/Gemm/Conv weights, see
     modelpress.formats.onnx.calibrate), holds the statistics of the inputs the
     weight multiplies. `use`, for a tensor that is not weight-like, says where
     the model reads it and why it is not taken for a weight (the note on large
@@ -97,6 +100,7 @@ class TensorInfo:
     format: str | None = None
     sensitive: str | None = None
     sensitive_share: float | None = None
+    mean_weight_size: float | None = None
     input_stats: InputStats | None = field(default=None, compare=False, repr=False)
     block_span: int = 1
     use: str | None = None
@@ -117,6 +121,17 @@ class TensorInfo:
         """True when stages change this tensor without being told its name."""
         return (self.weight_like and self.is_float and len(self.shape) >= 2
                 and self.size >= min_elements)
+
+
+def with_mean_weight_size(tensors: dict[str, TensorInfo],
+                          min_elements: int) -> dict[str, TensorInfo]:
+    """The same TensorInfos, each with the mean element count of those that are default
+    targets at `min_elements` (unchanged when there are none)."""
+    sizes = [info.size for info in tensors.values() if info.default_target(min_elements)]
+    if not sizes:
+        return tensors
+    mean = sum(sizes) / len(sizes)
+    return {name: replace(info, mean_weight_size=mean) for name, info in tensors.items()}
 
 
 def axes_for(info: TensorInfo) -> tuple[int | None, int]:

@@ -90,7 +90,8 @@ def test_prune_and_quantize_both_orders_match_written_file(tmp_path: Path, sampl
         stats = compare(original.read(row["name"]), array)
         assert stats.rel_l2 == pytest.approx(row["rel_error"], rel=1e-6)
         assert stats.sqnr_db == pytest.approx(row["sqnr_db"], rel=1e-6)
-        # ONNX: 8-bit groups sized per tensor (K=64 -> 16, K=256 -> 64) with 8-bit scale codes.
+        # ONNX: 8-bit groups chosen per tensor from the values, here the longest allowed
+        # (K=64 -> 16, K=256 -> 64), with 8-bit scale codes.
         expected = {"fc1.weight": "int8 g16 sym s8", "fc2.weight": "int8 g64 sym s8"}
         assert row["encoding"] == "50% sparse + " + (
             expected[row["name"]] if fmt == "onnx" else "int8 ch sym")

@@ -94,7 +94,8 @@ def test_defaults_resolve_per_format_and_role() -> None:
     assert _plan(Quantize(), "safetensors") == (8, True, "channel", None, "rtn", 0, None)
     assert _plan(Quantize(bits=4), None) == (4, True, "group", 128, "mse", 0, None)
     assert _plan(Quantize(bits=8, group_size=32), "safetensors")[2:4] == ("group", 32)
-    # ONNX: A16 below 8 bits; 8 bits in groups sized per tensor (K=640 -> 128).
+    # ONNX: A16 below 8 bits; at 8 bits the plan holds the longest group the values may
+    # choose (K=640 -> 128; see test_int8_grouping.py).
     assert _plan(Quantize(bits=4), "onnx") == (4, False, "group", 16, "mse", 5, 2)
     assert _plan(Quantize(), "onnx") == (8, True, "group", 128, "rtn", 8, None)
     assert _plan(Quantize(), "onnx", shape=(256, 64)) == (8, True, "group", 16, "rtn", 8, None)

@@ -28,7 +28,7 @@ from modelpress.core.encoded import Dense, Quantized, merged_shape
 from modelpress.core.metrics import BlockSums, ErrorStats
 from modelpress.core.quantize.coded import quantize_coded_measured
 from modelpress.core.quantize.groups import stored_scale_up
-from modelpress.core.quantize.plan import QuantPlan
+from modelpress.core.quantize.plan import QuantPlan, chosen_layout
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 # Elements per block: the block and one float32 work buffer (and the widened block
@@ -43,7 +43,8 @@ def quantize_measured(array: np.ndarray, info: TensorInfo,
                       plan: QuantPlan) -> tuple[Quantized, ErrorStats] | None:
     """The encoding and its error if `plan` is a quantization this module or
     `quantize_coded` measures as it goes: per-channel symmetric rtn with float
-    scales, or any quantization with scale codes (`Quantize.encode_measured`).
+    scales, or any quantization with scale codes (`Quantize.encode_measured`),
+    whose layout is then chosen from `array` if the plan asks (`chosen_layout`).
 
     Returns None when no fast path applies (another layout, a dtype other
     than float32/float16/bfloat16) or when the tensor holds NaN or Inf,
@@ -55,6 +56,7 @@ def quantize_measured(array: np.ndarray, info: TensorInfo,
     if plan.scale_bits:
         # As Quantize.apply calls quantize_coded on a dense tensor.
         w = Dense(array).decode()
+        plan = chosen_layout(plan, w, info)
         if plan.block_span > 1:
             w = w.reshape(merged_shape(w.shape, block_axis, plan.block_span))
         found = quantize_coded_measured(

@@ -3,7 +3,11 @@ to the dtype they are stored in; shared by the float-scale and the scale-code ke
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from modelpress.core.encoded import Encoded, LowRank, Quantized, Sparse
 
 
 class GroupView:
@@ -73,3 +77,25 @@ def stored_scale_up(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
         bits[low] += 1
         stored = stored_scale(bits.view(dtype).astype(np.float32), dtype)
     return stored
+
+
+def used_layout(encoded: Encoded, granularity: str,
+                 group_size: int | None) -> tuple[Any, Any]:
+    """The granularity and group size of the Quantized nodes in `encoded` (under a prune
+    mask, or each low-rank factor's: a list when the factors differ); the given ones
+    when it holds none."""
+    nodes = []
+    pending = [encoded]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Quantized):
+            nodes.append((node.granularity, node.group_size))
+        elif isinstance(node, Sparse):
+            pending.append(node.values)
+        elif isinstance(node, LowRank):
+            pending += [node.right, node.left]
+    if not nodes:
+        return granularity, group_size
+    if len(set(nodes)) == 1:
+        return nodes[0]
+    return [n[0] for n in nodes], [n[1] for n in nodes]

@@ -7,10 +7,11 @@ Options left unset take defaults that depend on where the tensor is written:
   (4.44 bits per weight at 4 bits); an explicit --group-size above 16 gets
   8-bit scale codes and full-width zero points. At 2-4 bits, 2-D
   MatMul/Gemm weights of 1M+ elements in groups of up to 64 get multiplier
-  scales per super-block of 128 inputs instead (`_super_block`). At 8 bits, symmetric groups
-  whose size is chosen per tensor (the smallest power of two >= max(16, K/5)
-  and at most 128, so scales cost at most what a float scale and zero point
-  per channel do) with 8-bit scale codes.
+  scales per super-block of 128 inputs instead (`_super_block`). At 8 bits,
+  symmetric groups with 8-bit scale codes, their size (a power of two from 4
+  up to the former rule's max(16, K/5), at most 128) chosen per tensor from
+  its values by rate and distortion (`grouping`; the plan says `from_values`
+  and holds the former rule's size, which --dry-run estimates with).
 - safetensors and anything else ("interoperable"): the layout
   compressed-tensors readers (vLLM, transformers) load: symmetric, float
   scales in the model's type, per channel at 8 bits and groups of 128 below.
@@ -32,17 +33,19 @@ its config group, and the layout's interoperable widths are 4 and 8.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from modelpress.core.errors import UnsupportedTensorError
+from modelpress.core.quantize.grouping import choose_group, former_group
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
 DEFAULT_BACKUP_BITS = 6
 BACKUP_BUDGET = 1.0  # extra bits per weight, over the whole model, the default backup may add
 PLAIN_GROUP = 128
 CODED_GROUP = 16
-MAX_GROUP_8BIT = 128
 SUPER_BLOCK = 128
 MAX_MULTIPLIED_BITS = 4
 MULTIPLIER_MIN_WEIGHTS = 1 << 20  # as modelpress.formats.onnx.sites.KERNEL8_MIN_WEIGHTS (tested)
@@ -62,6 +65,9 @@ class QuantPlan:
     backup: bool = False       # bits raised by the backup-precision policy
     super_block: int = 0       # inputs per float16 base of multiplier scales (0: none)
     block_span: int = 1        # axes from the block axis that groups run along, flattened
+    # The group size is chosen from the values (`chosen_layout`); until then group_size
+    # is the estimate of `grouping.former_group`.
+    from_values: bool = False
 
 
 # A group may pad its axis up to this factor (or up to PADDED_FLOOR elements in all).
@@ -91,6 +97,7 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
     if stage.super_block and scale_bits is None and bits <= MAX_MULTIPLIED_BITS:
         scale_bits = 5  # a given --super-block refits the log grid's 5-bit codes
     group_size, span = None, 1
+    from_values = False
     if granularity == "group":
         group_size = stage.group_size or _default_group(bits, scale_bits, compact, info)
         span = _flattened_span(info, group_size)
@@ -100,6 +107,10 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
                                    info.shape[axes_for(info)[1]])
         if stage.group_size:
             _check_padding(stage.group_size, info, span)
+        # Whole-kernel groups keep their balanced size; the others of 8-bit codes with
+        # 8-bit scale codes are chosen from the values.
+        from_values = (not stage.group_size and span == 1
+                       and _measured(bits, scale_bits, compact))
     if scale_bits is None:
         scale_bits = 0
         if compact and granularity != "tensor":
@@ -119,7 +130,7 @@ def plan_for(stage: Any, info: TensorInfo) -> QuantPlan:
     return QuantPlan(bits=bits, symmetric=symmetric, granularity=granularity,
                      group_size=group_size, method=method, scale_bits=scale_bits,
                      zero_bits=zero_bits, backup=backup, super_block=super_block,
-                     block_span=span)
+                     block_span=span, from_values=from_values)
 
 
 def _flattened_span(info: TensorInfo, group_size: int) -> int:
@@ -154,6 +165,16 @@ def has_second_moments(info: TensorInfo) -> bool:
     return info.input_stats is not None and info.input_stats.second_moments is not None
 
 
+def chosen_layout(plan: QuantPlan, w: np.ndarray, info: TensorInfo) -> QuantPlan:
+    """`plan` with the group size its `from_values` asks for chosen from `w` (float32), or
+    `plan` itself when the layout is fixed."""
+    if not plan.from_values:
+        return plan
+    group = choose_group(w, info, bits=plan.bits, scale_bits=plan.scale_bits,
+                         zero_bits=plan.zero_bits)
+    return replace(plan, group_size=group, from_values=False)
+
+
 def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,
                  group_size: int | None, compact: bool) -> int:
     """Inputs per multiplier base for this tensor, 0 for none.
@@ -181,29 +202,18 @@ def _super_block(stage: Any, info: TensorInfo, bits: int, granularity: str,
     return SUPER_BLOCK
 
 
+def _measured(bits: int, scale_bits: int | None, compact: bool) -> bool:
+    """Whether the group size is chosen from the values (8-bit codes with 8-bit scale codes)."""
+    return bits == 8 and compact and scale_bits in (None, 8)
+
+
 def _default_group(bits: int, scale_bits: int | None, compact: bool, info: TensorInfo,
                    span: int = 1) -> int:
-    if bits == 8 and compact and scale_bits in (None, 8):
-        return auto_group_8bit(_reduction_size(info, span))
+    if _measured(bits, scale_bits, compact):
+        return former_group(_reduction_size(info, span))
     if (scale_bits is None and compact) or (scale_bits and scale_bits <= 6):
         return CODED_GROUP
     return PLAIN_GROUP
-
-
-def auto_group_8bit(k: int) -> int:
-    """Smallest power of two >= max(16, k / 5), at most MAX_GROUP_8BIT.
-
-    Five 8-bit scale codes per channel cost 40 bits, what a float32 scale and
-    an 8-bit zero point per channel cost (NNCF's INT8_ASYM layout). Wide
-    layers stop at 128 inputs per scale: one outlier then widens the step of
-    fewer weights. On the benchmark's 55M synthetic transformer (K 768 and
-    3072) groups of 256/1024 measured 37.5 dB weight SQNR and 0.0444 output
-    error, groups of 128 39.4 dB and 0.0340, for 0.06 more bits per weight.
-    """
-    group = CODED_GROUP
-    while group < k and group * 5 < k and group < MAX_GROUP_8BIT:
-        group *= 2
-    return group
 
 
 def _check_padding(group_size: int, info: TensorInfo, span: int = 1) -> None:

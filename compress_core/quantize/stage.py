@@ -14,11 +14,11 @@ from modelpress.core.encoded import (GRANULARITIES, Dense, Encoded, LowRank, Pal
 from modelpress.core.metrics import ErrorStats
 from modelpress.core.quantize.coded import quantize_coded
 from modelpress.core.quantize.fused import quantize_measured
-from modelpress.core.quantize.groups import GroupView, stored_scale_up
+from modelpress.core.quantize.groups import GroupView, stored_scale_up, used_layout
 from modelpress.core.quantize.multiplier import applies
 from modelpress.core.quantize.gptq import round_calibrated
 from modelpress.core.quantize.plan import (CODED_GROUP, MAX_MULTIPLIED_BITS, QuantPlan,
-                                           default_method, plan_for)
+                                           chosen_layout, default_method, plan_for)
 from modelpress.core.scalecode import MULTIPLIER_BITS
 from modelpress.core.sizing import ElementSize, per_element
 from modelpress.core.stage import Stage, option
@@ -41,8 +41,9 @@ class Quantize(Stage):
     with 5-bit scale codes and 2-bit zero points below 8 bits (4.44 bits per
     weight at 4 bits), and at 2-4 bits multiplier scales per 128 inputs for
     MatMul/Gemm weights of 1M+ elements (4.5 bits per weight; see
-    `quantize.multiplier`); at 8 bits, symmetric groups sized per tensor with
-    8-bit scale codes. safetensors: compressed-tensors' layout (symmetric,
+    `quantize.multiplier`); at 8 bits, symmetric groups with 8-bit scale
+    codes, their size chosen per tensor from its values by rate and
+    distortion (`quantize.grouping`). safetensors: compressed-tensors' layout (symmetric,
     float scales; per channel at 8 bits, groups of 128 below).
 
     Groups run along the inputs each output sums over; a convolution kernel
@@ -86,7 +87,8 @@ class Quantize(Stage):
         "ONNX, channel otherwise]", choices=GRANULARITIES)
     group_size: int | None = option(
         None, "inputs per scale with granularity group [default: 16 with scale codes of "
-        "6 bits or less, 128 with float scales; at 8 bits in ONNX a power of two per tensor, 16-128]",
+        "6 bits or less, 128 with float scales; at 8 bits in ONNX chosen per tensor from its "
+        "weights, a power of two from 4 to 128]",
         min=2)
     method: str | None = option(
         None, "rtn: round to nearest from the min/max range; mse: search each "
@@ -146,12 +148,16 @@ class Quantize(Stage):
             self.fail(f"--super-block {self.super_block} is not a multiple of the group size "
                       f"{group}")
 
-    def resolved_config(self, info: TensorInfo) -> dict[str, Any]:
-        """The options as applied to one tensor: its plan's bits, scheme, grid and codes."""
+    def resolved_config(self, info: TensorInfo, encoded: Encoded | None = None) -> dict[str, Any]:
+        """The options as applied to one tensor: its plan's bits, scheme, grid and codes,
+        with the layout read from `encoded` where the values chose it."""
         plan = self.plan(info)
         config = self.get_config()
-        config.update(scheme="sym" if plan.symmetric else "asym", granularity=plan.granularity,
-                      group_size=plan.group_size, method=plan.method,
+        granularity, group_size = plan.granularity, plan.group_size
+        if plan.from_values and encoded is not None:
+            granularity, group_size = used_layout(encoded, granularity, group_size)
+        config.update(scheme="sym" if plan.symmetric else "asym", granularity=granularity,
+                      group_size=group_size, method=plan.method,
                       scale_bits=plan.scale_bits, zero_bits=plan.zero_bits,
                       super_block=plan.super_block,
                       backup_bits=plan.bits if plan.backup else self.backup_bits)
@@ -189,6 +195,7 @@ class Quantize(Stage):
         return self._quantized(array, info, replace(plan, method=default_method(plan.bits)))
 
     def _quantized(self, array: np.ndarray, info: TensorInfo, plan: QuantPlan) -> Quantized:
+        plan = chosen_layout(plan, array, info)
         channel_axis, block_axis = axes_for(info)
         w, shape = array, tuple(array.shape)
         if plan.block_span > 1:
@@ -215,7 +222,8 @@ class Quantize(Stage):
     def estimate_size(self, size: ElementSize, info: TensorInfo) -> ElementSize:
         plan = self.plan(info)
         side = _scale_bits(plan, info) * per_element(plan.granularity, info, plan.group_size)
-        return replace(size, value_bits=float(plan.bits), side=side)
+        return replace(size, value_bits=float(plan.bits), side=side,
+                       from_values=size.from_values or plan.from_values)
 
 
 def gptq_refusal(stages: Iterable[Stage], *, calibration: bool, onnx: bool,

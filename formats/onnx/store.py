@@ -13,7 +13,8 @@ from modelpress.core.encoded import Dense, Encoded, LowRank
 from modelpress.core.errors import InputDataError, ModelReadError
 from modelpress.core.store import (EncodedItems, Progress, WriteOptions, WriteResult, in_store_order,
                                    options_for)
-from modelpress.core.tensorinfo import TensorInfo
+from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS
+from modelpress.core.tensorinfo import TensorInfo, with_mean_weight_size
 
 from modelpress.formats.onnx.borrow import borrow, give_back
 from modelpress.formats.onnx.calibrate import input_stats
@@ -56,9 +57,10 @@ class OnnxStore:
                  for name, loc in self._locations.items()}
         sensitive, share = sensitive_tensors(self.model, roles, sizes)
         uses = other_uses(self.model, roles)
-        self._tensors = {name: tensor_info(name, loc.tensor, roles.get(name),
-                                           sensitive.get(name), share, uses.get(name))
-                         for name, loc in self._locations.items()}
+        self._tensors = with_mean_weight_size(
+            {name: tensor_info(name, loc.tensor, roles.get(name), sensitive.get(name), share,
+                               uses.get(name))
+             for name, loc in self._locations.items()}, DEFAULT_MIN_ELEMENTS)
         self.encodings = read_encodings(self.path, self.model, set(self._locations))
 
     @property

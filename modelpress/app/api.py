@@ -116,8 +116,7 @@ def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | Objec
         rows.append(TensorRow(name=name, shape=info.shape, dtype=short_name(info.dtype),
                               encoding=label, bytes_before=info.nbytes,
                               bytes_after=result.tensor_bytes[name],
-                              error=encoding.errors[name],
-                              stages=[s.resolved_config(info) for s in stages_of[name]]))
+                              error=encoding.errors[name], stages=encoding.configs[name]))
     return Report(input_path=str(src), output_path=str(dst), format=store.format,
                   recipe=recipe.get_config(), rows=rows, file_bytes_before=store.file_bytes,
                   file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes,

@@ -309,6 +309,10 @@ def dry_run(plan: BatchPlan, recipe: Recipe, options: Options = Options(),
             note = f"{guess.tensors} tensors"
             if guess.unknown_stages:
                 note += f"; no size rule for {', '.join(guess.unknown_stages)} (assumed unchanged)"
+            if guess.from_values:
+                note += (f"; {', '.join(guess.from_values)} chooses int8 group sizes from the "
+                         "weights (estimated at the longest it may choose, max(16, K/5) up to "
+                         "128: the file may be a little larger)")
             rows.append(DryRow(task.rel, task.kind, "compress", guess.bytes_before,
                                guess.bytes_after, note))
         except ModelpressError as exc:
