@@ -18,7 +18,7 @@ from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODE
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
-from modelpress.cli import evaluation
+from modelpress.cli import budget, evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option
 from modelpress.cli.chain import StageChain
 from modelpress.cli.common import (Failure, RecipeUsageError, check_extra_outputs, read_paths,
@@ -114,6 +114,7 @@ from modelpress.cli.terminal import consoles, progress
 @click.option("--strict", is_flag=True,
               help="Stop (exit 2) when an --include or --exclude pattern matches no tensor "
                    "of a model, instead of warning.")
+@budget.target_options
 @evaluation.input_options
 @evaluation.threshold_options
 def compress(**_: Any) -> None:
@@ -148,6 +149,15 @@ def compress(**_: Any) -> None:
       modelpress compress mlp.onnx -o out.onnx --inputs x.npz --labels y.npy quantize --bits 4
       modelpress compress cnn.onnx -o out.onnx --calibration calib.npz quantize --bits 4
       modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
+      modelpress compress cnn.onnx -o out.onnx --target-size 20% --calibration calib.npz
+      modelpress compress cnn.onnx -o out.onnx --target-error 0.02 --calibration calib.npz \
+          quantize --bits 3-8
+      modelpress compress w.safetensors -o small.safetensors --target-size 40MB
+
+    \b
+    A target chooses each tensor's precision: a quantize --bits width (a range
+    A-B, default 2-8; quantize is added if not given), fp16 or as it is; other
+    stages stay as given. --print-recipe prints the choice as a recipe.
 
     \b
     ONNX models are run before and after in onnxruntime (CPU) on the same inputs:
@@ -187,18 +197,23 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   max_shard_size: int | None, threads: int | None, external_data: str,
                   onnx_target: str, onnx_int4: str, onnx_int8: str, accuracy_level: int,
                   calibration: Path | None, strict: bool, **extra: Any) -> None:
+    target = budget.target_from(evaluation.pop(extra, budget.TARGET_PARAMS))
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
     batch_flags = extra
-    recipe = _recipe(stages, recipe_file)
+    recipe = _recipe(stages, recipe_file, allow_none=target is not None)
     options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                       threads=threads, strict=strict)
     onnx_options = OnnxWriteOptions(external_data, OnnxTarget(onnx_target, onnx_int4,
                                                               accuracy_level, onnx_int8))
     safetensors_options = SafetensorsWriteOptions(max_shard_size)
+    search = budget.searcher(target, model, output, recipe, recipe_file, calibration,
+                             eval_values.get("inputs_path"), options,
+                             (onnx_options, safetensors_options))
     if print_recipe:
-        click.echo(recipe.to_yaml(), nl=False)
+        click.echo(recipe.to_yaml() if search is None else budget.recipe_text(
+            search(None), calibration), nl=False)
         return
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
@@ -234,6 +249,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
             bar.start()
+        found = None if search is None else search(update)
+        recipe = recipe if found is None else found.recipe
         report = api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
                               safetensors_options=safetensors_options,
                               calibration=None if calibration is None else str(calibration))
@@ -246,6 +263,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     finally:
         if bar is not None:
             bar.stop()
+    if found is not None:
+        budget.attach(report, found)
     try:
         # The sha256 digests appear only in JSON (--report, --format json).
         evaluation.finish(report, baseline, limits,
@@ -289,7 +308,7 @@ _SINGLE_ONLY = {"inputs_path": "--inputs", "labels_path": "--labels", "dims": "-
                 "input_ranges": "--input-range", "max_input_bytes": "--max-input-size"}
 
 
-def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
+def _recipe(stages: list[Any], recipe_file: Path | None, allow_none: bool = False) -> Recipe:
     if recipe_file is not None and stages:
         raise click.UsageError("give stages on the command line or --recipe FILE, not both")
     if recipe_file is not None:
@@ -299,7 +318,7 @@ def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
             raise RecipeUsageError(str(exc)) from None
         _check_order(recipe)
         return recipe
-    if not stages:
+    if not stages and not allow_none:  # a target adds a quantize stage
         raise click.UsageError("no stages given; add one, e.g. `quantize --bits 8`, "
                                "or use --recipe FILE")
     recipe = Recipe(stages)
