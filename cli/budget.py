@@ -16,12 +16,14 @@ from typing import Any, Callable
 import click
 
 from modelpress.app.budget import Outcome, search
+from modelpress.app.directory import model_in
 from modelpress.core.budget import SizeTarget, Target
 from modelpress.core.candidates import DEFAULT_WIDTHS, KEPT, parse_widths
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import Options
 from modelpress.core.recipe import Recipe
 from modelpress.core.store import Progress, WriteOptions
+from modelpress.formats.safetensors.ct_config import loads_in_transformers
 from modelpress.formats.safetensors.sharded import parse_size
 
 from modelpress.cli.batch import is_batch
@@ -120,7 +122,7 @@ def target_from(values: dict[str, Any]) -> Target | None:
     return Target(size=values.get("target_size"), error=values.get("target_error"))
 
 
-def check_usage(target: Target | None, model: Path, batch: bool, recipe_file: Path | None,
+def check_usage(target: Target | None, model: Path, recipe_file: Path | None,
                 data: Path | None) -> tuple[int, ...] | None:
     """Refuse what a target (or its absence) cannot take, before any model is read; the
     widths to choose from (None: from the recipe file)."""
@@ -132,8 +134,6 @@ def check_usage(target: Target | None, model: Path, batch: bool, recipe_file: Pa
                                    "--target-size or --target-error to choose from it; "
                                    "without a target give one width (--bits 4)")
         return None
-    if batch:
-        raise click.UsageError("--target-size and --target-error apply to one model at a time")
     if target.error is not None and model.suffix.lower() != ".onnx":
         raise click.UsageError(f"{model}: --target-error needs a model to run (ONNX); "
                                "safetensors holds weights only (--target-size works)")
@@ -147,29 +147,52 @@ def check_usage(target: Target | None, model: Path, batch: bool, recipe_file: Pa
 
 def searcher(target: Target | None, models: tuple[Path, ...], output: Path | None,
              recipe: Recipe, recipe_file: Path | None, calibration: Path | None,
-             inputs: Path | None, options: Options, writers: tuple[WriteOptions, WriteOptions]
+             eval_values: dict[str, Any], options: Options,
+             writers: tuple[WriteOptions, WriteOptions]
              ) -> Callable[[Progress | None], Outcome] | None:
     """After the usage checks (`check_usage`), a function that runs the search with a
     progress callback and returns its outcome (a problem becomes one line and its exit
-    code); None without a target. `writers`: the ONNX and safetensors writer settings."""
+    code); None without a target. `eval_values`: the --inputs etc. options; `writers`:
+    the ONNX and safetensors writer settings."""
     model = models[0]
-    data = calibration if calibration is not None else inputs
-    widths = check_usage(target, model, is_batch(models, output), recipe_file, data)
+    data = calibration if calibration is not None else eval_values.get("inputs_path")
+    folder = target is not None and is_batch(models, output)
+    if folder:
+        model = _directory_model(models, output)
+    widths = check_usage(target, model, recipe_file, data)
     if target is None:
         return None
     onnx = model.suffix.lower() == ".onnx"
+    dst = model if output is None else output / model.name if folder else output
 
     def run(progress: Progress | None) -> Outcome:
         try:
-            return search(model, output if output is not None else model, recipe, target,
-                          widths=widths, inputs=data if onnx else None,
-                          calibration=calibration is not None, options=options,
-                          writer=writers[0] if onnx else writers[1], progress=progress)
+            return search(model, dst, recipe, target, widths=widths,
+                          inputs=data if onnx else None, calibration=calibration is not None,
+                          options=options, writer=writers[0] if onnx else writers[1],
+                          progress=progress, for_loaders=folder)
         except RecipeError as exc:
             raise RecipeUsageError(str(exc)) from None
         except ModelpressError as exc:
             raise Failure(str(exc)) from None
     return run
+
+
+def _directory_model(models: tuple[Path, ...], output: Path | None) -> Path:
+    """The weights of the one Hugging Face model directory a target may take in batch mode,
+    or a usage error."""
+    problem = "--target-size and --target-error apply to one model: a file, or a Hugging " \
+              "Face model directory (config.json and one safetensors model)"
+    if len(models) != 1 or not models[0].is_dir():
+        raise click.UsageError(problem)
+    try:
+        model = model_in(models[0])
+    except ModelpressError:
+        raise click.UsageError(problem) from None
+    if model.parent != models[0] or not loads_in_transformers(models[0] / "config.json") \
+            or model.suffix.lower() != ".safetensors":
+        raise click.UsageError(problem)
+    return model
 
 
 def attach(report: Any, outcome: Outcome) -> None:

@@ -150,9 +150,7 @@ def compress(**_: Any) -> None:
       modelpress compress cnn.onnx -o out.onnx --calibration calib.npz quantize --bits 4
       modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
       modelpress compress cnn.onnx -o out.onnx --target-size 20% --calibration calib.npz
-      modelpress compress cnn.onnx -o out.onnx --target-error 0.02 --calibration calib.npz \
-          quantize --bits 3-8
-      modelpress compress w.safetensors -o small.safetensors --target-size 40MB
+      modelpress compress cnn.onnx -o o.onnx --target-error 0.02 --calibration c.npz quantize --bits 3-8
 
     \b
     A target chooses each tensor's precision: a quantize --bits width (a range
@@ -209,8 +207,7 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                                                               accuracy_level, onnx_int8))
     safetensors_options = SafetensorsWriteOptions(max_shard_size)
     search = budget.searcher(target, model, output, recipe, recipe_file, calibration,
-                             eval_values.get("inputs_path"), options,
-                             (onnx_options, safetensors_options))
+                             eval_values, options, (onnx_options, safetensors_options))
     if print_recipe:
         click.echo(recipe.to_yaml() if search is None else budget.recipe_text(
             search(None), calibration), nl=False)
@@ -226,11 +223,15 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         if single:
             raise click.UsageError(f"{single[0]} applies to one model at a time; batch mode "
                                    "reports weight errors and does not run the models")
-        failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
-                                    fmt, quiet, onnx_options=onnx_options,
+        found = None if search is None else search(None)  # one model directory
+        failure = run_batch_command(model, output, found.recipe if found else recipe, options,
+                                    batch_flags, report_path, fmt, quiet,
+                                    onnx_options=onnx_options,
                                     safetensors_options=safetensors_options)
         if failure:
             raise Failure(failure)
+        if found and not quiet:
+            click.echo("\n".join(f"note: {line}" for line in budget.summary(found)))
         return
     given = [f"--{k.replace('_', '-')}" for k in BATCH_ONLY if batch_flags.get(k)]
     if given:

@@ -30,16 +30,20 @@ from typing import Any, Callable, Sequence
 from modelpress.core.budget import (Allocation, BudgetError, Option, Target, allocate_error,
                                     allocate_size, smallest, totals)
 from modelpress.core.candidates import KEPT, Choices, choices_for
-from modelpress.core.errors import InputDataError, ModelReadError
+from modelpress.core.errors import InputDataError, ModelReadError, RecipeError
 from modelpress.core.pipeline import Options, encode_stream, plan
 from modelpress.core.recipe import Recipe
 from modelpress.core.store import Progress, TensorStore, WriteOptions
 from modelpress.formats import open_model
+from modelpress.formats.safetensors.ct_config import for_loaders as loader_recipe
+from modelpress.formats.safetensors.ct_config import loader_form
 
 from modelpress.app.evaluation import onnx_runner
 from modelpress.app.sensitivity import OutputProbe, Sensitivity, runner_probe
 
 MAX_PROBES = 8
+# What compressed-tensors' pack-quantized layout holds (formats.safetensors.layout).
+LOADER_WIDTHS = (4, 8)
 # An error target aims this far under the target on the search's inputs (inputs of the
 # same kind then meet it too, most of the time).
 ERROR_AIM = 0.9
@@ -97,7 +101,7 @@ def search(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | None
            target: Target, *, widths: Sequence[int] | None = None,
            inputs: str | os.PathLike | None = None, calibration: bool = False,
            options: Options = Options(), writer: WriteOptions | None = None,
-           progress: Progress | None = None) -> Outcome:
+           progress: Progress | None = None, for_loaders: bool = False) -> Outcome:
     """The recipe that meets `target` on the model at `src`, to be written to `dst`.
 
     `recipe`: the stages given (None: a quantize stage alone); `widths`: the
@@ -105,7 +109,11 @@ def search(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | None
     `inputs`: an .npz of model inputs (ONNX) the error is measured on; with
     `calibration`, they are also the calibration data (statistics for the
     quantize stage, as `api.compress(calibration=...)` computes them).
-    `writer`: the format's writer settings. Nothing is written at `dst`.
+    `writer`: the format's writer settings. `for_loaders`: the model is the
+    weights of a Hugging Face model directory (see `api.compress`): the
+    candidates are then what its loaders take (4 and 8 bits in
+    compressed-tensors' layout, or kept), embeddings stay dense. Nothing is
+    written at `dst`.
     """
     src, dst = Path(src), Path(dst)
     store = open_model(src)
@@ -116,6 +124,10 @@ def search(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | None
         raise InputDataError(f"{src}: --target-error needs an ONNX model and inputs to run it "
                              "on (--calibration FILE.npz)")
     choices = choices_for(recipe, widths)
+    if for_loaders and store.format == "safetensors":
+        choices = _for_loaders(choices, store, widths, options)
+    else:
+        for_loaders = False
     names = [name for name, stages in plan(store, choices.recipe, options).items()
              if any(stage is choices.chooser for stage in stages)]
     if not names:
@@ -129,10 +141,25 @@ def search(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | None
         measure = Sensitivity(store, choices, names, options, probe)
         measure.sweep(progress)
         measure.table.notes.extend(notes)
-        trial = _Trial(measure, writer, Path(work) / dst.name)
+        trial = _Trial(measure, writer, Path(work) / dst.name, for_loaders)
         outcome = settle(trial, target)
     outcome.inputs = None if inputs is None else str(inputs)
     return outcome
+
+
+def _for_loaders(choices: Choices, store: TensorStore, widths: Sequence[int] | None,
+                 options: Options) -> Choices:
+    """The choices a Hugging Face model directory's loaders take: 4 and 8 bits
+    (pack-quantized) or kept, embeddings left out (`ct_config.for_loaders`)."""
+    given = widths if widths is not None else [c.stage.bits for c in choices.candidates
+                                               if c.label.startswith("int")]
+    usable = [bits for bits in given if bits in LOADER_WIDTHS]
+    if not usable:
+        raise RecipeError(f"quantize --bits {'/'.join(map(str, given))}: a Hugging Face model "
+                          "directory loads 4 and 8 bits (compressed-tensors); choose from "
+                          "them (--bits 4-8)")
+    applied, _ = loader_recipe(choices.recipe, store.tensors, options.min_elements)
+    return choices_for(applied, usable, float16=False)
 
 
 def _probe(store: TensorStore, names: list[str], inputs: str | os.PathLike | None,
@@ -155,9 +182,10 @@ class _Trial:
     """Allocates (measuring the errors an allocation relies on first, while runs are left),
     writes an allocation's model to the scratch folder and measures it."""
 
-    def __init__(self, measure: Sensitivity, writer: WriteOptions | None, path: Path) -> None:
+    def __init__(self, measure: Sensitivity, writer: WriteOptions | None, path: Path,
+                 for_loaders: bool = False) -> None:
         self.measure, self.table, self.store = measure, measure.table, measure.store
-        self.writer, self.path = writer, path
+        self.writer, self.path, self.for_loaders = writer, path, for_loaders
         self.options = self.table.options()
         self.tried: dict[tuple[int, ...], Measured] = {}
 
@@ -179,8 +207,10 @@ class _Trial:
         if key not in self.tried:
             recipe = self.recipe(chosen)
             stream = encode_stream(self.store, recipe, self.measure.options)
+            stored = ((name, loader_form(e)) for name, e in stream) if self.for_loaders \
+                else stream
             try:
-                result = self.store.write(self.path, stream, options=self.writer)
+                result = self.store.write(self.path, stored, options=self.writer)
             finally:
                 stream.close()
             probe, error = self.measure.probe, None
