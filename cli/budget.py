@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from modelpress.app.budget import Outcome, search
+from modelpress.app.budget import Outcome, search_target
 from modelpress.app.directory import model_in
 from modelpress.core.budget import SizeTarget, Target
 from modelpress.core.candidates import DEFAULT_WIDTHS, KEPT, parse_widths
@@ -167,7 +167,7 @@ def searcher(target: Target | None, models: tuple[Path, ...], output: Path | Non
 
     def run(progress: Progress | None) -> Outcome:
         try:
-            return search(model, dst, recipe, target, widths=widths,
+            return search_target(model, dst, recipe, target, widths=widths,
                           inputs=data if onnx else None, calibration=calibration is not None,
                           options=options, writer=writers[0] if onnx else writers[1],
                           progress=progress, for_loaders=folder)
@@ -218,8 +218,8 @@ def summary(outcome: Outcome) -> list[str]:
     if outcome.target.error is not None:
         wanted.append(f"--target-error {outcome.target.error:g}")
     error = "" if outcome.error is None else (
-        f", output error {outcome.error:.4g} on {outcome.inputs} (predicted "
-        f"{outcome.predicted:.4g})")
+        f", output error {outcome.error:.4g} on {outcome.inputs} ({outcome.bound:.4g} at the "
+        f"90% bound over its samples; predicted {outcome.predicted:.4g})")
     counts = ", ".join(f"{label} {n}" for label, n in outcome.counts().items())
     lines = [f"target {' and '.join(wanted)}: met, {outcome.file_bytes} bytes{error}",
              f"target: chosen per tensor: {counts} (errors of {outcome.measured_pairs} of "

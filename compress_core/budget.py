@@ -21,8 +21,10 @@ is met exactly or under.
 from __future__ import annotations
 
 import heapq
+import itertools
+import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from modelpress.core.errors import ModelpressError
 
@@ -204,3 +206,71 @@ def _trim(options: Sequence[Sequence[Option]], chosen: Allocation, slack: float)
         _, t, i, added = best
         chosen[t] = i
         slack -= max(added, 0.0)
+
+
+# Labels an allocation may use at most, beside the unrestricted one, when each label costs
+# bytes of its own (see `with_label_costs`).
+MAX_LABELS = 3
+
+
+def label_cost(options: Sequence[Sequence[Option]], chosen: Allocation,
+               costs: Mapping[str, int]) -> int:
+    """The bytes the labels an allocation uses cost once each."""
+    return sum(costs.get(label, 0) for label in {opts[i].label for opts, i in
+                                                  zip(options, chosen)})
+
+
+def with_label_costs(options: Sequence[Sequence[Option]], costs: Mapping[str, int],
+                     size: int | None = None, err2: float | None = None) -> Allocation | None:
+    """`allocate_size(size)` or `allocate_error(err2)` when each label used costs bytes of
+    its own once (`costs`; in ONNX, the decode function each quantized layout adds):
+    the best over the unrestricted allocation and those restricted to each set of at most
+    MAX_LABELS labels that cost bytes. A size budget then holds for tensor and label bytes
+    together; an error budget's allocation has the fewest of both."""
+    costly = sorted({o.label for row in options for o in row if costs.get(o.label, 0) > 0})
+    sets: list[set[str] | None] = [None] + [
+        set(c) for k in range(1, MAX_LABELS + 1) for c in itertools.combinations(costly, k)]
+    best, best_key = None, None
+    for allowed in sets:
+        table = options if allowed is None else _restricted(options, allowed, costs)
+        chosen = _fixed_point(table, costs, size) if size is not None else \
+            allocate_error(table, err2)
+        if chosen is None:
+            continue
+        used, error = totals(options, chosen)
+        if error == math.inf:
+            continue
+        total = used + label_cost(options, chosen, costs)
+        key = (error, total) if size is not None else (error > err2, total, error)
+        if best_key is None or key < best_key:
+            best, best_key = chosen, key
+    return best
+
+
+def _restricted(options: Sequence[Sequence[Option]], allowed: set[str],
+                costs: Mapping[str, int]) -> list[list[Option]]:
+    """`options` where labels that cost bytes and are not `allowed` cannot be chosen."""
+    return [[o if o.label in allowed or not costs.get(o.label, 0)
+             else Option(o.label, _NEVER, math.inf) for o in row] for row in options]
+
+
+def _fixed_point(options: Sequence[Sequence[Option]], costs: Mapping[str, int],
+                 budget: int) -> Allocation | None:
+    """allocate_size with the labels' own bytes taken from the budget: charge the labels
+    the last allocation used until the charge stops growing."""
+    charged = 0
+    for _ in range(4):
+        chosen = allocate_size(options, budget - charged)
+        if chosen is None:
+            return None
+        needed = label_cost(options, chosen, costs)
+        if needed <= charged:
+            return chosen
+        charged = needed
+    chosen = allocate_size(options, budget - charged)
+    if chosen is None or label_cost(options, chosen, costs) > charged:
+        return None
+    return chosen
+
+
+_NEVER = 1 << 62  # bytes of an option that must not be chosen

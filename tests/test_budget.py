@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelpress.core.budget import Option, allocate_error, allocate_size, totals
+from modelpress.app.sensitivity import OutputProbe
+from modelpress.core.budget import (Option, allocate_error, allocate_size, totals,
+                                    with_label_costs)
 from modelpress.core.candidates import choices_for, escape_glob, parse_widths
 from modelpress.core.errors import RecipeError
 from modelpress.core.quantize.stage import Quantize
@@ -69,6 +71,31 @@ def test_error_allocation_meets_its_budget_with_few_bytes(seed: int) -> None:
         assert used <= fewest * 1.35
 
 
+def test_a_label_that_costs_bytes_of_its_own_is_used_only_where_it_pays() -> None:
+    table = [[Option("int4", 100, 4.0), Option("int8", 200, 1.0)],
+             [Option("int4", 100, 4.0), Option("int8", 200, 1.0)]]
+    # Without label costs, 300 bytes buy one tensor at int8 (error 5); a label costs 150 bytes
+    # of its own, so mixing two labels no longer fits, and both stay at int4 (error 8).
+    assert allocate_size(table, 300) in ([1, 0], [0, 1])
+    costs = {"int4": 150, "int8": 150}
+    assert with_label_costs(table, costs, size=450) == [0, 0]
+    assert with_label_costs(table, costs, size=550) == [1, 1]
+    assert with_label_costs(table, costs, err2=5.0) == [1, 1]  # 550 bytes; a mix costs 600
+
+
+def test_the_error_bound_widens_when_few_samples_hold_the_error() -> None:
+    feeds = {"x": np.zeros((8, 3), np.float32)}
+    reference = {"y": np.ones((8, 4), np.float32)}
+    probe = OutputProbe(feeds, reference)
+    even = {"y": reference["y"] * 1.01}
+    point, bound = probe.errors(even)
+    assert point == pytest.approx(0.01, rel=1e-5) and bound == pytest.approx(point, rel=1e-5)
+    one = {"y": reference["y"].copy()}
+    one["y"][3] *= 1.0 + 0.01 * np.sqrt(8)  # the same error, all in one sample
+    point, bound = probe.errors(one)
+    assert point == pytest.approx(0.01, rel=1e-4) and bound > 1.3 * point
+
+
 def test_escaped_names_match_only_themselves() -> None:
     names = NAMES + ["layer00*w", "layerX1.w", "layer[0]*wx"]
     for name in NAMES:
@@ -95,9 +122,11 @@ def test_widths_and_recipe_refusals() -> None:
 
 @pytest.fixture
 def model(tmp_path: Path) -> tuple[Path, Path]:
-    """Three MatMul layers whose names hold glob metacharacters, and calibration inputs."""
-    weights = {name: rng_weights(64, 64, seed=i) / 8 for i, name in enumerate(NAMES)}
-    weights[NAMES[1]] *= 4  # one layer matters more: the choice is not uniform
+    """Three MatMul layers (64-256-256-64) whose names hold glob metacharacters, and
+    calibration inputs."""
+    shapes = [(64, 256), (256, 256), (256, 64)]
+    weights = {name: rng_weights(*shape, seed=i) / 8
+               for i, (name, shape) in enumerate(zip(NAMES, shapes))}
     path = matmul_model(tmp_path / "m.onnx", weights)
     calibration = tmp_path / "calib.npz"
     np.savez(calibration, x=rng_weights(32, 64, seed=9))
@@ -114,7 +143,7 @@ def _error(src: Path, out: Path, inputs: Path) -> float:
 def test_size_target_is_met_by_the_file_on_disk(model: tuple[Path, Path], tmp_path: Path) -> None:
     src, calibration = model
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    limit = 16_000
+    limit = 66_000  # between the files of int4 (59213 bytes) and int5 (71889) for all
     result = run_cli(["compress", src, "-o", out, "--target-size", f"{limit}B", "--calibration",
                       calibration, "--report", report, "-q"])
     assert result.exit_code == 0, result.output

@@ -25,42 +25,31 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from modelpress.core.budget import (Allocation, BudgetError, Option, Target, allocate_error,
-                                    allocate_size, smallest, totals)
+from modelpress.core.budget import (Allocation, BudgetError, Target, smallest, totals,
+                                    with_label_costs)
 from modelpress.core.candidates import KEPT, Choices, choices_for
 from modelpress.core.errors import InputDataError, ModelReadError, RecipeError
-from modelpress.core.pipeline import Options, encode_stream, plan
+from modelpress.core.pipeline import Options, plan
 from modelpress.core.recipe import Recipe
 from modelpress.core.store import Progress, TensorStore, WriteOptions
 from modelpress.formats import open_model
 from modelpress.formats.safetensors.ct_config import for_loaders as loader_recipe
-from modelpress.formats.safetensors.ct_config import loader_form
 
 from modelpress.app.evaluation import onnx_runner
 from modelpress.app.sensitivity import OutputProbe, Sensitivity, runner_probe
+from modelpress.app.trial import Measured, Trial
 
 MAX_PROBES = 8
 # What compressed-tensors' pack-quantized layout holds (formats.safetensors.layout).
 LOADER_WIDTHS = (4, 8)
-# An error target aims this far under the target on the search's inputs (inputs of the
-# same kind then meet it too, most of the time).
-ERROR_AIM = 0.9
+# An error target's search aims this far under the target (the error's bound, see
+# OutputProbe.errors), so that it approaches it from below.
+ERROR_AIM = 0.97
 # Models larger than this are not run with their weights as inputs (a copy is made in
 # memory): their tensors' errors are estimated from the weights.
 VARIANT_MAX_BYTES = 1 << 30
-# First guess of what an output holds besides the chosen tensors' bytes (graph, decode
-# nodes, metadata); the first measured model replaces it.
-OVERHEAD_GUESS = {"onnx": (8192, 512), "safetensors": (0, 256)}
-
-
-@dataclass
-class Measured:
-    """One model tried: its file size and worst output error on the search's inputs."""
-
-    file_bytes: int
-    error: float | None
 
 
 @dataclass
@@ -73,6 +62,7 @@ class Outcome:
     limit: int | None                 # the size target in bytes
     file_bytes: int
     error: float | None               # worst output error on the search's inputs
+    bound: float | None               # its bound over resamples of them (OutputProbe.errors)
     predicted: float | None           # the allocation's predicted error
     inputs: str | None                # what the error was measured on
     measured_pairs: int               # (tensor, candidate) errors measured by running
@@ -91,13 +81,14 @@ class Outcome:
         """JSON-safe, for --report."""
         return {"target_size": self.limit, "target_error": self.target.error,
                 "file_bytes": self.file_bytes, "error": _finite(self.error),
+                "error_bound": _finite(self.bound),
                 "predicted_error": _finite(self.predicted), "measured_on": self.inputs,
                 "errors_measured": self.measured_pairs, "candidates": self.pairs,
                 "models_tried": self.probes, "counts": self.counts(),
                 "chosen": dict(self.chosen)}
 
 
-def search(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | None,
+def search_target(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | None,
            target: Target, *, widths: Sequence[int] | None = None,
            inputs: str | os.PathLike | None = None, calibration: bool = False,
            options: Options = Options(), writer: WriteOptions | None = None,
@@ -141,7 +132,7 @@ def search(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | None
         measure = Sensitivity(store, choices, names, options, probe)
         measure.sweep(progress)
         measure.table.notes.extend(notes)
-        trial = _Trial(measure, writer, Path(work) / dst.name, for_loaders)
+        trial = Trial(measure, writer, Path(work) / dst.name, for_loaders)
         outcome = settle(trial, target)
     outcome.inputs = None if inputs is None else str(inputs)
     return outcome
@@ -178,55 +169,7 @@ def _probe(store: TensorStore, names: list[str], inputs: str | os.PathLike | Non
     return runner_probe(run, store.path, store, names, feeds, reference, work)
 
 
-class _Trial:
-    """Allocates (measuring the errors an allocation relies on first, while runs are left),
-    writes an allocation's model to the scratch folder and measures it."""
-
-    def __init__(self, measure: Sensitivity, writer: WriteOptions | None, path: Path,
-                 for_loaders: bool = False) -> None:
-        self.measure, self.table, self.store = measure, measure.table, measure.store
-        self.writer, self.path, self.for_loaders = writer, path, for_loaders
-        self.options = self.table.options()
-        self.tried: dict[tuple[int, ...], Measured] = {}
-
-    def allocate(self, rule: Callable[[list[list[Option]]], Allocation | None]
-                 ) -> Allocation | None:
-        """`rule`'s allocation, after the errors it relies on were measured (if runs remain)."""
-        while True:
-            chosen = rule(self.options)
-            if chosen is None or not self.measure.measure(self.table.unmeasured(chosen)):
-                return chosen
-            self.options = self.table.options()
-
-    def recipe(self, chosen: Allocation) -> Recipe:
-        labels = {name: self.table.labels[i] for name, i in zip(self.table.names, chosen)}
-        return self.measure.choices.final_recipe(labels, list(self.store.tensors))
-
-    def __call__(self, chosen: Allocation) -> Measured:
-        key = tuple(chosen)
-        if key not in self.tried:
-            recipe = self.recipe(chosen)
-            stream = encode_stream(self.store, recipe, self.measure.options)
-            stored = ((name, loader_form(e)) for name, e in stream) if self.for_loaders \
-                else stream
-            try:
-                result = self.store.write(self.path, stored, options=self.writer)
-            finally:
-                stream.close()
-            probe, error = self.measure.probe, None
-            if probe is not None:
-                error = probe.worst(onnx_runner().Session(self.path).run(probe.feeds))
-            self.tried[key] = Measured(result.file_bytes, error)
-        return self.tried[key]
-
-    def uniform(self) -> list[Allocation]:
-        """Every tensor at the same candidate, for each candidate, smallest first."""
-        count = len(self.table.labels)
-        found = [[i] * len(self.options) for i in range(count)]
-        return sorted(found, key=lambda c: totals(self.options, c)[0])
-
-
-def settle(trial: _Trial, target: Target) -> Outcome:
+def settle(trial: Trial, target: Target) -> Outcome:
     """Allocate, measure and correct until `target` holds (see the module doc)."""
     store = trial.store
     limit = None if target.size is None else target.size.resolve(store.file_bytes)
@@ -250,66 +193,62 @@ def settle(trial: _Trial, target: Target) -> Outcome:
         raise BudgetError(f"{store.path}: the target is met only by the model as it is "
                           f"({measured.file_bytes} bytes): nothing to compress")
     return Outcome(trial.recipe(chosen), labels, target, limit, measured.file_bytes,
-                   measured.error, math.sqrt(totals(trial.options, chosen)[1]), None,
+                   measured.error, measured.bound, math.sqrt(totals(trial.options, chosen)[1]),
+                   None,
                    len(trial.table.measured), trial.table.pairs, len(trial.tried),
                    list(trial.table.notes))
 
 
 def _meets(measured: Measured, target: Target, limit: int | None) -> bool:
+    """Whether a measured model meets the target: its size, and its output error with the
+    margin its inputs' sampling leaves (the bound)."""
     if limit is not None and measured.file_bytes > limit:
         return False
-    return target.error is None or (measured.error is not None and
-                                    measured.error <= target.error)
+    return target.error is None or (measured.bound is not None and
+                                    measured.bound <= target.error)
 
 
-def _fit_size(trial: _Trial, limit: int) -> list[tuple[Allocation, Measured]]:
-    """Allocations for the size `limit`, measured; the byte budget of the chosen tensors is
-    corrected by the other bytes each measured file holds."""
-    options, store = trial.options, trial.store
-    fixed, per_tensor = OVERHEAD_GUESS.get(store.format, (0, 0))
-    rest = store.file_bytes - sum(store.tensors[n].nbytes for n in trial.table.names)
-    other = rest + fixed + per_tensor * len(options)
-    floor = totals(options, smallest(options))[0]
-    if floor + rest > limit:
-        raise BudgetError(_too_small(trial, limit, floor + rest))
+def _fit_size(trial: Trial, limit: int) -> list[tuple[Allocation, Measured]]:
+    """Allocations for the size `limit`, measured; the bytes besides the chosen tensors are
+    fitted to each measured file."""
+    floor = totals(trial.options, smallest(trial.options))[0]
+    if floor + trial.rest > limit:
+        raise BudgetError(_too_small(trial, limit, floor + trial.rest))
     found: list[tuple[Allocation, Measured]] = []
-    seen: list[int] = []
     for _ in range(MAX_PROBES):
-        budget = limit - (max(seen) if seen else other)
-        chosen = trial.allocate(lambda opts: allocate_size(opts, budget))
+        budget = limit - trial.base
+        chosen = trial.allocate(lambda opts: with_label_costs(opts, trial.costs(), size=budget))
         if chosen is None or tuple(chosen) in trial.tried:
             break
-        measured = trial(chosen)
-        found.append((chosen, measured))
-        seen.append(measured.file_bytes - totals(trial.options, chosen)[0])
+        found.append((chosen, trial(chosen)))
     if not any(m.file_bytes <= limit for _, m in found):
-        raise BudgetError(_too_small(trial, limit, floor + max(seen, default=other)))
+        raise BudgetError(_too_small(trial, limit, floor + trial.base))
     return found
 
 
-def _fit_error(trial: _Trial, error: float, limit: int | None
+def _fit_error(trial: Trial, error: float, limit: int | None
                ) -> list[tuple[Allocation, Measured]]:
-    """Allocations for the error target, measured: the error budget follows measured over
-    predicted error, kept inside the bracket of budgets known to meet (good) or miss it."""
+    """Allocations for the error target, measured: the error budget follows measured (the
+    bound) over predicted error, inside the bracket of budgets known to meet (good) or miss
+    (bad) the target."""
     aim = error * ERROR_AIM
     budget, good, bad = aim * aim, 0.0, math.inf
+    target = Target(error=error)
     found: list[tuple[Allocation, Measured]] = []
     for _ in range(MAX_PROBES):
-        chosen = trial.allocate(lambda opts: allocate_error(opts, budget))
+        chosen = trial.allocate(lambda opts: with_label_costs(opts, trial.costs(), err2=budget))
         if tuple(chosen) in trial.tried and found:
             break
         measured = trial(chosen)
         found.append((chosen, measured))
-        predicted = totals(trial.options, chosen)[1]
-        if measured.error is not None and measured.error <= error and (
-                limit is None or measured.file_bytes <= limit):
+        if _meets(measured, target, limit):
             good = max(good, budget)
         else:
             bad = min(bad, budget)
-        if predicted > 0 and measured.error:
-            following = budget * (aim / measured.error) ** 2
-        else:
-            following = budget * 4 if measured.error is not None and measured.error < aim \
+        if totals(trial.options, chosen)[1] > 0 and measured.bound:
+            following = budget * (aim / measured.bound) ** 2
+        else:  # nothing predicted, or nothing measured: step by 4
+            following = budget * 4 if measured.bound is not None and measured.bound < aim \
                 else budget / 4
         if not good < following < bad:
             following = math.sqrt(good * bad) if good > 0 and bad < math.inf else (
@@ -317,22 +256,21 @@ def _fit_error(trial: _Trial, error: float, limit: int | None
         if bad < math.inf and good > 0 and bad / good < 1.05:
             break
         budget = following
-    if not any(m.error is not None and m.error <= error for _, m in found):
+    if not any(_meets(m, target, None) for _, m in found):
         best = [min(range(len(o)), key=lambda i: (o[i].err2, o[i].nbytes)) for o in trial.options]
         found.append((best, trial(best)))
     return found
 
 
-def _uniform(trial: _Trial, target: Target, limit: int | None,
+def _uniform(trial: Trial, target: Target, limit: int | None,
              found: list[tuple[Allocation, Measured]]) -> list[tuple[Allocation, Measured]]:
     """The uniform allocations that could beat what the search found, measured: for a size,
     the largest that fits it; for an error, each smaller than the best model found, largest
     first, while they meet it. The search never returns worse than one candidate for all."""
     best = [m for _, m in found if _meets(m, target, limit)]
     checked: list[tuple[Allocation, Measured]] = []
-    other = max((m.file_bytes - totals(trial.options, c)[0] for c, m in found), default=0)
     for chosen in reversed(trial.uniform()):
-        size = totals(trial.options, chosen)[0] + other
+        size = trial.estimate(chosen)
         if limit is not None and size > limit:
             continue
         if target.error is not None and best and size >= min(m.file_bytes for m in best):
@@ -347,7 +285,7 @@ def _uniform(trial: _Trial, target: Target, limit: int | None,
     return checked
 
 
-def _too_small(trial: _Trial, limit: int, least: int) -> str:
+def _too_small(trial: Trial, limit: int, least: int) -> str:
     table = trial.table
     labels = {table.labels[i] for i in smallest(trial.options)}
     return (f"--target-size {limit} bytes is below the smallest model the candidates make "
@@ -355,7 +293,7 @@ def _too_small(trial: _Trial, limit: int, least: int) -> str:
             "a larger target or allow fewer bits (--bits 2-8)")
 
 
-def _missed(trial: _Trial, target: Target, limit: int | None,
+def _missed(trial: Trial, target: Target, limit: int | None,
             found: list[tuple[Allocation, Measured]]) -> str:
     """One line: which target was missed and the closest model the search measured."""
     def worst(m: Measured) -> float:
