@@ -8,7 +8,6 @@ writes (or `--print-recipe` prints) and the notes of its report.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +27,7 @@ from modelpress.formats.safetensors.sharded import parse_size
 
 from modelpress.cli.batch import is_batch
 from modelpress.cli.common import Failure, RecipeUsageError
+from modelpress.cli.evaluation import AccuracyValue, FiniteFloatRange
 
 TARGET_PARAMS = ("target_size", "target_error")
 # click's context.meta key under which each quantize stage of the command line records the
@@ -45,26 +45,15 @@ class TargetSize(click.ParamType):
         if isinstance(value, SizeTarget):
             return value
         text = str(value).strip()
+        if text.endswith("%") or (_NUMBER.match(text) and ("." in text or float(text) < 1)):
+            fraction = AccuracyValue().convert(text, param, ctx)
+            if fraction > 0:
+                return SizeTarget(fraction=fraction)
+            self.fail(f"{value!r}: a size target must be more than 0", param, ctx)
         try:
-            if text.endswith("%"):
-                return SizeTarget(fraction=float(text[:-1]) / 100)
-            if _NUMBER.match(text) and ("." in text or float(text) < 1):
-                return SizeTarget(fraction=float(text))
             return SizeTarget(nbytes=parse_size(text))
         except ValueError as exc:
-            reason = str(exc) if "fraction" in str(exc) else "not a size"
-            self.fail(f"{value!r}: {reason}; give a size (500kB, 2MiB, 1000000 bytes) or a "
-                      "fraction of the input (0.2 or 20%)", param, ctx)
-
-
-class PositiveError(click.FloatRange):
-    """An output error above 0, finite."""
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+            self.fail(f"{exc}, or a fraction of the input (0.2 or 20%)", param, ctx)
 
 
 class Widths(click.ParamType):
@@ -92,7 +81,7 @@ def target_options(command: Callable) -> Callable:
                           "this file size: bytes with a unit (500kB, 2MiB) or a fraction of "
                           "the input (0.2 or 20%). ONNX runs use --calibration (or --inputs) "
                           "to measure each tensor's effect on the outputs."),
-        click.option("--target-error", type=PositiveError(0, min_open=True), metavar="E",
+        click.option("--target-error", type=FiniteFloatRange(0, min_open=True), metavar="E",
                      help="Choose each tensor's precision for the smallest file whose worst "
                           "output relative error on --calibration FILE.npz (or --inputs) is at "
                           "most E (ONNX). With --target-size too, both must hold."),

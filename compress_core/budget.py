@@ -153,25 +153,30 @@ def allocate_size(options: Sequence[Sequence[Option]], budget: int) -> Allocatio
             continue
         used += added
         chosen[t] = new
-    return _fill(options, chosen, budget - used)
+    return _improve(options, chosen, budget - used, spend=True)
 
 
-def _fill(options: Sequence[Sequence[Option]], chosen: Allocation, left: int) -> Allocation:
-    """Spend the bytes left on the single changes that remove the most error and fit."""
+def _improve(options: Sequence[Sequence[Option]], chosen: Allocation, room: float,
+             spend: bool) -> Allocation:
+    """Single changes, the best first, while `room` lasts. spend: add bytes (room: bytes)
+    for the most error removed; else give back the most bytes for error added (room: the
+    error budget's slack)."""
     while True:
         best = None
         for t, opts in enumerate(options):
             now = opts[chosen[t]]
             for i, opt in enumerate(opts):
-                added = opt.nbytes - now.nbytes
-                gain = now.err2 - opt.err2
-                if gain > 0 and added <= left and (best is None or gain > best[0]):
-                    best = (gain, t, i, added)
+                if spend:
+                    worth, cost = now.err2 - opt.err2, opt.nbytes - now.nbytes
+                else:
+                    worth, cost = now.nbytes - opt.nbytes, opt.err2 - now.err2
+                if worth > 0 and cost <= room and (best is None or worth > best[0]):
+                    best = (worth, t, i, cost)
         if best is None:
             return chosen
-        _, t, i, added = best
+        _, t, i, cost = best
         chosen[t] = i
-        left -= added
+        room -= cost
 
 
 def allocate_error(options: Sequence[Sequence[Option]], err2_budget: float) -> Allocation:
@@ -187,25 +192,7 @@ def allocate_error(options: Sequence[Sequence[Option]], err2_budget: float) -> A
     if err2 > err2_budget:
         return [min(range(len(opts)), key=lambda i: (opts[i].err2, opts[i].nbytes, i))
                 for opts in options]
-    return _trim(options, chosen, err2_budget - err2)
-
-
-def _trim(options: Sequence[Sequence[Option]], chosen: Allocation, slack: float) -> Allocation:
-    """Give back the most bytes by single changes whose added error fits in `slack`."""
-    while True:
-        best = None
-        for t, opts in enumerate(options):
-            now = opts[chosen[t]]
-            for i, opt in enumerate(opts):
-                saved = now.nbytes - opt.nbytes
-                added = opt.err2 - now.err2
-                if saved > 0 and added <= slack and (best is None or saved > best[0]):
-                    best = (saved, t, i, added)
-        if best is None:
-            return chosen
-        _, t, i, added = best
-        chosen[t] = i
-        slack -= max(added, 0.0)
+    return _improve(options, chosen, err2_budget - err2, spend=False)
 
 
 # Labels an allocation may use at most, beside the unrestricted one, when each label costs
