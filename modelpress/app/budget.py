@@ -1,6 +1,6 @@
 """Budgeted compression: choose each tensor's precision so that the output meets a target.
 
-`search` finds the recipe; the run then writes it like any other
+`search_target` finds the recipe; the run then writes it like any other
 (`modelpress.app.api.compress`), and `--print-recipe` prints it instead: it
 names every tensor's candidate, so it reruns without a search and writes the
 same bytes.
@@ -9,15 +9,16 @@ same bytes.
    stage selects are encoded and measured (modelpress.app.sensitivity).
 2. The allocation (modelpress.core.budget) picks one candidate per tensor.
 3. The model it makes is written to a scratch folder beside the output and
-   measured: its size on disk, and, with inputs, its worst output error on
+   measured (modelpress.app.trial): its size on disk, and, with inputs, its
+   worst output error on them with that error's bound over resamples of
    them. A size target then corrects its byte budget by what the file holds
    besides those tensors (graph, decode nodes, metadata); an error target
    rescales its error budget by measured over predicted error, within the
-   bracket of budgets known to meet or miss it. Up to MAX_PROBES models are
-   measured; the smallest that meets every target wins, or BudgetError says
-   what was reached.
+   bracket of budgets known to meet or miss it. The uniform settings that
+   could do better are measured beside them. Of the (at most MAX_PROBES + a
+   few) models measured, the best that meets every target wins, or
+   BudgetError says what the closest one reached.
 """
-
 from __future__ import annotations
 
 import math

@@ -6,24 +6,28 @@ run uses (so calibration statistics, compensation and fixed stages apply as
 they will): the stored bytes are exact. Its error is estimated three ways,
 best first:
 
-- measured: the model's outputs on the search's inputs with only that tensor
-  replaced by its decoded candidate (`OutputProbe`, one onnxruntime session
-  whose weights are inputs), as the squared relative error of each output,
-  summed over outputs;
+- measured: the model run on the search's inputs with only that tensor
+  replaced by its decoded candidate (`OutputProbe`: one onnxruntime session
+  whose weights are inputs), as the squared relative error of each signal,
+  summed: an output, or the logits before a final softmax
+  (modelpress.formats.onnx.run.signals);
 - scaled proxy: the weight error weighted by each input channel's energy
   (calibration statistics where they exist, else the plain weight error),
-  times this tensor's measured ratio of output error to proxy at the nearest
-  measured width (interpolated in log between widths; for a tensor measured
-  at no width, the median ratio of the others at that candidate);
+  times this tensor's measured ratio of output error to proxy (between two
+  measured widths interpolated in log; beyond them, the nearest one's ratio
+  times how the ratio changes between those widths on the tensors measured
+  at both; for a tensor measured at no width, the median of the others);
 - proxy alone (nothing measured: safetensors, or no inputs to run).
 
-Runs are planned within SENSITIVITY_SECONDS of measured run time: the
-candidates of MEASURE_ORDER first (4 bits, then 2 and 3 bits, where the
-error departs most from the proxy, then the others), each over the tensors
-largest first. On magika 1.0.3 (3 weights, 16 calibration samples) that is
-every candidate; on open_nsfw (52 weights) most of them.
+Runs are planned within SENSITIVITY_SECONDS of measured run time:
+SWEEP_SHARE of it on the candidates of MEASURE_ORDER (4 bits first, then 2
+and 3 bits, where the error departs most from the proxy, then the others),
+each over the tensors largest first; the rest on the candidates allocations
+choose that are not measured yet (`Sensitivity.measure`). Measured on this
+2-core machine: magika 1.0.3 (3 weights, 16 calibration strings) gets every
+candidate measured; open_nsfw (52 weights, 4 images) 77 to 131 of 416,
+depending on the load.
 """
-
 from __future__ import annotations
 
 import dataclasses
