@@ -20,7 +20,7 @@ from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODE
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
 from modelpress.formats.safetensors.options import SafetensorsWriteOptions
 
-from modelpress.cli import evaluation
+from modelpress.cli import budget, evaluation
 from modelpress.cli.batch import BATCH_ONLY, is_batch, run_batch_command, shard_option
 from modelpress.cli.chain import StageChain
 from modelpress.cli.common import (PATH_OR_URL, Failure, RecipeUsageError, check_extra_outputs,
@@ -116,6 +116,7 @@ from modelpress.cli.terminal import consoles, progress
 @click.option("--strict", is_flag=True,
               help="Stop (exit 2) when an --include or --exclude pattern matches no tensor "
                    "of a model, instead of warning.")
+@budget.target_options
 @evaluation.input_options
 @evaluation.threshold_options
 def compress(**_: Any) -> None:
@@ -152,6 +153,13 @@ def compress(**_: Any) -> None:
       modelpress compress m.onnx -o out.onnx --calibration calib.npz --inputs eval.npz \
           quantize --bits 4 --method gptq
       modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
+      modelpress compress cnn.onnx -o out.onnx --target-size 20% --calibration calib.npz
+      modelpress compress cnn.onnx -o o.onnx --target-error 0.02 --calibration c.npz quantize --bits 3-8
+
+    \b
+    A target chooses each tensor's precision: a quantize --bits width (a range
+    A-B, default 2-8; quantize is added if not given), fp16 or as it is; other
+    stages stay as given. --print-recipe prints the choice as a recipe.
 
     \b
     ONNX models are run before and after in onnxruntime (CPU) on the same inputs:
@@ -192,18 +200,22 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   max_shard_size: int | None, threads: int | None, external_data: str,
                   onnx_target: str, onnx_int4: str, onnx_int8: str, accuracy_level: int,
                   calibration: Path | None, strict: bool, **extra: Any) -> None:
+    target = budget.target_from(evaluation.pop(extra, budget.TARGET_PARAMS))
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
     batch_flags = extra
-    recipe = _recipe(stages, recipe_file)
+    recipe = _recipe(stages, recipe_file, allow_none=target is not None)
     options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                       threads=threads, strict=strict)
     onnx_options = OnnxWriteOptions(external_data, OnnxTarget(onnx_target, onnx_int4,
                                                               accuracy_level, onnx_int8))
     safetensors_options = SafetensorsWriteOptions(max_shard_size)
+    search = budget.searcher(target, model, output, recipe, recipe_file, calibration,
+                             eval_values, options, (onnx_options, safetensors_options))
     if print_recipe:
-        click.echo(recipe.to_yaml(), nl=False)
+        click.echo(recipe.to_yaml() if search is None else budget.recipe_text(
+            search(None), calibration), nl=False)
         return
     if output is None:
         raise click.UsageError("missing option '-o' / '--output'")
@@ -221,11 +233,15 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         if single:
             raise click.UsageError(f"{single[0]} applies to one model at a time; batch mode "
                                    "reports weight errors and does not run the models")
-        failure = run_batch_command(model, output, recipe, options, batch_flags, report_path,
-                                    fmt, quiet, onnx_options=onnx_options,
+        found = None if search is None else search(None)  # one model directory
+        failure = run_batch_command(model, output, found.recipe if found else recipe, options,
+                                    batch_flags, report_path, fmt, quiet,
+                                    onnx_options=onnx_options,
                                     safetensors_options=safetensors_options)
         if failure:
             raise Failure(failure)
+        if found and not quiet:
+            click.echo("\n".join(f"note: {line}" for line in budget.summary(found)))
         return
     given = [f"--{k.replace('_', '-')}" for k in BATCH_ONLY if batch_flags.get(k)]
     if given:
@@ -244,6 +260,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         baseline = evaluation.prepare(model[0], settings)
         if bar is not None:
             bar.start()
+        found = None if search is None else search(update)
+        recipe = recipe if found is None else found.recipe
         report = api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
                               safetensors_options=safetensors_options,
                               calibration=None if calibration is None else str(calibration))
@@ -256,6 +274,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     finally:
         if bar is not None:
             bar.stop()
+    if found is not None:
+        budget.attach(report, found)
     try:
         # The sha256 digests appear only in JSON (--report, --format json).
         evaluation.finish(report, baseline, limits,
@@ -301,7 +321,7 @@ _SINGLE_ONLY = {"inputs_path": "--inputs", "labels_path": "--labels", "dims": "-
                 "input_ranges": "--input-range", "max_input_bytes": "--max-input-size"}
 
 
-def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
+def _recipe(stages: list[Any], recipe_file: Path | None, allow_none: bool = False) -> Recipe:
     if recipe_file is not None and stages:
         raise click.UsageError("give stages on the command line or --recipe FILE, not both")
     if recipe_file is not None:
@@ -311,7 +331,7 @@ def _recipe(stages: list[Any], recipe_file: Path | None) -> Recipe:
             raise RecipeUsageError(str(exc)) from None
         _check_order(recipe)
         return recipe
-    if not stages:
+    if not stages and not allow_none:  # a target adds a quantize stage
         raise click.UsageError("no stages given; add one, e.g. `quantize --bits 8`, "
                                "or use --recipe FILE")
     recipe = Recipe(stages)

@@ -12,10 +12,17 @@ from modelpress.core.errors import RecipeError
 from modelpress.core.registry import REGISTRY
 from modelpress.core.stage import SELECTION, Stage, cli_name, option_type
 
+from modelpress.cli.budget import Widths, record_widths
+
+# Stage options that take a range of values to choose from with a target (cli.budget).
+RANGED = {"quantize": "bits"}
+
 
 def stage_command(klass: type[Stage]) -> click.Command:
     """A click command that parses one stage's options and returns the Stage."""
     def callback(**values: Any) -> Stage:
+        if klass.id in RANGED:
+            values[RANGED[klass.id]] = record_widths(values[RANGED[klass.id]])
         given = {k: v for k, v in values.items() if v is not None and v != ()}
         try:
             return klass(**given)
@@ -51,6 +58,10 @@ def _option(klass: type[Stage], f: dataclasses.Field) -> click.Option:
         else:
             extra["type"] = base
     help_text = meta.get("help", "")
+    if RANGED.get(klass.id) == f.name:
+        extra["type"] = Widths()
+        help_text += ("; with --target-size or --target-error, the widths each tensor's is "
+                      "chosen from: one, or a range A-B such as 4-8 (2-8 when not given)")
     if default not in (None, ()) and "[default" not in help_text:
         help_text += f" [default: {default}]"
     return click.Option([cli_name(f.name), f.name], default=None, help=help_text,

@@ -58,6 +58,8 @@ class Report:
     output_sha256: str | None = None
     # The recipe as applied: each option resolved, or by tensor where tensors differ.
     applied: dict[str, Any] | None = None
+    # A --target-size/--target-error search's outcome (modelpress.app.budget.Outcome.as_dict).
+    budget: dict[str, Any] | None = None
 
     @property
     def failed_checks(self) -> list[ThresholdResult]:
@@ -97,6 +99,7 @@ class Report:
                            "passed": not self.failed_checks},
             "versions": dict(self.versions),
             "input_sha256": self.input_sha256, "output_sha256": self.output_sha256,
+            **({} if self.budget is None else {"budget": self.budget}),
         }
 
 

@@ -15,6 +15,14 @@ and a side-by-side sweep::
     for row in modelpress.sweep("model.onnx").rows:
         print(row.name, row.ratio, row.output_error, row.on_front)
 
+A size or error target (`compress --target-size/--target-error`): the search
+returns the recipe that meets it, which `compress` then writes::
+
+    target = modelpress.Target(size=modelpress.SizeTarget(fraction=0.2))
+    found = modelpress.search_target("model.onnx", "small.onnx", None, target,
+                                     inputs="calib.npz", calibration=True)
+    modelpress.compress("model.onnx", "small.onnx", found.recipe, calibration="calib.npz")
+
 The folders of the repository map to subpackages: `compress_core/` is
 `modelpress.core` (stages, the encoded tree, recipe, pipeline, metrics; no file
 I/O), `formats/` is `modelpress.formats` (ONNX and safetensors readers and
@@ -34,6 +42,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compress": "modelpress.app.api", "decompress": "modelpress.app.api",
     "inspect": "modelpress.app.api",
+    "search_target": "modelpress.app.budget", "Outcome": "modelpress.app.budget",
+    "Target": "modelpress.core.budget", "SizeTarget": "modelpress.core.budget",
+    "BudgetError": "modelpress.core.budget",
     "EvalSettings": "modelpress.app.evaluation", "evaluate": "modelpress.app.evaluation",
     "DEFAULT_SETTINGS": "modelpress.app.sweep", "Setting": "modelpress.app.sweep",
     "SweepReport": "modelpress.app.sweep", "sweep": "modelpress.app.sweep",

@@ -1,4 +1,5 @@
-"""Running ONNX models in onnxruntime (CPU): input feeds, sessions, timed runs.
+"""Running ONNX models in onnxruntime (CPU): input feeds, sessions, timed runs, and runs
+with some weights replaced (`VariantRunner`, for budgeted compression).
 
 onnxruntime is an optional dependency, imported only inside the functions that
 run a model, so `modelpress --help` and `inspect` never load it.
@@ -22,6 +23,7 @@ from modelpress.formats.onnx.feeds import (MAX_INPUT_BYTES, first_line, listed_s
                                            load_labels, megabytes)
 from modelpress.formats.onnx.dims import (Feeds, InputSpec, graph_dims, input_specs, made_up_hint,
                                           resolve_dims)
+from modelpress.formats.onnx.tensors import inline_tensor
 
 INSTALL_HINT = "pip install 'modelpress[run]'"
 # Integer inputs that feed no Gather get this range unless --input-range says otherwise.
@@ -155,11 +157,13 @@ class Session:
         self.path = Path(path)
         self.output_names = [o.name for o in self._session.get_outputs()]
 
-    def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        """Every output by name; large inputs run in slices of samples (see CHUNK_BYTES)."""
+    def run(self, feeds: Feeds, fixed: Feeds | None = None) -> dict[str, np.ndarray]:
+        """Every output by name; large inputs run in slices of samples (see CHUNK_BYTES).
+        `fixed`: more inputs given whole to every slice (weights made inputs)."""
         slices = _sample_slices(feeds)
+        fixed = fixed or {}
         if slices is not None:
-            parts = [self._run({name: array[s] for name, array in feeds.items()})
+            parts = [self._run({**{name: array[s] for name, array in feeds.items()}, **fixed})
                      for s in slices]
             counts = [s.stop - s.start for s in slices]
             if all(v.ndim and v.shape[0] == n for part, n in zip(parts, counts)
@@ -167,7 +171,7 @@ class Session:
                 return {name: np.concatenate([part[name] for part in parts])
                         for name in self.output_names}
             # Some output does not follow the samples (e.g. a reduction): run whole.
-        return self._run(feeds)
+        return self._run({**feeds, **fixed})
 
     def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         try:
@@ -263,7 +267,105 @@ def describe_feeds(feeds: Feeds) -> dict[str, Any]:
     return {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in feeds.items()}
 
 
+# Runs with some weights replaced (modelpress.app.sensitivity measures how much each
+# candidate encoding of each weight changes the outputs). Writing and loading a model per
+# candidate would cost far more than running it, so the weights are made graph inputs of
+# one copy of the model and each run feeds the original arrays with the measured one
+# swapped. onnxruntime cannot fold or prepack such weights at load: measured with
+# onnxruntime 1.32 on 2 cores, runs of magika and open_nsfw took 1.1-1.3x the original's
+# (interleaved), and outputs matched the original's to a relative 4e-7.
+VARIANTS_FILE = "weights-as-inputs.onnx"
+
+
+# Ops that squash an output into probabilities: per-weight errors are measured before them.
+_NORMALIZING = {"Softmax", "LogSoftmax", "Sigmoid"}
+
+
+def signals(model: onnx.ModelProto) -> dict[str, str]:
+    """For each graph output, the value per-weight errors are measured on: the input of a
+    final Softmax, LogSoftmax or Sigmoid, or of the Exp of a final Div (a softmax written
+    out), else the output itself. Near 0 or 1, a probability moves little and in ways that
+    cancel between weights, so that the errors of different weights do not add up there,
+    and a few samples tell little; the logits before it do."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found = {}
+    for output in model.graph.output:
+        node, name = producers.get(output.name), output.name
+        if node is not None and node.domain in ("", "ai.onnx") and node.input:
+            if node.op_type in _NORMALIZING:
+                name = node.input[0]
+            elif node.op_type == "Div":
+                exp = producers.get(node.input[0])
+                if exp is not None and exp.op_type == "Exp" and exp.input:
+                    name = exp.input[0]
+        found[output.name] = name
+    return found
+
+
+def weights_as_inputs(path: Path, names: set[str], dst: Path) -> tuple[list[str], dict[str, str]]:
+    """Write to `dst` a copy of the model at `path` (external data read in) whose main-graph
+    initializers among `names` are graph inputs instead, and whose `signals` are outputs
+    too; the names made inputs (graph order) and the signals. Weights elsewhere (Constant
+    nodes, subgraphs) stay as they are."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
+    graph = model.graph
+    found = signals(model)
+    outputs = {value.name for value in graph.output}
+    for name in dict.fromkeys(found.values()):
+        if name not in outputs:
+            graph.output.append(onnx.ValueInfoProto(name=name))
+    listed = {value.name for value in graph.input}
+    kept, moved = [], []
+    for tensor in graph.initializer:
+        if tensor.name in names:
+            moved.append(tensor)
+        else:
+            kept.append(inline_tensor(path, tensor))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for tensor in moved:
+        if tensor.name not in listed:  # IR < 4 models also list initializers as inputs
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+    try:
+        onnx.save_model(model, str(dst))
+    except (ValueError, OSError) as exc:  # protobuf's 2 GB limit, a full disk
+        raise ModelRunError(f"{path}: cannot prepare the model for per-weight runs "
+                            f"({first_line(exc)})") from None
+    return [t.name for t in moved], found
+
+
+class VariantRunner:
+    """The model with its weights `weights` (name -> original array) fed as inputs, run
+    on `feeds`; `outputs(replaced)` runs it with some of them swapped. Its outputs include
+    `signals` (output name -> the value its per-weight errors are measured on)."""
+
+    def __init__(self, path: Path, weights: Mapping[str, np.ndarray], feeds: Feeds,
+                 workdir: Path) -> None:
+        dst = Path(workdir) / VARIANTS_FILE
+        made, self.signals = weights_as_inputs(Path(path), set(weights), dst)
+        self.names = made
+        self.weights = {name: np.ascontiguousarray(weights[name]) for name in made}
+        self.feeds = feeds
+        self._session = Session(dst)
+        dst.unlink()
+
+    def outputs(self, replaced: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Every output, with the weights in `replaced` (name -> array of the original's
+        shape and dtype) instead of the originals."""
+        fixed = dict(self.weights)
+        for name, array in (replaced or {}).items():
+            original = fixed[name]
+            fixed[name] = np.ascontiguousarray(array, dtype=original.dtype).reshape(
+                original.shape)
+        return self._session.run(self.feeds, fixed)
+
+
 __all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "first_line", "gather_ranges", "input_specs",
            "interleaved_times", "load_graph", "load_inputs", "load_labels", "made_up_hint",
            "median_ms", "quartiles_ms", "graph_dims",
-           "MAX_INPUT_BYTES", "onnxruntime_available", "random_inputs", "resolve_dims"]
+           "MAX_INPUT_BYTES", "onnxruntime_available", "random_inputs", "resolve_dims",
+           "VariantRunner", "signals", "weights_as_inputs"]

@@ -191,3 +191,8 @@ def _onnx_run() -> Any:
     # onnx and onnxruntime (about 1 s to import): only when an ONNX model is run
     from modelpress.formats.onnx import run
     return run
+
+
+def onnx_runner() -> Any:
+    """modelpress.formats.onnx.run (it imports onnx), for the application's other modules."""
+    return _onnx_run()

@@ -1,0 +1,182 @@
+"""What a budgeted run may choose for each tensor, and the recipe its choice becomes.
+
+With a target, the recipe's quantize stage (a default one is added after the
+other stages when there is none) is the choice: each tensor it selects gets
+one candidate, either that stage at one of its bit widths (every other option
+as given, so each width has its default layout, and embeddings and heads at
+the chosen width too: `all_layers`), float16 (`cast --dtype fp16`), or kept as
+it is (the stage left out for that tensor). Every other stage of the recipe
+stays fixed and applies as it would without a target: stages before the
+quantize stage (prune, lowrank) shape what each candidate encodes, stages
+after it apply to the chosen encoding. cast and cluster stages also choose
+how weights are stored, so a target refuses them, as it refuses a second
+quantize stage (the one stage that is chosen) and --backup-bits (the search
+sets each tensor's width).
+
+The choice is written back as a recipe with one stage per candidate used,
+whose `include` names its tensors exactly (glob metacharacters escaped), in
+the place of the quantize stage: a recipe that reruns without any search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from modelpress.core.cast import Cast
+from modelpress.core.errors import RecipeError
+from modelpress.core.quantize.stage import Quantize
+from modelpress.core.recipe import Recipe
+from modelpress.core.stage import Stage
+from modelpress.core.tensorinfo import TensorInfo
+
+DEFAULT_WIDTHS = tuple(range(2, 9))
+KEPT = "kept"
+FLOAT16 = "fp16"
+# Stages that choose how weights are stored, as the search does.
+_CHOOSING = ("cast", "cluster")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a tensor: a label (int4, fp16, kept) and the stage that makes it
+    (None: kept as it is)."""
+
+    label: str
+    stage: Stage | None
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A recipe split around its quantize stage, and the candidates that stage may become."""
+
+    recipe: Recipe
+    position: int
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def chooser(self) -> Stage:
+        """The quantize stage whose tensors get a choice."""
+        return self.recipe.stages[self.position]
+
+    def recipe_for(self, candidate: Candidate) -> Recipe:
+        """The recipe that gives every chosen tensor this candidate."""
+        stages = list(self.recipe.stages)
+        if candidate.stage is None:
+            del stages[self.position]
+        else:
+            stages[self.position] = candidate.stage
+        return Recipe(stages)
+
+    def final_recipe(self, chosen: Mapping[str, str], order: Sequence[str]) -> Recipe:
+        """The recipe that applies the chosen label (by tensor) without a search: one stage
+        per candidate used, naming its tensors exactly, in file `order`."""
+        stages: list[Stage] = []
+        for candidate in self.candidates:
+            names = [n for n in order if chosen.get(n) == candidate.label]
+            if candidate.stage is None or not names:
+                continue
+            stages.append(dataclasses.replace(
+                candidate.stage, include=tuple(escape_glob(n) for n in names), exclude=()))
+        given = list(self.recipe.stages)
+        return Recipe(given[:self.position] + stages + given[self.position + 1:])
+
+
+def choices_for(recipe: Recipe | None, widths: Sequence[int] | None,
+                float16: bool = True) -> Choices:
+    """The candidates of a budgeted run of `recipe` (None: just the default quantize stage).
+
+    `widths`: the bit widths to choose from (None: the quantize stage's own
+    --bits, or 2-8 without a quantize stage); `float16`: whether fp16 is a
+    candidate. RecipeError for a recipe a target cannot take.
+    """
+    stages = list(recipe.stages) if recipe is not None else []
+    for stage in stages:
+        if stage.id in _CHOOSING:
+            raise RecipeError(f"a target chooses how each tensor is stored; drop the {stage.id} "
+                              "stage (fp16 and the quantize widths are its candidates)")
+    found = [i for i, s in enumerate(stages) if isinstance(s, Quantize)]
+    if len(found) > 1:
+        raise RecipeError("a target chooses each tensor's bits in one quantize stage; give one "
+                          "(with --bits A-B for the widths to choose from)")
+    if found:
+        position = found[0]
+        given: Quantize = stages[position]
+        if given.backup_bits is not None:
+            raise RecipeError("quantize: --backup-bits has no effect with a target: the search "
+                              "chooses each tensor's bits (drop it)")
+    else:
+        position = len(stages)
+        given = Quantize()
+        stages.append(given)
+    if widths is None:
+        widths = (given.bits,) if found else DEFAULT_WIDTHS
+    candidates = []
+    for bits in sorted(set(widths)):
+        try:
+            stage = dataclasses.replace(given, bits=bits, all_layers=True)
+        except RecipeError as exc:
+            raise RecipeError(f"{exc} (at width {bits} of the widths to choose from; narrow "
+                              "them with --bits A-B)") from None
+        candidates.append(Candidate(f"int{bits}", stage))
+    if float16:
+        candidates.append(Candidate(FLOAT16, Cast(dtype="fp16", include=given.include,
+                                                  exclude=given.exclude,
+                                                  take_all_named=given.take_all_named)))
+    candidates.append(Candidate(KEPT, None))
+    return Choices(Recipe(stages), position, tuple(candidates))
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """Bit widths from 'N' or 'A-B' (2 <= A <= B <= 8); ValueError otherwise."""
+    low, dash, high = str(text).strip().partition("-")
+    try:
+        a, b = int(low), int(high) if dash else int(low)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a width or a range of widths such as 4 or "
+                         "2-8") from None
+    if not 2 <= a <= b <= 8:
+        raise ValueError(f"{text!r}: widths are 2 to 8 bits, low to high (such as 2-8 or 4-8)")
+    return tuple(range(a, b + 1))
+
+
+def escape_glob(name: str) -> str:
+    """A glob that matches exactly `name`: *, ? and [ each inside a set of its own."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def squared_error(reference: np.ndarray, approx: np.ndarray, info: TensorInfo) -> float:
+    """The squared relative error a layer's output gets from using `approx` for its weight
+    `reference`: weighted by each input channel's energy (mean^2 + variance over the
+    calibration data) where `info.input_stats` has them, else the plain weight error."""
+    ref = np.asarray(reference, dtype=np.float32)
+    diff = np.asarray(approx, dtype=np.float32) - ref
+    energy = _input_energy(info, ref.shape)
+    if energy is None:
+        num, den = float(np.vdot(diff, diff)), float(np.vdot(ref, ref))
+    else:
+        num = float((np.square(diff) * energy).sum(dtype=np.float64))
+        den = float((np.square(ref) * energy).sum(dtype=np.float64))
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
+    return num / den
+
+
+def _input_energy(info: TensorInfo, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Each input's energy, shaped to broadcast against the weight, or None."""
+    stats = info.input_stats
+    if stats is None or not shape:
+        return None
+    energy = (np.maximum(stats.var, 0) + np.square(stats.mean)).astype(np.float32)
+    axis = info.block_axis
+    if axis is not None and energy.size == shape[axis]:
+        view = [1] * len(shape)
+        view[axis] = energy.size
+        return energy.reshape(view)
+    channel = info.channel_axis
+    if channel == 0 and len(shape) > 2 and energy.size == int(np.prod(shape[1:])):
+        return energy.reshape((1,) + tuple(shape[1:]))  # im2col order: (C, kh, kw)
+    return None

@@ -1,0 +1,120 @@
+"""One trial of a budgeted run: allocate, write the model it makes, and measure it.
+
+`Trial` holds what the search knows (modelpress.app.sensitivity's table of
+candidates), allocates with it (measuring first the errors an allocation
+relies on that are not measured yet, while the run budget lasts), writes an
+allocation's model to the scratch folder through the same pipeline and writer
+as the final run, and measures its size on disk and its output error. What a
+file holds besides the chosen tensors' bytes is fitted to the models measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from modelpress.core.budget import Allocation, Option, totals
+from modelpress.core.pipeline import encode_stream
+from modelpress.core.recipe import Recipe
+from modelpress.core.store import WriteOptions
+from modelpress.formats.safetensors.ct_config import loader_form
+
+from modelpress.app.evaluation import onnx_runner
+from modelpress.app.sensitivity import Sensitivity
+
+# What an output holds besides the chosen tensors' bytes, first guess: a base (graph nodes,
+# metadata: bytes, plus bytes per chosen tensor), and in ONNX about 3 kB per quantized layout
+# used, the function that decodes it (measured on the sample transformer: 8.3 kB besides
+# the tensors with int4 alone, 11.4 kB with int4 and int5, 14.3 kB with int4 to int6).
+# Measured models replace the guess: base and per-layout bytes are fitted to them.
+BASE_GUESS = {"onnx": (4096, 512), "safetensors": (0, 256)}
+FORM_GUESS = {"onnx": 3000}
+
+
+@dataclass
+class Measured:
+    """One model tried: its file size, and its worst output error on the search's inputs with
+    that error's bound over resamples of those inputs (`OutputProbe.errors`)."""
+
+    file_bytes: int
+    error: float | None = None
+    bound: float | None = None
+
+
+class Trial:
+    """Allocates (measuring the errors an allocation relies on first, while runs are left),
+    writes an allocation's model to the scratch folder and measures it."""
+
+    def __init__(self, measure: Sensitivity, writer: WriteOptions | None, path: Path,
+                 for_loaders: bool = False) -> None:
+        self.measure, self.table, self.store = measure, measure.table, measure.store
+        self.writer, self.path, self.for_loaders = writer, path, for_loaders
+        self.options = self.table.options()
+        self.tried: dict[tuple[int, ...], Measured] = {}
+        fixed, per_tensor = BASE_GUESS.get(self.store.format, (0, 0))
+        self.rest = self.store.file_bytes - sum(self.store.tensors[n].nbytes
+                                                for n in self.table.names)
+        self.base = self.rest + fixed + per_tensor * len(self.table.names)
+        self.form_bytes = FORM_GUESS.get(self.store.format, 0)
+        self.forms = {c.label for c in measure.choices.candidates
+                      if c.stage is not None and c.stage.id == "quantize"}
+        self.seen: list[tuple[int, int]] = []   # (layouts used, bytes besides the tensors)
+
+    def costs(self) -> dict[str, int]:
+        """The bytes each candidate label costs once, when an allocation uses it."""
+        return {label: self.form_bytes for label in self.forms}
+
+    def _learn(self, chosen: Allocation, file_bytes: int) -> None:
+        """Fit the base and per-layout bytes to what the measured files hold."""
+        forms = len({self.table.labels[i] for i in chosen} & self.forms)
+        self.seen.append((forms, file_bytes - totals(self.options, chosen)[0]))
+        if len({f for f, _ in self.seen}) > 1:
+            xs, ys = zip(*self.seen)
+            self.form_bytes = max(0, int(round(float(np.polyfit(xs, ys, 1)[0]))))
+        self.base = max(other - self.form_bytes * f for f, other in self.seen)
+
+    def allocate(self, rule: Callable[[list[list[Option]]], Allocation | None]
+                 ) -> Allocation | None:
+        """`rule`'s allocation, after the errors it relies on were measured (if runs remain)."""
+        while True:
+            chosen = rule(self.options)
+            if chosen is None or not self.measure.measure(self.table.unmeasured(chosen)):
+                return chosen
+            self.options = self.table.options()
+
+    def recipe(self, chosen: Allocation) -> Recipe:
+        labels = {name: self.table.labels[i] for name, i in zip(self.table.names, chosen)}
+        return self.measure.choices.final_recipe(labels, list(self.store.tensors))
+
+    def __call__(self, chosen: Allocation) -> Measured:
+        key = tuple(chosen)
+        if key not in self.tried:
+            recipe = self.recipe(chosen)
+            stream = encode_stream(self.store, recipe, self.measure.options)
+            stored = ((name, loader_form(e)) for name, e in stream) if self.for_loaders \
+                else stream
+            try:
+                result = self.store.write(self.path, stored, options=self.writer)
+            finally:
+                stream.close()
+            probe, measured = self.measure.probe, Measured(result.file_bytes)
+            if probe is not None:
+                outputs = onnx_runner().Session(self.path).run(probe.feeds)
+                measured.error, measured.bound = probe.errors(outputs)
+            self.tried[key] = measured
+            self._learn(chosen, result.file_bytes)
+        return self.tried[key]
+
+    def estimate(self, chosen: Allocation) -> int:
+        """The file size an allocation is expected to have (before it is measured)."""
+        forms = len({self.table.labels[i] for i in chosen} & self.forms)
+        return totals(self.options, chosen)[0] + self.base + self.form_bytes * forms
+
+    def uniform(self) -> list[Allocation]:
+        """Every tensor at the same candidate, for each candidate, smallest first."""
+        count = len(self.table.labels)
+        found = [[i] * len(self.options) for i in range(count)]
+        return sorted(found, key=lambda c: totals(self.options, c)[0])
