@@ -33,9 +33,9 @@ class Command(NamedTuple):
 COMMANDS = {
     "compress": Command("modelpress.cli.main",
                         "Compress MODEL into OUT with the stages that follow, applied in order."),
-    "inspect": Command("modelpress.cli.main",
+    "inspect": Command("modelpress.cli.restore",
                        "Show every tensor of MODEL: shape, dtype, encoding, bytes stored, zeros."),
-    "decompress": Command("modelpress.cli.main", "Restore every compressed tensor of MODEL to "
+    "decompress": Command("modelpress.cli.restore", "Restore every compressed tensor of MODEL to "
                           "dense floats of its original dtype."),
     "sweep": Command("modelpress.cli.sweep",
                      "Compress MODEL with each technique at several settings and compare them."),
