@@ -238,3 +238,27 @@ def test_safetensors_takes_a_size_target_but_not_an_error_target(samples: Path,
     result = run_cli(["compress", src, "-o", out, "--target-size", "30%", "-q"])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size <= int(0.3 * src.stat().st_size)
+
+
+def test_a_target_takes_one_model_not_a_batch(samples: Path, tmp_path: Path) -> None:
+    result = run_cli(["compress", samples / "mlp.onnx", samples / "cnn.onnx", "-o", tmp_path,
+                      "--target-size", "30%"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --target-size and --target-error apply to one model: a file, or a Hugging "
+        "Face model directory (config.json and one safetensors model)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_target_measures_on_inputs_when_that_is_all_there_is(
+        model: tuple[Path, Path], tmp_path: Path) -> None:
+    src, inputs = model
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = run_cli(["compress", src, "-o", out, "--target-error", "0.05", "--inputs", inputs,
+                      "--report", report, "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["budget"]["measured_on"] == str(inputs)
+    assert data["budget"]["error"] <= data["budget"]["error_bound"] <= 0.05
+    assert data["evaluation"]["output_error"] == pytest.approx(_error(src, out, inputs), rel=1e-4)
+    assert data["evaluation"]["output_error"] <= 0.05
