@@ -20,26 +20,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import MIB, cli, measure  # noqa: E402
+from scale import MIB, cli, measure, save_chain  # noqa: E402
 
 
 def build_inline(path: Path, layers: int, width: int) -> None:
     """x[4, width] -> `layers` MatMuls with [width, width] fp32 weights stored in the model."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
     rng = np.random.default_rng(1)
-    inits, nodes, current = [], [], "x"
-    for i in range(layers):
-        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"]))
-        current = f"h{i}"
-    graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, width])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, [4, width])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save_model(model, str(path))
+    inits = [numpy_helper.from_array(
+        (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"w{i}")
+        for i in range(layers)]
+    save_chain(path, inits, width)
 
 
 def main() -> None:

@@ -129,11 +129,10 @@ def build_safetensors(path: Path, layout: list[tuple[str, tuple[int, ...]]],
 
 def build_onnx(path: Path, layers: int, width: int) -> None:
     """x[4, width] -> `layers` MatMuls with [width, width] fp32 weights in `path`.data."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
     data_name = path.name + ".weights"
     rng = np.random.default_rng(1)
-    inits, nodes, current, offset = [], [], "x", 0
+    inits, offset = [], 0
     nbytes = width * width * 4
     with open(path.parent / data_name, "wb") as out:
         for i in range(layers):
@@ -145,11 +144,20 @@ def build_onnx(path: Path, layers: int, width: int) -> None:
                 tensor.external_data.add(key=key, value=value)
             offset += nbytes
             inits.append(tensor)
-            nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"]))
-            current = f"h{i}"
+    save_chain(path, inits, width)
+
+
+def save_chain(path: Path, weights: list, width: int) -> None:
+    """Save x[4, width] -> one MatMul per initializer of `weights` (named w0, w1, ...)."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes, current = [], "x"
+    for i in range(len(weights)):
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"]))
+        current = f"h{i}"
     graph = helper.make_graph(
         nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, width])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, [4, width])], inits)
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, [4, width])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     onnx.save_model(model, str(path))
