@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelpress.core.blas import one_blas_thread
 from modelpress.core.dtypes import short_name
 from modelpress.core.node import Dense, Encoded
 from modelpress.core.quantized import GRANULARITIES, Quantized, merged_shape, scale_shape
@@ -142,9 +143,12 @@ class LowRank(Encoded):
         return self.left.shape[1]
 
     def decode(self) -> np.ndarray:
-        # Weights near float32's limit can rebuild past it: inf, as the model would compute.
-        with np.errstate(over="ignore", invalid="ignore"):
-            return np.matmul(self.left.decode(), self.right.decode())
+        left, right = self.left.decode(), self.right.decode()
+        # A threaded product rounds with the thread count: one thread, so `decompress` writes
+        # the same bytes on every machine. Weights near float32's limit can rebuild past it:
+        # inf, as the model would compute.
+        with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
+            return np.matmul(left, right)
 
     @property
     def nbytes(self) -> int:
