@@ -23,7 +23,6 @@ PERCENTILE = 99.99
 METHODS = ("minmax", "percentile", "entropy", "mse")
 _CANDIDATES = 128  # clips tried per search step
 _SHRINK = 1 / 64  # the smallest clip tried, as a share of the full range
-_SUBSAMPLES = 8  # points per bin where the expected error is evaluated
 
 
 @dataclass(frozen=True)
@@ -164,30 +163,42 @@ def mse_clip(hist: Histogram, bits: int = 8, symmetric: bool = False) -> tuple[f
     """The clip whose grid gives the least expected squared error over the histogram."""
     if hist.max == hist.min:
         return hist.min, hist.max
-    points, weights = _points(hist)
+    edges, counts = _occupied(hist)
 
     def loss(candidates: list[tuple[float, float]]) -> np.ndarray:
-        return np.array([expected_error(points, weights, range_for(lo, hi, "mse", bits,
-                                                                   symmetric))
-                         for lo, hi in candidates])
+        return _mean_errors(edges, counts, [range_for(lo, hi, "mse", bits, symmetric)
+                                            for lo, hi in candidates])
     return _search(loss, hist.min, hist.max, symmetric)
 
 
-def _points(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
-    """Points spread evenly in each non-empty bin and the count each stands for."""
-    edges, counts = _occupied(hist)
-    used = counts > 0
-    left, width = edges[:-1][used], np.diff(edges)[used]
-    frac = (np.arange(_SUBSAMPLES) + 0.5) / _SUBSAMPLES
-    points = (left[:, None] + width[:, None] * frac).reshape(-1)
-    return points, np.repeat(counts[used] / _SUBSAMPLES, _SUBSAMPLES)
+def expected_error(hist: Histogram, grid: ActivationRange) -> float:
+    """Mean squared error of `grid` over the histogram's values."""
+    return float(_mean_errors(*_occupied(hist), [grid])[0])
 
 
-def expected_error(points: np.ndarray, weights: np.ndarray, grid: ActivationRange) -> float:
-    """Mean squared error of `grid` over `points` weighted by `weights`."""
-    q = np.clip(np.rint(points / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)
-    error = points - (q - grid.zero_point) * grid.scale
-    return float(np.dot(weights, error * error) / weights.sum())
+def _mean_errors(edges: np.ndarray, counts: np.ndarray,
+                 grids: list[ActivationRange]) -> np.ndarray:
+    """Mean squared error of each grid, values spread evenly within each bin: the integral
+    of the rounding error inside the grid's bounds and of the clipping error outside."""
+    s = np.array([g.scale for g in grids])[:, None]
+    bounds = np.array([g.bounds for g in grids])
+    low, high = bounds[:, :1], bounds[:, 1:]
+    left, right = edges[None, :-1], edges[None, 1:]
+
+    def rounding(x: np.ndarray) -> np.ndarray:  # integral of (t - s*round(t/s))^2 from -s/2
+        u = x / s + 0.5
+        n = np.floor(u)
+        return s ** 3 * (n / 12 + ((u - n - 0.5) ** 3 + 0.125) / 3)
+
+    inside = rounding(np.clip(right, low, high)) - rounding(np.clip(left, low, high))
+    below = ((np.minimum(right, low) - low) ** 3 - (np.minimum(left, low) - low) ** 3) / 3
+    above = ((np.maximum(right, high) - high) ** 3 - (np.maximum(left, high) - high) ** 3) / 3
+    width = right - left
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(width > 0, (inside + below + above) / width, 0.0)
+    point = left - np.clip(np.rint(left / s), low / s, high / s) * s  # bins of zero width
+    mean = np.where(width > 0, mean, point * point)
+    return mean @ counts / counts.sum()
 
 
 def entropy_clip(hist: Histogram, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:

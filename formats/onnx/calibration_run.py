@@ -45,10 +45,7 @@ def chunks(feeds: dict[str, np.ndarray], calibration: Path, graph: onnx.ModelPro
 def exposing_session(path: Path, names: list[str]):
     """An onnxruntime session (CPU, default options) of the model at `path` with the inner
     tensors `names` added to its outputs; external data is read from the model's folder."""
-    try:
-        import onnxruntime as ort  # heavy and optional: only for --calibration
-    except ImportError:
-        raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
+    _onnxruntime()  # a missing onnxruntime is said before a bad model
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
@@ -57,6 +54,13 @@ def exposing_session(path: Path, names: list[str]):
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for name in sorted(set(names) - present):
         model.graph.output.append(onnx.ValueInfoProto(name=name))
+    return model_session(model, path)
+
+
+def model_session(model: onnx.ModelProto, path: Path):
+    """An onnxruntime session (CPU, default options) of `model`, a changed copy of the one at
+    `path` whose external data it reads from that model's folder."""
+    ort = _onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -77,3 +81,11 @@ def run_exposed(session, names: list[str], chunk: dict[str, np.ndarray], path: P
     except Exception as exc:
         raise ModelRunError(f"--calibration {calibration}: onnxruntime cannot run "
                             f"{path}: {first_line(exc)}") from None
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime as ort  # heavy and optional: only for --calibration
+    except ImportError:
+        raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
+    return ort
