@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from modelpress.core.activation_ranges import ActivationRange
 from modelpress.core.metrics import compare
 from modelpress.formats.onnx.calibration_run import chunks, model_session, run_exposed
+from modelpress.formats.onnx.graph import fresh_name, opset_version, used_names
 
 MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear, per-tensor
 
@@ -30,10 +31,10 @@ def fake_quant(model: onnx.ModelProto, ranges: Mapping[str, ActivationRange]) ->
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _check_opset(out)
-    used = _names(out.graph)
+    used = used_names(out)
     inserted: dict[str, list[onnx.NodeProto]] = {}
     for name, grid in ranges.items():
-        scale, zero = _unique(used, f"{name}/act_scale"), _unique(used, f"{name}/act_zero_point")
+        scale, zero = fresh_name(used, f"{name}/act_scale"), fresh_name(used, f"{name}/act_zero_point")
         out.graph.initializer.append(numpy_helper.from_array(np.array(grid.scale, np.float32),
                                                              scale))
         out.graph.initializer.append(numpy_helper.from_array(
@@ -44,11 +45,11 @@ def fake_quant(model: onnx.ModelProto, ranges: Mapping[str, ActivationRange]) ->
 
 
 def _pair(used: set[str], name: str, scale: str, zero: str) -> list[onnx.NodeProto]:
-    quantized, restored = _unique(used, f"{name}/act_q"), _unique(used, f"{name}/act_dq")
+    quantized, restored = fresh_name(used, f"{name}/act_q"), fresh_name(used, f"{name}/act_dq")
     return [helper.make_node("QuantizeLinear", [name, scale, zero], [quantized],
-                             name=_unique(used, f"{name}/QuantizeLinear")),
+                             name=fresh_name(used, f"{name}/QuantizeLinear")),
             helper.make_node("DequantizeLinear", [quantized, scale, zero], [restored],
-                             name=_unique(used, f"{name}/DequantizeLinear"))]
+                             name=fresh_name(used, f"{name}/DequantizeLinear"))]
 
 
 def _splice(graph: onnx.GraphProto, inserted: dict[str, list[onnx.NodeProto]]) -> None:
@@ -74,29 +75,10 @@ def _splice(graph: onnx.GraphProto, inserted: dict[str, list[onnx.NodeProto]]) -
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    version = opset_version(model)
     if version < MIN_OPSET:
         raise ValueError(f"the model imports ONNX opset {version}; QuantizeLinear needs "
                          f"{MIN_OPSET} or later (convert it with onnx.version_converter)")
-
-
-def _names(graph: onnx.GraphProto) -> set[str]:
-    used = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-    used.update(v.name for v in graph.output)
-    for node in graph.node:
-        used.update(node.input)
-        used.update(node.output)
-        used.add(node.name)
-    return used
-
-
-def _unique(used: set[str], name: str) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{name}.{n}"
-    used.add(candidate)
-    return candidate
 
 
 class FakeQuantRunner:
@@ -116,21 +98,21 @@ class FakeQuantRunner:
         variant = onnx.ModelProto()
         variant.CopyFrom(model)
         _check_opset(variant)
-        used = _names(variant.graph)
+        used = used_names(variant)
         self._inputs: dict[str, tuple[str, str, str]] = {}
         inserted = {}
         zero_type = TensorProto.INT8 if signed else TensorProto.UINT8
         for name in self.names:
-            scale, zero = _unique(used, f"{name}/act_scale"), _unique(used, f"{name}/act_zero_point")
-            switch = _unique(used, f"{name}/act_on")
+            scale, zero = fresh_name(used, f"{name}/act_scale"), fresh_name(used, f"{name}/act_zero_point")
+            switch = fresh_name(used, f"{name}/act_on")
             variant.graph.input.extend([
                 helper.make_tensor_value_info(scale, TensorProto.FLOAT, []),
                 helper.make_tensor_value_info(zero, zero_type, []),
                 helper.make_tensor_value_info(switch, TensorProto.BOOL, [])])
             nodes = _pair(used, name, scale, zero)
-            chosen = _unique(used, f"{name}/act_chosen")
+            chosen = fresh_name(used, f"{name}/act_chosen")
             nodes.append(helper.make_node("Where", [switch, nodes[-1].output[0], name], [chosen],
-                                          name=_unique(used, f"{name}/act_switch")))
+                                          name=fresh_name(used, f"{name}/act_switch")))
             inserted[name] = nodes
             self._inputs[name] = (scale, zero, switch)
         _splice(variant.graph, inserted)

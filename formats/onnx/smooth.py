@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from modelpress.formats.onnx.graph import fresh_name, used_names
+
 MIN_SCALE, MAX_SCALE = 1e-5, 1e5  # bounds on s_j (a dead channel must not blow up W)
 
 
@@ -150,7 +152,7 @@ def smooth(model: onnx.ModelProto, stats: Mapping[str, np.ndarray],
     out = onnx.ModelProto()
     out.CopyFrom(model)
     found, notes = sites(out)
-    tensors = _Tensors(out.graph)
+    tensors = _Tensors(out)
     done = []
     for site in found:
         peak = stats.get(site.activation)
@@ -193,8 +195,10 @@ class _Tensors:
     """The graph's initializers, changed in place when one node uses them and copied under
     a new name for that node otherwise."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
         self.graph = graph
+        self.taken = used_names(model)
         self.inits = {t.name: t for t in graph.initializer}
         self.uses: dict[str, int] = {}
         for node in graph.node:
@@ -233,11 +237,7 @@ class _Tensors:
         if self.uses.get(name, 0) == 1:
             old.CopyFrom(numpy_helper.from_array(array, name))
             return
-        new = name + "/smoothed"
-        n = 1
-        while new in self.inits or new in self.uses:
-            n += 1
-            new = f"{name}/smoothed.{n}"
+        new = fresh_name(self.taken, name + "/smoothed")
         tensor = numpy_helper.from_array(array, new)
         self.graph.initializer.append(tensor)
         self.inits[new] = tensor
