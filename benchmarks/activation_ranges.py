@@ -31,17 +31,21 @@ from modelpress.core.activation_ranges import METHODS, ranges  # noqa: E402
 from modelpress.core.evaluate import looks_like_class_scores, top1_agreement  # noqa: E402
 from modelpress.core.metrics import compare  # noqa: E402
 from modelpress.formats.onnx.activation_stats import collect_stats, matmul_inputs  # noqa: E402
-from modelpress.formats.onnx.fake_quant import FakeQuantRunner  # noqa: E402
+from modelpress.formats.onnx.fake_quant import FakeQuantRunner, worst_error  # noqa: E402
 from modelpress.formats.onnx.range_choice import choose_with  # noqa: E402
 from modelpress.formats.onnx.smooth import sites, smooth  # noqa: E402
 
 NAMES = ["transformer", "magika", "open_nsfw"]
 
 
-def measure(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple:
-    """Worst output's relative L2 error, its cosine, and top-1 agreement of class scores."""
+def measure(runner: FakeQuantRunner, reference: dict[str, np.ndarray],
+            outputs: dict[str, np.ndarray]) -> tuple:
+    """Worst output's relative L2 error, its cosine, top-1 agreement of class scores, and
+    the worst relative error of the logits before a final softmax."""
     worst, cosine, top1 = 0.0, 1.0, None
-    for name, ref in reference.items():
+    logits = worst_error(reference, outputs, list(dict.fromkeys(runner.signals.values())))
+    for name in runner.signals:
+        ref = reference[name]
         if ref.dtype.kind != "f":
             continue
         stats = compare(ref, outputs[name])
@@ -50,7 +54,7 @@ def measure(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) ->
             agreement = top1_agreement(ref, outputs[name])
             if agreement is not None:
                 top1 = agreement if top1 is None else min(top1, agreement)
-    return worst, cosine, top1
+    return worst, cosine, top1, logits
 
 
 def rows_for(label: str, path: Path, model: onnx.ModelProto, calibration: Path,
@@ -65,7 +69,7 @@ def rows_for(label: str, path: Path, model: onnx.ModelProto, calibration: Path,
     rows = []
     for method in METHODS:
         got = evaluate.outputs({n: c[method] for n, c in candidates.items()})
-        rows.append((label, method, len(names), *measure(reference, got), ""))
+        rows.append((label, method, len(names), *measure(evaluate, reference, got), ""))
     on_cal = FakeQuantRunner(path, model, names, cal_feeds, calibration=calibration)
     t1 = time.perf_counter()
     choice = choose_with(on_cal, candidates, on_cal.outputs({}), max_runs)
@@ -74,7 +78,7 @@ def rows_for(label: str, path: Path, model: onnx.ModelProto, calibration: Path,
     note = (f"{choice.runs} runs, {chose:.0f} s; " + ", ".join(
         f"{m} {k}" for m, k in picked.items() if k) + f"; ranges {seconds:.1f} s")
     got = evaluate.outputs(choice.chosen)
-    rows.append((label, "per-tensor choice", len(names), *measure(reference, got), note))
+    rows.append((label, "per-tensor choice", len(names), *measure(evaluate, reference, got), note))
     return rows
 
 
@@ -99,11 +103,11 @@ def run_model(case, workdir: Path, max_runs: int) -> list[tuple]:
 
 
 def table(rows: list[tuple]) -> str:
-    lines = ["| model | ranges | activations | output rel. error | cosine | top-1 | notes |",
-             "|---|---|---|---|---|---|---|"]
-    for model, method, count, error, cosine, top1, note in rows:
+    lines = ["| model | ranges | activations | output rel. error | cosine | top-1 "
+             "| logits rel. error | notes |", "|---|---|---|---|---|---|---|---|"]
+    for model, method, count, error, cosine, top1, logits, note in rows:
         lines.append(f"| {model} | {method} | {count} | {error:.4f} | {cosine:.5f} | "
-                     f"{'-' if top1 is None else f'{top1:.3f}'} | {note} |")
+                     f"{'-' if top1 is None else f'{top1:.3f}'} | {logits:.4f} | {note} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from modelpress.core.activation_ranges import ActivationRange
 from modelpress.core.metrics import compare
 from modelpress.formats.onnx.calibration_run import chunks, model_session, run_exposed
 from modelpress.formats.onnx.graph import fresh_name, opset_version, used_names
+from modelpress.formats.onnx.run import signals
 
 MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear, per-tensor
 
@@ -84,7 +85,9 @@ def _check_opset(model: onnx.ModelProto) -> None:
 class FakeQuantRunner:
     """The model at `path` (graph `model`) with a switchable QuantizeLinear -> DequantizeLinear
     pair after each of `names`, run on `feeds` (a few samples at a time); `outputs(ranges)`
-    gives its float outputs with the tensors in `ranges` quantized and the others in float.
+    gives its float outputs with the tensors in `ranges` quantized and the others in float,
+    and the `signals` (output name -> the logits before a final softmax, or the output
+    itself: `run.signals`), which tell changes apart better than probabilities near 0 or 1.
     Zero points are int8 when `signed`, else uint8."""
 
     def __init__(self, path: Path, model: onnx.ModelProto, names: list[str],
@@ -116,12 +119,17 @@ class FakeQuantRunner:
             inserted[name] = nodes
             self._inputs[name] = (scale, zero, switch)
         _splice(variant.graph, inserted)
+        self.signals = signals(model)
+        listed = {o.name for o in variant.graph.output}
+        for name in dict.fromkeys(self.signals.values()):
+            if name not in listed:
+                variant.graph.output.append(onnx.ValueInfoProto(name=name))
         self.output_names = [o.name for o in variant.graph.output]
         self._session = model_session(variant, self.path)
         self.runs = 0
 
     def outputs(self, ranges: Mapping[str, ActivationRange | None]) -> dict[str, np.ndarray]:
-        """Every graph output with the tensors of `ranges` quantized (None: float)."""
+        """Every graph output and signal with the tensors of `ranges` quantized (None: float)."""
         fixed = {}
         for name in self.names:
             scale, zero, switch = self._inputs[name]
@@ -150,7 +158,9 @@ class FakeQuantRunner:
                 for i, name in enumerate(self.output_names)}
 
 
-def worst_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> float:
-    """The worst float output's relative L2 error (the evaluation's output error)."""
-    return max((compare(ref, outputs[name]).rel_l2 for name, ref in reference.items()
-                if np.asarray(ref).dtype.kind == "f"), default=0.0)
+def worst_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                names: list[str] | None = None) -> float:
+    """The worst relative L2 error among float `names` (default: all of `reference`)."""
+    names = list(reference) if names is None else names
+    return max((compare(reference[n], outputs[n]).rel_l2 for n in names
+                if np.asarray(reference[n]).dtype.kind == "f"), default=0.0)

@@ -6,8 +6,10 @@ model's output. `choose` starts from the method whose ranges, used for every ten
 give the least output error, then visits the tensors one at a time (those whose
 candidate ranges disagree most first) and keeps, for each, the candidate that lowers
 the output error with the others fixed at their current choice (greedy coordinate
-descent). Errors are measured in onnxruntime on the calibration inputs through one
-`FakeQuantRunner` session; `max_runs` bounds the runs.
+descent). Errors are the worst relative error of the outputs' signals (the logits
+before a final softmax, else the outputs: `run.signals`), measured in onnxruntime on
+the calibration inputs through one `FakeQuantRunner` session; `max_runs` bounds the
+runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ MAX_RUNS = 200
 
 @dataclass
 class RangeChoice:
-    """The chosen range of each tensor, the output error it gives on the calibration inputs,
+    """The chosen range of each tensor, the signal error it gives on the calibration inputs,
     that error with every tensor on one method, and the runs taken."""
 
     chosen: dict[str, ActivationRange]
@@ -59,11 +61,12 @@ def choose_with(runner: FakeQuantRunner, candidates: Mapping[str, Mapping[str, A
     """`choose` on a runner already made; `reference`: the float model's outputs."""
     methods = list(dict.fromkeys(m for options in candidates.values() for m in options))
     budget = max_runs
+    measured = list(dict.fromkeys(runner.signals.values()))
 
     def measure(ranges: Mapping[str, ActivationRange]) -> float:
         nonlocal budget
         budget -= 1
-        error = worst_error(reference, runner.outputs(ranges))
+        error = worst_error(reference, runner.outputs(ranges), measured)
         return error if math.isfinite(error) else math.inf
 
     uniform = {}
