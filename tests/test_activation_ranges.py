@@ -219,3 +219,18 @@ def test_choose_is_no_worse_than_any_single_method(tmp_path: Path) -> None:
     assert choice.runs <= 9 and set(choice.uniform) == set(METHODS)
     assert choice.error <= min(choice.uniform.values())
     assert set(choice.chosen) == {"x", "r"}
+
+
+def test_exact_zeros_do_not_pull_the_clip_in() -> None:
+    """After a ReLU half the values are exactly 0.0, which the grid holds exactly: left in,
+    their spike made the KL search clip a ReLU'd N(0, 1) at about 2."""
+    x = np.maximum(np.random.default_rng(10).standard_normal(200_000), 0)
+    hist = Histogram().update(x[:100_000]).merge(Histogram().update(x[100_000:]))
+    assert hist.zeros == np.count_nonzero(x == 0)
+    found = ranges(hist)
+    for method in ("entropy", "mse"):
+        assert found[method].bounds[1] > 0.8 * x.max(), method
+        assert found[method].zero_point == 0
+    errors = {m: expected_error(hist, g) for m, g in found.items()}
+    assert errors["mse"] <= 1.001 * min(errors.values())
+    assert errors["mse"] == pytest.approx(np.mean((found["mse"].fake(x) - x) ** 2), rel=0.02)
