@@ -35,7 +35,8 @@ def fake_quant(model: onnx.ModelProto, ranges: Mapping[str, ActivationRange]) ->
     used = used_names(out)
     inserted: dict[str, list[onnx.NodeProto]] = {}
     for name, grid in ranges.items():
-        scale, zero = fresh_name(used, f"{name}/act_scale"), fresh_name(used, f"{name}/act_zero_point")
+        scale = fresh_name(used, f"{name}/act_scale")
+        zero = fresh_name(used, f"{name}/act_zero_point")
         out.graph.initializer.append(numpy_helper.from_array(np.array(grid.scale, np.float32),
                                                              scale))
         out.graph.initializer.append(numpy_helper.from_array(
@@ -106,7 +107,8 @@ class FakeQuantRunner:
         inserted = {}
         zero_type = TensorProto.INT8 if signed else TensorProto.UINT8
         for name in self.names:
-            scale, zero = fresh_name(used, f"{name}/act_scale"), fresh_name(used, f"{name}/act_zero_point")
+            scale = fresh_name(used, f"{name}/act_scale")
+            zero = fresh_name(used, f"{name}/act_zero_point")
             switch = fresh_name(used, f"{name}/act_on")
             variant.graph.input.extend([
                 helper.make_tensor_value_info(scale, TensorProto.FLOAT, []),
