@@ -1,0 +1,249 @@
+"""Static int8 in ONNX: QuantizeLinear/DequantizeLinear (QDQ) on activations, int8 weights.
+
+The form onnxruntime's QDQ transformer fuses into integer kernels (see `qdq_sites`):
+activations uint8, asymmetric, one scale and zero point per tensor (from calibration);
+Conv/MatMul/Gemm weights int8, symmetric, one float scale per output channel
+(DequantizeLinear with `axis`); Conv and Gemm biases int32 on the scale
+input_scale x weight_scale, as QLinearConv and QGemm take them; float constants of
+Add/Mul/Concat uint8 per tensor. A Conv/MatMul/Gemm whose activations are not all
+quantized stays float with its float weight: a DequantizeLinear in front of a float
+kernel runs at every call and would only make it slower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from modelpress.formats.onnx.qdq_sites import ARITH, COMPUTE, REMOVABLE, Sites, arith_ok
+
+WEIGHT_MAX = 127
+"""Largest weight code (symmetric int8 per channel, -127..127)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """One activation's uint8 grid: x ~ (q - zero_point) * scale."""
+
+    scale: float
+    zero_point: int
+
+
+@dataclass
+class QdqResult:
+    """The QDQ model, its weights (name -> bytes before, bytes after) and, for each
+    Conv/MatMul/Gemm, whether it was made integer or why it stays float."""
+
+    model: onnx.ModelProto
+    weights: dict[str, tuple[int, int]] = field(default_factory=dict)
+    integer: list[str] = field(default_factory=list)
+    float_reasons: dict[str, str] = field(default_factory=dict)
+
+
+def minmax_range(lo: float, hi: float) -> Range:
+    """The uint8 grid spanning [lo, hi] and zero (zero must be exact: padding, Relu)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo <= 0:
+        return Range(1.0, 0)
+    scale = (hi - lo) / 255.0
+    return Range(float(np.float32(scale)), int(np.clip(round(-lo / scale), 0, 255)))
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.g = model.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.names = {t.name for t in self.g.initializer} | {i.name for i in self.g.input} | {
+            o for n in self.g.node for o in list(n.output) + list(n.input) + [n.name]}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.made: dict[tuple, str] = {}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def init(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def dq_const(self, key: tuple, base: str, codes: np.ndarray, scale: np.ndarray,
+                 zero: np.ndarray, axis: int | None) -> tuple[str, onnx.NodeProto | None]:
+        """A DequantizeLinear of constant codes, made once per key."""
+        if key in self.made:
+            return self.made[key], None
+        inputs = [self.init(base + "_quantized", codes), self.init(base + "_scale", scale),
+                  self.init(base + "_zero_point", zero)]
+        out = self.fresh(base + "_dequantized")
+        attrs = {} if axis is None else {"axis": axis}
+        node = helper.make_node("DequantizeLinear", inputs, [out], self.fresh(out), **attrs)
+        self.made[key] = out
+        return out, node
+
+
+def build(model: onnx.ModelProto, sites: Sites, ranges: dict[str, Range],
+          keep: set[str]) -> QdqResult:
+    """A copy of `model` with every site group in `ranges` and not in `keep` quantized."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    b = _Builder(out)
+    g = b.g
+    act = {t: ranges[sites.group_of[t]] for t in sites.tensors
+           if sites.group_of[t] not in keep and sites.group_of[t] in ranges}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        if not node.name:
+            node.name = b.fresh(f"{node.op_type}_{len(b.names)}")
+    result = QdqResult(out)
+    nodes: list[onnx.NodeProto] = []
+    for inp in g.input:
+        if inp.name in act:
+            dq = _quantize_activation(b, inp.name, act[inp.name], nodes, rename_output=False)
+            act[dq] = act[inp.name]
+            for node in consumers.get(inp.name, []):
+                for i, name in enumerate(node.input):
+                    if name == inp.name:
+                        node.input[i] = dq
+    for node in list(g.node):
+        if node.op_type in COMPUTE:
+            reason = _integer_reason(node, act, b.inits, consumers)
+            if reason is None:
+                nodes.extend(_quantize_weights(b, node, act, result))
+                result.integer.append(node.name)
+            else:
+                result.float_reasons[node.name] = reason
+        elif node.op_type in ARITH and arith_ok(node, b.inits) and all(
+                i in act for i in node.input if i not in b.inits):
+            nodes.extend(_quantize_constants(b, node, sites))
+        nodes.append(node)
+        for name in node.output[:1]:
+            if name in act:
+                _quantize_activation(b, name, act[name], nodes, rename_output=True, node=node)
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept + b.new_inits)
+    return result
+
+
+def _quantize_activation(b: _Builder, name: str, r: Range, nodes: list[onnx.NodeProto], *,
+                         rename_output: bool, node: onnx.NodeProto | None = None) -> str:
+    """Q -> DQ on `name`: the producer's output is renamed so readers (and graph outputs)
+    get the dequantized value under the old name; a graph input gets a new DQ name."""
+    scale = b.init(name + "_scale", np.array(r.scale, np.float32))
+    zero = b.init(name + "_zero_point", np.array(r.zero_point, np.uint8))
+    q_out = b.fresh(name + "_quantized")
+    if rename_output:
+        source = b.fresh(name + "_float")
+        node.output[0] = source
+        dq_out = name
+    else:
+        source, dq_out = name, b.fresh(name + "_dequantized")
+    nodes.append(helper.make_node("QuantizeLinear", [source, scale, zero], [q_out],
+                                  b.fresh(q_out + "_Q")))
+    nodes.append(helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out],
+                                  b.fresh(q_out + "_DQ")))
+    return dq_out
+
+
+def _integer_reason(node: onnx.NodeProto, act: dict[str, Range],
+                    inits: dict[str, onnx.TensorProto],
+                    consumers: dict[str, list[onnx.NodeProto]]) -> str | None:
+    """None when `node` can run as an integer kernel, else why it stays float."""
+    acts = [node.input[i] for i in COMPUTE[node.op_type]
+            if i < len(node.input) and node.input[i] not in inits]
+    float_in = [a for a in acts if a not in act]
+    if float_in:
+        return f"input {float_in[0]!r} kept float"
+    weight = node.input[1] if node.input[1] in inits else None
+    if node.op_type != "MatMul" and weight is None:
+        return "weight is not a constant"
+    if weight is not None:
+        t = inits[weight]
+        if t.data_type != onnx.TensorProto.FLOAT:
+            return "weight is not float32"
+        if node.op_type != "Conv" and len(t.dims) != 2:
+            return f"weight has {len(t.dims)} dimensions (integer kernels take 2)"
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or \
+                attrs.get("beta", 1.0) != 1.0:
+            return "Gemm with transA, alpha or beta (QGemm takes plain Gemm)"
+    if len(node.input) > 2 and node.input[2]:
+        bias = inits.get(node.input[2])
+        if bias is None or len(bias.dims) != 1:
+            return "bias is not a 1-D constant"
+    if node.op_type == "Conv" and not _output_quantized(node.output[0], act, consumers):
+        return f"output {node.output[0]!r} kept float (QLinearConv needs a quantized output)"
+    return None
+
+
+def _output_quantized(name: str, act: dict[str, Range],
+                      consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    if name in act:
+        return True
+    after = consumers.get(name, [])
+    return len(after) == 1 and after[0].op_type in REMOVABLE and after[0].output[0] in act
+
+
+def _quantize_weights(b: _Builder, node: onnx.NodeProto, act: dict[str, Range],
+                      result: QdqResult) -> list[onnx.NodeProto]:
+    """DequantizeLinear nodes for an integer node's weight (and bias); rewires the node."""
+    made: list[onnx.NodeProto] = []
+    name = node.input[1]
+    if name not in b.inits:  # MatMul of two activations
+        return made
+    w = numpy_helper.to_array(b.inits[name]).astype(np.float32)
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w).max(axis=reduce) if w.size else np.zeros(w.shape[axis], np.float32)
+    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    codes = np.clip(np.rint(w / scale.reshape(shape)), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
+    dq, dq_node = b.dq_const(("weight", name, axis), name, codes, scale,
+                             np.zeros(scale.shape, np.int8), axis)
+    if dq_node is not None:
+        made.append(dq_node)
+        result.weights[name] = (w.nbytes, codes.nbytes + scale.nbytes + scale.size)
+    node.input[1] = dq
+    if len(node.input) > 2 and node.input[2]:
+        bias_name = node.input[2]
+        bias = numpy_helper.to_array(b.inits[bias_name]).astype(np.float64)
+        s_bias = (act[node.input[0]].scale * scale.astype(np.float64))
+        codes32 = np.clip(np.rint(bias / s_bias), -2**31, 2**31 - 1).astype(np.int32)
+        key = ("bias", node.name)
+        dq_b, dq_b_node = b.dq_const(key, bias_name, codes32, s_bias.astype(np.float32),
+                                     np.zeros(s_bias.shape, np.int32), 0)
+        made.append(dq_b_node)
+        node.input[2] = dq_b
+    return made
+
+
+def _quantize_constants(b: _Builder, node: onnx.NodeProto,
+                        sites: Sites) -> list[onnx.NodeProto]:
+    """uint8 DequantizeLinear for the float constant inputs of a quantized Add/Mul/Concat."""
+    made = []
+    for i, name in enumerate(node.input):
+        if name not in sites.constants or name not in b.inits:
+            continue
+        c = numpy_helper.to_array(b.inits[name]).astype(np.float32)
+        r = minmax_range(c.min() if c.size else 0.0, c.max() if c.size else 0.0)
+        codes = np.clip(np.rint(c / r.scale) + r.zero_point, 0, 255).astype(np.uint8)
+        dq, dq_node = b.dq_const(("const", name), name, codes, np.array(r.scale, np.float32),
+                                 np.array(r.zero_point, np.uint8), None)
+        if dq_node is not None:
+            made.append(dq_node)
+        node.input[i] = dq
+    return made
