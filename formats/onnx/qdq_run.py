@@ -48,13 +48,14 @@ def float_graph(path: Path) -> tuple[onnx.ModelProto, int]:
 class Runner:
     """A session of an in-memory model (CPU, default optimizations)."""
 
-    def __init__(self, model: onnx.ModelProto | bytes, threads: int = 0) -> None:
-        data = model if isinstance(model, bytes) else model.SerializeToString()
+    def __init__(self, model: onnx.ModelProto | bytes | Path, threads: int = 0) -> None:
+        data = str(model) if isinstance(model, Path) else \
+            model if isinstance(model, bytes) else model.SerializeToString()
         try:
             self.session = ort.InferenceSession(data, _options(threads),
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelRunError(f"onnxruntime cannot load the QDQ model: "
+            raise ModelRunError(f"onnxruntime cannot load {'the QDQ model' if not isinstance(model, Path) else model}: "
                                 f"{first_line(exc)}") from None
         self.names = [o.name for o in self.session.get_outputs()]
 

@@ -1,0 +1,170 @@
+"""`quantize --activations int8`: static int8 (QDQ) that onnxruntime runs as integer kernels.
+
+The run: the float model as onnxruntime's basic passes leave it (batch norms
+folded), its activations' ranges over the --calibration inputs, the choice of
+which activations stay float and of each one's range method by measured output
+error (`keep_float`), the QDQ model (modelpress.formats.onnx.qdq) written
+atomically, and onnxruntime's optimized graph read back to count the integer
+kernels and name each float Conv/MatMul/Gemm with the reason it stayed float.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from onnx import numpy_helper
+
+from modelpress.core.errors import ModelReadError, RecipeError
+from modelpress.core.metrics import compare
+from modelpress.core.quantize.static import DEFAULT_ERROR, layout_notes, static_stage
+from modelpress.core.recipe import Recipe
+from modelpress.core.report import Report, TensorRow
+from modelpress.core.store import Progress
+from modelpress.formats import check_output_path, open_model
+from modelpress.formats.onnx.feeds import load_inputs
+from modelpress.formats.onnx.graph import opset_version
+from modelpress.formats.onnx.kernels import optimized_kernels
+from modelpress.formats.onnx.qdq import QdqResult, Range, build, minmax_range
+from modelpress.formats.onnx.qdq_run import Runner, float_graph, tensor_minmax
+from modelpress.formats.onnx.qdq_sites import Sites, find_sites, float_tensors
+from modelpress.formats.onnx.write import save_model, staged
+
+from modelpress.app.keep_float import Choice, choose
+from modelpress.app.sensitivity import OutputProbe
+
+DEFAULT_METHOD = "minmax"
+MIN_OPSET = 13  # per-axis DequantizeLinear
+
+
+def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
+                    calibration: str | os.PathLike, *, target_error: float | None = None,
+                    external_data: str = "auto", progress: Progress | None = None) -> Report:
+    """Write `src` as static int8 QDQ to `dst` (see the module's docstring); the report's
+    `static_int8` holds the search, the activation counts and onnxruntime's kernels."""
+    src, dst, calibration = Path(src), Path(dst), Path(calibration)
+    stage = static_stage(recipe.stages)
+    if stage is None:
+        raise RecipeError("the recipe has no quantize --activations int8 stage")
+    store = open_model(src)
+    if store.format != "onnx":
+        raise RecipeError(f"{src}: quantize --activations int8 needs an ONNX model")
+    check_output_path(store, dst)
+    if store.encodings:
+        raise ModelReadError(f"{src}: already compressed by modelpress; run `modelpress "
+                             "decompress` on it first")
+    model, folded = float_graph(src)
+    if opset_version(model) < MIN_OPSET:
+        raise ModelReadError(f"{src}: opset {opset_version(model)}; static int8 needs opset "
+                             f"{MIN_OPSET} or later (per-channel DequantizeLinear); convert it "
+                             "with onnx.version_converter first")
+    feeds = load_inputs(model, calibration)
+    sites = find_sites(model, float_tensors(model))
+    candidates = _candidates(model, feeds, sites)
+    probe = OutputProbe(feeds, Runner(src).run(feeds))
+    target = DEFAULT_ERROR if target_error is None else target_error
+    steps = [0]
+
+    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+        ranges = {g: candidates[g][m] for g, m in methods.items()}
+        return probe.worst(Runner(build(model, sites, ranges, set(keep)).model).run(feeds))
+
+    def tick(n: int) -> None:
+        steps[0] += n
+        if progress is not None:
+            progress(steps[0], 0, "static int8: measuring")
+
+    groups = list(sites.groups)
+    choice = choose(groups, {g: list(candidates[g]) for g in groups}, DEFAULT_METHOD, measure,
+                    target, tick)
+    result = build(model, sites, {g: candidates[g][m] for g, m in choice.methods.items()},
+                   set(choice.keep))
+    with staged(dst) as staging:
+        size = save_model(result.model, dst, staging, src, external_data)
+    kernels = optimized_kernels(dst)
+    notes = layout_notes(stage) + _notes(folded, sites, choice, target_error is None)
+    report = Report(input_path=str(src), output_path=str(dst), format="onnx",
+                    recipe=recipe.get_config(), rows=_rows(model, result),
+                    file_bytes_before=store.file_bytes, file_bytes_after=size, notes=notes,
+                    applied=recipe.get_config())
+    report.static_int8 = {
+        "activations": {"groups": len(groups), "tensors": len(sites.tensors),
+                        "kept_float": list(choice.keep)},
+        "search": choice.as_dict(),
+        "nodes": {"integer": list(result.integer), "float": dict(result.float_reasons)},
+        "kernels": {**kernels.as_dict(), "float_reasons": {
+            name: result.float_reasons.get(name, "onnxruntime did not fuse it")
+            for name in kernels.float_nodes}}}
+    return report
+
+
+def _candidates(model: Any, feeds: Mapping[str, np.ndarray],
+                sites: Sites) -> dict[str, dict[str, Range]]:
+    """Each site group's range per method (until the calibration statistics of branch
+    `act` land: min/max only)."""
+    found = tensor_minmax(model, feeds, sites.tensors)
+    out = {}
+    for group, members in sites.groups.items():
+        lo = min(found[t][0] for t in members)
+        hi = max(found[t][1] for t in members)
+        out[group] = {"minmax": minmax_range(lo, hi)}
+    return out
+
+
+def _rows(model: Any, result: QdqResult) -> list[TensorRow]:
+    """One row per int8 weight: bytes before and after, error of the int8 values."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out_inits = {t.name: t for t in result.model.graph.initializer}
+    dq = {n.output[0]: n for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
+    rows = []
+    for name, (before, after) in result.weights.items():
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        node = dq[name + "_dequantized"] if name + "_dequantized" in dq else next(
+            n for n in dq.values() if n.input[0].startswith(name + "_quantized"))
+        codes = numpy_helper.to_array(out_inits[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(out_inits[node.input[1]])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        rows.append(TensorRow(name=name, shape=tuple(w.shape), dtype="float32",
+                              encoding=f"int8 sym channel (QDQ, axis {axis})",
+                              bytes_before=before, bytes_after=after,
+                              error=compare(w, codes * scale.reshape(shape)),
+                              stages=[{"id": "quantize", "bits": 8, "activations": "int8",
+                                       "scheme": "sym", "granularity": "channel"}]))
+    return rows
+
+
+def _notes(folded: int, sites: Sites, choice: Choice, default_target: bool) -> list[str]:
+    notes = []
+    if folded:
+        notes.append(f"static int8: {folded} per-channel Sub/Mul/Add/Div after Conv folded "
+                     "into its weights and bias (same function)")
+    where = "default target" if default_target else "--target-error"
+    notes.append(f"static int8: output error on the calibration inputs {choice.start_error:.4g} "
+                 f"with every activation int8, {choice.error:.4g} with "
+                 f"{len(choice.keep)} of {len(sites.groups)} kept float ({where} "
+                 f"{choice.target:g}: {'met' if choice.met else 'NOT met'}; "
+                 f"{choice.runs} measured runs)")
+    if choice.keep:
+        notes.append("static int8: kept float: " + ", ".join(choice.keep[:8]) +
+                     (f" and {len(choice.keep) - 8} more" if len(choice.keep) > 8 else ""))
+    return notes
+
+
+def latency_notes(report: Report) -> list[str]:
+    """When the static int8 model ran slower than the input: what runs in float and why."""
+    static = report.static_int8
+    evaluation = report.evaluation
+    latency = None if evaluation is None else evaluation.latency
+    if not static or latency is None or not latency.after_ms > latency.before_ms:
+        return []
+    kernels = static["kernels"]
+    reasons = kernels["float_reasons"]
+    named = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:6]) or "none"
+    conversions = ", ".join(f"{k} {v}" for k, v in kernels["conversions"].items()) or "none"
+    return [f"static int8 ran {latency.after_ms / latency.before_ms:.2f}x the input's latency: "
+            f"{kernels['integer_count']} integer kernels, {kernels['float_count']} float "
+            f"products ({named}); Q/DQ conversions left: {conversions}"]
