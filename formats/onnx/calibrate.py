@@ -7,9 +7,9 @@ second moments H = X^T X / rows (`modelpress.core.tensorinfo.InputStats`),
 over every input row the calibration data produces (samples x positions;
 for a Conv the im2col rows of its input, see `moments`; H's off-diagonal
 entries shrunk by their estimated noise, `moments.shrunk_moments`). The
-original model runs in onnxruntime (CPU, default options) with those activations added as
-outputs, SAMPLES_PER_RUN samples at a time; external data is read from the
-model's folder in place.
+original model runs in onnxruntime (CPU, default options) with those activations
+added as outputs, a few samples at a time (`calibration_run.SAMPLES_PER_RUN`);
+external data is read from the model's folder in place.
 
 Memory: a layer's H is groups x K x K floats, summed in float64 while
 collected. A pass over the calibration data collects the matrices of layers
@@ -28,21 +28,18 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 
-from modelpress.core.errors import InputDataError, ModelRunError
 from modelpress.core.tensorinfo import InputStats, SecondMoments
 
+from modelpress.formats.onnx.calibration_run import chunks, exposing_session, run_exposed
 from modelpress.formats.onnx.graph import graphs
 from modelpress.formats.onnx.moments import (ConvGeometry, Sums, conv_rows, matmul_rows,
                                              shrunk_moments)
-from modelpress.formats.onnx.run import INSTALL_HINT, first_line, input_specs, load_inputs
+from modelpress.formats.onnx.run import load_inputs
 
-SAMPLES_PER_RUN = 8
-"""Calibration samples run at once (bounds the activations held in memory)."""
 MAX_ELEMENTS = 1 << 26
 """Largest H (groups x K x K) collected for one layer."""
 PASS_ELEMENTS = 1 << 25
@@ -242,7 +239,7 @@ class _Run:
                         - graph_inputs)
         sums = {n: Sums(self.layers[n].groups, self.layers[n].k, n in moments) for n in names}
         bad: set[str] = set()
-        for chunk in _chunks(self._feeds, self._calibration, self._graph):
+        for chunk in chunks(self._feeds, self._calibration, self._graph):
             values = dict(zip(wanted, self._execute(wanted, chunk))) if wanted else {}
             values.update({n: chunk[n] for n in graph_inputs if n in chunk})
             for name in names:
@@ -273,59 +270,6 @@ class _Run:
 
     def _execute(self, wanted: list[str], chunk: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._session is None:
-            self._session = self._start()
-        try:
-            return self._session.run(wanted, chunk)
-        except Exception as exc:
-            raise ModelRunError(f"--calibration {self._calibration}: onnxruntime cannot run "
-                                f"{self._path}: {first_line(exc)}") from None
-
-    def _start(self):
-        """An onnxruntime session of the model with every layer input as an output."""
-        try:
-            import onnxruntime as ort  # heavy and optional: only for --calibration
-        except ImportError:
-            raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
-        try:
-            model = onnx.load(str(self._path), load_external_data=False)
-        except Exception as exc:
-            raise ModelRunError(f"{self._path}: not a valid ONNX model "
-                                f"({first_line(exc)})") from None
-        present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-        for name in sorted({u.activation for layer in self.layers.values()
-                            for u in layer.uses} - present):
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(Path(self._path).resolve().parent))
-        try:
-            return ort.InferenceSession(model.SerializeToString(), options,
-                                        providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelRunError(f"--calibration: onnxruntime cannot load {self._path}: "
-                                f"{first_line(exc)}") from None
-
-
-def _chunks(feeds: dict[str, np.ndarray], calibration: Path,
-            graph: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
-    """The feeds a few samples at a time along axis 0 (as many as a fixed batch dimension
-    of the model's inputs says, else SAMPLES_PER_RUN), or whole when the inputs do not
-    share a first axis."""
-    firsts = {a.shape[0] if a.ndim else None for a in feeds.values()}
-    if len(firsts) != 1 or None in firsts:
-        yield feeds
-        return
-    count = firsts.pop()
-    if count == 0:
-        raise InputDataError(f"{calibration}: the arrays hold no samples")
-    fixed = {s.dims[0] for s in input_specs(graph) if s.dims and isinstance(s.dims[0], int)
-             and s.dims[0] > 0}
-    per_run = SAMPLES_PER_RUN
-    if len(fixed) == 1:
-        per_run = fixed.pop()
-        if count % per_run:
-            raise InputDataError(f"{calibration}: the model takes batches of exactly {per_run} "
-                                 f"samples; give a multiple of {per_run} (the file has {count})")
-    for start in range(0, count, per_run):
-        yield {k: v[start:start + per_run] for k, v in feeds.items()}
+            self._session = exposing_session(
+                self._path, [u.activation for layer in self.layers.values() for u in layer.uses])
+        return run_exposed(self._session, wanted, chunk, self._path, self._calibration)
