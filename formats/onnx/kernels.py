@@ -1,4 +1,5 @@
-"""Which nodes onnxruntime runs as integer kernels: read from its optimized graph.
+"""onnxruntime's graph passes for static int8: the float graph QDQ starts from, and which
+nodes it runs as integer kernels, read from its optimized graph.
 
 onnxruntime rewrites a QDQ model when it loads it (its QDQ transformer, then
 layout and fusion passes); `SessionOptions.optimized_model_filepath` saves the
@@ -20,6 +21,7 @@ import onnxruntime as ort
 
 from modelpress.core.errors import ModelRunError
 from modelpress.formats.onnx.feeds import first_line
+from modelpress.formats.onnx.qdq_sites import fold_affine
 
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
                "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul", "QLinearAdd",
@@ -56,16 +58,37 @@ class Kernels:
                 "float_count": self.float_count, "float_nodes": list(self.float_nodes)}
 
 
+def float_graph(path: Path) -> tuple[onnx.ModelProto, int]:
+    """The float model as onnxruntime's basic (hardware-independent) passes leave it:
+    constants folded, Conv+BatchNorm and MatMul+Add fused; then per-channel arithmetic
+    after a Conv folded into it (`qdq_sites.fold_affine`). Returns it and the nodes folded."""
+    with tempfile.TemporaryDirectory(prefix="modelpress-qdq-") as tmp:
+        options = _options(0)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            model = onnx.load(options.optimized_model_filepath)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelRunError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+    return model, fold_affine(model)
+
+
+def _options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 def optimized_kernels(path: Path, threads: int = 0) -> Kernels:
     """Count the node types of the graph onnxruntime (CPU, default optimizations) runs for
     the model at `path`."""
     with tempfile.TemporaryDirectory(prefix="modelpress-kernels-") as tmp:
         saved = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
+        options = _options(threads)
         options.optimized_model_filepath = str(saved)
-        if threads:
-            options.intra_op_num_threads = threads
         try:
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             graph = onnx.load(str(saved), load_external_data=False).graph

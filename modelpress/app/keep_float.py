@@ -5,11 +5,10 @@ Every step is a real measurement: a QDQ model built with the choice so far,
 run in onnxruntime on the calibration inputs, its worst output's relative
 error against the original's. The search:
 
-1. quantizes every activation with the default range method; done if the
-   error meets the target;
-2. ranks the activations by how much the error drops when that one alone is
-   left float (leave-one-out: softmax inputs, norm outputs, attention scores
-   and outlier activations come first);
+1. quantizes every activation with each range method in turn and starts from
+   the method with the least error; done if it meets the target;
+2. ranks the activations by the error when that one alone is int8 (softmax
+   inputs, norm outputs, attention scores and outlier activations come first);
 3. for the top RANGE_TRIALS of them, tries each other range method and keeps
    the one with the least error;
 4. puts activations back to float in rank order, keeping each only if the
@@ -38,8 +37,17 @@ class Choice:
     start_error: float
     error: float
     target: float
-    runs: int = 0
+    counter: list[int] = field(default_factory=lambda: [0], repr=False)
     steps: list[tuple[str, float]] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    ranked: list[str] = field(default_factory=list)   # most sensitive first
+    position: int = 0   # how far down `ranked` put_back has gone
+    measure: Measure | None = field(default=None, repr=False)
+
+    @property
+    def runs(self) -> int:
+        """Model runs measured so far."""
+        return self.counter[0]
 
     @property
     def met(self) -> bool:
@@ -51,11 +59,9 @@ class Choice:
                 "range_methods": dict(self.methods), "measurements": self.runs}
 
 
-def choose(groups: Sequence[str], candidates: Mapping[str, Sequence[str]], default: str,
-           measure: Measure, target: float,
-           progress: Callable[[int], None] | None = None) -> Choice:
+def choose(groups: Sequence[str], candidates: Mapping[str, Sequence[str]], measure: Measure,
+           target: float, progress: Callable[[int], None] | None = None) -> Choice:
     """Search as the module says; `candidates` lists each group's range methods."""
-    methods = {g: default if default in candidates[g] else candidates[g][0] for g in groups}
     runs = [0]
 
     def run(keep: frozenset[str], chosen: Mapping[str, str]) -> float:
@@ -64,32 +70,50 @@ def choose(groups: Sequence[str], candidates: Mapping[str, Sequence[str]], defau
             progress(1)
         return measure(keep, chosen)
 
-    error = run(frozenset(), methods)
-    choice = Choice([], methods, error, error, target)
+    uniform = {}
+    for method in dict.fromkeys(m for g in groups for m in candidates[g]):
+        tried = {g: method if method in candidates[g] else candidates[g][0] for g in groups}
+        uniform[method] = (run(frozenset(), tried), tried)
+    error, methods = min(uniform.values(), key=lambda found: found[0]) if uniform else (
+        run(frozenset(), {}), {})
+    choice = Choice([], methods, error, error, target, counter=runs, measure=run,
+                    groups=list(groups))
+    choice.steps += [(f"all {m}", e) for m, (e, _) in uniform.items()]
     if error <= target:
-        choice.runs = runs[0]
         return choice
-    gains = {g: error - run(frozenset([g]), methods) for g in groups}
-    ranked = sorted(groups, key=lambda g: -gains[g])
-    for g in ranked[:RANGE_TRIALS]:
+    rank(choice)
+    for g in choice.ranked[:RANGE_TRIALS]:
         for method in candidates[g]:
-            if method == methods[g]:
+            if method == choice.methods[g]:
                 continue
-            tried = {**methods, g: method}
+            tried = {**choice.methods, g: method}
             found = run(frozenset(), tried)
             choice.steps.append((f"range {g} {method}", found))
             if found < choice.error:
-                methods, choice.error = tried, found
+                choice.methods, choice.error = tried, found
         if choice.error <= target:
             break
-    choice.methods = methods
-    for g in ranked:
-        if choice.error <= target or gains[g] <= 0:
-            break
-        found = run(frozenset(choice.keep + [g]), methods)
+    return put_back(choice, target)
+
+
+def rank(choice: Choice) -> None:
+    """Order the groups by the error when each alone is int8, largest first."""
+    everything = frozenset(choice.groups)
+    alone = {g: choice.measure(everything - {g}, choice.methods) for g in choice.groups}
+    choice.ranked = sorted(choice.groups, key=lambda g: -alone[g])
+
+
+def put_back(choice: Choice, target: float) -> Choice:
+    """Put activations back to float in rank order (from where the last call stopped),
+    each kept only if the error drops, until the error is at most `target`."""
+    if not choice.ranked and choice.error > target:
+        rank(choice)
+    while choice.error > target and choice.position < len(choice.ranked):
+        g = choice.ranked[choice.position]
+        choice.position += 1
+        found = choice.measure(frozenset(choice.keep + [g]), choice.methods)
         choice.steps.append((f"float {g}", found))
         if found < choice.error:
             choice.keep.append(g)
             choice.error = found
-    choice.runs = runs[0]
     return choice

@@ -11,32 +11,40 @@ kernels and name each float Conv/MatMul/Gemm with the reason it stayed float.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
+from modelpress.core.activation_ranges import ActivationRange, ranges
+
 from modelpress.core.errors import ModelReadError, RecipeError
+from modelpress.core.histogram import Histogram
 from modelpress.core.metrics import compare
 from modelpress.core.quantize.static import DEFAULT_ERROR, layout_notes, static_stage
 from modelpress.core.recipe import Recipe
 from modelpress.core.report import Report, TensorRow
 from modelpress.core.store import Progress
 from modelpress.formats import check_output_path, open_model
+from modelpress.formats.onnx.activation_stats import collect
+from modelpress.formats.onnx.fake_quant import FakeQuantRunner, worst_error
 from modelpress.formats.onnx.feeds import load_inputs
 from modelpress.formats.onnx.graph import opset_version
-from modelpress.formats.onnx.kernels import optimized_kernels
-from modelpress.formats.onnx.qdq import QdqResult, Range, build, minmax_range
-from modelpress.formats.onnx.qdq_run import Runner, float_graph, tensor_minmax
+from modelpress.formats.onnx.kernels import float_graph, optimized_kernels
+from modelpress.formats.onnx.qdq import QdqResult, build, fake_weights
 from modelpress.formats.onnx.qdq_sites import Sites, find_sites, float_tensors
-from modelpress.formats.onnx.write import save_model, staged
+from modelpress.formats.onnx.run import Session
+from modelpress.formats.onnx.write import PROTOBUF_LIMIT, save_model, staged
 
-from modelpress.app.keep_float import Choice, choose
-from modelpress.app.sensitivity import OutputProbe
+from modelpress.app.keep_float import Choice, Measure, choose, put_back
 
-DEFAULT_METHOD = "minmax"
 MIN_OPSET = 13  # per-axis DequantizeLinear
+REFITS = 3
+"""Rounds of putting more activations back when the written model misses the target that
+the simulation met."""
 
 
 def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -55,44 +63,49 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
     if store.encodings:
         raise ModelReadError(f"{src}: already compressed by modelpress; run `modelpress "
                              "decompress` on it first")
+    if store.file_bytes > PROTOBUF_LIMIT:
+        raise ModelReadError(f"{src}: {store.file_bytes} bytes; static int8 takes models under "
+                             "2 GB (protobuf's limit), it rewrites the graph in memory")
     model, folded = float_graph(src)
     if opset_version(model) < MIN_OPSET:
         raise ModelReadError(f"{src}: opset {opset_version(model)}; static int8 needs opset "
                              f"{MIN_OPSET} or later (per-channel DequantizeLinear); convert it "
                              "with onnx.version_converter first")
-    feeds = load_inputs(model, calibration)
-    sites = find_sites(model, float_tensors(model))
-    candidates = _candidates(model, feeds, sites)
-    probe = OutputProbe(feeds, Runner(src).run(feeds))
     target = DEFAULT_ERROR if target_error is None else target_error
-    steps = [0]
-
-    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
-        ranges = {g: candidates[g][m] for g, m in methods.items()}
-        return probe.worst(Runner(build(model, sites, ranges, set(keep)).model).run(feeds))
-
-    def tick(n: int) -> None:
-        steps[0] += n
-        if progress is not None:
-            progress(steps[0], 0, "static int8: measuring")
-
-    groups = list(sites.groups)
-    choice = choose(groups, {g: list(candidates[g]) for g in groups}, DEFAULT_METHOD, measure,
-                    target, tick)
-    result = build(model, sites, {g: candidates[g][m] for g, m in choice.methods.items()},
-                   set(choice.keep))
-    with staged(dst) as staging:
-        size = save_model(result.model, dst, staging, src, external_data)
+    feeds = load_inputs(model, calibration)
+    reference = Session(src).run(feeds)
+    sites = find_sites(model, float_tensors(model))
+    with tempfile.TemporaryDirectory(prefix="modelpress-static-") as tmp:
+        prepared = Path(tmp) / "float.onnx"
+        onnx.save(model, str(prepared))
+        candidates = _candidates(prepared, model, calibration, sites)
+        simulated = fake_weights(model)
+        onnx.save(simulated, str(prepared))
+        runner = FakeQuantRunner(prepared, simulated, sites.tensors, feeds,
+                                 calibration=calibration)
+        choice = choose(list(sites.groups), {g: list(c) for g, c in candidates.items()},
+                        _measure(runner, reference, sites, candidates), target,
+                        _ticker(progress))
+        result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
+                                        reference, external_data)
+        for _ in range(REFITS):
+            if measured <= target or (choice.ranked and choice.position >= len(choice.ranked)):
+                break
+            # The written model's kernels round differently from the simulation: aim the
+            # simulation lower by the ratio seen, and carry on putting activations back.
+            put_back(choice, choice.error * target / measured)
+            result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
+                                            reference, external_data)
     kernels = optimized_kernels(dst)
-    notes = layout_notes(stage) + _notes(folded, sites, choice, target_error is None)
+    notes = layout_notes(stage) + _notes(folded, sites, choice, measured, target_error is None)
     report = Report(input_path=str(src), output_path=str(dst), format="onnx",
                     recipe=recipe.get_config(), rows=_rows(model, result),
                     file_bytes_before=store.file_bytes, file_bytes_after=size, notes=notes,
                     applied=recipe.get_config())
     report.static_int8 = {
-        "activations": {"groups": len(groups), "tensors": len(sites.tensors),
+        "activations": {"groups": len(sites.groups), "tensors": len(sites.tensors),
                         "kept_float": list(choice.keep)},
-        "search": choice.as_dict(),
+        "search": {**choice.as_dict(), "error_written": measured, "met": measured <= target},
         "nodes": {"integer": list(result.integer), "float": dict(result.float_reasons)},
         "kernels": {**kernels.as_dict(), "float_reasons": {
             name: result.float_reasons.get(name, "onnxruntime did not fuse it")
@@ -100,17 +113,50 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
     return report
 
 
-def _candidates(model: Any, feeds: Mapping[str, np.ndarray],
-                sites: Sites) -> dict[str, dict[str, Range]]:
-    """Each site group's range per method (until the calibration statistics of branch
-    `act` land: min/max only)."""
-    found = tensor_minmax(model, feeds, sites.tensors)
+def _write(model: onnx.ModelProto, sites: Sites,
+           candidates: Mapping[str, Mapping[str, ActivationRange]], choice: Choice, src: Path,
+           dst: Path, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+           external_data: str) -> tuple[QdqResult, int, float]:
+    """Build and write the QDQ model of `choice`; with its size and measured error."""
+    result = build(model, sites, {g: candidates[g][m] for g, m in choice.methods.items()},
+                   set(choice.keep))
+    with staged(dst) as staging:
+        size = save_model(result.model, dst, staging, src, external_data)
+    return result, size, worst_error(reference, Session(dst).run(feeds))
+
+
+def _candidates(path: Path, model: onnx.ModelProto, calibration: Path,
+                sites: Sites) -> dict[str, dict[str, ActivationRange]]:
+    """Each site group's uint8 range per method, from its members' histograms together."""
+    hists = collect(path, model, calibration, sites.tensors)
     out = {}
     for group, members in sites.groups.items():
-        lo = min(found[t][0] for t in members)
-        hi = max(found[t][1] for t in members)
-        out[group] = {"minmax": minmax_range(lo, hi)}
+        hist = Histogram(hists[members[0]].bins, group)
+        for name in members:
+            hist.merge(hists[name])
+        out[group] = ranges(hist)
     return out
+
+
+def _measure(runner: FakeQuantRunner, reference: Mapping[str, np.ndarray], sites: Sites,
+             candidates: Mapping[str, Mapping[str, ActivationRange]]) -> Measure:
+    """The search's measurement: one run of the fake-quantized model (int8 weights, the
+    chosen activations through Q/DQ) on the calibration inputs, its worst output error."""
+    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+        chosen = {t: None if g in keep else candidates[g][methods[g]]
+                  for g, members in sites.groups.items() for t in members}
+        return worst_error(reference, runner.outputs(chosen))
+    return measure
+
+
+def _ticker(progress: Progress | None) -> Callable[[int], None]:
+    steps = [0]
+
+    def tick(n: int) -> None:
+        steps[0] += n
+        if progress is not None:
+            progress(steps[0], 0, "static int8: measuring")
+    return tick
 
 
 def _rows(model: Any, result: QdqResult) -> list[TensorRow]:
@@ -137,17 +183,19 @@ def _rows(model: Any, result: QdqResult) -> list[TensorRow]:
     return rows
 
 
-def _notes(folded: int, sites: Sites, choice: Choice, default_target: bool) -> list[str]:
+def _notes(folded: int, sites: Sites, choice: Choice, measured: float,
+           default_target: bool) -> list[str]:
     notes = []
     if folded:
         notes.append(f"static int8: {folded} per-channel Sub/Mul/Add/Div after Conv folded "
                      "into its weights and bias (same function)")
     where = "default target" if default_target else "--target-error"
-    notes.append(f"static int8: output error on the calibration inputs {choice.start_error:.4g} "
-                 f"with every activation int8, {choice.error:.4g} with "
-                 f"{len(choice.keep)} of {len(sites.groups)} kept float ({where} "
-                 f"{choice.target:g}: {'met' if choice.met else 'NOT met'}; "
-                 f"{choice.runs} measured runs)")
+    notes.append(f"static int8: output error on the calibration inputs {measured:.4g} with "
+                 f"{len(choice.keep)} of {len(sites.groups)} activation groups kept float "
+                 f"({where} {choice.target:g}: {'met' if measured <= choice.target else 'NOT met'}"
+                 f"; simulated with int8 weights and fake-quantized activations: "
+                 f"{choice.start_error:.4g} all int8, {choice.error:.4g} as written, "
+                 f"{choice.runs} runs)")
     if choice.keep:
         notes.append("static int8: kept float: " + ", ".join(choice.keep[:8]) +
                      (f" and {len(choice.keep) - 8} more" if len(choice.keep) > 8 else ""))
