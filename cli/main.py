@@ -8,12 +8,13 @@ from typing import Any
 
 import click
 
-from modelpress.app import api, static_int8
+import modelpress
+from modelpress.app import api
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.core.order import order_problem
 from modelpress.core.quantize.stage import gptq_refusal
-from modelpress.core.quantize.static import static_refusal, static_stage
+from modelpress.core.quantize.static import latency_notes, static_refusal, static_stage
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODES, INT4_MODES,
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
@@ -270,7 +271,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
             bar.start()
         found = None if search is None else search(update)
         recipe = recipe if found is None else found.recipe
-        report = static_int8.compress_static(
+        # The public name loads onnx and onnxruntime on first use, only for this stage.
+        report = modelpress.compress_static(
             model[0], output, recipe, calibration, external_data=external_data, progress=update,
             target_error=None if target is None else target.error) if static else api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
                               safetensors_options=safetensors_options,
@@ -290,7 +292,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         # The sha256 digests appear only in JSON (--report, --format json).
         evaluation.finish(report, baseline, limits,
                           digests=report_path is not None or fmt == "json")
-        report.notes.extend(static_int8.latency_notes(report))
+        if static:
+            report.notes.extend(latency_notes(report))
         if report_path is not None:
             dump_json(report_path, report.as_dict())
         if show:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from modelpress.core.quantize.stage import Quantize
+from modelpress.core.report import Report
 from modelpress.core.stage import Stage
 
 DEFAULT_ERROR = 0.02
@@ -61,3 +62,18 @@ def layout_notes(stage: Quantize) -> list[str]:
     if not given:
         return [f"static int8: {FUSABLE}"]
     return [f"static int8: {', '.join(given)} ignored; weights are {FUSABLE}"]
+
+
+def latency_notes(report: Report) -> list[str]:
+    """When a static int8 model ran slower than its input: what runs in float and why."""
+    static = report.static_int8
+    evaluation = report.evaluation
+    latency = None if evaluation is None else evaluation.latency
+    if not static or latency is None or not latency.after_ms > latency.before_ms:
+        return []
+    kernels = static["kernels"]
+    named = "; ".join(f"{n}: {r}" for n, r in list(kernels["float_reasons"].items())[:6])
+    conversions = ", ".join(f"{k} {v}" for k, v in kernels["conversions"].items()) or "none"
+    return [f"static int8 ran {latency.after_ms / latency.before_ms:.2f}x the input's latency: "
+            f"{kernels['integer_count']} integer kernels, {kernels['float_count']} float "
+            f"products ({named or 'none'}); Q/DQ conversions left: {conversions}"]

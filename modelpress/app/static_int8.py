@@ -200,19 +200,3 @@ def _notes(folded: int, sites: Sites, choice: Choice, measured: float,
         notes.append("static int8: kept float: " + ", ".join(choice.keep[:8]) +
                      (f" and {len(choice.keep) - 8} more" if len(choice.keep) > 8 else ""))
     return notes
-
-
-def latency_notes(report: Report) -> list[str]:
-    """When the static int8 model ran slower than the input: what runs in float and why."""
-    static = report.static_int8
-    evaluation = report.evaluation
-    latency = None if evaluation is None else evaluation.latency
-    if not static or latency is None or not latency.after_ms > latency.before_ms:
-        return []
-    kernels = static["kernels"]
-    reasons = kernels["float_reasons"]
-    named = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:6]) or "none"
-    conversions = ", ".join(f"{k} {v}" for k, v in kernels["conversions"].items()) or "none"
-    return [f"static int8 ran {latency.after_ms / latency.before_ms:.2f}x the input's latency: "
-            f"{kernels['integer_count']} integer kernels, {kernels['float_count']} float "
-            f"products ({named}); Q/DQ conversions left: {conversions}"]
