@@ -27,7 +27,7 @@ def _conv_model(path: Path) -> Path:
     """image -> Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
-             for n, s in (("c1.w", (16, 3, 3, 3)), ("c1.b", (16,)), ("c2.w", (16, 16, 3, 3)),
+             for n, s in (("c1.w", (16, 8, 3, 3)), ("c1.b", (16,)), ("c2.w", (16, 16, 3, 3)),
                           ("c2.b", (16,)), ("fc.w", (10, 16)), ("fc.b", (10,)))]
     nodes = [helper.make_node("Conv", ["image", "c1.w", "c1.b"], ["a1"], pads=[1] * 4),
              helper.make_node("Relu", ["a1"], ["r1"]),
@@ -38,7 +38,7 @@ def _conv_model(path: Path) -> Path:
              helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1)]
     graph = helper.make_graph(
         nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
-                                                     ["batch", 3, 12, 12])],
+                                                     ["batch", 8, 12, 12])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -59,8 +59,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture
 def conv_case(tmp_path: Path) -> tuple[Path, Path, Path]:
     return (_conv_model(tmp_path / "cnn.onnx"),
-            _npz(tmp_path / "cal.npz", "image", (16, 3, 12, 12), 1),
-            _npz(tmp_path / "eval.npz", "image", (16, 3, 12, 12), 2))
+            _npz(tmp_path / "cal.npz", "image", (16, 8, 12, 12), 1),
+            _npz(tmp_path / "eval.npz", "image", (16, 8, 12, 12), 2))
 
 
 @pytest.fixture

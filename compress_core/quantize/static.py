@@ -74,6 +74,8 @@ def latency_notes(report: Report) -> list[str]:
     kernels = static["kernels"]
     named = "; ".join(f"{n}: {r}" for n, r in list(kernels["float_reasons"].items())[:6])
     conversions = ", ".join(f"{k} {v}" for k, v in kernels["conversions"].items()) or "none"
+    why = ("; every product runs as an integer kernel, which this CPU runs no faster than "
+           "float32 at these sizes" if not kernels["float_count"] else "")
     return [f"static int8 ran {latency.after_ms / latency.before_ms:.2f}x the input's latency: "
             f"{kernels['integer_count']} integer kernels, {kernels['float_count']} float "
-            f"products ({named or 'none'}); Q/DQ conversions left: {conversions}"]
+            f"products ({named or 'none'}); Q/DQ conversions left: {conversions}{why}"]

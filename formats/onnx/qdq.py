@@ -19,7 +19,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from modelpress.core.activation_ranges import ActivationRange, range_for
-from modelpress.formats.onnx.qdq_sites import ARITH, COMPUTE, REMOVABLE, Sites, arith_ok
+from modelpress.formats.onnx.qdq_sites import (ARITH, COMPUTE, REMOVABLE, Sites, arith_ok,
+                                               fixed_reason)
 
 WEIGHT_MAX = 63
 """Largest weight code: symmetric per channel on 7 bits of the int8 grid (-63..63).
@@ -151,29 +152,14 @@ def _integer_reason(node: onnx.NodeProto, act: dict[str, ActivationRange],
                     inits: dict[str, onnx.TensorProto],
                     consumers: dict[str, list[onnx.NodeProto]]) -> str | None:
     """None when `node` can run as an integer kernel, else why it stays float."""
+    fixed = fixed_reason(node, inits)
+    if fixed is not None:
+        return fixed
     acts = [node.input[i] for i in COMPUTE[node.op_type]
             if i < len(node.input) and node.input[i] not in inits]
     float_in = [a for a in acts if a not in act]
     if float_in:
         return f"input {float_in[0]!r} kept float"
-    weight = node.input[1] if node.input[1] in inits else None
-    if node.op_type != "MatMul" and weight is None:
-        return "weight is not a constant"
-    if weight is not None:
-        t = inits[weight]
-        if t.data_type != onnx.TensorProto.FLOAT:
-            return "weight is not float32"
-        if node.op_type != "Conv" and len(t.dims) != 2:
-            return f"weight has {len(t.dims)} dimensions (integer kernels take 2)"
-    if node.op_type == "Gemm":
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or \
-                attrs.get("beta", 1.0) != 1.0:
-            return "Gemm with transA, alpha or beta (QGemm takes plain Gemm)"
-    if len(node.input) > 2 and node.input[2]:
-        bias = inits.get(node.input[2])
-        if bias is None or len(bias.dims) != 1:
-            return "bias is not a 1-D constant"
     if node.op_type == "Conv" and not _output_quantized(node.output[0], act, consumers):
         return f"output {node.output[0]!r} kept float (QLinearConv needs a quantized output)"
     return None

@@ -12,7 +12,8 @@ error against the original's. The search:
 3. for the top RANGE_TRIALS of them, tries each other range method and keeps
    the one with the least error;
 4. puts activations back to float in rank order, keeping each only if the
-   error drops, until the target holds or none is left.
+   error drops by MIN_GAIN of itself or more, until the target holds or none
+   is left.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-RANGE_TRIALS = 8
+RANGE_TRIALS = 4
 """Activations whose range method is chosen by measurement (the most sensitive ones)."""
+MIN_GAIN = 0.1
+"""Least share of the error that putting one activation back to float must remove to stay
+float: each one kept float can cost an integer kernel, so small gains are not worth it."""
 
 Measure = Callable[[frozenset[str], Mapping[str, str]], float]
 """(groups kept float, range method per group) -> worst relative output error."""
@@ -113,7 +117,7 @@ def put_back(choice: Choice, target: float) -> Choice:
         choice.position += 1
         found = choice.measure(frozenset(choice.keep + [g]), choice.methods)
         choice.steps.append((f"float {g}", found))
-        if found < choice.error:
+        if found < choice.error * (1 - MIN_GAIN):
             choice.keep.append(g)
             choice.error = found
     return choice
