@@ -91,22 +91,29 @@ def ranges(hist: Histogram, bits: int = 8, symmetric: bool = False,
     return {name: range_for(lo, hi, name, bits, symmetric) for name, (lo, hi) in clips.items()}
 
 
-def _occupied(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
+def _occupied(hist: Histogram, zeros: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Edges (n+1) and counts (n) of the bins from the first to the last non-empty one,
-    the outer edges clamped to the exact min and max."""
+    the outer edges clamped to the exact min and max; without the exact zeros unless
+    `zeros` (the grid holds 0.0 exactly: they cost no error and tell nothing of the rest)."""
     used = np.flatnonzero(hist.counts)
     first, last = int(used[0]), int(used[-1])
     edges = (hist.start + np.arange(first, last + 2, dtype=np.float64)) * hist.width
     edges[0], edges[-1] = hist.min, hist.max
-    return edges, hist.counts[first:last + 1].astype(np.float64)
+    counts = hist.counts[first:last + 1].astype(np.float64)
+    if not zeros and hist.zeros:
+        counts[-hist.start - first] -= hist.zeros  # the bin [0, w)
+    return edges, counts
 
 
-def _folded(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
-    """Edges and counts of |x| (bin k and bin -k-1 of the lattice are both |x| in bin k)."""
+def _folded(hist: Histogram, zeros: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Edges and counts of |x| (bin k and bin -k-1 of the lattice are both |x| in bin k);
+    without the exact zeros unless `zeros`."""
     k = hist.start + np.arange(hist.bins, dtype=np.int64)
     j = np.where(k >= 0, k, -k - 1)
     counts = np.bincount(j - j.min(), weights=hist.counts.astype(np.float64))
     first = int(j.min())
+    if not zeros and hist.zeros:
+        counts[-first] -= hist.zeros
     last = first + int(np.flatnonzero(counts)[-1])
     counts = counts[:last - first + 1]
     edges = np.arange(first, last + 2, dtype=np.float64) * hist.width
@@ -163,23 +170,24 @@ def mse_clip(hist: Histogram, bits: int = 8, symmetric: bool = False) -> tuple[f
     """The clip whose grid gives the least expected squared error over the histogram."""
     if hist.max == hist.min:
         return hist.min, hist.max
-    edges, counts = _occupied(hist)
+    edges, counts = _occupied(hist, zeros=False)
 
     def loss(candidates: list[tuple[float, float]]) -> np.ndarray:
         return _mean_errors(edges, counts, [range_for(lo, hi, "mse", bits, symmetric)
-                                            for lo, hi in candidates])
+                                            for lo, hi in candidates], hist.count)
     return _search(loss, hist.min, hist.max, symmetric)
 
 
 def expected_error(hist: Histogram, grid: ActivationRange) -> float:
     """Mean squared error of `grid` over the histogram's values."""
-    return float(_mean_errors(*_occupied(hist), [grid])[0])
+    return float(_mean_errors(*_occupied(hist, zeros=False), [grid], hist.count)[0])
 
 
-def _mean_errors(edges: np.ndarray, counts: np.ndarray,
-                 grids: list[ActivationRange]) -> np.ndarray:
-    """Mean squared error of each grid, values spread evenly within each bin: the integral
-    of the rounding error inside the grid's bounds and of the clipping error outside."""
+def _mean_errors(edges: np.ndarray, counts: np.ndarray, grids: list[ActivationRange],
+                 total: float) -> np.ndarray:
+    """Mean squared error of each grid over `total` values, of which `counts` spread evenly
+    within each bin (the others exact zeros): the integral of the rounding error inside
+    the grid's bounds and of the clipping error outside."""
     s = np.array([g.scale for g in grids])[:, None]
     bounds = np.array([g.bounds for g in grids])
     low, high = bounds[:, :1], bounds[:, 1:]
@@ -198,22 +206,25 @@ def _mean_errors(edges: np.ndarray, counts: np.ndarray,
         mean = np.where(width > 0, (inside + below + above) / width, 0.0)
     point = left - np.clip(np.rint(left / s), low / s, high / s) * s  # bins of zero width
     mean = np.where(width > 0, mean, point * point)
-    return mean @ counts / counts.sum()
+    return mean @ counts / total
 
 
 def entropy_clip(hist: Histogram, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
     """The clip of least KL divergence between the histogram inside it (values outside
     added to its end bins) and that histogram merged into the grid's levels and spread back
     over its non-empty bins (TensorRT's calibration; on |x| with 2**(bits-1) levels when
-    symmetric, on x with 2**bits - 1 otherwise). Falls back to min/max where the histogram
-    is too coarse to tell (fewer bins than levels)."""
+    symmetric, on x with 2**bits - 1 otherwise). Exact zeros are left out: the grid holds
+    them exactly, and after a ReLU their spike alone made narrow windows win (a ReLU'd
+    Gaussian clipped at 2 sigma; measured on open_nsfw, logits error 0.43 against min/max's
+    0.018). Falls back to min/max where the histogram is too coarse to tell (fewer bins
+    than levels)."""
     if hist.max == hist.min:
         return hist.min, hist.max
     if symmetric:
-        edges, counts = _folded(hist)
+        edges, counts = _folded(hist, zeros=False)
         levels, lo0, hi0 = 1 << (bits - 1), -hist.absmax(), hist.absmax()
     else:
-        edges, counts = _occupied(hist)
+        edges, counts = _occupied(hist, zeros=False)
         levels, lo0, hi0 = (1 << bits) - 1, hist.min, hist.max
     width = hist.width
     origin = edges[1] - width  # the lattice edge at or below edges[0]

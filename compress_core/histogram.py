@@ -29,7 +29,7 @@ class NonFiniteError(InputDataError):
 
 class Histogram:
     """Streaming, mergeable histogram of one tensor's values in `bins` bins (fixed memory),
-    with the exact min, max and count."""
+    with the exact min, max, count and number of exact zeros."""
 
     def __init__(self, bins: int = BINS, name: str = "") -> None:
         if bins < 16 or bins % 2:
@@ -39,6 +39,7 @@ class Histogram:
         self.start = 0  # lattice index of counts[0]
         self.exponent: int | None = None  # bin width 2**exponent; None while empty
         self.count = 0
+        self.zeros = 0  # values exactly 0.0 (ReLU, padding): the grid holds them exactly
         self.min, self.max = math.inf, -math.inf
 
     @property
@@ -64,6 +65,7 @@ class Histogram:
         scale = math.ldexp(1.0, -self.exponent)
         for begin in range(0, flat.size, _SLICE):
             part = flat[begin:begin + _SLICE].astype(np.float64)
+            self.zeros += int(np.count_nonzero(part == 0))
             index = np.floor(part * scale).astype(np.int64) - self.start
             np.clip(index, 0, self.bins - 1, out=index)  # x == max lands on its own edge
             self.counts += np.bincount(index, minlength=self.bins)
@@ -83,6 +85,7 @@ class Histogram:
                             self.exponent, self.bins)
         self.counts += counts
         self.count += other.count
+        self.zeros += other.zeros
         self.min, self.max = lo, hi
         return self
 

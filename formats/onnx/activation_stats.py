@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from modelpress.core.histogram import BINS, Histogram, NonFiniteError
 from modelpress.formats.onnx.calibration_run import (SAMPLES_PER_RUN, chunks, exposing_session,
@@ -96,11 +97,36 @@ def matmul_inputs(model: onnx.ModelProto, ops: tuple[str, ...] = ("MatMul", "Gem
     a bias (Gemm/Conv input 2)."""
     constants = {t.name for t in model.graph.initializer}
     constants.update(n.output[0] for n in model.graph.node if n.op_type == "Constant")
+    types = _elem_types(model)
     found: dict[str, None] = {}
     for node in model.graph.node:
         if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
             continue
         for name in node.input[:2]:
-            if name and (weights_too or name not in constants):
+            if name and (weights_too or name not in constants) and types.get(name) in _FLOATS:
                 found[name] = None
     return list(found)
+
+
+_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE,
+           None}  # None: not inferred (kept: collect says so if it is not a float)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the main graph's values, as far as shape inference tells."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for tensor in bare.graph.initializer:  # types need no weight bytes
+        tensor.ClearField("raw_data")
+        tensor.ClearField("float_data")
+        tensor.ClearField("external_data")
+        tensor.data_location = TensorProto.DEFAULT
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bare).graph
+    except Exception:  # inference is a hint here, never a reason to fail
+        inferred = bare.graph
+    types = {t.name: t.data_type for t in bare.graph.initializer}
+    for value in (*inferred.input, *inferred.value_info, *inferred.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types

@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from modelpress.core.activation_ranges import ActivationRange
 from modelpress.core.metrics import compare
 from modelpress.formats.onnx.calibration_run import chunks, model_session, run_exposed
+from modelpress.formats.onnx.graph import fresh_name, opset_version, used_names
+from modelpress.formats.onnx.run import signals
 
 MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear, per-tensor
 
@@ -30,10 +32,10 @@ def fake_quant(model: onnx.ModelProto, ranges: Mapping[str, ActivationRange]) ->
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _check_opset(out)
-    used = _names(out.graph)
+    used = used_names(out)
     inserted: dict[str, list[onnx.NodeProto]] = {}
     for name, grid in ranges.items():
-        scale, zero = _unique(used, f"{name}/act_scale"), _unique(used, f"{name}/act_zero_point")
+        scale, zero = fresh_name(used, f"{name}/act_scale"), fresh_name(used, f"{name}/act_zero_point")
         out.graph.initializer.append(numpy_helper.from_array(np.array(grid.scale, np.float32),
                                                              scale))
         out.graph.initializer.append(numpy_helper.from_array(
@@ -44,11 +46,11 @@ def fake_quant(model: onnx.ModelProto, ranges: Mapping[str, ActivationRange]) ->
 
 
 def _pair(used: set[str], name: str, scale: str, zero: str) -> list[onnx.NodeProto]:
-    quantized, restored = _unique(used, f"{name}/act_q"), _unique(used, f"{name}/act_dq")
+    quantized, restored = fresh_name(used, f"{name}/act_q"), fresh_name(used, f"{name}/act_dq")
     return [helper.make_node("QuantizeLinear", [name, scale, zero], [quantized],
-                             name=_unique(used, f"{name}/QuantizeLinear")),
+                             name=fresh_name(used, f"{name}/QuantizeLinear")),
             helper.make_node("DequantizeLinear", [quantized, scale, zero], [restored],
-                             name=_unique(used, f"{name}/DequantizeLinear"))]
+                             name=fresh_name(used, f"{name}/DequantizeLinear"))]
 
 
 def _splice(graph: onnx.GraphProto, inserted: dict[str, list[onnx.NodeProto]]) -> None:
@@ -74,35 +76,18 @@ def _splice(graph: onnx.GraphProto, inserted: dict[str, list[onnx.NodeProto]]) -
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    version = opset_version(model)
     if version < MIN_OPSET:
         raise ValueError(f"the model imports ONNX opset {version}; QuantizeLinear needs "
                          f"{MIN_OPSET} or later (convert it with onnx.version_converter)")
 
 
-def _names(graph: onnx.GraphProto) -> set[str]:
-    used = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-    used.update(v.name for v in graph.output)
-    for node in graph.node:
-        used.update(node.input)
-        used.update(node.output)
-        used.add(node.name)
-    return used
-
-
-def _unique(used: set[str], name: str) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{name}.{n}"
-    used.add(candidate)
-    return candidate
-
-
 class FakeQuantRunner:
     """The model at `path` (graph `model`) with a switchable QuantizeLinear -> DequantizeLinear
     pair after each of `names`, run on `feeds` (a few samples at a time); `outputs(ranges)`
-    gives its float outputs with the tensors in `ranges` quantized and the others in float.
+    gives its float outputs with the tensors in `ranges` quantized and the others in float,
+    and the `signals` (output name -> the logits before a final softmax, or the output
+    itself: `run.signals`), which tell changes apart better than probabilities near 0 or 1.
     Zero points are int8 when `signed`, else uint8."""
 
     def __init__(self, path: Path, model: onnx.ModelProto, names: list[str],
@@ -116,30 +101,35 @@ class FakeQuantRunner:
         variant = onnx.ModelProto()
         variant.CopyFrom(model)
         _check_opset(variant)
-        used = _names(variant.graph)
+        used = used_names(variant)
         self._inputs: dict[str, tuple[str, str, str]] = {}
         inserted = {}
         zero_type = TensorProto.INT8 if signed else TensorProto.UINT8
         for name in self.names:
-            scale, zero = _unique(used, f"{name}/act_scale"), _unique(used, f"{name}/act_zero_point")
-            switch = _unique(used, f"{name}/act_on")
+            scale, zero = fresh_name(used, f"{name}/act_scale"), fresh_name(used, f"{name}/act_zero_point")
+            switch = fresh_name(used, f"{name}/act_on")
             variant.graph.input.extend([
                 helper.make_tensor_value_info(scale, TensorProto.FLOAT, []),
                 helper.make_tensor_value_info(zero, zero_type, []),
                 helper.make_tensor_value_info(switch, TensorProto.BOOL, [])])
             nodes = _pair(used, name, scale, zero)
-            chosen = _unique(used, f"{name}/act_chosen")
+            chosen = fresh_name(used, f"{name}/act_chosen")
             nodes.append(helper.make_node("Where", [switch, nodes[-1].output[0], name], [chosen],
-                                          name=_unique(used, f"{name}/act_switch")))
+                                          name=fresh_name(used, f"{name}/act_switch")))
             inserted[name] = nodes
             self._inputs[name] = (scale, zero, switch)
         _splice(variant.graph, inserted)
+        self.signals = signals(model)
+        listed = {o.name for o in variant.graph.output}
+        for name in dict.fromkeys(self.signals.values()):
+            if name not in listed:
+                variant.graph.output.append(onnx.ValueInfoProto(name=name))
         self.output_names = [o.name for o in variant.graph.output]
         self._session = model_session(variant, self.path)
         self.runs = 0
 
     def outputs(self, ranges: Mapping[str, ActivationRange | None]) -> dict[str, np.ndarray]:
-        """Every graph output with the tensors of `ranges` quantized (None: float)."""
+        """Every graph output and signal with the tensors of `ranges` quantized (None: float)."""
         fixed = {}
         for name in self.names:
             scale, zero, switch = self._inputs[name]
@@ -168,7 +158,9 @@ class FakeQuantRunner:
                 for i, name in enumerate(self.output_names)}
 
 
-def worst_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> float:
-    """The worst float output's relative L2 error (the evaluation's output error)."""
-    return max((compare(ref, outputs[name]).rel_l2 for name, ref in reference.items()
-                if np.asarray(ref).dtype.kind == "f"), default=0.0)
+def worst_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                names: list[str] | None = None) -> float:
+    """The worst relative L2 error among float `names` (default: all of `reference`)."""
+    names = list(reference) if names is None else names
+    return max((compare(reference[n], outputs[n]).rel_l2 for n in names
+                if np.asarray(reference[n]).dtype.kind == "f"), default=0.0)

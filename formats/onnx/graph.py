@@ -311,6 +311,16 @@ def used_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def fresh_name(taken: set[str], base: str) -> str:
+    """`base`, or `base_2`, `base_3`... : the first not in `taken`, which then holds it."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     """The model's default-domain opset."""
     for entry in model.opset_import:

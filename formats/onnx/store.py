@@ -21,9 +21,9 @@ from modelpress.formats.onnx.calibrate import input_stats
 from modelpress.formats.onnx.chain import DOMAIN, add_function
 from modelpress.formats.onnx.check import check_source
 from modelpress.formats.onnx.emit import decode_spec, emit, required_opset
-from modelpress.formats.onnx.graph import (Location, check_tensor, external_data_file, is_external,
-                                           locate, opset_version, other_uses, tensor_info,
-                                           used_names, weight_roles)
+from modelpress.formats.onnx.graph import (Location, check_tensor, external_data_file, fresh_name,
+                                           is_external, locate, opset_version, other_uses,
+                                           tensor_info, used_names, weight_roles)
 from modelpress.formats.onnx.lowrank import emit_lowrank, product_note
 from modelpress.formats.onnx.meta import read_encodings, set_metadata, spec_initializers
 from modelpress.formats.onnx.opset import ensure_opset
@@ -182,12 +182,7 @@ class OnnxStore:
             taken = used_names(model)
 
             def fresh(base: str) -> str:
-                name, i = base, 1
-                while name in taken:
-                    i += 1
-                    name = f"{base}_{i}"
-                taken.add(name)
-                return name
+                return fresh_name(taken, base)
 
             raised: list[str] = []
             for name, enc in in_store_order(self._tensors, encoded):
