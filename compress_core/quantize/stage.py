@@ -59,10 +59,15 @@ class Quantize(Stage):
     and Conv weights are chosen by GPTQ (--method gptq) from their inputs'
     statistics, on the grid the plain method fits (same layout and size).
 
+    With `--activations int8` (ONNX, --bits 8, --calibration) activations are
+    int8 too: QuantizeLinear/DequantizeLinear that onnxruntime runs as integer
+    kernels, weights int8 per output channel (the one form those kernels take).
+
     \b
     Examples:
       modelpress compress m.onnx -o m4.onnx quantize --bits 4
       modelpress compress m.onnx -o m4.onnx --calibration calib.npz quantize --bits 4
+      modelpress compress m.onnx -o m8.onnx --calibration calib.npz quantize --bits 8 --activations int8
     """
 
     id = "quantize"

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from modelpress.core.activation_ranges import ActivationRange, ranges
+from modelpress.core.activation_ranges import METHODS, ActivationRange, ranges
 
 from modelpress.core.errors import ModelReadError, RecipeError
 from modelpress.core.histogram import Histogram
@@ -29,7 +29,7 @@ from modelpress.core.recipe import Recipe
 from modelpress.core.report import Report, TensorRow
 from modelpress.core.store import Progress
 from modelpress.formats import check_output_path, open_model
-from modelpress.formats.onnx.activation_stats import collect
+from modelpress.formats.onnx.activation_stats import collect, collect_stats
 from modelpress.formats.onnx.fake_quant import FakeQuantRunner, worst_error
 from modelpress.formats.onnx.feeds import load_inputs
 from modelpress.formats.onnx.graph import opset_version
@@ -37,11 +37,15 @@ from modelpress.formats.onnx.kernels import float_graph, optimized_kernels
 from modelpress.formats.onnx.qdq import QdqResult, build, fake_weights
 from modelpress.formats.onnx.qdq_sites import Sites, find_sites, float_tensors
 from modelpress.formats.onnx.run import Session
+from modelpress.formats.onnx.smooth import sites as smooth_sites
+from modelpress.formats.onnx.smooth import smooth
 from modelpress.formats.onnx.write import PROTOBUF_LIMIT, save_model, staged
 
 from modelpress.app.keep_float import Choice, Measure, choose, put_back
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
+SMOOTH_ALPHA = 0.5
+"""SmoothQuant's migration strength (the paper's default for most models)."""
 REFITS = 3
 """Rounds of putting more activations back when the written model misses the target that
 the simulation met."""
@@ -75,16 +79,23 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
     feeds = load_inputs(model, calibration)
     reference = Session(src).run(feeds)
     sites = find_sites(model, float_tensors(model))
+    groups = list(sites.groups)
     with tempfile.TemporaryDirectory(prefix="modelpress-static-") as tmp:
-        prepared = Path(tmp) / "float.onnx"
-        onnx.save(model, str(prepared))
-        candidates = _candidates(prepared, model, calibration, sites)
-        simulated = fake_weights(model)
-        onnx.save(simulated, str(prepared))
-        runner = FakeQuantRunner(prepared, simulated, sites.tensors, feeds,
-                                 calibration=calibration)
-        choice = choose(list(sites.groups), {g: list(c) for g, c in candidates.items()},
-                        _measure(runner, reference, sites, candidates), target,
+        variant = None
+        for label, candidate_model, smooth_notes in _variants(model, Path(tmp), calibration):
+            prepared = Path(tmp) / f"float{label}.onnx"
+            onnx.save(candidate_model, str(prepared))
+            candidates = _candidates(prepared, candidate_model, calibration, sites)
+            simulated = fake_weights(candidate_model)
+            onnx.save(simulated, str(prepared))
+            measure = _measure(FakeQuantRunner(prepared, simulated, sites.tensors, feeds,
+                                               calibration=calibration),
+                               reference, sites, candidates)
+            error = min(measure(frozenset(), {g: m for g in groups}) for m in METHODS)
+            if variant is None or error < variant[0]:
+                variant = (error, candidate_model, smooth_notes, candidates, measure)
+        _, model, smooth_notes, candidates, measure = variant
+        choice = choose(groups, {g: list(c) for g, c in candidates.items()}, measure, target,
                         _ticker(progress))
         result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
                                         reference, external_data)
@@ -97,7 +108,8 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
             result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
                                             reference, external_data)
     kernels = optimized_kernels(dst)
-    notes = layout_notes(stage) + _notes(folded, sites, choice, measured, target_error is None)
+    notes = layout_notes(stage) + smooth_notes + _notes(folded, sites, choice, measured,
+                                                        target_error is None)
     report = Report(input_path=str(src), output_path=str(dst), format="onnx",
                     recipe=recipe.get_config(), rows=_rows(model, result),
                     file_bytes_before=store.file_bytes, file_bytes_after=size, notes=notes,
@@ -111,6 +123,21 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
             name: result.float_reasons.get(name, "onnxruntime did not fuse it")
             for name in kernels.float_nodes}}}
     return report
+
+
+def _variants(model: onnx.ModelProto, tmp: Path,
+              calibration: Path) -> Iterator[tuple[str, onnx.ModelProto, list[str]]]:
+    """The float model, and when it has MatMul/Gemm inputs that SmoothQuant can act on, the
+    model smoothed (alpha SMOOTH_ALPHA): the search continues on whichever int8 hurts less."""
+    yield "", model, []
+    found, _ = smooth_sites(model)
+    if not found:
+        return
+    path = tmp / "float-channels.onnx"
+    onnx.save(model, str(path))
+    stats = collect_stats(path, model, calibration, [], channels=[s.activation for s in found])
+    smoothed, notes = smooth(model, stats.absmax, SMOOTH_ALPHA)
+    yield "-smoothed", smoothed, [f"static int8: {note}" for note in notes[:1]]
 
 
 def _write(model: onnx.ModelProto, sites: Sites,
