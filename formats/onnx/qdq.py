@@ -94,6 +94,7 @@ def build(model: onnx.ModelProto, sites: Sites, ranges: dict[str, ActivationRang
             consumers.setdefault(name, []).append(node)
         if not node.name:
             node.name = b.fresh(f"{node.op_type}_{len(b.names)}")
+    act = _useful(g, sites, act, b.inits, consumers)
     result = QdqResult(out)
     nodes: list[onnx.NodeProto] = []
     for inp in g.input:
@@ -126,6 +127,48 @@ def build(model: onnx.ModelProto, sites: Sites, ranges: dict[str, ActivationRang
     del g.initializer[:]
     g.initializer.extend(kept + b.new_inits)
     return result
+
+
+def quantized_groups(model: onnx.ModelProto, sites: Sites, keep: set[str]) -> set[str]:
+    """The site groups `build` quantizes when `keep` stays float: those left that touch an
+    integer kernel (see `_useful`)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    unit = ActivationRange(1.0, 0, "minmax")
+    act = {t: unit for t in sites.tensors if sites.group_of[t] not in keep}
+    return {sites.group_of[t] for t in _useful(g, sites, act, inits, consumers)}
+
+
+def _useful(g: onnx.GraphProto, sites: Sites, act: dict[str, ActivationRange],
+            inits: dict[str, onnx.TensorProto],
+            consumers: dict[str, list[onnx.NodeProto]]) -> dict[str, ActivationRange]:
+    """`act` without the groups that touch no integer kernel (their Q/DQ would cost time and
+    error for nothing): a group is kept when an integer Conv/MatMul/Gemm reads or writes it,
+    or an int8 Add/Mul/Concat/pool joins it to such a group."""
+    useful: set[str] = set()
+    for node in g.node:
+        if node.op_type in COMPUTE and _integer_reason(node, act, inits, consumers) is None:
+            touched = [t for t in node.input[:2] if t in act] + [node.output[0]] + [
+                n.output[0] for n in consumers.get(node.output[0], []) if n.op_type in REMOVABLE]
+            useful.update(sites.group_of[t] for t in touched if t in act)
+    changed = True
+    while changed:
+        changed = False
+        for node in g.node:
+            if node.op_type in ARITH or node.op_type in REMOVABLE:
+                ins = [i for i in node.input if i in act]
+                if not ins or any(i not in act for i in node.input if i not in inits and i):
+                    continue
+                touched = {sites.group_of[t] for t in ins + [o for o in node.output[:1]
+                                                            if o in act]}
+                if touched & useful and not touched <= useful:
+                    useful |= touched
+                    changed = True
+    return {t: r for t, r in act.items() if sites.group_of[t] in useful}
 
 
 def _quantize_activation(b: _Builder, name: str, r: ActivationRange, nodes: list[onnx.NodeProto], *,

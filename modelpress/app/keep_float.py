@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 RANGE_TRIALS = 4
 """Activations whose range method is chosen by measurement (the most sensitive ones)."""
+PUT_BACK_RUNS = 24
+"""Most activations tried back in float after the ranking (bounds the search's runs)."""
 MIN_GAIN = 0.1
 """Least share of the error that putting one activation back to float must remove to stay
 float: each one kept float can cost an integer kernel, so small gains are not worth it."""
@@ -112,7 +114,8 @@ def put_back(choice: Choice, target: float) -> Choice:
     each kept only if the error drops, until the error is at most `target`."""
     if not choice.ranked and choice.error > target:
         rank(choice)
-    while choice.error > target and choice.position < len(choice.ranked):
+    limit = choice.position + PUT_BACK_RUNS
+    while choice.error > target and choice.position < min(len(choice.ranked), limit):
         g = choice.ranked[choice.position]
         choice.position += 1
         found = choice.measure(frozenset(choice.keep + [g]), choice.methods)

@@ -34,7 +34,7 @@ from modelpress.formats.onnx.fake_quant import FakeQuantRunner, worst_error
 from modelpress.formats.onnx.feeds import load_inputs
 from modelpress.formats.onnx.graph import opset_version
 from modelpress.formats.onnx.kernels import float_graph, optimized_kernels
-from modelpress.formats.onnx.qdq import QdqResult, build, fake_weights
+from modelpress.formats.onnx.qdq import QdqResult, build, fake_weights, quantized_groups
 from modelpress.formats.onnx.qdq_sites import Sites, find_sites, float_tensors
 from modelpress.formats.onnx.run import Session
 from modelpress.formats.onnx.smooth import sites as smooth_sites
@@ -90,7 +90,7 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
             onnx.save(simulated, str(prepared))
             measure = _measure(FakeQuantRunner(prepared, simulated, sites.tensors, feeds,
                                                calibration=calibration),
-                               reference, sites, candidates)
+                               reference, candidate_model, sites, candidates)
             error = min(measure(frozenset(), {g: m for g in groups}) for m in METHODS)
             if variant is None or error < variant[0]:
                 variant = (error, candidate_model, smooth_notes, candidates, measure)
@@ -165,12 +165,14 @@ def _candidates(path: Path, model: onnx.ModelProto, calibration: Path,
     return out
 
 
-def _measure(runner: FakeQuantRunner, reference: Mapping[str, np.ndarray], sites: Sites,
-             candidates: Mapping[str, Mapping[str, ActivationRange]]) -> Measure:
+def _measure(runner: FakeQuantRunner, reference: Mapping[str, np.ndarray], model: onnx.ModelProto,
+             sites: Sites, candidates: Mapping[str, Mapping[str, ActivationRange]]) -> Measure:
     """The search's measurement: one run of the fake-quantized model (int8 weights, the
-    chosen activations through Q/DQ) on the calibration inputs, its worst output error."""
+    activations `build` would quantize through Q/DQ) on the calibration inputs, its worst
+    output error."""
     def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
-        chosen = {t: None if g in keep else candidates[g][methods[g]]
+        used = quantized_groups(model, sites, set(keep))
+        chosen = {t: None if g not in used else candidates[g][methods[g]]
                   for g, members in sites.groups.items() for t in members}
         return worst_error(reference, runner.outputs(chosen))
     return measure
