@@ -54,7 +54,7 @@ def cases(workdir: Path, names: list[str]) -> list[dict]:
                         evaluation=image_inputs(16, seed=4), latency=1, metric="top-1"))
     if "magika" in names:
         path = _package_file("magika", "models/standard_v3_3/model.onnx", "magika==1.0.3")
-        out.append(dict(name="magika", path=path, calibration=magika_inputs(32, seed=13),
+        out.append(dict(name="magika", path=path, calibration=magika_inputs(16, seed=13),
                         evaluation=magika_inputs(64, seed=3), latency=2, metric="top-1"))
     if "mobilenet" in names:
         images = (lambda n, seed: {"image": synthetic_images(np.random.default_rng(seed), n,
@@ -64,7 +64,7 @@ def cases(workdir: Path, names: list[str]) -> list[dict]:
                         metric="top-1"))
     if "encoder" in names:
         path = encoder.build(workdir / "encoder.onnx")
-        out.append(dict(name="encoder", path=path, calibration=encoder.inputs(16, seed=1),
+        out.append(dict(name="encoder", path=path, calibration=encoder.inputs(8, seed=1),
                         evaluation=encoder.inputs(16, seed=2), latency=1, metric="cosine"))
     return out
 
