@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from modelpress.core.activation_ranges import ActivationRange, range_for
 from modelpress.formats.onnx.qdq_sites import (ARITH, COMPUTE, REMOVABLE, Sites, arith_ok,
-                                               fixed_reason)
+                                               fixed_reason, readers)
 
 WEIGHT_MAX = 63
 """Largest weight code: symmetric per channel on 7 bits of the int8 grid (-63..63).
@@ -88,10 +88,8 @@ def build(model: onnx.ModelProto, sites: Sites, ranges: dict[str, ActivationRang
     g = b.g
     act = {t: ranges[sites.group_of[t]] for t in sites.tensors
            if sites.group_of[t] not in keep and sites.group_of[t] in ranges}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+    consumers = readers(g)
     for node in g.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
         if not node.name:
             node.name = b.fresh(f"{node.op_type}_{len(b.names)}")
     act = _useful(g, sites, act, b.inits, consumers)
@@ -134,10 +132,7 @@ def quantized_groups(model: onnx.ModelProto, sites: Sites, keep: set[str]) -> se
     integer kernel (see `_useful`)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers(g)
     unit = ActivationRange(1.0, 0, "minmax")
     act = {t: unit for t in sites.tensors if sites.group_of[t] not in keep}
     return {sites.group_of[t] for t in _useful(g, sites, act, inits, consumers)}

@@ -128,14 +128,20 @@ def _set(g: onnx.GraphProto, inits: dict[str, onnx.TensorProto], name: str,
         inits[name] = g.initializer[-1]
 
 
+def readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each value (once per use)."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
 def find_sites(model: onnx.ModelProto, floats: set[str]) -> Sites:
     """The activations to quantize and their groups (see the module's docstring)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers(g)
     outputs = {o.name for o in g.output}
     wanted: set[str] = set()
     constants: set[str] = set()
