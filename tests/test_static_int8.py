@@ -17,6 +17,8 @@ from modelpress.app.static_int8 import compress_static
 from modelpress.core.quantize.stage import Quantize
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx.kernels import optimized_kernels
+from modelpress.formats.onnx.qdq import build
+from modelpress.formats.onnx.qdq_sites import find_sites, float_tensors, fold_affine
 
 from conftest import matmul_model, ort_run, rng_weights, run_cli, write_safetensors
 
@@ -172,3 +174,37 @@ def test_safetensors_and_batch_are_refused(tmp_path: Path,
                       "--calibration", cal, *STATIC])
     assert result.exit_code == 2
     assert "batch mode does not run models" in result.output
+
+
+def test_batch_norm_arithmetic_folds_and_thin_convs_stay_float(tmp_path: Path) -> None:
+    """Conv -> Sub/Mul/Add by per-channel constants (a batch norm exported as arithmetic)
+    folds into the Conv with the same outputs; a Conv on 3 input channels stays float and
+    says why."""
+    rng = np.random.default_rng(3)
+    consts = {n: rng.uniform(0.5, 1.5, (1, 16, 1, 1)).astype(np.float32)
+              for n in ("mean", "inv", "beta")}
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+             *[numpy_helper.from_array(v, n) for n, v in consts.items()]]
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"]),
+             helper.make_node("Sub", ["c", "mean"], ["s"]),
+             helper.make_node("Mul", ["s", "inv"], ["m"]),
+             helper.make_node("Add", ["m", "beta"], ["y"])]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info(
+        "image", TensorProto.FLOAT, [2, 3, 8, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = {"image": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_affine(folded) == 3
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    after = ort.InferenceSession(folded.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    sites = find_sites(folded, float_tensors(folded))
+    assert sites.tensors == []  # its only product cannot run integer: nothing to quantize
+    result = build(folded, sites, {}, set())
+    assert result.float_reasons == {
+        result.model.graph.node[0].name: "3 input channels per group: int8 Conv is slower "
+                                         "than float below 8"}
