@@ -15,6 +15,7 @@ output, or the least cosine of mean-pooled embeddings) on the evaluation inputs;
 integer / float node counts of onnxruntime's optimized graph.
 
     python benchmarks/static_int8.py [--models open_nsfw magika mobilenet encoder] [--rounds 15]
+    python benchmarks/static_int8.py --models magika --target-error 0.005
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def cases(workdir: Path, names: list[str]) -> list[dict]:
     return out
 
 
-def ours(case: dict, workdir: Path) -> tuple[Path, dict, float]:
+def ours(case: dict, workdir: Path, target: float | None) -> tuple[Path, dict, float]:
     """modelpress in a fresh process: the output, its report, the wall time."""
     cal = workdir / f"{case['name']}_cal.npz"
     np.savez(cal, **case["calibration"])
@@ -77,7 +78,9 @@ def ours(case: dict, workdir: Path) -> tuple[Path, dict, float]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "modelpress", "compress", str(case["path"]),
                            "-o", str(out), "--calibration", str(cal), "--no-eval", "-q",
-                           "--report", str(report), "quantize", "--bits", "8",
+                           "--report", str(report),
+                           *([] if target is None else ["--target-error", str(target)]),
+                           "quantize", "--bits", "8",
                            "--activations", "int8"], capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
@@ -155,8 +158,8 @@ def latencies(paths: list[Path], feeds: dict[str, np.ndarray], threads: int,
     return out
 
 
-def row(case: dict, workdir: Path, rounds: int) -> list[dict]:
-    mine, report, seconds = ours(case, workdir)
+def row(case: dict, workdir: Path, rounds: int, target: float | None) -> list[dict]:
+    mine, report, seconds = ours(case, workdir, target)
     other, other_seconds = theirs(case, workdir)
     paths = [Path(case["path"]), mine, other]
     feeds = case["evaluation"]
@@ -168,6 +171,8 @@ def row(case: dict, workdir: Path, rounds: int) -> list[dict]:
     for i, (label, path) in enumerate((("modelpress", mine), ("quantize_static", other))):
         error, metric = accuracy(case, reference, session(path, 0).run(None, feeds))
         kernels = optimized_kernels(path)
+        if i == 0 and target is not None:
+            label += f" --target-error {target:g}"
         rows.append(dict(model=case["name"], tool=label,
                          size=path.stat().st_size / Path(case["path"]).stat().st_size,
                          one=one[i + 1], many=many[i + 1], error=error, metric=metric,
@@ -201,6 +206,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+",
                         default=["open_nsfw", "magika", "mobilenet", "encoder"])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--target-error", type=float,
+                        help="pass --target-error E to modelpress [default: its own default]")
     parser.add_argument("--json", type=Path, help="also write every row to this file")
     args = parser.parse_args()
     rows = []
@@ -209,7 +216,7 @@ def main() -> None:
             if not isinstance(case["path"], Path):
                 print(f"{case['name']}: skipped ({case['path'].reason})")
                 continue
-            rows.extend(row(case, Path(tmp), args.rounds))
+            rows.extend(row(case, Path(tmp), args.rounds, args.target_error))
             print(table(rows[-2:]).splitlines()[-2:], flush=True, file=sys.stderr)
     print(table(rows))
     for r in rows:
