@@ -109,6 +109,24 @@ def rank(choice: Choice) -> None:
     choice.ranked = sorted(choice.groups, key=lambda g: -alone[g])
 
 
+def confirm(choice: Choice, measure: Measure, error: float, target: float) -> Choice:
+    """Go down the ranking again with `measure` (runs of the model as written, whose int8
+    kernels and float weights the simulation does not match), from the written model's
+    `error`, putting activations back until `target` holds."""
+    if not choice.ranked:
+        rank(choice)  # by the simulation: a ranking by sessions would cost one per group
+    counted = choice.measure
+
+    def run(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+        choice.counter[0] += 1
+        return measure(keep, methods)
+
+    choice.measure, choice.error, choice.position = run, error, 0
+    put_back(choice, target)
+    choice.measure = counted
+    return choice
+
+
 def put_back(choice: Choice, target: float) -> Choice:
     """Put activations back to float in rank order (from where the last call stopped),
     each kept only if the error drops, until the error is at most `target`."""
@@ -118,6 +136,8 @@ def put_back(choice: Choice, target: float) -> Choice:
     while choice.error > target and choice.position < min(len(choice.ranked), limit):
         g = choice.ranked[choice.position]
         choice.position += 1
+        if g in choice.keep:
+            continue
         found = choice.measure(frozenset(choice.keep + [g]), choice.methods)
         choice.steps.append((f"float {g}", found))
         if found < choice.error * (1 - MIN_GAIN):

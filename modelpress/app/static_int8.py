@@ -41,14 +41,11 @@ from modelpress.formats.onnx.smooth import sites as smooth_sites
 from modelpress.formats.onnx.smooth import smooth
 from modelpress.formats.onnx.write import PROTOBUF_LIMIT, save_model, staged
 
-from modelpress.app.keep_float import Choice, Measure, choose, put_back
+from modelpress.app.keep_float import Choice, Measure, choose, confirm
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 SMOOTH_ALPHA = 0.5
 """SmoothQuant's migration strength (the paper's default for most models)."""
-REFITS = 3
-"""Rounds of putting more activations back when the written model misses the target that
-the simulation met."""
 
 
 def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -99,12 +96,9 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
                         _ticker(progress))
         result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
                                         reference, external_data)
-        for _ in range(REFITS):
-            if measured <= target or (choice.ranked and choice.position >= len(choice.ranked)):
-                break
-            # The written model's kernels round differently from the simulation: aim the
-            # simulation lower by the ratio seen, and carry on putting activations back.
-            put_back(choice, choice.error * target / measured)
+        if measured > target:
+            confirm(choice, _written_error(model, sites, candidates, feeds, reference,
+                                           Path(tmp)), measured, target)
             result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
                                             reference, external_data)
     kernels = optimized_kernels(dst)
@@ -150,6 +144,21 @@ def _write(model: onnx.ModelProto, sites: Sites,
     with staged(dst) as staging:
         size = save_model(result.model, dst, staging, src, external_data)
     return result, size, worst_error(reference, Session(dst).run(feeds))
+
+
+def _written_error(model: onnx.ModelProto, sites: Sites,
+                   candidates: Mapping[str, Mapping[str, ActivationRange]],
+                   feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                   tmp: Path) -> Measure:
+    """A measurement of the QDQ model itself (a new session per run: slower than the
+    simulation, exact)."""
+    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+        result = build(model, sites, {g: candidates[g][m] for g, m in methods.items()},
+                       set(keep))
+        path = tmp / "trial.onnx"
+        onnx.save(result.model, str(path))
+        return worst_error(reference, Session(path).run(feeds))
+    return measure
 
 
 def _candidates(path: Path, model: onnx.ModelProto, calibration: Path,
