@@ -114,8 +114,7 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
         "search": {**choice.as_dict(), "error_written": measured, "met": measured <= target},
         "nodes": {"integer": list(result.integer), "float": dict(result.float_reasons)},
         "kernels": {**kernels.as_dict(), "float_reasons": {
-            name: result.float_reasons.get(name, "onnxruntime did not fuse it")
-            for name in kernels.float_nodes}}}
+            name: _reason(name, result.float_reasons) for name in kernels.float_nodes}}}
     return report
 
 
@@ -144,6 +143,15 @@ def _write(model: onnx.ModelProto, sites: Sites,
     with staged(dst) as staging:
         size = save_model(result.model, dst, staging, src, external_data)
     return result, size, worst_error(reference, Session(dst).run(feeds))
+
+
+def _reason(name: str, reasons: Mapping[str, str]) -> str:
+    """Why an optimized graph's float node stayed float: its own reason, or that of the node
+    onnxruntime renamed it from (it appends suffixes such as `_nchwc`)."""
+    if name in reasons:
+        return reasons[name]
+    source = max((n for n in reasons if name.startswith(n)), key=len, default=None)
+    return reasons[source] if source else "onnxruntime did not fuse it"
 
 
 def _written_error(model: onnx.ModelProto, sites: Sites,
