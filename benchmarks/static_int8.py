@@ -180,7 +180,8 @@ def row(case: dict, workdir: Path, rounds: int, target: float | None) -> list[di
                          floating=kernels.float_count,
                          seconds=seconds if i == 0 else other_seconds,
                          kept=None if i else report["static_int8"]["activations"],
-                         search=None if i else report["static_int8"]["search"]))
+                         search=None if i else report["static_int8"]["search"],
+                         notes=None if i else report["notes"]))
     return rows
 
 
