@@ -84,7 +84,10 @@ def target_options(command: Callable) -> Callable:
         click.option("--target-error", type=FiniteFloatRange(0, min_open=True), metavar="E",
                      help="Choose each tensor's precision for the smallest file whose worst "
                           "output relative error on --calibration FILE.npz (or --inputs) is at "
-                          "most E (ONNX). With --target-size too, both must hold."),
+                          "most E (ONNX). With --target-size too, both must hold. With "
+                          "quantize --activations int8: the activations kept float are chosen "
+                          "until the error on --calibration is at most E [default there: "
+                          "0.02]."),
     ]
     for decorate in reversed(options):
         command = decorate(command)

@@ -8,11 +8,13 @@ from typing import Any
 
 import click
 
+import modelpress
 from modelpress.app import api
 from modelpress.core.errors import ModelpressError, RecipeError
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS, Options
 from modelpress.core.order import order_problem
 from modelpress.core.quantize.stage import gptq_refusal
+from modelpress.core.quantize.static import latency_notes, static_refusal, static_stage
 from modelpress.core.recipe import Recipe
 from modelpress.formats.onnx.options import (ACCURACY_LEVELS, EXTERNAL_DATA_MODES, INT4_MODES,
                                              INT8_MODES, TARGETS, OnnxTarget, OnnxWriteOptions)
@@ -153,6 +155,7 @@ def compress(**_: Any) -> None:
       modelpress compress mlp.onnx -o out.onnx --max-output-error 0.05 --format markdown quantize
       modelpress compress cnn.onnx -o out.onnx --target-size 20% --calibration calib.npz
       modelpress compress cnn.onnx -o o.onnx --target-error 0.02 --calibration c.npz quantize --bits 3-8
+      modelpress compress cnn.onnx -o int8.onnx --calibration c.npz quantize --bits 8 --activations int8
 
     \b
     A target chooses each tensor's precision: a quantize --bits width (a range
@@ -204,13 +207,22 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
     eval_values = evaluation.pop(extra, evaluation.INPUT_PARAMS)
     batch_flags = extra
     recipe = _recipe(stages, recipe_file, allow_none=target is not None)
+    static = static_stage(recipe.stages) is not None
+    if static:  # its --target-error bounds the activations kept float, not a budget search
+        refusal = static_refusal(recipe.stages, calibration=calibration is not None,
+                                 onnx=model[0].suffix.lower() == ".onnx",
+                                 batch=output is not None and is_batch(model, output),
+                                 target_size=target is not None and target.size is not None)
+        if refusal:
+            raise RecipeUsageError(refusal)
     options = Options(min_elements=min_elements, allow_nonfinite=allow_nonfinite,
                       threads=threads, strict=strict)
     onnx_options = OnnxWriteOptions(external_data, OnnxTarget(onnx_target, onnx_int4,
                                                               accuracy_level, onnx_int8))
     safetensors_options = SafetensorsWriteOptions(max_shard_size)
-    search = budget.searcher(target, model, output, recipe, recipe_file, calibration,
-                             eval_values, options, (onnx_options, safetensors_options))
+    search = None if static else budget.searcher(
+        target, model, output, recipe, recipe_file, calibration, eval_values, options,
+        (onnx_options, safetensors_options))
     if print_recipe:
         click.echo(recipe.to_yaml() if search is None else budget.recipe_text(
             search(None), calibration), nl=False)
@@ -260,7 +272,10 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
             bar.start()
         found = None if search is None else search(update)
         recipe = recipe if found is None else found.recipe
-        report = api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
+        # The public name loads onnx and onnxruntime on first use, only for this stage.
+        report = modelpress.compress_static(
+            model[0], output, recipe, calibration, external_data=external_data, progress=update,
+            target_error=None if target is None else target.error) if static else api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
                               safetensors_options=safetensors_options,
                               calibration=None if calibration is None else str(calibration))
     except RecipeError as exc:  # --strict: a pattern that matches nothing is a usage error
@@ -278,6 +293,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         # The sha256 digests appear only in JSON (--report, --format json).
         evaluation.finish(report, baseline, limits,
                           digests=report_path is not None or fmt == "json")
+        if static:
+            report.notes.extend(latency_notes(report))
         if report_path is not None:
             dump_json(report_path, report.as_dict())
         if show:

@@ -10,6 +10,7 @@ from modelpress.core.report import InspectReport, Report
 from modelpress.formats.atomic import atomic_path
 
 from modelpress.cli.render_eval import markdown_evaluation, print_evaluation
+from modelpress.cli.render_static import kernel_table, markdown_kernels
 from modelpress.cli.terminal import new_table, new_text
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def print_report(console: Console, report: Report, fmt: str) -> None:
         console.print(markdown_report(report), markup=False, highlight=False, soft_wrap=True)
         return
     console.print(report_table(report))
+    if report.static_int8 is not None:
+        console.print(kernel_table(report.static_int8))
     for note in report.notes:
         console.print(f"note: {printable(note)}", markup=False, highlight=False)
     print_evaluation(console, report)
@@ -128,6 +131,8 @@ def markdown_report(report: Report, max_rows: int = MARKDOWN_ROWS) -> str:
                  f"{_ratio(report.file_bytes_after, report.file_bytes_before)} | "
                  f"{_num(total.rel_l2, '.4f', 'inf') if report.rows else '-'} | "
                  f"{_num(total.sqnr_db, '.1f') if report.rows else '-'} |")
+    if report.static_int8 is not None:
+        lines += markdown_kernels(report.static_int8)
     lines += [""] + [f"- {printable(note)}" for note in report.notes]
     lines += markdown_evaluation(report)
     return "\n".join(lines).rstrip() + "\n"

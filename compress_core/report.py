@@ -60,6 +60,9 @@ class Report:
     applied: dict[str, Any] | None = None
     # A --target-size/--target-error search's outcome (modelpress.app.budget.Outcome.as_dict).
     budget: dict[str, Any] | None = None
+    # quantize --activations int8: the keep-float search, and onnxruntime's integer and float
+    # kernels (modelpress.app.static_int8).
+    static_int8: dict[str, Any] | None = None
 
     @property
     def failed_checks(self) -> list[ThresholdResult]:
@@ -100,6 +103,7 @@ class Report:
             "versions": dict(self.versions),
             "input_sha256": self.input_sha256, "output_sha256": self.output_sha256,
             **({} if self.budget is None else {"budget": self.budget}),
+            **({} if self.static_int8 is None else {"static_int8": self.static_int8}),
         }
 
 

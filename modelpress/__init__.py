@@ -23,6 +23,13 @@ returns the recipe that meets it, which `compress` then writes::
                                      inputs="calib.npz", calibration=True)
     modelpress.compress("model.onnx", "small.onnx", found.recipe, calibration="calib.npz")
 
+Static int8 (weights and activations, QDQ that onnxruntime runs as integer kernels)::
+
+    recipe = modelpress.Recipe([modelpress.Quantize(bits=8, activations="int8")])
+    report = modelpress.compress_static("model.onnx", "int8.onnx", recipe, "calib.npz",
+                                        target_error=0.01)
+    print(report.static_int8["kernels"]["integer"], report.static_int8["search"]["error_written"])
+
 The folders of the repository map to subpackages: `compress_core/` is
 `modelpress.core` (stages, the encoded tree, recipe, pipeline, metrics; no file
 I/O), `formats/` is `modelpress.formats` (ONNX and safetensors readers and
@@ -42,6 +49,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compress": "modelpress.app.api", "decompress": "modelpress.app.api",
     "inspect": "modelpress.app.api",
+    "compress_static": "modelpress.app.static_int8",
     "search_target": "modelpress.app.budget", "Outcome": "modelpress.app.budget",
     "Target": "modelpress.core.budget", "SizeTarget": "modelpress.core.budget",
     "BudgetError": "modelpress.core.budget",

@@ -59,10 +59,15 @@ class Quantize(Stage):
     and Conv weights are chosen by GPTQ (--method gptq) from their inputs'
     statistics, on the grid the plain method fits (same layout and size).
 
+    With `--activations int8` (ONNX, --bits 8, --calibration) activations are
+    int8 too: QuantizeLinear/DequantizeLinear that onnxruntime runs as integer
+    kernels, weights int8 per output channel (the one form those kernels take).
+
     \b
     Examples:
       modelpress compress m.onnx -o m4.onnx quantize --bits 4
       modelpress compress m.onnx -o m4.onnx --calibration calib.npz quantize --bits 4
+      modelpress compress m.onnx -o m8.onnx --calibration calib.npz quantize --bits 8 --activations int8
     """
 
     id = "quantize"
@@ -118,6 +123,12 @@ class Quantize(Stage):
         "safetensors: none unless given]", min=2, max=8)
     all_layers: bool = option(
         False, "quantize embeddings and the output head at --bits too (no backup precision)")
+    activations: str | None = option(
+        None, "int8: static int8 for activations too (ONNX, --bits 8, needs --calibration): "
+        "QuantizeLinear/DequantizeLinear that onnxruntime runs as integer kernels "
+        "(QLinearConv, QLinearMatMul, QGemm); weights int8 per output channel; activations "
+        "whose int8 costs most output error stay float (--target-error sets how much)",
+        choices=("int8",))
 
     def validate(self) -> None:
         if self.group_size is not None and self.granularity in ("tensor", "channel"):
@@ -133,6 +144,9 @@ class Quantize(Stage):
             self._validate_super_block()
         if self.backup_bits is not None and self.all_layers:
             self.fail("--backup-bits has no effect with --all-layers; give one of them")
+        if self.activations is not None and self.bits != 8:
+            self.fail(f"--activations {self.activations} needs --bits 8 (integer kernels take "
+                      f"int8 weights), not {self.bits}")
 
     def _validate_super_block(self) -> None:
         if self.bits > MAX_MULTIPLIED_BITS:

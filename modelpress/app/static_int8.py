@@ -1,0 +1,248 @@
+"""`quantize --activations int8`: static int8 (QDQ) that onnxruntime runs as integer kernels.
+
+The run: the float model as onnxruntime's basic passes leave it (batch norms
+folded), its activations' ranges over the --calibration inputs, the choice of
+which activations stay float and of each one's range method by measured output
+error (`keep_float`), the QDQ model (modelpress.formats.onnx.qdq) written
+atomically, and onnxruntime's optimized graph read back to count the integer
+kernels and name each float Conv/MatMul/Gemm with the reason it stayed float.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from modelpress.core.activation_ranges import METHODS, ActivationRange, ranges
+
+from modelpress.core.errors import ModelReadError, RecipeError
+from modelpress.core.histogram import Histogram
+from modelpress.core.metrics import compare
+from modelpress.core.quantize.static import DEFAULT_ERROR, layout_notes, static_stage
+from modelpress.core.recipe import Recipe
+from modelpress.core.report import Report, TensorRow
+from modelpress.core.store import Progress
+from modelpress.formats import check_output_path, open_model
+from modelpress.formats.onnx.activation_stats import collect, collect_stats
+from modelpress.formats.onnx.fake_quant import FakeQuantRunner, worst_error
+from modelpress.formats.onnx.feeds import load_inputs
+from modelpress.formats.onnx.graph import opset_version
+from modelpress.formats.onnx.kernels import float_graph, optimized_kernels
+from modelpress.formats.onnx.qdq import QdqResult, build, fake_weights, quantized_groups
+from modelpress.formats.onnx.qdq_sites import Sites, find_sites, float_tensors
+from modelpress.formats.onnx.run import Session
+from modelpress.formats.onnx.smooth import sites as smooth_sites
+from modelpress.formats.onnx.smooth import smooth
+from modelpress.formats.onnx.write import PROTOBUF_LIMIT, save_model, staged
+
+from modelpress.app.keep_float import Choice, Measure, choose, confirm
+
+MIN_OPSET = 13  # per-axis DequantizeLinear
+SMOOTH_ALPHA = 0.5
+"""SmoothQuant's migration strength (the paper's default for most models)."""
+
+
+def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
+                    calibration: str | os.PathLike, *, target_error: float | None = None,
+                    external_data: str = "auto", progress: Progress | None = None) -> Report:
+    """Write `src` as static int8 QDQ to `dst` (see the module's docstring); the report's
+    `static_int8` holds the search, the activation counts and onnxruntime's kernels."""
+    src, dst, calibration = Path(src), Path(dst), Path(calibration)
+    stage = static_stage(recipe.stages)
+    if stage is None:
+        raise RecipeError("the recipe has no quantize --activations int8 stage")
+    store = open_model(src)
+    if store.format != "onnx":
+        raise RecipeError(f"{src}: quantize --activations int8 needs an ONNX model")
+    check_output_path(store, dst)
+    if store.encodings:
+        raise ModelReadError(f"{src}: already compressed by modelpress; run `modelpress "
+                             "decompress` on it first")
+    if store.file_bytes > PROTOBUF_LIMIT:
+        raise ModelReadError(f"{src}: {store.file_bytes} bytes; static int8 takes models under "
+                             "2 GB (protobuf's limit), it rewrites the graph in memory")
+    model, folded = float_graph(src)
+    if opset_version(model) < MIN_OPSET:
+        raise ModelReadError(f"{src}: opset {opset_version(model)}; static int8 needs opset "
+                             f"{MIN_OPSET} or later (per-channel DequantizeLinear); convert it "
+                             "with onnx.version_converter first")
+    target = DEFAULT_ERROR if target_error is None else target_error
+    feeds = load_inputs(model, calibration)
+    reference = Session(src).run(feeds)
+    sites = find_sites(model, float_tensors(model))
+    groups = list(sites.groups)
+    with tempfile.TemporaryDirectory(prefix="modelpress-static-") as tmp:
+        variant = None
+        for label, candidate_model, smooth_notes in _variants(model, Path(tmp), calibration):
+            prepared = Path(tmp) / f"float{label}.onnx"
+            onnx.save(candidate_model, str(prepared))
+            candidates = _candidates(prepared, candidate_model, calibration, sites)
+            simulated = fake_weights(candidate_model)
+            onnx.save(simulated, str(prepared))
+            measure = _measure(FakeQuantRunner(prepared, simulated, sites.tensors, feeds,
+                                               calibration=calibration),
+                               reference, candidate_model, sites, candidates)
+            error = min(measure(frozenset(), {g: m for g in groups}) for m in METHODS)
+            if variant is None or error < variant[0]:
+                variant = (error, candidate_model, smooth_notes, candidates, measure)
+        _, model, smooth_notes, candidates, measure = variant
+        choice = choose(groups, {g: list(c) for g, c in candidates.items()}, measure, target,
+                        _ticker(progress))
+        result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
+                                        reference, external_data)
+        if measured > target:
+            confirm(choice, _written_error(model, sites, candidates, feeds, reference,
+                                           Path(tmp)), measured, target)
+            result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
+                                            reference, external_data)
+    kernels = optimized_kernels(dst)
+    notes = layout_notes(stage) + smooth_notes + _notes(folded, sites, choice, measured,
+                                                        target_error is None)
+    report = Report(input_path=str(src), output_path=str(dst), format="onnx",
+                    recipe=recipe.get_config(), rows=_rows(model, result),
+                    file_bytes_before=store.file_bytes, file_bytes_after=size, notes=notes,
+                    applied=recipe.get_config())
+    report.static_int8 = {
+        "activations": {"groups": len(sites.groups), "tensors": len(sites.tensors),
+                        "kept_float": list(choice.keep)},
+        "search": {**choice.as_dict(), "error_written": measured, "met": measured <= target},
+        "nodes": {"integer": list(result.integer), "float": dict(result.float_reasons)},
+        "kernels": {**kernels.as_dict(), "float_reasons": {
+            name: _reason(name, result.float_reasons) for name in kernels.float_nodes}}}
+    return report
+
+
+def _variants(model: onnx.ModelProto, tmp: Path,
+              calibration: Path) -> Iterator[tuple[str, onnx.ModelProto, list[str]]]:
+    """The float model, and when it has MatMul/Gemm inputs that SmoothQuant can act on, the
+    model smoothed (alpha SMOOTH_ALPHA): the search continues on whichever int8 hurts less."""
+    yield "", model, []
+    found, _ = smooth_sites(model)
+    if not found:
+        return
+    path = tmp / "float-channels.onnx"
+    onnx.save(model, str(path))
+    stats = collect_stats(path, model, calibration, [], channels=[s.activation for s in found])
+    smoothed, notes = smooth(model, stats.absmax, SMOOTH_ALPHA)
+    yield "-smoothed", smoothed, [f"static int8: {note}" for note in notes[:1]]
+
+
+def _write(model: onnx.ModelProto, sites: Sites,
+           candidates: Mapping[str, Mapping[str, ActivationRange]], choice: Choice, src: Path,
+           dst: Path, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+           external_data: str) -> tuple[QdqResult, int, float]:
+    """Build and write the QDQ model of `choice`; with its size and measured error."""
+    result = build(model, sites, {g: candidates[g][m] for g, m in choice.methods.items()},
+                   set(choice.keep))
+    with staged(dst) as staging:
+        size = save_model(result.model, dst, staging, src, external_data)
+    return result, size, worst_error(reference, Session(dst).run(feeds))
+
+
+def _reason(name: str, reasons: Mapping[str, str]) -> str:
+    """Why an optimized graph's float node stayed float: its own reason, or that of the node
+    onnxruntime renamed it from (it appends suffixes such as `_nchwc`)."""
+    if name in reasons:
+        return reasons[name]
+    source = max((n for n in reasons if name.startswith(n)), key=len, default=None)
+    return reasons[source] if source else "onnxruntime did not fuse it"
+
+
+def _written_error(model: onnx.ModelProto, sites: Sites,
+                   candidates: Mapping[str, Mapping[str, ActivationRange]],
+                   feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                   tmp: Path) -> Measure:
+    """A measurement of the QDQ model itself (a new session per run: slower than the
+    simulation, exact)."""
+    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+        result = build(model, sites, {g: candidates[g][m] for g, m in methods.items()},
+                       set(keep))
+        path = tmp / "trial.onnx"
+        onnx.save(result.model, str(path))
+        return worst_error(reference, Session(path).run(feeds))
+    return measure
+
+
+def _candidates(path: Path, model: onnx.ModelProto, calibration: Path,
+                sites: Sites) -> dict[str, dict[str, ActivationRange]]:
+    """Each site group's uint8 range per method, from its members' histograms together."""
+    hists = collect(path, model, calibration, sites.tensors)
+    out = {}
+    for group, members in sites.groups.items():
+        hist = Histogram(hists[members[0]].bins, group)
+        for name in members:
+            hist.merge(hists[name])
+        out[group] = ranges(hist)
+    return out
+
+
+def _measure(runner: FakeQuantRunner, reference: Mapping[str, np.ndarray], model: onnx.ModelProto,
+             sites: Sites, candidates: Mapping[str, Mapping[str, ActivationRange]]) -> Measure:
+    """The search's measurement: one run of the fake-quantized model (int8 weights, the
+    activations `build` would quantize through Q/DQ) on the calibration inputs, its worst
+    output error."""
+    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+        used = quantized_groups(model, sites, set(keep))
+        chosen = {t: None if g not in used else candidates[g][methods[g]]
+                  for g, members in sites.groups.items() for t in members}
+        return worst_error(reference, runner.outputs(chosen))
+    return measure
+
+
+def _ticker(progress: Progress | None) -> Callable[[int], None]:
+    steps = [0]
+
+    def tick(n: int) -> None:
+        steps[0] += n
+        if progress is not None:
+            progress(steps[0], 0, "static int8: measuring")
+    return tick
+
+
+def _rows(model: Any, result: QdqResult) -> list[TensorRow]:
+    """One row per int8 weight: bytes before and after, error of the int8 values."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out_inits = {t.name: t for t in result.model.graph.initializer}
+    dq = {n.output[0]: n for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
+    rows = []
+    for name, (before, after) in result.weights.items():
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        node = dq[name + "_dequantized"] if name + "_dequantized" in dq else next(
+            n for n in dq.values() if n.input[0].startswith(name + "_quantized"))
+        codes = numpy_helper.to_array(out_inits[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(out_inits[node.input[1]])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        rows.append(TensorRow(name=name, shape=tuple(w.shape), dtype="float32",
+                              encoding=f"int8 sym channel (QDQ, axis {axis})",
+                              bytes_before=before, bytes_after=after,
+                              error=compare(w, codes * scale.reshape(shape)),
+                              stages=[{"id": "quantize", "bits": 8, "activations": "int8",
+                                       "scheme": "sym", "granularity": "channel"}]))
+    return rows
+
+
+def _notes(folded: int, sites: Sites, choice: Choice, measured: float,
+           default_target: bool) -> list[str]:
+    notes = []
+    if folded:
+        notes.append(f"static int8: {folded} per-channel Sub/Mul/Add/Div after Conv folded "
+                     "into its weights and bias (same function)")
+    where = "default target" if default_target else "--target-error"
+    notes.append(f"static int8: output error on the calibration inputs {measured:.4g} with "
+                 f"{len(choice.keep)} of {len(sites.groups)} activation groups kept float "
+                 f"({where} {choice.target:g}: {'met' if measured <= choice.target else 'NOT met'}"
+                 f"; simulated with int8 weights and fake-quantized activations: "
+                 f"{choice.start_error:.4g} all int8, {choice.error:.4g} as written, "
+                 f"{choice.runs} runs)")
+    if choice.keep:
+        notes.append("static int8: kept float: " + ", ".join(choice.keep[:8]) +
+                     (f" and {len(choice.keep) - 8} more" if len(choice.keep) > 8 else ""))
+    return notes

@@ -1,0 +1,210 @@
+"""Static int8 (issue 19): `quantize --bits 8 --activations int8` writes QDQ that onnxruntime
+runs as integer kernels, keeps outlier activations float by measured error, and reports
+which nodes run integer and which float; refusals are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from modelpress.app.static_int8 import compress_static
+from modelpress.core.quantize.stage import Quantize
+from modelpress.core.recipe import Recipe
+from modelpress.formats.onnx.kernels import optimized_kernels
+from modelpress.formats.onnx.qdq import build
+from modelpress.formats.onnx.qdq_sites import find_sites, float_tensors, fold_affine
+
+from conftest import matmul_model, ort_run, rng_weights, run_cli, write_safetensors
+
+STATIC = ["quantize", "--bits", "8", "--activations", "int8"]
+
+
+def _conv_model(path: Path) -> Path:
+    """image -> Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("c1.w", (16, 8, 3, 3)), ("c1.b", (16,)), ("c2.w", (16, 16, 3, 3)),
+                          ("c2.b", (16,)), ("fc.w", (10, 16)), ("fc.b", (10,)))]
+    nodes = [helper.make_node("Conv", ["image", "c1.w", "c1.b"], ["a1"], pads=[1] * 4),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "c2.w", "c2.b"], ["a2"], pads=[1] * 4),
+             helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                     ["batch", 8, 12, 12])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _npz(path: Path, name: str, shape: tuple[int, ...], seed: int) -> Path:
+    np.savez(path, **{name: np.random.default_rng(seed).standard_normal(shape)
+                      .astype(np.float32)})
+    return path
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.fixture
+def conv_case(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return (_conv_model(tmp_path / "cnn.onnx"),
+            _npz(tmp_path / "cal.npz", "image", (16, 8, 12, 12), 1),
+            _npz(tmp_path / "eval.npz", "image", (16, 8, 12, 12), 2))
+
+
+@pytest.fixture
+def matmul_case(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model = matmul_model(tmp_path / "mlp.onnx", {"w1": rng_weights(64, 96, seed=1) * 0.2,
+                                                 "w2": rng_weights(96, 32, seed=2) * 0.2})
+    return (model, _npz(tmp_path / "cal.npz", "x", (32, 64), 3),
+            _npz(tmp_path / "eval.npz", "x", (32, 64), 4))
+
+
+@pytest.mark.parametrize("case,kernel", [("conv_case", "QLinearConv"),
+                                         ("matmul_case", "QLinearMatMul")])
+def test_qdq_output_runs_as_integer_kernels_with_small_error(
+        case: str, kernel: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    model, cal, evaluation = request.getfixturevalue(case)
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    result = run_cli(["compress", model, "-o", out, "--calibration", cal, "--inputs", evaluation,
+                      "--report", report, "--target-error", "0.05", "-q", *STATIC])
+    assert result.exit_code == 0, result.output
+    types = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= types
+    kernels = optimized_kernels(out)
+    assert kernels.integer.get(kernel, 0) >= 1
+    assert kernels.float_count == 0
+    feeds = dict(np.load(evaluation))
+    assert _rel(ort_run(model, feeds)[0], ort_run(out, feeds)[0]) < 0.06
+    data = json.loads(report.read_text())
+    static = data["static_int8"]
+    assert static["kernels"]["integer_count"] == kernels.integer_count
+    assert static["kernels"]["float_reasons"] == {}
+    assert static["search"]["error_written"] <= 0.05
+    assert static["activations"]["groups"] >= 2
+    assert data["evaluation"]["latency"]["after_ms"] > 0
+    assert all(t["encoding"].startswith("int8 sym channel") for t in data["tensors"])
+    assert data["totals"]["file_bytes_after"] < 0.6 * data["totals"]["file_bytes_before"]
+
+
+def test_markdown_report_shows_the_kernels(conv_case: tuple[Path, Path, Path],
+                                           tmp_path: Path) -> None:
+    model, cal, evaluation = conv_case
+    result = run_cli(["compress", model, "-o", tmp_path / "q.onnx", "--calibration", cal,
+                      "--no-eval", "--format", "markdown", *STATIC])
+    assert result.exit_code == 0, result.output
+    assert "| integer kernels | 4 | QLinearConv 2, " in result.output
+    assert "| float Conv/MatMul/Gemm | 0 | none |" in result.output
+
+
+def _outlier_inputs(path: Path) -> Path:
+    """Inputs with rare large values (1 in 64 is 60x the rest): one int8 scale for them
+    either clips those or rounds the others away; a model's output depends on both."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    x[rng.random(x.shape) < 1 / 64] *= 60.0
+    np.savez(path, x=x)
+    return path
+
+
+def test_keep_float_search_puts_back_the_outlier_activation(tmp_path: Path) -> None:
+    model = matmul_model(tmp_path / "mlp.onnx", {"w1": rng_weights(64, 96, seed=1) * 0.2,
+                                                 "w2": rng_weights(96, 32, seed=2) * 0.2})
+    cal = _outlier_inputs(tmp_path / "cal.npz")
+    recipe = Recipe([Quantize(bits=8, activations="int8")])
+    report = compress_static(model, tmp_path / "q.onnx", recipe, cal, target_error=0.03)
+    search = report.static_int8["search"]
+    assert search["error_all_int8"] > 0.03
+    assert search["kept_float"][0] == "x", search
+    assert search["met"] and search["error_written"] <= 0.03
+    feeds = dict(np.load(cal))
+    assert _rel(ort_run(model, feeds)[0], ort_run(tmp_path / "q.onnx", feeds)[0]) <= 0.03
+    reasons = report.static_int8["nodes"]["float"]
+    assert list(reasons.values()) == ["input 'x' kept float"]
+    assert report.static_int8["nodes"]["integer"]  # the second MatMul still runs integer
+
+
+@pytest.mark.parametrize("args,message", [
+    (["quantize", "--bits", "8", "--activations", "int8"],
+     "quantize --activations int8 needs --calibration FILE.npz"),
+    (["--calibration", "{cal}", "quantize", "--bits", "4", "--activations", "int8"],
+     "quantize: --activations int8 needs --bits 8"),
+    (["--calibration", "{cal}", "prune", "--sparsity", "0.5", *STATIC],
+     "quantize --activations int8 is the whole recipe"),
+    (["--calibration", "{cal}", "--target-size", "50%", *STATIC],
+     "--target-size does not apply to quantize --activations int8"),
+])
+def test_refusals_are_one_line_exit_2(args: list[str], message: str,
+                                      conv_case: tuple[Path, Path, Path],
+                                      tmp_path: Path) -> None:
+    model, cal, _ = conv_case
+    out = tmp_path / "q.onnx"
+    result = run_cli(["compress", model, "-o", out,
+                      *[a.format(cal=cal) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_safetensors_and_batch_are_refused(tmp_path: Path,
+                                           conv_case: tuple[Path, Path, Path]) -> None:
+    model, cal, _ = conv_case
+    weights = write_safetensors(tmp_path / "w.safetensors",
+                                {"w": rng_weights(64, 64)})
+    result = run_cli(["compress", weights, "-o", tmp_path / "o.safetensors", "--calibration",
+                      cal, *STATIC])
+    assert result.exit_code == 2
+    assert "needs an ONNX model" in result.output
+    (tmp_path / "out").mkdir()
+    result = run_cli(["compress", model, model.parent / "eval.npz", "-o", tmp_path / "out",
+                      "--calibration", cal, *STATIC])
+    assert result.exit_code == 2
+    assert "batch mode does not run models" in result.output
+
+
+def test_batch_norm_arithmetic_folds_and_thin_convs_stay_float(tmp_path: Path) -> None:
+    """Conv -> Sub/Mul/Add by per-channel constants (a batch norm exported as arithmetic)
+    folds into the Conv with the same outputs; a Conv on 3 input channels stays float and
+    says why."""
+    rng = np.random.default_rng(3)
+    consts = {n: rng.uniform(0.5, 1.5, (1, 16, 1, 1)).astype(np.float32)
+              for n in ("mean", "inv", "beta")}
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+             *[numpy_helper.from_array(v, n) for n, v in consts.items()]]
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"]),
+             helper.make_node("Sub", ["c", "mean"], ["s"]),
+             helper.make_node("Mul", ["s", "inv"], ["m"]),
+             helper.make_node("Add", ["m", "beta"], ["y"])]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info(
+        "image", TensorProto.FLOAT, [2, 3, 8, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = {"image": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_affine(folded) == 3
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    after = ort.InferenceSession(folded.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    sites = find_sites(folded, float_tensors(folded))
+    assert sites.tensors == []  # its only product cannot run integer: nothing to quantize
+    result = build(folded, sites, {}, set())
+    assert result.float_reasons == {
+        result.model.graph.node[0].name: "3 input channels per group: int8 Conv is slower "
+                                         "than float below 8"}
