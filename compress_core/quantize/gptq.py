@@ -17,6 +17,13 @@ earlier errors along the directions the inputs take. As in the paper:
 - lazy batched updates: within a block of BLOCK columns the updates are
   rank-1, and the rest of the matrix is updated once per block.
 
+After GPTQ, up to PASSES sweeps of coordinate descent (`_descended`) move
+single codes by one step where that lowers the layer's error under the same
+damped H: GPTQ fixes each column once, from the columns before it only. On
+the sample transformer's MatMul weights at 4 bits this lowered the layer
+errors by a further 4-9% (the model's output error by 4%, 0.0480 -> 0.0462
+with the embeddings left as they are); 4 sweeps gave no more than 2.
+
 The grid is fitted first, by the stage's own fitter for the plan (the same
 scales, scale codes, zero points, multipliers as rtn/mse would store, so
 the output has exactly their layout and size); GPTQ then only chooses the
@@ -48,6 +55,8 @@ DAMPING = 0.01
 """Added to H's diagonal, as a fraction of its mean diagonal."""
 BLOCK = 128
 """Columns rounded between two updates of the rest of the matrix."""
+PASSES = 2
+"""Sweeps of coordinate descent over the columns after GPTQ (see `_descended`)."""
 _RETRIES = 4  # damping x10 each time H + damping is still not positive definite in float64
 
 Fit = Callable[[np.ndarray, TensorInfo], Quantized]
@@ -163,10 +172,57 @@ def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: Tens
     zero = np.broadcast_to(zero, w.shape)
     h = hessian if hessian.ndim == 3 else hessian[None]
     with one_blas_thread():
-        codes = _rounded(np.asarray(forward(np.asarray(w, np.float32))), forward(scale),
-                         forward(zero), None if mask is None else forward(mask), h,
-                         fitted.bits)
+        args = (np.asarray(forward(np.asarray(w, np.float32))), forward(scale), forward(zero),
+                None if mask is None else forward(mask))
+        codes = _descended(*args, _damped(h), _rounded(*args, h, fitted.bits), fitted.bits)
     return fitted.with_codes(np.ascontiguousarray(back(codes)))
+
+
+def _descended(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
+               hessian: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:
+    """`codes` [G, R, K] moved one step at a time while that lowers the layer's
+    squared error tr(D H D^T) (H damped as GPTQ's): per column, every row's code
+    +1 or -1, whichever lowers it most, in up to PASSES sweeps over the columns
+    (coordinate descent after GPTQ, as CDQuant, Nair & Suggala 2024). GPTQ fixes
+    each column once, from the columns before it; a sweep corrects each column
+    against all the others as rounded. The gradient G = D H is kept exact: rank-1
+    within a block of BLOCK columns, one product per block for the rest."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    c = codes.astype(np.float32)
+    s = np.ascontiguousarray(scale, np.float32)
+    h = hessian.astype(np.float32)
+    k = w.shape[2]
+    for _ in range(PASSES):
+        grad = np.matmul((c - zero) * s - w, h)        # [G, R, K], symmetric H
+        moved = False
+        for first in range(0, k, BLOCK):
+            last = min(first + BLOCK, k)
+            steps = np.zeros(w.shape[:2] + (last - first,), np.float32)
+            for col in range(first, last):
+                sc, g, curve = s[:, :, col], grad[:, :, col], h[:, col, col][:, None]
+                best, pick = np.zeros_like(g), np.zeros_like(g)
+                for step in (-1.0, 1.0):
+                    delta = np.float32(step) * sc
+                    gain = delta * (2 * g + delta * curve)
+                    allowed = (c[:, :, col] + step >= qmin) & (c[:, :, col] + step <= qmax)
+                    if mask is not None:
+                        allowed &= mask[:, :, col]
+                    better = allowed & (gain < best)
+                    best, pick = np.where(better, gain, best), np.where(better, step, pick)
+                if not pick.any():
+                    continue
+                moved = True
+                c[:, :, col] += pick
+                steps[:, :, col - first] = pick * sc
+                grad[:, :, first:last] += steps[:, :, col - first, None] * h[:, None, col,
+                                                                             first:last]
+            if first > 0:
+                grad[:, :, :first] += np.matmul(steps, h[:, first:last, :first])
+            if last < k:
+                grad[:, :, last:] += np.matmul(steps, h[:, first:last, last:])
+        if not moved:
+            break
+    return c.astype(np.int8)
 
 
 def _rounded(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
@@ -202,6 +258,13 @@ def _rounded(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarra
         if last < k:
             x[:, :, last:] -= np.matmul(errors, u[:, first:last, last:])
     return np.take_along_axis(codes, undo[:, None, :], axis=2).astype(np.int8)
+
+
+def _damped(hessian: np.ndarray) -> np.ndarray:
+    """H [G, K, K] with GPTQ's first damping on its diagonal (float32)."""
+    damp = DAMPING * np.diagonal(hessian, axis1=1, axis2=2).astype(np.float64).mean(axis=1)
+    damp = np.where(damp > 0, damp, 1.0)
+    return (hessian + damp[:, None, None] * np.eye(hessian.shape[1])).astype(np.float32)
 
 
 def _inverse_factor(hessian: np.ndarray, order: np.ndarray) -> np.ndarray:
