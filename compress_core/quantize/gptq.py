@@ -55,6 +55,8 @@ DAMPING = 0.01
 """Added to H's diagonal, as a fraction of its mean diagonal."""
 BLOCK = 128
 """Columns rounded between two updates of the rest of the matrix."""
+MAX_OUTPUT_WEIGHTS = 1 << 18
+"""Largest layer rounded under its output-side moments too (one weight at a time)."""
 PASSES = 2
 """Sweeps of coordinate descent over the columns after GPTQ (see `_descended`)."""
 _RETRIES = 4  # damping x10 each time H + damping is still not positive definite in float64
@@ -75,11 +77,12 @@ def rounding_notes(quantized: list[tuple[str, TensorInfo, QuantPlan]]) -> list[s
             "tensors rounded by GPTQ")
     if others:
         name, info, plan = others[0]
-        if info.role not in ("MatMul", "Gemm", "Conv"):
+        if info.role not in ("MatMul", "Gemm", "Conv", "Gather"):
             why = (f"{'used by ' + info.role if info.role else 'not a weight'}; gptq takes "
-                   "MatMul, Gemm and Conv weights")
+                   "MatMul, Gemm and Conv weights and Gather tables")
         elif info.input_stats is None:
-            why = "no input statistics: see the notes above"
+            why = ("not probed: see modelpress.formats.onnx.probe" if info.role == "Gather"
+                   else "no input statistics: see the notes above")
         else:
             why = "its input moments are over the size limit"
         methods = "/".join(sorted({p.method for _, _, p in others}))
@@ -100,13 +103,15 @@ def round_calibrated(encoded: Encoded, info: TensorInfo, fit: Fit,
     (x R^T L^T with W = [N, K]), with the first factor as quantized.
     """
     hessian = info.input_stats.second_moments.load()
+    g = info.input_stats.output_moments
+    outputs = None if g is None else g.load()
     if isinstance(encoded, Dense):
         w = encoded.decode()
-        return gptq_codes(fit(w, info), w, hessian, info)
+        return gptq_codes(fit(w, info), w, hessian, info, outputs=outputs)
     if isinstance(encoded, Sparse) and isinstance(encoded.values, Dense):
         kept = encoded.values.decode()
         start = kept if original is None or original.shape != kept.shape else original
-        rounded = gptq_codes(fit(kept, info), start, hessian, info, encoded.mask)
+        rounded = gptq_codes(fit(kept, info), start, hessian, info, encoded.mask, outputs)
         return None if rounded is None else Sparse(encoded.mask, rounded, encoded.pattern)
     if (isinstance(encoded, LowRank) and isinstance(encoded.left, Dense)
             and isinstance(encoded.right, Dense) and hessian.ndim == 2):
@@ -160,10 +165,13 @@ def element_grid(q: Quantized) -> tuple[np.ndarray, np.ndarray]:
 
 
 def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: TensorInfo,
-               mask: np.ndarray | None = None) -> Quantized | None:
+               mask: np.ndarray | None = None,
+               outputs: np.ndarray | None = None) -> Quantized | None:
     """`fitted` (a quantization of `w`) with its codes chosen by GPTQ under `hessian`;
     None if `hessian` does not fit the weight. Where `mask` is False the code is the
-    zero point (the weight decodes to exactly 0)."""
+    zero point (the weight decodes to exactly 0). `outputs`, G over the layer's outputs
+    (one matrix, [outputs, outputs]), weighs the output channels too (see
+    `_rounded_columns`) where the layer has one H and at most MAX_OUTPUT_WEIGHTS weights."""
     view = layer_view(tuple(w.shape), info, tuple(hessian.shape))
     if view is None:
         return None
@@ -174,8 +182,47 @@ def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: Tens
     with one_blas_thread():
         args = (np.asarray(forward(np.asarray(w, np.float32))), forward(scale), forward(zero),
                 None if mask is None else forward(mask))
-        codes = _descended(*args, _damped(h), _rounded(*args, h, fitted.bits), fitted.bits)
+        rows = args[0].shape[1]
+        if (outputs is not None and h.shape[0] == 1 and outputs.shape == (rows, rows)
+                and w.size <= MAX_OUTPUT_WEIGHTS):
+            codes = _rounded_columns(*args, h, np.asarray(outputs, np.float64), fitted.bits)
+        else:
+            codes = _descended(*args, _damped(h), _rounded(*args, h, fitted.bits), fitted.bits)
     return fitted.with_codes(np.ascontiguousarray(back(codes)))
+
+
+def _rounded_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                     mask: np.ndarray | None, hessian: np.ndarray, outputs: np.ndarray,
+                     bits: int) -> np.ndarray:
+    """GPTQ under H (x) G: the layer's output error x D weighed by G over its outputs,
+    tr(H D G D^T). The inverse of H (x) G factors as U_H (x) U_G, so GPTQ over every
+    weight, column by column, is GPTQ within each column over its rows under G
+    (each row's rounding error moves the rows after it by U_G), and then, as for one
+    H, the column's remaining error moves the later columns by U_H. Rows in order of
+    descending diag(G). One weight at a time: for layers of up to MAX_OUTPUT_WEIGHTS."""
+    rows = np.argsort(-np.diagonal(outputs), kind="stable")
+    ug = _inverse_factor(outputs[None], rows[None])[0].astype(np.float64)
+    perm = (slice(None), rows)
+    w, scale, zero = w[perm], scale[perm], zero[perm]
+    keep = None if mask is None else mask[perm]
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+    def column(values: np.ndarray, s: np.ndarray, z: np.ndarray,
+               kept: np.ndarray | None) -> np.ndarray:
+        x = values[0].astype(np.float64)
+        codes = np.empty(x.shape, np.float32)
+        for j in range(x.size):
+            c = min(max(float(np.rint(x[j] / s[0, j])) + float(z[0, j]), qmin), qmax)
+            if kept is not None and not kept[0, j]:
+                c = float(z[0, j])
+            codes[j] = c
+            x[j + 1:] -= (x[j] - (c - z[0, j]) * s[0, j]) / ug[j, j] * ug[j, j + 1:]
+        return codes[None]
+
+    codes = _rounded(w, scale, zero, keep, hessian, bits, column)
+    out = np.empty_like(codes)
+    out[perm] = codes
+    return out
 
 
 def _descended(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
@@ -226,8 +273,11 @@ def _descended(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndar
 
 
 def _rounded(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
-             hessian: np.ndarray, bits: int) -> np.ndarray:
-    """int8 codes of `w` [G, R, K] on the per-weight grid (scale, zero) by GPTQ."""
+             hessian: np.ndarray, bits: int,
+             column: Callable[..., np.ndarray] | None = None) -> np.ndarray:
+    """int8 codes of `w` [G, R, K] on the per-weight grid (scale, zero) by GPTQ; `column`,
+    given, rounds each column (values, scales, zero points, mask [G, R] -> codes [G, R])
+    instead of to nearest."""
     groups, _, k = w.shape
     order = np.argsort(-np.diagonal(hessian, axis1=1, axis2=2), axis=1, kind="stable")
     undo = np.argsort(order, axis=1, kind="stable")
@@ -248,9 +298,13 @@ def _rounded(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarra
         inner = u[:, first:last, first:last]
         for i in range(last - first):
             col = first + i
-            c = np.clip(np.rint(block[:, :, i] / s[:, :, col]) + z[:, :, col], qmin, qmax)
-            if keep is not None:
-                c = np.where(keep[:, :, col], c, z[:, :, col])
+            if column is not None:
+                c = column(block[:, :, i], s[:, :, col], z[:, :, col],
+                           None if keep is None else keep[:, :, col])
+            else:
+                c = np.clip(np.rint(block[:, :, i] / s[:, :, col]) + z[:, :, col], qmin, qmax)
+                if keep is not None:
+                    c = np.where(keep[:, :, col], c, z[:, :, col])
             codes[:, :, col] = c
             error = (block[:, :, i] - (c - z[:, :, col]) * s[:, :, col]) / inner[:, i, i][:, None]
             block[:, :, i:] -= error[:, :, None] * inner[:, None, i, i:]

@@ -242,7 +242,7 @@ class _Run:
                         - graph_inputs)
         sums = {n: Sums(self.layers[n].groups, self.layers[n].k, n in moments) for n in names}
         bad: set[str] = set()
-        for chunk in _chunks(self._feeds, self._calibration, self._graph):
+        for chunk in sample_chunks(self._feeds, self._calibration, self._graph):
             values = dict(zip(wanted, self._execute(wanted, chunk))) if wanted else {}
             values.update({n: chunk[n] for n in graph_inputs if n in chunk})
             for name in names:
@@ -282,32 +282,42 @@ class _Run:
 
     def _start(self):
         """An onnxruntime session of the model with every layer input as an output."""
-        try:
-            import onnxruntime as ort  # heavy and optional: only for --calibration
-        except ImportError:
-            raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
-        try:
-            model = onnx.load(str(self._path), load_external_data=False)
-        except Exception as exc:
-            raise ModelRunError(f"{self._path}: not a valid ONNX model "
-                                f"({first_line(exc)})") from None
+        model = graph_of(self._path)
         present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
         for name in sorted({u.activation for layer in self.layers.values()
                             for u in layer.uses} - present):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(Path(self._path).resolve().parent))
-        try:
-            return ort.InferenceSession(model.SerializeToString(), options,
-                                        providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelRunError(f"--calibration: onnxruntime cannot load {self._path}: "
-                                f"{first_line(exc)}") from None
+        return session_for(self._path, model)
 
 
-def _chunks(feeds: dict[str, np.ndarray], calibration: Path,
+def graph_of(path: Path) -> onnx.ModelProto:
+    """The model at `path` without its external data (read in place by the session)."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
+
+
+def session_for(path: Path, model: onnx.ModelProto):
+    """An onnxruntime session of `model` (the graph of the model at `path`, changed; its
+    external data read from `path`'s folder)."""
+    try:
+        import onnxruntime as ort  # heavy and optional: only for --calibration
+    except ImportError:
+        raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(path).resolve().parent))
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelRunError(f"--calibration: onnxruntime cannot load {path}: "
+                            f"{first_line(exc)}") from None
+
+
+def sample_chunks(feeds: dict[str, np.ndarray], calibration: Path,
             graph: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
     """The feeds a few samples at a time along axis 0 (as many as a fixed batch dimension
     of the model's inputs says, else SAMPLES_PER_RUN), or whole when the inputs do not
