@@ -22,7 +22,7 @@ from modelpress.core.errors import RecipeError
 from modelpress.core.pipeline import Options
 from modelpress.core.lowrank import Factorize
 from modelpress.core.prune import Prune
-from modelpress.core.quantize import gptq
+from modelpress.core.quantize import optq
 from modelpress.core.quantize.gptq import gptq_codes
 from modelpress.core.tensorinfo import InputStats, SecondMoments, TensorInfo
 from modelpress.formats import open_model
@@ -282,20 +282,20 @@ def test_coordinate_descent_lowers_the_layer_error_gptq_leaves(
     info = _info(w, h)
     fitted = Quantize(bits=3, method="mse").apply(Dense(w), info)
     mask = rng.random(w.shape) > 0.3
-    damped = h + gptq.DAMPING * np.mean(np.diag(h)) * np.eye(len(h), dtype=np.float32)
+    damped = h + optq.DAMPING * np.mean(np.diag(h)) * np.eye(len(h), dtype=np.float32)
 
     def layer_error(q: Quantized) -> float:
         d = (q.decode() - w).astype(np.float64)
         return float(np.einsum("kn,kl,ln->", d, damped, d))
 
     found = {}
-    for passes in (0, gptq.PASSES):
-        monkeypatch.setattr(gptq, "PASSES", passes)
+    for passes in (0, optq.PASSES):
+        monkeypatch.setattr(optq, "PASSES", passes)
         found[passes] = (gptq_codes(fitted, w, h, info), gptq_codes(fitted, w, h, info, mask))
-    for plain, swept in zip(found[0], found[gptq.PASSES]):
+    for plain, swept in zip(found[0], found[optq.PASSES]):
         np.testing.assert_array_equal(swept.scale, plain.scale)
         assert layer_error(swept) < 0.97 * layer_error(plain)
-    np.testing.assert_array_equal(found[gptq.PASSES][1].decode()[~mask], 0)
+    np.testing.assert_array_equal(found[optq.PASSES][1].decode()[~mask], 0)
 
 
 def test_pruned_weights_stay_zero_and_their_error_is_fed_back(tmp_path: Path) -> None:

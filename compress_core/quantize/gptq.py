@@ -17,7 +17,7 @@ earlier errors along the directions the inputs take. As in the paper:
 - lazy batched updates: within a block of BLOCK columns the updates are
   rank-1, and the rest of the matrix is updated once per block.
 
-After GPTQ, up to PASSES sweeps of coordinate descent (`_descended`) move
+After GPTQ, up to PASSES sweeps of coordinate descent (`optq.descended`) move
 single codes by one step where that lowers the layer's error under the same
 damped H: GPTQ fixes each column once, from the columns before it only. On
 the sample transformer's MatMul weights at 4 bits this lowered the layer
@@ -48,18 +48,11 @@ import numpy as np
 from modelpress.core.blas import one_blas_thread
 from modelpress.core.compose import factor_info
 from modelpress.core.encoded import Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.quantize.optq import (MAX_OUTPUT_WEIGHTS, damped, descended,
+                                           rounded, rounded_columns)
 from modelpress.core.quantize.plan import QuantPlan
 from modelpress.core.tensorinfo import TensorInfo
 
-DAMPING = 0.01
-"""Added to H's diagonal, as a fraction of its mean diagonal."""
-BLOCK = 128
-"""Columns rounded between two updates of the rest of the matrix."""
-MAX_OUTPUT_WEIGHTS = 1 << 18
-"""Largest layer rounded under its output-side moments too (one weight at a time)."""
-PASSES = 2
-"""Sweeps of coordinate descent over the columns after GPTQ (see `_descended`)."""
-_RETRIES = 4  # damping x10 each time H + damping is still not positive definite in float64
 
 Fit = Callable[[np.ndarray, TensorInfo], Quantized]
 """The quantize stage's grid for a tensor: its plan, fitted without calibration."""
@@ -171,7 +164,7 @@ def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: Tens
     None if `hessian` does not fit the weight. Where `mask` is False the code is the
     zero point (the weight decodes to exactly 0). `outputs`, G over the layer's outputs
     (one matrix, [outputs, outputs]), weighs the output channels too (see
-    `_rounded_columns`) where the layer has one H and at most MAX_OUTPUT_WEIGHTS weights."""
+    `optq.rounded_columns`) where the layer has one H and at most MAX_OUTPUT_WEIGHTS weights."""
     view = layer_view(tuple(w.shape), info, tuple(hessian.shape))
     if view is None:
         return None
@@ -185,172 +178,7 @@ def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: Tens
         rows = args[0].shape[1]
         if (outputs is not None and h.shape[0] == 1 and outputs.shape == (rows, rows)
                 and w.size <= MAX_OUTPUT_WEIGHTS):
-            codes = _rounded_columns(*args, h, np.asarray(outputs, np.float64), fitted.bits)
+            codes = rounded_columns(*args, h, np.asarray(outputs, np.float64), fitted.bits)
         else:
-            codes = _descended(*args, _damped(h), _rounded(*args, h, fitted.bits), fitted.bits)
+            codes = descended(*args, damped(h), rounded(*args, h, fitted.bits), fitted.bits)
     return fitted.with_codes(np.ascontiguousarray(back(codes)))
-
-
-def _rounded_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-                     mask: np.ndarray | None, hessian: np.ndarray, outputs: np.ndarray,
-                     bits: int) -> np.ndarray:
-    """GPTQ under H (x) G: the layer's output error x D weighed by G over its outputs,
-    tr(H D G D^T). The inverse of H (x) G factors as U_H (x) U_G, so GPTQ over every
-    weight, column by column, is GPTQ within each column over its rows under G
-    (each row's rounding error moves the rows after it by U_G), and then, as for one
-    H, the column's remaining error moves the later columns by U_H. Rows in order of
-    descending diag(G). One weight at a time: for layers of up to MAX_OUTPUT_WEIGHTS."""
-    rows = np.argsort(-np.diagonal(outputs), kind="stable")
-    ug = _inverse_factor(outputs[None], rows[None])[0].astype(np.float64)
-    perm = (slice(None), rows)
-    w, scale, zero = w[perm], scale[perm], zero[perm]
-    keep = None if mask is None else mask[perm]
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-    def column(values: np.ndarray, s: np.ndarray, z: np.ndarray,
-               kept: np.ndarray | None) -> np.ndarray:
-        x = values[0].astype(np.float64)
-        codes = np.empty(x.shape, np.float32)
-        for j in range(x.size):
-            c = min(max(float(np.rint(x[j] / s[0, j])) + float(z[0, j]), qmin), qmax)
-            if kept is not None and not kept[0, j]:
-                c = float(z[0, j])
-            codes[j] = c
-            x[j + 1:] -= (x[j] - (c - z[0, j]) * s[0, j]) / ug[j, j] * ug[j, j + 1:]
-        return codes[None]
-
-    codes = _rounded(w, scale, zero, keep, hessian, bits, column)
-    out = np.empty_like(codes)
-    out[perm] = codes
-    return out
-
-
-def _descended(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
-               hessian: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:
-    """`codes` [G, R, K] moved one step at a time while that lowers the layer's
-    squared error tr(D H D^T) (H damped as GPTQ's): per column, every row's code
-    +1 or -1, whichever lowers it most, in up to PASSES sweeps over the columns
-    (coordinate descent after GPTQ, as CDQuant, Nair & Suggala 2024). GPTQ fixes
-    each column once, from the columns before it; a sweep corrects each column
-    against all the others as rounded. The gradient G = D H is kept exact: rank-1
-    within a block of BLOCK columns, one product per block for the rest."""
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    c = codes.astype(np.float32)
-    s = np.ascontiguousarray(scale, np.float32)
-    h = hessian.astype(np.float32)
-    k = w.shape[2]
-    for _ in range(PASSES):
-        grad = np.matmul((c - zero) * s - w, h)        # [G, R, K], symmetric H
-        moved = False
-        for first in range(0, k, BLOCK):
-            last = min(first + BLOCK, k)
-            steps = np.zeros(w.shape[:2] + (last - first,), np.float32)
-            for col in range(first, last):
-                sc, g, curve = s[:, :, col], grad[:, :, col], h[:, col, col][:, None]
-                best, pick = np.zeros_like(g), np.zeros_like(g)
-                for step in (-1.0, 1.0):
-                    delta = np.float32(step) * sc
-                    gain = delta * (2 * g + delta * curve)
-                    allowed = (c[:, :, col] + step >= qmin) & (c[:, :, col] + step <= qmax)
-                    if mask is not None:
-                        allowed &= mask[:, :, col]
-                    better = allowed & (gain < best)
-                    best, pick = np.where(better, gain, best), np.where(better, step, pick)
-                if not pick.any():
-                    continue
-                moved = True
-                c[:, :, col] += pick
-                steps[:, :, col - first] = pick * sc
-                grad[:, :, first:last] += steps[:, :, col - first, None] * h[:, None, col,
-                                                                             first:last]
-            if first > 0:
-                grad[:, :, :first] += np.matmul(steps, h[:, first:last, :first])
-            if last < k:
-                grad[:, :, last:] += np.matmul(steps, h[:, first:last, last:])
-        if not moved:
-            break
-    return c.astype(np.int8)
-
-
-def _rounded(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
-             hessian: np.ndarray, bits: int,
-             column: Callable[..., np.ndarray] | None = None) -> np.ndarray:
-    """int8 codes of `w` [G, R, K] on the per-weight grid (scale, zero) by GPTQ; `column`,
-    given, rounds each column (values, scales, zero points, mask [G, R] -> codes [G, R])
-    instead of to nearest."""
-    groups, _, k = w.shape
-    order = np.argsort(-np.diagonal(hessian, axis1=1, axis2=2), axis=1, kind="stable")
-    undo = np.argsort(order, axis=1, kind="stable")
-
-    def permuted(a: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(a, order[:, None, :], axis=2)
-
-    u = _inverse_factor(hessian, order)
-    x = permuted(w).astype(np.float32)          # updated in place, column block by block
-    s, z = permuted(scale).astype(np.float32), permuted(zero).astype(np.float32)
-    keep = None if mask is None else permuted(mask)
-    qmin, qmax = np.float32(-(1 << (bits - 1))), np.float32((1 << (bits - 1)) - 1)
-    codes = np.empty(x.shape, np.float32)
-    for first in range(0, k, BLOCK):
-        last = min(first + BLOCK, k)
-        block = x[:, :, first:last].copy()
-        errors = np.empty_like(block)
-        inner = u[:, first:last, first:last]
-        for i in range(last - first):
-            col = first + i
-            if column is not None:
-                c = column(block[:, :, i], s[:, :, col], z[:, :, col],
-                           None if keep is None else keep[:, :, col])
-            else:
-                c = np.clip(np.rint(block[:, :, i] / s[:, :, col]) + z[:, :, col], qmin, qmax)
-                if keep is not None:
-                    c = np.where(keep[:, :, col], c, z[:, :, col])
-            codes[:, :, col] = c
-            error = (block[:, :, i] - (c - z[:, :, col]) * s[:, :, col]) / inner[:, i, i][:, None]
-            block[:, :, i:] -= error[:, :, None] * inner[:, None, i, i:]
-            errors[:, :, i] = error
-        if last < k:
-            x[:, :, last:] -= np.matmul(errors, u[:, first:last, last:])
-    return np.take_along_axis(codes, undo[:, None, :], axis=2).astype(np.int8)
-
-
-def _damped(hessian: np.ndarray) -> np.ndarray:
-    """H [G, K, K] with GPTQ's first damping on its diagonal (float32)."""
-    damp = DAMPING * np.diagonal(hessian, axis1=1, axis2=2).astype(np.float64).mean(axis=1)
-    damp = np.where(damp > 0, damp, 1.0)
-    return (hessian + damp[:, None, None] * np.eye(hessian.shape[1])).astype(np.float32)
-
-
-def _inverse_factor(hessian: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of (damped H)^-1 in column order `order`, per group (float32)."""
-    h = np.take_along_axis(np.take_along_axis(hessian.astype(np.float64), order[:, :, None],
-                                              axis=1), order[:, None, :], axis=2)
-    # An input that was always 0 has a zero row and column: the damping alone gives it
-    # curvature (it is rounded to nearest, and no error flows through it).
-    damp = DAMPING * np.diagonal(h, axis1=1, axis2=2).mean(axis=1)
-    damp = np.where(damp > 0, damp, 1.0)
-    for _ in range(_RETRIES):
-        damped = h + damp[:, None, None] * np.eye(h.shape[1])
-        try:
-            # With J the reversal, J H J = L L^T gives H = V V^T, V = J L J upper, so
-            # H^-1 = U^T U with U = V^-1 = J L^-1 J: one Cholesky and one inverse.
-            lower = np.linalg.cholesky(damped[:, ::-1, ::-1])
-            return np.ascontiguousarray(_lower_inverse(lower)[:, ::-1, ::-1]).astype(np.float32)
-        except np.linalg.LinAlgError:
-            damp = damp * 10
-    raise np.linalg.LinAlgError("the calibration statistics are not positive semi-definite")
-
-
-def _lower_inverse(lower: np.ndarray, base: int = 128) -> np.ndarray:
-    """Inverse of lower-triangular matrices [G, K, K] by halves, in matrix products:
-    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]] (a general inverse of K 2304
-    took 4.7x as long, on one BLAS thread)."""
-    k = lower.shape[-1]
-    if k <= base:
-        return np.linalg.inv(lower)
-    m = k // 2
-    first, last = _lower_inverse(lower[:, :m, :m], base), _lower_inverse(lower[:, m:, m:], base)
-    out = np.zeros_like(lower)
-    out[:, :m, :m], out[:, m:, m:] = first, last
-    out[:, m:, :m] = -np.matmul(np.matmul(last, lower[:, m:, :m]), first)
-    return out
