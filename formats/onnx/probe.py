@@ -30,6 +30,7 @@ output is a model output (G is the identity there: nothing to gain).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,10 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import ModelRunError
-from modelpress.formats.onnx.calibrate import graph_of, sample_chunks, session_for
+from modelpress.core.tensorinfo import InputStats, SecondMoments
+from modelpress.formats.onnx.calibrate import (SAMPLES_PER_RUN, graph_of, sample_chunks,
+                                               session_for)
+from modelpress.formats.onnx.feeds import load_inputs
 from modelpress.formats.onnx.moments import Sums, shrunk_moments
 from modelpress.formats.onnx.run import first_line
 
@@ -45,6 +49,9 @@ MAX_WIDTH = 512
 """Widest layer output probed (G is width x width; 2 x width runs)."""
 MAX_DIRECTIONS = 1024
 """Directions probed over the whole model (2 runs each)."""
+MAX_MACS = 1 << 35
+"""Multiply-adds of the probe runs, estimated (the sample transformer's 704 directions:
+2^34.8; magika's first layer alone would take 2^38.5, minutes)."""
 MAX_ELEMENTS = 1 << 24
 """Output elements x width held for one layer's G (float32; more: every k-th element)."""
 STEP = 1e-2
@@ -64,10 +71,45 @@ class Probe:
     ids: str | None = None
 
 
-def probes(model: onnx.ModelProto, weights: dict[str, tuple[int, ...]]) -> list[Probe]:
+def probed_stats(path: Path, model: onnx.ModelProto, calibration: Path,
+                 stats: dict[str, InputStats], tables: dict[str, tuple[int, ...]],
+                 sizes: dict[str, int]) -> tuple[dict[str, InputStats], list[str]]:
+    """`stats` (of MatMul/Gemm/Conv weights, from `calibrate.input_stats`) with the output
+    moments of the layers probed, and stats for the Gather `tables` (name -> dims)
+    probed; notes. The probes' multiply-adds, estimated from the layers in `stats`
+    (input rows x weights, per calibration sample), stay within MAX_MACS."""
+    feeds = load_inputs(model, calibration)
+    firsts = {a.shape[0] if a.ndim else 1 for a in feeds.values()}
+    samples = firsts.pop() if len(firsts) == 1 else 1
+    per_sample = sum(s.samples * sizes[n] for n, s in stats.items()) / max(samples, 1)
+    cost = 2 * min(samples, SAMPLES_PER_RUN) * max(per_sample, 1.0)
+    layers = {n: s for n, s in stats.items() if s.second_moments is not None}
+    weights = {n: dims for n, dims in tables.items()}
+    weights.update((n, dims) for n, dims in _dims(model).items() if n in layers)
+    found = probes(model, weights, min(MAX_DIRECTIONS, int(MAX_MACS // cost)))
+    metrics = output_moments(path, feeds, calibration, found)
+    stats = dict(stats)
+    for name, g in metrics.items():
+        if name in tables:
+            stats[name] = InputStats(np.zeros(len(g)), np.diagonal(g).copy(), len(g),
+                                     SecondMoments.of(g))
+        else:
+            stats[name] = dataclasses.replace(stats[name], output_moments=SecondMoments.of(g))
+    if not metrics:
+        return stats, []
+    return stats, [f"--calibration: output-side moments probed for {len(metrics)} tensors "
+                   f"({sum(len(g) for g in metrics.values())} directions, 2 runs each)"]
+
+
+def _dims(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    return {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+
+def probes(model: onnx.ModelProto, weights: dict[str, tuple[int, ...]],
+           directions: int = MAX_DIRECTIONS) -> list[Probe]:
     """The layers among `weights` (name -> dims) that are probed, in graph order: a 2-D
     MatMul/Gemm weight or a Gather table (axis 0) used by one main-graph node only, whose
-    output is no model output, within MAX_WIDTH and MAX_DIRECTIONS."""
+    output is no model output, within MAX_WIDTH and `directions` in all."""
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
@@ -82,7 +124,7 @@ def probes(model: onnx.ModelProto, weights: dict[str, tuple[int, ...]]) -> list[
                 continue
             probe = _probe(node, index, name, weights[name])
             if probe is not None and probe.width <= MAX_WIDTH \
-                    and total + probe.width <= MAX_DIRECTIONS:
+                    and total + probe.width <= directions:
                 found.append(probe)
                 total += probe.width
     return found

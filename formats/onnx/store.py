@@ -14,13 +14,11 @@ from modelpress.core.errors import InputDataError, ModelReadError
 from modelpress.core.store import (EncodedItems, Progress, WriteOptions, WriteResult, in_store_order,
                                    options_for)
 from modelpress.core.pipeline import DEFAULT_MIN_ELEMENTS
-from modelpress.core.tensorinfo import (InputStats, SecondMoments, TensorInfo,
-                                         with_mean_weight_size)
+from modelpress.core.tensorinfo import TensorInfo, with_mean_weight_size
 
 from modelpress.formats.onnx.borrow import borrow, give_back
 from modelpress.formats.onnx.calibrate import input_stats
-from modelpress.formats.onnx.feeds import load_inputs
-from modelpress.formats.onnx.probe import output_moments, probes
+from modelpress.formats.onnx.probe import probed_stats
 from modelpress.formats.onnx.chain import DOMAIN, add_function
 from modelpress.formats.onnx.check import check_source
 from modelpress.formats.onnx.emit import decode_spec, emit, required_opset
@@ -86,24 +84,12 @@ class OnnxStore:
         stats, notes = input_stats(self.path, self.model, Path(calibration), weights)
         tables = {name: info.shape for name, info in self._tensors.items()
                   if name in selected and info.role == "Gather"}
-        layers = {name: self._tensors[name].shape for name, found in stats.items()
-                  if found.second_moments is not None}
-        probed = output_moments(self.path, load_inputs(self.model, Path(calibration)),
-                                Path(calibration), probes(self.model, {**tables, **layers}))
-        for name, g in probed.items():
-            if name in tables:
-                zero = np.zeros(g.shape[0])
-                stats[name] = InputStats(zero, np.diagonal(g).copy(), g.shape[0],
-                                         SecondMoments.of(g))
-            else:
-                stats[name] = dataclasses.replace(stats[name],
-                                                  output_moments=SecondMoments.of(g))
+        sizes = {name: info.size for name, info in self._tensors.items()}
+        stats, probed = probed_stats(self.path, self.model, Path(calibration), stats, tables,
+                                     sizes)
         for name, found in stats.items():
             self._tensors[name] = dataclasses.replace(self._tensors[name], input_stats=found)
-        if probed:
-            notes.append(f"--calibration: output-side moments probed for {len(probed)} "
-                         f"tensors ({sum(len(g) for g in probed.values())} directions, 2 "
-                         "runs each)")
+        notes.extend(probed)
         return notes
 
     @property
