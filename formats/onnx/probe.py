@@ -84,10 +84,12 @@ def probed_stats(path: Path, model: onnx.ModelProto, calibration: Path,
     per_sample = sum(s.samples * sizes[n] for n, s in stats.items()) / max(samples, 1)
     cost = 2 * min(samples, SAMPLES_PER_RUN) * max(per_sample, 1.0)
     layers = {n: s for n, s in stats.items() if s.second_moments is not None}
-    weights = {n: dims for n, dims in tables.items()}
-    weights.update((n, dims) for n, dims in _dims(model).items() if n in layers)
+    weights = {n: dims for n, dims in _dims(model).items() if n in layers or n in tables}
     found = probes(model, weights, min(MAX_DIRECTIONS, int(MAX_MACS // cost)))
-    metrics = output_moments(path, feeds, calibration, found)
+    try:
+        metrics = output_moments(path, feeds, calibration, found)
+    except ModelRunError as exc:  # the calibration run worked: round without G
+        return stats, [f"--calibration: output-side moments not probed ({exc})"]
     stats = dict(stats)
     for name, g in metrics.items():
         if name in tables:
@@ -102,7 +104,9 @@ def probed_stats(path: Path, model: onnx.ModelProto, calibration: Path,
 
 
 def _dims(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    return {t.name: tuple(t.dims) for t in model.graph.initializer}
+    """The float32 initializers' dims (a probe adds float32 deltas)."""
+    return {t.name: tuple(t.dims) for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT}
 
 
 def probes(model: onnx.ModelProto, weights: dict[str, tuple[int, ...]],
@@ -116,13 +120,14 @@ def probes(model: onnx.ModelProto, weights: dict[str, tuple[int, ...]],
             if name in weights:
                 uses.setdefault(name, []).append((node, i))
     outputs = {o.name for o in model.graph.output}
+    constants = {t.name for t in model.graph.initializer}
     single = {name for name, used in uses.items() if len(used) == 1}
     found, total = [], 0
     for node in model.graph.node:
         for index, name in enumerate(node.input):
             if name not in single or len(weights[name]) != 2 or node.output[0] in outputs:
                 continue
-            probe = _probe(node, index, name, weights[name])
+            probe = _probe(node, index, name, weights[name], constants)
             if probe is not None and probe.width <= MAX_WIDTH \
                     and total + probe.width <= directions:
                 found.append(probe)
@@ -130,7 +135,8 @@ def probes(model: onnx.ModelProto, weights: dict[str, tuple[int, ...]],
     return found
 
 
-def _probe(node: onnx.NodeProto, index: int, name: str, dims: tuple[int, ...]) -> Probe | None:
+def _probe(node: onnx.NodeProto, index: int, name: str, dims: tuple[int, ...],
+           constants: set[str]) -> Probe | None:
     attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
     out = node.output[0]
     if node.domain not in ("", "ai.onnx"):
@@ -139,7 +145,8 @@ def _probe(node: onnx.NodeProto, index: int, name: str, dims: tuple[int, ...]) -
         return Probe(name, out, dims[1])
     if node.op_type == "Gemm" and index == 1:
         return Probe(name, out, dims[0] if attrs.get("transB", 0) else dims[1])
-    if node.op_type == "Gather" and index == 0 and attrs.get("axis", 0) == 0:
+    if node.op_type == "Gather" and index == 0 and attrs.get("axis", 0) == 0 \
+            and node.input[1] not in constants:
         return Probe(name, out, dims[1], ids=node.input[1])
     return None
 
