@@ -14,9 +14,11 @@ many samples with the same seeds). "output error" is the tool's own metric
 (`compress --inputs`: the worst output's relative L2 error). mse is the
 default without calibration, shown for reference. "floor" is the output error
 of quantizing, with the plain method, only the tensors GPTQ cannot improve, as
-a share of rtn's: those it does not round (Gather embeddings) and those whose
-inputs never mix (one-hot inputs: X^T X is diagonal, so no error is fed back
-and GPTQ keeps the nearest codes). Times
+a share of rtn's: those it does not round (Gather embeddings the probe budget
+left out) and those whose inputs never mix and whose outputs were not probed
+(one-hot inputs: X^T X is diagonal, so no error is fed back and GPTQ keeps the
+nearest codes); nan when there are none. "probed" counts the tensors rounded
+under their probed output moments too (modelpress/formats/onnx/probe.py). Times
 are wall time of the compress call (calibration run included), on this
 machine as loaded; read the ratio.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -78,6 +81,15 @@ def _diagonal(src: Path, calibration: Path, names: set[str]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _probed(notes: list[str]) -> int:
+    """How many tensors the report's notes say were probed."""
+    for note in notes:
+        found = re.match(r"--calibration: output-side moments probed for (\d+) tensors", note)
+        if found:
+            return int(found.group(1))
+    return 0
+
+
 def measure(case: models.ModelCase, bits: int, work: Path, samples: int | None) -> str:
     np.savez(work / "eval.npz", **case.inputs())
     np.savez(work / "cal.npz", **_calibration(case, samples))
@@ -88,7 +100,9 @@ def measure(case: models.ModelCase, bits: int, work: Path, samples: int | None) 
     gptq = _run(case.onnx, out, baseline, Recipe([Quantize(bits=bits, method="gptq")]),
                 work / "cal.npz")
     others = tuple(row.name for row in gptq[3].rows if row.stages[0]["method"] != "gptq")
-    fixed = others + _diagonal(case.onnx, work / "cal.npz", {r.name for r in gptq[3].rows})
+    probed = _probed(gptq[3].notes)
+    fixed = others + _diagonal(case.onnx, work / "cal.npz", {r.name for r in gptq[3].rows}
+                               ) if not probed else others
     floor = float("nan")
     if fixed:
         floor = _run(case.onnx, out, baseline,
@@ -100,6 +114,7 @@ def measure(case: models.ModelCase, bits: int, work: Path, samples: int | None) 
     rounded = len(gptq[3].rows) - len(others)
     return (f"| {case.name} | {bits} | {rtn[0]:.5f} | {mse[0]:.5f} | {gptq[0]:.5f} | "
             f"{ratio:.3f} | {verdict} | {floor:.3f} | {rounded}/{len(gptq[3].rows)} | "
+            f"{probed} | "
             f"{rtn[1]:,} | {gptq[1]:,} | {rtn[2]:.2f} s | {gptq[2]:.2f} s | "
             f"{gptq[2] / rtn[2]:.1f}x |")
 
@@ -120,8 +135,9 @@ def main() -> None:
             print(f"skipped {skipped.name}: {skipped.reason}")
         print()
         print("| model | bits | rtn err | mse err | gptq err | gptq/rtn | bar | floor/rtn "
-              "| gptq tensors | rtn bytes | gptq bytes | rtn time | gptq time | time ratio |")
-        print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| gptq tensors | probed | rtn bytes | gptq bytes | rtn time | gptq time | "
+              "time ratio |")
+        print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for case in suite.cases:
             for bits in args.bits:
                 print(measure(case, bits, Path(tmp), args.calibration_samples), flush=True)

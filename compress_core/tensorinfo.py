@@ -48,13 +48,18 @@ class InputStats:
     weight (each column of the im2col view, padding included). An input's
     energy E[x^2] is `var + mean**2`. `second_moments`, when collected, is
     H = X^T X / rows for `quantize --method gptq` (None: too large for the
-    limits of modelpress.formats.onnx.calibrate, or not collected).
+    limits of modelpress.formats.onnx.calibrate, or not collected). For a Gather
+    table (a lookup has no inputs to mix) the "inputs" are the hidden width: mean 0,
+    var and H from the probed metric of a row's error (modelpress.formats.onnx.probe).
     """
 
     mean: np.ndarray   # float64 [K] or [groups, K]
     var: np.ndarray    # float64, as mean
     samples: int       # input rows averaged (calibration samples x positions)
     second_moments: SecondMoments | None = None
+    # G over the layer's outputs (modelpress.formats.onnx.probe): how the model's outputs
+    # weigh an error in each output channel, and between them; None where not probed.
+    output_moments: SecondMoments | None = None
 
 
 @dataclass(frozen=True)

@@ -67,21 +67,22 @@ def test_calibration_lowers_the_output_error_of_a_pooled_head(tmp_path: Path) ->
 
 def test_calibration_rounds_the_transformers_layers_by_gptq(samples: Path,  # noqa: F811
                                                             tmp_path: Path) -> None:
-    """The sample transformer: its seven MatMul/Gemm weights get GPTQ, its two Gather
-    tables (embeddings) the plain rounding; the file is as large as without."""
+    """The sample transformer: its seven MatMul/Gemm weights and its two Gather tables
+    (embeddings, under the probed metric of a row's error) get GPTQ; every layer but
+    the head (whose output is the model's) is probed; the file is as large as without."""
     ids = np.load(samples / "transformer_test_inputs.npz")["input_ids"][:4]
     np.savez(tmp_path / "cal.npz", input_ids=ids)
     plain, calibrated = tmp_path / "a.onnx", tmp_path / "b.onnx"
     compress(samples / "transformer.onnx", plain, Recipe([Quantize(bits=4)]))
     report = compress(samples / "transformer.onnx", calibrated, Recipe([Quantize(bits=4)]),
                       calibration=str(tmp_path / "cal.npz"))
-    assert ("--calibration: 7 of 9 quantized tensors rounded by GPTQ; 2 by mse instead, e.g. "
-            "'embed_tokens.weight' (used by Gather; gptq takes MatMul, Gemm and Conv weights)"
-            in report.notes), report.notes
+    assert "--calibration: 9 of 9 quantized tensors rounded by GPTQ" in report.notes
+    assert ("--calibration: output-side moments probed for 8 tensors (704 directions, 2 runs "
+            "each)" in report.notes), report.notes
     assert plain.stat().st_size == calibrated.stat().st_size
     assert plain.read_bytes() != calibrated.read_bytes()
     methods = {row.name: row.stages[0]["method"] for row in report.rows}
-    assert methods["embed_tokens.weight"] == "mse" and methods["lm_head.weight"] == "gptq"
+    assert methods["embed_tokens.weight"] == "gptq" and methods["lm_head.weight"] == "gptq"
 
 
 def test_calibration_errors_are_one_line(samples: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -17,6 +17,13 @@ earlier errors along the directions the inputs take. As in the paper:
 - lazy batched updates: within a block of BLOCK columns the updates are
   rank-1, and the rest of the matrix is updated once per block.
 
+After GPTQ, up to PASSES sweeps of coordinate descent (`optq.descended`) move
+single codes by one step where that lowers the layer's error under the same
+damped H: GPTQ fixes each column once, from the columns before it only. On
+the sample transformer's MatMul weights at 4 bits this lowered the layer
+errors by a further 4-9% (the model's output error by 4%, 0.0480 -> 0.0462
+with the embeddings left as they are); 4 sweeps gave no more than 2.
+
 The grid is fitted first, by the stage's own fitter for the plan (the same
 scales, scale codes, zero points, multipliers as rtn/mse would store, so
 the output has exactly their layout and size); GPTQ then only chooses the
@@ -41,14 +48,11 @@ import numpy as np
 from modelpress.core.blas import one_blas_thread
 from modelpress.core.compose import factor_info
 from modelpress.core.encoded import Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.quantize.optq import (MAX_OUTPUT_WEIGHTS, damped, descended,
+                                           rounded, rounded_columns)
 from modelpress.core.quantize.plan import QuantPlan
 from modelpress.core.tensorinfo import TensorInfo
 
-DAMPING = 0.01
-"""Added to H's diagonal, as a fraction of its mean diagonal."""
-BLOCK = 128
-"""Columns rounded between two updates of the rest of the matrix."""
-_RETRIES = 4  # damping x10 each time H + damping is still not positive definite in float64
 
 Fit = Callable[[np.ndarray, TensorInfo], Quantized]
 """The quantize stage's grid for a tensor: its plan, fitted without calibration."""
@@ -66,11 +70,12 @@ def rounding_notes(quantized: list[tuple[str, TensorInfo, QuantPlan]]) -> list[s
             "tensors rounded by GPTQ")
     if others:
         name, info, plan = others[0]
-        if info.role not in ("MatMul", "Gemm", "Conv"):
+        if info.role not in ("MatMul", "Gemm", "Conv", "Gather"):
             why = (f"{'used by ' + info.role if info.role else 'not a weight'}; gptq takes "
-                   "MatMul, Gemm and Conv weights")
+                   "MatMul, Gemm and Conv weights and Gather tables")
         elif info.input_stats is None:
-            why = "no input statistics: see the notes above"
+            why = ("not probed: see modelpress.formats.onnx.probe" if info.role == "Gather"
+                   else "no input statistics: see the notes above")
         else:
             why = "its input moments are over the size limit"
         methods = "/".join(sorted({p.method for _, _, p in others}))
@@ -91,13 +96,15 @@ def round_calibrated(encoded: Encoded, info: TensorInfo, fit: Fit,
     (x R^T L^T with W = [N, K]), with the first factor as quantized.
     """
     hessian = info.input_stats.second_moments.load()
+    g = info.input_stats.output_moments
+    outputs = None if g is None else g.load()
     if isinstance(encoded, Dense):
         w = encoded.decode()
-        return gptq_codes(fit(w, info), w, hessian, info)
+        return gptq_codes(fit(w, info), w, hessian, info, outputs=outputs)
     if isinstance(encoded, Sparse) and isinstance(encoded.values, Dense):
         kept = encoded.values.decode()
         start = kept if original is None or original.shape != kept.shape else original
-        rounded = gptq_codes(fit(kept, info), start, hessian, info, encoded.mask)
+        rounded = gptq_codes(fit(kept, info), start, hessian, info, encoded.mask, outputs)
         return None if rounded is None else Sparse(encoded.mask, rounded, encoded.pattern)
     if (isinstance(encoded, LowRank) and isinstance(encoded.left, Dense)
             and isinstance(encoded.right, Dense) and hessian.ndim == 2):
@@ -151,10 +158,13 @@ def element_grid(q: Quantized) -> tuple[np.ndarray, np.ndarray]:
 
 
 def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: TensorInfo,
-               mask: np.ndarray | None = None) -> Quantized | None:
+               mask: np.ndarray | None = None,
+               outputs: np.ndarray | None = None) -> Quantized | None:
     """`fitted` (a quantization of `w`) with its codes chosen by GPTQ under `hessian`;
     None if `hessian` does not fit the weight. Where `mask` is False the code is the
-    zero point (the weight decodes to exactly 0)."""
+    zero point (the weight decodes to exactly 0). `outputs`, G over the layer's outputs
+    (one matrix, [outputs, outputs]), weighs the output channels too (see
+    `optq.rounded_columns`) where the layer has one H and at most MAX_OUTPUT_WEIGHTS weights."""
     view = layer_view(tuple(w.shape), info, tuple(hessian.shape))
     if view is None:
         return None
@@ -163,77 +173,12 @@ def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: Tens
     zero = np.broadcast_to(zero, w.shape)
     h = hessian if hessian.ndim == 3 else hessian[None]
     with one_blas_thread():
-        codes = _rounded(np.asarray(forward(np.asarray(w, np.float32))), forward(scale),
-                         forward(zero), None if mask is None else forward(mask), h,
-                         fitted.bits)
+        args = (np.asarray(forward(np.asarray(w, np.float32))), forward(scale), forward(zero),
+                None if mask is None else forward(mask))
+        rows = args[0].shape[1]
+        if (outputs is not None and h.shape[0] == 1 and outputs.shape == (rows, rows)
+                and w.size <= MAX_OUTPUT_WEIGHTS):
+            codes = rounded_columns(*args, h, np.asarray(outputs, np.float64), fitted.bits)
+        else:
+            codes = descended(*args, damped(h), rounded(*args, h, fitted.bits), fitted.bits)
     return fitted.with_codes(np.ascontiguousarray(back(codes)))
-
-
-def _rounded(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
-             hessian: np.ndarray, bits: int) -> np.ndarray:
-    """int8 codes of `w` [G, R, K] on the per-weight grid (scale, zero) by GPTQ."""
-    groups, _, k = w.shape
-    order = np.argsort(-np.diagonal(hessian, axis1=1, axis2=2), axis=1, kind="stable")
-    undo = np.argsort(order, axis=1, kind="stable")
-
-    def permuted(a: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(a, order[:, None, :], axis=2)
-
-    u = _inverse_factor(hessian, order)
-    x = permuted(w).astype(np.float32)          # updated in place, column block by block
-    s, z = permuted(scale).astype(np.float32), permuted(zero).astype(np.float32)
-    keep = None if mask is None else permuted(mask)
-    qmin, qmax = np.float32(-(1 << (bits - 1))), np.float32((1 << (bits - 1)) - 1)
-    codes = np.empty(x.shape, np.float32)
-    for first in range(0, k, BLOCK):
-        last = min(first + BLOCK, k)
-        block = x[:, :, first:last].copy()
-        errors = np.empty_like(block)
-        inner = u[:, first:last, first:last]
-        for i in range(last - first):
-            col = first + i
-            c = np.clip(np.rint(block[:, :, i] / s[:, :, col]) + z[:, :, col], qmin, qmax)
-            if keep is not None:
-                c = np.where(keep[:, :, col], c, z[:, :, col])
-            codes[:, :, col] = c
-            error = (block[:, :, i] - (c - z[:, :, col]) * s[:, :, col]) / inner[:, i, i][:, None]
-            block[:, :, i:] -= error[:, :, None] * inner[:, None, i, i:]
-            errors[:, :, i] = error
-        if last < k:
-            x[:, :, last:] -= np.matmul(errors, u[:, first:last, last:])
-    return np.take_along_axis(codes, undo[:, None, :], axis=2).astype(np.int8)
-
-
-def _inverse_factor(hessian: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of (damped H)^-1 in column order `order`, per group (float32)."""
-    h = np.take_along_axis(np.take_along_axis(hessian.astype(np.float64), order[:, :, None],
-                                              axis=1), order[:, None, :], axis=2)
-    # An input that was always 0 has a zero row and column: the damping alone gives it
-    # curvature (it is rounded to nearest, and no error flows through it).
-    damp = DAMPING * np.diagonal(h, axis1=1, axis2=2).mean(axis=1)
-    damp = np.where(damp > 0, damp, 1.0)
-    for _ in range(_RETRIES):
-        damped = h + damp[:, None, None] * np.eye(h.shape[1])
-        try:
-            # With J the reversal, J H J = L L^T gives H = V V^T, V = J L J upper, so
-            # H^-1 = U^T U with U = V^-1 = J L^-1 J: one Cholesky and one inverse.
-            lower = np.linalg.cholesky(damped[:, ::-1, ::-1])
-            return np.ascontiguousarray(_lower_inverse(lower)[:, ::-1, ::-1]).astype(np.float32)
-        except np.linalg.LinAlgError:
-            damp = damp * 10
-    raise np.linalg.LinAlgError("the calibration statistics are not positive semi-definite")
-
-
-def _lower_inverse(lower: np.ndarray, base: int = 128) -> np.ndarray:
-    """Inverse of lower-triangular matrices [G, K, K] by halves, in matrix products:
-    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]] (a general inverse of K 2304
-    took 4.7x as long, on one BLAS thread)."""
-    k = lower.shape[-1]
-    if k <= base:
-        return np.linalg.inv(lower)
-    m = k // 2
-    first, last = _lower_inverse(lower[:, :m, :m], base), _lower_inverse(lower[:, m:, m:], base)
-    out = np.zeros_like(lower)
-    out[:, :m, :m], out[:, m:, m:] = first, last
-    out[:, m:, :m] = -np.matmul(np.matmul(last, lower[:, m:, :m]), first)
-    return out

@@ -57,7 +57,10 @@ class Quantize(Stage):
 
     With `compress --calibration FILE.npz` (ONNX) the codes of MatMul, Gemm
     and Conv weights are chosen by GPTQ (--method gptq) from their inputs'
-    statistics, on the grid the plain method fits (same layout and size).
+    statistics, on the grid the plain method fits (same layout and size);
+    where the model is small enough, its layers' outputs and Gather tables
+    are probed too, so output channels and embeddings are weighed as the
+    model's outputs weigh them.
 
     With `--activations int8` (ONNX, --bits 8, --calibration) activations are
     int8 too: QuantizeLinear/DequantizeLinear that onnxruntime runs as integer

@@ -46,15 +46,19 @@ def exposing_session(path: Path, names: list[str]):
     """An onnxruntime session (CPU, default options) of the model at `path` with the inner
     tensors `names` added to its outputs; external data is read from the model's folder."""
     _onnxruntime()  # a missing onnxruntime is said before a bad model
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelRunError(f"{path}: not a valid ONNX model "
-                            f"({first_line(exc)})") from None
+    model = graph_of(path)
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for name in sorted(set(names) - present):
         model.graph.output.append(onnx.ValueInfoProto(name=name))
     return model_session(model, path)
+
+
+def graph_of(path: Path) -> onnx.ModelProto:
+    """The model at `path` without its external data (a session reads that in place)."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
 
 
 def model_session(model: onnx.ModelProto, path: Path):

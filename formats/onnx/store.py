@@ -18,6 +18,7 @@ from modelpress.core.tensorinfo import TensorInfo, with_mean_weight_size
 
 from modelpress.formats.onnx.borrow import borrow, give_back
 from modelpress.formats.onnx.calibrate import input_stats
+from modelpress.formats.onnx.probe import probed_stats
 from modelpress.formats.onnx.chain import DOMAIN, add_function
 from modelpress.formats.onnx.check import check_source
 from modelpress.formats.onnx.emit import decode_spec, emit, required_opset
@@ -69,8 +70,9 @@ class OnnxStore:
 
     def calibrate(self, calibration: Path, selected: set[str]) -> list[str]:
         """Attach input statistics from `calibration` (an .npz of model inputs) to the
-        MatMul/Gemm/Conv weights among `selected` (those the recipe quantizes); notes for
-        the report. Without such weights the model is not run."""
+        MatMul/Gemm/Conv weights among `selected` (those the recipe quantizes), and the
+        output-side moments `probe` measures to those layers and Gather tables it takes;
+        notes for the report. Without such weights the model is not run."""
         weights = {name: info.shape for name, info in self._tensors.items()
                    if name in selected and info.role in ("MatMul", "Gemm", "Conv")}
         if not weights:
@@ -80,8 +82,14 @@ class OnnxStore:
             raise InputDataError(f"--calibration {calibration}: runs the model in onnxruntime, "
                                  f"which reads local files only; copy {self.path} here first")
         stats, notes = input_stats(self.path, self.model, Path(calibration), weights)
+        tables = {name: info.shape for name, info in self._tensors.items()
+                  if name in selected and info.role == "Gather"}
+        sizes = {name: info.size for name, info in self._tensors.items()}
+        stats, probed = probed_stats(self.path, self.model, Path(calibration), stats, tables,
+                                     sizes)
         for name, found in stats.items():
             self._tensors[name] = dataclasses.replace(self._tensors[name], input_stats=found)
+        notes.extend(probed)
         return notes
 
     @property
