@@ -42,9 +42,8 @@ class Quantize(Stage):
     weight at 4 bits), and at 2-4 bits multiplier scales per 128 inputs for
     MatMul/Gemm weights of 1M+ elements (4.5 bits per weight; see
     `quantize.multiplier`); at 8 bits, symmetric groups with 8-bit scale
-    codes, their size chosen per tensor from its values by rate and
-    distortion (`quantize.grouping`). safetensors: compressed-tensors' layout (symmetric,
-    float scales; per channel at 8 bits, groups of 128 below).
+    codes, their size chosen per tensor by rate and distortion. safetensors:
+    compressed-tensors' layout (symmetric; per channel at 8 bits, else g128).
 
     Groups run along the inputs each output sums over; a convolution kernel
     whose input axis is shorter than a group (depthwise, grouped, one input
@@ -57,10 +56,8 @@ class Quantize(Stage):
 
     With `compress --calibration FILE.npz` (ONNX) the codes of MatMul, Gemm
     and Conv weights are chosen by GPTQ (--method gptq) from their inputs'
-    statistics, on the grid the plain method fits (same layout and size);
-    where the model is small enough, its layers' outputs and Gather tables
-    are probed too, so output channels and embeddings are weighed as the
-    model's outputs weigh them.
+    statistics, on the grid the plain method fits (same layout and size); in
+    small enough models, outputs and Gather tables are weighed by probing.
 
     With `--activations int8` (ONNX, --bits 8, --calibration) activations are
     int8 too: QuantizeLinear/DequantizeLinear that onnxruntime runs as integer
