@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from modelpress.core.budget import Option
-from modelpress.core.candidates import KEPT, Choices, escape_glob, squared_error
+from modelpress.core.candidates import KEPT, Choices, data_free, escape_glob, squared_error
 from modelpress.core.metrics import compare
 from modelpress.core.pipeline import Options, encode_stream, plan
 from modelpress.core.recipe import Recipe
@@ -202,7 +202,7 @@ class Sensitivity:
                                    {n: i.size for n, i in infos.items()},
                                    int(self.runs_left * SWEEP_SHARE)))
         for step, candidate in enumerate(self.choices.candidates):
-            recipe = self.choices.recipe_for(candidate)
+            recipe = data_free(self.choices.recipe_for(candidate))
             for name, approx in self._encoded(recipe, table.names, candidate.label):
                 if (name, candidate.label) in planned:
                     self._measure(name, candidate.label, approx)
@@ -220,8 +220,8 @@ class Sensitivity:
             names = [n for n, label in pairs if label == candidate.label]
             if not names:
                 continue
-            recipe = narrowed(self.store, self.choices.recipe_for(candidate), names,
-                              self.options)
+            recipe = narrowed(self.store, data_free(self.choices.recipe_for(candidate)),
+                              names, self.options)
             for name, approx in self._encoded(recipe, names, candidate.label):
                 self._measure(name, candidate.label, approx)
         return len(pairs)
