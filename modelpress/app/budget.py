@@ -11,7 +11,10 @@ same bytes.
 3. The model it makes is written to a scratch folder beside the output and
    measured (modelpress.app.trial): its size on disk, and, with inputs, its
    worst output error on them with that error's bound over resamples of
-   them. A size target then corrects its byte budget by what the file holds
+   them. A size target's models are rounded as the sweep's are (without the
+   calibration data, so that their errors compare fairly), and the one
+   chosen is then measured as the run writes it; an error target's are
+   written as the run writes them. A size target then corrects its byte budget by what the file holds
    besides those tensors (graph, decode nodes, metadata); an error target
    rescales its error budget by measured over predicted error, within the
    bracket of budgets known to meet or miss it. The uniform settings that
