@@ -39,11 +39,12 @@ KEPT = "kept"
 FLOAT16 = "fp16"
 # Group sizes each width below 8 bits also comes in (ONNX, default layout), beside its
 # default (asymmetric groups of 16, 5-bit scale codes, 2-bit zero points: 4.44 bits per
-# weight at 4 bits): groups of 8 (4.88), and of 64 with 8-bit scale codes and zero points
-# of the width (4.19). Steps of a quarter to half a bit between the widths' full bits: on
-# magika at the default int4 file's size, its main convolution at 4.19 bits pays for its
-# last layer at 6 (measured output error 0.033 and 0.007 against 0.032 and 0.025 at 4).
-LAYOUT_GROUPS = (8, 64)
+# weight at 4 bits): groups of 64 with 8-bit scale codes and zero points of the width (4.19)
+# and groups of 8 (4.88), steps of a quarter to half a bit between whole widths. Measured on
+# magika's main convolution (gptq, output error on 64 strings): 0.033 at 4.19 bits, 0.032 at
+# 4.44, 0.025 at 4.88, 0.018 at 5.44 (int5).
+LAYOUT_GROUPS = (64, 8)
+DEFAULT_GROUP = 16  # ONNX's below 8 bits (modelpress.core.quantize.plan)
 # Stages that choose how weights are stored, as the search does.
 _CHOOSING = ("cast", "cluster")
 
@@ -131,19 +132,21 @@ def choices_for(recipe: Recipe | None, widths: Sequence[int] | None,
         except RecipeError as exc:
             raise RecipeError(f"{exc} (at width {bits} of the widths to choose from; narrow "
                               "them with --bits A-B)") from None
-        variants = [Candidate(f"int{bits}g{group}", dataclasses.replace(stage, group_size=group))
-                    for group in sorted(LAYOUT_GROUPS, reverse=True)
-                    if layouts and bits < 8 and _default_layout(given)]
+        groups = LAYOUT_GROUPS if layouts and bits < 8 and _default_layout(given) else ()
         # Fewest bytes first (the order proxy ratios are interpolated in).
-        candidates += [v for v in variants if int(v.label.split("g")[1]) > 16]
+        candidates += [_variant(stage, g) for g in groups if g > DEFAULT_GROUP]
         candidates.append(Candidate(f"int{bits}", stage))
-        candidates += [v for v in variants if int(v.label.split("g")[1]) < 16]
+        candidates += [_variant(stage, g) for g in groups if g < DEFAULT_GROUP]
     if float16:
         candidates.append(Candidate(FLOAT16, Cast(dtype="fp16", include=given.include,
                                                   exclude=given.exclude,
                                                   take_all_named=given.take_all_named)))
     candidates.append(Candidate(KEPT, None))
     return Choices(Recipe(stages), position, tuple(candidates))
+
+
+def _variant(stage: Quantize, group: int) -> Candidate:
+    return Candidate(f"int{stage.bits}g{group}", dataclasses.replace(stage, group_size=group))
 
 
 def _default_layout(stage: Quantize) -> bool:
