@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from modelpress.core.budget import Allocation, Option, totals
-from modelpress.core.candidates import data_free
+from modelpress.core.candidates import data_free, underdetermined
 from modelpress.core.pipeline import encode_stream
 from modelpress.core.quantize.plan import has_second_moments
 from modelpress.core.recipe import Recipe
@@ -137,8 +137,9 @@ class Trial:
 
     def _stream(self, chosen: Allocation, free: bool) -> Iterator[tuple[str, Any]]:
         """The allocation's encoded tensors in store order (`free`: rounded without the
-        calibration data), from the cache where it has them. Where the recipe has stages
-        besides the chosen one, all are encoded afresh."""
+        calibration data; else as the run rounds them, but for tensors gptq would fit on
+        fewer rows than their inputs: `underdetermined`), from the cache where it has
+        them. Where the recipe has stages besides the chosen one, all are encoded afresh."""
         choices, options = self.measure.choices, self.measure.options
         rounding = data_free if free else (lambda recipe: recipe)
         if len(choices.recipe.stages) > 1:
@@ -150,10 +151,14 @@ class Trial:
                      and (n, label, free) not in self.encoded]
             if candidate.stage is None or not names:
                 continue
-            recipe = narrowed(self.store, rounding(choices.recipe_for(candidate)), names,
-                              options)
-            for name, encoded in encode_stream(self.store, recipe, options):
-                fresh[(name, candidate.label, free)] = encoded
+            few = {n for n in names if underdetermined(self.store.tensors[n])}
+            for part, rounded in ((few, data_free), (set(names) - few, rounding)):
+                if not part:
+                    continue
+                recipe = narrowed(self.store, rounded(choices.recipe_for(candidate)),
+                                  [n for n in names if n in part], options)
+                for name, encoded in encode_stream(self.store, recipe, options):
+                    fresh[(name, candidate.label, free)] = encoded
         known = {**fresh, **self.encoded}
         pairs = [(name, known.get((name, labels[name], free))) for name in self.store.tensors
                  if name in labels]
