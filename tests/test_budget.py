@@ -18,10 +18,12 @@ import pytest
 from modelpress.app.sensitivity import OutputProbe
 from modelpress.core.budget import (Option, allocate_error, allocate_size, totals,
                                     with_label_costs)
-from modelpress.core.candidates import choices_for, data_free, escape_glob, parse_widths
+from modelpress.core.candidates import (choices_for, data_free, escape_glob, parse_widths,
+                                       underdetermined)
 from modelpress.core.errors import RecipeError
 from modelpress.core.quantize.stage import Quantize
 from modelpress.core.recipe import Recipe
+from modelpress.formats import open_model
 
 from conftest import matmul_model, ort_run, rng_weights, run_cli
 
@@ -106,6 +108,16 @@ def test_the_sweep_rounds_without_calibration_data() -> None:
     recipe = Recipe([Quantize(bits=4), Quantize(bits=8, method="gptq"),
                      Quantize(bits=3, method="rtn")])
     assert [s.method for s in data_free(recipe).stages] == ["mse", "rtn", "rtn"]
+
+
+def test_gptq_fitted_on_fewer_rows_than_inputs_is_flagged(model: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    src, _ = model
+    rows = tmp_path / "rows.npz"
+    np.savez(rows, x=rng_weights(128, 64, seed=3))  # 128 rows: the first layer's 64 inputs
+    store = open_model(src)                           # are spanned, the others' 256 are not
+    store.calibrate(rows, set(NAMES))
+    assert [underdetermined(store.tensors[n]) for n in NAMES] == [False, True, True]
 
 
 def test_widths_and_recipe_refusals() -> None:
