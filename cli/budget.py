@@ -77,7 +77,8 @@ def target_options(command: Callable) -> Callable:
     options = [
         click.option("--target-size", type=TargetSize(), metavar="SIZE",
                      help="Choose each tensor's precision (the quantize stage's --bits, "
-                          "default 2-8, fp16, or as it is) for the least output error within "
+                          "default 2-8, in ONNX each below 8 also in groups of 64 and 8 such "
+                          "as int4g64; fp16; or as it is) for the least output error within "
                           "this file size: bytes with a unit (500kB, 2MiB) or a fraction of "
                           "the input (0.2 or 20%). ONNX runs use --calibration (or --inputs) "
                           "to measure each tensor's effect on the outputs."),

@@ -196,8 +196,10 @@ def allocate_error(options: Sequence[Sequence[Option]], err2_budget: float) -> A
 
 
 # Labels an allocation may use at most, beside the unrestricted one, when each label costs
-# bytes of its own (see `with_label_costs`).
+# bytes of its own (see `with_label_costs`), and the labels whose subsets are tried: beyond
+# that many, those the unrestricted allocation uses most.
 MAX_LABELS = 3
+MAX_SUBSET_LABELS = 8
 
 
 def label_cost(options: Sequence[Sequence[Option]], chosen: Allocation,
@@ -215,6 +217,14 @@ def with_label_costs(options: Sequence[Sequence[Option]], costs: Mapping[str, in
     MAX_LABELS labels that cost bytes. A size budget then holds for tensor and label bytes
     together; an error budget's allocation has the fewest of both."""
     costly = sorted({o.label for row in options for o in row if costs.get(o.label, 0) > 0})
+    if len(costly) > MAX_SUBSET_LABELS:  # the subsets of those the unrestricted choice uses
+        free = _fixed_point(options, costs, size) if size is not None else \
+            allocate_error(options, err2)
+        used: dict[str, int] = {}
+        for opts, i in zip(options, free or []):
+            used[opts[i].label] = used.get(opts[i].label, 0) + 1
+        costly = sorted(label for label in costly if label in used)
+        costly = sorted(costly, key=lambda label: -used[label])[:MAX_SUBSET_LABELS]
     sets: list[set[str] | None] = [None] + [
         set(c) for k in range(1, MAX_LABELS + 1) for c in itertools.combinations(costly, k)]
     best, best_key = None, None

@@ -18,10 +18,12 @@ import pytest
 from modelpress.app.sensitivity import OutputProbe
 from modelpress.core.budget import (Option, allocate_error, allocate_size, totals,
                                     with_label_costs)
-from modelpress.core.candidates import choices_for, escape_glob, parse_widths
+from modelpress.core.candidates import (choices_for, data_free, escape_glob, parse_widths,
+                                       underdetermined)
 from modelpress.core.errors import RecipeError
 from modelpress.core.quantize.stage import Quantize
 from modelpress.core.recipe import Recipe
+from modelpress.formats import open_model
 
 from conftest import matmul_model, ort_run, rng_weights, run_cli
 
@@ -102,6 +104,22 @@ def test_escaped_names_match_only_themselves() -> None:
         assert [n for n in names if fnmatch.fnmatchcase(n, escape_glob(name))] == [name]
 
 
+def test_the_sweep_rounds_without_calibration_data() -> None:
+    recipe = Recipe([Quantize(bits=4), Quantize(bits=8, method="gptq"),
+                     Quantize(bits=3, method="rtn")])
+    assert [s.method for s in data_free(recipe).stages] == ["mse", "rtn", "rtn"]
+
+
+def test_gptq_fitted_on_fewer_rows_than_inputs_is_flagged(model: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    src, _ = model
+    rows = tmp_path / "rows.npz"
+    np.savez(rows, x=rng_weights(128, 64, seed=3))  # 128 rows: the first layer's 64 inputs
+    store = open_model(src)                           # are spanned, the others' 256 are not
+    store.calibrate(rows, set(NAMES))
+    assert [underdetermined(store.tensors[n]) for n in NAMES] == [False, True, True]
+
+
 def test_widths_and_recipe_refusals() -> None:
     assert parse_widths("2-8") == (2, 3, 4, 5, 6, 7, 8)
     assert parse_widths("4") == (4,)
@@ -112,6 +130,11 @@ def test_widths_and_recipe_refusals() -> None:
     assert labels == ["int2", "int3", "int4", "int5", "int6", "int7", "int8", "fp16", "kept"]
     assert [c.label for c in choices_for(Recipe([Quantize(bits=4)]), None).candidates] == [
         "int4", "fp16", "kept"]
+    variants = [c.label for c in choices_for(None, (3, 4, 8), layouts=True).candidates]
+    assert variants == ["int3g64", "int3", "int3g8", "int4g64", "int4", "int4g8", "int8",
+                        "fp16", "kept"]
+    given = choices_for(Recipe([Quantize(bits=4, group_size=32)]), (3, 4), layouts=True)
+    assert [c.label for c in given.candidates] == ["int3", "int4", "fp16", "kept"]  # as given
     with pytest.raises(RecipeError, match="one quantize stage"):
         choices_for(Recipe([Quantize(bits=4), Quantize(bits=8)]), None)
     with pytest.raises(RecipeError, match="--backup-bits has no effect with a target"):
@@ -154,7 +177,32 @@ def test_size_target_is_met_by_the_file_on_disk(model: tuple[Path, Path], tmp_pa
     # The report's bytes per tensor are the encoded bytes the allocation counted.
     assert {row["name"] for row in data["tensors"]} | {
         n for n, label in data["budget"]["chosen"].items() if label == "kept"} == set(NAMES)
-    assert len(set(data["budget"]["chosen"].values())) > 1  # mixed, not one width for all
+    # Not the default int4 for all, and no worse than it (both rounded by gptq) on the
+    # samples the search measured on.
+    assert set(data["budget"]["chosen"].values()) != {"int4"}
+    uniform = tmp_path / "int4.onnx"
+    assert run_cli(["compress", src, "-o", uniform, "--calibration", calibration, "-q",
+                    "quantize", "--bits", "4"]).exit_code == 0
+    assert _error(src, out, calibration) <= _error(src, uniform, calibration)
+
+
+def test_a_layout_variant_is_chosen_and_its_recipe_replays(model: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    """Between the int4 and int5 files there is room for int4 in groups of 8: the search
+    chooses a layout, not only a width, and the printed recipe names it."""
+    src, calibration = model
+    out, printed, again = tmp_path / "out.onnx", tmp_path / "r.yaml", tmp_path / "again.onnx"
+    args = ["compress", src, "--target-size", "66000B", "--calibration", calibration]
+    assert run_cli([*args, "-o", out, "-q"]).exit_code == 0
+    result = run_cli([*args, "-o", out, "--print-recipe"])
+    assert result.exit_code == 0, result.output
+    printed.write_text(result.output)
+    groups = {s.group_size for s in Recipe.load(printed).stages if isinstance(s, Quantize)}
+    assert groups & {8, 64}, result.output  # a variant's layout, written out
+    replay = run_cli(["compress", src, "-o", again, "--recipe", printed, "--calibration",
+                      calibration, "-q"])
+    assert replay.exit_code == 0, replay.output
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_error_target_is_met_as_measured_and_the_recipe_replays(
@@ -213,8 +261,8 @@ def test_bad_size_targets_are_usage_errors(samples: Path, tmp_path: Path, value:
      "quantize widths are its candidates)"),
     (["--target-size", "1kB"], 1,
      "Error: --target-size 1000 bytes is below the smallest model the candidates make (at "
-     "least 22306 bytes, every chosen tensor at int2); give a larger target or allow fewer "
-     "bits (--bits 2-8)"),
+     "least 20738 bytes, every chosen tensor at int2g64); give a larger target or allow "
+     "fewer bits (--bits 2-8)"),
 ])
 def test_targets_that_cannot_work_say_so_in_one_line(samples: Path, tmp_path: Path,
                                                      args: list[str], code: int,

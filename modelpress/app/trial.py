@@ -12,18 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from modelpress.core.budget import Allocation, Option, totals
+from modelpress.core.candidates import data_free, underdetermined
 from modelpress.core.pipeline import encode_stream
+from modelpress.core.quantize.plan import has_second_moments
 from modelpress.core.recipe import Recipe
 from modelpress.core.store import WriteOptions
 from modelpress.formats.safetensors.ct_config import loader_form
 
 from modelpress.app.evaluation import onnx_runner
-from modelpress.app.sensitivity import Sensitivity
+from modelpress.app.sensitivity import Sensitivity, narrowed
 
 # What an output holds besides the chosen tensors' bytes, first guess: a base (graph nodes,
 # metadata: bytes, plus bytes per chosen tensor), and in ONNX about 3 kB per quantized layout
@@ -32,6 +34,7 @@ from modelpress.app.sensitivity import Sensitivity
 # Measured models replace the guess: base and per-layout bytes are fitted to them.
 BASE_GUESS = {"onnx": (4096, 512), "safetensors": (0, 256)}
 FORM_GUESS = {"onnx": 3000}
+CACHE_SHARE = 1.0
 
 
 @dataclass
@@ -62,6 +65,18 @@ class Trial:
         self.forms = {c.label for c in measure.choices.candidates
                       if c.stage is not None and c.stage.id == "quantize"}
         self.seen: list[tuple[int, int]] = []   # (layouts used, bytes besides the tensors)
+        # (tensor, label, free) -> its encoding in the models tried, while they hold at most
+        # CACHE_SHARE of the chosen tensors' bytes: a model tried after another encodes only
+        # the tensors whose candidate changed (gptq rounding takes most of a trial's time).
+        self.encoded: dict[tuple[str, str, bool], Any] = {}
+        # Trials round without the calibration data (`data_free`) when `free`; `final` then
+        # measures the model the run writes. See modelpress.app.budget.settle.
+        self.free = False
+        self.finals: dict[tuple[int, ...], Measured] = {}
+        self.calibrated = any(has_second_moments(self.store.tensors[n])
+                              for n in self.table.names)
+        self.cache_room = CACHE_SHARE * sum(self.store.tensors[n].nbytes
+                                            for n in self.table.names)
 
     def costs(self) -> dict[str, int]:
         """The bytes each candidate label costs once, when an allocation uses it."""
@@ -92,21 +107,66 @@ class Trial:
     def __call__(self, chosen: Allocation) -> Measured:
         key = tuple(chosen)
         if key not in self.tried:
-            recipe = self.recipe(chosen)
-            stream = encode_stream(self.store, recipe, self.measure.options)
-            stored = ((name, loader_form(e)) for name, e in stream) if self.for_loaders \
-                else stream
-            try:
-                result = self.store.write(self.path, stored, options=self.writer)
-            finally:
-                stream.close()
-            probe, measured = self.measure.probe, Measured(result.file_bytes)
-            if probe is not None:
-                outputs = onnx_runner().Session(self.path).run(probe.feeds)
-                measured.error, measured.bound = probe.errors(outputs)
-            self.tried[key] = measured
-            self._learn(chosen, result.file_bytes)
+            self.tried[key] = self._write(chosen, self.free)
+            self._learn(chosen, self.tried[key].file_bytes)
         return self.tried[key]
+
+    def final(self, chosen: Allocation) -> Measured:
+        """The model the run writes for `chosen` (calibrated rounding), measured: the trial
+        itself where trials round as the run does."""
+        if not self.free:
+            return self(chosen)
+        key = tuple(chosen)
+        if key not in self.finals:
+            self.finals[key] = self._write(chosen, False)
+        return self.finals[key]
+
+    def _write(self, chosen: Allocation, free: bool) -> Measured:
+        stream = self._stream(chosen, free)
+        stored = ((name, loader_form(e)) for name, e in stream) if self.for_loaders \
+            else stream
+        try:
+            result = self.store.write(self.path, stored, options=self.writer)
+        finally:
+            getattr(stream, "close", lambda: None)()
+        probe, measured = self.measure.probe, Measured(result.file_bytes)
+        if probe is not None:
+            outputs = onnx_runner().Session(self.path).run(probe.feeds)
+            measured.error, measured.bound = probe.errors(outputs)
+        return measured
+
+    def _stream(self, chosen: Allocation, free: bool) -> Iterator[tuple[str, Any]]:
+        """The allocation's encoded tensors in store order (`free`: rounded without the
+        calibration data; else as the run rounds them, but for tensors gptq would fit on
+        fewer rows than their inputs: `underdetermined`), from the cache where it has
+        them. Where the recipe has stages besides the chosen one, all are encoded afresh."""
+        choices, options = self.measure.choices, self.measure.options
+        rounding = data_free if free else (lambda recipe: recipe)
+        if len(choices.recipe.stages) > 1:
+            return encode_stream(self.store, rounding(self.recipe(chosen)), options)
+        labels = {name: self.table.labels[i] for name, i in zip(self.table.names, chosen)}
+        fresh: dict[tuple[str, str], Any] = {}
+        for candidate in choices.candidates:
+            names = [n for n, label in labels.items() if label == candidate.label
+                     and (n, label, free) not in self.encoded]
+            if candidate.stage is None or not names:
+                continue
+            few = {n for n in names if underdetermined(self.store.tensors[n])}
+            for part, rounded in ((few, data_free), (set(names) - few, rounding)):
+                if not part:
+                    continue
+                recipe = narrowed(self.store, rounded(choices.recipe_for(candidate)),
+                                  [n for n in names if n in part], options)
+                for name, encoded in encode_stream(self.store, recipe, options):
+                    fresh[(name, candidate.label, free)] = encoded
+        known = {**fresh, **self.encoded}
+        pairs = [(name, known.get((name, labels[name], free))) for name in self.store.tensors
+                 if name in labels]
+        for key, encoded in fresh.items():
+            if encoded.nbytes <= self.cache_room:
+                self.encoded[key] = encoded
+                self.cache_room -= encoded.nbytes
+        return iter([(name, encoded) for name, encoded in pairs if encoded is not None])
 
     def estimate(self, chosen: Allocation) -> int:
         """The file size an allocation is expected to have (before it is measured)."""
