@@ -8,7 +8,7 @@ tree holds an ONNX model.
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import onnx
 

@@ -6,7 +6,6 @@ import math
 import os
 import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
