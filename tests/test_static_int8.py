@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from modelpress.app.keep_float import Choice
+from modelpress.app.keep_float import Choice, float_weights
 from modelpress.app.speed import Speed, measure_speed
 from modelpress.app import static_int8
 from modelpress.app.static_int8 import compress_static, float_for_speed
@@ -304,3 +304,20 @@ def test_profile_names_and_margins() -> None:
     assert clearly_slower([12, 12, 12, 30], [10, 10, 10, 10])
     assert not clearly_slower([10.5, 10.5, 10.5], [10, 10, 10])  # within the 10% margin
     assert not clearly_slower([30, 9, 9, 30, 9], [10, 10, 10, 10, 10])  # not in most rounds
+
+
+def test_float_weights_come_back_only_as_far_as_the_target_needs() -> None:
+    """When the written model misses the target with its activations chosen, float nodes get
+    their float weights back, the most costly first, each only if the error drops."""
+    cost = {"a": 0.004, "b": 0.001, "c": 0.0}
+
+    def measure(int8: frozenset[str]) -> float:
+        return 0.002 + sum(cost[n] for n in int8)
+
+    counter = [0]
+    kept, error = float_weights(["a", "b", "c"], measure(frozenset(cost)), 0.004, measure,
+                                counter)
+    assert kept == {"b", "c"} and error == pytest.approx(0.003) and counter[0] == 3
+    kept, error = float_weights(["a", "b", "c"], measure(frozenset(cost)), 0.0025, measure,
+                                [0])
+    assert kept == {"c"} and error == pytest.approx(0.002)

@@ -3,8 +3,10 @@
 The run: the float model as onnxruntime's basic passes leave it (batch norms
 folded), its activations' ranges over the --calibration inputs, the choice of
 which activations stay float and of each one's range method by measured output
-error (`keep_float`), the QDQ model (modelpress.formats.onnx.qdq) written
-atomically, and onnxruntime's optimized graph read back to count the integer
+error (`keep_float`), then by measured speed (`speed`: integer nodes timed
+slower than float go back to float within the error target; float nodes keep
+int8 weights in a form onnxruntime folds at load), the QDQ model
+(modelpress.formats.onnx.qdq) written atomically, and onnxruntime's optimized graph read back to count the integer
 kernels and name each float Conv/MatMul/Gemm with the reason it stayed float.
 """
 
@@ -42,7 +44,7 @@ from modelpress.formats.onnx.smooth import sites as smooth_sites
 from modelpress.formats.onnx.smooth import smooth
 from modelpress.formats.onnx.write import PROTOBUF_LIMIT, save_model, staged
 
-from modelpress.app.keep_float import Choice, Measure, choose, confirm
+from modelpress.app.keep_float import Choice, Measure, choose, confirm, float_weights
 from modelpress.app.speed import Speed, measure_speed
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
@@ -115,6 +117,14 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
                                            Path(tmp)), measured, target)
             result, size, measured = _write(model, sites, candidates, choice, forms, src, dst,
                                             feeds, reference, external_data)
+        if measured > target and forms[1]:
+            written = _written_error(model, sites, candidates, forms, feeds, reference, Path(tmp))
+            kept, _ = float_weights(sorted(forms[1]), measured, target, lambda int8: written(
+                frozenset(choice.keep), choice.methods, int8), choice.counter)
+            if kept != forms[1]:
+                forms = (slow, kept)
+                result, size, measured = _write(model, sites, candidates, choice, forms, src,
+                                                dst, feeds, reference, external_data)
     kernels = optimized_kernels(dst)
     notes = layout_notes(stage) + smooth_notes + _notes(folded, sites, choice, measured,
                                                         target_error is None) + \
@@ -193,10 +203,11 @@ def _written_error(model: onnx.ModelProto, sites: Sites,
                    feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
                    tmp: Path) -> Measure:
     """A measurement of the QDQ model itself (a new session per run: slower than the
-    simulation, exact)."""
-    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+    simulation, exact); `int8_weights` replaces the float nodes that store int8 weights."""
+    def measure(keep: frozenset[str], methods: Mapping[str, str],
+                int8_weights: frozenset[str] | None = None) -> float:
         result = build(model, sites, {g: candidates[g][m] for g, m in methods.items()},
-                       set(keep), *forms)
+                       set(keep), forms[0], forms[1] if int8_weights is None else int8_weights)
         path = tmp / "trial.onnx"
         onnx.save(result.model, str(path))
         return worst_error(reference, Session(path).run(feeds))
