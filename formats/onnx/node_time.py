@@ -28,7 +28,8 @@ ROUNDS = 15
 """Profiled runs per model (after a warm-up run)."""
 SLOWER = 1.10
 """An integer form is slower than the float one only if its median is more than 10% above
-the float median and it is slower in at least SURE of the paired rounds (a loaded machine has spikes)."""
+the float median and it is slower in at least SURE of the paired rounds (a loaded machine has
+spikes: a median alone can be pulled by a few)."""
 SURE = 0.7
 
 

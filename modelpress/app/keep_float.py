@@ -152,7 +152,8 @@ def float_weights(names: Sequence[str], error: float, target: float,
     """When the written model misses `target` with activations already chosen: give float
     nodes their float weights back (`names` store int8 ones; `measure` takes the set still
     int8), those whose weights alone cost the most first, each kept only if the error drops
-    by MIN_GAIN of itself, until the target holds. Returns the nodes left with int8 weights and the error."""
+    by MIN_GAIN of itself, until the target holds. Returns the nodes left with int8 weights
+    and the error."""
     current = frozenset(names)
     alone = {}
     for name in list(names)[:PUT_BACK_RUNS]:

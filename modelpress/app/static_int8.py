@@ -6,8 +6,9 @@ which activations stay float and of each one's range method by measured output
 error (`keep_float`), then by measured speed (`speed`: integer nodes timed
 slower than float go back to float within the error target; float nodes keep
 int8 weights in a form onnxruntime folds at load), the QDQ model
-(modelpress.formats.onnx.qdq) written atomically, and onnxruntime's optimized graph read back to count the integer
-kernels and name each float Conv/MatMul/Gemm with the reason it stayed float.
+(modelpress.formats.onnx.qdq) written atomically, and onnxruntime's optimized
+graph read back to count the integer kernels and name each float
+Conv/MatMul/Gemm with the reason it stayed float.
 """
 
 from __future__ import annotations
@@ -296,7 +297,8 @@ def _speed_notes(speed: Speed, slow: frozenset[str], result: QdqResult) -> list[
     notes = [f"static int8: kernel time measured per node (onnxruntime profiles, one thread, "
              f"one calibration sample, interleaved rounds): float {ms[0]:.3g} ms, all chosen "
              f"int8 {ms[1]:.3g} ms; {len(speed.slow)} integer nodes measured slower than "
-             f"float, {len(slow)} of them kept float (the others would miss the error target)"]
+             f"float, {len(slow)} of them kept float (the others would raise the output "
+             "error above the target, or above what it was)"]
     if slow:
         notes.append("static int8: kept float for speed: " + ", ".join(sorted(slow)[:6]) +
                      (f" and {len(slow) - 6} more" if len(slow) > 6 else ""))
