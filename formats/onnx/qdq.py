@@ -5,14 +5,22 @@ activations uint8, asymmetric, one scale and zero point per tensor (from calibra
 Conv/MatMul/Gemm weights int8, symmetric, one float scale per output channel
 (DequantizeLinear with `axis`); Conv and Gemm biases int32 on the scale
 input_scale x weight_scale, as QLinearConv and QGemm take them; float constants of
-Add/Mul/Concat uint8 per tensor. A Conv/MatMul/Gemm whose activations are not all
-quantized stays float with its float weight: a DequantizeLinear in front of a float
-kernel runs at every call and would only make it slower.
+Add/Mul/Concat uint8 per tensor. A Conv/MatMul/Gemm that stays float (activations kept
+float, or its integer kernel measured slower: `slow`) can still store its weight as int8
+(`weight_only`): int8 codes on the full range (-127..127: no integer kernel reads them),
+Cast to float and multiplied by per-channel scales in front of the float kernel, which
+onnxruntime's constant folding turns back into the float weight when it loads the model.
+Not a DequantizeLinear: onnxruntime never folds those (its QDQ passes need them), runs them at
+every call, turns DequantizeLinear -> MatMul into MatMulNBits and keeps a Conv behind one out
+of its NCHWc layout (measured with onnxruntime 1.32 on this AVX2 CPU, one thread: 256x256
+MatMul on 128 rows 0.40 -> 1.25 ms; magika's main Conv 24.5 -> 29.8 ms). Whether the
+weight-only form costs time is measured anyway (`app.speed`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -31,6 +39,8 @@ and activations up to 255 a pair reaches 64770. Measured on a 64-96-32 MatMul mo
 onnxruntime 1.32 on AVX2: output error 0.054 fused vs 0.016 unfused at 127; 0.022 both ways
 at 63. 63 keeps every pair under 32767 on every CPU (what quantize_static's reduce_range
 does), so the file runs the same everywhere."""
+WEIGHT_ONLY_MAX = 127
+"""Largest weight code of a weight-only DequantizeLinear feeding a float kernel."""
 
 
 @dataclass
@@ -42,6 +52,9 @@ class QdqResult:
     weights: dict[str, tuple[int, int]] = field(default_factory=dict)
     integer: list[str] = field(default_factory=list)
     float_reasons: dict[str, str] = field(default_factory=dict)
+    weight_only: list[str] = field(default_factory=list)
+    stored: dict[str, tuple[str, str, int, str]] = field(default_factory=dict)
+    """Weight name -> its codes' and scales' initializers, the channel axis, the form."""
 
 
 class _Builder:
@@ -79,20 +92,33 @@ class _Builder:
         return out, node
 
 
+SLOW_REASON = "its int8 kernel measured slower than float on this machine"
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node of `model` a unique name (in place): `build`, the search and
+    onnxruntime's profiles refer to nodes by name."""
+    b = _Builder(model)
+    for node in b.g.node:
+        if not node.name:
+            node.name = b.fresh(f"{node.op_type}_{len(b.names)}")
+
+
 def build(model: onnx.ModelProto, sites: Sites, ranges: dict[str, ActivationRange],
-          keep: set[str]) -> QdqResult:
-    """A copy of `model` with every site group in `ranges` and not in `keep` quantized."""
+          keep: set[str], slow: frozenset[str] = frozenset(),
+          weight_only: frozenset[str] = frozenset()) -> QdqResult:
+    """A copy of `model` with every site group in `ranges` and not in `keep` quantized; the
+    Conv/MatMul/Gemm named in `slow` stay float, and those of `weight_only` that run float
+    get int8 weights (see the module's docstring)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    name_nodes(out)
     b = _Builder(out)
     g = b.g
     act = {t: ranges[sites.group_of[t]] for t in sites.tensors
            if sites.group_of[t] not in keep and sites.group_of[t] in ranges}
     consumers = readers(g)
-    for node in g.node:
-        if not node.name:
-            node.name = b.fresh(f"{node.op_type}_{len(b.names)}")
-    act = _useful(g, sites, act, b.inits, consumers)
+    act = _useful(g, sites, act, b.inits, consumers, slow)
     result = QdqResult(out)
     nodes: list[onnx.NodeProto] = []
     for inp in g.input:
@@ -105,12 +131,14 @@ def build(model: onnx.ModelProto, sites: Sites, ranges: dict[str, ActivationRang
                         node.input[i] = dq
     for node in list(g.node):
         if node.op_type in COMPUTE:
-            reason = _integer_reason(node, act, b.inits, consumers)
+            reason = _integer_reason(node, act, b.inits, consumers, slow)
             if reason is None:
                 nodes.extend(_quantize_weights(b, node, act, result))
                 result.integer.append(node.name)
             else:
                 result.float_reasons[node.name] = reason
+                if node.name in weight_only and weight_only_ok(node, b.inits):
+                    nodes.extend(_weight_only(b, node, result))
         elif node.op_type in ARITH and arith_ok(node, b.inits) and all(
                 i in act for i in node.input if i not in b.inits):
             nodes.extend(_quantize_constants(b, node, sites))
@@ -127,26 +155,28 @@ def build(model: onnx.ModelProto, sites: Sites, ranges: dict[str, ActivationRang
     return result
 
 
-def quantized_groups(model: onnx.ModelProto, sites: Sites, keep: set[str]) -> set[str]:
-    """The site groups `build` quantizes when `keep` stays float: those left that touch an
-    integer kernel (see `_useful`)."""
+def quantized_groups(model: onnx.ModelProto, sites: Sites, keep: set[str],
+                     slow: frozenset[str] = frozenset()) -> set[str]:
+    """The site groups `build` quantizes when `keep` (and the nodes `slow`) stay float:
+    those left that touch an integer kernel (see `_useful`)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     consumers = readers(g)
     unit = ActivationRange(1.0, 0, "minmax")
     act = {t: unit for t in sites.tensors if sites.group_of[t] not in keep}
-    return {sites.group_of[t] for t in _useful(g, sites, act, inits, consumers)}
+    return {sites.group_of[t] for t in _useful(g, sites, act, inits, consumers, slow)}
 
 
 def _useful(g: onnx.GraphProto, sites: Sites, act: dict[str, ActivationRange],
-            inits: dict[str, onnx.TensorProto],
-            consumers: dict[str, list[onnx.NodeProto]]) -> dict[str, ActivationRange]:
+            inits: dict[str, onnx.TensorProto], consumers: dict[str, list[onnx.NodeProto]],
+            slow: frozenset[str] = frozenset()) -> dict[str, ActivationRange]:
     """`act` without the groups that touch no integer kernel (their Q/DQ would cost time and
     error for nothing): a group is kept when an integer Conv/MatMul/Gemm reads or writes it,
     or an int8 Add/Mul/Concat/pool joins it to such a group."""
     useful: set[str] = set()
     for node in g.node:
-        if node.op_type in COMPUTE and _integer_reason(node, act, inits, consumers) is None:
+        if node.op_type in COMPUTE and _integer_reason(node, act, inits, consumers,
+                                                       slow) is None:
             touched = [t for t in node.input[:2] if t in act] + [node.output[0]] + [
                 n.output[0] for n in consumers.get(node.output[0], []) if n.op_type in REMOVABLE]
             useful.update(sites.group_of[t] for t in touched if t in act)
@@ -188,11 +218,14 @@ def _quantize_activation(b: _Builder, name: str, r: ActivationRange, nodes: list
 
 def _integer_reason(node: onnx.NodeProto, act: dict[str, ActivationRange],
                     inits: dict[str, onnx.TensorProto],
-                    consumers: dict[str, list[onnx.NodeProto]]) -> str | None:
+                    consumers: dict[str, list[onnx.NodeProto]],
+                    slow: frozenset[str] = frozenset()) -> str | None:
     """None when `node` can run as an integer kernel, else why it stays float."""
     fixed = fixed_reason(node, inits)
     if fixed is not None:
         return fixed
+    if node.name in slow:
+        return SLOW_REASON
     acts = [node.input[i] for i in COMPUTE[node.op_type]
             if i < len(node.input) and node.input[i] not in inits]
     float_in = [a for a in acts if a not in act]
@@ -217,12 +250,13 @@ def weight_axis(node: onnx.NodeProto) -> int:
     return 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
 
 
-def weight_codes(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes and per-channel float32 scales of `w` (symmetric, -WEIGHT_MAX..WEIGHT_MAX)."""
+def weight_codes(w: np.ndarray, axis: int,
+                 limit: int = WEIGHT_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and per-channel float32 scales of `w` (symmetric, -limit..limit)."""
     reduce = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.abs(w).max(axis=reduce) if w.size else np.zeros(w.shape[axis], np.float32)
-    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w / _along(scale, axis, w.ndim)), -WEIGHT_MAX, WEIGHT_MAX)
+    scale = np.where(amax > 0, amax / limit, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w / _along(scale, axis, w.ndim)), -limit, limit)
     return codes.astype(np.int8), scale
 
 
@@ -268,6 +302,7 @@ def _quantize_weights(b: _Builder, node: onnx.NodeProto, act: dict[str, Activati
     if dq_node is not None:
         made.append(dq_node)
         result.weights[name] = (w.nbytes, codes.nbytes + scale.nbytes + scale.size)
+        result.stored[name] = (dq_node.input[0], dq_node.input[1], axis, "QDQ")
     node.input[1] = dq
     if len(node.input) > 2 and node.input[2]:
         bias_name = node.input[2]
@@ -280,6 +315,40 @@ def _quantize_weights(b: _Builder, node: onnx.NodeProto, act: dict[str, Activati
         made.append(dq_b_node)
         node.input[2] = dq_b
     return made
+
+
+def weight_only_ok(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
+    """A Conv/MatMul/Gemm whose weight can be stored as int8 before a float kernel: a float32
+    constant (2-D for MatMul/Gemm)."""
+    if node.op_type not in COMPUTE or len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    t = inits[node.input[1]]
+    return t.data_type == onnx.TensorProto.FLOAT and (node.op_type == "Conv" or
+                                                      len(t.dims) == 2)
+
+
+def _weight_only(b: _Builder, node: onnx.NodeProto, result: QdqResult) -> list[onnx.NodeProto]:
+    """Cast(int8 codes) x per-channel scale for a float node's weight; rewires the node.
+    Both inputs are constants, so onnxruntime's constant folding turns them back into the
+    float weight when it loads the model (a DequantizeLinear would run at every call)."""
+    name = node.input[1]
+    w = numpy_helper.to_array(b.inits[name]).astype(np.float32)
+    axis = weight_axis(node)
+    key = ("weight-only", name, axis)
+    node.input[1] = b.made.get(key, "")
+    result.weight_only.append(node.name)
+    if node.input[1]:
+        return []
+    codes, scale = weight_codes(w, axis, WEIGHT_ONLY_MAX)
+    stored = b.init(name + "_quantized", codes)
+    factor = b.init(name + "_scale", _along(scale, axis, w.ndim))
+    cast = b.fresh(name + "_cast")
+    out = b.fresh(name + "_dequantized")
+    b.made[key] = node.input[1] = out
+    result.weights[name] = (w.nbytes, codes.nbytes + scale.nbytes)
+    result.stored[name] = (stored, factor, axis, "weight-only, folded by onnxruntime at load")
+    return [helper.make_node("Cast", [stored], [cast], b.fresh(cast), to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [cast, factor], [out], b.fresh(out))]
 
 
 def _quantize_constants(b: _Builder, node: onnx.NodeProto,

@@ -144,3 +144,26 @@ def put_back(choice: Choice, target: float) -> Choice:
             choice.keep.append(g)
             choice.error = found
     return choice
+
+
+def float_weights(names: Sequence[str], error: float, target: float,
+                  measure: Callable[[frozenset[str]], float],
+                  counter: list[int]) -> tuple[frozenset[str], float]:
+    """When the written model misses `target` with activations already chosen: give float
+    nodes their float weights back (`names` store int8 ones; `measure` takes the set still
+    int8), those whose weights alone cost the most first, each kept only if the error drops
+    by MIN_GAIN of itself, until the target holds. Returns the nodes left with int8 weights
+    and the error."""
+    current = frozenset(names)
+    alone = {}
+    for name in list(names)[:PUT_BACK_RUNS]:
+        counter[0] += 1
+        alone[name] = measure(current - {name})
+    for name in sorted(alone, key=alone.__getitem__):
+        if error <= target:
+            break
+        found = alone[name] if len(current) == len(names) else measure(current - {name})
+        counter[0] += len(current) != len(names)
+        if found < error * (1 - MIN_GAIN):
+            current, error = current - {name}, found
+    return current, error

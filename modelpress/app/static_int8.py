@@ -3,9 +3,12 @@
 The run: the float model as onnxruntime's basic passes leave it (batch norms
 folded), its activations' ranges over the --calibration inputs, the choice of
 which activations stay float and of each one's range method by measured output
-error (`keep_float`), the QDQ model (modelpress.formats.onnx.qdq) written
-atomically, and onnxruntime's optimized graph read back to count the integer
-kernels and name each float Conv/MatMul/Gemm with the reason it stayed float.
+error (`keep_float`), then by measured speed (`speed`: integer nodes timed
+slower than float go back to float within the error target; float nodes keep
+int8 weights in a form onnxruntime folds at load), the QDQ model
+(modelpress.formats.onnx.qdq) written atomically, and onnxruntime's optimized
+graph read back to count the integer kernels and name each float
+Conv/MatMul/Gemm with the reason it stayed float.
 """
 
 from __future__ import annotations
@@ -34,16 +37,23 @@ from modelpress.formats.onnx.fake_quant import FakeQuantRunner, worst_error
 from modelpress.formats.onnx.feeds import load_inputs
 from modelpress.formats.onnx.graph import opset_version
 from modelpress.formats.onnx.kernels import float_graph, optimized_kernels
-from modelpress.formats.onnx.qdq import QdqResult, build, fake_weights, quantized_groups
+from modelpress.formats.onnx.qdq import (QdqResult, build, fake_weights, name_nodes,
+                                         quantized_groups)
 from modelpress.formats.onnx.qdq_sites import Sites, find_sites, float_tensors
 from modelpress.formats.onnx.run import Session
 from modelpress.formats.onnx.smooth import sites as smooth_sites
 from modelpress.formats.onnx.smooth import smooth
 from modelpress.formats.onnx.write import PROTOBUF_LIMIT, save_model, staged
 
-from modelpress.app.keep_float import Choice, Measure, choose, confirm
+from modelpress.app.keep_float import Choice, Measure, choose, confirm, float_weights
+from modelpress.app.speed import Speed, measure_speed
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
+WEIGH_SPEED = True
+"""Put integer nodes timed slower than float back to float (off only in tests that need
+integer kernels whatever this machine's timings)."""
+PROFILE_SAMPLES = 1
+"""Calibration samples per profiled run when timing integer against float nodes."""
 SMOOTH_ALPHA = 0.5
 """SmoothQuant's migration strength (the paper's default for most models)."""
 
@@ -68,6 +78,7 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
         raise ModelReadError(f"{src}: {store.file_bytes} bytes; static int8 takes models under "
                              "2 GB (protobuf's limit), it rewrites the graph in memory")
     model, folded = float_graph(src)
+    name_nodes(model)
     if opset_version(model) < MIN_OPSET:
         raise ModelReadError(f"{src}: opset {opset_version(model)}; static int8 needs opset "
                              f"{MIN_OPSET} or later (per-channel DequantizeLinear); convert it "
@@ -92,18 +103,33 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
             if variant is None or error < variant[0]:
                 variant = (error, candidate_model, smooth_notes, candidates, measure)
         _, model, smooth_notes, candidates, measure = variant
+        name_nodes(model)
         choice = choose(groups, {g: list(c) for g, c in candidates.items()}, measure, target,
                         _ticker(progress))
-        result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
-                                        reference, external_data)
+        speed = measure_speed(model, sites, {g: candidates[g][m] for g, m in
+                                             choice.methods.items()}, set(choice.keep),
+                              {k: v[:PROFILE_SAMPLES] for k, v in feeds.items()}, Path(tmp))
+        slow = float_for_speed(speed, choice, measure, target) if WEIGH_SPEED else frozenset()
+        forms = (slow, frozenset(speed.weight_only))
+        result, size, measured = _write(model, sites, candidates, choice, forms, src, dst,
+                                        feeds, reference, external_data)
         if measured > target:
-            confirm(choice, _written_error(model, sites, candidates, feeds, reference,
+            confirm(choice, _written_error(model, sites, candidates, forms, feeds, reference,
                                            Path(tmp)), measured, target)
-            result, size, measured = _write(model, sites, candidates, choice, src, dst, feeds,
-                                            reference, external_data)
+            result, size, measured = _write(model, sites, candidates, choice, forms, src, dst,
+                                            feeds, reference, external_data)
+        if measured > target and forms[1]:
+            written = _written_error(model, sites, candidates, forms, feeds, reference, Path(tmp))
+            kept, _ = float_weights(sorted(forms[1]), measured, target, lambda int8: written(
+                frozenset(choice.keep), choice.methods, int8), choice.counter)
+            if kept != forms[1]:
+                forms = (slow, kept)
+                result, size, measured = _write(model, sites, candidates, choice, forms, src,
+                                                dst, feeds, reference, external_data)
     kernels = optimized_kernels(dst)
     notes = layout_notes(stage) + smooth_notes + _notes(folded, sites, choice, measured,
-                                                        target_error is None)
+                                                        target_error is None) + \
+        _speed_notes(speed, slow, result)
     report = Report(input_path=str(src), output_path=str(dst), format="onnx",
                     recipe=recipe.get_config(), rows=_rows(model, result),
                     file_bytes_before=store.file_bytes, file_bytes_after=size, notes=notes,
@@ -112,7 +138,9 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
         "activations": {"groups": len(sites.groups), "tensors": len(sites.tensors),
                         "kept_float": list(choice.keep)},
         "search": {**choice.as_dict(), "error_written": measured, "met": measured <= target},
-        "nodes": {"integer": list(result.integer), "float": dict(result.float_reasons)},
+        "nodes": {"integer": list(result.integer), "float": dict(result.float_reasons),
+                  "weight_only": list(result.weight_only)},
+        "speed": {**speed.as_dict(), "kept_float_for_speed": sorted(slow)},
         "kernels": {**kernels.as_dict(), "float_reasons": {
             name: _reason(name, result.float_reasons) for name in kernels.float_nodes}}}
     return report
@@ -133,13 +161,29 @@ def _variants(model: onnx.ModelProto, tmp: Path,
     yield "-smoothed", smoothed, [f"static int8: {note}" for note in notes[:1]]
 
 
+def float_for_speed(speed: Speed, choice: Choice, measure: Measure,
+                     target: float) -> frozenset[str]:
+    """The integer nodes measured slower than float (largest loss first) that stay float,
+    each one only if the simulated error stays within the target (or does not grow)."""
+    slow: frozenset[str] = frozenset()
+    for name in speed.slow:
+        found = measure(frozenset(choice.keep), choice.methods, slow | {name})
+        choice.counter[0] += 1
+        choice.steps.append((f"float for speed {name}", found))
+        if found <= max(target, choice.error):
+            slow, choice.error = slow | {name}, found
+    return slow
+
+
 def _write(model: onnx.ModelProto, sites: Sites,
-           candidates: Mapping[str, Mapping[str, ActivationRange]], choice: Choice, src: Path,
-           dst: Path, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+           candidates: Mapping[str, Mapping[str, ActivationRange]], choice: Choice,
+           forms: tuple[frozenset[str], frozenset[str]], src: Path, dst: Path,
+           feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
            external_data: str) -> tuple[QdqResult, int, float]:
-    """Build and write the QDQ model of `choice`; with its size and measured error."""
+    """Build and write the QDQ model of `choice` with `forms` (the nodes kept float for
+    speed, the float nodes with int8 weights); with its size and measured error."""
     result = build(model, sites, {g: candidates[g][m] for g, m in choice.methods.items()},
-                   set(choice.keep))
+                   set(choice.keep), *forms)
     with staged(dst) as staging:
         size = save_model(result.model, dst, staging, src, external_data)
     return result, size, worst_error(reference, Session(dst).run(feeds))
@@ -156,13 +200,15 @@ def _reason(name: str, reasons: Mapping[str, str]) -> str:
 
 def _written_error(model: onnx.ModelProto, sites: Sites,
                    candidates: Mapping[str, Mapping[str, ActivationRange]],
+                   forms: tuple[frozenset[str], frozenset[str]],
                    feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
                    tmp: Path) -> Measure:
     """A measurement of the QDQ model itself (a new session per run: slower than the
-    simulation, exact)."""
-    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
+    simulation, exact); `int8_weights` replaces the float nodes that store int8 weights."""
+    def measure(keep: frozenset[str], methods: Mapping[str, str],
+                int8_weights: frozenset[str] | None = None) -> float:
         result = build(model, sites, {g: candidates[g][m] for g, m in methods.items()},
-                       set(keep))
+                       set(keep), forms[0], forms[1] if int8_weights is None else int8_weights)
         path = tmp / "trial.onnx"
         onnx.save(result.model, str(path))
         return worst_error(reference, Session(path).run(feeds))
@@ -187,8 +233,9 @@ def _measure(runner: FakeQuantRunner, reference: Mapping[str, np.ndarray], model
     """The search's measurement: one run of the fake-quantized model (int8 weights, the
     activations `build` would quantize through Q/DQ) on the calibration inputs, its worst
     output error."""
-    def measure(keep: frozenset[str], methods: Mapping[str, str]) -> float:
-        used = quantized_groups(model, sites, set(keep))
+    def measure(keep: frozenset[str], methods: Mapping[str, str],
+                slow: frozenset[str] = frozenset()) -> float:
+        used = quantized_groups(model, sites, set(keep), slow)
         chosen = {t: None if g not in used else candidates[g][methods[g]]
                   for g, members in sites.groups.items() for t in members}
         return worst_error(reference, runner.outputs(chosen))
@@ -209,19 +256,16 @@ def _rows(model: Any, result: QdqResult) -> list[TensorRow]:
     """One row per int8 weight: bytes before and after, error of the int8 values."""
     inits = {t.name: t for t in model.graph.initializer}
     out_inits = {t.name: t for t in result.model.graph.initializer}
-    dq = {n.output[0]: n for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
     rows = []
     for name, (before, after) in result.weights.items():
         w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        node = dq[name + "_dequantized"] if name + "_dequantized" in dq else next(
-            n for n in dq.values() if n.input[0].startswith(name + "_quantized"))
-        codes = numpy_helper.to_array(out_inits[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(out_inits[node.input[1]])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        codes_name, scale_name, axis, form = result.stored[name]
+        codes = numpy_helper.to_array(out_inits[codes_name]).astype(np.float32)
+        scale = numpy_helper.to_array(out_inits[scale_name])
         shape = [1] * w.ndim
         shape[axis] = -1
         rows.append(TensorRow(name=name, shape=tuple(w.shape), dtype="float32",
-                              encoding=f"int8 sym channel (QDQ, axis {axis})",
+                              encoding=f"int8 sym channel ({form}, axis {axis})",
                               bytes_before=before, bytes_after=after,
                               error=compare(w, codes * scale.reshape(shape)),
                               stages=[{"id": "quantize", "bits": 8, "activations": "int8",
@@ -245,4 +289,23 @@ def _notes(folded: int, sites: Sites, choice: Choice, measured: float,
     if choice.keep:
         notes.append("static int8: kept float: " + ", ".join(choice.keep[:8]) +
                      (f" and {len(choice.keep) - 8} more" if len(choice.keep) > 8 else ""))
+    return notes
+
+
+def _speed_notes(speed: Speed, slow: frozenset[str], result: QdqResult) -> list[str]:
+    ms = (speed.total_float_us / 1000, speed.total_int8_us / 1000)
+    notes = [f"static int8: kernel time measured per node (onnxruntime profiles, one thread, "
+             f"one calibration sample, interleaved rounds): float {ms[0]:.3g} ms, all chosen "
+             f"int8 {ms[1]:.3g} ms; {len(speed.slow)} integer nodes measured slower than "
+             f"float, {len(slow)} of them kept float (the others would raise the output "
+             "error above the target, or above what it was)"]
+    if slow:
+        notes.append("static int8: kept float for speed: " + ", ".join(sorted(slow)[:6]) +
+                     (f" and {len(slow) - 6} more" if len(slow) > 6 else ""))
+    if result.weight_only:
+        notes.append(f"static int8: {len(result.weight_only)} float Conv/MatMul/Gemm store "
+                     "int8 weights (Cast x scale, folded back to float by onnxruntime at load)")
+    if speed.weight_only_slower:
+        notes.append("static int8: float weights kept (weight-only int8 measured slower): " +
+                     ", ".join(speed.weight_only_slower[:6]))
     return notes
