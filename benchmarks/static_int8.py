@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -104,17 +105,22 @@ def theirs(case: dict, workdir: Path) -> tuple[Path, float]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
     reader = type("Reader", (_Reader, CalibrationDataReader), {})
     pre = workdir / f"{case['name']}_pre.onnx"
-    try:
-        quant_pre_process(str(case["path"]), str(pre))
-    except Exception:  # noqa: BLE001 - some models fail its symbolic shape inference
-        pre = case["path"]
     out = workdir / f"{case['name']}_quantize_static.onnx"
-    start = time.perf_counter()
-    quantize_static(str(pre), str(out), reader(case["calibration"]),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    return out, time.perf_counter() - start
+    here = os.getcwd()
+    os.chdir(workdir)  # both write temporary files (shape inference, external data) to cwd
+    try:
+        try:
+            quant_pre_process(str(case["path"]), str(pre))
+        except Exception:  # noqa: BLE001 - some models fail its symbolic shape inference
+            pre = case["path"]
+        start = time.perf_counter()
+        quantize_static(str(pre), str(out), reader(case["calibration"]),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        return out, time.perf_counter() - start
+    finally:
+        os.chdir(here)
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
