@@ -94,6 +94,11 @@ from modelpress.cli.terminal import consoles, progress
                    "lower output error, same layout and size. Needs onnxruntime. Use data "
                    "other than --inputs, or the output error is measured on the data it was "
                    "fitted to.")
+@click.option("--time-kernels/--no-time-kernels", default=True, show_default=True,
+              help="With quantize --activations int8: time each integer kernel against its "
+                   "float form on this machine and keep float those clearly slower. The "
+                   "choice follows this machine's timings; --no-time-kernels decides by "
+                   "output error alone (the same file on every run and machine).")
 @click.option("-j", "--jobs", type=click.IntRange(1), metavar="N",
               help="Batch: models compressed in parallel processes [default: CPU count, "
                    "bounded by available memory].")
@@ -200,7 +205,8 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
                   allow_nonfinite: bool, report_path: Path | None, fmt: str, quiet: bool,
                   max_shard_size: int | None, threads: int | None, external_data: str,
                   onnx_target: str, onnx_int4: str, onnx_int8: str, accuracy_level: int,
-                  calibration: Path | None, strict: bool, **extra: Any) -> None:
+                  calibration: Path | None, strict: bool, time_kernels: bool,
+                  **extra: Any) -> None:
     target = budget.target_from(evaluation.pop(extra, budget.TARGET_PARAMS))
     threshold_values = evaluation.pop(extra, evaluation.THRESHOLD_PARAMS)
     limits = evaluation.thresholds_from(threshold_values)
@@ -275,9 +281,11 @@ def _run_compress(stages: list[Any], model: tuple[Path, ...], output: Path | Non
         # The public name loads onnx and onnxruntime on first use, only for this stage.
         report = modelpress.compress_static(
             model[0], output, recipe, calibration, external_data=external_data, progress=update,
-            target_error=None if target is None else target.error) if static else api.compress(model[0], output, recipe, options, update, onnx_options=onnx_options,
-                              safetensors_options=safetensors_options,
-                              calibration=None if calibration is None else str(calibration))
+            target_error=None if target is None else target.error,
+            time_kernels=time_kernels) if static else api.compress(
+                model[0], output, recipe, options, update, onnx_options=onnx_options,
+                safetensors_options=safetensors_options,
+                calibration=None if calibration is None else str(calibration))
     except RecipeError as exc:  # --strict: a pattern that matches nothing is a usage error
         raise RecipeUsageError(str(exc)) from None
     except ModelpressError as exc:

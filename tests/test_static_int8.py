@@ -16,7 +16,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modelpress.app.keep_float import Choice, float_weights
 from modelpress.app.speed import Speed, measure_speed
-from modelpress.app import static_int8
 from modelpress.app.static_int8 import compress_static, float_for_speed
 from modelpress.core.activation_ranges import range_for
 from modelpress.core.quantize.stage import Quantize
@@ -82,14 +81,13 @@ def matmul_case(tmp_path: Path) -> tuple[Path, Path, Path]:
 @pytest.mark.parametrize("case,kernel", [("conv_case", "QLinearConv"),
                                          ("matmul_case", "QLinearMatMul")])
 def test_qdq_output_runs_as_integer_kernels_with_small_error(
-        case: str, kernel: str, request: pytest.FixtureRequest, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # tiny products can time slower in int8 than float: keep them integer to test the kernels
-    monkeypatch.setattr(static_int8, "WEIGH_SPEED", False)
+        case: str, kernel: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     model, cal, evaluation = request.getfixturevalue(case)
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    # tiny products can time slower in int8 than float: keep them integer to test the kernels
     result = run_cli(["compress", model, "-o", out, "--calibration", cal, "--inputs", evaluation,
-                      "--report", report, "--target-error", "0.05", "-q", *STATIC])
+                      "--report", report, "--target-error", "0.05", "--no-time-kernels", "-q",
+                      *STATIC])
     assert result.exit_code == 0, result.output
     types = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= types
@@ -110,17 +108,30 @@ def test_qdq_output_runs_as_integer_kernels_with_small_error(
     assert data["totals"]["file_bytes_after"] < 0.6 * data["totals"]["file_bytes_before"]
 
 
+def test_untimed_runs_write_the_same_bytes(matmul_case: tuple[Path, Path, Path],
+                                          tmp_path: Path) -> None:
+    """--no-time-kernels: the file depends on the model and calibration alone, and the
+    report says the kernels were not timed."""
+    model, cal, _ = matmul_case
+    outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for out in outs:
+        result = run_cli(["compress", model, "-o", out, "--calibration", cal, "--no-eval",
+                          "--no-time-kernels", "--report", tmp_path / "r.json", "-q", *STATIC])
+        assert result.exit_code == 0, result.output
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    speed = json.loads((tmp_path / "r.json").read_text())["static_int8"]["speed"]
+    assert speed["timed"] is False and speed["float_us"] == {}
+
+
 def test_markdown_report_shows_the_kernels(conv_case: tuple[Path, Path, Path],
-                                           tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(static_int8, "WEIGH_SPEED", False)
+                                           tmp_path: Path) -> None:
     model, cal, evaluation = conv_case
     result = run_cli(["compress", model, "-o", tmp_path / "q.onnx", "--calibration", cal,
-                      "--no-eval", "--format", "markdown", *STATIC])
+                      "--no-eval", "--no-time-kernels", "--format", "markdown", *STATIC])
     assert result.exit_code == 0, result.output
     assert "| integer kernels | 4 | QLinearConv 2, " in result.output
     assert "| float Conv/MatMul/Gemm | 0 | none |" in result.output
-    assert "kernel time measured per node" in result.output
+    assert "kernels not timed (--no-time-kernels)" in result.output
 
 
 def _outlier_inputs(path: Path) -> Path:
@@ -133,14 +144,13 @@ def _outlier_inputs(path: Path) -> Path:
     return path
 
 
-def test_keep_float_search_puts_back_the_outlier_activation(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(static_int8, "WEIGH_SPEED", False)  # the error search alone
+def test_keep_float_search_puts_back_the_outlier_activation(tmp_path: Path) -> None:
     model = matmul_model(tmp_path / "mlp.onnx", {"w1": rng_weights(64, 96, seed=1) * 0.2,
                                                  "w2": rng_weights(96, 32, seed=2) * 0.2})
     cal = _outlier_inputs(tmp_path / "cal.npz")
     recipe = Recipe([Quantize(bits=8, activations="int8")])
-    report = compress_static(model, tmp_path / "q.onnx", recipe, cal, target_error=0.03)
+    report = compress_static(model, tmp_path / "q.onnx", recipe, cal, target_error=0.03,
+                             time_kernels=False)  # the error search alone
     search = report.static_int8["search"]
     assert search["error_all_int8"] > 0.03
     assert search["kept_float"][0] == "x", search

@@ -48,6 +48,7 @@ class Speed:
     weight_only: list[str] = field(default_factory=list)
     weight_only_slower: list[str] = field(default_factory=list)
     slow: list[str] = field(default_factory=list)
+    timed: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {"float_us": _rounded(self.float_us),
@@ -57,23 +58,35 @@ class Speed:
                 "total_int8_us": round(self.total_int8_us, 1),
                 "weight_only": list(self.weight_only),
                 "weight_only_slower": list(self.weight_only_slower),
-                "integer_slower": list(self.slow)}
+                "integer_slower": list(self.slow), "timed": self.timed}
 
 
 def _rounded(values: Mapping[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in values.items()}
 
 
+def eligible(model: onnx.ModelProto) -> frozenset[str]:
+    """The Conv/MatMul/Gemm whose weights can be stored as int8 while they run float."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return frozenset(n.name for n in model.graph.node if weight_only_ok(n, inits))
+
+
+def untimed(model: onnx.ModelProto) -> Speed:
+    """The decisions without timing (`compress --no-time-kernels`): every float node that
+    can stores int8 weights (the folded form, within noise of float where measured), and
+    no integer node goes back to float for speed."""
+    return Speed(weight_only=sorted(eligible(model)), timed=False)
+
+
 def measure_speed(model: onnx.ModelProto, sites: Sites, ranges: dict[str, ActivationRange],
                   keep: set[str], feeds: Mapping[str, np.ndarray], tmp: Path) -> Speed:
     """Profile the three forms of `model` (see the module) on `feeds` and decide."""
-    inits = {t.name: t for t in model.graph.initializer}
     compute = [n.name for n in model.graph.node if n.op_type in COMPUTE]
-    eligible = frozenset(n.name for n in model.graph.node if weight_only_ok(n, inits))
+    can = eligible(model)
     everything = set(sites.groups)
     forms = [build(model, sites, {}, everything),
-             build(model, sites, {}, everything, weight_only=eligible),
-             build(model, sites, ranges, keep, weight_only=eligible)]
+             build(model, sites, {}, everything, weight_only=can),
+             build(model, sites, ranges, keep, weight_only=can)]
     paths = []
     for i, form in enumerate(forms):
         paths.append(tmp / f"speed{i}.onnx")
@@ -87,10 +100,10 @@ def measure_speed(model: onnx.ModelProto, sites: Sites, ranges: dict[str, Activa
                        for times, form in ((plain, forms[0]), (weight_only, forms[1])))
     integer = _per_node(qdq, forms[2].model, charged)
     speed.float_us = {n: median(t) for n, t in floats.items()}
-    speed.weight_only_us = {n: median(t) for n, t in with_dq.items() if n in eligible}
+    speed.weight_only_us = {n: median(t) for n, t in with_dq.items() if n in can}
     speed.integer_us = {n: median(integer[n]) for n in forms[2].integer if n in integer}
     costly = []
-    for n in sorted(eligible):
+    for n in sorted(can):
         if n in floats and n in with_dq and clearly_slower(with_dq[n], floats[n]):
             costly.append((median(with_dq[n]) - median(floats[n]), n))
         else:

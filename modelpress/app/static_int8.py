@@ -46,12 +46,9 @@ from modelpress.formats.onnx.smooth import smooth
 from modelpress.formats.onnx.write import PROTOBUF_LIMIT, save_model, staged
 
 from modelpress.app.keep_float import Choice, Measure, choose, confirm, float_weights
-from modelpress.app.speed import Speed, measure_speed
+from modelpress.app.speed import Speed, measure_speed, untimed
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
-WEIGH_SPEED = True
-"""Put integer nodes timed slower than float back to float (off only in tests that need
-integer kernels whatever this machine's timings)."""
 PROFILE_SAMPLES = 1
 """Calibration samples per profiled run when timing integer against float nodes."""
 SMOOTH_ALPHA = 0.5
@@ -60,9 +57,13 @@ SMOOTH_ALPHA = 0.5
 
 def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
                     calibration: str | os.PathLike, *, target_error: float | None = None,
-                    external_data: str = "auto", progress: Progress | None = None) -> Report:
+                    external_data: str = "auto", progress: Progress | None = None,
+                    time_kernels: bool = True) -> Report:
     """Write `src` as static int8 QDQ to `dst` (see the module's docstring); the report's
-    `static_int8` holds the search, the activation counts and onnxruntime's kernels."""
+    `static_int8` holds the search, the activation counts and onnxruntime's kernels.
+    `time_kernels`: put integer nodes timed slower than their float form on this machine
+    back to float (within the error target); False decides by output error alone, so the
+    file does not depend on timings."""
     src, dst, calibration = Path(src), Path(dst), Path(calibration)
     stage = static_stage(recipe.stages)
     if stage is None:
@@ -108,8 +109,9 @@ def compress_static(src: str | os.PathLike, dst: str | os.PathLike, recipe: Reci
                         _ticker(progress))
         speed = measure_speed(model, sites, {g: candidates[g][m] for g, m in
                                              choice.methods.items()}, set(choice.keep),
-                              {k: v[:PROFILE_SAMPLES] for k, v in feeds.items()}, Path(tmp))
-        slow = float_for_speed(speed, choice, measure, target) if WEIGH_SPEED else frozenset()
+                              {k: v[:PROFILE_SAMPLES] for k, v in feeds.items()}, Path(tmp)) \
+            if time_kernels else untimed(model)
+        slow = float_for_speed(speed, choice, measure, target) if time_kernels else frozenset()
         forms = (slow, frozenset(speed.weight_only))
         result, size, measured = _write(model, sites, candidates, choice, forms, src, dst,
                                         feeds, reference, external_data)
@@ -294,7 +296,8 @@ def _notes(folded: int, sites: Sites, choice: Choice, measured: float,
 
 def _speed_notes(speed: Speed, slow: frozenset[str], result: QdqResult) -> list[str]:
     ms = (speed.total_float_us / 1000, speed.total_int8_us / 1000)
-    notes = [f"static int8: kernel time measured per node (onnxruntime profiles, one thread, "
+    notes = ["static int8: kernels not timed (--no-time-kernels): integer nodes chosen by "
+             "output error alone"] if not speed.timed else [f"static int8: kernel time measured per node (onnxruntime profiles, one thread, "
              f"one calibration sample, interleaved rounds): float {ms[0]:.3g} ms, all chosen "
              f"int8 {ms[1]:.3g} ms; {len(speed.slow)} integer nodes measured slower than "
              f"float, {len(slow)} of them kept float (the others would raise the output "
