@@ -48,6 +48,7 @@ import numpy as np
 from modelpress.core.blas import one_blas_thread
 from modelpress.core.compose import factor_info
 from modelpress.core.encoded import Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.quantize.gridsearch import searched_grid
 from modelpress.core.quantize.optq import (MAX_OUTPUT_WEIGHTS, damped, descended,
                                            rounded, rounded_columns)
 from modelpress.core.quantize.plan import QuantPlan
@@ -169,15 +170,18 @@ def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: Tens
     if view is None:
         return None
     forward, back = view
-    scale, zero = element_grid(fitted)
-    zero = np.broadcast_to(zero, w.shape)
     h = hessian if hessian.ndim == 3 else hessian[None]
+    rows = forward(w).shape[1]
+    under_g = (outputs is not None and h.shape[0] == 1 and outputs.shape == (rows, rows)
+               and w.size <= MAX_OUTPUT_WEIGHTS)
     with one_blas_thread():
+        if not under_g and mask is None:
+            fitted = searched_grid(fitted, w, hessian)
+        scale, zero = element_grid(fitted)
+        zero = np.broadcast_to(zero, w.shape)
         args = (np.asarray(forward(np.asarray(w, np.float32))), forward(scale), forward(zero),
                 None if mask is None else forward(mask))
-        rows = args[0].shape[1]
-        if (outputs is not None and h.shape[0] == 1 and outputs.shape == (rows, rows)
-                and w.size <= MAX_OUTPUT_WEIGHTS):
+        if under_g:
             codes = rounded_columns(*args, h, np.asarray(outputs, np.float64), fitted.bits)
         else:
             codes = descended(*args, damped(h), rounded(*args, h, fitted.bits), fitted.bits)
