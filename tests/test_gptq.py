@@ -423,3 +423,28 @@ def test_the_grid_search_lowers_the_layer_error_at_the_same_bytes(
     assert searched.nbytes == plain.nbytes and searched.describe() == plain.describe()
     assert layer_error(searched) < 0.8 * layer_error(plain), (layer_error(searched),
                                                                layer_error(plain))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_hot_inputs_score_each_group_alone_ragged_groups_included(
+        bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diagonal H (one-hot inputs) couples no groups: each group's grid is chosen under
+    its inputs' frequencies mixed with a uniform weight, without GPTQ runs and whatever the
+    size; a ragged last group (K = 40, groups of 16) is searched too; same bytes."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    h = np.diag(rng.gamma(0.5, size=40)).astype(np.float32)
+    info = _info(w, h)
+    monkeypatch.setattr(gridsearch, "MAX_WORK", 0)  # only the independent path may run
+    fitted = Quantize(bits=bits, method="mse" if bits < 8 else "rtn").apply(Dense(w), info)
+    assert fitted.group_size == 16 and fitted.scale.shape == (3, 24)
+    searched = gptq_codes(fitted, w, h, info)
+    metric = h + gridsearch.UNIFORM * np.mean(np.diag(h)) * np.eye(40)
+
+    def error(q: Quantized) -> float:
+        d = (q.decode() - w).astype(np.float64)
+        return float(np.einsum("kn,kl,ln->", d, metric, d))
+
+    assert searched.nbytes == fitted.nbytes and searched.describe() == fitted.describe()
+    assert not np.array_equal(searched.scale[2], fitted.scale[2])  # the ragged group moved
+    assert error(searched) < 0.95 * error(fitted), (error(searched), error(fitted))
