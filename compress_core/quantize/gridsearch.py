@@ -203,3 +203,56 @@ class _Search:
         q = descended(self.tiled, scale, zeros, None, self.damped, q, self.bits, SEARCH_PASSES)
         d = ((q[0].astype(np.float64) - zeros[0]) * scale[0]) - self.tiled[0]
         return np.einsum("rk,rk->r", d @ self.metric, d)
+
+
+def regridded(q: Quantized, w: np.ndarray, h: np.ndarray, g: np.ndarray) -> Quantized:
+    """`q` with its codes kept and, group by group, each row's scale code and zero point
+    moved to the candidate (as the search's) that lowers tr(G D H D^T) most (`h` [K, K]
+    and `g` [R, R] damped, float64; R the outputs, K the block axis of the 2-D `w`); rows
+    one at a time, as G couples them. `q` itself where the layout is not searched
+    (see `searched_grid`). Alternated with coordinate descent over the codes, the
+    layer's error falls at every step (a block coordinate descent over codes and grid)."""
+    code = q.scale_code
+    if (not isinstance(code, ScaleCode) or q.granularity != "group" or w.ndim != 2
+            or q.block_span != 1 or code.codes.shape != q.scale.shape):
+        return q
+    axis, size = q.block_axis, q.group_size
+    values = np.moveaxis(np.asarray(w, np.float64), axis, -1)
+    rows, k = values.shape
+    if h.shape != (k, k) or g.shape != (rows, rows):
+        return q
+    codes = np.moveaxis(q.codes, axis, -1).astype(np.float64)
+    grid = np.moveaxis(code.codes, axis, -1).astype(np.int64)
+    zero = (np.zeros(grid.shape) if q.zero_point is None
+            else np.moveaxis(q.zero_point, axis, -1).astype(np.float64))
+    scale = decode_codes(grid, code.high, code.low, code.bits).astype(np.float64)
+
+    def spread(per_group: np.ndarray) -> np.ndarray:
+        return np.repeat(per_group, size, axis=1)[:, :k]
+
+    grad = g @ ((codes - spread(zero)) * spread(scale) - values) @ h
+    steps = np.array([c[0] for c in _candidates(q)[1:]])
+    zeros = np.array([np.nan if c[1] is None else c[1] for c in _candidates(q)[1:]])
+    top, moved = (1 << code.bits) - 1, False
+    for group in range(grid.shape[1]):
+        part = slice(group * size, min((group + 1) * size, k))
+        block = h[part, part]
+        for r in range(rows):
+            tried = np.clip(grid[r, group] + steps, 0, top)
+            s = decode_codes(tried, code.high, code.low, code.bits).astype(np.float64)
+            z = np.where(np.isnan(zeros), zero[r, group], zeros)
+            now = (codes[r, part] - zero[r, group]) * scale[r, group]
+            change = (codes[r, part][None] - z[:, None]) * s[:, None] - now[None]
+            gain = 2 * change @ grad[r, part] + g[r, r] * np.einsum(
+                "nm,mk,nk->n", change, block, change)
+            best = int(np.argmin(gain))
+            if gain[best] < 0:
+                moved = True
+                grid[r, group], scale[r, group], zero[r, group] = tried[best], s[best], z[best]
+                grad += np.outer(g[:, r], change[best] @ h[part, :])
+    if not moved:
+        return q
+    chosen = code.with_codes(np.ascontiguousarray(np.moveaxis(grid, -1, axis)).astype(np.uint8))
+    return replace(q, scale=chosen.decode(), scale_code=chosen,
+                   zero_point=None if q.zero_point is None else
+                   np.ascontiguousarray(np.moveaxis(zero, -1, axis)).astype(np.int8))

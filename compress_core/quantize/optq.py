@@ -47,7 +47,7 @@ def rounded_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
         return codes[None]
 
     codes = rounded(w, scale, zero, keep, hessian, bits, column)
-    codes = _descended_columns(w[0], scale[0], zero[0], None if keep is None else keep[0],
+    codes = descended_columns(w[0], scale[0], zero[0], None if keep is None else keep[0],
                                damped(hessian)[0].astype(np.float64),
                                damped(outputs[rows][:, rows][None])[0].astype(np.float64),
                                codes[0], bits)[None]
@@ -56,7 +56,7 @@ def rounded_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
     return out
 
 
-def _descended_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+def descended_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
                        mask: np.ndarray | None, h: np.ndarray, g: np.ndarray,
                        codes: np.ndarray, bits: int) -> np.ndarray:
     """`descended` under H (x) G for one [R, K] layer: the gradient G D H; within a
