@@ -24,15 +24,16 @@ calibration error never rises. The search runs where it fits MAX_WORK
 (candidate x row x column x column updates over all groups and sweeps): the
 embedding tables and heads of small models, not large layers (those keep
 the fitted grid); only for grids stored as scale codes (`ScaleCode`) in
-groups along a 2-D weight, unpruned, under one H (layers rounded under H (x) G
-keep the fitted grid: their rows are not independent). Where H couples no
+groups along a 2-D weight, unpruned, under one H (under H (x) G the rows are
+coupled and a candidate would cost a per-weight GPTQ run: `regridded` moves
+those grids with the codes kept instead). Where H couples no
 two groups (one-hot inputs: H diagonal), GPTQ is rounding to nearest and the
 groups are independent: each is scored on its own, without GPTQ runs, at any
 size, under its block of H mixed with a uniform weight (UNIFORM).
 
 Measured on the sample transformer at 4 bits (output error when only that
-tensor is quantized by gptq, evaluation inputs): token table 0.0266 -> 0.0242,
-position table 0.0173 -> 0.0151, LM head 0.0191 -> 0.0169; choosing by the
+tensor is quantized by gptq, evaluation inputs): token table 0.0266 -> 0.0243,
+position table 0.0173 -> 0.0150, LM head 0.0191 -> 0.0170; choosing by the
 group's own H-block error after rounding to nearest, or with the Schur
 complement of H^-1 as its metric, moved them by under 2%.
 """
