@@ -20,10 +20,11 @@ from modelpress import Quantize, Recipe, compress
 from modelpress.core.encoded import Dense, Quantized, Sparse
 from modelpress.core.errors import RecipeError
 from modelpress.core.pipeline import Options
+from modelpress.core.scalecode import ScaleCode
 from modelpress.core.lowrank import Factorize
 from modelpress.core.prune import Prune
-from modelpress.core.quantize import optq
-from modelpress.core.quantize.gptq import gptq_codes
+from modelpress.core.quantize import gptq, gridsearch, optq
+from modelpress.core.quantize.gptq import element_grid, gptq_codes
 from modelpress.core.tensorinfo import InputStats, SecondMoments, TensorInfo
 from modelpress.formats import open_model
 from modelpress.formats.onnx import calibrate
@@ -234,8 +235,9 @@ LAYOUTS = [dict(bits=4), dict(bits=4, scheme="sym"), dict(bits=4, scale_bits=0),
 @pytest.mark.parametrize("layout", LAYOUTS,
                          ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_every_layout_keeps_its_grid_and_size_and_lowers_the_layer_error(layout: dict) -> None:
-    """GPTQ only chooses codes: scales, scale codes, zero points and the stored size are
-    those of the method it falls back to without statistics."""
+    """GPTQ keeps the layout and size of the method it falls back to without statistics:
+    the same scales where they are floats or multipliers; where they are log-grid codes
+    (`gridsearch`), codes on the same tables, which may point elsewhere."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((256, 48)).astype(np.float32)
     x = rng.standard_normal((2000, 64)) @ rng.standard_normal((64, 256)) + 1.0
@@ -247,10 +249,20 @@ def test_every_layout_keeps_its_grid_and_size_and_lowers_the_layer_error(layout:
     rounded = stage.apply(Dense(w), _info(w, h))
     assert isinstance(rounded, Quantized) and rounded.nbytes == plain.nbytes
     assert rounded.describe() == plain.describe()
-    np.testing.assert_array_equal(rounded.scale, plain.scale)
-    if plain.zero_point is not None:
-        np.testing.assert_array_equal(rounded.zero_point, plain.zero_point)
     assert type(rounded.scale_code) is type(plain.scale_code)
+    if isinstance(plain.scale_code, ScaleCode):
+        for table in ("high", "low"):
+            np.testing.assert_array_equal(getattr(rounded.scale_code, table),
+                                          getattr(plain.scale_code, table))
+        np.testing.assert_array_equal(rounded.scale, rounded.scale_code.decode())
+        assert rounded.scale_code.codes.shape == plain.scale_code.codes.shape
+    else:
+        np.testing.assert_array_equal(rounded.scale, plain.scale)
+    if plain.zero_point is not None:
+        assert rounded.zero_point.shape == plain.zero_point.shape
+        assert rounded.zero_point.dtype == plain.zero_point.dtype
+        if not isinstance(plain.scale_code, ScaleCode):
+            np.testing.assert_array_equal(rounded.zero_point, plain.zero_point)
     assert rounded.super_block == plain.super_block
     lo, hi = -(1 << (plain.bits - 1)), (1 << (plain.bits - 1)) - 1
     assert rounded.codes.min() >= lo and rounded.codes.max() <= hi
@@ -263,12 +275,18 @@ def test_every_layout_keeps_its_grid_and_size_and_lowers_the_layer_error(layout:
 
 
 def test_unit_moments_leave_the_nearest_codes() -> None:
-    """With H = I no error is worth moving: GPTQ's codes are the fitted grid's own."""
+    """With H = I no error is worth moving: GPTQ's codes are the nearest ones on its grid
+    (the fitted one where the grid is not searched, else the one the search chose)."""
     w = np.random.default_rng(6).standard_normal((128, 32)).astype(np.float32)
     info = _info(w, np.eye(128, dtype=np.float32))
-    fitted = Quantize(bits=4, method="rtn").apply(Dense(w), info)
-    np.testing.assert_array_equal(gptq_codes(fitted, w, np.eye(128, dtype=np.float32),
-                                             info).codes, fitted.codes)
+    for layout in (dict(scale_bits=0), dict()):
+        fitted = Quantize(bits=4, method="rtn", **layout).apply(Dense(w), info)
+        found = gptq_codes(fitted, w, np.eye(128, dtype=np.float32), info)
+        if not layout:
+            assert found.scale_code.codes.tolist() != fitted.scale_code.codes.tolist()
+        scale, zero = element_grid(found)
+        nearest = np.clip(np.rint(w / scale) + zero, -8, 7)
+        np.testing.assert_array_equal(found.codes, nearest)
 
 
 def test_coordinate_descent_lowers_the_layer_error_gptq_leaves(
@@ -288,6 +306,7 @@ def test_coordinate_descent_lowers_the_layer_error_gptq_leaves(
         d = (q.decode() - w).astype(np.float64)
         return float(np.einsum("kn,kl,ln->", d, damped, d))
 
+    monkeypatch.setattr(gridsearch, "MAX_WORK", 0)  # the descent alone, on one grid
     found = {}
     for passes in (0, optq.PASSES):
         monkeypatch.setattr(optq, "PASSES", passes)
@@ -379,3 +398,80 @@ def test_layers_over_the_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                "limit of 4,096, so gptq does not round it" in n for n in report.notes)
     assert ("--calibration: 1 of 2 quantized tensors rounded by GPTQ; 1 by mse instead, e.g. "
             "'w2' (its input moments are over the size limit)") in report.notes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_grid_search_lowers_the_layer_error_at_the_same_bytes(
+        bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each group's scale code and zero point chosen by the error after GPTQ: lower than
+    GPTQ on the data-free fit, on the same tables and bytes; over MAX_WORK, the fit as is."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    x = rng.standard_normal((3000, 16)) @ rng.standard_normal((16, 64)) + 0.5
+    h = (x.T @ x / len(x)).astype(np.float32)
+    info = _info(w, h)
+    fitted = Quantize(bits=bits, method="mse" if bits < 8 else "rtn").apply(Dense(w), info)
+    searched = gptq_codes(fitted, w, h, info)
+    monkeypatch.setattr(gridsearch, "MAX_WORK", 0)
+    plain = gptq_codes(fitted, w, h, info)
+    np.testing.assert_array_equal(plain.scale, fitted.scale)
+
+    def layer_error(q: Quantized) -> float:
+        d = (q.decode() - w).astype(np.float64)
+        return float(np.einsum("kn,kl,ln->", d, h, d))
+
+    assert searched.nbytes == plain.nbytes and searched.describe() == plain.describe()
+    assert layer_error(searched) < 0.8 * layer_error(plain), (layer_error(searched),
+                                                               layer_error(plain))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_hot_inputs_score_each_group_alone_ragged_groups_included(
+        bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diagonal H (one-hot inputs) couples no groups: each group's grid is chosen under
+    its inputs' frequencies mixed with a uniform weight, without GPTQ runs and whatever the
+    size; a ragged last group (K = 40, groups of 16) is searched too; same bytes."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    h = np.diag(rng.gamma(0.5, size=40)).astype(np.float32)
+    info = _info(w, h)
+    monkeypatch.setattr(gridsearch, "MAX_WORK", 0)  # only the independent path may run
+    fitted = Quantize(bits=bits, method="mse" if bits < 8 else "rtn").apply(Dense(w), info)
+    assert fitted.group_size == 16 and fitted.scale.shape == (3, 24)
+    searched = gptq_codes(fitted, w, h, info)
+    metric = h + gridsearch.UNIFORM * np.mean(np.diag(h)) * np.eye(40)
+
+    def error(q: Quantized) -> float:
+        d = (q.decode() - w).astype(np.float64)
+        return float(np.einsum("kn,kl,ln->", d, metric, d))
+
+    assert searched.nbytes == fitted.nbytes and searched.describe() == fitted.describe()
+    assert not np.array_equal(searched.scale[2], fitted.scale[2])  # the ragged group moved
+    assert error(searched) < 0.95 * error(fitted), (error(searched), error(fitted))
+
+
+def test_grid_moves_alternate_with_descent_under_output_moments(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under H (x) G the rows are coupled and the grid is not searched; instead each group's
+    grid moves with the codes kept where tr(G D H D^T) falls, then the codes descend again:
+    lower than without the moves, on the same tables and bytes."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((48, 32)).astype(np.float32)
+    x = rng.standard_normal((2000, 16)) @ rng.standard_normal((16, 48)) + 0.5
+    h = (x.T @ x / len(x)).astype(np.float32)
+    j = rng.standard_normal((200, 32)) @ np.diag(np.linspace(0.2, 2, 32))
+    g = j.T @ j / len(j)
+    info = _info(w, h)
+    fitted = Quantize(bits=4, method="mse").apply(Dense(w), info)
+    alternated = gptq_codes(fitted, w, h, info, outputs=g)
+    monkeypatch.setattr(gptq, "ROUNDS", 0)
+    plain = gptq_codes(fitted, w, h, info, outputs=g)
+    np.testing.assert_array_equal(plain.scale, fitted.scale)
+
+    def layer_error(q: Quantized) -> float:
+        d = (q.decode() - w).astype(np.float64)
+        return float(np.trace(g @ d.T @ h @ d))
+
+    assert alternated.nbytes == plain.nbytes and alternated.describe() == plain.describe()
+    assert layer_error(alternated) < 0.97 * layer_error(plain), (layer_error(alternated),
+                                                                 layer_error(plain))

@@ -26,8 +26,14 @@ with the embeddings left as they are); 4 sweeps gave no more than 2.
 
 The grid is fitted first, by the stage's own fitter for the plan (the same
 scales, scale codes, zero points, multipliers as rtn/mse would store, so
-the output has exactly their layout and size); GPTQ then only chooses the
-codes, each clipped to the grid's range. Act-order works unchanged on a
+the output has exactly their layout and size); GPTQ then chooses the codes,
+each clipped to the grid's range. Where the scales are log-grid codes, the
+codes each group points at (and its zero point) are then chosen under
+calibration too, on the same tables and widths: by the error GPTQ leaves
+(`gridsearch.searched_grid`, layers under one H within its budget), or,
+under H (x) G, by ROUNDS of grid moves with the codes kept, each followed
+by coordinate descent (`gridsearch.regridded`). On the sample transformer
+at 4 bits the moves lowered the probed layers' output errors by 1-4%. Act-order works unchanged on a
 fixed grid (the paper's "static groups"). Measured on the sample
 transformer's MatMul weights (layer output error on held-out inputs, 4 bits):
 refitting each group's grid on the updated weights when its first column is
@@ -48,8 +54,9 @@ import numpy as np
 from modelpress.core.blas import one_blas_thread
 from modelpress.core.compose import factor_info
 from modelpress.core.encoded import Dense, Encoded, LowRank, Quantized, Sparse
+from modelpress.core.quantize.gridsearch import regridded, searched_grid
 from modelpress.core.quantize.optq import (MAX_OUTPUT_WEIGHTS, damped, descended,
-                                           rounded, rounded_columns)
+                                           descended_columns, rounded, rounded_columns)
 from modelpress.core.quantize.plan import QuantPlan
 from modelpress.core.tensorinfo import TensorInfo
 
@@ -169,16 +176,45 @@ def gptq_codes(fitted: Quantized, w: np.ndarray, hessian: np.ndarray, info: Tens
     if view is None:
         return None
     forward, back = view
-    scale, zero = element_grid(fitted)
-    zero = np.broadcast_to(zero, w.shape)
     h = hessian if hessian.ndim == 3 else hessian[None]
+    rows = forward(w).shape[1]
+    under_g = (outputs is not None and h.shape[0] == 1 and outputs.shape == (rows, rows)
+               and w.size <= MAX_OUTPUT_WEIGHTS)
     with one_blas_thread():
+        if not under_g and mask is None:
+            fitted = searched_grid(fitted, w, hessian)
+        scale, zero = element_grid(fitted)
+        zero = np.broadcast_to(zero, w.shape)
         args = (np.asarray(forward(np.asarray(w, np.float32))), forward(scale), forward(zero),
                 None if mask is None else forward(mask))
-        rows = args[0].shape[1]
-        if (outputs is not None and h.shape[0] == 1 and outputs.shape == (rows, rows)
-                and w.size <= MAX_OUTPUT_WEIGHTS):
+        if under_g:
             codes = rounded_columns(*args, h, np.asarray(outputs, np.float64), fitted.bits)
+            if mask is None:  # a moved zero point would move the pruned weights off 0
+                fitted, codes = _alternated(fitted, w, args, codes, h[0], outputs, back,
+                                            forward)
         else:
             codes = descended(*args, damped(h), rounded(*args, h, fitted.bits), fitted.bits)
     return fitted.with_codes(np.ascontiguousarray(back(codes)))
+
+
+ROUNDS = 2
+"""Alternations of grid moves (`gridsearch.regridded`) and code descent under H (x) G."""
+
+
+def _alternated(fitted: Quantized, w: np.ndarray, args: tuple, codes: np.ndarray,
+                hessian: np.ndarray, outputs: np.ndarray, back: Callable, forward: Callable
+                ) -> tuple[Quantized, np.ndarray]:
+    """`fitted` and `codes` (view [1, R, K]) after up to ROUNDS of: each group's grid moved
+    where that lowers tr(G D H D^T) with the codes kept, then the codes descended on it."""
+    h = damped(hessian[None])[0].astype(np.float64)
+    g = damped(np.asarray(outputs)[None])[0].astype(np.float64)
+    for _ in range(ROUNDS):
+        moved = regridded(fitted.with_codes(np.ascontiguousarray(back(codes))), w, h, g)
+        if moved.scale_code is fitted.scale_code:
+            break
+        fitted = moved
+        scale, zero = element_grid(fitted)
+        grid = (forward(scale)[0], forward(np.broadcast_to(zero, w.shape))[0])
+        codes = descended_columns(args[0][0], *grid, None, h, g,
+                                  forward(moved.codes)[0].astype(np.float64), fitted.bits)[None]
+    return fitted, codes

@@ -47,7 +47,7 @@ def rounded_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
         return codes[None]
 
     codes = rounded(w, scale, zero, keep, hessian, bits, column)
-    codes = _descended_columns(w[0], scale[0], zero[0], None if keep is None else keep[0],
+    codes = descended_columns(w[0], scale[0], zero[0], None if keep is None else keep[0],
                                damped(hessian)[0].astype(np.float64),
                                damped(outputs[rows][:, rows][None])[0].astype(np.float64),
                                codes[0], bits)[None]
@@ -56,7 +56,7 @@ def rounded_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
     return out
 
 
-def _descended_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+def descended_columns(w: np.ndarray, scale: np.ndarray, zero: np.ndarray,
                        mask: np.ndarray | None, h: np.ndarray, g: np.ndarray,
                        codes: np.ndarray, bits: int) -> np.ndarray:
     """`descended` under H (x) G for one [R, K] layer: the gradient G D H; within a
@@ -107,20 +107,22 @@ def _gain(grad: np.ndarray, s: np.ndarray, curve: np.ndarray, c: np.ndarray,
 
 
 def descended(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, mask: np.ndarray | None,
-               hessian: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:
+               hessian: np.ndarray, codes: np.ndarray, bits: int,
+               passes: int | None = None) -> np.ndarray:
     """`codes` [G, R, K] moved one step at a time while that lowers the layer's
     squared error tr(D H D^T) (H damped as GPTQ's): per column, every row's code
     +1 or -1, whichever lowers it most, in up to PASSES sweeps over the columns
     (coordinate descent after GPTQ, as CDQuant, Nair & Suggala 2024). GPTQ fixes
     each column once, from the columns before it; a sweep corrects each column
     against all the others as rounded. The gradient G = D H is kept exact: rank-1
-    within a block of BLOCK columns, one product per block for the rest."""
+    within a block of BLOCK columns, one product per block for the rest. `passes`
+    overrides PASSES."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     c = codes.astype(np.float32)
     s = np.ascontiguousarray(scale, np.float32)
     h = hessian.astype(np.float32)
     k = w.shape[2]
-    for _ in range(PASSES):
+    for _ in range(PASSES if passes is None else passes):
         grad = np.matmul((c - zero) * s - w, h)        # [G, R, K], symmetric H
         moved = False
         for first in range(0, k, BLOCK):
