@@ -13,8 +13,9 @@ same bytes.
    worst output error on them with that error's bound over resamples of
    them. A size target's models are rounded as the sweep's are (without the
    calibration data, so that their errors compare fairly), and the one
-   chosen is then measured as the run writes it; an error target's are
-   written as the run writes them. A size target then corrects its byte budget by what the file holds
+   chosen is then measured as the run writes it, beside the quantize stage's
+   default file that fits (modelpress.app.written: the better is taken); an
+   error target's are written as the run writes them. A size target then corrects its byte budget by what the file holds
    besides those tensors (graph, decode nodes, metadata); an error target
    rescales its error budget by measured over predicted error, within the
    bracket of budgets known to meet or miss it. The uniform settings that
