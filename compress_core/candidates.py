@@ -93,6 +93,18 @@ class Choices:
         given = list(self.recipe.stages)
         return Recipe(given[:self.position] + stages + given[self.position + 1:])
 
+    def default_labels(self, bits: int, infos: Mapping[str, TensorInfo]
+                       ) -> dict[str, str] | None:
+        """The labels that write the quantize stage as given at `bits` (embeddings and the
+        output head at its backup width, each width at its default layout: the stage's plan
+        per tensor), or None where a width it takes is not a candidate. The quantize
+        stage's default file, as a per-tensor recipe (final_recipe) that writes the same
+        bytes."""
+        stage = dataclasses.replace(self.chooser, bits=bits)
+        known = {c.label for c in self.candidates}
+        found = {name: f"int{stage.plan(info).bits}" for name, info in infos.items()}
+        return found if set(found.values()) <= known else None
+
 
 def choices_for(recipe: Recipe | None, widths: Sequence[int] | None,
                 float16: bool = True, layouts: bool = False) -> Choices:

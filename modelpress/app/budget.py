@@ -13,8 +13,9 @@ same bytes.
    worst output error on them with that error's bound over resamples of
    them. A size target's models are rounded as the sweep's are (without the
    calibration data, so that their errors compare fairly), and the one
-   chosen is then measured as the run writes it; an error target's are
-   written as the run writes them. A size target then corrects its byte budget by what the file holds
+   chosen is then measured as the run writes it, beside the quantize stage's
+   default file that fits (modelpress.app.written: the better is taken); an
+   error target's are written as the run writes them. A size target then corrects its byte budget by what the file holds
    besides those tensors (graph, decode nodes, metadata); an error target
    rescales its error budget by measured over predicted error, within the
    bracket of budgets known to meet or miss it. The uniform settings that
@@ -44,6 +45,7 @@ from modelpress.formats.safetensors.ct_config import for_loaders as loader_recip
 from modelpress.app.evaluation import onnx_runner
 from modelpress.app.sensitivity import OutputProbe, Sensitivity, runner_probe
 from modelpress.app.trial import Measured, Trial
+from modelpress.app.written import better_as_written, default_fit
 
 MAX_PROBES = 8
 # What compressed-tensors' pack-quantized layout holds (formats.safetensors.layout).
@@ -183,8 +185,11 @@ def settle(trial: Trial, target: Target) -> Outcome:
     # (magika's last layer: 0.004 on its 16 calibration strings, 0.025 on 64 others), so
     # its trials round without them, and the model chosen is then measured as written.
     trial.free = target.error is None and trial.calibrated
+    default = None
     if limit is not None:
         found += _fit_size(trial, limit)
+        default = default_fit(trial, limit) if target.error is None else None
+        found += [default] if default is not None else []
     if target.error is not None:
         found += _fit_error(trial, target.error, limit)
     found += _uniform(trial, target, limit, found)
@@ -195,10 +200,12 @@ def settle(trial: Trial, target: Target) -> Outcome:
         chosen, measured = min(good, key=lambda cm: (
             cm[1].error if cm[1].error is not None else totals(trial.options, cm[0])[1],
             cm[1].file_bytes))
+        if default is not None:
+            chosen = better_as_written(trial, [chosen, default[0]], trial.table.notes)
         measured = trial.final(chosen)
     else:
         chosen, measured = min(good, key=lambda cm: (cm[1].file_bytes, cm[1].error))
-    labels = {name: trial.table.labels[i] for name, i in zip(trial.table.names, chosen)}
+    labels = trial.labels(chosen)
     if not trial.recipe(chosen).stages:
         raise BudgetError(f"{store.path}: the target is met only by the model as it is "
                           f"({measured.file_bytes} bytes): nothing to compress")

@@ -21,11 +21,11 @@ from modelpress.core.candidates import data_free, underdetermined
 from modelpress.core.pipeline import encode_stream
 from modelpress.core.quantize.plan import has_second_moments
 from modelpress.core.recipe import Recipe
-from modelpress.core.store import WriteOptions
+from modelpress.core.store import TensorStore, WriteOptions
 from modelpress.formats.safetensors.ct_config import loader_form
 
 from modelpress.app.evaluation import onnx_runner
-from modelpress.app.sensitivity import Sensitivity, narrowed
+from modelpress.app.sensitivity import OutputProbe, Sensitivity, narrowed
 
 # What an output holds besides the chosen tensors' bytes, first guess: a base (graph nodes,
 # metadata: bytes, plus bytes per chosen tensor), and in ONNX about 3 kB per quantized layout
@@ -100,9 +100,12 @@ class Trial:
                 return chosen
             self.options = self.table.options()
 
+    def labels(self, chosen: Allocation) -> dict[str, str]:
+        """Each chosen tensor's candidate label."""
+        return {name: self.table.labels[i] for name, i in zip(self.table.names, chosen)}
+
     def recipe(self, chosen: Allocation) -> Recipe:
-        labels = {name: self.table.labels[i] for name, i in zip(self.table.names, chosen)}
-        return self.measure.choices.final_recipe(labels, list(self.store.tensors))
+        return self.measure.choices.final_recipe(self.labels(chosen), list(self.store.tensors))
 
     def __call__(self, chosen: Allocation) -> Measured:
         key = tuple(chosen)
@@ -121,19 +124,48 @@ class Trial:
             self.finals[key] = self._write(chosen, False)
         return self.finals[key]
 
+    def refit(self, chosen: Allocation, store: TensorStore, probe: OutputProbe,
+              cache: dict[tuple[str, str], Any]) -> Measured:
+        """The model the run writes for `chosen`, rounded with the statistics of `store` (the
+        model calibrated on part of the rows, every tensor as the run rounds it), measured by
+        `probe` (on the other rows). `cache`: (tensor, label) -> encoding, shared by the
+        models refitted on the same `store`."""
+        return self._write_stream(self._fitted(chosen, store, cache), probe)
+
     def _write(self, chosen: Allocation, free: bool) -> Measured:
-        stream = self._stream(chosen, free)
+        return self._write_stream(self._stream(chosen, free), self.measure.probe)
+
+    def _write_stream(self, stream: Iterator[tuple[str, Any]],
+                      probe: OutputProbe | None) -> Measured:
         stored = ((name, loader_form(e)) for name, e in stream) if self.for_loaders \
             else stream
         try:
             result = self.store.write(self.path, stored, options=self.writer)
         finally:
             getattr(stream, "close", lambda: None)()
-        probe, measured = self.measure.probe, Measured(result.file_bytes)
+        measured = Measured(result.file_bytes)
         if probe is not None:
             outputs = onnx_runner().Session(self.path).run(probe.feeds)
             measured.error, measured.bound = probe.errors(outputs)
         return measured
+
+    def _fitted(self, chosen: Allocation, store: TensorStore,
+                cache: dict[tuple[str, str], Any]) -> Iterator[tuple[str, Any]]:
+        """The allocation's tensors encoded as the run encodes them, from `store`."""
+        choices, options = self.measure.choices, self.measure.options
+        if len(choices.recipe.stages) > 1:
+            return encode_stream(store, self.recipe(chosen), options)
+        labels = self.labels(chosen)
+        for candidate in choices.candidates:
+            names = [n for n, label in labels.items()
+                     if label == candidate.label and (n, label) not in cache]
+            if candidate.stage is None or not names:
+                continue
+            recipe = narrowed(store, choices.recipe_for(candidate), names, options)
+            for name, encoded in encode_stream(store, recipe, options):
+                cache[(name, candidate.label)] = encoded
+        return iter([(name, cache[(name, labels[name])]) for name in store.tensors
+                     if (name, labels.get(name)) in cache])
 
     def _stream(self, chosen: Allocation, free: bool) -> Iterator[tuple[str, Any]]:
         """The allocation's encoded tensors in store order (`free`: rounded without the
@@ -144,7 +176,7 @@ class Trial:
         rounding = data_free if free else (lambda recipe: recipe)
         if len(choices.recipe.stages) > 1:
             return encode_stream(self.store, rounding(self.recipe(chosen)), options)
-        labels = {name: self.table.labels[i] for name, i in zip(self.table.names, chosen)}
+        labels = self.labels(chosen)
         fresh: dict[tuple[str, str], Any] = {}
         for candidate in choices.candidates:
             names = [n for n, label in labels.items() if label == candidate.label
