@@ -30,6 +30,7 @@ The file the run writes still uses every calibration row.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
@@ -91,7 +92,7 @@ def better_as_written(trial: Trial, contenders: Sequence[Allocation],
     best = min(range(len(unique)), key=lambda i: (errors[i], i))
     notes.append(f"target: output error as written, {how}: the search's pick "
                  f"{errors[0]:.4g}, the quantize stage's default file "
-                 f"({_counts(trial.table.labels, unique[1])}) {errors[1]:.4g}; "
+                 f"({_counts(trial.labels(unique[1]))}) {errors[1]:.4g}; "
                  f"{'the default' if best else 'the pick'} is written")
     return unique[best]
 
@@ -116,8 +117,5 @@ def _held_out(trial: Trial, contenders: list[Allocation]) -> list[float] | None:
     return [trial.refit(c, store, other, cache).error for c in contenders]
 
 
-def _counts(labels: Sequence[str], chosen: Allocation) -> str:
-    found: dict[str, int] = {}
-    for i in chosen:
-        found[labels[i]] = found.get(labels[i], 0) + 1
-    return ", ".join(f"{label} {n}" for label, n in found.items())
+def _counts(labels: dict[str, str]) -> str:
+    return ", ".join(f"{label} {n}" for label, n in Counter(labels.values()).items())
