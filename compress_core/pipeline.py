@@ -138,7 +138,8 @@ def encode(store: TensorStore, recipe: Recipe, options: Options = Options(),
 
 def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options(),
                   progress: Progress | None = None,
-                  into: Encoding | None = None) -> Iterator[tuple[str, Encoded]]:
+                  into: Encoding | None = None,
+                  ready: dict[str, Result] | None = None) -> Iterator[tuple[str, Encoded]]:
     """(name, encoded) for each tensor the recipe changes, in the store's order.
 
     Tensors are encoded by `options.threads` threads (numpy releases the GIL
@@ -154,7 +155,7 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
     into.notes.extend(left_alone(store.tensors, recipe, selected, options))
     work = _prepare(store, recipe, selected, options)
     threads = max(1, options.threads or default_threads())
-    results = _results(store, work, options, threads)
+    results = _results(store, work, options, threads, ready or {})
     for done, (name, encoded, error, notes) in enumerate(results):
         if progress:
             progress(done, len(work), name)
@@ -174,10 +175,26 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
 Result = tuple[str, "Encoded | None", "ErrorStats | None", list[str]]
 
 
+def encode_some(store: TensorStore, recipe: Recipe, names: list[str],
+                options: Options = Options()) -> dict[str, Result]:
+    """The outcomes of `names` (those the recipe changes) under `recipe`, as `encode_stream`
+    would give them, for its `ready`. Not for recipes with a stage that looks at all its
+    tensors first (`Stage.needs_prepare`): that look would see these tensors only."""
+    if any(stage.needs_prepare for stage in recipe.stages):
+        raise ValueError("encode_some: the recipe has a stage that needs all its tensors")
+    selected = plan(store, recipe, options)
+    work = {name: selected[name] for name in names if name in selected}
+    threads = max(1, options.threads or default_threads())
+    return {result[0]: result for result in _results(store, work, options, threads, {})}
+
+
 def _results(store: TensorStore, work: dict[str, list[Stage]], options: Options,
-             threads: int) -> Iterator[Result]:
-    """Each tensor's outcome in work order, computed up to `threads` tensors ahead."""
+             threads: int, ready: dict[str, Result]) -> Iterator[Result]:
+    """Each tensor's outcome in work order, computed up to `threads` tensors ahead (taken
+    from `ready` where it is there)."""
     def job(name: str, stages: list[Stage]) -> Result:
+        if name in ready:
+            return ready.pop(name)
         notes: list[str] = []
         try:
             encoded, error = _encode_one(store, store.tensors[name], stages, options, notes)

@@ -51,6 +51,10 @@ class InputStats:
     limits of modelpress.formats.onnx.calibrate, or not collected). For a Gather
     table (a lookup has no inputs to mix) the "inputs" are the hidden width: mean 0,
     var and H from the probed metric of a row's error (modelpress.formats.onnx.probe).
+    `shift`, set by sequential calibration (modelpress.formats.onnx.sequential), says
+    that the layer's inputs are taken as the model with the layers before it rounded
+    gives them (X~, on the same rows as the original's X): `second_moments` is then
+    X~^T X~ / rows and `shift` is X~^T (X - X~) / rows, of the same shape.
     """
 
     mean: np.ndarray   # float64 [K] or [groups, K]
@@ -60,6 +64,7 @@ class InputStats:
     # G over the layer's outputs (modelpress.formats.onnx.probe): how the model's outputs
     # weigh an error in each output channel, and between them; None where not probed.
     output_moments: SecondMoments | None = None
+    shift: SecondMoments | None = None
 
 
 @dataclass(frozen=True)

@@ -105,12 +105,18 @@ def round_calibrated(encoded: Encoded, info: TensorInfo, fit: Fit,
     hessian = info.input_stats.second_moments.load()
     g = info.input_stats.output_moments
     outputs = None if g is None else g.load()
+    shift = info.input_stats.shift
     if isinstance(encoded, Dense):
         w = encoded.decode()
+        if shift is not None:
+            w = moved_target(w, info, hessian, shift.load())
         return gptq_codes(fit(w, info), w, hessian, info, outputs=outputs)
     if isinstance(encoded, Sparse) and isinstance(encoded.values, Dense):
         kept = encoded.values.decode()
         start = kept if original is None or original.shape != kept.shape else original
+        if shift is not None:
+            start = moved_target(start, info, hessian, shift.load())
+            kept = np.where(encoded.mask, start, 0).astype(start.dtype)
         rounded = gptq_codes(fit(kept, info), start, hessian, info, encoded.mask, outputs)
         return None if rounded is None else Sparse(encoded.mask, rounded, encoded.pattern)
     if (isinstance(encoded, LowRank) and isinstance(encoded.left, Dense)
@@ -135,6 +141,26 @@ def _factors(encoded: LowRank, info: TensorInfo, fit: Fit,
     if other is None:
         return None
     return LowRank(done, other) if first == "left" else LowRank(other, done)
+
+
+def moved_target(w: np.ndarray, info: TensorInfo, hessian: np.ndarray,
+                 shift: np.ndarray) -> np.ndarray:
+    """W' = W + H~^-1 S W in the weight's layout (float32): the weight that, on the inputs
+    as the rounded layers before it give them (H~ = `hessian`), comes closest to the
+    original layer's outputs (S = `shift`, see modelpress.formats.onnx.sequential). H~ is
+    damped as GPTQ damps it; the damping shrinks the move only, never W itself. `w` as it
+    is where the moments do not fit it."""
+    view = layer_view(tuple(w.shape), info, tuple(hessian.shape))
+    if view is None or shift.shape != hessian.shape:
+        return w
+    forward, back = view
+    h = hessian if hessian.ndim == 3 else hessian[None]
+    s = shift if shift.ndim == 3 else shift[None]
+    rows = forward(np.asarray(w, np.float64))  # [groups, outputs, K]
+    with one_blas_thread():
+        move = np.linalg.solve(damped(h).astype(np.float64),
+                               s.astype(np.float64) @ rows.transpose(0, 2, 1))
+    return np.ascontiguousarray(back((rows + move.transpose(0, 2, 1)).astype(np.float32)))
 
 
 def layer_view(shape: tuple[int, ...], info: TensorInfo, hessian_shape: tuple[int, ...]
