@@ -64,7 +64,10 @@ def _option(klass: type[Stage], f: dataclasses.Field) -> click.Option:
                       "chosen from: one, or a range A-B such as 4-8 (2-8 when not given)")
     if default not in (None, ()) and "[default" not in help_text:
         help_text += f" [default: {default}]"
-    return click.Option([cli_name(f.name), f.name], default=None, help=help_text,
+    names = [cli_name(f.name)]
+    if base is bool and default is True:  # on unless turned off
+        names = [f"{names[0]}/--no-{names[0][2:]}"]
+    return click.Option(names + [f.name], default=None, help=help_text,
                         metavar=meta.get("metavar"), **extra)
 
 

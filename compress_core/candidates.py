@@ -140,7 +140,8 @@ def choices_for(recipe: Recipe | None, widths: Sequence[int] | None,
     candidates = []
     for bits in sorted(set(widths)):
         try:
-            stage = dataclasses.replace(given, bits=bits, all_layers=True)
+            # Each tensor rounded on its own, as the search measures it.
+            stage = dataclasses.replace(given, bits=bits, all_layers=True, sequential=False)
         except RecipeError as exc:
             raise RecipeError(f"{exc} (at width {bits} of the widths to choose from; narrow "
                               "them with --bits A-B)") from None

@@ -228,7 +228,8 @@ def test_report_records_versions_digests_recipe_and_limits(tmp_path: Path,
     assert report["recipe"]["stages"][0] == {
         "id": "quantize", "bits": 4, "scheme": None, "granularity": None, "group_size": None,
         "method": None, "scale_bits": None, "zero_bits": None, "super_block": None,
-        "backup_bits": None, "all_layers": False, "activations": None}
+        "backup_bits": None, "all_layers": False, "activations": None,
+        "sequential": True}
     assert report["thresholds"]["limits"] == {"max_error": 0.5, "max_output_error": None,
                                               "min_accuracy": None, "min_ratio": None}
     assert report["thresholds"]["passed"] is True

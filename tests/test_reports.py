@@ -59,7 +59,7 @@ def test_json_carries_every_option_as_applied(tmp_path: Path) -> None:
     assert applied == {"id": "quantize", "bits": 4, "scheme": "sym", "granularity": "group",
                        "group_size": 128, "method": "mse", "scale_bits": 0, "zero_bits": None,
                        "super_block": 0, "backup_bits": None, "all_layers": False,
-                       "activations": None}
+                       "activations": None, "sequential": True}
     for tensor in report["tensors"]:
         assert tensor["stages"] == [applied]
 

@@ -24,8 +24,7 @@ from modelpress.core.sizing import ElementSize, per_element
 from modelpress.core.stage import Stage, option
 from modelpress.core.tensorinfo import TensorInfo, axes_for
 
-# Clipping ratios tried by --method mse before the least-squares refit; a
-# short grid keeps mse within a few times rtn's cost.
+# Clipping ratios --method mse tries before its least-squares refit (a few times rtn's cost).
 _MSE_RATIOS = (1.0, 0.92, 0.85, 0.78)
 _REFIT_STEPS = 2
 # Groups are processed in row blocks of about this many elements, which bounds
@@ -102,6 +101,9 @@ class Quantize(Stage):
         "Gemm and Conv weights, needs --calibration; same layout and size as without it) "
         "[default: gptq where --calibration gave statistics, else mse below 8 bits, rtn at 8]",
         choices=("rtn", "mse", "gptq"))
+    sequential: bool = option(True, "gptq: round MatMul/Gemm layers in the model's order, each "
+                              "towards the original outputs on the inputs the rounded layers "
+                              "before it give [default: on; off with a target]")
     scale_bits: int | None = option(
         None, "store each scale as a code of this many bits (4-8) on a per-tensor log grid "
         "(double quantization); 0 stores floats in the model's type [default: ONNX 5 with "
@@ -191,8 +193,7 @@ class Quantize(Stage):
             if rounded is not None:
                 return rounded
         if isinstance(encoded, Sparse):
-            quantized = self.apply(encoded.values, info)
-            return Sparse(encoded.mask, quantized, encoded.pattern)
+            return Sparse(encoded.mask, self.apply(encoded.values, info), encoded.pattern)
         if isinstance(encoded, LowRank):
             return apply_to_factors(self, encoded, info)
         if not isinstance(encoded, Dense):
@@ -203,8 +204,7 @@ class Quantize(Stage):
         return self._quantized(encoded.decode(), info, plan)
 
     def _grid(self, array: np.ndarray, info: TensorInfo) -> Quantized:
-        """`array` quantized on the grid (scales, zero points) gptq rounds on: the plan's,
-        fitted by the method used without calibration."""
+        """`array` on the grid gptq rounds on: the plan's, fitted as without calibration."""
         plan = self.plan(info)
         return self._quantized(array, info, replace(plan, method=default_method(plan.bits)))
 

@@ -19,6 +19,7 @@ from modelpress.core.tensorinfo import TensorInfo, with_mean_weight_size
 from modelpress.formats.onnx.borrow import borrow, give_back
 from modelpress.formats.onnx.calibrate import input_stats
 from modelpress.formats.onnx.probe import probed_stats
+from modelpress.formats.onnx.sequential import Rounder, in_order
 from modelpress.formats.onnx.chain import DOMAIN, add_function
 from modelpress.formats.onnx.check import check_source
 from modelpress.formats.onnx.emit import decode_spec, emit, required_opset
@@ -91,6 +92,14 @@ class OnnxStore:
             self._tensors[name] = dataclasses.replace(self._tensors[name], input_stats=found)
         notes.extend(probed)
         return notes
+
+    def calibrate_in_order(self, calibration: Path, changed: list[str], ordered: set[str],
+                           round_tensors: Rounder) -> list[str]:
+        """After `calibrate`: the layers among `ordered` get the statistics of sequential
+        calibration (modelpress.formats.onnx.sequential), from the model as `round_tensors`
+        rounds `changed` (every tensor the run changes) in order; notes for the report."""
+        return in_order(self.path, self.model, calibration, self._tensors, changed, ordered,
+                        round_tensors)
 
     @property
     def data_files(self) -> set[AnyPath]:

@@ -11,7 +11,8 @@ import numpy as np
 from modelpress.core.dtypes import short_name
 from modelpress.core.encoded import Encoded
 from modelpress.core.errors import InputDataError, ModelReadError, ModelWriteError, RecipeError
-from modelpress.core.pipeline import Encoding, Options, encode_stream, plan, unmatched_patterns
+from modelpress.core.pipeline import (Encoding, Options, Result, encode_some, encode_stream, plan,
+                                      unmatched_patterns)
 from modelpress.core.quantize.gptq import rounding_notes
 from modelpress.core.quantize.stage import Quantize, gptq_refusal
 from modelpress.core.recipe import Recipe
@@ -88,7 +89,9 @@ def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | Objec
         quantized = {name for name, stages in plan(store, recipe, options).items()
                      if any(isinstance(stage, Quantize) for stage in stages)}
         encoding.notes.extend(store.calibrate(Path(calibration), quantized))
-    stream = encode_stream(store, applied, options, progress, encoding)
+        ready = _in_order(store, applied, options, Path(calibration), encoding.notes)
+    stream = encode_stream(store, applied, options, progress, encoding,
+                           ready if calibration is not None else None)
     pruned: list[str] = []
     try:
         with local_output(dst) as local:
@@ -121,6 +124,29 @@ def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | Objec
                   recipe=recipe.get_config(), rows=rows, file_bytes_before=store.file_bytes,
                   file_bytes_after=result.file_bytes, notes=encoding.notes + result.notes,
                   applied=_applied(recipe, applied, stages_of, rows))
+
+
+def _in_order(store: TensorStore, recipe: Recipe, options: Options, calibration: Path,
+              notes: list[str]) -> dict[str, Result]:
+    """Sequential calibration (modelpress.formats.onnx.sequential) of the tensors that a
+    quantize stage rounds by gptq with --sequential: the outcomes of those it rounded
+    before the run's own pass, for `encode_stream`'s `ready`."""
+    stages_of = plan(store, recipe, options)
+    ordered = {name for name, stages in stages_of.items() for stage in stages
+               if isinstance(stage, Quantize) and stage.sequential and stage.activations is None
+               and stage.plan(store.tensors[name]).method == "gptq"}
+    if not ordered or any(stage.needs_prepare for stage in recipe.stages):
+        return {}
+    ready: dict[str, Result] = {}
+
+    def round_tensors(names: list[str]) -> dict[str, np.ndarray]:
+        done = encode_some(store, recipe, names, options)
+        ready.update(done)
+        return {name: encoded.decode().astype(np.float32)
+                for name, encoded, _, _ in done.values() if encoded is not None}
+
+    notes.extend(store.calibrate_in_order(calibration, list(stages_of), ordered, round_tensors))
+    return ready
 
 
 def _applied(recipe: Recipe, applied: Recipe, stages_of: Mapping[str, list[Any]],
