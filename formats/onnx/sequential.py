@@ -48,7 +48,8 @@ from modelpress.core.quantize.plan import has_second_moments
 from modelpress.core.tensorinfo import SecondMoments, TensorInfo
 
 from modelpress.formats.onnx.calibrate import Layer, layer_inputs
-from modelpress.formats.onnx.calibration_run import chunks, graph_of, model_session, run_exposed
+from modelpress.formats.onnx.calibration_run import (chunks, exposing_session, graph_of,
+                                                     model_session, run_exposed)
 from modelpress.formats.onnx.moments import Sums, matmul_rows, shrunk_moments
 from modelpress.formats.onnx.run import load_inputs
 
@@ -111,7 +112,7 @@ def shifted_moments(path: Path, calibration: Path, feeds: dict[str, np.ndarray],
     those weights. A layer whose inputs do not fit it is left out."""
     graph = graph_of(path)
     wanted = sorted({u.activation for layer in layers.values() for u in layer.uses})
-    sessions = [_session(graph, path, wanted, {}), _session(graph, path, wanted, rounded)]
+    sessions = [exposing_session(path, wanted), _rounded_session(graph, path, wanted, rounded)]
     inputs = {i.name for i in graph.graph.input}
     computed = [a for a in wanted if a not in inputs]
     sums = {name: _Cross(layer) for name, layer in layers.items()}
@@ -134,8 +135,10 @@ def _rows(value: np.ndarray, layer: Layer, use):
     return matmul_rows(value, layer.k, use.k_first) if value.dtype.kind == "f" else iter(())
 
 
-def _session(graph: onnx.ModelProto, path: Path, wanted: list[str],
-             rounded: dict[str, np.ndarray]):
+def _rounded_session(graph: onnx.ModelProto, path: Path, wanted: list[str],
+                     rounded: dict[str, np.ndarray]):
+    """A session of `graph` (the model at `path`) with `rounded` in place of those weights
+    and the activations `wanted` added to its outputs."""
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
