@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import InputDataError, ModelRunError
-from modelpress.formats.onnx.run import INSTALL_HINT, first_line, input_specs
+from modelpress.formats.onnx.run import first_line, input_specs
+from modelpress.formats.onnx.sessions import graph_of, model_session, onnxruntime_module
 
 SAMPLES_PER_RUN = 8
 """Calibration samples run at once (bounds the activations held in memory)."""
@@ -45,36 +46,12 @@ def chunks(feeds: dict[str, np.ndarray], calibration: Path, graph: onnx.ModelPro
 def exposing_session(path: Path, names: list[str]):
     """An onnxruntime session (CPU, default options) of the model at `path` with the inner
     tensors `names` added to its outputs; external data is read from the model's folder."""
-    _onnxruntime()  # a missing onnxruntime is said before a bad model
+    onnxruntime_module()  # a missing onnxruntime is said before a bad model
     model = graph_of(path)
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for name in sorted(set(names) - present):
         model.graph.output.append(onnx.ValueInfoProto(name=name))
     return model_session(model, path)
-
-
-def graph_of(path: Path) -> onnx.ModelProto:
-    """The model at `path` without its external data (a session reads that in place)."""
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
-
-
-def model_session(model: onnx.ModelProto, path: Path):
-    """An onnxruntime session (CPU, default options) of `model`, a changed copy of the one at
-    `path` whose external data it reads from that model's folder."""
-    ort = _onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                     str(Path(path).resolve().parent))
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelRunError(f"--calibration: onnxruntime cannot load {path}: "
-                            f"{first_line(exc)}") from None
 
 
 def run_exposed(session, names: list[str], chunk: dict[str, np.ndarray], path: Path,
@@ -85,11 +62,3 @@ def run_exposed(session, names: list[str], chunk: dict[str, np.ndarray], path: P
     except Exception as exc:
         raise ModelRunError(f"--calibration {calibration}: onnxruntime cannot run "
                             f"{path}: {first_line(exc)}") from None
-
-
-def _onnxruntime():
-    try:
-        import onnxruntime as ort  # heavy and optional: only for --calibration
-    except ImportError:
-        raise ModelRunError(f"--calibration needs onnxruntime ({INSTALL_HINT})") from None
-    return ort

@@ -23,9 +23,10 @@ from modelpress.formats.onnx.feeds import (MAX_INPUT_BYTES, first_line, listed_s
                                            load_labels, megabytes)
 from modelpress.formats.onnx.dims import (Feeds, InputSpec, graph_dims, input_specs, made_up_hint,
                                           resolve_dims)
+from modelpress.formats.onnx.sessions import INSTALL_HINT
 from modelpress.formats.onnx.tensors import inline_tensor
+from modelpress.formats.onnx.work_estimate import run_macs
 
-INSTALL_HINT = "pip install 'modelpress[run]'"
 # Integer inputs that feed no Gather get this range unless --input-range says otherwise.
 DEFAULT_INT_RANGE = (0, 2)
 # Ops that pass integer ids through unchanged on their way to a Gather.
@@ -368,4 +369,4 @@ __all__ = ["Feeds", "InputSpec", "Session", "describe_feeds", "first_line", "gat
            "interleaved_times", "load_graph", "load_inputs", "load_labels", "made_up_hint",
            "median_ms", "quartiles_ms", "graph_dims",
            "MAX_INPUT_BYTES", "onnxruntime_available", "random_inputs", "resolve_dims",
-           "VariantRunner", "signals", "weights_as_inputs"]
+           "VariantRunner", "run_macs", "signals", "weights_as_inputs"]

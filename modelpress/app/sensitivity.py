@@ -23,20 +23,24 @@ others). Its error is estimated three ways, best first:
   at both; for a tensor measured at no width, the median of the others);
 - proxy alone (nothing measured: safetensors, or no inputs to run).
 
-Runs are planned within SENSITIVITY_SECONDS of measured run time:
-SWEEP_SHARE of it on the candidates of MEASURE_ORDER (4 bits first, then 2
+Runs are planned within SENSITIVITY_MACS multiply-adds, counted from the
+shapes one run's MatMul, Gemm and Conv nodes see
+(modelpress.formats.onnx.work_estimate): the same number of runs on every
+machine and at any load, so the same model and inputs give the same recipe.
+(They were planned within 60 s of timed runs before: open_nsfw got 88 to 269
+measured, depending on the load, and its recipe for --target-error 0.01
+ranged from 0.905x to 1.151x of the smallest uniform file meeting it.)
+SWEEP_SHARE of them on the candidates of MEASURE_ORDER (4 bits first, then 2
 and 3 bits, where the error departs most from the proxy, then the others),
 each over the tensors largest first; the rest on the candidates allocations
-choose that are not measured yet (`Sensitivity.measure`). Measured on this
-2-core machine: magika 1.0.3 (3 weights, 16 calibration strings) gets every
-candidate measured; open_nsfw (52 weights, 4 images) 77 to 131 of 416,
-depending on the load.
+choose that are not measured yet (`Sensitivity.measure`). magika 1.0.3
+(3 weights, 16 calibration strings: 5.9 GMAC a run) gets every candidate
+measured; open_nsfw (52 weights, 4 images: 4.3 GMAC) 257 runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -50,7 +54,9 @@ from modelpress.core.pipeline import Options, encode_stream, plan
 from modelpress.core.recipe import Recipe
 from modelpress.core.store import Progress, TensorStore
 
-SENSITIVITY_SECONDS = 60.0
+SENSITIVITY_MACS = 1 << 40
+"""Multiply-adds of the measuring runs: 50-55 s of them at the 20-22 GMAC/s this 2-core
+machine's onnxruntime gives magika and open_nsfw with their weights as inputs."""
 SWEEP_SHARE = 0.6
 MEASURE_ORDER = ("int4", "int2", "int3", "int6", "int8", "int5", "int7", "fp16", KEPT)
 # The bound of a measured error (OutputProbe.errors): this quantile over this many
@@ -71,7 +77,7 @@ class OutputProbe:
         self.feeds = dict(feeds)
         self.reference = dict(reference)
         self.runner: Any = None
-        self.run_seconds = math.inf
+        self.run_macs = 0   # of one run (formats.onnx.work_estimate); 0 without a runner
         self.signals: dict[str, np.ndarray] = {}   # the runner's values per-weight errors use
 
     def worst(self, outputs: Mapping[str, np.ndarray]) -> float:
@@ -124,15 +130,13 @@ def runner_probe(run: Any, path: Path, store: TensorStore, names: Sequence[str],
     probe = OutputProbe(feeds, reference)
     runner = run.VariantRunner(path, {name: store.read(name) for name in names}, dict(feeds),
                                workdir)
-    start = time.perf_counter()
     outputs = runner.outputs()
-    seconds = time.perf_counter() - start
     worst = probe.worst(outputs)
     if not worst <= EXACT_ENOUGH:
         return probe, [f"target: per-tensor output errors not measured (a session with the "
                        f"weights as inputs differs from the original by {worst:.2g}); "
                        "estimated from weight errors"]
-    probe.runner, probe.run_seconds = runner, seconds
+    probe.runner, probe.run_macs = runner, run.run_macs(path, feeds)
     probe.signals = {name: outputs[name] for name in dict.fromkeys(runner.signals.values())}
     return probe, []
 
@@ -186,17 +190,17 @@ def measure_plan(names: Sequence[str], labels: Sequence[str], sizes: Mapping[str
 
 class Sensitivity:
     """Encodes candidates through the pipeline and measures their output errors, within a
-    budget of SENSITIVITY_SECONDS of runs (SWEEP_SHARE of it for the first sweep, the rest
-    for the candidates allocations choose)."""
+    budget of SENSITIVITY_MACS multiply-adds of runs (SWEEP_SHARE of it for the first sweep,
+    the rest for the candidates allocations choose)."""
 
     def __init__(self, store: TensorStore, choices: Choices, names: Sequence[str],
                  options: Options, probe: OutputProbe | None,
-                 seconds: float = SENSITIVITY_SECONDS) -> None:
+                 macs: float = SENSITIVITY_MACS) -> None:
         self.store, self.choices, self.options, self.probe = store, choices, options, probe
         self.table = Table(list(names), [c.label for c in choices.candidates])
         runs = 0
         if probe is not None and probe.runner is not None:
-            runs = int(seconds / max(probe.run_seconds, 1e-6))
+            runs = int(macs // max(probe.run_macs, 1))
         self.runs_left = runs
 
     def sweep(self, progress: Progress | None = None) -> Table:
