@@ -148,7 +148,8 @@ def encode_stream(store: TensorStore, recipe: Recipe, options: Options = Options
     tensor always runs): memory follows the largest tensor, whatever the
     thread count. What is
     yielded does not depend on the thread count. Errors, labels and notes go
-    into `into`.
+    into `into`. `ready`: tensors already encoded (`encode_some`, same recipe and
+    options), taken from it, not encoded again (the caller bounds what it holds).
     """
     into = into if into is not None else Encoding()
     selected = plan(store, recipe, options)

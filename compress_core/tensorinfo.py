@@ -24,9 +24,11 @@ class SecondMoments:
     time, so that not every layer's matrix is in memory at once).
     """
 
-    def __init__(self, shape: tuple[int, ...], load: Callable[[], np.ndarray]) -> None:
+    def __init__(self, shape: tuple[int, ...], load: Callable[[], np.ndarray],
+                 release: Callable[[], None] | None = None) -> None:
         self.shape = tuple(shape)
         self._load = load
+        self._release = release
 
     @classmethod
     def of(cls, array: np.ndarray) -> SecondMoments:
@@ -34,9 +36,25 @@ class SecondMoments:
         array = np.asarray(array, np.float32)
         return cls(array.shape, lambda: array)
 
+    @classmethod
+    def once(cls, array: np.ndarray) -> SecondMoments:
+        """Matrices in memory until loaded once (then dropped; a second load is an error)."""
+        held = [np.asarray(array, np.float32)]
+
+        def take() -> np.ndarray:
+            if not held:
+                raise RuntimeError("these second moments were collected for one use")
+            return held.pop()
+        return cls(held[0].shape, take, held.clear)
+
     def load(self) -> np.ndarray:
         """The matrices, float32 of `shape`."""
         return self._load()
+
+    def release(self) -> None:
+        """Say that they will not be loaded (what holds them may drop them)."""
+        if self._release is not None:
+            self._release()
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelpress import Quantize, Recipe, compress
 from modelpress.core.pipeline import Options
 from modelpress.core.quantize.gptq import moved_target
-from modelpress.core.tensorinfo import TensorInfo
-from modelpress.formats.onnx import sequential
+from modelpress.core.tensorinfo import SecondMoments, TensorInfo
+from modelpress.formats.onnx import calibrate, sequential
 
 from conftest import ort_run, run_cli
 
@@ -78,7 +79,8 @@ def test_rounding_in_order_lowers_the_output_error_at_the_same_bytes(tmp_path: P
     assert found[True][1] == found[False][1]
     assert found[True][0] < 0.9 * found[False][0], found
     notes = found[True][2].notes
-    assert any(n.startswith(f"--calibration: sequential: {DEPTH} of {DEPTH + 1} layers rounded")
+    # w0 reads the model's input, which nothing rounded changes.
+    assert any(n.startswith(f"--calibration: sequential: {DEPTH} of {DEPTH} layers rounded")
                for n in notes), notes
     assert not any("sequential" in n for n in found[False][2].notes)
 
@@ -99,6 +101,13 @@ def test_over_the_memory_limit_it_is_not_done(tmp_path: Path, monkeypatch) -> No
                             "would hold as float32 come to 0 MiB, over 0 MiB)")
                for n in found[True][2].notes), found[True][2].notes
     assert (tmp_path / "True.onnx").read_bytes() == (tmp_path / "False.onnx").read_bytes()
+
+
+def test_moments_collected_for_one_use_are_dropped_when_taken() -> None:
+    moments = SecondMoments.once(np.eye(3))
+    np.testing.assert_array_equal(moments.load(), np.eye(3, dtype=np.float32))
+    with pytest.raises(RuntimeError, match="one use"):
+        moments.load()
 
 
 def test_the_moved_target_fits_the_original_outputs_on_the_moved_inputs() -> None:
@@ -126,7 +135,7 @@ def test_the_moved_target_fits_the_original_outputs_on_the_moved_inputs() -> Non
 
 def test_segments_follow_the_graph_and_are_capped(tmp_path: Path, monkeypatch) -> None:
     graph = onnx.load(str(_deep_mlp(tmp_path / "deep.onnx")))
-    layers = sequential.layer_inputs(graph, {f"w{i}": (WIDTH, WIDTH) for i in range(DEPTH + 1)})
+    layers = calibrate.layer_inputs(graph, {f"w{i}": (WIDTH, WIDTH) for i in range(DEPTH + 1)})
     assert sequential.segments(graph, layers) == [[f"w{i}"] for i in range(DEPTH + 1)]
     monkeypatch.setattr(sequential, "MAX_RUNS", 2)
     parts = sequential.segments(graph, layers)

@@ -55,11 +55,11 @@ def test_json_carries_every_option_as_applied(tmp_path: Path) -> None:
     assert given["scheme"] is None and given["group_size"] is None   # as the user gave it
     (applied,) = report["recipe_applied"]["stages"]
     # zero_bits and backup_bits stay None: symmetric codes have no zero point, and
-    # safetensors gets no backup precision unless asked.
+    # safetensors gets no backup precision unless asked; sequential applies to gptq only.
     assert applied == {"id": "quantize", "bits": 4, "scheme": "sym", "granularity": "group",
                        "group_size": 128, "method": "mse", "scale_bits": 0, "zero_bits": None,
                        "super_block": 0, "backup_bits": None, "all_layers": False,
-                       "activations": None, "sequential": True}
+                       "activations": None, "sequential": False}
     for tensor in report["tensors"]:
         assert tensor["stages"] == [applied]
 

@@ -149,7 +149,8 @@ def moved_target(w: np.ndarray, info: TensorInfo, hessian: np.ndarray,
     as the rounded layers before it give them (H~ = `hessian`), comes closest to the
     original layer's outputs (S = `shift`, see modelpress.formats.onnx.sequential). H~ is
     damped as GPTQ damps it; the damping shrinks the move only, never W itself. `w` as it
-    is where the moments do not fit it."""
+    is where the moments do not fit it. (Low-rank factors are not moved: they are rounded
+    under H~ towards the factors as they are.)"""
     view = layer_view(tuple(w.shape), info, tuple(hessian.shape))
     if view is None or shift.shape != hessian.shape:
         return w

@@ -27,8 +27,7 @@ from modelpress.core.tensorinfo import TensorInfo, axes_for
 # Clipping ratios --method mse tries before its least-squares refit (a few times rtn's cost).
 _MSE_RATIOS = (1.0, 0.92, 0.85, 0.78)
 _REFIT_STEPS = 2
-# Groups are processed in row blocks of about this many elements, which bounds
-# the temporaries of a large tensor.
+# Groups are processed in row blocks of about this many elements (bounds the temporaries).
 _CHUNK_ELEMENTS = 1 << 21
 
 
@@ -176,6 +175,7 @@ class Quantize(Stage):
                       group_size=group_size, method=plan.method,
                       scale_bits=plan.scale_bits, zero_bits=plan.zero_bits,
                       super_block=plan.super_block,
+                      sequential=self.sequential and plan.method == "gptq",
                       backup_bits=plan.bits if plan.backup else self.backup_bits)
         return config
 

@@ -126,10 +126,10 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
         return {}, [f"--calibration {calibration}: not used (the recipe quantizes no MatMul, "
                     "Gemm or Conv weight)"]
     large = [n for n, layer in layers.items() if layer.elements > MAX_ELEMENTS]
-    passes = _passes({n: layer for n, layer in layers.items() if n not in large})
+    cut = passes({n: layer for n, layer in layers.items() if n not in large})
     run = _Run(path, graph, calibration, feeds, layers)
-    first = run.sums(list(layers), set(passes[0]) if passes else set())
-    source = _Moments(run, passes, {n: s for n, s in first.items() if s.product is not None})
+    first = run.sums(list(layers), set(cut[0]) if cut else set())
+    source = _Moments(run, cut, {n: s for n, s in first.items() if s.product is not None})
     stats, skipped = {}, []
     for name, sums in first.items():
         if sums.rows == 0:
@@ -144,13 +144,17 @@ def input_stats(path: Path, graph: onnx.ModelProto, calibration: Path,
         if name not in large:
             shape = (layer.k, layer.k) if layer.uses[0].conv is None else (
                 layer.groups, layer.k, layer.k)
-            moments = SecondMoments(shape, _loader(source, name))
+            moments = SecondMoments(shape, _loader(source, name), _releaser(source, name))
         stats[name] = InputStats(mean, var, sums.rows, moments)
-    return stats, _notes(calibration, stats, skipped, large, layers, len(passes))
+    return stats, _notes(calibration, stats, skipped, large, layers, len(cut))
 
 
 def _loader(source: _Moments, name: str):
     return lambda: source.load(name)
+
+
+def _releaser(source: _Moments, name: str):
+    return lambda: source.release(name)
 
 
 def _notes(calibration: Path, stats: dict[str, InputStats], skipped: list[str],
@@ -174,17 +178,19 @@ def _notes(calibration: Path, stats: dict[str, InputStats], skipped: list[str],
     return notes
 
 
-def _passes(layers: dict[str, Layer]) -> list[list[str]]:
-    """Layers in order, cut into passes of at most PASS_ELEMENTS moments (one at least)."""
-    passes: list[list[str]] = []
+def passes(layers: dict[str, Layer], share: int = 1) -> list[list[str]]:
+    """Layers in order, cut into passes of at most PASS_ELEMENTS / `share` moments (one at
+    least): `share` matrices of that size are held per layer."""
+    limit = PASS_ELEMENTS // share
+    found: list[list[str]] = []
     held = 0
     for name, layer in layers.items():
-        if not passes or held + layer.elements > PASS_ELEMENTS:
-            passes.append([])
+        if not found or held + layer.elements > limit:
+            found.append([])
             held = 0
-        passes[-1].append(name)
+        found[-1].append(name)
         held += layer.elements
-    return passes
+    return found
 
 
 class _Moments:
@@ -207,9 +213,19 @@ class _Moments:
                 self._ready.update((n, _matrix(s, self._run.layers[n])) for n, s in sums.items()
                                    if s.rows)
             self._taken.add(name)
-            if self._taken.issuperset(self._pass_of):
-                self._run.close()  # every layer served: the session's memory goes
+            self._close_when_served()
             return self._ready.pop(name)
+
+    def release(self, name: str) -> None:
+        """`name`'s H will not be asked for (sequential calibration gave it other moments)."""
+        with self._lock:
+            self._taken.add(name)
+            self._ready.pop(name, None)
+            self._close_when_served()
+
+    def _close_when_served(self) -> None:
+        if self._taken.issuperset(self._pass_of):
+            self._run.close()  # every layer served: the session's memory goes
 
 
 def _matrix(sums: Sums, layer: Layer) -> np.ndarray:

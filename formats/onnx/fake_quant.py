@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modelpress.core.activation_ranges import ActivationRange
 from modelpress.core.metrics import compare
-from modelpress.formats.onnx.calibration_run import chunks, model_session, run_exposed
+from modelpress.formats.onnx.calibration_run import chunks, run_exposed
+from modelpress.formats.onnx.sessions import model_session
 from modelpress.formats.onnx.graph import fresh_name, opset_version, used_names
 from modelpress.formats.onnx.run import signals
 

@@ -39,11 +39,11 @@ import onnx
 
 from modelpress.core.errors import ModelRunError
 from modelpress.core.tensorinfo import InputStats, SecondMoments
-from modelpress.formats.onnx.calibration_run import (SAMPLES_PER_RUN, chunks, graph_of,
-                                                     model_session)
+from modelpress.formats.onnx.calibration_run import SAMPLES_PER_RUN, chunks
 from modelpress.formats.onnx.feeds import load_inputs
 from modelpress.formats.onnx.moments import Sums, shrunk_moments
 from modelpress.formats.onnx.run import first_line
+from modelpress.formats.onnx.sessions import graph_of, model_session
 
 MAX_WIDTH = 512
 """Widest layer output probed (G is width x width; 2 x width runs)."""

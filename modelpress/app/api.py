@@ -89,7 +89,7 @@ def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | Objec
         quantized = {name for name, stages in plan(store, recipe, options).items()
                      if any(isinstance(stage, Quantize) for stage in stages)}
         encoding.notes.extend(store.calibrate(Path(calibration), quantized))
-        ready = _in_order(store, applied, options, Path(calibration), encoding.notes)
+        ready = _in_order(store, applied, options, Path(calibration), encoding.notes, progress)
     stream = encode_stream(store, applied, options, progress, encoding,
                            ready if calibration is not None else None)
     pruned: list[str] = []
@@ -127,10 +127,10 @@ def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | Objec
 
 
 def _in_order(store: TensorStore, recipe: Recipe, options: Options, calibration: Path,
-              notes: list[str]) -> dict[str, Result]:
+              notes: list[str], progress: Progress | None) -> dict[str, Result]:
     """Sequential calibration (modelpress.formats.onnx.sequential) of the tensors that a
     quantize stage rounds by gptq with --sequential: the outcomes of those it rounded
-    before the run's own pass, for `encode_stream`'s `ready`."""
+    before the run's own pass, for `encode_stream`'s `ready` (progress: each segment)."""
     stages_of = plan(store, recipe, options)
     ordered = {name for name, stages in stages_of.items() for stage in stages
                if isinstance(stage, Quantize) and stage.sequential and stage.activations is None
@@ -140,6 +140,8 @@ def _in_order(store: TensorStore, recipe: Recipe, options: Options, calibration:
     ready: dict[str, Result] = {}
 
     def round_tensors(names: list[str]) -> dict[str, np.ndarray]:
+        if progress:
+            progress(len(ready), len(stages_of), f"in order: {names[0]}")
         done = encode_some(store, recipe, names, options)
         ready.update(done)
         return {name: encoded.decode().astype(np.float32)
