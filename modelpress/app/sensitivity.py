@@ -35,12 +35,14 @@ and 3 bits, where the error departs most from the proxy, then the others),
 each over the tensors largest first; the rest on the candidates allocations
 choose that are not measured yet (`Sensitivity.measure`). magika 1.0.3
 (3 weights, 16 calibration strings: 5.9 GMAC a run) gets every candidate
-measured; open_nsfw (52 weights, 4 images: 4.3 GMAC) 257 runs.
+measured; open_nsfw (52 weights, 4 images: 4.3 GMAC) is planned 2^40 / 4.27e9
+= 257 runs. MAX_SECONDS of wall time bounds them besides.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -57,6 +59,9 @@ from modelpress.core.store import Progress, TensorStore
 SENSITIVITY_MACS = 1 << 40
 """Multiply-adds of the measuring runs: 50-55 s of them at the 20-22 GMAC/s this 2-core
 machine's onnxruntime gives magika and open_nsfw with their weights as inputs."""
+MAX_SECONDS = 600.0
+"""A ceiling on the runs' wall time (from the first run's): it binds only where the count
+misses most of a model's work or the machine is ten times slower than this one."""
 SWEEP_SHARE = 0.6
 MEASURE_ORDER = ("int4", "int2", "int3", "int6", "int8", "int5", "int7", "fp16", KEPT)
 # The bound of a measured error (OutputProbe.errors): this quantile over this many
@@ -78,6 +83,7 @@ class OutputProbe:
         self.reference = dict(reference)
         self.runner: Any = None
         self.run_macs = 0   # of one run (formats.onnx.work_estimate); 0 without a runner
+        self.run_seconds = math.inf   # the first run's wall time
         self.signals: dict[str, np.ndarray] = {}   # the runner's values per-weight errors use
 
     def worst(self, outputs: Mapping[str, np.ndarray]) -> float:
@@ -130,13 +136,20 @@ def runner_probe(run: Any, path: Path, store: TensorStore, names: Sequence[str],
     probe = OutputProbe(feeds, reference)
     runner = run.VariantRunner(path, {name: store.read(name) for name in names}, dict(feeds),
                                workdir)
+    start = time.perf_counter()
     outputs = runner.outputs()
+    seconds = time.perf_counter() - start
     worst = probe.worst(outputs)
     if not worst <= EXACT_ENOUGH:
         return probe, [f"target: per-tensor output errors not measured (a session with the "
                        f"weights as inputs differs from the original by {worst:.2g}); "
                        "estimated from weight errors"]
-    probe.runner, probe.run_macs = runner, run.run_macs(path, feeds)
+    # Each chosen weight multiplies at least once per sample: a floor where the count
+    # misses the model's work (products it does not count, subgraph bodies).
+    firsts = {a.shape[0] if a.ndim else 1 for a in feeds.values()}
+    floor = sum(store.tensors[n].size for n in names) * (firsts.pop() if len(firsts) == 1 else 1)
+    probe.runner, probe.run_seconds = runner, seconds
+    probe.run_macs = max(run.run_macs(path, feeds), floor)
     probe.signals = {name: outputs[name] for name in dict.fromkeys(runner.signals.values())}
     return probe, []
 
@@ -200,7 +213,8 @@ class Sensitivity:
         self.table = Table(list(names), [c.label for c in choices.candidates])
         runs = 0
         if probe is not None and probe.runner is not None:
-            runs = int(macs // max(probe.run_macs, 1))
+            runs = min(int(macs // max(probe.run_macs, 1)),
+                       int(MAX_SECONDS / max(probe.run_seconds, 1e-6)))
         self.runs_left = runs
 
     def sweep(self, progress: Progress | None = None) -> Table:
