@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modelpress import Quantize, Recipe, compress
 from modelpress.core.pipeline import Options
+from modelpress.core.prune import Prune
 from modelpress.core.quantize.gptq import moved_target
 from modelpress.core.tensorinfo import SecondMoments, TensorInfo
 from modelpress.formats.onnx import calibrate, sequential
@@ -152,3 +153,20 @@ def test_the_command_line_switch(tmp_path: Path) -> None:
                           flag])
         assert result.exit_code == 0, result.output
         assert f"sequential: {str(expected).lower()}" in result.output
+
+
+def test_global_pruning_rounds_each_layer_on_the_original_inputs(tmp_path: Path) -> None:
+    """A stage that looks at all its tensors first (global pruning) cannot see a segment at a
+    time: the run says so and writes what --no-sequential writes."""
+    src = _deep_mlp(tmp_path / "deep.onnx")
+    np.savez(tmp_path / "cal.npz", **_inputs(512, seed=1))
+    found = {}
+    for ordered in (True, False):
+        recipe = Recipe([Prune(sparsity=0.3, scope="global"),
+                         Quantize(bits=4, sequential=ordered)])
+        dst = tmp_path / f"{ordered}.onnx"
+        found[ordered] = compress(src, dst, recipe, Options(min_elements=16),
+                                  calibration=str(tmp_path / "cal.npz"))
+    assert any(n.startswith("--calibration: sequential: not done (a stage looks at all its "
+                            "tensors first") for n in found[True].notes), found[True].notes
+    assert (tmp_path / "True.onnx").read_bytes() == (tmp_path / "False.onnx").read_bytes()

@@ -135,7 +135,12 @@ def _in_order(store: TensorStore, recipe: Recipe, options: Options, calibration:
     ordered = {name for name, stages in stages_of.items() for stage in stages
                if isinstance(stage, Quantize) and stage.sequential and stage.activations is None
                and stage.plan(store.tensors[name]).method == "gptq"}
-    if not ordered or any(stage.needs_prepare for stage in recipe.stages):
+    if not ordered:
+        return {}
+    if any(stage.needs_prepare for stage in recipe.stages):
+        notes.append("--calibration: sequential: not done (a stage looks at all its tensors "
+                     "first, e.g. global pruning); each layer is rounded on the original "
+                     "model's inputs")
         return {}
     ready: dict[str, Result] = {}
 
