@@ -14,7 +14,7 @@ import onnx
 
 from modelpress.core.errors import InputDataError, ModelRunError
 from modelpress.formats.onnx.run import first_line, input_specs
-from modelpress.formats.onnx.sessions import graph_of, model_session, onnxruntime_module
+from modelpress.formats.onnx.sessions import expose, graph_of, model_session, onnxruntime_module
 
 SAMPLES_PER_RUN = 8
 """Calibration samples run at once (bounds the activations held in memory)."""
@@ -48,9 +48,7 @@ def exposing_session(path: Path, names: list[str]):
     tensors `names` added to its outputs; external data is read from the model's folder."""
     onnxruntime_module()  # a missing onnxruntime is said before a bad model
     model = graph_of(path)
-    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    for name in sorted(set(names) - present):
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    expose(model, sorted(names))
     return model_session(model, path)
 
 

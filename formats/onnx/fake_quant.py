@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from modelpress.core.activation_ranges import ActivationRange
 from modelpress.core.metrics import compare
 from modelpress.formats.onnx.calibration_run import chunks, run_exposed
-from modelpress.formats.onnx.sessions import model_session
+from modelpress.formats.onnx.sessions import expose, model_session
 from modelpress.formats.onnx.graph import fresh_name, opset_version, used_names
 from modelpress.formats.onnx.run import signals
 
@@ -123,10 +123,7 @@ class FakeQuantRunner:
             self._inputs[name] = (scale, zero, switch)
         _splice(variant.graph, inserted)
         self.signals = signals(model)
-        listed = {o.name for o in variant.graph.output}
-        for name in dict.fromkeys(self.signals.values()):
-            if name not in listed:
-                variant.graph.output.append(onnx.ValueInfoProto(name=name))
+        expose(variant, self.signals.values())
         self.output_names = [o.name for o in variant.graph.output]
         self._session = model_session(variant, self.path)
         self.runs = 0

@@ -23,7 +23,7 @@ from modelpress.formats.onnx.feeds import (MAX_INPUT_BYTES, first_line, listed_s
                                            load_labels, megabytes)
 from modelpress.formats.onnx.dims import (Feeds, InputSpec, graph_dims, input_specs, made_up_hint,
                                           resolve_dims)
-from modelpress.formats.onnx.sessions import INSTALL_HINT
+from modelpress.formats.onnx.sessions import INSTALL_HINT, expose
 from modelpress.formats.onnx.tensors import inline_tensor
 from modelpress.formats.onnx.work_estimate import run_macs
 
@@ -314,10 +314,7 @@ def weights_as_inputs(path: Path, names: set[str], dst: Path) -> tuple[list[str]
         raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
     graph = model.graph
     found = signals(model)
-    outputs = {value.name for value in graph.output}
-    for name in dict.fromkeys(found.values()):
-        if name not in outputs:
-            graph.output.append(onnx.ValueInfoProto(name=name))
+    expose(model, found.values())
     listed = {value.name for value in graph.input}
     kept, moved = [], []
     for tensor in graph.initializer:

@@ -57,7 +57,7 @@ from modelpress.formats.onnx.calibrate import Layer, layer_inputs, passes
 from modelpress.formats.onnx.calibration_run import chunks, exposing_session, run_exposed
 from modelpress.formats.onnx.moments import matmul_rows
 from modelpress.formats.onnx.run import load_inputs
-from modelpress.formats.onnx.sessions import graph_of, model_session
+from modelpress.formats.onnx.sessions import expose, graph_of, model_session
 
 MAX_RUNS = 8
 """Segments of the layers (runs of the calibration data through the rounded model)."""
@@ -153,10 +153,7 @@ def _rounded_session(graph: onnx.ModelProto, path: Path, wanted: list[str],
     outputs; and the names of `rounded` it could not place."""
     model = onnx.ModelProto()
     model.CopyFrom(graph)
-    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    for name in wanted:
-        if name not in present:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    expose(model, wanted)
     placed = set()
     tensors = [(t, t.name) for t in model.graph.initializer]
     tensors += [(a.t, node.output[0]) for node in model.graph.node if node.op_type == "Constant"

@@ -22,6 +22,14 @@ def graph_of(path: Path) -> onnx.ModelProto:
         raise ModelRunError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
 
 
+def expose(model: onnx.ModelProto, names) -> None:
+    """Add `names` (in order) to `model`'s outputs where they are not outputs or inputs."""
+    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+
+
 def model_session(model: onnx.ModelProto, path: Path):
     """An onnxruntime session (CPU, default options) of `model`, a changed copy of the one at
     `path` whose external data it reads from that model's folder."""

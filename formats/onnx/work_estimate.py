@@ -24,7 +24,7 @@ import onnx
 from modelpress.core.errors import ModelRunError
 from modelpress.formats.onnx.dims import input_specs
 from modelpress.formats.onnx.feeds import first_line
-from modelpress.formats.onnx.sessions import graph_of, model_session
+from modelpress.formats.onnx.sessions import expose, graph_of, model_session
 
 # op -> (input whose shape counts, input holding the weight (-1: none needed))
 _ROWS = {"MatMul": (0, -1), "FusedMatMul": (0, -1), "MatMulInteger": (0, -1),
@@ -43,10 +43,7 @@ def run_macs(path: Path, feeds: Mapping[str, np.ndarray]) -> int:
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     wanted = sorted({name for n in nodes for name in (n.output[0], *n.input[:4])
                      if name and name not in shapes})
-    present = {o.name for o in model.graph.output}
-    for name in wanted:
-        if name not in present:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    expose(model, wanted)
     inputs = {i.name for i in model.graph.input}
     computed = [name for name in wanted if name not in inputs]
     session = model_session(model, path)

@@ -24,7 +24,7 @@ others). Its error is estimated three ways, best first:
 - proxy alone (nothing measured: safetensors, or no inputs to run).
 
 Runs are planned within SENSITIVITY_MACS multiply-adds, counted from the
-shapes one run's MatMul, Gemm and Conv nodes see
+shapes one run's matrix products see
 (modelpress.formats.onnx.work_estimate): the same number of runs on every
 machine and at any load, so the same model and inputs give the same recipe.
 (They were planned within 60 s of timed runs before: open_nsfw got 88 to 269
