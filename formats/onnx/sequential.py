@@ -215,10 +215,12 @@ def in_order(path: Path, graph: onnx.ModelProto, calibration: Path,
             moved, runs = moved + len(found), runs + 1
         if index < last:
             rounded.update(round_tensors(part))
+    rest = "" if moved == len(layers) else (
+        f"; the others have fewer than {ROWS_PER_INPUT} input rows per input, or read only what "
+        "nothing rounded changes")
     notes = [f"--calibration: sequential: {moved} of {len(layers)} layers rounded towards the "
              f"original model's outputs on the inputs that the model with the layers before "
-             f"them rounded gives ({runs} runs; the others have fewer than "
-             f"{ROWS_PER_INPUT} input rows per input, or read the model's inputs)"]
+             f"them rounded gives ({runs} runs{rest})"]
     if missing:
         notes.append(f"--calibration: sequential: {len(missing)} rounded tensors (in subgraphs) "
                      f"are as in the original in the model the later layers' inputs come from, "
