@@ -79,11 +79,11 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> i
     a = shapes.get(node.input[rows])
     w = shapes.get(node.input[weight]) if weight >= 0 and len(node.input) > weight else None
     out = shapes.get(node.output[0])
-    if a is None or (weight >= 0 and w is None) or (out is None and node.op_type in (
-            "MatMul", "FusedMatMul", "MatMulInteger", "QLinearMatMul", "MatMulNBits",
-            "Gemm", "Conv", "QLinearConv")):
+    recurrent = node.op_type in ("LSTM", "GRU", "RNN")
+    if a is None or (weight >= 0 and w is None) or (
+            out is None and not recurrent and node.op_type != "ConvTranspose"):
         return 0
-    if node.op_type in ("LSTM", "GRU", "RNN"):
+    if recurrent:
         recurrent = shapes.get(node.input[2], ()) if len(node.input) > 2 else ()
         return math.prod(a[:2]) * (math.prod(w) + math.prod(recurrent))
     if node.op_type == "ConvTranspose":

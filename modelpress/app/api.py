@@ -82,6 +82,7 @@ def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | Objec
         encoding.notes.extend(notes)
     else:
         for_loaders = False
+    ready: dict[str, Result] = {}   # tensors the in-order calibration already rounded
     if calibration is not None:
         if store.format != "onnx":
             raise InputDataError(f"--calibration {calibration}: needs an ONNX model "
@@ -90,8 +91,7 @@ def compress(src: str | os.PathLike | ObjectPath, dst: str | os.PathLike | Objec
                      if any(isinstance(stage, Quantize) for stage in stages)}
         encoding.notes.extend(store.calibrate(Path(calibration), quantized))
         ready = _in_order(store, applied, options, Path(calibration), encoding.notes, progress)
-    stream = encode_stream(store, applied, options, progress, encoding,
-                           ready if calibration is not None else None)
+    stream = encode_stream(store, applied, options, progress, encoding, ready)
     pruned: list[str] = []
     try:
         with local_output(dst) as local:
