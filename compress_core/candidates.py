@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -80,16 +80,22 @@ class Choices:
             stages[self.position] = candidate.stage
         return Recipe(stages)
 
-    def final_recipe(self, chosen: Mapping[str, str], order: Sequence[str]) -> Recipe:
+    def final_recipe(self, chosen: Mapping[str, str], order: Sequence[str],
+                     in_order: bool = False) -> Recipe:
         """The recipe that applies the chosen label (by tensor) without a search: one stage
-        per candidate used, naming its tensors exactly, in file `order`."""
+        per candidate used, naming its tensors exactly, in file `order`. `in_order`: its
+        quantize stages round layers in order (--sequential) as the stage given does;
+        else each on its own, as the search measured them."""
         stages: list[Stage] = []
         for candidate in self.candidates:
             names = [n for n in order if chosen.get(n) == candidate.label]
             if candidate.stage is None or not names:
                 continue
-            stages.append(dataclasses.replace(
-                candidate.stage, include=tuple(escape_glob(n) for n in names), exclude=()))
+            changes: dict[str, Any] = {"include": tuple(escape_glob(n) for n in names),
+                                       "exclude": ()}
+            if in_order and isinstance(candidate.stage, Quantize):
+                changes["sequential"] = self.chooser.sequential
+            stages.append(dataclasses.replace(candidate.stage, **changes))
         given = list(self.recipe.stages)
         return Recipe(given[:self.position] + stages + given[self.position + 1:])
 

@@ -7,6 +7,7 @@ here), the printed recipe replayed byte for byte, and the refusals, exact lines 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import itertools
 import json
@@ -338,3 +339,38 @@ def test_an_error_target_measures_on_inputs_when_that_is_all_there_is(
     assert data["budget"]["error"] <= data["budget"]["error_bound"] <= 0.05
     assert data["evaluation"]["output_error"] == pytest.approx(_error(src, out, inputs), rel=1e-4)
     assert data["evaluation"]["output_error"] <= 0.05
+
+
+def test_a_size_target_rounds_its_layers_in_order_as_quantize_does(tmp_path: Path) -> None:
+    """With enough calibration rows for in-order rounding (4 per input), a size target's file
+    is written with --sequential, as `quantize --calibration` writes: the printed recipe says
+    so, replays byte for byte, and differs from the same recipe rounded layer by layer on
+    the original inputs."""
+    shapes = [(64, 128), (128, 128), (128, 64)]
+    weights = {name: rng_weights(*shape, seed=i) / 8
+               for i, (name, shape) in enumerate(zip(NAMES, shapes))}
+    src = matmul_model(tmp_path / "m.onnx", weights)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=rng_weights(512, 64, seed=9))
+    uniform, out = tmp_path / "int4.onnx", tmp_path / "out.onnx"
+    assert run_cli(["compress", src, "-o", uniform, "--calibration", calibration, "-q",
+                    "quantize", "--bits", "4"]).exit_code == 0
+    args = ["compress", src, "--target-size", f"{uniform.stat().st_size}B",
+            "--calibration", calibration, "-o", out]
+    result = run_cli([*args, "--print-recipe"])
+    assert result.exit_code == 0, result.output
+    printed = tmp_path / "r.yaml"
+    printed.write_text(result.output)
+    stages = [s for s in Recipe.load(printed).stages if isinstance(s, Quantize)]
+    assert stages and all(s.sequential for s in stages)
+    assert run_cli([*args, "-q"]).exit_code == 0
+    again, apart = tmp_path / "again.onnx", tmp_path / "apart.onnx"
+    assert run_cli(["compress", src, "-o", again, "--recipe", printed, "--calibration",
+                    calibration, "-q"]).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+    (tmp_path / "apart.yaml").write_text(Recipe([
+        dataclasses.replace(s, sequential=False) if isinstance(s, Quantize) else s
+        for s in Recipe.load(printed).stages]).to_yaml())
+    assert run_cli(["compress", src, "-o", apart, "--recipe", tmp_path / "apart.yaml",
+                    "--calibration", calibration, "-q"]).exit_code == 0
+    assert apart.read_bytes() != out.read_bytes()

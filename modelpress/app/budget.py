@@ -138,7 +138,8 @@ def search_target(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe
         measure = Sensitivity(store, choices, names, options, probe)
         measure.sweep(progress)
         measure.table.notes.extend(notes)
-        trial = Trial(measure, writer, Path(work) / dst.name, for_loaders)
+        trial = Trial(measure, writer, Path(work) / dst.name, for_loaders,
+                      Path(inputs) if calibration and inputs is not None else None)
         outcome = settle(trial, target)
     outcome.inputs = None if inputs is None else str(inputs)
     return outcome
