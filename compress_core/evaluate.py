@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -18,6 +18,13 @@ SAFETENSORS_NOTE = ("output error not measured: safetensors holds weights only, 
                     "to run; output error needs the ONNX form of the model")
 LATENCY_NOTE = ("median wall time of repeated onnxruntime CPU runs on this machine, the two "
                 "models run alternately; q1/q3: the interquartile range of those runs")
+
+
+def shared_samples(arrays: Iterable[np.ndarray]) -> int | None:
+    """The length of the first axis every array has (their samples), or None when they do
+    not share one: a scalar among them, lengths that differ, or no arrays."""
+    firsts = {a.shape[0] if a.ndim else None for a in arrays}
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelpress.core.errors import InputDataError
-from modelpress.core.evaluate import (Accuracy, Evaluation, compare_outputs, correct_count, label_output, top1_agreement)
+from modelpress.core.evaluate import (Accuracy, Evaluation, compare_outputs, correct_count, label_output,
+                                      shared_samples, top1_agreement)
 from modelpress.core.report import Report
 from modelpress.app.sweep import pareto_front
 from modelpress.core.thresholds import Thresholds, check
@@ -161,3 +162,10 @@ def test_pickled_inputs_are_refused(tmp_path: Path) -> None:
     np.save(tmp_path / "labels.npy", np.array([None, 1], dtype=object))
     with pytest.raises(InputDataError, match="labels.npy: not a readable .npy array"):
         onnx_run.load_labels(tmp_path / "labels.npy")
+
+
+def test_shared_samples_is_the_first_axis_every_array_has() -> None:
+    assert shared_samples([np.zeros((3, 2)), np.zeros(3)]) == 3
+    assert shared_samples([np.zeros((3, 2)), np.zeros((4, 2))]) is None  # lengths differ
+    assert shared_samples([np.zeros(3), np.float32(1.0)]) is None        # a scalar
+    assert shared_samples([]) is None

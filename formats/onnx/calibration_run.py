@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import InputDataError, ModelRunError
+from modelpress.core.evaluate import shared_samples
 from modelpress.formats.onnx.run import first_line, input_specs
 from modelpress.formats.onnx.sessions import expose, graph_of, model_session, onnxruntime_module
 
@@ -25,11 +26,10 @@ def chunks(feeds: dict[str, np.ndarray], calibration: Path, graph: onnx.ModelPro
     """The feeds a few samples at a time along axis 0 (as many as a fixed batch dimension
     of the model's inputs says, else `per_run`), or whole when the inputs do not share a
     first axis."""
-    firsts = {a.shape[0] if a.ndim else None for a in feeds.values()}
-    if len(firsts) != 1 or None in firsts:
+    count = shared_samples(feeds.values())
+    if count is None:
         yield feeds
         return
-    count = firsts.pop()
     if count == 0:
         raise InputDataError(f"{calibration}: the arrays hold no samples")
     fixed = {s.dims[0] for s in input_specs(graph) if s.dims and isinstance(s.dims[0], int)

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import ModelRunError
+from modelpress.core.evaluate import shared_samples
 from modelpress.core.tensorinfo import InputStats, SecondMoments
 from modelpress.formats.onnx.calibration_run import SAMPLES_PER_RUN, chunks
 from modelpress.formats.onnx.feeds import load_inputs
@@ -79,8 +80,7 @@ def probed_stats(path: Path, model: onnx.ModelProto, calibration: Path,
     probed; notes. The probes' multiply-adds, estimated from the layers in `stats`
     (input rows x weights, per calibration sample), stay within MAX_MACS."""
     feeds = load_inputs(model, calibration)
-    firsts = {a.shape[0] if a.ndim else 1 for a in feeds.values()}
-    samples = firsts.pop() if len(firsts) == 1 else 1
+    samples = shared_samples(feeds.values()) or 1
     per_sample = sum(s.samples * sizes[n] for n, s in stats.items()) / max(samples, 1)
     cost = 2 * min(samples, SAMPLES_PER_RUN) * max(per_sample, 1.0)
     layers = {n: s for n, s in stats.items() if s.second_moments is not None}

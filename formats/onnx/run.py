@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import InputDataError, ModelRunError
+from modelpress.core.evaluate import shared_samples
 from modelpress.formats.onnx.feeds import (MAX_INPUT_BYTES, first_line, listed_shapes, load_inputs,
                                            load_labels, megabytes)
 from modelpress.formats.onnx.dims import (Feeds, InputSpec, graph_dims, input_specs, made_up_hint,
@@ -238,10 +239,9 @@ def _sample_slices(feeds: Feeds) -> list[slice] | None:
     """Slices of samples to run one at a time, or None to run the feeds whole: small
     feeds, or feeds that share no first axis of samples."""
     total = sum(a.nbytes for a in feeds.values())
-    firsts = {a.shape[0] if a.ndim else None for a in feeds.values()}
-    if total <= CHUNK_BYTES or len(firsts) != 1 or None in firsts:
+    samples = shared_samples(feeds.values())
+    if total <= CHUNK_BYTES or samples is None:
         return None
-    samples = firsts.pop()
     step = max(1, samples * CHUNK_BYTES // total)
     if step >= samples:
         return None

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from modelpress.core.errors import ModelRunError
+from modelpress.core.evaluate import shared_samples
 from modelpress.formats.onnx.dims import input_specs
 from modelpress.formats.onnx.feeds import first_line
 from modelpress.formats.onnx.sessions import expose, graph_of, model_session
@@ -65,8 +66,7 @@ def _one_sample(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
                 ) -> tuple[dict[str, np.ndarray], int]:
     """The feeds cut to their first sample and how many there were, where every input's
     first axis is a free dim they share; else the feeds whole and 1."""
-    firsts = {a.shape[0] if a.ndim else None for a in feeds.values()}
-    count = firsts.pop() if len(firsts) == 1 else None
+    count = shared_samples(feeds.values())
     free = all(spec.dims and not isinstance(spec.dims[0], int) for spec in input_specs(model)
                if spec.name in feeds)
     if not count or count < 2 or not free:

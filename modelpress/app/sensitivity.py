@@ -51,6 +51,7 @@ import numpy as np
 
 from modelpress.core.budget import Option
 from modelpress.core.candidates import KEPT, Choices, data_free, escape_glob, squared_error
+from modelpress.core.evaluate import shared_samples
 from modelpress.core.metrics import compare
 from modelpress.core.pipeline import Options, encode_stream, plan
 from modelpress.core.recipe import Recipe
@@ -98,9 +99,7 @@ class OutputProbe:
         of the same kind: measured on magika's 16 calibration strings, models at 0.098
         had 0.24 on 64 others, and a bound of 0.13."""
         point = self.worst(outputs)
-        counts = {a.shape[0] if a.ndim else None for a in (*self.feeds.values(),
-                                                           *self.reference.values())}
-        count = counts.pop() if len(counts) == 1 else None
+        count = shared_samples((*self.feeds.values(), *self.reference.values()))
         if not count or count < 2:
             return point, point
         picks = np.random.default_rng(0).integers(0, count, (BOOTSTRAP, count))
@@ -146,8 +145,7 @@ def runner_probe(run: Any, path: Path, store: TensorStore, names: Sequence[str],
                        "estimated from weight errors"]
     # Each chosen weight multiplies at least once per sample: a floor where the count
     # misses the model's work (products it does not count, subgraph bodies).
-    firsts = {a.shape[0] if a.ndim else 1 for a in feeds.values()}
-    floor = sum(store.tensors[n].size for n in names) * (firsts.pop() if len(firsts) == 1 else 1)
+    floor = sum(store.tensors[n].size for n in names) * (shared_samples(feeds.values()) or 1)
     probe.runner, probe.run_seconds = runner, seconds
     probe.run_macs = max(run.run_macs(path, feeds), floor)
     probe.signals = {name: outputs[name] for name in dict.fromkeys(runner.signals.values())}

@@ -195,18 +195,12 @@ class Trial:
     def _fitted(self, chosen: Allocation, store: TensorStore,
                 cache: dict[tuple[str, str], Any]) -> Iterator[tuple[str, Any]]:
         """The allocation's tensors encoded as the run encodes them, from `store`."""
-        choices, options = self.measure.choices, self.measure.options
-        if len(choices.recipe.stages) > 1:
-            return encode_stream(store, self.recipe(chosen), options)
+        if len(self.measure.choices.recipe.stages) > 1:
+            return encode_stream(store, self.recipe(chosen), self.measure.options)
         labels = self.labels(chosen)
-        for candidate in choices.candidates:
-            names = [n for n, label in labels.items()
-                     if label == candidate.label and (n, label) not in cache]
-            if candidate.stage is None or not names:
-                continue
-            recipe = narrowed(store, choices.recipe_for(candidate), names, options)
-            for name, encoded in encode_stream(store, recipe, options):
-                cache[(name, candidate.label)] = encoded
+        wanted = {n: label for n, label in labels.items() if (n, label) not in cache}
+        for name, label, encoded in self._by_candidate(store, wanted, lambda n: _as_run):
+            cache[(name, label)] = encoded
         return iter([(name, cache[(name, labels[name])]) for name in store.tensors
                      if (name, labels.get(name)) in cache])
 
@@ -215,25 +209,16 @@ class Trial:
         calibration data; else as the run rounds them, but for tensors gptq would fit on
         fewer rows than their inputs: `underdetermined`), from the cache where it has
         them. Where the recipe has stages besides the chosen one, all are encoded afresh."""
-        choices, options = self.measure.choices, self.measure.options
-        rounding = data_free if free else (lambda recipe: recipe)
-        if len(choices.recipe.stages) > 1:
-            return encode_stream(self.store, rounding(self.recipe(chosen)), options)
+        if len(self.measure.choices.recipe.stages) > 1:
+            return encode_stream(self.store, (data_free if free else _as_run)(
+                self.recipe(chosen)), self.measure.options)
         labels = self.labels(chosen)
-        fresh: dict[tuple[str, str], Any] = {}
-        for candidate in choices.candidates:
-            names = [n for n, label in labels.items() if label == candidate.label
-                     and (n, label, free) not in self.encoded]
-            if candidate.stage is None or not names:
-                continue
-            few = {n for n in names if underdetermined(self.store.tensors[n])}
-            for part, rounded in ((few, data_free), (set(names) - few, rounding)):
-                if not part:
-                    continue
-                recipe = narrowed(self.store, rounded(choices.recipe_for(candidate)),
-                                  [n for n in names if n in part], options)
-                for name, encoded in encode_stream(self.store, recipe, options):
-                    fresh[(name, candidate.label, free)] = encoded
+        wanted = {n: label for n, label in labels.items() if (n, label, free) not in self.encoded}
+
+        def rounding(name: str) -> Callable[[Recipe], Recipe]:
+            return data_free if free or underdetermined(self.store.tensors[name]) else _as_run
+        fresh = {(name, label, free): encoded for name, label, encoded
+                 in self._by_candidate(self.store, wanted, rounding)}
         known = {**fresh, **self.encoded}
         pairs = [(name, known.get((name, labels[name], free))) for name in self.store.tensors
                  if name in labels]
@@ -242,6 +227,25 @@ class Trial:
                 self.encoded[key] = encoded
                 self.cache_room -= encoded.nbytes
         return iter([(name, encoded) for name, encoded in pairs if encoded is not None])
+
+    def _by_candidate(self, store: TensorStore, wanted: dict[str, str],
+                      rounding: Callable[[str], Callable[[Recipe], Recipe]]
+                      ) -> Iterator[tuple[str, str, Any]]:
+        """(name, label, encoding) of each tensor in `wanted` (name -> candidate label),
+        encoded from `store` by one pipeline run per candidate and rounding (`rounding`
+        gives a tensor's: `data_free` or `_as_run`)."""
+        choices, options = self.measure.choices, self.measure.options
+        for candidate in choices.candidates:
+            parts: dict[Callable[[Recipe], Recipe], list[str]] = {}
+            for name, label in wanted.items():
+                if label == candidate.label:
+                    parts.setdefault(rounding(name), []).append(name)
+            if candidate.stage is None:
+                continue
+            for rounded, names in parts.items():
+                recipe = narrowed(store, rounded(choices.recipe_for(candidate)), names, options)
+                for name, encoded in encode_stream(store, recipe, options):
+                    yield name, candidate.label, encoded
 
     def estimate(self, chosen: Allocation) -> int:
         """The file size an allocation is expected to have (before it is measured)."""
@@ -253,3 +257,8 @@ class Trial:
         count = len(self.table.labels)
         found = [[i] * len(self.options) for i in range(count)]
         return sorted(found, key=lambda c: totals(self.options, c)[0])
+
+
+def _as_run(recipe: Recipe) -> Recipe:
+    """A recipe rounded as the run rounds it (with the calibration data where it has them)."""
+    return recipe

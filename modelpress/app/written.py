@@ -37,6 +37,7 @@ import numpy as np
 
 from modelpress.core.budget import Allocation
 from modelpress.core.candidates import underdetermined
+from modelpress.core.evaluate import shared_samples
 from modelpress.core.quantize.stage import Quantize
 from modelpress.formats import open_model
 
@@ -101,9 +102,7 @@ def _held_out(trial: Trial, contenders: list[Allocation]) -> list[float] | None:
     """Each contender's output error on every other calibration sample, rounded by gptq
     fitted on the rest; None when the samples do not split."""
     probe = trial.measure.probe
-    counts = {a.shape[0] if a.ndim else None for a in (*probe.feeds.values(),
-                                                      *probe.reference.values())}
-    count = counts.pop() if len(counts) == 1 else None
+    count = shared_samples((*probe.feeds.values(), *probe.reference.values()))
     if not count or count < MIN_SPLIT_SAMPLES:
         return None
     fit, held = np.arange(0, count, 2), np.arange(1, count, 2)
