@@ -144,17 +144,22 @@ def test_widths_and_recipe_refusals() -> None:
         choices_for(Recipe([Quantize(bits=4, scheme="asym", zero_bits=4)]), (2, 4))
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> tuple[Path, Path]:
-    """Three MatMul layers (64-256-256-64) whose names hold glob metacharacters, and
-    calibration inputs."""
-    shapes = [(64, 256), (256, 256), (256, 64)]
+def _three_layers(folder: Path, width: int, rows: int) -> tuple[Path, Path]:
+    """Three MatMul layers (64-width-width-64) whose names hold glob metacharacters, and
+    `rows` calibration inputs."""
+    shapes = [(64, width), (width, width), (width, 64)]
     weights = {name: rng_weights(*shape, seed=i) / 8
                for i, (name, shape) in enumerate(zip(NAMES, shapes))}
-    path = matmul_model(tmp_path / "m.onnx", weights)
-    calibration = tmp_path / "calib.npz"
-    np.savez(calibration, x=rng_weights(32, 64, seed=9))
+    path = matmul_model(folder / "m.onnx", weights)
+    calibration = folder / "calib.npz"
+    np.savez(calibration, x=rng_weights(rows, 64, seed=9))
     return path, calibration
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> tuple[Path, Path]:
+    """64-256-256-64, 32 calibration rows: fewer than any layer's inputs."""
+    return _three_layers(tmp_path, 256, 32)
 
 
 def _error(src: Path, out: Path, inputs: Path) -> float:
@@ -346,12 +351,7 @@ def test_a_size_target_rounds_its_layers_in_order_as_quantize_does(tmp_path: Pat
     is written with --sequential, as `quantize --calibration` writes: the printed recipe says
     so, replays byte for byte, and differs from the same recipe rounded layer by layer on
     the original inputs."""
-    shapes = [(64, 128), (128, 128), (128, 64)]
-    weights = {name: rng_weights(*shape, seed=i) / 8
-               for i, (name, shape) in enumerate(zip(NAMES, shapes))}
-    src = matmul_model(tmp_path / "m.onnx", weights)
-    calibration = tmp_path / "calib.npz"
-    np.savez(calibration, x=rng_weights(512, 64, seed=9))
+    src, calibration = _three_layers(tmp_path, 128, 512)
     uniform, out = tmp_path / "int4.onnx", tmp_path / "out.onnx"
     assert run_cli(["compress", src, "-o", uniform, "--calibration", calibration, "-q",
                     "quantize", "--bits", "4"]).exit_code == 0
