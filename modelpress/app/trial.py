@@ -236,12 +236,12 @@ class Trial:
         gives a tensor's: `data_free` or `_as_run`)."""
         choices, options = self.measure.choices, self.measure.options
         for candidate in choices.candidates:
+            if candidate.stage is None:  # kept as it is: nothing to encode
+                continue
             parts: dict[Callable[[Recipe], Recipe], list[str]] = {}
             for name, label in wanted.items():
                 if label == candidate.label:
                     parts.setdefault(rounding(name), []).append(name)
-            if candidate.stage is None:
-                continue
             for rounded, names in parts.items():
                 recipe = narrowed(store, rounded(choices.recipe_for(candidate)), names, options)
                 for name, encoded in encode_stream(store, recipe, options):
