@@ -83,9 +83,10 @@ def segments(graph: onnx.ModelProto, layers: dict[str, Layer]) -> list[list[str]
     return [[n for step in ordered[a:b] for n in step] for a, b in zip(cuts, cuts[1:])]
 
 
-def eligible(layer: Layer, rows: int) -> bool:
-    """Whether a layer with `rows` input rows gets the correction (see ROWS_PER_INPUT)."""
-    return rows >= ROWS_PER_INPUT * layer.k
+def eligible(k: int, rows: int) -> bool:
+    """Whether a layer of `k` inputs with `rows` input rows gets the correction (see
+    ROWS_PER_INPUT)."""
+    return rows >= ROWS_PER_INPUT * k
 
 
 class _Cross:
@@ -188,7 +189,7 @@ def in_order(path: Path, graph: onnx.ModelProto, calibration: Path,
     if not layers:
         return []
     takers = {n for n, layer in layers.items()
-              if eligible(layer, tensors[n].input_stats.samples)}
+              if eligible(layer.k, tensors[n].input_stats.samples)}
     if not takers:
         return [f"--calibration: sequential: no MatMul/Gemm layer has {ROWS_PER_INPUT} input "
                 "rows per input; each is rounded on the original model's inputs"]

@@ -138,17 +138,17 @@ class Trial:
 
     def _rounds_in_order(self, chosen: Allocation) -> bool:
         """Whether the run rounds some of `chosen`'s quantized layers in order: `in_order`,
-        and a MatMul/Gemm weight among them with ROWS_PER_INPUT calibration rows per input
+        and a MatMul/Gemm weight among them with the calibration rows it takes
         (modelpress.formats.onnx.sequential; Conv layers keep the original inputs there)."""
         if not self.in_order:
             return False
         # onnx (which it imports) is loaded by now: only ONNX models are calibrated
-        from modelpress.formats.onnx.sequential import ROWS_PER_INPUT
+        from modelpress.formats.onnx.sequential import eligible
         for name, label in self.labels(chosen).items():
             info = self.store.tensors[name]
             stats = info.input_stats
             if (label in self.forms and info.role in ("MatMul", "Gemm") and stats is not None
-                    and stats.samples >= ROWS_PER_INPUT * stats.mean.shape[-1]):
+                    and eligible(stats.mean.shape[-1], stats.samples)):
                 return True
         return False
 

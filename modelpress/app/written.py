@@ -4,8 +4,9 @@ both measured as the run writes them.
 A size target's trials are rounded without the calibration data
 (modelpress.app.budget.settle), so that their errors compare fairly; the run
 then writes the pick with gptq (its layers rounded in order where they can
-be, `Trial.final`), which gains more on some allocations than on others. On the sample transformer the pick had 1.09x the output error of
-`quantize --bits 4 --calibration`, a file of the same size. So when the
+be, `Trial.final`), which gains more on some allocations than on others. On
+the sample transformer the pick had 1.09x the output error of `quantize
+--bits 4 --calibration`, a file of the same size. So when the
 default file of the quantize stage (`Choices.default_labels`: embeddings and
 the head at their backup width; the widest whose file fits) differs from the
 pick, both are measured as written and the better one is taken:
